@@ -1,0 +1,59 @@
+"""What both command-line programs share: flags with PINRPC_* fallbacks, exit codes, errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from enum import IntEnum
+
+from pinrpc.errors import PinrpcError
+
+
+class Exit(IntEnum):
+    """Exit codes, documented in the README."""
+
+    OK = 0
+    ERROR = 1  # bad input, unreadable file, registry problem
+    USAGE = 2  # argparse's own code for bad flags
+    CONNECT = 3  # could not reach the server or the TLS handshake failed
+    DENIED = 4  # the server refused the call (not enrolled, revoked, not allowed)
+    RPC = 5  # any other call failure
+
+
+def env_name(flag: str) -> str:
+    return "PINRPC_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    help: str,  # noqa: A002 - mirrors argparse
+    required: bool = False,
+    default: str | None = None,
+    **kwargs: object,
+) -> None:
+    """``--flag`` with the environment variable PINRPC_FLAG as its fallback."""
+    env = env_name(flag)
+    value = os.environ.get(env) or default
+    suffix = f" [env {env}]" if default is None else f" [env {env}; default {default}]"
+    parser.add_argument(
+        flag,
+        default=value,
+        required=required and value is None,
+        help=help + suffix,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def run(program: str, body: Callable[[], int]) -> int:
+    """Run a command; expected failures become one line on stderr and an exit code."""
+    try:
+        return body()
+    except PinrpcError as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return Exit.ERROR
+    except KeyboardInterrupt:
+        return 130

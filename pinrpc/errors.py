@@ -1,0 +1,39 @@
+"""The error hierarchy shared by the library, the server and both CLIs.
+
+Every message is one line that says what failed, where, and what to do next. Code raises these
+at its boundaries (``raise ... from exc``) so the CLIs can print them without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PinrpcError(Exception):
+    """Base class: an expected failure with a message fit for a user."""
+
+
+class IdentityError(PinrpcError):
+    """A key or certificate could not be made, read or written."""
+
+
+class KeyPermissionError(IdentityError):
+    """A private key file is readable by other users."""
+
+
+class EnrollmentError(PinrpcError):
+    """A certificate is not acceptable as a client identity."""
+
+
+class RegistryError(PinrpcError):
+    """The registry could not be read or changed."""
+
+
+class NotFoundError(RegistryError):
+    """No client matches the given name or fingerprint."""
+
+
+class ConflictError(RegistryError):
+    """The name or fingerprint is already taken."""
+
+
+class ServerCertError(PinrpcError):
+    """The server's own certificate or key files are unusable."""

@@ -1,0 +1,1 @@
+"""The pinrpc server program: registry, trust, interceptor, services and the admin CLI."""

@@ -1,0 +1,169 @@
+"""pinrpc-server: serve, and enroll / list / revoke clients in the registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from pinrpc.cli import Exit, add_flag, run
+from pinrpc.errors import EnrollmentError, IdentityError
+from pinrpc.identity import read_file
+from server.app import ServerConfig, start_server
+from server.enrollment import check_certificate, check_patterns
+from server.registry import Client, open_registry
+
+PROG = "pinrpc-server"
+MAX_CERT_BYTES = 64 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve pinrpc over mutual TLS and manage the enrolled client certificates.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def registry_flag(p: argparse.ArgumentParser) -> None:
+        add_flag(p, "--registry", required=True, help="registry: a SQLite file path")
+
+    serve = commands.add_parser("serve", help="run the server")
+    add_flag(serve, "--listen", default="127.0.0.1:8443", help="address to listen on")
+    add_flag(serve, "--cert", required=True, help="server certificate chain (fullchain.pem)")
+    add_flag(serve, "--key", required=True, help="server private key (privkey.pem)")
+    registry_flag(serve)
+    add_flag(
+        serve,
+        "--cert-warn-days",
+        default="14",
+        type=int,
+        help="warn when the server certificate expires within this many days",
+    )
+    add_flag(
+        serve,
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level",
+    )
+
+    enroll = commands.add_parser("enroll", help="admit a client certificate")
+    enroll.add_argument("certificate", type=Path, help="the client's certificate (PEM)")
+    add_flag(enroll, "--name", required=True, help="unique client name")
+    enroll.add_argument(
+        "--allow",
+        action="append",
+        metavar="PATTERN",
+        default=[p for p in os.environ.get("PINRPC_ALLOW", "").split(",") if p],
+        help="method pattern the client may call, e.g. '/pinrpc.v1.Echo/*' (repeatable; "
+        "WhoAmI is always allowed) [env PINRPC_ALLOW, comma-separated]",
+    )
+    enroll.add_argument(
+        "--replace",
+        action="store_true",
+        help="re-key: revoke the client's current certificate and enroll this one",
+    )
+    registry_flag(enroll)
+
+    listing = commands.add_parser("list", help="show enrolled and revoked clients")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    registry_flag(listing)
+
+    revoke = commands.add_parser("revoke", help="revoke a client, by name or fingerprint")
+    revoke.add_argument("client", help="client name or certificate fingerprint")
+    registry_flag(revoke)
+    return parser
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    where = str(args.certificate.absolute())
+    try:
+        data = read_file(args.certificate, "certificate", limit=MAX_CERT_BYTES)
+    except IdentityError as exc:
+        raise EnrollmentError(str(exc)) from exc
+    candidate = check_certificate(data, where)
+    allowed = check_patterns(args.allow)
+    registry = open_registry(args.registry)
+    try:
+        client = registry.enroll(candidate, args.name, allowed, replace=args.replace)
+    finally:
+        registry.close()
+    print(f"enrolled {client.name}")
+    print(f"  fingerprint  {client.fingerprint}")
+    print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}")
+    print(f"  expires      {client.not_after:%Y-%m-%d %H:%M} UTC")
+    print("Compare the fingerprint with the one `pinrpc keygen` showed the client.")
+    return Exit.OK
+
+
+def _status(client: Client) -> str:
+    return "active" if client.revoked_at is None else f"revoked {client.revoked_at:%Y-%m-%d}"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry, create=False)
+    try:
+        clients = registry.clients()
+    finally:
+        registry.close()
+    if args.json:
+        print(json.dumps([c.as_json() for c in clients], indent=2))
+        return Exit.OK
+    if not clients:
+        print("no clients enrolled")
+        return Exit.OK
+    width = max(len(c.name) for c in clients)
+    for c in clients:
+        allowed = ",".join(c.allowed_methods) or "-"
+        print(f"{c.name:<{width}}  {c.fingerprint}  {_status(c):<18}  {allowed}")
+    return Exit.OK
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry, create=False)
+    try:
+        client = registry.revoke(args.client)
+    finally:
+        registry.close()
+    print(f"revoked {client.name} ({client.fingerprint})")
+    return Exit.OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = ServerConfig(
+        listen=args.listen,
+        cert=Path(args.cert),
+        key=Path(args.key),
+        registry=args.registry,
+        cert_warn_days=args.cert_warn_days,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with start_server(config):
+        stop.wait()
+        logging.getLogger("pinrpc.server").info("stopping: finishing in-flight calls")
+    return Exit.OK
+
+
+COMMANDS = {"serve": cmd_serve, "enroll": cmd_enroll, "list": cmd_list, "revoke": cmd_revoke}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(PROG, lambda: COMMANDS[args.command](args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Checks a certificate must pass before it may be enrolled as a client identity."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from pinrpc.errors import EnrollmentError, IdentityError
+from pinrpc.identity import (
+    ED25519_REASON,
+    Fingerprint,
+    cert_to_pem,
+    parse_single_certificate,
+    spki_sha256,
+)
+
+MIN_RSA_BITS = 2048
+REKEY_HINT = "make a new key pair with `pinrpc keygen`"
+_Ext = TypeVar("_Ext", bound=x509.ExtensionType)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A certificate that passed every check that does not need the registry."""
+
+    cert: x509.Certificate
+    fingerprint: Fingerprint
+    pem: str
+    spki_sha256: str
+    subject: str
+    has_key_ids: bool
+    not_after: dt.datetime
+
+
+def _extension(cert: x509.Certificate, kind: type[_Ext]) -> _Ext | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -> Candidate:
+    """Parse and vet one client certificate; raise EnrollmentError with the reason and fix."""
+    try:
+        cert = parse_single_certificate(data, where)
+        extensions = cert.extensions  # parsing is lazy; malformed extensions raise here
+    except (IdentityError, ValueError) as exc:
+        raise EnrollmentError(str(exc)) from exc
+    now = now or dt.datetime.now(dt.UTC)
+    if cert.not_valid_after_utc <= now:
+        raise EnrollmentError(
+            f"{where} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {REKEY_HINT}"
+        )
+    if cert.not_valid_before_utc > now:
+        raise EnrollmentError(
+            f"{where} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; "
+            "check the clock of the machine that made it"
+        )
+    public = cert.public_key()
+    if isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        raise EnrollmentError(f"{where} has an EdDSA key: {ED25519_REASON}")
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size < MIN_RSA_BITS:
+        raise EnrollmentError(
+            f"{where} has a {public.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits are "
+            f"required; {REKEY_HINT}"
+        )
+    if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise EnrollmentError(f"{where} has an unsupported key type; {REKEY_HINT}")
+    # A key allowed to sign certificates could mint leaves that the handshake accepts.
+    constraints = _extension(cert, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        raise EnrollmentError(
+            f"{where} is a CA certificate (basicConstraints CA:TRUE); enroll a client "
+            f"certificate that cannot sign others; {REKEY_HINT}"
+        )
+    usage = _extension(cert, x509.KeyUsage)
+    if usage is not None and usage.key_cert_sign:
+        raise EnrollmentError(
+            f"{where} allows keyCertSign, so its key could mint other certificates; {REKEY_HINT}"
+        )
+    has_ids = (
+        extensions is not None
+        and _extension(cert, x509.SubjectKeyIdentifier) is not None
+        and _extension(cert, x509.AuthorityKeyIdentifier) is not None
+    )
+    return Candidate(
+        cert=cert,
+        fingerprint=Fingerprint.of(cert),
+        pem=cert_to_pem(cert).decode(),
+        spki_sha256=spki_sha256(cert),
+        subject=cert.subject.rfc4514_string(),
+        has_key_ids=has_ids,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """Method patterns are fnmatch globs on the full method name, '/package.Service/Method'."""
+    for pattern in patterns:
+        if pattern != "*" and not pattern.startswith("/"):
+            raise EnrollmentError(
+                f"method pattern {pattern!r} must start with '/' "
+                "(like '/pinrpc.v1.Echo/*') or be '*'"
+            )
+    return list(dict.fromkeys(patterns))

@@ -1,0 +1,256 @@
+"""The server's TLS credentials: its own certificate from files, client roots from the registry.
+
+grpcio has no verify callback, so the set of enrolled certificates *is* the set of trusted
+roots (each self-signed client certificate is its own trust anchor). A background thread polls
+the registry's generation counter and the certificate files; when either changed it prepares a
+new configuration, and the credential fetcher (called by gRPC's C core at every new handshake)
+hands it over once. Otherwise the fetcher returns None: building a configuration blocks
+handshakes, so it must only happen when something really changed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pinrpc.errors import IdentityError, PinrpcError, RegistryError, ServerCertError
+from pinrpc.identity import (
+    Fingerprint,
+    cert_to_pem,
+    generate_key,
+    read_file,
+    same_public_key,
+    self_signed_certificate,
+)
+from server.registry import Client, Registry
+
+log = logging.getLogger("pinrpc.trust")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCert:
+    chain_pem: bytes
+    key_pem: bytes
+    leaf: x509.Certificate
+
+    def describe(self) -> str:
+        try:
+            san = self.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            names = ", ".join(str(n.value) for n in san.value)
+        except x509.ExtensionNotFound:
+            names = self.leaf.subject.rfc4514_string()
+        return (
+            f"names [{names}], issuer {self.leaf.issuer.rfc4514_string()}, serial "
+            f"{self.leaf.serial_number:x}, expires {self.leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        )
+
+
+def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
+    """Read and cross-check the full chain and its key; any defect raises ServerCertError."""
+    try:
+        chain_pem = read_file(cert_path, "server certificate")
+        key_pem = read_file(key_path, "server key")
+    except IdentityError as exc:
+        raise ServerCertError(str(exc)) from exc
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as exc:
+        raise ServerCertError(
+            f"{cert_path.absolute()} is not a PEM certificate chain: {exc}"
+        ) from exc
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ServerCertError(
+            f"{key_path.absolute()} is not an unencrypted PEM private key: {exc}"
+        ) from exc
+    leaf = chain[0]
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ServerCertError(f"{key_path.absolute()} is not an ECDSA or RSA key")
+    if not same_public_key(key, leaf):
+        raise ServerCertError(
+            f"{key_path.absolute()} does not match the first certificate in "
+            f"{cert_path.absolute()} (half-finished renewal?)"
+        )
+    return ServerCert(chain_pem, key_pem, leaf)
+
+
+def file_signature(*paths: Path) -> tuple[tuple[int, int, int], ...] | None:
+    """What changes when a file is rewritten or a symlink (certbot's live/) is re-pointed."""
+    try:
+        stats = [os.stat(p) for p in paths]
+    except OSError:
+        return None
+    return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
+
+
+def nobody_root() -> bytes:
+    """A root nobody holds the key to: with no enrolled client, no client cert can verify."""
+    key = generate_key("p256")
+    return cert_to_pem(self_signed_certificate(key, "pinrpc-no-clients-enrolled"))
+
+
+@dataclass(frozen=True, slots=True)
+class EnrolledSet:
+    """An immutable snapshot of the active clients, keyed by certificate digest."""
+
+    by_digest: Mapping[bytes, Client] = field(default_factory=dict)
+    roots_pem: bytes = b""
+
+    @classmethod
+    def build(cls, clients: list[Client]) -> EnrolledSet:
+        active = [c for c in clients if c.active]
+        return cls(
+            by_digest={c.fingerprint.digest: c for c in active},
+            roots_pem="".join(c.cert_pem for c in active).encode(),
+        )
+
+    def lookup(self, fingerprint: Fingerprint) -> Client | None:
+        return self.by_digest.get(fingerprint.digest)
+
+
+class TrustWatcher:
+    """Keeps the enrolled set and the server certificate current, without restarts."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        cert_path: Path,
+        key_path: Path,
+        *,
+        interval: float = 0.2,
+        warn_days: int = 14,
+        on_server_cert: Callable[[ServerCert], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._cert_path, self._key_path = cert_path, key_path
+        self._interval = interval
+        self._warn_days = warn_days
+        self._on_server_cert = on_server_cert
+        self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._nobody = nobody_root()
+        self._registry_failing = False
+        self._bad_cert_signature: object = None
+        # Initial load: failures here are fatal, the caller reports them.
+        self._generation = registry.generation()
+        self.enrolled = EnrolledSet.build(registry.clients())
+        self._cert_signature = file_signature(cert_path, key_path)
+        self.server_cert = load_server_cert(cert_path, key_path)
+        self._dirty = False
+        self._announce_cert("serving")
+        self._announce_clients()
+
+    # -- gRPC side -------------------------------------------------------------------------
+
+    def _config(self) -> grpc.ServerCertificateConfiguration:
+        roots = self.enrolled.roots_pem or self._nobody
+        cert = self.server_cert
+        return grpc.ssl_server_certificate_configuration(
+            [(cert.key_pem, cert.chain_pem)], root_certificates=roots
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Runs on a C-core thread at every new handshake: keep it trivial.
+        if not self._dirty:
+            return None
+        with self._lock:
+            self._dirty = False
+            return self._config()
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._config(), self._fetch, require_client_authentication=True
+        )
+
+    # -- polling ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pinrpc-trust", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """Pick up registry and certificate file changes; never raises."""
+        with self._poll_lock:
+            self._poll_registry()
+            self._poll_server_cert()
+
+    def _poll_registry(self) -> None:
+        try:
+            generation = self._registry.generation()
+            if generation == self._generation:
+                self._registry_recovered()
+                return
+            enrolled = EnrolledSet.build(self._registry.clients())
+        except (RegistryError, PinrpcError, ValueError) as exc:
+            if not self._registry_failing:
+                log.error("registry unreadable, keeping the last good enrolled set: %s", exc)
+                self._registry_failing = True
+            return
+        self._registry_recovered()
+        with self._lock:
+            self.enrolled, self._generation, self._dirty = enrolled, generation, True
+        self._announce_clients()
+
+    def _registry_recovered(self) -> None:
+        if self._registry_failing:
+            log.warning("registry readable again")
+            self._registry_failing = False
+
+    def _poll_server_cert(self) -> None:
+        signature = file_signature(self._cert_path, self._key_path)
+        if signature == self._cert_signature or signature == self._bad_cert_signature:
+            return
+        try:
+            cert = load_server_cert(self._cert_path, self._key_path)
+        except ServerCertError as exc:
+            # Mid-renewal states look like this; the next complete write fixes it.
+            log.error("server certificate not reloaded, still serving the previous one: %s", exc)
+            self._bad_cert_signature = signature
+            return
+        with self._lock:
+            self.server_cert, self._cert_signature, self._dirty = cert, signature, True
+        self._announce_cert("reloaded")
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def _announce_cert(self, verb: str) -> None:
+        cert = self.server_cert
+        log.info("%s server certificate: %s", verb, cert.describe())
+        left = cert.leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
+        if left < dt.timedelta(days=self._warn_days):
+            log.warning(
+                "server certificate expires in %.1f days (%s); renew it (certbot renew)",
+                left.total_seconds() / 86400,
+                cert.leaf.not_valid_after_utc.isoformat(),
+            )
+        if self._on_server_cert is not None:
+            self._on_server_cert(cert)
+
+    def _announce_clients(self) -> None:
+        count = len(self.enrolled.by_digest)
+        if count == 0:
+            log.warning("no enrolled clients: nobody can connect until one is enrolled")
+        else:
+            log.info("trusting %d enrolled client certificate(s)", count)

@@ -1,0 +1,151 @@
+"""Shared fixtures: a stand-in CA for the server certificate, client identities, real servers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pinrpc.channel import secure_channel
+from pinrpc.identity import KeyPairFiles, create_identity
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server import cli as server_cli
+from server.app import RunningServer, ServerConfig, start_server
+from server.devca import DevCA
+
+SERVER_NAME = "server.test"
+ECHO_ALL = "/pinrpc.v1.Echo/*"
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    ca: DevCA
+    ca_path: Path
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def devca(tmp_path_factory: pytest.TempPathFactory) -> ServerFiles:
+    directory = tmp_path_factory.mktemp("server-cert")
+    ca = DevCA()
+    cert, key = ca.issue([SERVER_NAME, "localhost", "127.0.0.1"]).write(directory)
+    ca_path = directory / "ca.pem"
+    ca_path.write_bytes(ca.root_pem)
+    return ServerFiles(ca, ca_path, cert, key)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    return tmp_path / "registry.db"
+
+
+MakeClient = Callable[..., KeyPairFiles]
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> MakeClient:
+    def make(name: str, **kwargs: object) -> KeyPairFiles:
+        return create_identity(name, tmp_path / "keys", **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+def enroll(registry: Path, cert: Path, name: str, *allow: str, replace: bool = False) -> None:
+    argv = ["enroll", str(cert), "--name", name, "--registry", str(registry)]
+    argv += [f"--allow={pattern}" for pattern in allow]
+    argv += ["--replace"] if replace else []
+    assert server_cli.main(argv) == 0
+
+
+def revoke(registry: Path, ref: str) -> None:
+    assert server_cli.main(["revoke", ref, "--registry", str(registry)]) == 0
+
+
+def registry_dump(registry: Path, capsys: pytest.CaptureFixture[str]) -> object:
+    """Everything the registry holds, for 'unchanged' assertions."""
+    if not registry.exists():
+        return None
+    capsys.readouterr()
+    assert server_cli.main(["list", "--json", "--registry", str(registry)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def server(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        cert=devca.cert,
+        key=devca.key,
+        registry=str(registry),
+        poll_interval=0.1,
+        grace=1.0,
+    )
+    with start_server(config) as running:
+        yield running
+
+
+@dataclass
+class Connect:
+    server: RunningServer
+    devca: ServerFiles
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def enroll(self, files: KeyPairFiles, name: str, *allow: str) -> None:
+        """Enroll, then make the server pick it up now instead of at its next poll."""
+        enroll(self.server_registry, files.cert_path, name, *allow)
+        self.server.trust.poll()
+
+    @property
+    def server_registry(self) -> Path:
+        return Path(self.server.config.registry)
+
+    def channel(self, cert: Path, key: Path) -> grpc.Channel:
+        return secure_channel(self.target, cert, key, self.devca.ca_path, SERVER_NAME)
+
+    def stub(self, cert: Path, key: Path) -> echo_pb2_grpc.EchoStub:
+        return echo_pb2_grpc.EchoStub(self.channel(cert, key))
+
+    def cli_flags(self, files: KeyPairFiles) -> list[str]:
+        return [
+            "--server", self.target,
+            "--cert", str(files.cert_path),
+            "--key", str(files.key_path),
+            "--ca", str(self.devca.ca_path),
+            "--server-name", SERVER_NAME,
+        ]  # fmt: skip
+
+
+@pytest.fixture
+def connect(server: RunningServer, devca: ServerFiles) -> Connect:
+    return Connect(server, devca)
+
+
+def whoami(stub: echo_pb2_grpc.EchoStub) -> echo_pb2.WhoAmIResponse:
+    return stub.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=5)
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status code a call fails with; fails the test if it succeeds."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    code: grpc.StatusCode = info.value.code()  # type: ignore[attr-defined]
+    return code
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 1.0) -> float:
+    """Poll ``predicate`` until true; return the seconds it took, fail after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start

@@ -1,0 +1,255 @@
+"""The server's decisions, end to end: real server on loopback, real TLS, real clients."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate, load_private_key
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server.app import ServerConfig, start_server
+from server.enrollment import Candidate, check_certificate
+from server.registry import SqliteRegistry
+from tests.certs import make_cert, name, p256, write_pair
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    code_of,
+    enroll,
+    eventually,
+    revoke,
+    whoami,
+)
+
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+# A rejected handshake never reaches Python; the client sees the connection close.
+REFUSED_AT_HANDSHAKE = grpc.StatusCode.UNAVAILABLE
+
+
+def test_enrolled_client_calls_every_method(
+    connect: Connect, registry: Path, make_client: MakeClient
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    stub = connect.stub(alice.cert_path, alice.key_path)
+
+    me = whoami(stub)
+    assert (me.name, me.fingerprint) == ("alice", str(alice.fingerprint))
+    assert list(me.allowed_methods) == [ECHO_ALL]
+    reply = stub.Echo(echo_pb2.EchoRequest(message="hello"), timeout=5)
+    assert (reply.message, reply.caller) == ("hello", "alice")
+    messages = [echo_pb2.EchoRequest(message=str(i)) for i in range(5)]
+    replies = list(stub.EchoStream(iter(messages), timeout=5))
+    assert [(r.message, r.caller) for r in replies] == [(str(i), "alice") for i in range(5)]
+
+
+def test_two_clients_are_told_apart(
+    connect: Connect, registry: Path, make_client: MakeClient
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice")
+    connect.enroll(bob, "bob")
+    assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+    assert whoami(connect.stub(bob.cert_path, bob.key_path)).name == "bob"
+
+
+def test_unenrolled_client_is_refused_at_handshake(
+    connect: Connect, registry: Path, make_client: MakeClient
+) -> None:
+    connect.enroll(make_client("alice"), "alice", ECHO_ALL)
+    mallory = make_client("mallory")
+    stub = connect.stub(mallory.cert_path, mallory.key_path)
+    assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+
+
+def test_client_without_certificate_is_refused(
+    connect: Connect, registry: Path, make_client: MakeClient, devca: ServerFiles
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    creds = grpc.ssl_channel_credentials(root_certificates=devca.ca_path.read_bytes())
+    options = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    with grpc.secure_channel(connect.target, creds, options=options) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+    # The same server admits alice: the refusal is about the missing certificate.
+    assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+
+
+def test_expired_client_certificate_is_refused(
+    connect: Connect, tmp_path: Path
+) -> None:
+    key = p256()
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    cert = make_cert(key, "old", key_cert_sign=False, not_before=past, days=5)
+    cert_path, key_path = write_pair(tmp_path, "old", key, cert)
+    # Enrollment refuses expired certificates, so plant it directly in the registry.
+    planted = check_certificate(cert_to_pem(cert), "old", now=past + dt.timedelta(days=1))
+    plant(connect, planted, "old")
+    stub = connect.stub(cert_path, key_path)
+    assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+
+
+def test_leaf_minted_with_a_pinrpc_key_is_refused_at_handshake(
+    connect: Connect, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    alice_cert = load_certificate(alice.cert_path)
+    alice_key = load_private_key(alice.key_path)
+    leaf_key = p256()
+    minted = make_cert(leaf_key, "admin", issuer=alice_cert.subject, signer=alice_key)
+    cert_path, key_path = write_pair(tmp_path, "minted", leaf_key, minted)
+    stub = connect.stub(cert_path, key_path)
+    # keyUsage without keyCertSign makes the handshake itself reject the minted chain.
+    assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+
+
+def test_leaf_minted_with_a_ca_key_passes_handshake_but_not_the_interceptor(
+    connect: Connect, tmp_path: Path
+) -> None:
+    # An openssl-style CA:TRUE certificate, enrolled by bypassing validation.
+    ca_key = p256()
+    ca_cert = make_cert(ca_key, "openssl-style", ca=True)
+    planted = Candidate(
+        cert=ca_cert,
+        fingerprint=Fingerprint.of(ca_cert),
+        pem=cert_to_pem(ca_cert).decode(),
+        spki_sha256="",
+        subject=ca_cert.subject.rfc4514_string(),
+        has_key_ids=True,
+        not_after=ca_cert.not_valid_after_utc,
+    )
+    plant(connect, planted, "ca-holder")
+    ca_path, ca_key_path = write_pair(tmp_path, "ca-holder", ca_key, ca_cert)
+    leaf_key = p256()
+    minted = make_cert(leaf_key, name("admin"), issuer=ca_cert.subject, signer=ca_key)
+    cert_path, key_path = write_pair(tmp_path, "minted", leaf_key, minted)
+
+    # The holder of the enrolled certificate itself gets in ...
+    assert _succeeds(connect, ca_path, ca_key_path)
+    stub = connect.stub(cert_path, key_path)
+    # ... the minted leaf gets through the handshake (PERMISSION_DENIED comes from the
+    # interceptor, not UNAVAILABLE) and is refused by fingerprint, on every method.
+    with pytest.raises(grpc.RpcError) as info:
+        whoami(stub)
+    assert info.value.code() == DENIED  # type: ignore[attr-defined]
+    assert str(Fingerprint.of(minted)) in info.value.details()  # type: ignore[attr-defined]
+    assert code_of(lambda: stub.Echo(echo_pb2.EchoRequest(), timeout=5)) == DENIED
+    stream = stub.EchoStream(iter([echo_pb2.EchoRequest()]), timeout=5)
+    assert code_of(lambda: list(stream)) == DENIED
+    unknown = connect.channel(cert_path, key_path).unary_unary("/pinrpc.v1.Echo/Nope")
+    assert code_of(lambda: unknown(b"", timeout=5)) == DENIED
+
+
+def plant(connect: Connect, candidate: Candidate, name: str) -> None:
+    """Enroll bypassing validation, as a registry edited by hand would."""
+    registry = SqliteRegistry(connect.server_registry)
+    try:
+        registry.enroll(candidate, name, [ECHO_ALL])
+    finally:
+        registry.close()
+    connect.server.trust.poll()
+
+
+def _succeeds(connect: Connect, cert: Path, key: Path) -> bool:
+    try:
+        whoami(connect.stub(cert, key))
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def test_revocation_reaches_an_open_channel_within_a_second(
+    connect: Connect, registry: Path, make_client: MakeClient
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    stub = connect.stub(alice.cert_path, alice.key_path)
+    assert whoami(stub).name == "alice"
+    revoke(registry, "alice")
+
+    def refused() -> bool:
+        try:
+            whoami(stub)
+        except grpc.RpcError as exc:
+            assert exc.code() == DENIED  # type: ignore[attr-defined]
+            return True
+        return False
+
+    assert eventually(refused, timeout=1.0) < 1.0
+    # A new channel is refused at the handshake.
+    fresh = connect.stub(alice.cert_path, alice.key_path)
+    assert code_of(lambda: whoami(fresh)) == REFUSED_AT_HANDSHAKE
+
+
+def test_method_outside_allowed_patterns_is_denied(
+    connect: Connect, registry: Path, make_client: MakeClient
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", "/pinrpc.v1.Echo/EchoStream")
+    stub = connect.stub(alice.cert_path, alice.key_path)
+    assert whoami(stub).name == "alice"  # always allowed
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=5)
+    assert info.value.code() == DENIED  # type: ignore[attr-defined]
+    assert "may not call /pinrpc.v1.Echo/Echo" in info.value.details()  # type: ignore[attr-defined]
+    replies = stub.EchoStream(iter([echo_pb2.EchoRequest(message="y")]), timeout=5)
+    assert [r.message for r in replies] == ["y"]
+
+
+def test_unknown_method_for_enrolled_client_is_unimplemented(
+    connect: Connect, registry: Path, make_client: MakeClient
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", "*")
+    call = connect.channel(alice.cert_path, alice.key_path).unary_unary("/pinrpc.v1.Echo/Nope")
+    assert code_of(lambda: call(b"", timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_metadata_claiming_another_identity_is_ignored(
+    connect: Connect, registry: Path, make_client: MakeClient
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    connect.enroll(bob, "bob")  # bob may not call Echo
+    spoof = [
+        ("x-pinrpc-client", "alice"),
+        ("x-client-cert-fingerprint", str(alice.fingerprint)),
+        ("x-forwarded-client-cert", f"Hash={alice.fingerprint.hex};Subject=CN=alice"),
+        ("authorization", "Bearer alice"),
+    ]
+    stub = connect.stub(bob.cert_path, bob.key_path)
+    me = stub.WhoAmI(echo_pb2.WhoAmIRequest(), metadata=spoof, timeout=5)
+    assert (me.name, me.fingerprint) == ("bob", str(bob.fingerprint))
+    denied = lambda: stub.Echo(echo_pb2.EchoRequest(), metadata=spoof, timeout=5)  # noqa: E731
+    assert code_of(denied) == DENIED
+
+
+def test_enrollment_takes_effect_without_restart(
+    connect: Connect, registry: Path, make_client: MakeClient
+) -> None:
+    connect.enroll(make_client("first"), "first")
+    carol = make_client("carol")
+    assert not _succeeds(connect, carol.cert_path, carol.key_path)
+    enroll(registry, carol.cert_path, "carol")  # the server's own polling must notice
+    assert eventually(lambda: _succeeds(connect, carol.cert_path, carol.key_path)) < 1.0
+
+
+def test_empty_registry_serves_nobody_and_says_so(
+    devca: ServerFiles, tmp_path: Path, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = ServerConfig("127.0.0.1:0", devca.cert, devca.key, str(tmp_path / "empty.db"))
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        alice = make_client("alice")
+        connect = Connect(running, devca)
+        stub = connect.stub(alice.cert_path, alice.key_path)
+        assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+    assert "no enrolled clients" in caplog.text
