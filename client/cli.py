@@ -91,35 +91,41 @@ def call(args: argparse.Namespace, rpc: Callable[[echo_pb2_grpc.EchoStub], int])
             return explain(exc, args, fingerprint)
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def explain(exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerprint) -> int:
     """Turn a failed call into sentences; rejected handshakes tell the client almost nothing."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    details: str = exc.details() or ""  # type: ignore[attr-defined]
-    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    code = exc.code()
+    details = exc.details() or ""
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        say(f"{PROG}: error: the server refused the call: {details}")
-        say(f"  your certificate's fingerprint: {fingerprint}")
+        _say(f"{PROG}: error: the server refused the call: {details}")
+        _say(f"  your certificate's fingerprint: {fingerprint}")
         return Exit.DENIED
     if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        say(f"{PROG}: error: call failed: {code.name}: {details}")
+        _say(f"{PROG}: error: call failed: {code.name}: {details}")
         return Exit.RPC
     lowered = details.lower()
     if "certificate_verify_failed" in lowered or "peer name" in lowered or "verif" in lowered:
-        say(f"{PROG}: error: could not verify the server at {args.server}: {details}")
-        say("  likely causes: the server certificate is not signed by a root you trust")
-        say("  (pass --ca with its root), or its names do not include the name you dialled")
-        say("  (pass --server-name with the name in the certificate).")
+        _say(f"{PROG}: error: could not verify the server at {args.server}: {details}")
+        _say("  likely causes: the server certificate is not signed by a root you trust")
+        _say("  (pass --ca with its root), or its names do not include the name you dialled")
+        _say("  (pass --server-name with the name in the certificate).")
         return Exit.CONNECT
     if "socket closed" in lowered or "handshake" in lowered or "connection reset" in lowered:
-        say(f"{PROG}: error: the server at {args.server} closed the connection during the TLS handshake")
-        say(f"  your certificate's fingerprint: {fingerprint}")
-        say("  likely causes: this certificate is not enrolled, or was revoked, or has expired;")
-        say("  or the server is not a pinrpc server. Ask the operator to run")
-        say(f"  `pinrpc-server list` and look for {fingerprint}.")
-        say("  If the server's own certificate is the problem: check --ca and --server-name.")
+        _say(
+            f"{PROG}: error: the server at {args.server} closed the connection "
+            "during the TLS handshake"
+        )
+        _say(f"  your certificate's fingerprint: {fingerprint}")
+        _say("  likely causes: this certificate is not enrolled, or was revoked, or has expired;")
+        _say("  or the server is not a pinrpc server. Ask the operator to run")
+        _say(f"  `pinrpc-server list` and look for {fingerprint}.")
+        _say("  If the server's own certificate is the problem: check --ca and --server-name.")
         return Exit.CONNECT
-    say(f"{PROG}: error: cannot reach {args.server}: {details}")
-    say("  check the address and that the server is running.")
+    _say(f"{PROG}: error: cannot reach {args.server}: {details}")
+    _say("  check the address and that the server is running.")
     return Exit.CONNECT
 
 
@@ -127,11 +133,15 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     def rpc(stub: echo_pb2_grpc.EchoStub) -> int:
         reply = stub.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=args.timeout)
         if args.json:
-            print(json.dumps({
-                "name": reply.name,
-                "fingerprint": reply.fingerprint,
-                "allowed_methods": list(reply.allowed_methods),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "name": reply.name,
+                        "fingerprint": reply.fingerprint,
+                        "allowed_methods": list(reply.allowed_methods),
+                    }
+                )
+            )
         else:
             print(f"name         {reply.name}")
             print(f"fingerprint  {reply.fingerprint}")

@@ -20,7 +20,7 @@ from pinrpc.identity import (
     same_public_key,
 )
 
-PASSPHRASE_ENV = "PINRPC_KEY_PASSPHRASE"
+PASSPHRASE_ENV = "PINRPC_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 
 
 def client_credentials(

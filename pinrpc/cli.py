@@ -30,7 +30,7 @@ def add_flag(
     parser: argparse.ArgumentParser,
     flag: str,
     *,
-    help: str,  # noqa: A002 - mirrors argparse
+    help: str,
     required: bool = False,
     default: str | None = None,
     **kwargs: object,

@@ -216,7 +216,7 @@ def create_identity(
     force: bool = False,
     passphrase: bytes | None = None,
 ) -> KeyPairFiles:
-    """Make ``<dir>/<name>.key`` (mode 0600) and ``<dir>/<name>.crt``; never overwrite by default."""
+    """Make ``<dir>/<name>.key`` (mode 0600) and ``<dir>/<name>.crt``; never overwrite unasked."""
     check_name(name)
     directory = directory.absolute()
     key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
@@ -303,7 +303,9 @@ def load_private_key(
             raise IdentityError(
                 f"private key {where} is encrypted; set PINRPC_KEY_PASSPHRASE"
             ) from exc
-        raise IdentityError(f"private key {where} is not encrypted but a passphrase was given") from exc
+        raise IdentityError(
+            f"private key {where} is not encrypted but a passphrase was given"
+        ) from exc
     except ValueError as exc:
         reason = "wrong passphrase or " if passphrase else ""
         raise IdentityError(

@@ -13,9 +13,9 @@ import base64
 import contextlib
 import contextvars
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
 import grpc
 
@@ -59,7 +59,7 @@ def _pem_to_fingerprint(pem: bytes) -> Fingerprint:
     return Fingerprint.of_der(base64.b64decode(body))
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, enrolled: Callable[[], EnrolledSet]) -> None:
         self._enrolled = enrolled
         # Keyed by the leaf PEM bytes: a dict hit costs far less than base64 + SHA-256.
@@ -76,7 +76,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def authorize(self, context: grpc.ServicerContext, method: str) -> Identity:
         """Return the caller's identity or abort the call with the reason."""
-        pems = context.auth_context().get("x509_pem_cert")
+        # grpc-stubs types the values as bytes; they are lists of bytes.
+        auth = cast(Mapping[str, list[bytes]], context.auth_context())
+        pems = auth.get("x509_pem_cert")
         if not pems:
             _deny(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
         fp = self._fingerprint(pems[0])
@@ -97,9 +99,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         method = handler_call_details.method
         handler = continuation(handler_call_details)
         if handler is None:
@@ -121,8 +123,8 @@ def _deny(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> 
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], Identity]
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any], check: Callable[[grpc.ServicerContext], Identity]
+) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler, with the check (and the caller's identity) around its behaviour."""
 
     def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pinrpc.cli import Exit, add_flag, run
 from pinrpc.errors import EnrollmentError, IdentityError
-from pinrpc.identity import read_file
+from pinrpc.identity import check_name, read_file
 from server.app import ServerConfig, start_server
 from server.enrollment import check_certificate, check_patterns
 from server.registry import Client, open_registry
@@ -87,6 +87,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         data = read_file(args.certificate, "certificate", limit=MAX_CERT_BYTES)
     except IdentityError as exc:
         raise EnrollmentError(str(exc)) from exc
+    check_name(args.name)
     candidate = check_certificate(data, where)
     allowed = check_patterns(args.allow)
     registry = open_registry(args.registry)

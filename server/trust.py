@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
 from cryptography import x509
@@ -51,7 +52,8 @@ class ServerCert:
             names = self.leaf.subject.rfc4514_string()
         return (
             f"names [{names}], issuer {self.leaf.issuer.rfc4514_string()}, serial "
-            f"{self.leaf.serial_number:x}, expires {self.leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            f"{self.leaf.serial_number:x}, "
+            f"expires {self.leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
         )
 
 
@@ -171,8 +173,10 @@ class TrustWatcher:
             return self._config()
 
     def credentials(self) -> grpc.ServerCredentials:
+        # grpc-stubs omits that the fetcher may return None ("keep the current config").
+        fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], self._fetch)
         return grpc.dynamic_ssl_server_credentials(
-            self._config(), self._fetch, require_client_authentication=True
+            self._config(), fetch, require_client_authentication=True
         )
 
     # -- polling ---------------------------------------------------------------------------

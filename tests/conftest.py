@@ -137,7 +137,7 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
     """The status code a call fails with; fails the test if it succeeds."""
     with pytest.raises(grpc.RpcError) as info:
         call()
-    code: grpc.StatusCode = info.value.code()  # type: ignore[attr-defined]
+    code: grpc.StatusCode = info.value.code()
     return code
 
 

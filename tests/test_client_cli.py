@@ -1,0 +1,152 @@
+"""`pinrpc whoami` / `echo` against a real server: output, exit codes and explanations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client import cli
+from pinrpc.cli import Exit
+from server.devca import DevCA
+from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what earlier steps printed
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_whoami_json_and_echo(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    code, out, _ = run(["whoami", "--json", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.OK
+    assert json.loads(out) == {
+        "name": "alice",
+        "fingerprint": str(alice.fingerprint),
+        "allowed_methods": [ECHO_ALL],
+    }
+    code, out, _ = run(["echo", "hello there", *connect.cli_flags(alice)], capsys)
+    assert (code, out) == (Exit.OK, "hello there\n")
+
+
+def test_flags_from_environment(
+    connect: Connect,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    flags = connect.cli_flags(alice)
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        monkeypatch.setenv("PINRPC_" + flag[2:].replace("-", "_").upper(), value)
+    code, out, _ = run(["whoami"], capsys)
+    assert code == Exit.OK
+    assert "name         alice" in out
+
+
+def test_unenrolled_client_gets_an_explanation(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    connect.enroll(make_client("alice"), "alice")
+    mallory = make_client("mallory")
+    code, _, err = run(["whoami", *connect.cli_flags(mallory)], capsys)
+    assert code == Exit.CONNECT
+    assert "closed the connection during the TLS handshake" in err
+    assert str(mallory.fingerprint) in err
+    assert "not enrolled" in err
+
+
+def test_denied_method_exit_code(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")  # WhoAmI only
+    code, _, err = run(["echo", "hi", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.DENIED
+    assert "may not call /pinrpc.v1.Echo/Echo" in err
+
+
+def test_wrong_server_name_and_wrong_root(
+    connect: Connect, make_client: MakeClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    flags = connect.cli_flags(alice)
+    wrong_name = [*flags[:-1], "other.test"]
+    code, _, err = run(["whoami", *wrong_name], capsys)
+    assert code == Exit.CONNECT
+    assert "could not verify the server" in err and "--server-name" in err
+    other_root = tmp_path / "other-root.pem"
+    other_root.write_bytes(DevCA("other").root_pem)
+    ca_at = flags.index("--ca") + 1
+    code, _, err = run(["whoami", *flags[:ca_at], str(other_root), *flags[ca_at + 1 :]], capsys)
+    assert code == Exit.CONNECT
+    assert "could not verify the server" in err and "--ca" in err
+
+
+def test_nothing_listening(
+    make_client: MakeClient, devca: ServerFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    alice = make_client("alice")
+    argv = ["whoami", "--server", f"127.0.0.1:{port}", "--cert", str(alice.cert_path),
+            "--key", str(alice.key_path), "--ca", str(devca.ca_path), "--timeout", "3"]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == Exit.CONNECT
+    assert "cannot reach" in err
+
+
+def test_local_file_problems_are_one_line(
+    connect: Connect, make_client: MakeClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice")
+    alice.key_path.chmod(0o640)
+    code, _, err = run(["whoami", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.ERROR
+    assert err.count("\n") == 1 and f"chmod 600 {alice.key_path}" in err
+    code, _, _ = run(["whoami", "--insecure-key-permissions", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.OK
+    mixed = connect.cli_flags(alice)
+    mixed[mixed.index("--key") + 1] = str(bob.key_path)
+    code, _, err = run(["whoami", *mixed], capsys)
+    assert code == Exit.ERROR and "does not belong to certificate" in err
+
+
+def test_missing_flags_are_usage_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for var in ("PINRPC_SERVER", "PINRPC_CERT", "PINRPC_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["whoami"])
+    assert info.value.code == Exit.USAGE
+    assert "--server" in capsys.readouterr().err
+
+
+def test_encrypted_key_via_environment(
+    connect: Connect,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    alice = make_client("alice", passphrase=b"pass phrase")
+    connect.enroll(alice, "alice")
+    code, _, err = run(["whoami", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.ERROR and "PINRPC_KEY_PASSPHRASE" in err
+    monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "pass phrase")
+    code, out, _ = run(["whoami", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.OK and "alice" in out

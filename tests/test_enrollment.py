@@ -1,0 +1,229 @@
+"""`pinrpc-server enroll / list / revoke`: every bad input is a one-line error, nothing changes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from pinrpc.identity import cert_to_pem, key_to_pem
+from server import cli
+from tests.certs import make_cert, name, p256, rsa_key
+from tests.conftest import MakeClient, enroll, registry_dump, revoke
+
+
+def _csr() -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(name("csr"))
+    return builder.sign(p256(), hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _der() -> bytes:
+    return make_cert(p256(), "der").public_bytes(serialization.Encoding.DER)
+
+
+def _pem(**kwargs: object) -> Callable[[], bytes]:
+    return lambda: cert_to_pem(make_cert(p256(), "bad", **kwargs))  # type: ignore[arg-type]
+
+
+LATER = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+EARLIER = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+
+BAD_INPUT: dict[str, tuple[Callable[[], bytes], str]] = {
+    "empty": (lambda: b"", "is empty"),
+    "garbage": (lambda: b"\x00\xff garbage \x13" * 10, "not a PEM certificate"),
+    "der instead of pem": (_der, "not a PEM certificate"),
+    "truncated pem": (lambda: cert_to_pem(make_cert(p256(), "t"))[:300], "not a valid PEM"),
+    "private key": (lambda: key_to_pem(p256()), "contains a private key"),
+    "csr": (_csr, "certificate request"),
+    "bundle": (lambda: _pem()() + _pem()(), "holds 2 certificates"),
+    "expired": (_pem(not_before=EARLIER, days=5), "expired on"),
+    "not yet valid": (_pem(not_before=LATER), "not valid before"),
+    "ca true": (_pem(ca=True), "CA certificate"),
+    "key cert sign": (_pem(ca=None, key_cert_sign=True), "keyCertSign"),
+    "ed25519": (
+        lambda: cert_to_pem(make_cert(ed25519.Ed25519PrivateKey.generate(), "ed")),
+        "Ed25519",
+    ),
+    "rsa 1024": (lambda: cert_to_pem(make_cert(rsa_key(1024), "weak")), "1024-bit RSA"),
+}
+
+
+@pytest.fixture
+def populated(registry: Path, make_client: MakeClient) -> Path:
+    """A registry with alice enrolled and bob revoked: 'unchanged' must mean something."""
+    enroll(registry, make_client("alice").cert_path, "alice", "/pinrpc.v1.Echo/*")
+    enroll(registry, make_client("bob").cert_path, "bob")
+    revoke(registry, "bob")
+    return registry
+
+
+def _refused(
+    argv: list[str], registry: Path, capsys: pytest.CaptureFixture[str], expected: str
+) -> None:
+    before = registry_dump(registry, capsys)
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("pinrpc-server: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in captured.err
+    assert registry_dump(registry, capsys) == before
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_certificate_is_refused(
+    case: str, populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make, expected = BAD_INPUT[case]
+    path = tmp_path / "input.crt"
+    path.write_bytes(make())
+    argv = ["enroll", str(path), "--name", "newcomer", "--registry", str(populated)]
+    _refused(argv, populated, capsys, expected)
+
+
+def test_error_names_the_absolute_path(
+    populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "empty.crt"
+    path.write_bytes(b"")
+    assert cli.main(["enroll", str(path), "--name", "x", "--registry", str(populated)]) == 1
+    assert str(path.absolute()) in capsys.readouterr().err
+
+
+def test_missing_and_huge_files(
+    populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = ["enroll", str(tmp_path / "nope.crt"), "--name", "x", "--registry", str(populated)]
+    _refused(missing, populated, capsys, "No such file")
+    huge = tmp_path / "huge.crt"
+    huge.write_bytes(b"A" * (2 << 20))
+    argv = ["enroll", str(huge), "--name", "x", "--registry", str(populated)]
+    _refused(argv, populated, capsys, "larger than")
+
+
+def test_duplicate_name_needs_replace(
+    populated: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rekeyed = make_client("alice2")
+    argv = ["enroll", str(rekeyed.cert_path), "--name", "alice", "--registry", str(populated)]
+    _refused(argv, populated, capsys, "--replace")
+    assert cli.main([*argv, "--replace"]) == 0
+    capsys.readouterr()
+    clients = registry_dump(populated, capsys)
+    assert isinstance(clients, list)
+    alices = [c for c in clients if c["name"] == "alice"]
+    assert len(alices) == 2  # history stays
+    assert [c["revoked_at"] is None for c in alices] == [False, True]
+    assert alices[1]["fingerprint"] == str(rekeyed.fingerprint)
+
+
+def test_duplicate_and_revoked_fingerprints_are_refused(
+    populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice_crt = tmp_path / "keys" / "alice.crt"
+    argv = ["enroll", str(alice_crt), "--name", "other", "--registry", str(populated)]
+    _refused(argv, populated, capsys, "already enrolled as 'alice'")
+    bob_crt = tmp_path / "keys" / "bob.crt"
+    argv = ["enroll", str(bob_crt), "--name", "bob", "--registry", str(populated)]
+    _refused(argv, populated, capsys, "was revoked")
+
+
+def test_same_subject_without_key_ids_is_refused(
+    registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "a.crt", tmp_path / "b.crt"
+    first.write_bytes(cert_to_pem(make_cert(p256(), "twin", key_ids=False)))
+    second.write_bytes(cert_to_pem(make_cert(p256(), "twin", key_ids=False)))
+    assert cli.main(["enroll", str(first), "--name", "a", "--registry", str(registry)]) == 0
+    argv = ["enroll", str(second), "--name", "b", "--registry", str(registry)]
+    _refused(argv, registry, capsys, "could not tell them apart")
+
+
+def test_same_subject_with_key_ids_is_accepted(registry: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.crt", tmp_path / "b.crt"
+    first.write_bytes(cert_to_pem(make_cert(p256(), "twin")))
+    second.write_bytes(cert_to_pem(make_cert(p256(), "twin")))
+    assert cli.main(["enroll", str(first), "--name", "a", "--registry", str(registry)]) == 0
+    assert cli.main(["enroll", str(second), "--name", "b", "--registry", str(registry)]) == 0
+
+
+def test_bad_method_pattern_and_bad_name(
+    populated: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    crt = str(make_client("carol").cert_path)
+    argv = ["enroll", crt, "--name", "carol", "--allow", "Echo", "--registry", str(populated)]
+    _refused(argv, populated, capsys, "must start with '/'")
+    argv = ["enroll", crt, "--name", "../carol", "--registry", str(populated)]
+    _refused(argv, populated, capsys, "invalid client name")
+
+
+def test_enroll_prints_fingerprint_and_rsa_is_accepted(
+    registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = make_client("rsa", key_type="rsa2048")
+    enroll(registry, files.cert_path, "rsa")
+    assert str(files.fingerprint) in capsys.readouterr().out
+
+
+def test_list_and_revoke(
+    populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert cli.main(["list", "--registry", str(populated)]) == 0
+    out = capsys.readouterr().out
+    assert "alice" in out and "active" in out and "revoked" in out
+    clients = registry_dump(populated, capsys)
+    assert isinstance(clients, list)
+    alice = clients[0]
+    assert alice["allowed_methods"] == ["/pinrpc.v1.Echo/*"]
+    # Revoke by fingerprint, in another accepted spelling.
+    spelling = "sha256:" + alice["fingerprint"].replace(":", "").lower()
+    assert cli.main(["revoke", spelling, "--registry", str(populated)]) == 0
+    assert "revoked alice" in capsys.readouterr().out
+    after = registry_dump(populated, capsys)
+    assert isinstance(after, list)
+    assert after[0]["revoked_at"] is not None
+    _refused(["revoke", "alice", "--registry", str(populated)], populated, capsys, "no enrolled")
+    fp = alice["fingerprint"]
+    _refused(["revoke", fp, "--registry", str(populated)], populated, capsys, "already revoked")
+
+
+def test_list_and_revoke_need_an_existing_registry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "typo.db"
+    assert cli.main(["list", "--registry", str(missing)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["revoke", "alice", "--registry", str(missing)]) == 1
+    assert not missing.exists()
+
+
+def test_registry_from_environment(
+    registry: Path,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("PINRPC_REGISTRY", str(registry))
+    crt = make_client("dave").cert_path
+    assert cli.main(["enroll", str(crt), "--name", "dave"]) == 0
+    capsys.readouterr()
+    assert cli.main(["list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["name"] == "dave"
+
+
+def test_missing_registry_flag_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PINRPC_REGISTRY", raising=False)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["list"])
+    assert info.value.code == 2
+    assert "--registry" in capsys.readouterr().err

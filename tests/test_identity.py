@@ -1,0 +1,140 @@
+"""Key pairs, certificates and fingerprints as `pinrpc keygen` / `fingerprint` make them."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from client import cli
+from pinrpc.errors import IdentityError, KeyPermissionError
+from pinrpc.identity import (
+    Fingerprint,
+    create_identity,
+    load_certificate,
+    load_private_key,
+    same_public_key,
+)
+
+
+def test_keygen_writes_a_private_key_and_a_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["keygen", "alice", "--dir", str(tmp_path / "keys")]) == 0
+    out = capsys.readouterr().out
+    key, crt = tmp_path / "keys" / "alice.key", tmp_path / "keys" / "alice.crt"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    fp = Fingerprint.of(load_certificate(crt))
+    assert f"fingerprint  {fp}" in out
+    assert same_public_key(load_private_key(key), load_certificate(crt))
+    assert {p.name for p in key.parent.iterdir()} == {"alice.key", "alice.crt"}  # no temp files
+
+
+def test_fingerprint_matches_openssl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = create_identity("alice", tmp_path)
+    assert cli.main(["fingerprint", str(files.cert_path)]) == 0
+    ours = capsys.readouterr().out.strip()
+    openssl = subprocess.run(
+        ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(files.cert_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert openssl.split("=", 1)[1] == ours
+
+
+def test_certificate_cannot_mint_other_certificates(tmp_path: Path) -> None:
+    cert = load_certificate(create_identity("alice", tmp_path).cert_path)
+    ext = cert.extensions
+    constraints = ext.get_extension_for_class(x509.BasicConstraints)
+    usage = ext.get_extension_for_class(x509.KeyUsage)
+    assert constraints.critical and not constraints.value.ca
+    assert usage.critical and usage.value.digital_signature and not usage.value.key_cert_sign
+    eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    ski = ext.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    validity = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert 365 <= validity.days <= 366
+
+
+def test_subjects_are_unique_for_the_same_name(tmp_path: Path) -> None:
+    one = load_certificate(create_identity("alice", tmp_path / "1").cert_path)
+    two = load_certificate(create_identity("alice", tmp_path / "2").cert_path)
+    assert one.subject != two.subject
+
+
+def test_existing_files_are_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = create_identity("alice", tmp_path)
+    before = first.key_path.read_bytes()
+    assert cli.main(["keygen", "alice", "--dir", str(tmp_path)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert first.key_path.read_bytes() == before
+    assert cli.main(["keygen", "alice", "--dir", str(tmp_path), "--force"]) == 0
+    assert first.key_path.read_bytes() != before
+
+
+def test_key_types(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rsa = create_identity("r", tmp_path, key_type="rsa2048")
+    assert load_certificate(rsa.cert_path).public_key().key_size == 2048  # type: ignore[union-attr]
+    assert cli.main(["keygen", "ed", "--dir", str(tmp_path), "--key-type", "ed25519"]) == 1
+    err = capsys.readouterr().err
+    assert "Ed25519 keys fail the TLS handshake" in err
+    assert not (tmp_path / "ed.key").exists()
+
+
+def test_days_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = create_identity("short", tmp_path, days=7)
+    cert = load_certificate(files.cert_path)
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 7
+    assert cli.main(["keygen", "../escape", "--dir", str(tmp_path)]) == 1
+    assert "invalid client name" in capsys.readouterr().err
+    assert cli.main(["keygen", "zero", "--dir", str(tmp_path), "--days", "0"]) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AB:" * 31 + "AB",
+        "ab" * 32,
+        "sha256:" + "Ab" * 32,
+        "SHA256:" + "ab:" * 31 + "ab",
+        "  " + "ab" * 32 + "\n",
+    ],
+)
+def test_fingerprint_parsing_is_tolerant(text: str) -> None:
+    fp = Fingerprint.parse(text)
+    assert str(fp) == "AB:" * 31 + "AB"
+    assert fp.hex == "ab" * 32
+
+
+@pytest.mark.parametrize("text", ["", "ab" * 31, "zz" * 32, "ab" * 33, "md5:" + "ab" * 32])
+def test_fingerprint_parsing_rejects_non_fingerprints(text: str) -> None:
+    with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+        Fingerprint.parse(text)
+
+
+def test_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    files = create_identity("alice", tmp_path)
+    files.key_path.chmod(0o644)
+    with pytest.raises(KeyPermissionError, match="chmod 600"):
+        load_private_key(files.key_path)
+    assert load_private_key(files.key_path, check_permissions=False)
+
+
+def test_encrypted_key_needs_its_passphrase(tmp_path: Path) -> None:
+    files = create_identity("alice", tmp_path, passphrase=b"s3cret")
+    assert b"ENCRYPTED" in files.key_path.read_bytes()
+    with pytest.raises(IdentityError, match="PINRPC_KEY_PASSPHRASE"):
+        load_private_key(files.key_path)
+    with pytest.raises(IdentityError, match="wrong passphrase"):
+        load_private_key(files.key_path, passphrase=b"nope")
+    key = load_private_key(files.key_path, passphrase=b"s3cret")
+    assert same_public_key(key, load_certificate(files.cert_path))
