@@ -1,0 +1,459 @@
+"""Obtain the server's certificate from an ACME CA (Let's Encrypt, or pebble in tests).
+
+HTTP-01 only: a tiny HTTP server answers the CA's challenge on a configurable port for the
+duration of the order. Output uses certbot's file names so operators can point pinrpc-server at
+either tool's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.server
+import ipaddress
+import logging
+import os
+import sys
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn, cast
+
+import requests
+from acme import challenges, client, errors, messages
+from acme.crypto_util import make_csr
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from josepy.errors import DeserializationError
+from josepy.jwa import ES256
+from josepy.jwk import JWKEC
+
+from pinrpc.errors import IdentityError, PinrpcError
+from pinrpc.identity import PrivateKey, generate_key, key_to_pem, write_atomic
+
+log = logging.getLogger(__name__)
+
+KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
+# Polling budget for validation + issuance; Let's Encrypt normally needs a few seconds.
+_ORDER_TIMEOUT = datetime.timedelta(seconds=90)
+_NETWORK_TIMEOUT_S = 30
+
+
+class AcmeError(PinrpcError):
+    """An expected failure; the message is one line saying what failed and what to do."""
+
+
+@dataclass(frozen=True)
+class ObtainResult:
+    privkey: Path
+    cert: Path
+    chain: Path
+    fullchain: Path
+    serial: int
+    not_after: datetime.datetime  # timezone-aware (UTC)
+
+
+def _one_line(text: object) -> str:
+    # Server problem documents and library errors may span lines; the CLI promises one.
+    return " ".join(str(text).split())
+
+
+def _new_key(key_type: str) -> PrivateKey:
+    # Same algorithms as client keys, under certbot's names.
+    try:
+        return generate_key({"ec256": "p256", "ec384": "p384"}.get(key_type, key_type))
+    except IdentityError:
+        raise AcmeError(
+            f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}"
+        ) from None
+
+
+def _normalize_domains(domains: list[str]) -> list[str]:
+    names: list[str] = []
+    for raw in domains:
+        name = raw.strip().rstrip(".").lower()
+        if not name or any(c in name for c in "/: "):
+            raise AcmeError(f"invalid domain {raw!r}; pass a bare DNS name like api.example.com")
+        if name.startswith("*."):
+            raise AcmeError(
+                f"wildcard {raw!r} needs a DNS-01 challenge; obtain-cert only does HTTP-01"
+            )
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise AcmeError(f"invalid domain {raw!r}: {_one_line(exc)}") from exc
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise AcmeError("no domain given; pass at least one --domain")
+    return names
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextmanager
+def _step(what: str, directory_url: str) -> Iterator[None]:
+    """Turn the many exception types of requests/acme/josepy into one-line AcmeErrors."""
+    try:
+        yield
+    except AcmeError:
+        raise
+    except requests.exceptions.SSLError as exc:
+        raise AcmeError(
+            f"TLS verification of {directory_url} failed while {what}; if the CA uses a private "
+            f"certificate (e.g. pebble), pass --ca-bundle with the CA that signed it"
+        ) from exc
+    except requests.exceptions.ConnectionError as exc:
+        raise AcmeError(
+            f"cannot reach the ACME server at {directory_url} while {what}; "
+            f"check the URL and that the server is running"
+        ) from exc
+    except requests.exceptions.Timeout as exc:
+        raise AcmeError(
+            f"ACME server at {directory_url} timed out while {what}; retry later"
+        ) from exc
+    except requests.exceptions.RequestException as exc:
+        raise AcmeError(f"HTTP request failed while {what}: {_one_line(exc)}") from exc
+    except messages.Error as exc:
+        raise AcmeError(f"ACME server refused {what}: {_one_line(exc)}") from exc
+    except errors.TimeoutError as exc:
+        raise AcmeError(f"ACME server did not finish {what} in time; retry later") from exc
+    except (errors.Error, DeserializationError, ValueError) as exc:
+        arg = exc.args[0] if exc.args else None
+        if isinstance(arg, tuple) and arg:  # acme passes (response, error) on bad JSON
+            arg = arg[0]
+        # acme wraps non-JSON HTTP answers as ClientError(response), printed as "<Response [404]>".
+        detail = f"HTTP {arg.status_code}" if isinstance(arg, requests.Response) else _one_line(exc)
+        detail = detail or type(exc).__name__
+        raise AcmeError(
+            f"unexpected answer from {directory_url} while {what}: {detail}; "
+            f"check that the URL is an ACME directory"
+        ) from exc
+
+
+class _ChallengeHandler(http.server.BaseHTTPRequestHandler):
+    # Set per responder through a subclass, so no module-level mutable state is shared.
+    answers: Mapping[str, bytes] = {}
+
+    def do_GET(self) -> None:
+        body = self.answers.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        # The default writes to stderr; the CLI keeps stderr for its one error line.
+        log.debug("http-01 %s: " + format, self.client_address[0], *args)
+
+
+@contextmanager
+def _http01_responder(host: str, port: int, answers: Mapping[str, bytes]) -> Iterator[None]:
+    handler = type("_Handler", (_ChallengeHandler,), {"answers": dict(answers)})
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), handler)
+    except PermissionError as exc:
+        raise AcmeError(
+            f"no permission to listen on {host}:{port} for HTTP-01; run with the right to bind "
+            f"ports below 1024, or use --http-port and forward port 80 to it"
+        ) from exc
+    except OSError as exc:
+        raise AcmeError(
+            f"cannot listen on {host}:{port} for HTTP-01 ({exc.strerror or exc}); stop whatever "
+            f"uses that port or choose another --http-port"
+        ) from exc
+    thread = threading.Thread(target=server.serve_forever, name="acme-http01", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def _register(acme: client.ClientV2, net: client.ClientNetwork, email: str | None) -> None:
+    registration = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
+    try:
+        acme.new_account(registration)
+    except errors.ConflictError as exc:
+        # The stored account key is already registered: reuse that account.
+        net.account = messages.RegistrationResource(body=messages.Registration(), uri=exc.location)
+
+
+def _account_key(out_dir: Path) -> JWKEC:
+    """Load or create out_dir/account.key: reusing one account avoids CAs' account rate limits."""
+    path = out_dir / "account.key"
+    if path.exists():
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise AcmeError(
+                f"cannot read ACME account key {path.resolve()}: {_one_line(exc)}; "
+                f"delete it to register a new account"
+            ) from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise AcmeError(
+                f"ACME account key {path.resolve()} is not an EC P-256 key; delete it "
+                f"to register a new account"
+            )
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        write_atomic(path, key_to_pem(key), 0o600)
+    return JWKEC(key=key)
+
+
+def obtain_certificate(
+    directory_url: str,
+    domains: list[str],
+    out_dir: Path,
+    *,
+    http_port: int = 80,
+    http_host: str = "127.0.0.1",
+    acme_ca_bundle: Path | None = None,
+    email: str | None = None,
+    key_type: str = "ec256",
+) -> ObtainResult:
+    """Order a certificate for `domains` over HTTP-01 and write certbot-named files to out_dir.
+
+    Registering means agreeing to the CA's terms of service. A fresh server key is made on
+    every call. Raises AcmeError on any expected failure.
+    """
+    names = _normalize_domains(domains)
+    url = urllib.parse.urlsplit(directory_url)
+    if url.scheme != "https" or not url.hostname:
+        raise AcmeError(f"ACME directory URL {directory_url!r} must start with https:// (RFC 8555)")
+    if acme_ca_bundle is not None and not acme_ca_bundle.is_file():
+        raise AcmeError(f"CA bundle {acme_ca_bundle.resolve()} is not a file; pass a PEM file")
+    # Fail before talking to the CA, so a bad --out does not waste an issuance (rate limits).
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AcmeError(
+            f"cannot create output directory {out_dir.resolve()}: {exc.strerror}"
+        ) from exc
+    if not os.access(out_dir, os.W_OK):
+        raise AcmeError(
+            f"output directory {out_dir.resolve()} is not writable; choose another --out"
+        )
+
+    server_key = _new_key(key_type)
+    csr = make_csr(key_to_pem(server_key), names)
+    account_key = _account_key(out_dir)
+    # acme types verify_ssl as bool but hands it to requests' verify=, which also takes a CA
+    # bundle path. Passing the path explicitly also beats REQUESTS_CA_BUNDLE, which requests
+    # otherwise prefers over verify=True.
+    verify = cast(bool, str(acme_ca_bundle)) if acme_ca_bundle is not None else True
+    net = client.ClientNetwork(
+        account_key,
+        alg=ES256,
+        verify_ssl=verify,
+        user_agent="pinrpc-obtain-cert",
+        timeout=_NETWORK_TIMEOUT_S,
+    )
+    if _is_loopback(url.hostname):
+        # A local CA (pebble) must never go through an *_proxy from the environment.
+        net.session.trust_env = False
+    try:
+        with _step("fetching the ACME directory", directory_url):
+            acme = client.ClientV2(client.ClientV2.get_directory(directory_url, net), net)
+        if acme.external_account_required():
+            raise AcmeError(
+                f"the CA at {directory_url} requires external account binding, "
+                f"which obtain-cert does not support; use certbot for this CA"
+            )
+        with _step("registering the ACME account", directory_url):
+            _register(acme, net, email)
+        with _step("creating the order", directory_url):
+            order = acme.new_order(csr)
+
+        answers: dict[str, bytes] = {}
+        to_answer: list[tuple[messages.ChallengeBody, challenges.ChallengeResponse]] = []
+        for authz in order.authorizations:
+            if authz.body.status == messages.STATUS_VALID:
+                continue  # the CA reused an earlier validation of this name
+            name = authz.body.identifier.value
+            challb = next(
+                (c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)), None
+            )
+            if challb is None:
+                raise AcmeError(f"the CA offers no HTTP-01 challenge for {name}; use certbot")
+            response, validation = challb.response_and_validation(account_key)
+            answers[challb.chall.path] = validation.encode("ascii")
+            to_answer.append((challb, response))
+
+        # acme's polling compares against naive datetime.now(), so the deadline must be naive.
+        deadline = datetime.datetime.now() + _ORDER_TIMEOUT
+        if to_answer:
+            with _http01_responder(http_host, http_port, answers):
+                with _step("answering the HTTP-01 challenges", directory_url):
+                    for challb, response in to_answer:
+                        acme.answer_challenge(challb, response)
+                with _step("validating the domains", directory_url):
+                    try:
+                        order = acme.poll_authorizations(order, deadline)
+                    except errors.ValidationError as exc:
+                        raise AcmeError(
+                            f"HTTP-01 validation failed ({_one_line(exc)}); make http://<domain>"
+                            f"/.well-known/acme-challenge/ reach {http_host}:{http_port}"
+                        ) from exc
+        with _step("finalizing the order", directory_url):
+            order = acme.finalize_order(order, deadline)
+    finally:
+        # Close now rather than in ClientNetwork.__del__, so no ResourceWarning escapes.
+        net.session.close()
+
+    try:
+        certs = x509.load_pem_x509_certificates(order.fullchain_pem.encode("ascii"))
+    except ValueError as exc:
+        raise AcmeError(
+            f"the CA at {directory_url} returned an unreadable certificate chain"
+        ) from exc
+    leaf, intermediates = certs[0], certs[1:]
+    if leaf.public_key() != server_key.public_key():
+        raise AcmeError(f"the CA at {directory_url} returned a certificate for a different key")
+
+    def pem(cs: list[x509.Certificate]) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cs)
+
+    result = ObtainResult(
+        privkey=out_dir / "privkey.pem",
+        cert=out_dir / "cert.pem",
+        chain=out_dir / "chain.pem",
+        fullchain=out_dir / "fullchain.pem",
+        serial=leaf.serial_number,
+        not_after=leaf.not_valid_after_utc,
+    )
+    try:
+        # Key first and fullchain.pem last: a watcher keyed on fullchain.pem sees a full set.
+        write_atomic(result.privkey, key_to_pem(server_key), 0o600)
+        write_atomic(result.cert, pem([leaf]), 0o644)
+        write_atomic(result.chain, pem(intermediates), 0o644)
+        write_atomic(result.fullchain, pem(certs), 0o644)
+    except OSError as exc:
+        raise AcmeError(
+            f"cannot write certificate files in {out_dir.resolve()}: {exc.strerror}"
+        ) from exc
+    return result
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the usage block and exit; we promise a single error line.
+        raise _UsageError(message)
+
+
+def _env_port(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise _UsageError(f"{name}={value!r} is not a port number") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="obtain-cert",
+        description="Obtain a server certificate from an ACME CA using HTTP-01.",
+    )
+    parser.add_argument(
+        "--directory",
+        default=os.environ.get("PINRPC_ACME_DIRECTORY"),
+        help="ACME directory URL (env PINRPC_ACME_DIRECTORY)",
+    )
+    parser.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        required=True,
+        help="DNS name for the certificate (repeatable)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory for privkey.pem, cert.pem, chain.pem, fullchain.pem",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="port for the HTTP-01 responder (default 80, env PINRPC_ACME_HTTP_PORT)",
+    )
+    parser.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        help="address for the HTTP-01 responder (default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--ca-bundle",
+        type=Path,
+        default=None,
+        help="PEM file to trust the ACME server's own TLS certificate (e.g. pebble)",
+    )
+    parser.add_argument("--email", default=None, help="contact address for the ACME account")
+    parser.add_argument(
+        "--key-type", choices=KEY_TYPES, default="ec256", help="server key type (default ec256)"
+    )
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help
+            return exc.code if isinstance(exc.code, int) else 0
+        http_port: int = (
+            args.http_port if args.http_port is not None else _env_port("PINRPC_ACME_HTTP_PORT", 80)
+        )
+        if not 1 <= http_port <= 65535:
+            raise _UsageError(f"HTTP port {http_port} is out of range 1-65535")
+        if not args.directory:
+            raise _UsageError("no ACME directory; pass --directory or set PINRPC_ACME_DIRECTORY")
+    except _UsageError as exc:
+        print(f"obtain-cert: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = obtain_certificate(
+            args.directory,
+            args.domain,
+            args.out,
+            http_port=http_port,
+            http_host=args.http_host,
+            acme_ca_bundle=args.ca_bundle,
+            email=args.email,
+            key_type=args.key_type,
+        )
+    except AcmeError as exc:
+        print(f"obtain-cert: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("obtain-cert: error: interrupted", file=sys.stderr)
+        return 130
+    print(
+        f"wrote {result.fullchain} and {result.privkey} (serial {result.serial:x}, "
+        f"expires {result.not_after:%Y-%m-%d %H:%M} UTC)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
