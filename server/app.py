@@ -10,15 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
 
 from pinrpc.errors import PinrpcError
 from pinrpc.v1 import echo_pb2_grpc
 from server.auth import AuthInterceptor
+from server.health import ECHO_SERVICE, Health, probe_server
 from server.registry import open_registry
 from server.services import EchoService
 from server.trust import TrustWatcher
 
 log = logging.getLogger("pinrpc.server")
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class ServeError(PinrpcError):
@@ -35,6 +39,7 @@ class ServerConfig:
     poll_interval: float = 0.2
     cert_warn_days: int = 14
     grace: float = 5.0
+    health_listen: str | None = None  # plaintext gRPC health for probes; off by default
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,8 @@ class RunningServer:
     port: int
     server: grpc.Server
     trust: TrustWatcher
+    health: Health
+    health_port: int | None
 
 
 @contextmanager
@@ -51,16 +58,22 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
     with ExitStack() as stack:
         registry = open_registry(config.registry)
         stack.callback(registry.close)
+        health = Health()
         trust = TrustWatcher(
             registry,
             config.cert,
             config.key,
             interval=config.poll_interval,
             warn_days=config.cert_warn_days,
+            on_health=health.set,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
         server = grpc.server(executor, interceptors=[AuthInterceptor(lambda: trust.enrolled)])
         echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
+        health.add_to(server)
+        reflection.enable_server_reflection(
+            (ECHO_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
         try:
             port = server.add_secure_port(config.listen, trust.credentials())
         except RuntimeError as exc:
@@ -72,7 +85,15 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         trust.start()
         stack.callback(trust.stop)
         log.info("listening on %s (port %d)", config.listen, port)
-        yield RunningServer(config, port, server, trust)
+        health_port = None
+        if config.health_listen:
+            probe, health_port = probe_server(health, config.health_listen)
+            if health_port == 0:
+                raise ServeError(f"cannot listen on {config.health_listen} for health probes")
+            probe.start()
+            stack.callback(lambda: probe.stop(None).wait())
+            log.info("plaintext health probes on %s (port %d)", config.health_listen, health_port)
+        yield RunningServer(config, port, server, trust, health, health_port)
 
 
 @contextmanager

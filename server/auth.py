@@ -23,7 +23,16 @@ from pinrpc.identity import Fingerprint
 from server.registry import Client
 from server.trust import EnrolledSet
 
-ALWAYS_ALLOWED: Final = frozenset({"/pinrpc.v1.Echo/WhoAmI"})
+# Methods any enrolled client may call: identity, health and the API's own description.
+ALWAYS_ALLOWED: Final = frozenset(
+    {
+        "/pinrpc.v1.Echo/WhoAmI",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
 _PEM_CACHE_LIMIT: Final = 4096
 
 

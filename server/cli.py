@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         serve,
+        "--health-listen",
+        help="also serve plaintext gRPC health (and nothing else) here, for probes; off if unset",
+    )
+    add_flag(
+        serve,
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -148,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key=Path(args.key),
         registry=args.registry,
         cert_warn_days=args.cert_warn_days,
+        health_listen=args.health_listen,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

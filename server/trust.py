@@ -133,12 +133,14 @@ class TrustWatcher:
         interval: float = 0.2,
         warn_days: int = 14,
         on_server_cert: Callable[[ServerCert], None] | None = None,
+        on_health: Callable[[bool], None] | None = None,
     ) -> None:
         self._registry = registry
         self._cert_path, self._key_path = cert_path, key_path
         self._interval = interval
         self._warn_days = warn_days
         self._on_server_cert = on_server_cert
+        self._on_health = on_health
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -154,6 +156,7 @@ class TrustWatcher:
         self._dirty = False
         self._announce_cert("serving")
         self._announce_clients()
+        self._report_health()
 
     # -- gRPC side -------------------------------------------------------------------------
 
@@ -199,6 +202,17 @@ class TrustWatcher:
         with self._poll_lock:
             self._poll_registry()
             self._poll_server_cert()
+            self._report_health()
+
+    @property
+    def healthy(self) -> bool:
+        """Serving is meaningful: the registry is readable and our certificate still valid."""
+        expired = self.server_cert.leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
+        return not (self._registry_failing or expired)
+
+    def _report_health(self) -> None:
+        if self._on_health is not None:
+            self._on_health(self.healthy)
 
     def _poll_registry(self) -> None:
         try:

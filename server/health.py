@@ -1,0 +1,47 @@
+"""gRPC health checking: on the mTLS port for clients, and optionally on a plaintext probe port.
+
+The probe port carries the health service and nothing else, so Docker or Kubernetes can probe
+without a client certificate while every other method stays behind client authentication.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pinrpc.v1 import echo_pb2
+
+ECHO_SERVICE = echo_pb2.DESCRIPTOR.services_by_name["Echo"].full_name
+# "" is the whole server, by the health protocol's convention.
+SERVICES = ("", ECHO_SERVICE)
+
+
+class Health:
+    def __init__(self) -> None:
+        self.servicer = health.HealthServicer(experimental_non_blocking=True)
+        self.serving: bool | None = None
+
+    def set(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        self.serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in SERVICES:
+            self.servicer.set(service, status)
+
+    def add_to(self, server: grpc.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+
+def probe_server(health_state: Health, listen: str) -> tuple[grpc.Server, int]:
+    """A plaintext server exposing only the health service (for orchestrator probes)."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    health_state.add_to(server)
+    port = server.add_insecure_port(listen)
+    return server, port

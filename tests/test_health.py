@@ -1,0 +1,80 @@
+"""Health checking and reflection: behind client auth on the mTLS port, alone on the probe port."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server.app import RunningServer, ServerConfig, start_server
+from tests.conftest import Connect, MakeClient, ServerFiles, code_of
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def check(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(reply.status)
+
+
+def test_health_and_reflection_need_an_enrolled_client(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    alice, mallory = make_client("alice"), make_client("mallory")
+    connect.enroll(alice, "alice")  # no --allow: health and reflection are always allowed
+    channel = connect.channel(alice.cert_path, alice.key_path)
+    assert check(channel) == SERVING
+    assert check(channel, "pinrpc.v1.Echo") == SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = stub.ServerReflectionInfo(iter([request]), timeout=5)
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"pinrpc.v1.Echo", "grpc.health.v1.Health"} <= names
+    stranger = connect.channel(mallory.cert_path, mallory.key_path)
+    assert code_of(lambda: check(stranger)) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture
+def with_probe(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
+    config = ServerConfig(
+        "127.0.0.1:0", devca.cert, devca.key, str(registry), health_listen="127.0.0.1:0"
+    )
+    with start_server(config) as running:
+        yield running
+
+
+def test_probe_port_serves_health_and_nothing_else(with_probe: RunningServer) -> None:
+    assert with_probe.health_port
+    with grpc.insecure_channel(f"127.0.0.1:{with_probe.health_port}") as channel:
+        assert check(channel) == SERVING
+        echo = echo_pb2_grpc.EchoStub(channel)
+        unimplemented = grpc.StatusCode.UNIMPLEMENTED
+        assert code_of(lambda: echo.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=5)) == unimplemented
+    # The mTLS port does not speak plaintext.
+    with grpc.insecure_channel(f"127.0.0.1:{with_probe.port}") as channel:
+        assert code_of(lambda: check(channel)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_probe_port_is_off_by_default(connect: Connect) -> None:
+    assert connect.server.health_port is None
+
+
+def test_expired_server_certificate_is_not_serving(
+    devca: ServerFiles, registry: Path, tmp_path: Path
+) -> None:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+    cert, key = devca.ca.issue(["server.test"], not_before=past, days=1).write(tmp_path)
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), health_listen="127.0.0.1:0")
+    with (
+        start_server(config) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as channel,
+    ):
+        assert check(channel) == NOT_SERVING
