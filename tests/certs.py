@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -66,6 +67,22 @@ def p256() -> ec.EllipticCurvePrivateKey:
 
 def rsa_key(bits: int) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def certbot_link(live: Path, fullchain: Path, privkey: Path, version: int) -> None:
+    """Install a renewal as certbot does: archive/NAME/fullchainN.pem, live/ symlinks re-pointed.
+
+    The files move into archive/, then each live/ symlink is replaced by rename(2), atomically.
+    """
+    archive = live.parent.parent / "archive" / live.name
+    archive.mkdir(parents=True, exist_ok=True)
+    live.mkdir(parents=True, exist_ok=True)
+    for name, source in (("privkey", privkey), ("fullchain", fullchain)):
+        target = archive / f"{name}{version}.pem"
+        os.replace(source, target)
+        staging = live / f"{name}.pem.new"
+        staging.symlink_to(os.path.relpath(target, live))
+        os.replace(staging, live / f"{name}.pem")
 
 
 def write_pair(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer, ServerConfig, start_server
 from server.devca import DevCA
+from tests.pebble import Pebble, pebble_binary, start_pebble
 
 SERVER_NAME = "server.test"
 ECHO_ALL = "/pinrpc.v1.Echo/*"
@@ -28,6 +30,27 @@ class ServerFiles:
     ca_path: Path
     cert: Path
     key: Path
+
+
+def require_tool(found: bool, what: str, install: str) -> None:
+    """Outside CI a missing tool skips with the reason; under CI=true it fails the test."""
+    if found:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is required in CI: {install}")
+    pytest.skip(f"{what} is not installed ({install})")
+
+
+def require_pebble() -> None:
+    require_tool(pebble_binary() is not None, "pebble", "apt-get install -y pebble")
+
+
+@pytest.fixture(scope="session")
+def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
+    """One real pebble (Let's Encrypt's test CA) for the whole session."""
+    require_pebble()
+    with start_pebble(tmp_path_factory.mktemp("pebble")) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

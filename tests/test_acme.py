@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import stat
 from collections.abc import Iterator
@@ -15,27 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from server.acme import AcmeError, ObtainResult, main, obtain_certificate
-from tests.pebble import Pebble, pebble_binary, start_pebble
-
-
-def _require_pebble() -> None:
-    if pebble_binary() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("pebble is required in CI: apt-get install -y pebble")
-        pytest.skip("pebble is not installed (apt-get install -y pebble)")
-
-
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
-    _require_pebble()
-    with start_pebble(tmp_path_factory.mktemp("pebble")) as running:
-        yield running
+from tests.conftest import require_pebble
+from tests.pebble import Pebble, start_pebble
 
 
 @pytest.fixture(scope="module")
 def validating_pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pebble, int]]:
     """A pebble that really fetches http://<name>:PORT/.well-known/acme-challenge/<token>."""
-    _require_pebble()
+    require_pebble()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

@@ -1,0 +1,153 @@
+"""The server's own certificate: served as a full chain, hot-reloaded, broken renewals refused."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from pinrpc.identity import KeyPairFiles
+from server.app import ServerConfig, start_server
+from server.devca import Issued
+from tests.certs import certbot_link
+from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, eventually, whoami
+
+NAMES = [SERVER_NAME, "127.0.0.1"]
+
+
+def served_chain(port: int, client: KeyPairFiles) -> list[x509.Certificate]:
+    """The whole chain a new connection is shown, as openssl s_client -showcerts prints it."""
+    argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", SERVER_NAME,
+            "-alpn", "h2", "-showcerts", "-cert", str(client.cert_path),
+            "-key", str(client.key_path)]  # fmt: skip
+    done = subprocess.run(argv, input=b"", capture_output=True, timeout=10, check=False)
+    return x509.load_pem_x509_certificates(done.stdout)
+
+
+def served_serial(port: int, client: KeyPairFiles) -> int:
+    """The leaf a new connection is shown, read with Python's ssl module (not grpcio)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # we only look at what is presented
+    ctx.load_cert_chain(client.cert_path, client.key_path)
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def certbot_install(live: Path, issued: Issued, version: int) -> None:
+    tmp = live.parent / f"new{version}"
+    certbot_link(live, *issued.write(tmp), version)
+
+
+def test_full_chain_is_served(connect: Connect, make_client: MakeClient) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    chain = served_chain(connect.server.port, alice)
+    assert [c.issuer for c in chain] == [
+        connect.devca.ca.intermediate.subject,
+        connect.devca.ca.root.subject,
+    ]
+
+
+def test_certbot_renewal_is_picked_up_without_restart(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    live = tmp_path / "letsencrypt" / "live" / SERVER_NAME
+    first = devca.ca.issue(NAMES)
+    certbot_install(live, first, 1)
+    config = ServerConfig(
+        "127.0.0.1:0", live / "fullchain.pem", live / "privkey.pem", str(registry),
+        poll_interval=0.2,
+    )  # fmt: skip
+    alice = make_client("alice")
+    with start_server(config) as running:
+        connect = Connect(running, devca)
+        connect.enroll(alice, "alice")
+        old_channel = connect.stub(alice.cert_path, alice.key_path)
+        assert whoami(old_channel).name == "alice"
+        assert served_serial(running.port, alice) == first.leaf.serial_number
+
+        second = devca.ca.issue(NAMES)
+        certbot_install(live, second, 2)
+        took = eventually(
+            lambda: served_serial(running.port, alice) == second.leaf.serial_number, 1.0
+        )
+        assert took < 1.0
+        assert whoami(old_channel).name == "alice"  # open connections keep working
+        assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+
+
+@pytest.mark.parametrize("breakage", ["mismatched key", "truncated chain", "garbage key"])
+def test_broken_renewal_keeps_the_previous_certificate(
+    breakage: str,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = devca.ca.issue(NAMES)
+    cert, key = first.write(tmp_path / "srv")
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=0.1)
+    alice = make_client("alice")
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        Connect(running, devca).enroll(alice, "alice")
+        other = devca.ca.issue(NAMES)
+        if breakage == "mismatched key":
+            other.write(tmp_path / "other")
+            key.write_bytes((tmp_path / "other" / "privkey.pem").read_bytes())
+        elif breakage == "truncated chain":
+            cert.write_bytes(other.fullchain_pem[:200])
+        else:
+            key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n")
+        eventually(lambda: "not reloaded" in caplog.text, 1.0)
+        assert caplog.text.count("not reloaded") == 1  # logged once, not per poll
+        assert served_serial(running.port, alice) == first.leaf.serial_number
+        stub = Connect(running, devca).stub(alice.cert_path, alice.key_path)
+        assert whoami(stub).name == "alice"
+
+        # Finishing the renewal properly is picked up.
+        third = devca.ca.issue(NAMES)
+        third.write(tmp_path / "srv")
+        eventually(lambda: served_serial(running.port, alice) == third.leaf.serial_number, 1.0)
+
+
+def test_server_refuses_to_start_with_a_broken_pair(
+    devca: ServerFiles, registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server import cli
+
+    a = devca.ca.issue(NAMES).write(tmp_path / "a")
+    b = devca.ca.issue(NAMES).write(tmp_path / "b")
+    argv = ["serve", "--listen", "127.0.0.1:0", "--cert", str(a[0]), "--key", str(b[1]),
+            "--registry", str(registry)]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "does not match" in err and "Traceback" not in err
+
+
+def test_expiry_warning(
+    devca: ServerFiles, registry: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key = devca.ca.issue(NAMES, days=3).write(tmp_path)
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), cert_warn_days=5)
+    with caplog.at_level(logging.INFO), start_server(config):
+        pass
+    assert "server certificate expires in 3.0 days" in caplog.text
+    assert f"names [{SERVER_NAME}, 127.0.0.1]" in caplog.text
+    caplog.clear()
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), cert_warn_days=2)
+    with caplog.at_level(logging.INFO), start_server(config):
+        pass
+    assert "expires in" not in caplog.text
