@@ -15,8 +15,11 @@ from grpc_reflection.v1alpha import reflection
 
 from pinrpc.errors import PinrpcError
 from pinrpc.v1 import echo_pb2_grpc
+from server.audit import Audit
 from server.auth import AuthInterceptor
 from server.health import ECHO_SERVICE, Health, probe_server
+from server.metrics import Metrics, serve_metrics
+from server.observe import Observability
 from server.registry import open_registry
 from server.services import EchoService
 from server.trust import TrustWatcher
@@ -40,6 +43,8 @@ class ServerConfig:
     cert_warn_days: int = 14
     grace: float = 5.0
     health_listen: str | None = None  # plaintext gRPC health for probes; off by default
+    metrics_listen: str | None = None  # Prometheus endpoint; off by default
+    audit_rate: float = 50.0  # audit lines per second, sustained (bursts of 4x)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,8 @@ class RunningServer:
     trust: TrustWatcher
     health: Health
     health_port: int | None
+    metrics: Metrics
+    metrics_port: int | None
 
 
 @contextmanager
@@ -58,17 +65,20 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
     with ExitStack() as stack:
         registry = open_registry(config.registry)
         stack.callback(registry.close)
-        health = Health()
+        health, metrics = Health(), Metrics()
+        audit = Audit(rate=config.audit_rate, burst=int(config.audit_rate * 4))
+        observe = Observability(metrics, audit, health)
         trust = TrustWatcher(
             registry,
             config.cert,
             config.key,
             interval=config.poll_interval,
             warn_days=config.cert_warn_days,
-            on_health=health.set,
+            events=observe,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
-        server = grpc.server(executor, interceptors=[AuthInterceptor(lambda: trust.enrolled)])
+        interceptor = AuthInterceptor(lambda: trust.enrolled, observe)
+        server = grpc.server(executor, interceptors=[interceptor])
         echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
         health.add_to(server)
         reflection.enable_server_reflection(
@@ -93,7 +103,15 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             probe.start()
             stack.callback(lambda: probe.stop(None).wait())
             log.info("plaintext health probes on %s (port %d)", config.health_listen, health_port)
-        yield RunningServer(config, port, server, trust, health, health_port)
+        metrics_port = None
+        if config.metrics_listen:
+            try:
+                stop_metrics, metrics_port = serve_metrics(metrics, config.metrics_listen)
+            except (OSError, ValueError) as exc:
+                raise ServeError(f"cannot serve metrics on {config.metrics_listen}: {exc}") from exc
+            stack.callback(stop_metrics)
+            log.info("metrics on http://%s/metrics", config.metrics_listen)
+        yield RunningServer(config, port, server, trust, health, health_port, metrics, metrics_port)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import contextvars
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, NoReturn, Protocol, cast
 
 import grpc
 
@@ -34,6 +34,7 @@ ALWAYS_ALLOWED: Final = frozenset(
     }
 )
 _PEM_CACHE_LIMIT: Final = 4096
+UNKNOWN_METHOD: Final = "(unknown)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +69,40 @@ def _pem_to_fingerprint(pem: bytes) -> Fingerprint:
     return Fingerprint.of_der(base64.b64decode(body))
 
 
+class Observer(Protocol):
+    """What the interceptor reports; metrics and the audit log implement it (server/observe.py)."""
+
+    def denied(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        fingerprint: Fingerprint | None,
+        client: Client | None,
+        reason: str,
+    ) -> None: ...
+
+    def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None: ...
+
+    def finished(self, client: str, method: str, code: grpc.StatusCode) -> None: ...
+
+
+class NullObserver:
+    def denied(self, *_: object) -> None:
+        pass
+
+    def admitted(self, *_: object) -> None:
+        pass
+
+    def finished(self, *_: object) -> None:
+        pass
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, enrolled: Callable[[], EnrolledSet]) -> None:
+    def __init__(
+        self, enrolled: Callable[[], EnrolledSet], observer: Observer | None = None
+    ) -> None:
         self._enrolled = enrolled
+        self._observer: Observer = observer or NullObserver()
         # Keyed by the leaf PEM bytes: a dict hit costs far less than base64 + SHA-256.
         self._fingerprints: dict[bytes, Fingerprint] = {}
 
@@ -89,21 +121,25 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         auth = cast(Mapping[str, list[bytes]], context.auth_context())
         pems = auth.get("x509_pem_cert")
         if not pems:
+            self._observer.denied(context, method, None, None, "no_certificate")
             _deny(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
         fp = self._fingerprint(pems[0])
         client = self._enrolled().lookup(fp)
         if client is None:
+            self._observer.denied(context, method, fp, None, "not_enrolled")
             _deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client certificate {fp} is not enrolled or was revoked",
             )
         if not method_allowed(client, method):
+            self._observer.denied(context, method, fp, client, "method_not_allowed")
             _deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client {client.name!r} ({fp}) may not call {method}",
             )
+        self._observer.admitted(context, method, client)
         return Identity(client.name, fp, client.allowed_methods)
 
     def intercept_service(
@@ -116,11 +152,13 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             # Authenticate before admitting that a method does not exist.
             return grpc.unary_unary_rpc_method_handler(self._unimplemented(method))
-        return _wrap(handler, lambda context: self.authorize(context, method))
+        return _wrap(handler, method, self.authorize, self._observer.finished)
 
     def _unimplemented(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         def behavior(_request: Any, context: grpc.ServicerContext) -> Any:
-            self.authorize(context, method)
+            identity = self.authorize(context, method)
+            # Unknown names are caller-chosen: keep them out of metric labels.
+            self._observer.finished(identity.name, UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED)
             context.abort(grpc.StatusCode.UNIMPLEMENTED, f"method {method} not found")
 
         return behavior
@@ -131,31 +169,50 @@ def _deny(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> 
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
+def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
+    # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
+    code = cast(grpc.StatusCode | None, context.code())  # type: ignore[attr-defined]
+    if code is None:
+        return grpc.StatusCode.OK if completed else grpc.StatusCode.UNKNOWN
+    return code
+
+
 def _wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], check: Callable[[grpc.ServicerContext], Identity]
+    handler: grpc.RpcMethodHandler[Any, Any],
+    method: str,
+    check: Callable[[grpc.ServicerContext, str], Identity],
+    finished: Callable[[str, str, grpc.StatusCode], None],
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler, with the check (and the caller's identity) around its behaviour."""
 
     def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            token = _caller.set(check(context))
+            identity = check(context, method)
+            token = _caller.set(identity)
+            completed = False
             try:
-                return behavior(request, context)
+                result = behavior(request, context)
+                completed = True
+                return result
             finally:
                 _caller.reset(token)
+                finished(identity.name, method, _final_code(context, completed))
 
         return run
 
     def streaming(behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Any:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            identity = check(context)
+            identity = check(context, method)
             token = _caller.set(identity)
+            completed = False
             try:
                 yield from behavior(request, context)
+                completed = True
             finally:
                 # A generator may be finalised from another thread (and Context).
                 with contextlib.suppress(ValueError):
                     _caller.reset(token)
+                finished(identity.name, method, _final_code(context, completed))
 
         return run
 

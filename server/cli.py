@@ -16,6 +16,7 @@ from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.app import ServerConfig, start_server
 from server.enrollment import check_certificate, check_patterns
+from server.logs import configure_logging
 from server.registry import Client, open_registry
 
 PROG = "pinrpc-server"
@@ -48,6 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--health-listen",
         help="also serve plaintext gRPC health (and nothing else) here, for probes; off if unset",
+    )
+    add_flag(
+        serve, "--metrics-listen", help="serve Prometheus metrics here (HOST:PORT); off if unset"
+    )
+    add_flag(
+        serve,
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines as text or as one JSON object per line",
+    )
+    add_flag(
+        serve,
+        "--audit-rate",
+        default="50",
+        type=float,
+        help="audit lines per second before the rest are counted and dropped (bursts of 4x)",
     )
     add_flag(
         serve,
@@ -142,11 +160,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     config = ServerConfig(
         listen=args.listen,
         cert=Path(args.cert),
@@ -154,6 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry=args.registry,
         cert_warn_days=args.cert_warn_days,
         health_listen=args.health_listen,
+        metrics_listen=args.metrics_listen,
+        audit_rate=args.audit_rate,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -14,10 +14,11 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import grpc
 from cryptography import x509
@@ -121,6 +122,37 @@ class EnrolledSet:
         return self.by_digest.get(fingerprint.digest)
 
 
+class TrustEvents(Protocol):
+    """What the watcher reports: health, metrics and the audit log listen (server/observe.py)."""
+
+    def server_cert(self, cert: ServerCert) -> None: ...
+
+    def clients(self, clients: list[Client]) -> None: ...
+
+    def health(self, serving: bool) -> None: ...
+
+    def handshake(self) -> None: ...
+
+    def rebuilt(self, seconds: float) -> None: ...
+
+
+class NullEvents:
+    def server_cert(self, cert: ServerCert) -> None:
+        pass
+
+    def clients(self, clients: list[Client]) -> None:
+        pass
+
+    def health(self, serving: bool) -> None:
+        pass
+
+    def handshake(self) -> None:
+        pass
+
+    def rebuilt(self, seconds: float) -> None:
+        pass
+
+
 class TrustWatcher:
     """Keeps the enrolled set and the server certificate current, without restarts."""
 
@@ -132,15 +164,13 @@ class TrustWatcher:
         *,
         interval: float = 0.2,
         warn_days: int = 14,
-        on_server_cert: Callable[[ServerCert], None] | None = None,
-        on_health: Callable[[bool], None] | None = None,
+        events: TrustEvents | None = None,
     ) -> None:
         self._registry = registry
         self._cert_path, self._key_path = cert_path, key_path
         self._interval = interval
         self._warn_days = warn_days
-        self._on_server_cert = on_server_cert
-        self._on_health = on_health
+        self._events: TrustEvents = events or NullEvents()
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -150,13 +180,14 @@ class TrustWatcher:
         self._bad_cert_signature: object = None
         # Initial load: failures here are fatal, the caller reports them.
         self._generation = registry.generation()
-        self.enrolled = EnrolledSet.build(registry.clients())
+        clients = registry.clients()
+        self.enrolled = EnrolledSet.build(clients)
         self._cert_signature = file_signature(cert_path, key_path)
         self.server_cert = load_server_cert(cert_path, key_path)
         self._dirty = False
         self._announce_cert("serving")
-        self._announce_clients()
-        self._report_health()
+        self._announce_clients(clients)
+        self._events.health(self.healthy)
 
     # -- gRPC side -------------------------------------------------------------------------
 
@@ -169,11 +200,15 @@ class TrustWatcher:
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         # Runs on a C-core thread at every new handshake: keep it trivial.
+        self._events.handshake()
         if not self._dirty:
             return None
         with self._lock:
+            start = time.perf_counter()
             self._dirty = False
-            return self._config()
+            config = self._config()
+        self._events.rebuilt(time.perf_counter() - start)
+        return config
 
     def credentials(self) -> grpc.ServerCredentials:
         # grpc-stubs omits that the fetcher may return None ("keep the current config").
@@ -202,7 +237,7 @@ class TrustWatcher:
         with self._poll_lock:
             self._poll_registry()
             self._poll_server_cert()
-            self._report_health()
+            self._events.health(self.healthy)
 
     @property
     def healthy(self) -> bool:
@@ -210,17 +245,14 @@ class TrustWatcher:
         expired = self.server_cert.leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
         return not (self._registry_failing or expired)
 
-    def _report_health(self) -> None:
-        if self._on_health is not None:
-            self._on_health(self.healthy)
-
     def _poll_registry(self) -> None:
         try:
             generation = self._registry.generation()
             if generation == self._generation:
                 self._registry_recovered()
                 return
-            enrolled = EnrolledSet.build(self._registry.clients())
+            clients = self._registry.clients()
+            enrolled = EnrolledSet.build(clients)
         except (RegistryError, PinrpcError, ValueError) as exc:
             if not self._registry_failing:
                 log.error("registry unreadable, keeping the last good enrolled set: %s", exc)
@@ -229,7 +261,7 @@ class TrustWatcher:
         self._registry_recovered()
         with self._lock:
             self.enrolled, self._generation, self._dirty = enrolled, generation, True
-        self._announce_clients()
+        self._announce_clients(clients)
 
     def _registry_recovered(self) -> None:
         if self._registry_failing:
@@ -263,10 +295,10 @@ class TrustWatcher:
                 left.total_seconds() / 86400,
                 cert.leaf.not_valid_after_utc.isoformat(),
             )
-        if self._on_server_cert is not None:
-            self._on_server_cert(cert)
+        self._events.server_cert(cert)
 
-    def _announce_clients(self) -> None:
+    def _announce_clients(self, clients: list[Client]) -> None:
+        self._events.clients(clients)
         count = len(self.enrolled.by_digest)
         if count == 0:
             log.warning("no enrolled clients: nobody can connect until one is enrolled")

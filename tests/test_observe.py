@@ -1,0 +1,151 @@
+"""Metrics scraped from the real endpoint, audit lines, log formats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pinrpc.v1 import echo_pb2
+from server.app import RunningServer, ServerConfig, start_server
+from server.audit import Audit, TokenBucket
+from server.logs import configure_logging
+from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, code_of, revoke, whoami
+
+
+@pytest.fixture
+def observed(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
+    config = ServerConfig(
+        "127.0.0.1:0", devca.cert, devca.key, str(registry), metrics_listen="127.0.0.1:0"
+    )
+    with start_server(config) as running:
+        yield running
+
+
+def scrape(running: RunningServer) -> dict[str, float]:
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "pinrpc.audit"]
+
+
+def test_metrics_endpoint(
+    observed: RunningServer, devca: ServerFiles, make_client: MakeClient, registry: Path
+) -> None:
+    connect = Connect(observed, devca)
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    connect.enroll(bob, "bob")
+    alice_stub, bob_stub = (connect.stub(f.cert_path, f.key_path) for f in (alice, bob))
+    whoami(alice_stub)
+    alice_stub.Echo(echo_pb2.EchoRequest(message="m"), timeout=5)
+    code_of(lambda: bob_stub.Echo(echo_pb2.EchoRequest(), timeout=5))
+
+    m = scrape(observed)
+    echo = 'method="/pinrpc.v1.Echo/Echo"'
+    assert m[f'pinrpc_calls_total{{client="alice",code="OK",{echo}}}'] == 1
+    assert m[f'pinrpc_calls_total{{client="bob",code="PERMISSION_DENIED",{echo}}}'] == 1
+    assert m['pinrpc_denials_total{reason="method_not_allowed"}'] == 1
+    assert m["pinrpc_enrolled_clients"] == 2
+    assert m["pinrpc_revoked_clients"] == 0
+    assert m["pinrpc_tls_handshakes_total"] >= 2
+    assert m["pinrpc_trust_rebuilds_total"] >= 1
+    expiry = observed.trust.server_cert.leaf.not_valid_after_utc.timestamp()
+    assert m["pinrpc_server_certificate_expiry_timestamp_seconds"] == expiry
+    # Every metric name follows the Prometheus conventions.
+    names = {re.sub(r"\{.*", "", k) for k in m}
+    assert all(re.fullmatch(r"pinrpc_[a-z_]+", n) for n in names if n.startswith("pinrpc"))
+
+    revoke(registry, "bob")
+    observed.trust.poll()
+    assert scrape(observed)["pinrpc_revoked_clients"] == 1
+
+
+def test_audit_lines(
+    connect: Connect, make_client: MakeClient, registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        connect.enroll(bob, "bob")
+        stub = connect.stub(alice.cert_path, alice.key_path)
+        for _ in range(3):
+            whoami(stub)
+        bob_stub = connect.stub(bob.cert_path, bob.key_path)
+        code_of(lambda: bob_stub.Echo(echo_pb2.EchoRequest(), timeout=5))
+        revoke(registry, "bob")
+        connect.server.trust.poll()
+    lines = audit_lines(caplog)
+    events = [(line["event"], line.get("decision"), line.get("client")) for line in lines]
+    assert events == [
+        ("enroll", None, "bob"),
+        ("call", "allow", "alice"),  # once per connection, not per call
+        ("call", "deny", "bob"),
+        ("revoke", None, "bob"),
+    ]
+    deny = lines[2]
+    assert deny["reason"] == "method_not_allowed"
+    assert deny["method"] == "/pinrpc.v1.Echo/Echo"
+    assert deny["fingerprint"] == str(bob.fingerprint)
+    assert str(deny["peer"]).startswith("ipv4:127.0.0.1:")
+    assert "time" in deny
+
+
+def test_audit_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    audit = Audit(rate=0.001, burst=3)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for i in range(100):
+            audit.event("call", n=i)
+    assert [line["n"] for line in audit_lines(caplog)] == [0, 1, 2]
+    assert audit.suppressed == 97
+
+
+def test_token_bucket_refills() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=2, burst=2, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    now[0] = 0.5
+    assert [bucket.take() for _ in range(2)] == [True, False]
+
+
+def test_json_log_format(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", "json")
+        logging.getLogger("pinrpc.test").info("hello %s", "world")
+        Audit().event("revoke", client="bob")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    first, second = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    assert first["message"] == "hello world" and first["level"] == "INFO"
+    assert second["event"] == "revoke" and second["client"] == "bob"
+
+
+def test_unknown_method_stays_out_of_labels(
+    observed: RunningServer, devca: ServerFiles, make_client: MakeClient
+) -> None:
+    connect = Connect(observed, devca)
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", "*")
+    call = connect.channel(alice.cert_path, alice.key_path).unary_unary("/x.Y/Random", None, None)
+    assert code_of(lambda: call(b"", timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+    m = scrape(observed)
+    assert m['pinrpc_calls_total{client="alice",code="UNIMPLEMENTED",method="(unknown)"}'] == 1
+    assert not any("Random" in k for k in m)
