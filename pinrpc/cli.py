@@ -57,3 +57,7 @@ def run(program: str, body: Callable[[], int]) -> int:
         return Exit.ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `pinrpc-server list | head -1`: the reader left; silence the final flush too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return Exit.OK

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from pinrpc.errors import EnrollmentError, IdentityError
@@ -47,9 +48,16 @@ def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -
     """Parse and vet one client certificate; raise EnrollmentError with the reason and fix."""
     try:
         cert = parse_single_certificate(data, where)
-        extensions = cert.extensions  # parsing is lazy; malformed extensions raise here
-    except (IdentityError, ValueError) as exc:
+        # Parsing is lazy: malformed extensions, names or keys raise on first use, so touch
+        # them all here, inside the try.
+        extensions = cert.extensions
+        subject = cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        public = cert.public_key()
+    except IdentityError as exc:
         raise EnrollmentError(str(exc)) from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise EnrollmentError(f"{where} is not a valid certificate: {exc}") from exc
     now = now or dt.datetime.now(dt.UTC)
     if cert.not_valid_after_utc <= now:
         raise EnrollmentError(
@@ -60,7 +68,6 @@ def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -
             f"{where} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; "
             "check the clock of the machine that made it"
         )
-    public = cert.public_key()
     if isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         raise EnrollmentError(f"{where} has an EdDSA key: {ED25519_REASON}")
     if isinstance(public, rsa.RSAPublicKey) and public.key_size < MIN_RSA_BITS:
@@ -77,6 +84,15 @@ def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -
             f"{where} is a CA certificate (basicConstraints CA:TRUE); enroll a client "
             f"certificate that cannot sign others; {REKEY_HINT}"
         )
+    # Proof of possession: only the key's holder can make a valid self-signature. A corrupted
+    # or re-labelled certificate would otherwise become a trust anchor for the handshake.
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise EnrollmentError(
+            f"{where} is not validly self-signed ({exc or 'bad signature'}): it is corrupted "
+            f"or was not made by the holder of its key; {REKEY_HINT}"
+        ) from exc
     usage = _extension(cert, x509.KeyUsage)
     if usage is not None and usage.key_cert_sign:
         raise EnrollmentError(
@@ -92,7 +108,7 @@ def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -
         fingerprint=Fingerprint.of(cert),
         pem=cert_to_pem(cert).decode(),
         spki_sha256=spki_sha256(cert),
-        subject=cert.subject.rfc4514_string(),
+        subject=subject,
         has_key_ids=has_ids,
         not_after=cert.not_valid_after_utc,
     )
