@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from client import doctor
 from pinrpc.channel import client_credentials
 from pinrpc.cli import Exit, add_flag, run
 from pinrpc.identity import DEFAULT_DAYS, KEY_TYPES, Fingerprint, create_identity, load_certificate
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     echo = commands.add_parser("echo", help="send a message and print the echo")
     echo.add_argument("message")
     connection_flags(echo)
+
+    doctor.add_arguments(commands.add_parser("doctor", help="diagnose the connection step by step"))
     return parser
 
 
@@ -165,6 +168,7 @@ COMMANDS = {
     "fingerprint": cmd_fingerprint,
     "whoami": cmd_whoami,
     "echo": cmd_echo,
+    "doctor": doctor.run,
 }
 
 
