@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable
@@ -17,6 +18,10 @@ from pinrpc.identity import DEFAULT_DAYS, KEY_TYPES, Fingerprint, create_identit
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
 PROG = "pinrpc"
+ROTATE_HINT = (
+    "make a new key pair (`pinrpc keygen NAME --force`) and have the operator enroll it "
+    "with `pinrpc-server enroll NAME.crt --name NAME --replace`"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +65,13 @@ def connection_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--ca", help="PEM roots to verify the server with (default: system/gRPC roots)")
     add_flag(p, "--server-name", help="name to expect in the server certificate (tests/dev)")
     add_flag(p, "--timeout", default="10", type=float, help="seconds to wait for the call")
+    add_flag(
+        p,
+        "--warn-days",
+        default="30",
+        type=int,
+        help="warn when your certificate expires within this many days",
+    )
     p.add_argument(
         "--insecure-key-permissions",
         action="store_true",
@@ -86,19 +98,28 @@ def call(args: argparse.Namespace, rpc: Callable[[echo_pb2_grpc.EchoStub], int])
     creds, fingerprint = client_credentials(
         args.cert, args.key, args.ca, insecure_key_permissions=args.insecure_key_permissions
     )
+    not_after = load_certificate(Path(args.cert)).not_valid_after_utc
+    left = not_after - dt.datetime.now(dt.UTC)
+    if dt.timedelta(0) < left < dt.timedelta(days=args.warn_days):
+        _say(
+            f"{PROG}: warning: your certificate {Path(args.cert).absolute()} expires in "
+            f"{left.days} days ({not_after:%Y-%m-%d %H:%M} UTC); {ROTATE_HINT}"
+        )
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     with grpc.secure_channel(args.server, creds, options=options) as channel:
         try:
             return rpc(echo_pb2_grpc.EchoStub(channel))
         except grpc.RpcError as exc:
-            return explain(exc, args, fingerprint)
+            return explain(exc, args, fingerprint, not_after)
 
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def explain(exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerprint) -> int:
+def explain(
+    exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerprint, not_after: dt.datetime
+) -> int:
     """Turn a failed call into sentences; rejected handshakes tell the client almost nothing."""
     code = exc.code()
     details = exc.details() or ""
@@ -122,6 +143,10 @@ def explain(exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerpri
             "during the TLS handshake"
         )
         _say(f"  your certificate's fingerprint: {fingerprint}")
+        if not_after <= dt.datetime.now(dt.UTC):
+            _say(f"  your certificate EXPIRED on {not_after:%Y-%m-%d %H:%M} UTC: that is why;")
+            _say(f"  {ROTATE_HINT}")
+            return Exit.CONNECT
         _say("  likely causes: this certificate is not enrolled, or was revoked, or has expired;")
         _say("  or the server is not a pinrpc server. Ask the operator to run")
         _say(f"  `pinrpc-server list` and look for {fingerprint}.")

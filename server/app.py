@@ -41,6 +41,7 @@ class ServerConfig:
     max_workers: int = 32
     poll_interval: float = 0.2
     cert_warn_days: int = 14
+    client_warn_days: int = 14
     grace: float = 5.0
     health_listen: str | None = None  # plaintext gRPC health for probes; off by default
     metrics_listen: str | None = None  # Prometheus endpoint; off by default
@@ -74,6 +75,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             config.key,
             interval=config.poll_interval,
             warn_days=config.cert_warn_days,
+            client_warn_days=config.client_warn_days,
             events=observe,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="14",
         type=int,
         help="warn when the server certificate expires within this many days",
+    )
+    add_flag(
+        serve,
+        "--client-warn-days",
+        default="14",
+        type=int,
+        help="log (daily) clients whose certificate expires within this many days",
     )
     add_flag(
         serve,
@@ -96,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="show enrolled and revoked clients")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    add_flag(
+        listing,
+        "--warn-days",
+        default="30",
+        type=int,
+        help="flag active clients whose certificate expires within this many days",
+    )
     registry_flag(listing)
 
     revoke = commands.add_parser("revoke", help="revoke a client, by name or fingerprint")
@@ -136,8 +151,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         clients = registry.clients()
     finally:
         registry.close()
+    now = dt.datetime.now(dt.UTC)
     if args.json:
-        print(json.dumps([c.as_json() for c in clients], indent=2))
+        rows = [
+            {**c.as_json(), "days_left": _days_left(c, now), "expiring": _expiring(c, now, args)}
+            for c in clients
+        ]
+        print(json.dumps(rows, indent=2))
         return Exit.OK
     if not clients:
         print("no clients enrolled")
@@ -145,8 +165,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(c.name) for c in clients)
     for c in clients:
         allowed = ",".join(c.allowed_methods) or "-"
-        print(f"{c.name:<{width}}  {c.fingerprint}  {_status(c):<18}  {allowed}")
+        days = _days_left(c, now)
+        expiry = "EXPIRED" if days < 0 else f"{days} days left"
+        flag = "  <- expiring, rotate it" if _expiring(c, now, args) else ""
+        print(
+            f"{c.name:<{width}}  {c.fingerprint}  {_status(c):<18}  {expiry:<15}  {allowed}{flag}"
+        )
     return Exit.OK
+
+
+def _days_left(client: Client, now: dt.datetime) -> int:
+    return (client.not_after - now).days
+
+
+def _expiring(client: Client, now: dt.datetime, args: argparse.Namespace) -> bool:
+    return client.active and _days_left(client, now) < args.warn_days
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
@@ -167,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key=Path(args.key),
         registry=args.registry,
         cert_warn_days=args.cert_warn_days,
+        client_warn_days=args.client_warn_days,
         health_listen=args.health_listen,
         metrics_listen=args.metrics_listen,
         audit_rate=args.audit_rate,

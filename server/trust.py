@@ -37,6 +37,7 @@ from pinrpc.identity import (
 from server.registry import Client, Registry
 
 log = logging.getLogger("pinrpc.trust")
+EXPIRY_SCAN_SECONDS = 3600.0  # scanning every enrolled client is cheap, but not every poll
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +166,16 @@ class TrustWatcher:
         interval: float = 0.2,
         warn_days: int = 14,
         events: TrustEvents | None = None,
+        client_warn_days: int = 14,
     ) -> None:
         self._registry = registry
         self._cert_path, self._key_path = cert_path, key_path
         self._interval = interval
         self._warn_days = warn_days
         self._events: TrustEvents = events or NullEvents()
+        self._client_warn_days = client_warn_days
+        self._next_expiry_scan = 0.0
+        self._expiry_warned: dict[bytes, float] = {}
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -237,6 +242,7 @@ class TrustWatcher:
         with self._poll_lock:
             self._poll_registry()
             self._poll_server_cert()
+            self._warn_expiring_clients()
             self._events.health(self.healthy)
 
     @property
@@ -262,6 +268,27 @@ class TrustWatcher:
         with self._lock:
             self.enrolled, self._generation, self._dirty = enrolled, generation, True
         self._announce_clients(clients)
+
+    def _warn_expiring_clients(self) -> None:
+        """Once a day per client whose certificate ends within ``client_warn_days``."""
+        now = time.monotonic()
+        if now < self._next_expiry_scan:
+            return
+        self._next_expiry_scan = now + EXPIRY_SCAN_SECONDS
+        horizon = dt.datetime.now(dt.UTC) + dt.timedelta(days=self._client_warn_days)
+        for client in self.enrolled.by_digest.values():
+            if client.not_after > horizon:
+                continue
+            last = self._expiry_warned.get(client.fingerprint.digest)
+            if last is not None and now - last < 86400:
+                continue
+            self._expiry_warned[client.fingerprint.digest] = now
+            log.warning(
+                "client %r (%s) certificate expires %s UTC; it should rotate its key pair",
+                client.name,
+                client.fingerprint,
+                f"{client.not_after:%Y-%m-%d %H:%M}",
+            )
 
     def _registry_recovered(self) -> None:
         if self._registry_failing:

@@ -18,6 +18,8 @@ from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer, ServerConfig, start_server
 from server.devca import DevCA
+from server.enrollment import Candidate
+from server.registry import open_registry
 from tests.pebble import Pebble, pebble_binary, start_pebble
 
 SERVER_NAME = "server.test"
@@ -125,6 +127,15 @@ class Connect:
     def enroll(self, files: KeyPairFiles, name: str, *allow: str) -> None:
         """Enroll, then make the server pick it up now instead of at its next poll."""
         enroll(self.server_registry, files.cert_path, name, *allow)
+        self.server.trust.poll()
+
+    def plant(self, candidate: Candidate, name: str) -> None:
+        """Enroll bypassing validation, as a registry edited by hand would; then reload."""
+        registry = open_registry(str(self.server_registry))
+        try:
+            registry.enroll(candidate, name, [ECHO_ALL])
+        finally:
+            registry.close()
         self.server.trust.poll()
 
     @property

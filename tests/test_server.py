@@ -13,7 +13,6 @@ from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate, load_pri
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.app import ServerConfig, start_server
 from server.enrollment import Candidate, check_certificate
-from server.registry import SqliteRegistry
 from tests.certs import make_cert, name, p256, write_pair
 from tests.conftest import (
     ECHO_ALL,
@@ -90,7 +89,7 @@ def test_expired_client_certificate_is_refused(connect: Connect, tmp_path: Path)
     cert_path, key_path = write_pair(tmp_path, "old", key, cert)
     # Enrollment refuses expired certificates, so plant it directly in the registry.
     planted = check_certificate(cert_to_pem(cert), "old", now=past + dt.timedelta(days=1))
-    plant(connect, planted, "old")
+    connect.plant(planted, "old")
     stub = connect.stub(cert_path, key_path)
     assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
 
@@ -125,7 +124,7 @@ def test_leaf_minted_with_a_ca_key_passes_handshake_but_not_the_interceptor(
         has_key_ids=True,
         not_after=ca_cert.not_valid_after_utc,
     )
-    plant(connect, planted, "ca-holder")
+    connect.plant(planted, "ca-holder")
     ca_path, ca_key_path = write_pair(tmp_path, "ca-holder", ca_key, ca_cert)
     leaf_key = p256()
     minted = make_cert(leaf_key, name("admin"), issuer=ca_cert.subject, signer=ca_key)
@@ -145,16 +144,6 @@ def test_leaf_minted_with_a_ca_key_passes_handshake_but_not_the_interceptor(
     assert code_of(lambda: list(stream)) == DENIED
     unknown = connect.channel(cert_path, key_path).unary_unary("/pinrpc.v1.Echo/Nope", None, None)
     assert code_of(lambda: unknown(b"", timeout=5)) == DENIED
-
-
-def plant(connect: Connect, candidate: Candidate, name: str) -> None:
-    """Enroll bypassing validation, as a registry edited by hand would."""
-    registry = SqliteRegistry(connect.server_registry)
-    try:
-        registry.enroll(candidate, name, [ECHO_ALL])
-    finally:
-        registry.close()
-    connect.server.trust.poll()
 
 
 def _succeeds(connect: Connect, cert: Path, key: Path) -> bool:
