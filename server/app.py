@@ -42,6 +42,7 @@ class ServerConfig:
     poll_interval: float = 0.2
     cert_warn_days: int = 14
     client_warn_days: int = 14
+    registry_outage_unhealthy: bool = False  # NOT_SERVING while the registry is unreadable
     grace: float = 5.0
     health_listen: str | None = None  # plaintext gRPC health for probes; off by default
     metrics_listen: str | None = None  # Prometheus endpoint; off by default
@@ -76,6 +77,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             interval=config.poll_interval,
             warn_days=config.cert_warn_days,
             client_warn_days=config.client_warn_days,
+            registry_outage_unhealthy=config.registry_outage_unhealthy,
             events=observe,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))

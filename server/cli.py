@@ -18,7 +18,7 @@ from pinrpc.identity import check_name, read_file
 from server.app import ServerConfig, start_server
 from server.enrollment import check_certificate, check_patterns
 from server.logs import configure_logging
-from server.registry import Client, open_registry
+from server.registry import Client, migrate_registry, open_registry
 
 PROG = "pinrpc-server"
 MAX_CERT_BYTES = 64 * 1024
@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def registry_flag(p: argparse.ArgumentParser) -> None:
-        add_flag(p, "--registry", required=True, help="registry: a SQLite file path")
+        add_flag(
+            p,
+            "--registry",
+            required=True,
+            help="registry: a SQLite file path or a postgresql://USER@HOST:PORT/DB URL",
+        )
 
     serve = commands.add_parser("serve", help="run the server")
     add_flag(serve, "--listen", default="127.0.0.1:8443", help="address to listen on")
@@ -45,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="14",
         type=int,
         help="warn when the server certificate expires within this many days",
+    )
+    serve.add_argument(
+        "--unhealthy-without-registry",
+        action="store_true",
+        help="report NOT_SERVING while the registry is unreachable (default: keep SERVING with "
+        "the last known clients, so all replicas do not drop out together)",
     )
     add_flag(
         serve,
@@ -112,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="flag active clients whose certificate expires within this many days",
     )
     registry_flag(listing)
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the registry's schema to this version (back it up first)"
+    )
+    registry_flag(migrate)
 
     revoke = commands.add_parser("revoke", help="revoke a client, by name or fingerprint")
     revoke.add_argument("client", help="client name or certificate fingerprint")
@@ -192,6 +208,14 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    result = migrate_registry(args.registry)
+    for migration in result.applied:
+        print(f"applied {migration.version}: {migration.description}")
+    print(f"registry {result.where} is at schema version {result.version}")
+    return Exit.OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     config = ServerConfig(
@@ -201,6 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry=args.registry,
         cert_warn_days=args.cert_warn_days,
         client_warn_days=args.client_warn_days,
+        registry_outage_unhealthy=args.unhealthy_without_registry,
         health_listen=args.health_listen,
         metrics_listen=args.metrics_listen,
         audit_rate=args.audit_rate,
@@ -214,7 +239,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-COMMANDS = {"serve": cmd_serve, "enroll": cmd_enroll, "list": cmd_list, "revoke": cmd_revoke}
+COMMANDS = {
+    "serve": cmd_serve,
+    "enroll": cmd_enroll,
+    "list": cmd_list,
+    "revoke": cmd_revoke,
+    "migrate": cmd_migrate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

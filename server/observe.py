@@ -94,8 +94,8 @@ class Observability:
             if fp not in active:
                 self.audit.event("revoke", client=client.name, fingerprint=str(fp))
 
-    def health(self, serving: bool) -> None:
-        self.health_state.set(serving)
+    def health(self, serving: bool, registry_ok: bool) -> None:
+        self.health_state.set(serving, registry_ok)
 
     def handshake(self) -> None:
         self.metrics.handshakes.inc()

@@ -34,7 +34,7 @@ from pinrpc.identity import (
     same_public_key,
     self_signed_certificate,
 )
-from server.registry import Client, Registry
+from server.registry import ChangeNotifier, Client, Registry
 
 log = logging.getLogger("pinrpc.trust")
 EXPIRY_SCAN_SECONDS = 3600.0  # scanning every enrolled client is cheap, but not every poll
@@ -130,7 +130,7 @@ class TrustEvents(Protocol):
 
     def clients(self, clients: list[Client]) -> None: ...
 
-    def health(self, serving: bool) -> None: ...
+    def health(self, serving: bool, registry_ok: bool) -> None: ...
 
     def handshake(self) -> None: ...
 
@@ -144,7 +144,7 @@ class NullEvents:
     def clients(self, clients: list[Client]) -> None:
         pass
 
-    def health(self, serving: bool) -> None:
+    def health(self, serving: bool, registry_ok: bool) -> None:
         pass
 
     def handshake(self) -> None:
@@ -167,6 +167,7 @@ class TrustWatcher:
         warn_days: int = 14,
         events: TrustEvents | None = None,
         client_warn_days: int = 14,
+        registry_outage_unhealthy: bool = False,
     ) -> None:
         self._registry = registry
         self._cert_path, self._key_path = cert_path, key_path
@@ -174,6 +175,7 @@ class TrustWatcher:
         self._warn_days = warn_days
         self._events: TrustEvents = events or NullEvents()
         self._client_warn_days = client_warn_days
+        self._registry_outage_unhealthy = registry_outage_unhealthy
         self._next_expiry_scan = 0.0
         self._expiry_warned: dict[bytes, float] = {}
         self._lock = threading.Lock()
@@ -192,7 +194,7 @@ class TrustWatcher:
         self._dirty = False
         self._announce_cert("serving")
         self._announce_clients(clients)
-        self._events.health(self.healthy)
+        self._events.health(self.healthy, not self._registry_failing)
 
     # -- gRPC side -------------------------------------------------------------------------
 
@@ -234,8 +236,15 @@ class TrustWatcher:
             self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.poll()
+        # PostgreSQL wakes us on NOTIFY; the interval stays as the fallback consistency check.
+        notifier = self._registry if isinstance(self._registry, ChangeNotifier) else None
+        while not self._stop.is_set():
+            if notifier is not None:
+                notifier.wait_for_change(self._interval)
+            else:
+                self._stop.wait(self._interval)
+            if not self._stop.is_set():
+                self.poll()
 
     def poll(self) -> None:
         """Pick up registry and certificate file changes; never raises."""
@@ -243,13 +252,14 @@ class TrustWatcher:
             self._poll_registry()
             self._poll_server_cert()
             self._warn_expiring_clients()
-            self._events.health(self.healthy)
+            self._events.health(self.healthy, not self._registry_failing)
 
     @property
     def healthy(self) -> bool:
-        """Serving is meaningful: the registry is readable and our certificate still valid."""
+        """Our certificate is valid (and, if so configured, the registry is readable)."""
         expired = self.server_cert.leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
-        return not (self._registry_failing or expired)
+        outage = self._registry_failing and self._registry_outage_unhealthy
+        return not (outage or expired)
 
     def _poll_registry(self) -> None:
         try:

@@ -78,3 +78,24 @@ def test_expired_server_certificate_is_not_serving(
         grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as channel,
     ):
         assert check(channel) == NOT_SERVING
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_registry_outage_health(
+    strict: bool, devca: ServerFiles, registry: Path, make_client: MakeClient
+) -> None:
+    config = ServerConfig(
+        "127.0.0.1:0", devca.cert, devca.key, str(registry),
+        health_listen="127.0.0.1:0", registry_outage_unhealthy=strict,
+    )  # fmt: skip
+    with (
+        start_server(config) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as channel,
+    ):
+        assert (check(channel), check(channel, "pinrpc.registry")) == (SERVING, SERVING)
+        for path in registry.parent.glob(registry.name + "*"):
+            path.unlink()
+        running.trust.poll()
+        assert check(channel, "pinrpc.registry") == NOT_SERVING
+        assert check(channel) == (NOT_SERVING if strict else SERVING)
+        assert check(channel, "pinrpc.v1.Echo") == (NOT_SERVING if strict else SERVING)

@@ -1,0 +1,119 @@
+"""What a registry holds (Client), what a backend offers (Registry), and the enrollment rules.
+
+The rules live here, above the backends, so SQLite and PostgreSQL refuse exactly the same
+enrollments with exactly the same messages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from pinrpc.errors import ConflictError
+from pinrpc.identity import Fingerprint
+from server.enrollment import REKEY_HINT, Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    name: str
+    fingerprint: Fingerprint
+    cert_pem: str
+    spki_sha256: str
+    subject: str
+    has_key_ids: bool
+    allowed_methods: tuple[str, ...]
+    enrolled_at: dt.datetime
+    not_after: dt.datetime
+    revoked_at: dt.datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "fingerprint": str(self.fingerprint),
+            "spki_sha256": self.spki_sha256,
+            "subject": self.subject,
+            "allowed_methods": list(self.allowed_methods),
+            "enrolled_at": self.enrolled_at.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+        }
+
+
+class Registry(Protocol):
+    """What the server and the admin CLI need from a registry backend."""
+
+    def enroll(
+        self, candidate: Candidate, name: str, allowed: Sequence[str], *, replace: bool = False
+    ) -> Client: ...
+
+    def revoke(self, ref: str) -> Client: ...
+
+    def clients(self) -> list[Client]: ...
+
+    def generation(self) -> int:
+        """A number that changes whenever the enrolled set changes; cheap to poll."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ChangeNotifier(Protocol):
+    """A registry that can wake its watcher when another process changed it (PostgreSQL)."""
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Return when a change was announced, or after ``timeout`` seconds; never raises."""
+        ...
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def subject_clash(candidate: Candidate, active: Sequence[Client]) -> Client | None:
+    """grpcio verifies only one of several trust anchors that share a subject and lack key ids."""
+    for client in active:
+        same = client.subject == candidate.subject
+        if same and not (candidate.has_key_ids and client.has_key_ids):
+            return client
+    return None
+
+
+def check_enrollment(
+    candidate: Candidate, name: str, rows: Sequence[Client], replace: bool
+) -> Client | None:
+    """Apply the registry-level rules; return the client that ``replace`` retires, if any."""
+    for row in rows:
+        if row.fingerprint != candidate.fingerprint:
+            continue
+        if row.revoked_at is not None:
+            raise ConflictError(
+                f"certificate {candidate.fingerprint} was revoked on "
+                f"{row.revoked_at:%Y-%m-%d %H:%M} UTC (as {row.name!r}) and cannot be enrolled "
+                f"again; {REKEY_HINT}"
+            )
+        raise ConflictError(
+            f"certificate {candidate.fingerprint} is already enrolled as {row.name!r}"
+        )
+    active = [row for row in rows if row.active]
+    retired = next((row for row in active if row.name == name), None)
+    if retired is not None and not replace:
+        raise ConflictError(
+            f"a client named {name!r} is already enrolled ({retired.fingerprint}); "
+            "pass --replace to re-key it (the old certificate is revoked)"
+        )
+    clash = subject_clash(candidate, [row for row in active if row is not retired])
+    if clash is not None:
+        raise ConflictError(
+            f"certificate subject {candidate.subject!r} equals that of enrolled client "
+            f"{clash.name!r} and one of them lacks subject/authority key identifiers, so the "
+            f"TLS stack could not tell them apart; {REKEY_HINT}"
+        )
+    return retired

@@ -1,0 +1,361 @@
+"""The registry in SQL, shared by the SQLite and PostgreSQL backends.
+
+One schema, written once with a few type placeholders; forward migrations recorded in a
+``schema_version`` table; the enroll/revoke transactions; and two safeguards a long-running
+server needs: the generation it reports changes when the registry is *replaced* (not just
+edited), and a fingerprint this process has seen revoked stays revoked even if the registry
+later claims otherwise (restored from an old copy, failed over to a stale replica).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import secrets
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, TypeVar
+
+from pinrpc.errors import ConflictError, NotFoundError, RegistryError
+from pinrpc.identity import Fingerprint
+from server.enrollment import Candidate
+from server.registry_model import Client, check_enrollment, now_utc
+
+log = logging.getLogger("pinrpc.registry")
+
+Row = tuple[Any, ...]
+Query = Callable[[str, Sequence[object]], list[Row]]
+"""Run one statement (``?`` placeholders) and return its rows ([] for statements without)."""
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """Everything that differs between the SQL the two backends speak."""
+
+    name: str
+    types: Mapping[str, str]  # fills {id}, {int}, {ts} in the schema
+    placeholder: str
+    table_exists: str  # one parameter, the table name; returns one truthy/falsy value
+    change_lock: str | None  # first statement of every change: serializes writers
+    migration_lock: str | None  # first statement of a migration
+    bump_generation: str  # the last statement of every change
+    encode_time: Callable[[dt.datetime], object]
+    decode_time: Callable[[Any], dt.datetime]
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("?", self.placeholder)
+
+    def ddl(self, statement: str) -> str:
+        return statement.format(**self.types, registry_id=secrets.randbits(62))
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version ("
+    "version {int} PRIMARY KEY, description TEXT NOT NULL, applied_at {ts} NOT NULL)"
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    # Version 1 is the schema of the first release (IF NOT EXISTS adopts its files as they are).
+    Migration(
+        1,
+        "clients and the generation counter",
+        (
+            """CREATE TABLE IF NOT EXISTS clients (
+                id              {id},
+                name            TEXT NOT NULL,
+                fingerprint     TEXT NOT NULL UNIQUE,
+                cert_pem        TEXT NOT NULL,
+                spki_sha256     TEXT NOT NULL,
+                subject         TEXT NOT NULL,
+                has_key_ids     {int} NOT NULL,
+                allowed_methods TEXT NOT NULL,
+                enrolled_at     {ts} NOT NULL,
+                not_after       {ts} NOT NULL,
+                revoked_at      {ts}
+            )""",
+            "CREATE UNIQUE INDEX IF NOT EXISTS clients_active_name ON clients(name) "
+            "WHERE revoked_at IS NULL",
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value {int} NOT NULL)",
+            "INSERT INTO meta (key, value) VALUES ('generation', 0) ON CONFLICT (key) DO NOTHING",
+        ),
+    ),
+    # A random identity, so a server notices when its registry is swapped for another one.
+    Migration(
+        2,
+        "registry identity",
+        (
+            "INSERT INTO meta (key, value) VALUES ('registry_id', {registry_id}) "
+            "ON CONFLICT (key) DO NOTHING",
+        ),
+    ),
+)
+LATEST = MIGRATIONS[-1].version
+
+COLUMNS = (
+    "name, fingerprint, cert_pem, spki_sha256, subject, has_key_ids, allowed_methods, "
+    "enrolled_at, not_after, revoked_at"
+)
+
+
+# A generation is "the next number, but at least the current time in microseconds", so a
+# registry restored from an old copy never reuses a number a server saw with other contents.
+BUMP_GENERATION = "UPDATE meta SET value = {max}(value + 1, {now_us}) WHERE key = 'generation'"
+GENERATION_QUERY = "SELECT key, value FROM meta WHERE key IN ('generation', 'registry_id')"
+
+
+def schema_version(q: Query, dialect: Dialect) -> tuple[int, bool]:
+    """(the recorded schema version, whether the database holds any registry table at all)."""
+    if not q(dialect.table_exists, ("schema_version",))[0][0]:
+        return 0, bool(q(dialect.table_exists, ("clients",))[0][0])
+    row = q("SELECT MAX(version) FROM schema_version", ())[0]
+    return int(row[0] or 0), True
+
+
+def apply_migrations(q: Query, dialect: Dialect) -> list[Migration]:
+    """Bring the schema to LATEST inside the caller's transaction; return what was applied."""
+    if dialect.migration_lock:
+        q(dialect.migration_lock, ())
+    q(dialect.ddl(VERSION_TABLE), ())
+    current, _ = schema_version(q, dialect)
+    applied = [m for m in MIGRATIONS if m.version > current]
+    for migration in applied:
+        for statement in migration.statements:
+            q(dialect.ddl(statement), ())
+        q(
+            "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+            (migration.version, migration.description, dialect.encode_time(now_utc())),
+        )
+    return applied
+
+
+class SqlRegistry(ABC):
+    """The registry logic over a backend that can run reads and serialized write transactions."""
+
+    dialect: ClassVar[Dialect]
+
+    def __init__(self, where: str) -> None:
+        self.where = where  # for messages: a path or a URL without its password
+        self.applied: list[Migration] = []
+        self._memory_lock = threading.Lock()
+        self._revoked: dict[bytes, dt.datetime] = {}
+        self._overruled: set[bytes] = set()
+        self._identity: tuple[int, int] | None = None
+        self._epoch = 0
+
+    # -- what a backend provides ------------------------------------------------------------
+
+    @abstractmethod
+    def _read(self, body: Callable[[Query], T]) -> T:
+        """Run ``body`` on a consistent view; database failures become RegistryError."""
+
+    @abstractmethod
+    def _transaction(self, body: Callable[[Query], T]) -> T:
+        """Run ``body`` in a write transaction, committed if it returns, rolled back if not."""
+
+    def _announce(self, q: Query, generation: int) -> None:  # noqa: B027 (optional hook)
+        """Called inside a change's transaction; PostgreSQL tells the other replicas."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def _open_schema(self, *, create: bool, migrate: bool) -> None:
+        version, has_tables = self._read(lambda q: schema_version(q, self.dialect))
+        if version > LATEST:
+            raise RegistryError(
+                f"registry {self.where} has schema version {version}, newer than this pinrpc "
+                f"supports ({LATEST}); upgrade pinrpc"
+            )
+        if version == LATEST:
+            return
+        if migrate or (create and not has_tables):
+            self.applied = self._transaction(lambda q: apply_migrations(q, self.dialect))
+            return
+        if not has_tables:
+            raise RegistryError(
+                f"registry {self.where} holds no clients yet; enroll a client first "
+                "or check --registry"
+            )
+        raise RegistryError(
+            f"registry {self.where} has schema version {version}, this pinrpc needs {LATEST}; "
+            f"back it up, then run `pinrpc-server migrate --registry {self.where}`"
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _all(self, q: Query) -> list[Client]:
+        rows = q(f"SELECT {COLUMNS} FROM clients ORDER BY id", ())  # noqa: S608
+        try:
+            clients = [self._decode(row) for row in rows]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RegistryError(f"registry {self.where} holds a malformed row: {exc}") from exc
+        return self._hold_revocations(clients)
+
+    def _decode(self, row: Row) -> Client:
+        name, fp, pem, spki, subject, ids, allowed, enrolled, not_after, revoked = row
+        decode = self.dialect.decode_time
+        return Client(
+            name=name,
+            fingerprint=Fingerprint(bytes.fromhex(fp)),
+            cert_pem=pem,
+            spki_sha256=spki,
+            subject=subject,
+            has_key_ids=bool(ids),
+            allowed_methods=tuple(json.loads(allowed)),
+            enrolled_at=decode(enrolled),
+            not_after=decode(not_after),
+            revoked_at=decode(revoked) if revoked is not None else None,
+        )
+
+    def _hold_revocations(self, clients: list[Client]) -> list[Client]:
+        """A revocation, once seen, is permanent for this process, whatever the registry says."""
+        held = []
+        with self._memory_lock:
+            for client in clients:
+                digest = client.fingerprint.digest
+                if client.revoked_at is not None:
+                    self._revoked.setdefault(digest, client.revoked_at)
+                elif digest in self._revoked:
+                    if digest not in self._overruled:
+                        self._overruled.add(digest)
+                        log.warning(
+                            "registry %s lists %s (%s) as active, but this server saw it "
+                            "revoked; it stays revoked (registry restored from an old copy?)",
+                            self.where,
+                            client.name,
+                            client.fingerprint,
+                        )
+                    client = replace(client, revoked_at=self._revoked[digest])
+                held.append(client)
+        return held
+
+    def clients(self) -> list[Client]:
+        return self._read(self._all)
+
+    def find(self, ref: str) -> Client:
+        """The client with this fingerprint (any form), else the active client with this name."""
+        return self._find(self.clients(), ref)
+
+    def _find(self, clients: Sequence[Client], ref: str) -> Client:
+        if Fingerprint.looks_like(ref):
+            fp = Fingerprint.parse(ref)
+            for client in clients:
+                if client.fingerprint == fp:
+                    return client
+        for client in clients:
+            if client.name == ref and client.active:
+                return client
+        raise NotFoundError(
+            f"no enrolled client named or with fingerprint {ref!r} in {self.where}; "
+            "see `pinrpc-server list`"
+        )
+
+    def generation(self) -> int:
+        rows = self._read(
+            lambda q: q(
+                "SELECT key, value FROM meta WHERE key IN ('generation', 'registry_id')", ()
+            )
+        )
+        values = {key: int(value) for key, value in rows}
+        if "generation" not in values:
+            raise RegistryError(f"registry {self.where} has no generation counter")
+        raw = values["generation"]
+        self._note_identity(values.get("registry_id", 0), raw)
+        # Equal numbers must mean equal contents: a replaced registry may reuse old counts.
+        return raw + (self._epoch << 40)
+
+    def _note_identity(self, registry_id: int, raw: int) -> None:
+        with self._memory_lock:
+            last, self._identity = self._identity, (registry_id, raw)
+            if last is None or (registry_id == last[0] and raw >= last[1]):
+                return
+            self._epoch += 1
+        if registry_id != last[0]:
+            log.warning(
+                "registry %s was replaced by a different registry; clients revoked before "
+                "stay revoked",
+                self.where,
+            )
+        else:
+            log.warning(
+                "registry %s went back from generation %d to %d (restored from an older "
+                "copy?); clients revoked since stay revoked",
+                self.where,
+                last[1],
+                raw,
+            )
+
+    # -- changing --------------------------------------------------------------------------
+
+    def _change(self, body: Callable[[Query], None]) -> None:
+        def run(q: Query) -> None:
+            if self.dialect.change_lock:
+                q(self.dialect.change_lock, ())
+            body(q)
+            q(self.dialect.bump_generation, ())
+            generation = q("SELECT value FROM meta WHERE key = 'generation'", ())[0][0]
+            self._announce(q, int(generation))
+
+        self._transaction(run)
+
+    def enroll(
+        self, candidate: Candidate, name: str, allowed: Sequence[str], *, replace: bool = False
+    ) -> Client:
+        now = self.dialect.encode_time(now_utc())
+        encode = self.dialect.encode_time
+
+        def body(q: Query) -> None:
+            retired = check_enrollment(candidate, name, self._all(q), replace)
+            if retired is not None:
+                q(
+                    "UPDATE clients SET revoked_at = ? WHERE fingerprint = ?",
+                    (now, retired.fingerprint.hex),
+                )
+            q(
+                f"INSERT INTO clients ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL)",  # noqa: S608
+                (
+                    name,
+                    candidate.fingerprint.hex,
+                    candidate.pem,
+                    candidate.spki_sha256,
+                    candidate.subject,
+                    int(candidate.has_key_ids),
+                    json.dumps(list(allowed)),
+                    now,
+                    encode(candidate.not_after),
+                ),
+            )
+
+        self._change(body)
+        return self.find(candidate.fingerprint.hex)
+
+    def revoke(self, ref: str) -> Client:
+        found: list[Client] = []
+
+        def body(q: Query) -> None:
+            client = self._find(self._all(q), ref)
+            if client.revoked_at is not None:
+                raise ConflictError(
+                    f"client {client.name!r} ({client.fingerprint}) was already revoked on "
+                    f"{client.revoked_at:%Y-%m-%d %H:%M} UTC"
+                )
+            q(
+                "UPDATE clients SET revoked_at = ? WHERE fingerprint = ? AND revoked_at IS NULL",
+                (self.dialect.encode_time(now_utc()), client.fingerprint.hex),
+            )
+            found.append(client)
+
+        self._change(body)
+        return self.find(found[0].fingerprint.hex)

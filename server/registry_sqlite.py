@@ -1,0 +1,157 @@
+"""The SQLite backend (the default): one file in WAL mode, shared by the server and the CLI.
+
+A long-running server holds its connection open, so it must notice when the file is deleted
+or replaced underneath it (the connection would keep reading the old inode): every operation
+compares the path's inode with the one it opened, and reopens the new file once it holds a
+complete registry. WAL readers are never blocked by a writer; writers wait ``busy_timeout``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pinrpc.errors import RegistryError
+from server.registry_sql import (
+    BUMP_GENERATION,
+    LATEST,
+    Dialect,
+    Query,
+    Row,
+    SqlRegistry,
+    T,
+    schema_version,
+)
+
+log = logging.getLogger("pinrpc.registry")
+
+SQLITE = Dialect(
+    name="sqlite",
+    types={"id": "INTEGER PRIMARY KEY", "int": "INTEGER", "ts": "TEXT"},
+    placeholder="?",
+    table_exists="SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?",
+    change_lock=None,  # BEGIN IMMEDIATE already holds the write lock
+    migration_lock=None,
+    bump_generation=BUMP_GENERATION.format(
+        max="MAX", now_us="CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
+    ),
+    encode_time=lambda t: t.isoformat(),
+    decode_time=dt.datetime.fromisoformat,
+)
+
+
+def _query(db: sqlite3.Connection) -> Query:
+    def q(statement: str, params: Sequence[object]) -> list[Row]:
+        return db.execute(statement, params).fetchall()
+
+    return q
+
+
+def _explain(exc: sqlite3.Error, busy_timeout: float) -> str:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return f"{text} (another process is writing to it; gave up after {busy_timeout:g} s)"
+    if "readonly" in text:
+        return f"{text} (the file, its -wal/-shm files or its directory are not writable)"
+    return text
+
+
+class SqliteRegistry(SqlRegistry):
+    dialect = SQLITE
+
+    def __init__(
+        self, path: Path, *, create: bool = True, migrate: bool = False, busy_timeout: float = 5.0
+    ) -> None:
+        self.path = path.absolute()
+        super().__init__(str(self.path))
+        if not create and not self.path.exists():
+            raise RegistryError(
+                f"registry {self.path} does not exist; enroll a client first or check --registry"
+            )
+        self._busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._db, self._inode = self._connect(create)
+        try:
+            self._open_schema(create=create, migrate=migrate)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _connect(self, create: bool) -> tuple[sqlite3.Connection, int]:
+        uri = f"{self.path.as_uri()}?mode={'rwc' if create else 'rw'}"
+        try:
+            db = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return db, os.stat(self.path).st_ino
+        except (sqlite3.Error, OSError) as exc:
+            db.close()
+            raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
+
+    def _current(self) -> sqlite3.Connection:
+        """The connection to the file now at ``path``; reopens if the file was replaced."""
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError as exc:
+            raise RegistryError(f"registry {self.path} is gone (deleted or moved)") from exc
+        except OSError as exc:
+            raise RegistryError(f"cannot stat registry {self.path}: {exc}") from exc
+        if inode == self._inode:
+            return self._db
+        db, inode = self._connect(create=False)
+        try:
+            version, _ = schema_version(_query(db), SQLITE)
+        except sqlite3.Error as exc:
+            db.close()
+            raise RegistryError(f"replaced registry {self.path} is unreadable: {exc}") from exc
+        if version != LATEST:
+            db.close()
+            raise RegistryError(
+                f"replaced registry {self.path} has schema version {version}, need {LATEST}"
+            )
+        self._db.close()
+        self._db, self._inode = db, inode
+        log.warning("registry %s was replaced on disk; reopened it", self.path)
+        return db
+
+    def _read(self, body: Callable[[Query], T]) -> T:
+        with self._lock:
+            db = self._current()
+            try:
+                return body(_query(db))
+            except sqlite3.Error as exc:
+                raise RegistryError(f"cannot read registry {self.path}: {exc}") from exc
+
+    def _transaction(self, body: Callable[[Query], T]) -> T:
+        with self._lock:
+            db = self._current()
+            try:
+                db.execute("BEGIN IMMEDIATE")  # the write lock before any read
+                try:
+                    result = body(_query(db))
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                why = _explain(exc, self._busy_timeout)
+                raise RegistryError(f"cannot change registry {self.path}: {why}") from exc
+            return result
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

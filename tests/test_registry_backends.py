@@ -1,0 +1,251 @@
+"""One registry suite, run against SQLite and a real PostgreSQL 15: same rules, same messages,
+same schema versions, same migrations."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pinrpc.errors import ConflictError, RegistryError
+from server import cli as server_cli
+from server.enrollment import Candidate, check_certificate
+from server.registry import LATEST, is_postgres, migrate_registry, open_registry
+from tests.conftest import ECHO_ALL, MakeClient
+from tests.postgres import Postgres, free_port, running_postgres
+
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Postgres]:
+    with running_postgres() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty registry of each kind."""
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.db")
+    cluster: Postgres = request.getfixturevalue("pg")
+    return cluster.create_database(f"reg{next(_databases)}")
+
+
+def sql(spec: str, statement: str) -> None:
+    """Change the registry behind pinrpc's back, as an operator or a restore would."""
+    if is_postgres(spec):
+        with psycopg.connect(spec, autocommit=True) as conn:
+            conn.execute(statement.encode())
+    else:
+        with sqlite3.connect(spec) as db:
+            db.executescript(statement)
+        db.close()
+
+
+def cli(*argv: str) -> int:
+    return server_cli.main(list(argv))
+
+
+def candidate(make_client: MakeClient, name: str) -> Candidate:
+    files = make_client(name)
+    return check_certificate(files.cert_path.read_bytes(), str(files.cert_path))
+
+
+def test_cli_enroll_list_revoke(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    assert cli("enroll", str(alice.cert_path), "--name", "alice", "--registry", spec) == 0
+    assert cli("enroll", str(bob.cert_path), "--name", "bob", "--allow", ECHO_ALL,
+               "--registry", spec) == 0  # fmt: skip
+    assert cli("revoke", "alice", "--registry", spec) == 0
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    listed = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert listed["alice"]["revoked_at"] is not None
+    assert listed["bob"]["revoked_at"] is None
+    assert listed["bob"]["allowed_methods"] == [ECHO_ALL]
+    assert listed["bob"]["fingerprint"] == str(bob.fingerprint)
+    # A revoked certificate never comes back, on either backend, with the same message.
+    assert cli("enroll", str(alice.cert_path), "--name", "alice2", "--registry", spec) == 1
+    assert "was revoked on" in capsys.readouterr().err
+
+
+def test_generation_changes_with_every_change_and_only_then(
+    spec: str, make_client: MakeClient
+) -> None:
+    registry = open_registry(spec)
+    try:
+        g0 = registry.generation()
+        registry.clients()
+        assert registry.generation() == g0
+        alice = candidate(make_client, "alice")
+        registry.enroll(alice, "alice", [])
+        g1 = registry.generation()
+        assert g1 != g0
+        with pytest.raises(ConflictError, match="already enrolled"):
+            registry.enroll(alice, "alice-again", [])
+        assert registry.generation() == g1  # a refused change changes nothing
+        registry.revoke("alice")
+        assert registry.generation() not in (g0, g1)
+    finally:
+        registry.close()
+
+
+def test_replace_rekeys_and_revokes_the_old_certificate(spec: str, make_client: MakeClient) -> None:
+    registry = open_registry(spec)
+    try:
+        old, new = candidate(make_client, "old"), candidate(make_client, "new")
+        registry.enroll(old, "svc", [ECHO_ALL])
+        with pytest.raises(ConflictError, match="pass --replace"):
+            registry.enroll(new, "svc", [ECHO_ALL])
+        registry.enroll(new, "svc", [ECHO_ALL], replace=True)
+        by_fp = {c.fingerprint: c for c in registry.clients()}
+        assert not by_fp[old.fingerprint].active
+        assert by_fp[new.fingerprint].active
+        assert by_fp[new.fingerprint].enrolled_at.tzinfo is not None
+    finally:
+        registry.close()
+
+
+def test_concurrent_enrollments_are_serialized(spec: str, make_client: MakeClient) -> None:
+    """Two admins enrolling the same name at once: exactly one wins, the other gets the rule."""
+    open_registry(spec).close()
+    for round_ in range(3):
+        candidates = [candidate(make_client, f"c{round_}{i}") for i in range(2)]
+        outcomes: list[str] = []
+
+        def enroll(c: Candidate, name: str, outcomes: list[str]) -> None:
+            registry = open_registry(spec)
+            try:
+                registry.enroll(c, name, [])
+                outcomes.append("ok")
+            except ConflictError:
+                outcomes.append("conflict")
+            finally:
+                registry.close()
+
+        threads = [
+            threading.Thread(target=enroll, args=(c, f"same{round_}", outcomes)) for c in candidates
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(outcomes) == ["conflict", "ok"]
+
+
+def _versions(spec: str) -> list[int]:
+    if is_postgres(spec):
+        with psycopg.connect(spec) as conn:
+            rows = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
+    else:
+        with sqlite3.connect(spec) as db:
+            rows = db.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
+        db.close()
+    return [int(r[0]) for r in rows]
+
+
+def test_new_registry_is_at_the_latest_schema(spec: str) -> None:
+    open_registry(spec).close()
+    assert _versions(spec) == list(range(1, LATEST + 1))
+    result = migrate_registry(spec)
+    assert result.applied == ()
+    assert result.version == LATEST
+
+
+def test_older_schema_is_refused_until_migrated(spec: str, make_client: MakeClient) -> None:
+    registry = open_registry(spec)
+    registry.enroll(candidate(make_client, "alice"), "alice", [ECHO_ALL])
+    registry.close()
+    # Back to version 1, as a registry written by the first release looks.
+    sql(spec, "DELETE FROM schema_version WHERE version >= 2;"
+              "DELETE FROM meta WHERE key = 'registry_id';")  # fmt: skip
+    with pytest.raises(RegistryError, match="schema version 1, this pinrpc needs 2; back it up, "
+                       "then run `pinrpc-server migrate"):  # fmt: skip
+        open_registry(spec)
+    result = migrate_registry(spec)
+    assert [m.version for m in result.applied] == [2]
+    registry = open_registry(spec, create=False)
+    try:
+        assert [c.name for c in registry.clients()] == ["alice"]
+    finally:
+        registry.close()
+    assert _versions(spec) == [1, 2]
+
+
+def test_newer_schema_is_refused(spec: str) -> None:
+    open_registry(spec).close()
+    sql(spec, "INSERT INTO schema_version VALUES (99, 'future', '2099-01-01T00:00:00+00:00');")
+    with pytest.raises(RegistryError, match="schema version 99, newer than this pinrpc"):
+        open_registry(spec)
+    with pytest.raises(RegistryError, match="upgrade pinrpc"):
+        migrate_registry(spec)
+
+
+def test_reading_an_empty_registry_is_refused(
+    spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("list", "--registry", spec) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "enroll a client first" in err
+
+
+def test_legacy_unversioned_sqlite_file_migrates(tmp_path: Path, make_client: MakeClient) -> None:
+    """A file written before schema versions existed is version 0 and keeps its clients."""
+    path = tmp_path / "old.db"
+    spec = str(path)
+    registry = open_registry(spec)
+    registry.enroll(candidate(make_client, "alice"), "alice", [])
+    registry.close()
+    sql(spec, "DROP TABLE schema_version; DELETE FROM meta WHERE key = 'registry_id';")
+    with pytest.raises(RegistryError, match="schema version 0"):
+        open_registry(spec)
+    assert [m.version for m in migrate_registry(spec).applied] == [1, 2]
+    registry = open_registry(spec)
+    try:
+        assert [c.name for c in registry.clients()] == ["alice"]
+    finally:
+        registry.close()
+
+
+def test_postgres_url_errors_are_one_line_without_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    closed = f"postgresql://pinrpc:s3cret@127.0.0.1:{free_port()}/x"
+    assert cli("list", "--registry", closed) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "cannot connect to PostgreSQL postgresql://pinrpc@127.0.0.1" in err
+    assert "s3cret" not in err
+    assert cli("list", "--registry", "postgresql://x@[::1:bad/db?sslmode=nonsense") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "PostgreSQL" in err
+
+
+def test_cli_migrate(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pinrpc-server migrate`: applies what is missing, then nothing; refuses a newer schema."""
+    open_registry(spec).close()
+    sql(spec, "DELETE FROM schema_version WHERE version >= 2;"
+              "DELETE FROM meta WHERE key = 'registry_id';")  # fmt: skip
+    capsys.readouterr()
+    assert cli("migrate", "--registry", spec) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "applied 2: registry identity"
+    assert out[1].endswith(f"is at schema version {LATEST}")
+    assert cli("migrate", "--registry", spec) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    sql(spec, "INSERT INTO schema_version VALUES (99, 'future', '2099-01-01T00:00:00+00:00');")
+    assert cli("migrate", "--registry", spec) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "newer than this pinrpc supports" in err
