@@ -1,0 +1,190 @@
+"""scripts/demo end to end, as a user runs it: a subprocess that starts a real server."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "scripts" / "demo"
+# Generous: the first run of a fresh checkout installs .venv; a run is about 5 s after that.
+TIMEOUT_S = 300.0
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONIOENCODING": "utf-8", "NO_COLOR": "1", **extra}
+
+
+def demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DEMO), *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=TIMEOUT_S,
+        env=env or _env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _require_pebble() -> None:
+    if shutil.which("pebble") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("pebble is required in CI: apt-get install -y pebble")
+        pytest.skip("pebble is not installed (apt-get install -y pebble)")
+
+
+# One line per step that must pass; the wording is the demo's contract with docs/DEMO.md.
+PASS_LINES = (
+    "✔ alice's fingerprint: ",
+    "✔ alice is enrolled",
+    "✔ the fingerprint the operator sees matches the one alice's keygen showed",
+    "✔ WhoAmI is allowed and the server names her: alice",
+    "✔ Echo is allowed (/pinrpc.v1.Echo/*)",
+    "✔ mallory is refused at the TLS handshake (exit code 3)",
+    "✔ the client explains the likely causes (not enrolled, revoked, expired)",
+    "✔ with the key the tool's call succeeds (exit 0)",
+    "✔ the server refused the thief (exit 0: attack failed)",
+    "✔ alice is revoked in the registry",
+    "✔ the same open channel's next call is refused (PERMISSION_DENIED), ",
+    "✔ a new connection from alice is refused at the handshake",
+)
+
+
+def _assert_passed(result: subprocess.CompletedProcess[str], checks: int) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in PASS_LINES:
+        assert line in result.stdout, line
+    assert "✘" not in result.stdout
+    assert re.search(rf"^✔ all {checks} checks passed \([0-9.]+ s\)$", result.stdout, re.M)
+
+
+def test_demo_with_local_ca_passes_every_check(tmp_path: Path) -> None:
+    out = tmp_path / "kept"
+    result = demo("--keep", str(out))
+
+    _assert_passed(result, checks=12)
+    assert "$ pinrpc keygen alice" in result.stdout
+    assert "$ pinrpc-server enroll alice.crt --name alice --allow '/pinrpc.v1.Echo/*'" in (
+        result.stdout
+    )
+    assert "issuer CN=pinrpc demo CA intermediate" in result.stdout
+    # The CLI's own explanation is shown, not only the demo's verdict.
+    assert "closed the connection during the TLS handshake" in result.stdout
+    # The fingerprint keygen showed is the one the server reports for alice.
+    keygen = re.search(r"✔ alice's fingerprint: (\S+)", result.stdout)
+    assert keygen is not None
+    assert f"fingerprint  {keygen.group(1)}" in result.stdout.split("3. alice calls")[1]
+    # --keep leaves the work behind; the private key stayed private.
+    assert stat.S_IMODE((out / "alice.key").stat().st_mode) == 0o600
+    assert {"alice.crt", "mallory.crt", "ca.pem", "registry.db", "server.log"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
+def test_demo_with_pebble_passes_every_check() -> None:
+    _require_pebble()
+    result = demo("--acme")
+
+    _assert_passed(result, checks=13)
+    assert "✔ pebble issued a certificate for server.test" in result.stdout
+    assert "$ obtain-cert --directory https://127.0.0.1:" in result.stdout
+    assert "issuer CN=Pebble Intermediate CA" in result.stdout
+
+
+def test_enrolling_mallory_fails_the_demo() -> None:
+    result = demo("--sabotage", "enroll-mallory")
+
+    assert result.returncode == 1, result.stdout
+    assert "✘ mallory is refused at the TLS handshake (exit code 3)" in result.stdout
+    assert "✔ the server refused the thief" in result.stdout  # other steps still checked
+    assert re.search(r"^✘ 2 of 12 checks FAILED", result.stdout, re.M)
+
+
+def test_skipping_the_revocation_fails_the_demo() -> None:
+    result = demo("--sabotage", "skip-revoke")
+
+    assert result.returncode == 1, result.stdout
+    assert "✘ the same open channel's next call is refused" in result.stdout
+    assert "still OK as alice" in result.stdout
+    assert "✘ a new connection from alice is refused at the handshake" in result.stdout
+
+
+def test_acme_without_pebble_is_a_one_line_error(tmp_path: Path) -> None:
+    # sys.executable is passed explicitly, so a PATH without pebble (or anything) is enough.
+    result = demo("--acme", env=_env(PATH=str(tmp_path)))
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("demo: error: --acme needs pebble")
+    assert "apt-get install pebble" in result.stderr
+
+
+def test_keep_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("mine")
+
+    result = demo("--keep", str(tmp_path))
+
+    assert result.returncode == 2
+    assert "is not empty" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_the_server_and_cleans_up(signum: signal.Signals) -> None:
+    process = subprocess.Popen(
+        [sys.executable, str(DEMO)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        encoding="utf-8",
+        env=_env(),
+    )
+    try:
+        assert process.stdout is not None
+        work = server_pid = None
+        for _ in range(200):  # bounded: the server line comes within the first ~30 lines
+            line = process.stdout.readline()
+            if found := re.search(r"pinrpc demo in (\S+)", line):
+                work = Path(found.group(1))
+            if found := re.search(r"\(server pid (\d+);", line):
+                server_pid = int(found.group(1))
+                break
+        assert work is not None and server_pid is not None
+        assert _pid_alive(server_pid)
+
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+
+        assert process.returncode == 130
+        assert "interrupted; every process it started has been stopped" in err
+        deadline = time.monotonic() + 5
+        while _pid_alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(server_pid)
+        assert not work.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
