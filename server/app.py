@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from pinrpc.errors import PinrpcError
-from pinrpc.v1 import echo_pb2_grpc
+from pinrpc.v1 import admin_pb2, admin_pb2_grpc, echo_pb2_grpc, identity_pb2, identity_pb2_grpc
+from server.admin import AdminService, IdentityService
 from server.audit import Audit
 from server.auth import AuthInterceptor
 from server.health import ECHO_SERVICE, Health, probe_server
@@ -26,6 +28,8 @@ from server.trust import TrustWatcher
 
 log = logging.getLogger("pinrpc.server")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["Identity"].full_name
 
 
 class ServeError(PinrpcError):
@@ -43,6 +47,7 @@ class ServerConfig:
     cert_warn_days: int = 14
     client_warn_days: int = 14
     registry_outage_unhealthy: bool = False  # NOT_SERVING while the registry is unreadable
+    rotation_overlap: dt.timedelta = dt.timedelta(hours=24)  # old certificate's grace after Rotate
     grace: float = 5.0
     health_listen: str | None = None  # plaintext gRPC health for probes; off by default
     metrics_listen: str | None = None  # Prometheus endpoint; off by default
@@ -84,9 +89,22 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         interceptor = AuthInterceptor(lambda: trust.enrolled, observe)
         server = grpc.server(executor, interceptors=[interceptor])
         echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(registry, audit, trust.poll), server
+        )
+        identity_pb2_grpc.add_IdentityServicer_to_server(
+            IdentityService(registry, audit, trust.poll, config.rotation_overlap), server
+        )
         health.add_to(server)
         reflection.enable_server_reflection(
-            (ECHO_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+            (
+                ECHO_SERVICE,
+                ADMIN_SERVICE,
+                IDENTITY_SERVICE,
+                HEALTH_SERVICE,
+                reflection.SERVICE_NAME,
+            ),
+            server,
         )
         try:
             port = server.add_secure_port(config.listen, trust.credentials())

@@ -27,6 +27,7 @@ from server.trust import EnrolledSet
 ALWAYS_ALLOWED: Final = frozenset(
     {
         "/pinrpc.v1.Echo/WhoAmI",
+        "/pinrpc.v1.Identity/Rotate",
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
@@ -35,6 +36,7 @@ ALWAYS_ALLOWED: Final = frozenset(
 )
 _PEM_CACHE_LIMIT: Final = 4096
 UNKNOWN_METHOD: Final = "(unknown)"
+ADMIN_PREFIX: Final = "/pinrpc.v1.Admin/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +60,13 @@ def caller() -> Identity:
 
 
 def method_allowed(client: Client, method: str) -> bool:
-    return method in ALWAYS_ALLOWED or any(
-        fnmatch.fnmatchcase(method, pattern) for pattern in client.allowed_methods
-    )
+    if method in ALWAYS_ALLOWED:
+        return True
+    patterns = client.allowed_methods
+    if method.startswith(ADMIN_PREFIX):
+        # Administration must be granted by name: a bare '*' never includes it.
+        patterns = tuple(p for p in patterns if p.startswith(ADMIN_PREFIX))
+    return any(fnmatch.fnmatchcase(method, pattern) for pattern in patterns)
 
 
 def _pem_to_fingerprint(pem: bytes) -> Fingerprint:

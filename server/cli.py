@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         serve,
+        "--rotation-overlap",
+        default="86400",
+        type=float,
+        help="seconds a client's old certificate keeps working after it rotates (0: at once)",
+    )
+    add_flag(
+        serve,
         "--client-warn-days",
         default="14",
         type=int,
@@ -158,7 +165,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _status(client: Client) -> str:
-    return "active" if client.revoked_at is None else f"revoked {client.revoked_at:%Y-%m-%d}"
+    if client.revoked_at is not None:
+        return f"revoked {client.revoked_at:%Y-%m-%d}"
+    if client.retire_at is not None:
+        verb = "retiring" if client.active else "retired"
+        return f"{verb} {client.retire_at:%m-%d %H:%M}"
+    return "active"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -226,6 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cert_warn_days=args.cert_warn_days,
         client_warn_days=args.client_warn_days,
         registry_outage_unhealthy=args.unhealthy_without_registry,
+        rotation_overlap=dt.timedelta(seconds=args.rotation_overlap),
         health_listen=args.health_listen,
         metrics_listen=args.metrics_listen,
         audit_rate=args.audit_rate,

@@ -28,10 +28,19 @@ class Client:
     enrolled_at: dt.datetime
     not_after: dt.datetime
     revoked_at: dt.datetime | None
+    retire_at: dt.datetime | None = None  # end of a rotation's overlap
 
     @property
     def active(self) -> bool:
-        return self.revoked_at is None
+        """Admitted now: not revoked, and not past the end of a rotation overlap."""
+        if self.revoked_at is not None:
+            return False
+        return self.retire_at is None or self.retire_at > now_utc()
+
+    @property
+    def current(self) -> bool:
+        """The client's newest usable certificate (not revoked, not being retired)."""
+        return self.revoked_at is None and self.retire_at is None
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -43,6 +52,7 @@ class Client:
             "enrolled_at": self.enrolled_at.isoformat(),
             "not_after": self.not_after.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "retire_at": self.retire_at.isoformat() if self.retire_at else None,
         }
 
 
@@ -54,6 +64,13 @@ class Registry(Protocol):
     ) -> Client: ...
 
     def revoke(self, ref: str) -> Client: ...
+
+    def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:
+        """Enroll ``successor`` with ``current``'s name and permissions; retire ``current``
+        after ``overlap`` (at once if zero)."""
+        ...
+
+    def find(self, ref: str) -> Client: ...
 
     def clients(self) -> list[Client]: ...
 
@@ -103,7 +120,7 @@ def check_enrollment(
             f"certificate {candidate.fingerprint} is already enrolled as {row.name!r}"
         )
     active = [row for row in rows if row.active]
-    retired = next((row for row in active if row.name == name), None)
+    retired = next((row for row in active if row.name == name and row.current), None)
     if retired is not None and not replace:
         raise ConflictError(
             f"a client named {name!r} is already enrolled ({retired.fingerprint}); "

@@ -99,12 +99,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ON CONFLICT (key) DO NOTHING",
         ),
     ),
+    # Key rotation with an overlap: the old certificate stays valid until retire_at, so during
+    # the overlap a name has two usable certificates and only one "current" one.
+    Migration(
+        3,
+        "rotation overlap (retire_at)",
+        (
+            "ALTER TABLE clients ADD COLUMN retire_at {ts}",
+            "DROP INDEX IF EXISTS clients_active_name",
+            "CREATE UNIQUE INDEX IF NOT EXISTS clients_current_name ON clients(name) "
+            "WHERE revoked_at IS NULL AND retire_at IS NULL",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 
 COLUMNS = (
     "name, fingerprint, cert_pem, spki_sha256, subject, has_key_ids, allowed_methods, "
-    "enrolled_at, not_after, revoked_at"
+    "enrolled_at, not_after, revoked_at, retire_at"
 )
 
 
@@ -204,7 +216,7 @@ class SqlRegistry(ABC):
         return self._hold_revocations(clients)
 
     def _decode(self, row: Row) -> Client:
-        name, fp, pem, spki, subject, ids, allowed, enrolled, not_after, revoked = row
+        name, fp, pem, spki, subject, ids, allowed, enrolled, not_after, revoked, retire = row
         decode = self.dialect.decode_time
         return Client(
             name=name,
@@ -217,6 +229,7 @@ class SqlRegistry(ABC):
             enrolled_at=decode(enrolled),
             not_after=decode(not_after),
             revoked_at=decode(revoked) if revoked is not None else None,
+            retire_at=decode(retire) if retire is not None else None,
         )
 
     def _hold_revocations(self, clients: list[Client]) -> list[Client]:
@@ -254,9 +267,9 @@ class SqlRegistry(ABC):
             for client in clients:
                 if client.fingerprint == fp:
                     return client
-        for client in clients:
-            if client.name == ref and client.active:
-                return client
+        named = [c for c in clients if c.name == ref and c.active]
+        for client in sorted(named, key=lambda c: not c.current):  # the current one first
+            return client
         raise NotFoundError(
             f"no enrolled client named or with fingerprint {ref!r} in {self.where}; "
             "see `pinrpc-server list`"
@@ -310,11 +323,28 @@ class SqlRegistry(ABC):
 
         self._transaction(run)
 
+    def _insert(
+        self, q: Query, candidate: Candidate, name: str, allowed: Sequence[str], now: object
+    ) -> None:
+        q(
+            f"INSERT INTO clients ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL)",  # noqa: S608
+            (
+                name,
+                candidate.fingerprint.hex,
+                candidate.pem,
+                candidate.spki_sha256,
+                candidate.subject,
+                int(candidate.has_key_ids),
+                json.dumps(list(allowed)),
+                now,
+                self.dialect.encode_time(candidate.not_after),
+            ),
+        )
+
     def enroll(
         self, candidate: Candidate, name: str, allowed: Sequence[str], *, replace: bool = False
     ) -> Client:
         now = self.dialect.encode_time(now_utc())
-        encode = self.dialect.encode_time
 
         def body(q: Query) -> None:
             retired = check_enrollment(candidate, name, self._all(q), replace)
@@ -323,38 +353,55 @@ class SqlRegistry(ABC):
                     "UPDATE clients SET revoked_at = ? WHERE fingerprint = ?",
                     (now, retired.fingerprint.hex),
                 )
-            q(
-                f"INSERT INTO clients ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL)",  # noqa: S608
-                (
-                    name,
-                    candidate.fingerprint.hex,
-                    candidate.pem,
-                    candidate.spki_sha256,
-                    candidate.subject,
-                    int(candidate.has_key_ids),
-                    json.dumps(list(allowed)),
-                    now,
-                    encode(candidate.not_after),
-                ),
-            )
+            self._insert(q, candidate, name, allowed, now)
 
         self._change(body)
         return self.find(candidate.fingerprint.hex)
 
+    def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:
+        """Enroll ``successor`` under the same name and permissions; retire ``current`` later."""
+        now = now_utc()
+
+        def body(q: Query) -> None:
+            rows = self._all(q)
+            old = self._find(rows, current.hex)
+            if not old.current:
+                raise ConflictError(
+                    f"certificate {old.fingerprint} of {old.name!r} is revoked or already being "
+                    "retired; rotate from the newest certificate"
+                )
+            check_enrollment(successor, old.name, rows, replace=True)
+            retire = self.dialect.encode_time(now + overlap)
+            column = "revoked_at" if overlap <= dt.timedelta(0) else "retire_at"
+            q(
+                f"UPDATE clients SET {column} = ? WHERE fingerprint = ?",  # noqa: S608
+                (retire, old.fingerprint.hex),
+            )
+            self._insert(q, successor, old.name, old.allowed_methods, self.dialect.encode_time(now))
+
+        self._change(body)
+        return self.find(successor.fingerprint.hex)
+
     def revoke(self, ref: str) -> Client:
+        """Revoke one certificate by fingerprint, or by name every usable one of that client."""
         found: list[Client] = []
 
         def body(q: Query) -> None:
-            client = self._find(self._all(q), ref)
+            rows = self._all(q)
+            client = self._find(rows, ref)
             if client.revoked_at is not None:
                 raise ConflictError(
                     f"client {client.name!r} ({client.fingerprint}) was already revoked on "
                     f"{client.revoked_at:%Y-%m-%d %H:%M} UTC"
                 )
-            q(
-                "UPDATE clients SET revoked_at = ? WHERE fingerprint = ? AND revoked_at IS NULL",
-                (self.dialect.encode_time(now_utc()), client.fingerprint.hex),
-            )
+            by_name = not Fingerprint.looks_like(ref)
+            targets = [c for c in rows if c.name == client.name and c.active] if by_name else []
+            for target in targets or [client]:
+                q(
+                    "UPDATE clients SET revoked_at = ? "
+                    "WHERE fingerprint = ? AND revoked_at IS NULL",
+                    (self.dialect.encode_time(now_utc()), target.fingerprint.hex),
+                )
             found.append(client)
 
         self._change(body)

@@ -110,6 +110,8 @@ class EnrolledSet:
 
     by_digest: Mapping[bytes, Client] = field(default_factory=dict)
     roots_pem: bytes = b""
+    clients: tuple[Client, ...] = ()  # everything read, to rebuild without the registry
+    next_change: dt.datetime | None = None  # when a rotation overlap ends
 
     @classmethod
     def build(cls, clients: list[Client]) -> EnrolledSet:
@@ -117,7 +119,13 @@ class EnrolledSet:
         return cls(
             by_digest={c.fingerprint.digest: c for c in active},
             roots_pem="".join(c.cert_pem for c in active).encode(),
+            clients=tuple(clients),
+            next_change=min((c.retire_at for c in active if c.retire_at), default=None),
         )
+
+    def due(self) -> bool:
+        """A retiring certificate's overlap has ended: the snapshot must be rebuilt."""
+        return self.next_change is not None and self.next_change <= dt.datetime.now(dt.UTC)
 
     def lookup(self, fingerprint: Fingerprint) -> Client | None:
         return self.by_digest.get(fingerprint.digest)
@@ -262,19 +270,23 @@ class TrustWatcher:
         return not (outage or expired)
 
     def _poll_registry(self) -> None:
+        generation, clients = self._generation, None
         try:
             generation = self._registry.generation()
-            if generation == self._generation:
-                self._registry_recovered()
-                return
-            clients = self._registry.clients()
-            enrolled = EnrolledSet.build(clients)
+            if generation != self._generation:
+                clients = self._registry.clients()
+            self._registry_recovered()
         except (RegistryError, PinrpcError, ValueError) as exc:
             if not self._registry_failing:
                 log.error("registry unreadable, keeping the last good enrolled set: %s", exc)
                 self._registry_failing = True
-            return
-        self._registry_recovered()
+            generation = self._generation
+        if clients is None:
+            if not self.enrolled.due():
+                return
+            # A rotation overlap ended: drop the old certificate, registry or not.
+            clients = list(self.enrolled.clients)
+        enrolled = EnrolledSet.build(clients)
         with self._lock:
             self.enrolled, self._generation, self._dirty = enrolled, generation, True
         self._announce_clients(clients)

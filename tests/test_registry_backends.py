@@ -3,6 +3,7 @@ same schema versions, same migrations."""
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import sqlite3
@@ -161,24 +162,33 @@ def test_new_registry_is_at_the_latest_schema(spec: str) -> None:
     assert result.version == LATEST
 
 
+# Undo what migrations 2 and 3 did to the data, leaving a first-release registry.
+BACK_TO_V1 = (
+    "DELETE FROM schema_version WHERE version >= 2;"
+    "DELETE FROM meta WHERE key = 'registry_id';"
+    "DROP INDEX clients_current_name;"
+    "ALTER TABLE clients DROP COLUMN retire_at;"
+    "CREATE UNIQUE INDEX clients_active_name ON clients(name) WHERE revoked_at IS NULL;"
+)
+
+
 def test_older_schema_is_refused_until_migrated(spec: str, make_client: MakeClient) -> None:
     registry = open_registry(spec)
     registry.enroll(candidate(make_client, "alice"), "alice", [ECHO_ALL])
     registry.close()
     # Back to version 1, as a registry written by the first release looks.
-    sql(spec, "DELETE FROM schema_version WHERE version >= 2;"
-              "DELETE FROM meta WHERE key = 'registry_id';")  # fmt: skip
-    with pytest.raises(RegistryError, match="schema version 1, this pinrpc needs 2; back it up, "
-                       "then run `pinrpc-server migrate"):  # fmt: skip
+    sql(spec, BACK_TO_V1)
+    with pytest.raises(RegistryError, match=f"schema version 1, this pinrpc needs {LATEST}; "
+                       "back it up, then run `pinrpc-server migrate"):  # fmt: skip
         open_registry(spec)
     result = migrate_registry(spec)
-    assert [m.version for m in result.applied] == [2]
+    assert [m.version for m in result.applied] == list(range(2, LATEST + 1))
     registry = open_registry(spec, create=False)
     try:
         assert [c.name for c in registry.clients()] == ["alice"]
     finally:
         registry.close()
-    assert _versions(spec) == [1, 2]
+    assert _versions(spec) == list(range(1, LATEST + 1))
 
 
 def test_newer_schema_is_refused(spec: str) -> None:
@@ -206,10 +216,11 @@ def test_legacy_unversioned_sqlite_file_migrates(tmp_path: Path, make_client: Ma
     registry = open_registry(spec)
     registry.enroll(candidate(make_client, "alice"), "alice", [])
     registry.close()
-    sql(spec, "DROP TABLE schema_version; DELETE FROM meta WHERE key = 'registry_id';")
+    sql(spec, BACK_TO_V1)
+    sql(spec, "DROP TABLE schema_version;")
     with pytest.raises(RegistryError, match="schema version 0"):
         open_registry(spec)
-    assert [m.version for m in migrate_registry(spec).applied] == [1, 2]
+    assert [m.version for m in migrate_registry(spec).applied] == list(range(1, LATEST + 1))
     registry = open_registry(spec)
     try:
         assert [c.name for c in registry.clients()] == ["alice"]
@@ -235,13 +246,12 @@ def test_postgres_url_errors_are_one_line_without_password(
 def test_cli_migrate(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`pinrpc-server migrate`: applies what is missing, then nothing; refuses a newer schema."""
     open_registry(spec).close()
-    sql(spec, "DELETE FROM schema_version WHERE version >= 2;"
-              "DELETE FROM meta WHERE key = 'registry_id';")  # fmt: skip
+    sql(spec, BACK_TO_V1)
     capsys.readouterr()
     assert cli("migrate", "--registry", spec) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "applied 2: registry identity"
-    assert out[1].endswith(f"is at schema version {LATEST}")
+    assert out[:2] == ["applied 2: registry identity", "applied 3: rotation overlap (retire_at)"]
+    assert out[-1].endswith(f"is at schema version {LATEST}")
     assert cli("migrate", "--registry", spec) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
     sql(spec, "INSERT INTO schema_version VALUES (99, 'future', '2099-01-01T00:00:00+00:00');")
@@ -249,3 +259,33 @@ def test_cli_migrate(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "newer than this pinrpc supports" in err
+
+
+def test_rotation_overlap(spec: str, make_client: MakeClient) -> None:
+    registry = open_registry(spec)
+    try:
+        old = registry.enroll(candidate(make_client, "alice"), "alice", [ECHO_ALL])
+        new = registry.rotate(
+            old.fingerprint, candidate(make_client, "alice2"), dt.timedelta(hours=1)
+        )
+        assert (new.name, new.allowed_methods, new.current) == ("alice", (ECHO_ALL,), True)
+        retiring = registry.find(old.fingerprint.hex)
+        assert retiring.active and not retiring.current and retiring.retire_at is not None
+        assert registry.find("alice").fingerprint == new.fingerprint  # the name means the newest
+        with pytest.raises(ConflictError, match="already being retired"):
+            registry.rotate(old.fingerprint, candidate(make_client, "alice3"), dt.timedelta(0))
+        registry.revoke("alice")  # by name: every usable certificate of the client
+        assert [c.revoked_at is not None for c in registry.clients()] == [True, True]
+    finally:
+        registry.close()
+
+
+def test_rotation_without_overlap_revokes_at_once(spec: str, make_client: MakeClient) -> None:
+    registry = open_registry(spec)
+    try:
+        old = registry.enroll(candidate(make_client, "alice"), "alice", [])
+        registry.rotate(old.fingerprint, candidate(make_client, "alice2"), dt.timedelta(0))
+        assert registry.find(old.fingerprint.hex).revoked_at is not None
+        assert [c.active for c in registry.clients()] == [False, True]
+    finally:
+        registry.close()

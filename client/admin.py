@@ -1,0 +1,99 @@
+"""`pinrpc admin enroll|revoke|list|get`: administer the server remotely with your own key pair.
+
+Your certificate's permissions must name the Admin service (enrolled with
+`--allow '/pinrpc.v1.Admin/*'`); the server applies the same checks as its local CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from client.connect import call, connection_flags
+from pinrpc.cli import Exit, add_flag
+from pinrpc.identity import read_file
+from pinrpc.v1 import admin_pb2, admin_pb2_grpc
+
+Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
+
+
+def add_parser(commands: Any) -> None:
+    admin = commands.add_parser(
+        "admin", help="enroll, revoke and list clients remotely (needs Admin permission)"
+    )
+    actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    enroll = actions.add_parser("enroll", help="admit a client certificate")
+    enroll.add_argument("certificate", type=Path, help="the new client's certificate (PEM)")
+    add_flag(enroll, "--name", required=True, help="unique client name")
+    enroll.add_argument(
+        "--allow",
+        action="append",
+        metavar="PATTERN",
+        default=[p for p in os.environ.get("PINRPC_ALLOW", "").split(",") if p],
+        help="method pattern the client may call (repeatable) [env PINRPC_ALLOW]",
+    )
+    enroll.add_argument("--replace", action="store_true", help="re-key an existing client")
+
+    revoke = actions.add_parser("revoke", help="revoke a client by name or fingerprint")
+    revoke.add_argument("client")
+    listing = actions.add_parser("list", help="all clients, revoked ones included")
+    get = actions.add_parser("get", help="one client by name or fingerprint")
+    get.add_argument("client")
+    for parser in (enroll, revoke, listing, get):
+        connection_flags(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _show(clients: list[admin_pb2.Client], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([MessageToDict(c, preserving_proto_field_name=True) for c in clients]))
+        return
+    for c in clients:
+        if c.HasField("revoked_at"):
+            status = f"revoked {c.revoked_at.ToDatetime():%Y-%m-%d}"
+        elif c.HasField("retire_at"):
+            status = f"retiring {c.retire_at.ToDatetime():%Y-%m-%d %H:%M}"
+        else:
+            status = "active"
+        print(f"{c.name}  {c.fingerprint}  {status}  {','.join(c.allowed_methods) or '-'}")
+
+
+def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    pem = read_file(args.certificate, "certificate", limit=64 * 1024).decode("utf-8", "replace")
+    request = admin_pb2.EnrollRequest(
+        certificate_pem=pem, name=args.name, allowed_methods=args.allow, replace=args.replace
+    )
+    _show([stub.Enroll(request, timeout=args.timeout)], args.json)
+    return Exit.OK
+
+
+def _revoke(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    request = admin_pb2.RevokeRequest(client=args.client)
+    _show([stub.Revoke(request, timeout=args.timeout)], args.json)
+    return Exit.OK
+
+
+def _list(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    reply = stub.List(admin_pb2.ListRequest(), timeout=args.timeout)
+    _show(list(reply.clients), args.json)
+    return Exit.OK
+
+
+def _get(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    _show([stub.Get(admin_pb2.GetRequest(client=args.client), timeout=args.timeout)], args.json)
+    return Exit.OK
+
+
+ACTIONS: dict[str, Rpc] = {"enroll": _enroll, "revoke": _revoke, "list": _list, "get": _get}
+
+
+def run(args: argparse.Namespace) -> int:
+    action = ACTIONS[args.action]
+    return call(args, lambda channel: action(admin_pb2_grpc.AdminStub(channel), args))

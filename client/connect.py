@@ -1,0 +1,119 @@
+"""Connecting as a pinrpc client: the shared flags, the call wrapper, and failure explanations."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from pinrpc.channel import client_credentials
+from pinrpc.cli import Exit, add_flag
+from pinrpc.identity import Fingerprint, load_certificate
+
+PROG = "pinrpc"
+ROTATE_HINT = "rotate it now: `pinrpc rotate` (same connection flags)"
+REENROLL_HINT = (
+    "an expired certificate cannot rotate: make a new key pair (`pinrpc keygen NAME --force`) "
+    "and have the operator enroll it with `pinrpc-server enroll NAME.crt --name NAME --replace`"
+)
+
+
+def connection_flags(p: argparse.ArgumentParser) -> None:
+    add_flag(p, "--server", required=True, help="server address HOST:PORT")
+    add_flag(p, "--cert", required=True, help="your certificate (NAME.crt)")
+    add_flag(p, "--key", required=True, help="your private key (NAME.key)")
+    add_flag(p, "--ca", help="PEM roots to verify the server with (default: system/gRPC roots)")
+    add_flag(p, "--server-name", help="name to expect in the server certificate (tests/dev)")
+    add_flag(p, "--timeout", default="10", type=float, help="seconds to wait for the call")
+    add_flag(
+        p,
+        "--warn-days",
+        default="30",
+        type=int,
+        help="warn when your certificate expires within this many days",
+    )
+    p.add_argument(
+        "--insecure-key-permissions",
+        action="store_true",
+        help="use a private key even if other users can read it",
+    )
+
+
+def call(args: argparse.Namespace, rpc: Callable[[grpc.Channel], int]) -> int:
+    """Run ``rpc`` on a channel made from the connection flags; explain failures."""
+    creds, fingerprint = client_credentials(
+        args.cert, args.key, args.ca, insecure_key_permissions=args.insecure_key_permissions
+    )
+    not_after = load_certificate(Path(args.cert)).not_valid_after_utc
+    left = not_after - dt.datetime.now(dt.UTC)
+    if dt.timedelta(0) < left < dt.timedelta(days=args.warn_days):
+        say(
+            f"{PROG}: warning: your certificate {Path(args.cert).absolute()} expires in "
+            f"{left.days} days ({not_after:%Y-%m-%d %H:%M} UTC); {ROTATE_HINT}"
+        )
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    with grpc.secure_channel(args.server, creds, options=options) as channel:
+        try:
+            return rpc(channel)
+        except grpc.RpcError as exc:
+            return explain(exc, args, fingerprint, not_after)
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+# What the server answers to bad input (see server/admin.py): the caller's problem, not the link's.
+REFUSED_INPUT = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+)
+
+
+def explain(
+    exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerprint, not_after: dt.datetime
+) -> int:
+    """Turn a failed call into sentences; rejected handshakes tell the client almost nothing."""
+    code = exc.code()
+    details = exc.details() or ""
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        say(f"{PROG}: error: the server refused the call: {details}")
+        say(f"  your certificate's fingerprint: {fingerprint}")
+        return Exit.DENIED
+    if code in REFUSED_INPUT:
+        say(f"{PROG}: error: the server refused: {details}")
+        return Exit.ERROR
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        say(f"{PROG}: error: call failed: {code.name}: {details}")
+        return Exit.RPC
+    lowered = details.lower()
+    if "certificate_verify_failed" in lowered or "peer name" in lowered or "verif" in lowered:
+        say(f"{PROG}: error: could not verify the server at {args.server}: {details}")
+        say("  likely causes: the server certificate is not signed by a root you trust")
+        say("  (pass --ca with its root), or its names do not include the name you dialled")
+        say("  (pass --server-name with the name in the certificate).")
+        return Exit.CONNECT
+    if "socket closed" in lowered or "handshake" in lowered or "connection reset" in lowered:
+        say(
+            f"{PROG}: error: the server at {args.server} closed the connection "
+            "during the TLS handshake"
+        )
+        say(f"  your certificate's fingerprint: {fingerprint}")
+        if not_after <= dt.datetime.now(dt.UTC):
+            say(f"  your certificate EXPIRED on {not_after:%Y-%m-%d %H:%M} UTC: that is why;")
+            say(f"  {REENROLL_HINT}")
+            return Exit.CONNECT
+        say("  likely causes: this certificate is not enrolled, or was revoked, or has expired;")
+        say("  or the server is not a pinrpc server. Ask the operator to run")
+        say(f"  `pinrpc-server list` and look for {fingerprint}.")
+        say("  If the server's own certificate is the problem: check --ca and --server-name.")
+        return Exit.CONNECT
+    say(f"{PROG}: error: cannot reach {args.server}: {details}")
+    say("  check the address and that the server is running.")
+    return Exit.CONNECT

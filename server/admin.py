@@ -1,0 +1,161 @@
+"""Remote administration (pinrpc.v1.Admin) and self-rotation (pinrpc.v1.Identity).
+
+Both run the same checks as the local CLI (server/enrollment.py, the registry's rules) and
+record who changed what in the audit log. Expected failures map to gRPC status codes through
+one table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import NoReturn
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pinrpc.errors import (
+    ConflictError,
+    EnrollmentError,
+    IdentityError,
+    NotFoundError,
+    PinrpcError,
+    RegistryError,
+)
+from pinrpc.identity import check_name
+from pinrpc.v1 import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
+from server.audit import Audit
+from server.auth import caller
+from server.enrollment import check_certificate, check_patterns
+from server.registry import Client, Registry
+
+MAX_CERT_BYTES = 64 * 1024
+
+# Most specific first: the first matching class decides.
+STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (RegistryError, grpc.StatusCode.UNAVAILABLE),
+    (EnrollmentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (IdentityError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
+    code = next((c for kind, c in STATUS_OF if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+    context.abort(code, str(exc))
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _timestamp(when: dt.datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def to_proto(client: Client) -> admin_pb2.Client:
+    return admin_pb2.Client(
+        name=client.name,
+        fingerprint=str(client.fingerprint),
+        allowed_methods=client.allowed_methods,
+        subject=client.subject,
+        enrolled_at=_timestamp(client.enrolled_at),
+        not_after=_timestamp(client.not_after),
+        revoked_at=_timestamp(client.revoked_at),
+        retire_at=_timestamp(client.retire_at),
+        active=client.active,
+    )
+
+
+def _candidate_from(pem: str) -> tuple[bytes, str]:
+    data = pem.encode()
+    if len(data) > MAX_CERT_BYTES:
+        raise EnrollmentError(f"the certificate is larger than {MAX_CERT_BYTES} bytes")
+    return data, "the submitted certificate"
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, registry: Registry, audit: Audit, refresh: Callable[[], None]) -> None:
+        self._registry, self._audit, self._refresh = registry, audit, refresh
+
+    def _changed(self, action: str, client: Client) -> None:
+        self._refresh()  # effective for the next connection, not after the next poll
+        who = caller()
+        self._audit.event(
+            "admin", action=action, by=who.name, by_fingerprint=str(who.fingerprint),
+            client=client.name, fingerprint=str(client.fingerprint),
+        )  # fmt: skip
+
+    def Enroll(
+        self, request: admin_pb2.EnrollRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.Client:
+        try:
+            candidate = check_certificate(*_candidate_from(request.certificate_pem))
+            allowed = check_patterns(list(request.allowed_methods))
+            client = self._registry.enroll(
+                candidate, check_name(request.name), allowed, replace=request.replace
+            )
+        except PinrpcError as exc:
+            abort_with(context, exc)
+        self._changed("enroll", client)
+        return to_proto(client)
+
+    def Revoke(
+        self, request: admin_pb2.RevokeRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.Client:
+        try:
+            client = self._registry.revoke(request.client)
+        except PinrpcError as exc:
+            abort_with(context, exc)
+        self._changed("revoke", client)
+        return to_proto(client)
+
+    def List(
+        self, request: admin_pb2.ListRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListResponse:
+        try:
+            clients = self._registry.clients()
+        except PinrpcError as exc:
+            abort_with(context, exc)
+        return admin_pb2.ListResponse(clients=[to_proto(c) for c in clients])
+
+    def Get(self, request: admin_pb2.GetRequest, context: grpc.ServicerContext) -> admin_pb2.Client:
+        try:
+            return to_proto(self._registry.find(request.client))
+        except PinrpcError as exc:
+            abort_with(context, exc)
+
+
+class IdentityService(identity_pb2_grpc.IdentityServicer):
+    def __init__(
+        self,
+        registry: Registry,
+        audit: Audit,
+        refresh: Callable[[], None],
+        overlap: dt.timedelta,
+    ) -> None:
+        self._registry, self._audit, self._refresh = registry, audit, refresh
+        self._overlap = overlap
+
+    def Rotate(
+        self, request: identity_pb2.RotateRequest, context: grpc.ServicerContext
+    ) -> identity_pb2.RotateResponse:
+        who = caller()
+        overlap = self._overlap
+        if request.HasField("overlap_seconds"):
+            overlap = min(overlap, dt.timedelta(seconds=request.overlap_seconds))
+        try:
+            successor = check_certificate(*_candidate_from(request.certificate_pem))
+            client = self._registry.rotate(who.fingerprint, successor, overlap)
+            previous = self._registry.find(who.fingerprint.hex)
+        except PinrpcError as exc:
+            abort_with(context, exc)
+        # The caller swaps its files as soon as we answer: trust the successor first.
+        self._refresh()
+        self._audit.event(
+            "rotate", client=client.name, fingerprint=str(client.fingerprint),
+            previous=str(who.fingerprint), overlap_seconds=overlap.total_seconds(),
+        )  # fmt: skip
+        return identity_pb2.RotateResponse(client=to_proto(client), previous=to_proto(previous))
