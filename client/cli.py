@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from client import admin, doctor, rotate
+from client import admin, doctor, request, rotate
 from client.connect import PROG, call, connection_flags
 from pinrpc.cli import Exit, add_flag, run
 from pinrpc.identity import DEFAULT_DAYS, KEY_TYPES, Fingerprint, create_identity, load_certificate
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rotate.add_parser(commands)
     admin.add_parser(commands)
+    request.add_parser(commands)
     doctor.add_arguments(commands.add_parser("doctor", help="diagnose the connection step by step"))
     return parser
 
@@ -110,6 +111,7 @@ COMMANDS = {
     "doctor": doctor.run,
     "rotate": rotate.run,
     "admin": admin.run,
+    "request-enrollment": request.run,
 }
 
 

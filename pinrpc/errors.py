@@ -35,5 +35,9 @@ class ConflictError(RegistryError):
     """The name or fingerprint is already taken."""
 
 
+class CapacityError(RegistryError):
+    """A bounded queue (pending enrollment requests, nonces) is full."""
+
+
 class ServerCertError(PinrpcError):
     """The server's own certificate or key files are unusable."""

@@ -15,6 +15,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pinrpc.errors import (
+    CapacityError,
     ConflictError,
     EnrollmentError,
     IdentityError,
@@ -34,6 +35,7 @@ MAX_CERT_BYTES = 64 * 1024
 # Most specific first: the first matching class decides.
 STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (RegistryError, grpc.StatusCode.UNAVAILABLE),
     (EnrollmentError, grpc.StatusCode.INVALID_ARGUMENT),

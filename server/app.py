@@ -15,7 +15,14 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from pinrpc.errors import PinrpcError
-from pinrpc.v1 import admin_pb2, admin_pb2_grpc, echo_pb2_grpc, identity_pb2, identity_pb2_grpc
+from pinrpc.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    echo_pb2_grpc,
+    enrollment_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
+)
 from server.admin import AdminService, IdentityService
 from server.audit import Audit
 from server.auth import AuthInterceptor
@@ -23,6 +30,7 @@ from server.health import ECHO_SERVICE, Health, probe_server
 from server.metrics import Metrics, serve_metrics
 from server.observe import Observability
 from server.registry import open_registry
+from server.requests import EnrollmentService
 from server.services import EchoService
 from server.trust import TrustWatcher
 
@@ -48,6 +56,9 @@ class ServerConfig:
     client_warn_days: int = 14
     registry_outage_unhealthy: bool = False  # NOT_SERVING while the registry is unreadable
     rotation_overlap: dt.timedelta = dt.timedelta(hours=24)  # old certificate's grace after Rotate
+    enrollment_listen: str | None = None  # enrollment requests (server-only TLS); off by default
+    enrollment_ttl: dt.timedelta = dt.timedelta(hours=24)  # how long a request waits
+    max_pending: int = 100
     grace: float = 5.0
     health_listen: str | None = None  # plaintext gRPC health for probes; off by default
     metrics_listen: str | None = None  # Prometheus endpoint; off by default
@@ -64,6 +75,7 @@ class RunningServer:
     health_port: int | None
     metrics: Metrics
     metrics_port: int | None
+    enrollment_port: int | None
 
 
 @contextmanager
@@ -117,14 +129,24 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         trust.start()
         stack.callback(trust.stop)
         log.info("listening on %s (port %d)", config.listen, port)
-        health_port = None
+        health_port = enrollment_port = None
         if config.health_listen:
             probe, health_port = probe_server(health, config.health_listen)
-            if health_port == 0:
-                raise ServeError(f"cannot listen on {config.health_listen} for health probes")
-            probe.start()
-            stack.callback(lambda: probe.stop(None).wait())
-            log.info("plaintext health probes on %s (port %d)", config.health_listen, health_port)
+            _start_side(stack, probe, health_port, config.health_listen, "plaintext health probes")
+        if config.enrollment_listen:
+            requests = grpc.server(ThreadPoolExecutor(max_workers=4))
+            enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
+                EnrollmentService(registry, audit, request_ttl=config.enrollment_ttl,
+                                  max_pending=config.max_pending),
+                requests,
+            )  # fmt: skip
+            enrollment_port = requests.add_secure_port(
+                config.enrollment_listen, trust.credentials(client_auth=False)
+            )
+            _start_side(
+                stack, requests, enrollment_port, config.enrollment_listen,
+                "enrollment requests (server-only TLS)",
+            )  # fmt: skip
         metrics_port = None
         if config.metrics_listen:
             try:
@@ -133,7 +155,19 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
                 raise ServeError(f"cannot serve metrics on {config.metrics_listen}: {exc}") from exc
             stack.callback(stop_metrics)
             log.info("metrics on http://%s/metrics", config.metrics_listen)
-        yield RunningServer(config, port, server, trust, health, health_port, metrics, metrics_port)
+        yield RunningServer(
+            config, port, server, trust, health, health_port, metrics, metrics_port,
+            enrollment_port,
+        )  # fmt: skip
+
+
+def _start_side(stack: ExitStack, server: grpc.Server, port: int, listen: str, what: str) -> None:
+    """Start a secondary listener, stopped with the rest."""
+    if port == 0:
+        raise ServeError(f"cannot listen on {listen} for {what}")
+    server.start()
+    stack.callback(lambda: server.stop(None).wait())
+    log.info("%s on %s (port %d)", what, listen, port)
 
 
 @contextmanager

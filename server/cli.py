@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         serve,
+        "--enrollment-listen",
+        help="accept enrollment requests here (server-only TLS); off if unset",
+    )
+    add_flag(
+        serve,
+        "--enrollment-ttl",
+        default="86400",
+        type=float,
+        help="seconds an enrollment request waits for approval",
+    )
+    add_flag(serve, "--max-pending", default="100", type=int, help="most requests waiting at once")
+    add_flag(
+        serve,
         "--client-warn-days",
         default="14",
         type=int,
@@ -130,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="flag active clients whose certificate expires within this many days",
     )
     registry_flag(listing)
+
+    pending = commands.add_parser("pending", help="show enrollment requests waiting for you")
+    pending.add_argument("--json", action="store_true", help="print JSON")
+    registry_flag(pending)
+
+    approve = commands.add_parser("approve", help="enroll a pending request, by fingerprint")
+    approve.add_argument("fingerprint", help="as `pinrpc-server pending` shows it")
+    approve.add_argument("--name", help="enroll under this name instead of the requested one")
+    approve.add_argument(
+        "--allow", action="append", metavar="PATTERN", default=[],
+        help="method pattern the client may call (repeatable; WhoAmI is always allowed)",
+    )  # fmt: skip
+    registry_flag(approve)
+
+    reject = commands.add_parser("reject", help="drop a pending request, by fingerprint")
+    reject.add_argument("fingerprint")
+    registry_flag(reject)
 
     migrate = commands.add_parser(
         "migrate", help="bring the registry's schema to this version (back it up first)"
@@ -220,6 +250,49 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_pending(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry, create=False)
+    try:
+        waiting = registry.pending()
+    finally:
+        registry.close()
+    if args.json:
+        print(json.dumps([p.as_json() for p in waiting], indent=2))
+    elif not waiting:
+        print("no pending enrollment requests")
+    for p in [] if args.json else waiting:
+        print(f"{p.fingerprint}  {p.name}  from {p.peer}  until {p.expires_at:%Y-%m-%d %H:%M} UTC")
+    return Exit.OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    allowed = check_patterns(args.allow)
+    name = check_name(args.name) if args.name else None
+    registry = open_registry(args.registry, create=False)
+    try:
+        request = registry.get_pending(args.fingerprint)
+        where = f"the pending request {request.fingerprint}"
+        candidate = check_certificate(request.cert_pem.encode(), where)
+        client = registry.enroll(candidate, name or request.name, allowed)
+        registry.take_pending(args.fingerprint)  # only once enrolled: nothing is lost
+    finally:
+        registry.close()
+    print(f"approved: enrolled {client.name}")
+    print(f"  fingerprint  {client.fingerprint}")
+    print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}")
+    return Exit.OK
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry, create=False)
+    try:
+        request = registry.take_pending(args.fingerprint)
+    finally:
+        registry.close()
+    print(f"rejected the request from {request.name!r} ({request.fingerprint})")
+    return Exit.OK
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     result = migrate_registry(args.registry)
     for migration in result.applied:
@@ -239,6 +312,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         client_warn_days=args.client_warn_days,
         registry_outage_unhealthy=args.unhealthy_without_registry,
         rotation_overlap=dt.timedelta(seconds=args.rotation_overlap),
+        enrollment_listen=args.enrollment_listen,
+        enrollment_ttl=dt.timedelta(seconds=args.enrollment_ttl),
+        max_pending=args.max_pending,
         health_listen=args.health_listen,
         metrics_listen=args.metrics_listen,
         audit_rate=args.audit_rate,
@@ -258,6 +334,9 @@ COMMANDS = {
     "list": cmd_list,
     "revoke": cmd_revoke,
     "migrate": cmd_migrate,
+    "pending": cmd_pending,
+    "approve": cmd_approve,
+    "reject": cmd_reject,
 }
 
 

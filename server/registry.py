@@ -17,6 +17,7 @@ from pathlib import Path
 from server.registry_model import (
     ChangeNotifier,
     Client,
+    Pending,
     Registry,
     check_enrollment,
     now_utc,
@@ -30,6 +31,7 @@ __all__ = [
     "ChangeNotifier",
     "Client",
     "MigrationResult",
+    "Pending",
     "Registry",
     "SqliteRegistry",
     "check_enrollment",

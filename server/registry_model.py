@@ -56,6 +56,27 @@ class Client:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An enrollment request waiting for an operator: never trusted until approved."""
+
+    fingerprint: Fingerprint
+    name: str
+    cert_pem: str
+    peer: str
+    requested_at: dt.datetime
+    expires_at: dt.datetime
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "fingerprint": str(self.fingerprint),
+            "name": self.name,
+            "peer": self.peer,
+            "requested_at": self.requested_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+        }
+
+
 class Registry(Protocol):
     """What the server and the admin CLI need from a registry backend."""
 
@@ -71,6 +92,16 @@ class Registry(Protocol):
         ...
 
     def find(self, ref: str) -> Client: ...
+
+    def request_enrollment(
+        self, candidate: Candidate, name: str, peer: str, ttl: dt.timedelta, limit: int
+    ) -> Pending: ...
+
+    def pending(self) -> list[Pending]: ...
+
+    def get_pending(self, ref: str) -> Pending: ...
+
+    def take_pending(self, ref: str) -> Pending: ...
 
     def clients(self) -> list[Client]: ...
 

@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
 
-from pinrpc.errors import ConflictError, NotFoundError, RegistryError
+from pinrpc.errors import CapacityError, ConflictError, NotFoundError, RegistryError
 from pinrpc.identity import Fingerprint
 from server.enrollment import Candidate
-from server.registry_model import Client, check_enrollment, now_utc
+from server.registry_model import Client, Pending, check_enrollment, now_utc
 
 log = logging.getLogger("pinrpc.registry")
 
@@ -109,6 +109,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             "DROP INDEX IF EXISTS clients_active_name",
             "CREATE UNIQUE INDEX IF NOT EXISTS clients_current_name ON clients(name) "
             "WHERE revoked_at IS NULL AND retire_at IS NULL",
+        ),
+    ),
+    # Enrollment requests waiting for an operator; never part of the trusted set.
+    Migration(
+        4,
+        "pending enrollment requests",
+        (
+            """CREATE TABLE IF NOT EXISTS pending (
+                fingerprint  TEXT PRIMARY KEY,
+                name         TEXT NOT NULL,
+                cert_pem     TEXT NOT NULL,
+                peer         TEXT NOT NULL,
+                requested_at {ts} NOT NULL,
+                expires_at   {ts} NOT NULL
+            )""",
         ),
     ),
 )
@@ -406,3 +421,78 @@ class SqlRegistry(ABC):
 
         self._change(body)
         return self.find(found[0].fingerprint.hex)
+
+    # -- enrollment requests (never trusted until approved) ----------------------------------
+
+    def _pending(self, q: Query, now: object) -> list[Pending]:
+        q("DELETE FROM pending WHERE expires_at <= ?", (now,))
+        rows = q(
+            "SELECT fingerprint, name, cert_pem, peer, requested_at, expires_at FROM pending "
+            "ORDER BY requested_at",
+            (),
+        )
+        decode = self.dialect.decode_time
+        return [
+            Pending(Fingerprint(bytes.fromhex(fp)), name, pem, peer, decode(at), decode(until))
+            for fp, name, pem, peer, at, until in rows
+        ]
+
+    def request_enrollment(
+        self, candidate: Candidate, name: str, peer: str, ttl: dt.timedelta, limit: int
+    ) -> Pending:
+        now = now_utc()
+        encode = self.dialect.encode_time
+
+        def body(q: Query) -> Pending:
+            waiting = self._pending(q, encode(now))
+            if any(p.fingerprint == candidate.fingerprint for p in waiting):
+                raise ConflictError(f"certificate {candidate.fingerprint} is already pending")
+            if any(c.fingerprint == candidate.fingerprint for c in self._all(q)):
+                raise ConflictError(
+                    f"certificate {candidate.fingerprint} is already enrolled or was revoked"
+                )
+            if len(waiting) >= limit:
+                raise CapacityError(
+                    f"{len(waiting)} enrollment requests are already waiting; try again later"
+                )
+            pending = Pending(candidate.fingerprint, name, candidate.pem, peer, now, now + ttl)
+            q(
+                "INSERT INTO pending (fingerprint, name, cert_pem, peer, requested_at, "
+                "expires_at) VALUES (?,?,?,?,?,?)",
+                (pending.fingerprint.hex, name, candidate.pem, peer, encode(now),
+                 encode(pending.expires_at)),
+            )  # fmt: skip
+            return pending
+
+        return self._transaction(body)
+
+    def pending(self) -> list[Pending]:
+        now = self.dialect.encode_time(now_utc())
+        return self._transaction(lambda q: self._pending(q, now))
+
+    def get_pending(self, ref: str) -> Pending:
+        return self._pending_request(ref, remove=False)
+
+    def take_pending(self, ref: str) -> Pending:
+        """Remove a waiting request (once approved, or to reject it) and return it."""
+        return self._pending_request(ref, remove=True)
+
+    def _pending_request(self, ref: str, *, remove: bool) -> Pending:
+        try:
+            fp = Fingerprint.parse(ref)
+        except ValueError as exc:
+            raise NotFoundError(f"{exc}; pending requests are named by fingerprint") from exc
+        now = self.dialect.encode_time(now_utc())
+
+        def body(q: Query) -> Pending:
+            found = [p for p in self._pending(q, now) if p.fingerprint == fp]
+            if not found:
+                raise NotFoundError(
+                    f"no pending enrollment request for {fp} (expired, or already handled); "
+                    "see `pinrpc-server pending`"
+                )
+            if remove:
+                q("DELETE FROM pending WHERE fingerprint = ?", (fp.hex,))
+            return found[0]
+
+        return self._transaction(body)

@@ -199,37 +199,42 @@ class TrustWatcher:
         self.enrolled = EnrolledSet.build(clients)
         self._cert_signature = file_signature(cert_path, key_path)
         self.server_cert = load_server_cert(cert_path, key_path)
-        self._dirty = False
+        self._version = 0  # bumped on every change; each fetcher remembers what it has
         self._announce_cert("serving")
         self._announce_clients(clients)
         self._events.health(self.healthy, not self._registry_failing)
 
     # -- gRPC side -------------------------------------------------------------------------
 
-    def _config(self) -> grpc.ServerCertificateConfiguration:
-        roots = self.enrolled.roots_pem or self._nobody
+    def _config(self, client_auth: bool) -> grpc.ServerCertificateConfiguration:
         cert = self.server_cert
+        roots = (self.enrolled.roots_pem or self._nobody) if client_auth else None
         return grpc.ssl_server_certificate_configuration(
             [(cert.key_pem, cert.chain_pem)], root_certificates=roots
         )
 
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        # Runs on a C-core thread at every new handshake: keep it trivial.
-        self._events.handshake()
-        if not self._dirty:
-            return None
-        with self._lock:
-            start = time.perf_counter()
-            self._dirty = False
-            config = self._config()
-        self._events.rebuilt(time.perf_counter() - start)
-        return config
+    def credentials(self, *, client_auth: bool = True) -> grpc.ServerCredentials:
+        """Credentials that follow every change; without client_auth, server-only TLS."""
+        seen = self._version
 
-    def credentials(self) -> grpc.ServerCredentials:
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Runs on a C-core thread at every new handshake: keep it trivial.
+            nonlocal seen
+            if client_auth:
+                self._events.handshake()
+            if self._version == seen:
+                return None
+            with self._lock:
+                start = time.perf_counter()
+                seen = self._version
+                config = self._config(client_auth)
+            self._events.rebuilt(time.perf_counter() - start)
+            return config
+
         # grpc-stubs omits that the fetcher may return None ("keep the current config").
-        fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], self._fetch)
+        typed = cast(Callable[[], grpc.ServerCertificateConfiguration], fetch)
         return grpc.dynamic_ssl_server_credentials(
-            self._config(), fetch, require_client_authentication=True
+            self._config(client_auth), typed, require_client_authentication=client_auth
         )
 
     # -- polling ---------------------------------------------------------------------------
@@ -288,7 +293,8 @@ class TrustWatcher:
             clients = list(self.enrolled.clients)
         enrolled = EnrolledSet.build(clients)
         with self._lock:
-            self.enrolled, self._generation, self._dirty = enrolled, generation, True
+            self.enrolled, self._generation = enrolled, generation
+            self._version += 1
         self._announce_clients(clients)
 
     def _warn_expiring_clients(self) -> None:
@@ -329,7 +335,8 @@ class TrustWatcher:
             self._bad_cert_signature = signature
             return
         with self._lock:
-            self.server_cert, self._cert_signature, self._dirty = cert, signature, True
+            self.server_cert, self._cert_signature = cert, signature
+            self._version += 1
         self._announce_cert("reloaded")
 
     # -- logging ---------------------------------------------------------------------------

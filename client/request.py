@@ -1,0 +1,95 @@
+"""`pinrpc request-enrollment`: ask to be admitted, proving you hold the key; then wait.
+
+Talks to the server's optional --enrollment-listen port with server-only TLS (your
+certificate is not trusted yet). The operator sees the request in `pinrpc-server pending` and
+approves it by fingerprint, which you compare out of band with what this command printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from client.connect import PROG, REFUSED_INPUT, say
+from pinrpc import proof
+from pinrpc.channel import PASSPHRASE_ENV
+from pinrpc.cli import Exit, add_flag
+from pinrpc.errors import IdentityError
+from pinrpc.identity import (
+    Fingerprint,
+    load_certificate,
+    load_private_key,
+    read_file,
+    same_public_key,
+)
+from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "request-enrollment",
+        help="ask the operator to admit your certificate (the server's enrollment port)",
+    )
+    add_flag(p, "--server", required=True, help="the server's enrollment address HOST:PORT")
+    add_flag(p, "--cert", required=True, help="your certificate (NAME.crt)")
+    add_flag(p, "--key", required=True, help="your private key (NAME.key), to prove you hold it")
+    add_flag(p, "--name", required=True, help="the client name you ask for")
+    add_flag(p, "--ca", help="PEM roots to verify the server with (default: system/gRPC roots)")
+    add_flag(p, "--server-name", help="name to expect in the server certificate (tests/dev)")
+    add_flag(p, "--timeout", default="10", type=float, help="seconds to wait for each call")
+    p.add_argument("--insecure-key-permissions", action="store_true", help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    cert = load_certificate(Path(args.cert))
+    passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
+    key = load_private_key(
+        Path(args.key), passphrase=passphrase, check_permissions=not args.insecure_key_permissions
+    )
+    if not same_public_key(key, cert):
+        raise IdentityError(f"private key {args.key} does not belong to certificate {args.cert}")
+    roots = read_file(Path(args.ca), "CA bundle") if args.ca else None
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    creds = grpc.ssl_channel_credentials(root_certificates=roots)
+    with grpc.secure_channel(args.server, creds, options=options) as channel:
+        stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+        try:
+            challenge = stub.Challenge(enrollment_pb2.ChallengeRequest(), timeout=args.timeout)
+            request = enrollment_pb2.EnrollmentRequest(
+                certificate_pem=Path(args.cert).read_text(),
+                name=args.name,
+                nonce=challenge.nonce,
+                signature=proof.sign(key, challenge.nonce, cert),
+            )
+            ticket = stub.Request(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            return _explain(exc, args.server)
+    print(f"requested enrollment as {args.name!r}; nothing is trusted until the operator approves")
+    print(f"  fingerprint  {Fingerprint.of(cert)}")
+    print(f"  waits until  {ticket.expires_at.ToDatetime():%Y-%m-%d %H:%M} UTC")
+    print("Tell the operator this fingerprint through another channel; they run")
+    print(f"  pinrpc-server approve {ticket.fingerprint}")
+    return Exit.OK
+
+
+def _explain(exc: grpc.RpcError, server: str) -> int:
+    code, details = exc.code(), exc.details() or ""
+    if code in (*REFUSED_INPUT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        say(f"{PROG}: error: the server refused the request: {details}")
+        return Exit.ERROR
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        say(
+            f"{PROG}: error: {server} takes no enrollment requests "
+            "(is it the server's --enrollment-listen port?)"
+        )
+        return Exit.ERROR
+    say(f"{PROG}: error: cannot reach the enrollment port at {server}: {details}")
+    say(
+        "  check the address, --ca and --server-name, and that the server runs "
+        "with --enrollment-listen."
+    )
+    return Exit.CONNECT

@@ -1,0 +1,110 @@
+"""Enrollment requests (pinrpc.v1.Enrollment), on the optional --enrollment-listen port.
+
+Server-only TLS: the caller has no admitted certificate yet. It asks for a nonce, signs it
+with its key (proof of possession), and submits its certificate; the request waits in the
+registry for an operator. Nonces are single-use and short-lived, and both nonces and pending
+requests are bounded in number, so the port cannot be used to fill memory or the registry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import threading
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pinrpc import proof
+from pinrpc.errors import CapacityError, EnrollmentError, PinrpcError
+from pinrpc.identity import check_name
+from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
+from server.admin import abort_with
+from server.audit import Audit
+from server.enrollment import check_certificate
+from server.registry import Registry
+
+
+def _timestamp(when: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+class NonceBook:
+    """Issued nonces until used or expired; at most ``limit`` outstanding."""
+
+    def __init__(self, ttl: dt.timedelta, limit: int) -> None:
+        self._ttl, self._limit = ttl, limit
+        self._issued: dict[bytes, dt.datetime] = {}
+        self._lock = threading.Lock()
+
+    def issue(self) -> tuple[bytes, dt.datetime]:
+        now = dt.datetime.now(dt.UTC)
+        with self._lock:
+            self._issued = {n: t for n, t in self._issued.items() if t > now}
+            if len(self._issued) >= self._limit:
+                raise CapacityError("too many outstanding challenges; try again in a minute")
+            nonce, expires = secrets.token_bytes(32), now + self._ttl
+            self._issued[nonce] = expires
+        return nonce, expires
+
+    def redeem(self, nonce: bytes) -> bool:
+        """True once per issued, unexpired nonce."""
+        with self._lock:
+            expires = self._issued.pop(nonce, None)
+        return expires is not None and expires > dt.datetime.now(dt.UTC)
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
+    def __init__(
+        self,
+        registry: Registry,
+        audit: Audit,
+        *,
+        request_ttl: dt.timedelta = dt.timedelta(hours=24),
+        max_pending: int = 100,
+        nonces: NonceBook | None = None,
+    ) -> None:
+        self._registry, self._audit = registry, audit
+        self._ttl, self._max_pending = request_ttl, max_pending
+        self._nonces = nonces or NonceBook(dt.timedelta(minutes=5), limit=1000)
+
+    def Challenge(
+        self, request: enrollment_pb2.ChallengeRequest, context: grpc.ServicerContext
+    ) -> enrollment_pb2.ChallengeResponse:
+        try:
+            nonce, expires = self._nonces.issue()
+        except PinrpcError as exc:
+            abort_with(context, exc)
+        return enrollment_pb2.ChallengeResponse(nonce=nonce, expires_at=_timestamp(expires))
+
+    def Request(
+        self, request: enrollment_pb2.EnrollmentRequest, context: grpc.ServicerContext
+    ) -> enrollment_pb2.EnrollmentTicket:
+        try:
+            data = request.certificate_pem.encode()
+            if len(data) > 64 * 1024:
+                raise EnrollmentError("the certificate is larger than 65536 bytes")
+            candidate = check_certificate(data, "the submitted certificate")
+            name = check_name(request.name)
+            # Redeem only after the cheap checks, but always before trusting the signature.
+            if not self._nonces.redeem(request.nonce):
+                raise EnrollmentError("unknown, used or expired nonce; ask for a new Challenge")
+            if not proof.verify(candidate.cert, request.nonce, request.signature):
+                raise EnrollmentError(
+                    "the signature does not verify with the certificate's key (proof of "
+                    "possession failed)"
+                )
+            pending = self._registry.request_enrollment(
+                candidate, name, context.peer(), self._ttl, self._max_pending
+            )
+        except PinrpcError as exc:
+            abort_with(context, exc)
+        self._audit.event(
+            "enrollment_request", client=name, fingerprint=str(pending.fingerprint),
+            peer=pending.peer,
+        )  # fmt: skip
+        return enrollment_pb2.EnrollmentTicket(
+            fingerprint=str(pending.fingerprint), expires_at=_timestamp(pending.expires_at)
+        )

@@ -1,0 +1,182 @@
+"""Enrollment requests: proof of possession, approval by fingerprint, nothing trusted before."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import cli as client_cli
+from pinrpc import proof
+from pinrpc.cli import Exit
+from pinrpc.identity import KeyPairFiles, load_certificate, load_private_key
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
+from server import cli as server_cli
+from server.app import RunningServer, ServerConfig, start_server
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    code_of,
+    whoami,
+)
+
+REFUSED_AT_HANDSHAKE = grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture
+def enrolling(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
+    config = ServerConfig(
+        "127.0.0.1:0", devca.cert, devca.key, str(registry),
+        enrollment_listen="127.0.0.1:0", enrollment_ttl=dt.timedelta(seconds=2), max_pending=2,
+    )  # fmt: skip
+    with start_server(config) as running:
+        yield running
+
+
+def request_flags(running: RunningServer, devca: ServerFiles, files: KeyPairFiles) -> list[str]:
+    return ["--server", f"127.0.0.1:{running.enrollment_port}", "--cert", str(files.cert_path),
+            "--key", str(files.key_path), "--ca", str(devca.ca_path),
+            "--server-name", SERVER_NAME]  # fmt: skip
+
+
+def pending(registry: Path, capsys: pytest.CaptureFixture[str]) -> list[dict[str, str]]:
+    capsys.readouterr()
+    assert server_cli.main(["pending", "--json", "--registry", str(registry)]) == 0
+    result: list[dict[str, str]] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def enrollment_stub(
+    running: RunningServer, devca: ServerFiles
+) -> enrollment_pb2_grpc.EnrollmentStub:
+    creds = grpc.ssl_channel_credentials(root_certificates=devca.ca_path.read_bytes())
+    options = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    channel = grpc.secure_channel(f"127.0.0.1:{running.enrollment_port}", creds, options=options)
+    return enrollment_pb2_grpc.EnrollmentStub(channel)
+
+
+def test_request_then_approve(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    carol = make_client("carol")
+    argv = ["request-enrollment", "--name", "carol", *request_flags(enrolling, devca, carol)]
+    capsys.readouterr()
+    assert client_cli.main(argv) == Exit.OK
+    assert f"pinrpc-server approve {carol.fingerprint}" in capsys.readouterr().out
+    assert [(p["name"], p["fingerprint"]) for p in pending(registry, capsys)] == [
+        ("carol", str(carol.fingerprint))
+    ]
+    # Not trusted while pending: refused at the handshake.
+    connect = Connect(enrolling, devca)
+    enrolling.trust.poll()
+    stub = connect.stub(carol.cert_path, carol.key_path)
+    assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+
+    approve = ["approve", str(carol.fingerprint), "--name", "carol-svc", "--allow", ECHO_ALL]
+    assert server_cli.main([*approve, "--registry", str(registry)]) == 0
+    assert pending(registry, capsys) == []
+    enrolling.trust.poll()
+    stub = connect.stub(carol.cert_path, carol.key_path)
+    me = whoami(stub)
+    assert (me.name, list(me.allowed_methods)) == ("carol-svc", [ECHO_ALL])
+
+
+def test_rejected_request_is_never_admitted(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dave = make_client("dave")
+    argv = ["request-enrollment", "--name", "dave", *request_flags(enrolling, devca, dave)]
+    assert client_cli.main(argv) == Exit.OK
+    fp = str(dave.fingerprint)
+    assert server_cli.main(["reject", fp, "--registry", str(registry)]) == 0
+    assert pending(registry, capsys) == []
+    assert server_cli.main(["approve", fp, "--registry", str(registry)]) == 1
+    assert "no pending enrollment request" in capsys.readouterr().err
+    enrolling.trust.poll()
+    stub = Connect(enrolling, devca).stub(dave.cert_path, dave.key_path)
+    assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+
+
+def test_proof_of_possession_is_required(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    alice, thief = make_client("alice"), make_client("thief")
+    stub = enrollment_stub(enrolling, devca)
+    cert = load_certificate(alice.cert_path)
+    nonce = stub.Challenge(enrollment_pb2.ChallengeRequest(), timeout=5).nonce
+
+    def submit(signature: bytes, used_nonce: bytes = nonce) -> enrollment_pb2.EnrollmentTicket:
+        request = enrollment_pb2.EnrollmentRequest(
+            certificate_pem=alice.cert_path.read_text(), name="alice", nonce=used_nonce,
+            signature=signature,
+        )  # fmt: skip
+        return stub.Request(request, timeout=5)
+
+    # alice's certificate signed with the thief's key: refused, and the nonce is spent.
+    forged = proof.sign(load_private_key(thief.key_path), nonce, cert)
+    with pytest.raises(grpc.RpcError) as info:
+        submit(forged)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "proof of possession failed" in (info.value.details() or "")
+    genuine = proof.sign(load_private_key(alice.key_path), nonce, cert)
+    assert code_of(lambda: submit(genuine)) == grpc.StatusCode.INVALID_ARGUMENT  # nonce used
+    # A nonce the server never issued.
+    made_up = b"\x00" * 32
+    fake = proof.sign(load_private_key(alice.key_path), made_up, cert)
+    assert code_of(lambda: submit(fake, made_up)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert pending(registry, capsys) == []
+
+
+def test_requests_are_bounded_and_expire(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clients = [make_client(f"c{i}") for i in range(3)]
+    codes = []
+    for files in clients:
+        argv = ["request-enrollment", "--name", files.cert_path.stem,
+                *request_flags(enrolling, devca, files)]  # fmt: skip
+        codes.append(client_cli.main(argv))
+    assert codes == [Exit.OK, Exit.OK, Exit.ERROR]
+    assert "already waiting" in capsys.readouterr().err
+    assert len(pending(registry, capsys)) == 2
+    time.sleep(2.2)  # the fixture's requests live 2 s
+    assert pending(registry, capsys) == []
+    fp = str(clients[0].fingerprint)
+    assert server_cli.main(["approve", fp, "--registry", str(registry)]) == 1
+
+
+def test_enrollment_port_serves_nothing_else(
+    enrolling: RunningServer, devca: ServerFiles, make_client: MakeClient, connect: Connect
+) -> None:
+    creds = grpc.ssl_channel_credentials(root_certificates=devca.ca_path.read_bytes())
+    options = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    target = f"127.0.0.1:{enrolling.enrollment_port}"
+    with grpc.secure_channel(target, creds, options=options) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        code = code_of(lambda: echo.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=5))
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert connect.server.enrollment_port is None  # off by default
