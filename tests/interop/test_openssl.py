@@ -8,6 +8,7 @@ What counts is whether an HTTP/2 exchange happens: the server acknowledges our S
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -52,8 +53,11 @@ def exchange(argv: list[str]) -> tuple[int | None, bytes, bytes]:
     for reader in readers:
         reader.start()
     assert proc.stdin is not None
-    proc.stdin.write(PREFACE)
-    proc.stdin.flush()  # stdin stays open: with -ign_eof s_client reads until the server closes
+    # stdin stays open: with -ign_eof s_client reads until the server closes. A server that
+    # refuses during the handshake may close before we even wrote: that is a refusal too.
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write(PREFACE)
+        proc.stdin.flush()
     deadline = time.monotonic() + TIMEOUT
     while proc.poll() is None and SETTINGS_ACK not in out and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -61,7 +65,8 @@ def exchange(argv: list[str]) -> tuple[int | None, bytes, bytes]:
     if code is None:
         proc.terminate()  # the connection is still open: our own process, stopped by handle
         proc.wait(TIMEOUT)
-    proc.stdin.close()
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
     for reader in readers:
         reader.join(TIMEOUT)
     return code, bytes(out), bytes(err)
