@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from client.connect import call, connection_flags
-from pinrpc.cli import Exit, add_flag
+from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns
 from pinrpc.identity import read_file
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
@@ -32,13 +31,7 @@ def add_parser(commands: Any) -> None:
     enroll = actions.add_parser("enroll", help="admit a client certificate")
     enroll.add_argument("certificate", type=Path, help="the new client's certificate (PEM)")
     add_flag(enroll, "--name", required=True, help="unique client name")
-    enroll.add_argument(
-        "--allow",
-        action="append",
-        metavar="PATTERN",
-        default=[p for p in os.environ.get("PINRPC_ALLOW", "").split(",") if p],
-        help="method pattern the client may call (repeatable) [env PINRPC_ALLOW]",
-    )
+    add_allow_flag(enroll)
     enroll.add_argument("--replace", action="store_true", help="re-key an existing client")
 
     revoke = actions.add_parser("revoke", help="revoke a client by name or fingerprint")
@@ -68,7 +61,10 @@ def _show(clients: list[admin_pb2.Client], as_json: bool) -> None:
 def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     pem = read_file(args.certificate, "certificate", limit=64 * 1024).decode("utf-8", "replace")
     request = admin_pb2.EnrollRequest(
-        certificate_pem=pem, name=args.name, allowed_methods=args.allow, replace=args.replace
+        certificate_pem=pem,
+        name=args.name,
+        allowed_methods=allow_patterns(args),
+        replace=args.replace,
     )
     _show([stub.Enroll(request, timeout=args.timeout)], args.json)
     return Exit.OK

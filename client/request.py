@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from client.connect import PROG, REFUSED_INPUT, say
+from client.connect import PROG, REFUSED_INPUT, connection_flags, say
 from pinrpc import proof
 from pinrpc.channel import PASSPHRASE_ENV
 from pinrpc.cli import Exit, add_flag
@@ -34,14 +34,8 @@ def add_parser(commands: Any) -> None:
         "request-enrollment",
         help="ask the operator to admit your certificate (the server's enrollment port)",
     )
-    add_flag(p, "--server", required=True, help="the server's enrollment address HOST:PORT")
-    add_flag(p, "--cert", required=True, help="your certificate (NAME.crt)")
-    add_flag(p, "--key", required=True, help="your private key (NAME.key), to prove you hold it")
+    connection_flags(p)  # --server is the enrollment port here
     add_flag(p, "--name", required=True, help="the client name you ask for")
-    add_flag(p, "--ca", help="PEM roots to verify the server with (default: system/gRPC roots)")
-    add_flag(p, "--server-name", help="name to expect in the server certificate (tests/dev)")
-    add_flag(p, "--timeout", default="10", type=float, help="seconds to wait for each call")
-    p.add_argument("--insecure-key-permissions", action="store_true", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,6 +48,24 @@ def add_flag(
     )
 
 
+def add_allow_flag(parser: argparse.ArgumentParser) -> None:
+    """--allow PATTERN (repeatable); without it, PINRPC_ALLOW (comma-separated)."""
+    parser.add_argument(
+        "--allow",
+        action="append",
+        metavar="PATTERN",
+        help="method pattern the client may call, e.g. '/pinrpc.v1.Echo/*' (repeatable; WhoAmI, "
+        "health and reflection are always allowed; administration only by a pattern naming "
+        "/pinrpc.v1.Admin/) [env PINRPC_ALLOW, comma-separated]",
+    )
+
+
+def allow_patterns(args: argparse.Namespace) -> list[str]:
+    if args.allow is not None:
+        return list(args.allow)
+    return [p for p in os.environ.get("PINRPC_ALLOW", "").split(",") if p]
+
+
 def run(program: str, body: Callable[[], int]) -> int:
     """Run a command; expected failures become one line on stderr and an exit code."""
     try:

@@ -6,19 +6,20 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from pinrpc.cli import Exit, add_flag, run
+from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, run
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.app import ServerConfig, start_server
 from server.enrollment import check_certificate, check_patterns
 from server.logs import configure_logging
-from server.registry import Client, migrate_registry, open_registry
+from server.registry import Client, Registry, migrate_registry, open_registry
 
 PROG = "pinrpc-server"
 MAX_CERT_BYTES = 64 * 1024
@@ -118,14 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     enroll = commands.add_parser("enroll", help="admit a client certificate")
     enroll.add_argument("certificate", type=Path, help="the client's certificate (PEM)")
     add_flag(enroll, "--name", required=True, help="unique client name")
-    enroll.add_argument(
-        "--allow",
-        action="append",
-        metavar="PATTERN",
-        default=[p for p in os.environ.get("PINRPC_ALLOW", "").split(",") if p],
-        help="method pattern the client may call, e.g. '/pinrpc.v1.Echo/*' (repeatable; "
-        "WhoAmI is always allowed) [env PINRPC_ALLOW, comma-separated]",
-    )
+    add_allow_flag(enroll)
     enroll.add_argument(
         "--replace",
         action="store_true",
@@ -151,10 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     approve = commands.add_parser("approve", help="enroll a pending request, by fingerprint")
     approve.add_argument("fingerprint", help="as `pinrpc-server pending` shows it")
     approve.add_argument("--name", help="enroll under this name instead of the requested one")
-    approve.add_argument(
-        "--allow", action="append", metavar="PATTERN", default=[],
-        help="method pattern the client may call (repeatable; WhoAmI is always allowed)",
-    )  # fmt: skip
+    add_allow_flag(approve)
     registry_flag(approve)
 
     reject = commands.add_parser("reject", help="drop a pending request, by fingerprint")
@@ -172,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def registry_of(args: argparse.Namespace, *, create: bool = False) -> Iterator[Registry]:
+    """The registry named by --registry, closed afterwards; must exist unless ``create``."""
+    registry = open_registry(args.registry, create=create)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     where = str(args.certificate.absolute())
     try:
@@ -180,12 +181,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         raise EnrollmentError(str(exc)) from exc
     check_name(args.name)
     candidate = check_certificate(data, where)
-    allowed = check_patterns(args.allow)
-    registry = open_registry(args.registry)
-    try:
+    allowed = check_patterns(allow_patterns(args))
+    with registry_of(args, create=True) as registry:
         client = registry.enroll(candidate, args.name, allowed, replace=args.replace)
-    finally:
-        registry.close()
     print(f"enrolled {client.name}")
     print(f"  fingerprint  {client.fingerprint}")
     print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}")
@@ -204,11 +202,8 @@ def _status(client: Client) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry, create=False)
-    try:
+    with registry_of(args) as registry:
         clients = registry.clients()
-    finally:
-        registry.close()
     now = dt.datetime.now(dt.UTC)
     if args.json:
         rows = [
@@ -241,21 +236,15 @@ def _expiring(client: Client, now: dt.datetime, args: argparse.Namespace) -> boo
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry, create=False)
-    try:
+    with registry_of(args) as registry:
         client = registry.revoke(args.client)
-    finally:
-        registry.close()
     print(f"revoked {client.name} ({client.fingerprint})")
     return Exit.OK
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry, create=False)
-    try:
+    with registry_of(args) as registry:
         waiting = registry.pending()
-    finally:
-        registry.close()
     if args.json:
         print(json.dumps([p.as_json() for p in waiting], indent=2))
     elif not waiting:
@@ -266,17 +255,14 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    allowed = check_patterns(args.allow)
+    allowed = check_patterns(allow_patterns(args))
     name = check_name(args.name) if args.name else None
-    registry = open_registry(args.registry, create=False)
-    try:
+    with registry_of(args) as registry:
         request = registry.get_pending(args.fingerprint)
         where = f"the pending request {request.fingerprint}"
         candidate = check_certificate(request.cert_pem.encode(), where)
         client = registry.enroll(candidate, name or request.name, allowed)
         registry.take_pending(args.fingerprint)  # only once enrolled: nothing is lost
-    finally:
-        registry.close()
     print(f"approved: enrolled {client.name}")
     print(f"  fingerprint  {client.fingerprint}")
     print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}")
@@ -284,11 +270,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_reject(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry, create=False)
-    try:
+    with registry_of(args) as registry:
         request = registry.take_pending(args.fingerprint)
-    finally:
-        registry.close()
     print(f"rejected the request from {request.name!r} ({request.fingerprint})")
     return Exit.OK
 

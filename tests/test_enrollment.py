@@ -227,3 +227,20 @@ def test_missing_registry_flag_is_a_usage_error(
         cli.main(["list"])
     assert info.value.code == 2
     assert "--registry" in capsys.readouterr().err
+
+
+def test_allow_from_environment_unless_flags_are_given(
+    registry: Path,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("PINRPC_ALLOW", "/pinrpc.v1.Echo/Echo,/pinrpc.v1.Echo/EchoStream")
+    enroll(registry, make_client("env").cert_path, "env")
+    enroll(registry, make_client("flag").cert_path, "flag", "/pinrpc.v1.Echo/*")
+    clients = registry_dump(registry, capsys)
+    assert isinstance(clients, list)
+    assert [c["allowed_methods"] for c in clients] == [
+        ["/pinrpc.v1.Echo/Echo", "/pinrpc.v1.Echo/EchoStream"],
+        ["/pinrpc.v1.Echo/*"],  # flags replace the environment, they do not add to it
+    ]
