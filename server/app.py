@@ -26,10 +26,10 @@ from pinrpc.v1 import (
 from server.admin import AdminService, IdentityService
 from server.audit import Audit
 from server.auth import AuthInterceptor
-from server.health import ECHO_SERVICE, Health, probe_server
+from server.health import ECHO_SERVICE, Health
 from server.metrics import Metrics, serve_metrics
 from server.observe import Observability
-from server.registry import open_registry
+from server.registry import Registry, open_registry
 from server.requests import EnrollmentService
 from server.services import EchoService
 from server.trust import TrustWatcher
@@ -98,26 +98,10 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             events=observe,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
-        interceptor = AuthInterceptor(lambda: trust.enrolled, observe)
-        server = grpc.server(executor, interceptors=[interceptor])
-        echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(registry, audit, trust.poll), server
+        server = grpc.server(
+            executor, interceptors=[AuthInterceptor(lambda: trust.enrolled, observe)]
         )
-        identity_pb2_grpc.add_IdentityServicer_to_server(
-            IdentityService(registry, audit, trust.poll, config.rotation_overlap), server
-        )
-        health.add_to(server)
-        reflection.enable_server_reflection(
-            (
-                ECHO_SERVICE,
-                ADMIN_SERVICE,
-                IDENTITY_SERVICE,
-                HEALTH_SERVICE,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
+        _add_services(server, config, registry, audit, trust, health)
         try:
             port = server.add_secure_port(config.listen, trust.credentials())
         except RuntimeError as exc:
@@ -131,10 +115,12 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         log.info("listening on %s (port %d)", config.listen, port)
         health_port = enrollment_port = None
         if config.health_listen:
-            probe, health_port = probe_server(health, config.health_listen)
+            probe = grpc.server(stack.enter_context(ThreadPoolExecutor(max_workers=2)))
+            health.add_to(probe)  # and nothing else: probes carry no client certificate
+            health_port = probe.add_insecure_port(config.health_listen)
             _start_side(stack, probe, health_port, config.health_listen, "plaintext health probes")
         if config.enrollment_listen:
-            requests = grpc.server(ThreadPoolExecutor(max_workers=4))
+            requests = grpc.server(stack.enter_context(ThreadPoolExecutor(max_workers=4)))
             enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
                 EnrollmentService(registry, audit, request_ttl=config.enrollment_ttl,
                                   max_pending=config.max_pending),
@@ -159,6 +145,25 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             config, port, server, trust, health, health_port, metrics, metrics_port,
             enrollment_port,
         )  # fmt: skip
+
+
+def _add_services(
+    server: grpc.Server,
+    config: ServerConfig,
+    registry: Registry,
+    audit: Audit,
+    trust: TrustWatcher,
+    health: Health,
+) -> None:
+    """The API behind client authentication, with health and reflection beside it."""
+    echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(registry, audit, trust.poll), server)
+    identity_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityService(registry, audit, trust.poll, config.rotation_overlap), server
+    )
+    health.add_to(server)
+    services = (ECHO_SERVICE, ADMIN_SERVICE, IDENTITY_SERVICE, HEALTH_SERVICE)
+    reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
 
 
 def _start_side(stack: ExitStack, server: grpc.Server, port: int, listen: str, what: str) -> None:

@@ -1,12 +1,11 @@
 """gRPC health checking: on the mTLS port for clients, and optionally on a plaintext probe port.
 
-The probe port carries the health service and nothing else, so Docker or Kubernetes can probe
-without a client certificate while every other method stays behind client authentication.
+The probe port (opened in server/app.py) carries the health service and nothing else, so
+Docker or Kubernetes can probe without a client certificate while every other method stays
+behind client authentication.
 """
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,11 +40,3 @@ class Health:
 
     def add_to(self, server: grpc.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-
-
-def probe_server(health_state: Health, listen: str) -> tuple[grpc.Server, int]:
-    """A plaintext server exposing only the health service (for orchestrator probes)."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    health_state.add_to(server)
-    port = server.add_insecure_port(listen)
-    return server, port
