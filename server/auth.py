@@ -121,8 +121,14 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             self._fingerprints[pem] = fp
         return fp
 
-    def authorize(self, context: grpc.ServicerContext, method: str) -> Identity:
-        """Return the caller's identity or abort the call with the reason."""
+    def authorize(
+        self, context: grpc.ServicerContext, method: str, *, remember: bool = True
+    ) -> Identity:
+        """Return the caller's identity or abort the call with the reason.
+
+        ``remember``: cache an allowed (certificate, method) pair in the current snapshot; off
+        for method names that no handler serves, which callers may invent without bound.
+        """
         # grpc-stubs types the values as bytes; they are lists of bytes.
         auth = cast(Mapping[str, list[bytes]], context.auth_context())
         pems = auth.get("x509_pem_cert")
@@ -130,7 +136,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             self._observer.denied(context, method, None, None, "no_certificate")
             _deny(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
         fp = self._fingerprint(pems[0])
-        client = self._enrolled().lookup(fp)
+        enrolled = self._enrolled()
+        client = enrolled.lookup(fp)
         if client is None:
             self._observer.denied(context, method, fp, None, "not_enrolled")
             _deny(
@@ -138,13 +145,17 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client certificate {fp} is not enrolled or was revoked",
             )
-        if not method_allowed(client, method):
-            self._observer.denied(context, method, fp, client, "method_not_allowed")
-            _deny(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"client {client.name!r} ({fp}) may not call {method}",
-            )
+        key = (fp.digest, method)
+        if key not in enrolled.allowed:
+            if not method_allowed(client, method):
+                self._observer.denied(context, method, fp, client, "method_not_allowed")
+                _deny(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"client {client.name!r} ({fp}) may not call {method}",
+                )
+            if remember:
+                enrolled.allowed.add(key)
         self._observer.admitted(context, method, client)
         return Identity(client.name, fp, client.allowed_methods)
 
@@ -162,7 +173,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
     def _unimplemented(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         def behavior(_request: Any, context: grpc.ServicerContext) -> Any:
-            identity = self.authorize(context, method)
+            identity = self.authorize(context, method, remember=False)
             # Unknown names are caller-chosen: keep them out of metric labels.
             self._observer.finished(identity.name, UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED)
             context.abort(grpc.StatusCode.UNIMPLEMENTED, f"method {method} not found")

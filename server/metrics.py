@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -16,6 +17,7 @@ class Metrics:
             "pinrpc_calls", "Calls handled, by client, method and status code",
             ["client", "method", "code"], registry=r,
         )  # fmt: skip
+        self._call_children: dict[tuple[str, str, str], Any] = {}
         self.denials = Counter(
             "pinrpc_denials", "Calls refused by the interceptor, by reason", ["reason"], registry=r
         )
@@ -37,6 +39,14 @@ class Metrics:
         self.handshakes = Counter(
             "pinrpc_tls_handshakes", "TLS handshakes started on the mTLS port", registry=r
         )
+
+    def count_call(self, client: str, method: str, code: str) -> None:
+        # labels() validates and locks on every lookup; the per-call path keeps the children.
+        key = (client, method, code)
+        child = self._call_children.get(key)
+        if child is None:
+            child = self._call_children[key] = self.calls.labels(client, method, code)
+        child.inc()
 
     def set_cert_expiry(self, not_after: dt.datetime) -> None:
         self.cert_expiry.set(not_after.timestamp())

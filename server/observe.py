@@ -42,7 +42,7 @@ class Observability:
         self.metrics.denials.labels(reason).inc()
         # Only enrolled callers get their method as a label: others could invent names freely.
         name, label = (client.name, method) if client else ("", UNKNOWN_METHOD)
-        self.metrics.calls.labels(name, label, code).inc()
+        self.metrics.count_call(name, label, code)
         self.audit.event(
             "call",
             decision="deny",
@@ -72,7 +72,7 @@ class Observability:
         )
 
     def finished(self, client: str, method: str, code: grpc.StatusCode) -> None:
-        self.metrics.calls.labels(client, method, code.name).inc()
+        self.metrics.count_call(client, method, code.name)
 
     # -- trust watcher -----------------------------------------------------------------------
 

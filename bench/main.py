@@ -1,0 +1,367 @@
+"""scripts/bench: pinrpc against bare grpcio and nginx, and pinrpc's trust store at scale.
+
+Method: every server is a child of this process, started the same way; one grpc.aio client
+here drives them. Variants are compared with all servers up and channels open, in short
+alternating slices (order reversed every round: ABC CBA ...), and the report gives medians of
+the per-round ratios to variant B, never a lone absolute time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from . import load, report, rootload
+from .fixtures import candidate_of, client, filler_candidates, server_files, write_registry
+from .load import aio_stub as load_stub
+from .nginx import nginx_binary, start_nginx
+from .procs import Proc, StartError, launch, wait_port
+from .sweep import measure_size
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    rounds: int  # alternation rounds for throughput workloads (one slice per variant each)
+    slice_s: float
+    latency_rounds: int
+    latency_slice_s: float
+    conn_rounds: int
+    sweep: tuple[int, ...]
+    prototype: tuple[int, ...]
+    fleet: int  # enrolled clients in variant C-1k
+    cap: float  # the longest the sweep waits for a new enrollment to become usable
+    rootload: tuple[int, ...]  # root counts for the add_secure_port measurement
+
+
+FULL = Plan("full", 11, 0.5, 7, 0.6, 8, (1, 100, 1000, 10000), (1000, 10000), 1000, 40.0,
+            (1000, 2000, 4000))  # fmt: skip
+QUICK = Plan("quick", 2, 0.15, 2, 0.2, 2, (1, 100), (100,), 100, 10.0, (300,))
+
+Slice = Callable[[], Awaitable[Any]]
+
+
+async def alternate(slices: dict[str, Slice], rounds: int) -> list[dict[str, Any]]:
+    """One warm-up round, then ``rounds`` rounds, every other one in reverse order.
+
+    Within a round, every variant's slice sits between two slices of the reference B
+    (B X1 B X2 B ...), and the round records, besides each raw result, X's ratio to the mean of
+    its two neighbouring B slices: the machine's drift cancels out of that ratio.
+    """
+    others = [n for n in slices if n != "B"]
+    results = []
+    for r in range(rounds + 1):
+        got: dict[str, Any] = {}
+        ref: list[Any] = [await slices["B"]()]
+        for name in others if r % 2 else reversed(others):
+            got[name] = await slices[name]()
+            ref.append(await slices["B"]())
+            got[f"{name}@B"] = (ref[-2], ref[-1])
+        got["B"] = ref[len(ref) // 2]
+        if r:
+            results.append(got)
+    return results
+
+
+def ratio(rounds: list[dict[str, Any]], a: str, b: str) -> dict[str, float]:
+    """Median and quartiles of the per-round ratio a/b, b taken from a's neighbouring slices."""
+
+    def one(r: dict[str, Any]) -> float:
+        if b == "B" and f"{a}@B" in r:
+            return float(r[a] / ((r[f"{a}@B"][0] + r[f"{a}@B"][1]) / 2))
+        return float(r[a] / r[b])
+
+    values = sorted(one(r) for r in rounds)
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": round(q[1], 3), "q1": round(q[0], 3), "q3": round(q[2], 3), "n": len(values)}
+
+
+def project(rounds: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Rounds of latency dicts reduced to one figure (p50 or p99), neighbours included."""
+    return [
+        {n: (v[0][key], v[1][key]) if "@" in n else v[key] for n, v in r.items()} for r in rounds
+    ]
+
+
+def summary(rounds: list[dict[str, Any]], ref: str = "B") -> dict[str, Any]:
+    names = [n for n in rounds[0] if "@" not in n]
+    return {
+        "median": {n: round(statistics.median(r[n] for r in rounds), 1) for n in names},
+        "ratio_to_B": {n: ratio(rounds, n, ref) for n in names if n != ref},
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    nginx = nginx_binary()
+    nginx_version = None
+    if nginx:
+        out = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
+        nginx_version = out.stderr.strip()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "nginx": nginx_version,
+        "loadavg_start": os.getloadavg()[0],
+    }
+
+
+class Servers:
+    """The comparison's servers, all up at once; stopped by PID on exit."""
+
+    def __init__(self, workdir: Path, plan: Plan, skip_nginx: bool) -> None:
+        self.procs: dict[str, Proc] = {}
+        self.targets: dict[str, dict[str, load.Target]] = {}
+        self.skipped: list[str] = []
+        self.workdir = workdir
+        self.plan = plan
+        self.skip_nginx = skip_nginx
+
+    def start(self) -> None:
+        w = self.workdir
+        files = server_files(w / "server")
+        self.files = files
+        keys = w / "keys"
+        p256, rsa = client(keys, "bench-p256"), client(keys, "bench-rsa", "rsa2048")
+        roots = w / "bare-roots.pem"
+        roots.write_bytes(p256.cert_path.read_bytes() + rsa.cert_path.read_bytes())
+        named = [("bench-p256", candidate_of(p256)), ("bench-rsa", candidate_of(rsa))]
+        small, fleet = w / "small.db", w / "fleet.db"
+        write_registry(small, named, [])
+        write_registry(fleet, named, filler_candidates(self.plan.fleet - len(named)))
+        tls = ["--cert", str(files.cert), "--key", str(files.key)]
+        serve = ["-m", "server.cli", "serve", "--listen", "127.0.0.1:0", *tls]
+        bare_mtls = ["-m", "bench.bare_server", "--mtls", *tls, "--roots", str(roots)]
+        argv = {
+            "A": ["-m", "bench.bare_server"],
+            "B": bare_mtls,
+            "B+noop": [*bare_mtls, "--interceptor", "noop"],
+            "B+auth": [*bare_mtls, "--interceptor", "auth", "--registry", str(small)],
+            "B+prewrap": [*bare_mtls, "--interceptor", "prewrap", "--registry", str(small)],
+            "C": [*serve, "--registry", str(small)],
+            "C-1k": [*serve, "--registry", str(fleet)],
+            "D-backend": ["-m", "bench.bare_server"],
+        }
+        for name, args in argv.items():
+            self.procs[name] = launch(name, args, w)
+        for proc in self.procs.values():
+            wait_port(proc, 60)
+        if self.skip_nginx:
+            self.skipped.append("D: skipped (--skip-nginx)")
+        elif nginx_binary() is None:
+            self.skipped.append("D: skipped, nginx is not installed (apt-get install nginx)")
+        else:
+            pems = [p256.cert_path.read_bytes(), rsa.cert_path.read_bytes()]
+            backend = self.procs["D-backend"].port
+            self.procs["D"] = start_nginx(w / "nginx", backend, files.cert, files.key, pems)
+        ca = files.ca_path.read_bytes()
+        for kind, who in (("p256", p256), ("rsa2048", rsa)):
+            creds = load.credentials(ca, who.key_path.read_bytes(), who.cert_path.read_bytes())
+            self.targets[kind] = {
+                name: load.Target(f"127.0.0.1:{self.procs[name].port}", creds)
+                for name in ("B", "B+noop", "B+auth", "B+prewrap", "C", "C-1k", "D")
+                if name in self.procs
+            }
+        self.targets["plain"] = {"A": load.Target(f"127.0.0.1:{self.procs['A'].port}", None)}
+
+    def processes(self, variant: str) -> list[Proc]:
+        """The processes doing a variant's server work: nginx and its backend for D."""
+        if variant == "D":
+            return [self.procs["D"], self.procs["D-backend"]]
+        return [self.procs[variant]]
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+
+async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
+    targets = {"A": servers.targets["plain"]["A"], **servers.targets["p256"]}
+    channels = {name: t.channel() for name, t in targets.items()}
+    stubs = {name: load_stub(ch) for name, ch in channels.items()}
+    out: dict[str, Any] = {}
+    try:
+        for stub in stubs.values():
+            await stub.Echo(load.REQUEST, timeout=10)
+
+        # Server CPU per call: far steadier than throughput on a shared machine, because
+        # another process taking the CPU slows the calls and the CPU they use alike.
+        cpu = dict.fromkeys(stubs, 0.0)
+        calls = dict.fromkeys(stubs, 0.0)
+
+        def unary(name: str, stub: Any) -> Slice:
+            async def run() -> float:
+                procs = servers.processes(name)
+                before, start = sum(p.cpu() for p in procs), time.monotonic()
+                rate = await load.unary_rate(stub, plan.slice_s)
+                calls[name] += rate * (time.monotonic() - start)
+                cpu[name] += sum(p.cpu() for p in procs) - before
+                return rate
+
+            return run
+
+        rounds = await alternate({n: unary(n, s) for n, s in stubs.items()}, plan.rounds)
+        out["unary"] = summary(rounds) | {"unit": "calls/s", "slice_s": plan.slice_s}
+        per_call = {n: 1e6 * cpu[n] / calls[n] for n in stubs if calls[n]}
+        out["unary"]["server_cpu_us_per_call"] = {n: round(v, 1) for n, v in per_call.items()}
+        out["unary"]["server_cpu_ratio_to_B"] = {
+            n: round(v / per_call["B"], 3) for n, v in per_call.items() if n != "B"
+        }
+        if "D" in stubs:
+            out["unary"]["C_over_D"] = ratio(rounds, "C", "D")
+
+        # Half of B's ceiling: below saturation for every TLS variant, so latency is latency.
+        rate = 0.5 * out["unary"]["median"]["B"]
+        lat: dict[str, list[float]] = {n: [] for n in stubs}
+
+        def latency(name: str) -> Slice:
+            async def run() -> dict[str, float]:
+                got = await load.unary_latencies(stubs[name], plan.latency_slice_s, rate)
+                lat[name] += got
+                return {"p50": load.percentile(got, 50), "p99": load.percentile(got, 99)}
+
+            return run
+
+        lrounds = await alternate({n: latency(n) for n in stubs}, plan.latency_rounds)
+        p99, p50 = project(lrounds, "p99"), project(lrounds, "p50")
+        out["latency"] = {
+            "offered_rate": round(rate, 1),
+            "p50_ms": {n: round(1000 * load.percentile(v, 50), 2) for n, v in lat.items()},
+            "p99_ms": {n: round(1000 * load.percentile(v, 99), 2) for n, v in lat.items()},
+            "p50_ratio_to_B": summary(p50)["ratio_to_B"],
+            "p99_ratio_to_B": summary(p99)["ratio_to_B"],
+            "calls": {n: len(v) for n, v in lat.items()},
+        }
+        if "D" in stubs:
+            out["latency"]["p99_C_over_D"] = ratio(p99, "C", "D")
+
+        def stream(stub: Any) -> Slice:
+            return lambda: load.stream_rate(stub, plan.slice_s)
+
+        srounds = await alternate({n: stream(s) for n, s in stubs.items()}, plan.rounds)
+        out["streaming"] = summary(srounds) | {"unit": "messages/s"}
+    finally:
+        for ch in channels.values():
+            await ch.close(None)
+
+    def conn(target: load.Target) -> Slice:
+        return lambda: load.connection_rate(target, plan.slice_s)
+
+    out["connections"] = {"unit": "connections/s (connect + 1 call, 4 in parallel)"}
+    for kind in ("p256", "rsa2048"):
+        # The interceptor-only variants differ from B per call, not per connection.
+        group = {k: t for k, t in servers.targets[kind].items() if not k.startswith("B+")}
+        if kind == "p256":
+            group = {"A": servers.targets["plain"]["A"], **group}
+        crounds = await alternate({n: conn(t) for n, t in group.items()}, plan.conn_rounds)
+        out["connections"][kind] = summary(crounds)
+    return out
+
+
+async def scale(workdir: Path, plan: Plan, files: Any, include_prototype: bool) -> dict[str, Any]:
+    biggest = max((*plan.sweep, *plan.prototype))
+    started = time.monotonic()
+    fillers = filler_candidates(biggest)
+    out: dict[str, Any] = {"fillers_generated_s": round(time.monotonic() - started, 1)}
+    out["rootload"] = await asyncio.to_thread(rootload.measure, plan.rootload)
+    tls = ["--cert", str(files.cert), "--key", str(files.key)]
+
+    def pinrpc(registry: Path) -> list[str]:
+        return ["-m", "server.cli", "serve", "--listen", "127.0.0.1:0", *tls,
+                "--registry", str(registry)]  # fmt: skip
+
+    def prototype(registry: Path) -> list[str]:
+        return ["-m", "bench.prototype_trust", "--listen", "127.0.0.1:0", *tls,
+                "--registry", str(registry)]  # fmt: skip
+
+    kinds = [("pinrpc", pinrpc, plan.sweep)]
+    if include_prototype:
+        kinds.append(("prototype", prototype, plan.prototype))
+    for label, argv, sizes in kinds:
+        out[label] = []
+        for n in sizes:
+            try:
+                row = await measure_size(n, argv, label, files, workdir, fillers, plan.cap)
+            except (RuntimeError, OSError, sqlite3.Error, grpc.RpcError) as exc:
+                # One failed size must not lose the others: record it, go on, exit non-zero.
+                row = {"server": label, "enrolled": n, "error": str(exc).splitlines()[0]}
+            out[label].append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke-test mode (< 1 minute)")
+    parser.add_argument("--out", type=Path, help="directory for results.json and results.md")
+    parser.add_argument("--skip-nginx", action="store_true", help="leave out variant D")
+    parser.add_argument("--skip-scale", action="store_true", help="leave out the scale sweep")
+    parser.add_argument(
+        "--skip-prototype", action="store_true", help="leave out the trust-handover prototype"
+    )
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    out_dir = args.out or Path(tempfile.mkdtemp(prefix="pinrpc-bench-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {"plan": asdict(plan), "machine": machine()}
+
+    def save() -> str:
+        """Written after every phase, so a failure later keeps what was measured."""
+        results["machine"]["loadavg_end"] = os.getloadavg()[0]
+        results["duration_s"] = round(time.monotonic() - started, 1)
+        results["targets"] = report.targets(results)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        markdown = report.markdown(results)
+        (out_dir / "results.md").write_text(markdown)
+        return markdown
+
+    with tempfile.TemporaryDirectory(prefix="pinrpc-bench-work-") as tmp:
+        workdir = Path(tmp)
+        servers = Servers(workdir, plan, args.skip_nginx)
+        try:
+            servers.start()
+            results["comparison"] = asyncio.run(comparisons(servers, plan))
+        except StartError as exc:
+            print(f"scripts/bench: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            servers.stop()
+        results["skipped"] = servers.skipped
+        save()
+        if not args.skip_scale:
+            results["scale"] = asyncio.run(
+                scale(workdir, plan, servers.files, not args.skip_prototype)
+            )
+    print(save())
+    print(f"results: {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    errors = [r for k in ("pinrpc", "prototype") for r in results.get("scale", {}).get(k, [])
+              if "error" in r]  # fmt: skip
+    for row in errors:
+        where = f"{row['server']} N={row['enrolled']}"
+        print(f"scripts/bench: {where}: {row['error']}", file=sys.stderr)
+    return 1 if errors else 0

@@ -1,0 +1,119 @@
+"""Start the servers under comparison identically: same launcher, same session, same env.
+
+The kernel's autogroup scheduler shares CPU per session, so a server started with setsid would
+get a different share of the 2 cores than one started here. Every server is a child of the
+benchmark process, its stderr goes to a log file, and it is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PORT_RE = re.compile(rb"\(port (\d+)\)")
+
+
+class StartError(RuntimeError):
+    """A server did not come up."""
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    started: float
+    port: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss_mb(self) -> float:
+        """Resident set size from /proc (the process alone, not its children)."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return float("nan")
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        return int(match.group(1)) / 1024 if match else float("nan")
+
+    def stop(self, timeout: float = 8.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def tail(self, lines: int = 5) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its direct children (nginx's workers), in s."""
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for p in (pid, *map(int, children)):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def launch(name: str, argv: list[str], logdir: Path, *, python: bool = True) -> Proc:
+    """Start ``argv`` (a Python module invocation unless python=False) as a child process."""
+    log = logdir / f"{name}.log"
+    cmd = [sys.executable, *argv] if python else argv
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
+        )
+    return Proc(name, popen, log, time.monotonic())
+
+
+def wait_port(proc: Proc, timeout: float) -> int:
+    """Wait for the "(port N)" line a server logs once it listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = PORT_RE.search(proc.log.read_bytes())
+        if match:
+            proc.port = int(match.group(1))
+            proc.extra["listening_s"] = time.monotonic() - proc.started
+            return proc.port
+        if proc.popen.poll() is not None:
+            raise StartError(f"{proc.name} exited with {proc.popen.returncode}: {proc.tail()}")
+        time.sleep(0.01)
+    raise StartError(f"{proc.name} did not listen within {timeout:.0f} s: {proc.tail()}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

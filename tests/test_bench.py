@@ -1,0 +1,129 @@
+"""scripts/bench: the quick mode runs end to end and writes the results CI and docs rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "scripts" / "bench"
+sys.path.insert(0, str(REPO))
+
+from bench.report import markdown, targets  # noqa: E402
+
+VARIANTS = {"A", "B", "B+noop", "B+auth", "B+prewrap", "C", "C-1k"}
+SCALE_FIELDS = {
+    "enrolled",
+    "startup_s",
+    "enroll_to_first_call_s",
+    "revoke_to_refusal_s",
+    "max_connect_wait_enroll_s",
+    "max_connect_wait_revoke_s",
+    "rss_mb_started",
+}
+
+
+def have_nginx() -> bool:
+    return shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
+    if not have_nginx() and os.environ.get("CI") == "true":
+        pytest.fail("nginx is missing: variant D cannot run (apt-get install nginx)")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results: dict[str, Any] = json.loads((tmp_path / "results.json").read_text())
+    assert results["plan"]["mode"] == "quick"
+    cmp = results["comparison"]
+    expected = VARIANTS | ({"D"} if have_nginx() else set())
+    assert set(cmp["unary"]["median"]) == expected
+    assert set(cmp["unary"]["ratio_to_B"]) == expected - {"B"}
+    assert set(cmp["latency"]["p99_ms"]) == expected
+    assert set(cmp["streaming"]["median"]) == expected
+    per_call_only = {"A", "B+noop", "B+auth", "B+prewrap"}
+    assert set(cmp["connections"]["rsa2048"]["median"]) == expected - per_call_only
+    assert all(v > 0 for v in cmp["unary"]["median"].values())
+    for row in results["scale"]["pinrpc"] + results["scale"]["prototype"]:
+        assert set(row) >= SCALE_FIELDS
+        assert row["enroll_to_first_call_s"] is not None
+        assert row["revoke_to_refusal_s"] is not None
+    assert {t["target"] for t in results["targets"]} >= {"unary calls/s C/B"}
+    table = (tmp_path / "results.md").read_text()
+    assert "| unary calls/s (64 in flight) |" in table
+    assert "### Targets" in table
+
+
+def test_bad_flag_is_one_line_error_and_nonzero() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "unrecognized arguments: --no-such-flag" in proc.stderr
+
+
+def _results(unary_c: float, p99_c: float) -> dict[str, Any]:
+    def r(x: float) -> dict[str, float]:
+        return {"median": x, "q1": x, "q3": x, "n": 1}
+
+    return {
+        "plan": {"mode": "test"},
+        "duration_s": 1.0,
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "kernel": "k",
+            "python": "3",
+            "grpcio": "1",
+            "nginx": None,
+            "loadavg_start": 0.0,
+            "loadavg_end": 0.0,
+        },
+        "comparison": {
+            "unary": {"median": {"B": 1.0, "C": unary_c}, "ratio_to_B": {"C": r(unary_c)}},
+            "latency": {
+                "offered_rate": 1.0,
+                "p50_ms": {},
+                "p99_ms": {},
+                "p50_ratio_to_B": {},
+                "p99_ratio_to_B": {"C": r(p99_c)},
+            },
+            "streaming": {"median": {}, "ratio_to_B": {}},
+            "connections": {"p256": {"median": {}, "ratio_to_B": {}}},
+        },
+    }
+
+
+def test_targets_are_judged_from_the_figures() -> None:
+    good = {t["target"]: t["met"] for t in targets(_results(0.98, 1.05))}
+    bad = {t["target"]: t["met"] for t in targets(_results(0.96, 1.2))}
+    assert good["unary calls/s C/B"] is True
+    assert good["unary p99 latency C/B"] is True
+    assert bad["unary calls/s C/B"] is False
+    assert bad["unary p99 latency C/B"] is False
+    assert good["streaming messages/s C/B"] is None  # not measured is not a pass
+
+
+def test_markdown_marks_missed_targets() -> None:
+    results = _results(0.9, 1.0)
+    results["targets"] = targets(results)
+    text = markdown(results)
+    assert "| unary calls/s C/B | 0.9 | >= 0.97 | **no** |" in text
