@@ -111,6 +111,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self._observer: Observer = observer or NullObserver()
         # Keyed by the leaf PEM bytes: a dict hit costs far less than base64 + SHA-256.
         self._fingerprints: dict[bytes, Fingerprint] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def _fingerprint(self, pem: bytes) -> Fingerprint:
         fp = self._fingerprints.get(pem)
@@ -165,11 +166,19 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(handler_call_details)
         if handler is None:
-            # Authenticate before admitting that a method does not exist.
+            # Authenticate before admitting that a method does not exist (never cached: the
+            # names are the caller's).
             return grpc.unary_unary_rpc_method_handler(self._unimplemented(method))
-        return _wrap(handler, method, self.authorize, self._observer.finished)
+        # The services are fixed once the server starts: wrap each method's handler once.
+        wrapped = self._wrapped[method] = _wrap(
+            handler, method, self.authorize, self._observer.finished
+        )
+        return wrapped
 
     def _unimplemented(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         def behavior(_request: Any, context: grpc.ServicerContext) -> Any:
