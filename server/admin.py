@@ -49,7 +49,7 @@ def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
-def _timestamp(when: dt.datetime | None) -> Timestamp | None:
+def timestamp(when: dt.datetime | None) -> Timestamp | None:
     if when is None:
         return None
     stamp = Timestamp()
@@ -63,10 +63,10 @@ def to_proto(client: Client) -> admin_pb2.Client:
         fingerprint=str(client.fingerprint),
         allowed_methods=client.allowed_methods,
         subject=client.subject,
-        enrolled_at=_timestamp(client.enrolled_at),
-        not_after=_timestamp(client.not_after),
-        revoked_at=_timestamp(client.revoked_at),
-        retire_at=_timestamp(client.retire_at),
+        enrolled_at=timestamp(client.enrolled_at),
+        not_after=timestamp(client.not_after),
+        revoked_at=timestamp(client.revoked_at),
+        retire_at=timestamp(client.retire_at),
         active=client.active,
     )
 

@@ -13,22 +13,15 @@ import secrets
 import threading
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from pinrpc import proof
 from pinrpc.errors import CapacityError, EnrollmentError, PinrpcError
 from pinrpc.identity import check_name
 from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
-from server.admin import abort_with
+from server.admin import abort_with, timestamp
 from server.audit import Audit
 from server.enrollment import check_certificate
 from server.registry import Registry
-
-
-def _timestamp(when: dt.datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(when)
-    return stamp
 
 
 class NonceBook:
@@ -77,7 +70,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             nonce, expires = self._nonces.issue()
         except PinrpcError as exc:
             abort_with(context, exc)
-        return enrollment_pb2.ChallengeResponse(nonce=nonce, expires_at=_timestamp(expires))
+        return enrollment_pb2.ChallengeResponse(nonce=nonce, expires_at=timestamp(expires))
 
     def Request(
         self, request: enrollment_pb2.EnrollmentRequest, context: grpc.ServicerContext
@@ -106,5 +99,5 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             peer=pending.peer,
         )  # fmt: skip
         return enrollment_pb2.EnrollmentTicket(
-            fingerprint=str(pending.fingerprint), expires_at=_timestamp(pending.expires_at)
+            fingerprint=str(pending.fingerprint), expires_at=timestamp(pending.expires_at)
         )
