@@ -27,6 +27,7 @@ from server.admin import AdminService, IdentityService
 from server.audit import Audit
 from server.auth import AuthInterceptor
 from server.health import ECHO_SERVICE, Health
+from server.listener import Listener, ListenError, Options
 from server.metrics import Metrics, serve_metrics
 from server.observe import Observability
 from server.registry import Registry, open_registry
@@ -63,13 +64,15 @@ class ServerConfig:
     health_listen: str | None = None  # plaintext gRPC health for probes; off by default
     metrics_listen: str | None = None  # Prometheus endpoint; off by default
     audit_rate: float = 50.0  # audit lines per second, sustained (bursts of 4x)
+    tls_reload: str = "inline"  # or "handover" (server/listener.py): for large fleets
+    max_connection_age: float = 120.0  # handover: connections rotate, old listeners empty
 
 
 @dataclass(frozen=True, slots=True)
 class RunningServer:
     config: ServerConfig
     port: int
-    server: grpc.Server
+    listener: Listener
     trust: TrustWatcher
     health: Health
     health_port: int | None
@@ -98,18 +101,24 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             events=observe,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
-        server = grpc.server(
-            executor, interceptors=[AuthInterceptor(lambda: trust.enrolled, observe)]
-        )
-        _add_services(server, config, registry, audit, trust, health)
+        interceptor = AuthInterceptor(lambda: trust.enrolled, observe)
+
+        def build(options: Options) -> grpc.Server:
+            # One per listener (handover builds more); all share the pool and the check.
+            server = grpc.server(executor, interceptors=[interceptor], options=options)
+            _add_services(server, config, registry, audit, trust, health)
+            return server
+
+        listener = Listener(
+            build, trust, mode=config.tls_reload, grace=config.grace,
+            max_age=config.max_connection_age, interval=config.poll_interval,
+            rebuilt=observe.rebuilt,
+        )  # fmt: skip
         try:
-            port = server.add_secure_port(config.listen, trust.credentials())
-        except RuntimeError as exc:
-            raise ServeError(f"cannot listen on {config.listen}: {exc}") from exc
-        if port == 0:
-            raise ServeError(f"cannot listen on {config.listen} (address in use or invalid)")
-        server.start()
-        stack.callback(lambda: server.stop(config.grace).wait())
+            port = listener.start(config.listen)
+        except ListenError as exc:
+            raise ServeError(str(exc)) from exc
+        stack.callback(lambda: listener.stop(config.grace))
         trust.start()
         stack.callback(trust.stop)
         log.info("listening on %s (port %d)", config.listen, port)
@@ -142,7 +151,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             stack.callback(stop_metrics)
             log.info("metrics on http://%s/metrics", config.metrics_listen)
         yield RunningServer(
-            config, port, server, trust, health, health_port, metrics, metrics_port,
+            config, port, listener, trust, health, health_port, metrics, metrics_port,
             enrollment_port,
         )  # fmt: skip
 

@@ -18,6 +18,7 @@ from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.app import ServerConfig, start_server
 from server.enrollment import check_certificate, check_patterns
+from server.listener import MODES as LISTENER_MODES
 from server.logs import configure_logging
 from server.registry import Client, Registry, migrate_registry, open_registry
 
@@ -92,6 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         serve, "--metrics-listen", help="serve Prometheus metrics here (HOST:PORT); off if unset"
+    )
+    add_flag(
+        serve,
+        "--tls-reload",
+        default="inline",
+        choices=list(LISTENER_MODES),
+        help="how new clients and server certificates reach TLS: inline (gRPC rebuilds inside "
+        "the next handshake, which new connections wait for: fine up to about a thousand "
+        "clients) or handover (a new listener is built in the background and takes over the "
+        "port; for large fleets, see docs/OPERATIONS.md)",
+    )
+    add_flag(
+        serve,
+        "--max-connection-age",
+        default="120",
+        type=float,
+        help="with --tls-reload handover: seconds after which a connection is rotated "
+        "gracefully, so an old listener empties without failing calls",
     )
     add_flag(
         serve,
@@ -301,6 +320,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         health_listen=args.health_listen,
         metrics_listen=args.metrics_listen,
         audit_rate=args.audit_rate,
+        tls_reload=args.tls_reload,
+        max_connection_age=args.max_connection_age,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

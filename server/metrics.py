@@ -33,7 +33,8 @@ class Metrics:
         )
         self.rebuild_seconds = Histogram(
             "pinrpc_trust_rebuild_seconds",
-            "Time to prepare a new TLS configuration (gRPC then loads it in the next handshake)",
+            "Time to build a new TLS configuration (--tls-reload inline: to prepare it, gRPC "
+            "loads it in the next handshake; handover: the whole new listener)",
             registry=r,
         )
         self.handshakes = Counter(

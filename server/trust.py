@@ -3,9 +3,10 @@
 grpcio has no verify callback, so the set of enrolled certificates *is* the set of trusted
 roots (each self-signed client certificate is its own trust anchor). A background thread polls
 the registry's generation counter and the certificate files; when either changed it prepares a
-new configuration, and the credential fetcher (called by gRPC's C core at every new handshake)
-hands it over once. Otherwise the fetcher returns None: building a configuration blocks
-handshakes, so it must only happen when something really changed.
+new configuration. With --tls-reload inline the credential fetcher (called by gRPC's C core at
+every new handshake) hands it over once; otherwise it returns None, because building a
+configuration blocks handshakes. With --tls-reload handover the credentials stay as built and
+server/listener.py builds a new listener instead.
 """
 
 from __future__ import annotations
@@ -227,42 +228,63 @@ class TrustWatcher:
         self._cert_signature = file_signature(cert_path, key_path)
         self.server_cert = load_server_cert(cert_path, key_path)
         self._version = 0  # bumped on every change; each fetcher remembers what it has
+        self.changed = threading.Event()  # set on every change (server.listener waits on it)
         self._announce_cert("serving")
         self._announce_clients(clients)
         self._events.health(self.healthy, not self._registry_failing)
 
     # -- gRPC side -------------------------------------------------------------------------
 
-    def _config(self, client_auth: bool) -> grpc.ServerCertificateConfiguration:
-        cert = self.server_cert
-        roots = (self.enrolled.roots_pem or self._nobody) if client_auth else None
+    def _config(
+        self, cert: ServerCert, enrolled: EnrolledSet, client_auth: bool
+    ) -> grpc.ServerCertificateConfiguration:
+        roots = (enrolled.roots_pem or self._nobody) if client_auth else None
         return grpc.ssl_server_certificate_configuration(
             [(cert.key_pem, cert.chain_pem)], root_certificates=roots
         )
 
-    def credentials(self, *, client_auth: bool = True) -> grpc.ServerCredentials:
-        """Credentials that follow every change; without client_auth, server-only TLS."""
-        seen = self._version
+    def credentials(
+        self, *, client_auth: bool = True, follow: bool = True
+    ) -> grpc.ServerCredentials:
+        """Credentials that follow every change; without client_auth, server-only TLS.
+
+        ``follow=False``: keep what they were built with (--tls-reload handover); the fetcher
+        then only counts handshakes.
+        """
+        return self._credentials(client_auth, follow)[0]
+
+    def pinned_credentials(self) -> tuple[grpc.ServerCredentials, ServerCert, frozenset[bytes]]:
+        """mTLS credentials that never change, with the certificate and clients they hold."""
+        return self._credentials(True, False)
+
+    def _credentials(
+        self, client_auth: bool, follow: bool
+    ) -> tuple[grpc.ServerCredentials, ServerCert, frozenset[bytes]]:
+        with self._lock:
+            seen, cert, enrolled = self._version, self.server_cert, self.enrolled
+        # Built outside the lock: gRPC loads the roots when the credentials are used.
+        initial = self._config(cert, enrolled, client_auth)
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             # Runs on a C-core thread at every new handshake: keep it trivial.
             nonlocal seen
             if client_auth:
                 self._events.handshake()
-            if self._version == seen:
+            if not follow or self._version == seen:
                 return None
             with self._lock:
                 start = time.perf_counter()
                 seen = self._version
-                config = self._config(client_auth)
+                config = self._config(self.server_cert, self.enrolled, client_auth)
             self._events.rebuilt(time.perf_counter() - start)
             return config
 
         # grpc-stubs omits that the fetcher may return None ("keep the current config").
         typed = cast(Callable[[], grpc.ServerCertificateConfiguration], fetch)
-        return grpc.dynamic_ssl_server_credentials(
-            self._config(client_auth), typed, require_client_authentication=client_auth
+        creds = grpc.dynamic_ssl_server_credentials(
+            initial, typed, require_client_authentication=client_auth
         )
+        return creds, cert, frozenset(enrolled.by_digest)
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -322,6 +344,7 @@ class TrustWatcher:
         with self._lock:
             self.enrolled, self._generation = enrolled, generation
             self._version += 1
+        self.changed.set()
         self._announce_clients(clients)
 
     def _root_order(self, client: Client) -> tuple[int, bytes]:
@@ -370,6 +393,7 @@ class TrustWatcher:
         with self._lock:
             self.server_cert, self._cert_signature = cert, signature
             self._version += 1
+        self.changed.set()
         self._announce_cert("reloaded")
 
     # -- logging ---------------------------------------------------------------------------

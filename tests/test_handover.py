@@ -1,0 +1,250 @@
+"""--tls-reload handover: TLS changes reach a new listener built off the handshake path."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pinrpc.identity import KeyPairFiles
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server import cli as server_cli
+from server.app import ServerConfig, start_server
+from server.auth import AuthInterceptor
+from server.listener import Listener, Options
+from server.registry import open_registry
+from server.services import EchoService
+from server.trust import TrustWatcher
+from tests.certs import certbot_link
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    code_of,
+    enroll,
+    eventually,
+    revoke,
+    whoami,
+)
+from tests.test_server_cert import served_serial
+
+REQUEST = echo_pb2.EchoRequest(message="x")
+MAX_AGE = 1.0  # seconds; production default is 120
+FRESH_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+
+
+def handover_config(registry: Path, cert: Path, key: Path) -> ServerConfig:
+    return ServerConfig(
+        "127.0.0.1:0", cert, key, str(registry), poll_interval=0.1, grace=1.0,
+        tls_reload="handover", max_connection_age=MAX_AGE,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def handover(devca: ServerFiles, registry: Path) -> Iterator[Connect]:
+    with start_server(handover_config(registry, devca.cert, devca.key)) as running:
+        yield Connect(running, devca)
+
+
+def fresh_call(connect: Connect | tuple[str, Path], who: KeyPairFiles) -> echo_pb2.EchoResponse:
+    """One call on a new connection (grpc would otherwise reuse a shared one)."""
+    if isinstance(connect, Connect):
+        target, ca = connect.target, connect.devca.ca_path
+    else:
+        target, ca = connect
+    creds = grpc.ssl_channel_credentials(
+        ca.read_bytes(), who.key_path.read_bytes(), who.cert_path.read_bytes()
+    )
+    options = [("grpc.ssl_target_name_override", SERVER_NAME), FRESH_CONNECTION]
+    with grpc.secure_channel(target, creds, options=options) as channel:
+        reply: echo_pb2.EchoResponse = echo_pb2_grpc.EchoStub(channel).Echo(REQUEST, timeout=5)
+    return reply
+
+
+def admitted(connect: Connect, who: KeyPairFiles) -> bool:
+    try:
+        return fresh_call(connect, who).caller != ""
+    except grpc.RpcError:
+        return False
+
+
+def listener(connect: Connect) -> Listener:
+    return connect.server.listener
+
+
+def settle(connect: Connect) -> int:
+    """Wait for any handover the change needs (the builder thread may be doing it already)."""
+    listener(connect).refresh()
+    assert not listener(connect).stale()
+    return listener(connect).handovers
+
+
+def test_enrollment_is_handed_to_a_new_listener(handover: Connect, make_client: MakeClient) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    handover.enroll(alice, "alice", ECHO_ALL)
+    before = settle(handover)
+    open_channel = handover.stub(alice.cert_path, alice.key_path)
+    assert whoami(open_channel).name == "alice"
+    assert code_of(lambda: fresh_call(handover, bob)) == grpc.StatusCode.UNAVAILABLE
+    draining = listener(handover).draining
+
+    handover.enroll(bob, "bob", ECHO_ALL)
+    assert settle(handover) == before + 1
+    # The old listener is closed: were it still accepting, about half of these would land on
+    # it and fail bob's handshake.
+    for _ in range(12):
+        assert fresh_call(handover, bob).caller == "bob"
+    assert open_channel.Echo(REQUEST, timeout=5).caller == "alice"  # moves over by itself
+    assert listener(handover).draining == draining + 1
+    eventually(lambda: listener(handover).draining == 0, timeout=1.1 * MAX_AGE + 1.0 + 3)
+
+
+def test_revocation_needs_no_new_listener_but_every_call_is_refused(
+    handover: Connect, make_client: MakeClient, registry: Path
+) -> None:
+    alice, carol = make_client("alice"), make_client("carol")
+    handover.enroll(alice, "alice", ECHO_ALL)
+    before = settle(handover)
+    open_channel = handover.stub(alice.cert_path, alice.key_path)
+    assert whoami(open_channel).name == "alice"
+
+    revoke(registry, "alice")
+    handover.server.trust.poll()
+    assert settle(handover) == before  # nothing to add: no build, no handover
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: open_channel.Echo(REQUEST, timeout=5)) == denied
+    # Her root is still in this listener's store, so a new connection gets through the
+    # handshake; the per-call check refuses it all the same.
+    assert code_of(lambda: fresh_call(handover, alice)) == denied
+
+    handover.enroll(carol, "carol", ECHO_ALL)
+    assert settle(handover) == before + 1
+    # The next build leaves the revoked root out: now she is refused at the handshake.
+    assert code_of(lambda: fresh_call(handover, alice)) == grpc.StatusCode.UNAVAILABLE
+    assert fresh_call(handover, carol).caller == "carol"
+
+
+def test_no_call_fails_across_handovers_under_load(
+    handover: Connect, make_client: MakeClient, registry: Path
+) -> None:
+    """Open channels and new connections keep working while enrollments hand the port over."""
+    alice = make_client("alice")
+    handover.enroll(alice, "alice", ECHO_ALL)
+    settle(handover)
+    newcomers = [make_client(f"new{i}") for i in range(5)]
+    outcomes: collections.Counter[str] = collections.Counter()
+    stop = threading.Event()
+
+    def open_channel_calls() -> None:
+        stub = handover.stub(alice.cert_path, alice.key_path)
+        while not stop.is_set():
+            try:
+                stub.Echo(REQUEST, timeout=5)
+                outcomes["open OK"] += 1
+            except grpc.RpcError as exc:
+                outcomes[f"open {exc.code().name}"] += 1
+
+    def new_connections() -> None:
+        while not stop.is_set():
+            try:
+                fresh_call(handover, alice)
+                outcomes["new OK"] += 1
+            except grpc.RpcError as exc:
+                outcomes[f"new {exc.code().name} {exc.details()}"] += 1
+
+    workers = [threading.Thread(target=open_channel_calls) for _ in range(4)]
+    workers.append(threading.Thread(target=new_connections))
+    for worker in workers:
+        worker.start()
+    try:
+        for i, newcomer in enumerate(newcomers):
+            time.sleep(0.3)
+            enroll(registry, newcomer.cert_path, f"new{i}", ECHO_ALL)  # the watcher picks it up
+            eventually(functools.partial(admitted, handover, newcomer), timeout=5)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert set(outcomes) == {"open OK", "new OK"}, outcomes
+    assert outcomes["open OK"] > 100 and outcomes["new OK"] > 10, outcomes
+
+
+def test_server_certificate_renewal_is_handed_over(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    live = tmp_path / "live" / SERVER_NAME
+    first, second = devca.ca.issue([SERVER_NAME]), devca.ca.issue([SERVER_NAME])
+    certbot_link(live, *first.write(tmp_path / "v1"), 1)
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    config = handover_config(registry, live / "fullchain.pem", live / "privkey.pem")
+    with start_server(config) as running:
+        connect = Connect(running, devca)
+        open_channel = connect.stub(alice.cert_path, alice.key_path)
+        assert whoami(open_channel).name == "alice"
+        assert served_serial(running.port, alice) == first.leaf.serial_number
+
+        certbot_link(live, *second.write(tmp_path / "v2"), 2)
+        running.trust.poll()
+        assert settle(connect) == 1
+        assert served_serial(running.port, alice) == second.leaf.serial_number
+        assert whoami(open_channel).name == "alice"
+
+
+def test_no_handshake_waits_for_a_build(
+    devca: ServerFiles, registry: Path, make_client: MakeClient
+) -> None:
+    """A build that takes 2 s (as 10,000 roots would) delays nobody: the old listener serves."""
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    reg = open_registry(str(registry))
+    trust = TrustWatcher(reg, devca.cert, devca.key)
+    check = AuthInterceptor(lambda: trust.enrolled)
+    slow = threading.Event()
+
+    def build(options: Options) -> grpc.Server:
+        if slow.is_set():
+            time.sleep(2.0)
+        server = grpc.server(executor, interceptors=[check], options=options)
+        echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
+        return server
+
+    with ThreadPoolExecutor(8) as executor:
+        served = Listener(build, trust, mode="handover", grace=1.0, max_age=MAX_AGE)
+        served.start("127.0.0.1:0")
+        connect = (f"127.0.0.1:{served.port}", devca.ca_path)
+        try:
+            enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+            slow.set()
+            trust.poll()  # wakes the builder thread too: whichever builds, it takes 2 s
+            building = threading.Thread(target=served.refresh)
+            building.start()
+            waits = []
+            while building.is_alive():
+                started = time.monotonic()
+                assert fresh_call(connect, alice).caller == "alice"
+                waits.append(time.monotonic() - started)
+            building.join()
+            assert len(waits) >= 10 and max(waits) < 0.5, waits
+            assert fresh_call(connect, bob).caller == "bob"
+        finally:
+            served.stop(None)
+            reg.close()
+
+
+def test_cli_refuses_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        server_cli.main(["serve", "--cert", "c", "--key", "k", "--registry", "r",
+                         "--tls-reload", "sideways"])  # fmt: skip
+    assert info.value.code == 2
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err
