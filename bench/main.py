@@ -43,7 +43,7 @@ class Plan:
     latency_slice_s: float
     conn_rounds: int
     sweep: tuple[int, ...]
-    prototype: tuple[int, ...]
+    handover: tuple[int, ...]  # sizes for pinrpc-server serve --tls-reload handover
     fleet: int  # enrolled clients in variant C-1k
     cap: float  # the longest the sweep waits for a new enrollment to become usable
     rootload: tuple[int, ...]  # root counts for the add_secure_port measurement
@@ -283,8 +283,8 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
     return out
 
 
-async def scale(workdir: Path, plan: Plan, files: Any, include_prototype: bool) -> dict[str, Any]:
-    biggest = max((*plan.sweep, *plan.prototype))
+async def scale(workdir: Path, plan: Plan, files: Any, include_handover: bool) -> dict[str, Any]:
+    biggest = max((*plan.sweep, *plan.handover))
     started = time.monotonic()
     fillers = filler_candidates(biggest)
     out: dict[str, Any] = {"fillers_generated_s": round(time.monotonic() - started, 1)}
@@ -295,13 +295,12 @@ async def scale(workdir: Path, plan: Plan, files: Any, include_prototype: bool) 
         return ["-m", "server.cli", "serve", "--listen", "127.0.0.1:0", *tls,
                 "--registry", str(registry)]  # fmt: skip
 
-    def prototype(registry: Path) -> list[str]:
-        return ["-m", "bench.prototype_trust", "--listen", "127.0.0.1:0", *tls,
-                "--registry", str(registry)]  # fmt: skip
+    def handover(registry: Path) -> list[str]:
+        return [*pinrpc(registry), "--tls-reload", "handover"]
 
     kinds = [("pinrpc", pinrpc, plan.sweep)]
-    if include_prototype:
-        kinds.append(("prototype", prototype, plan.prototype))
+    if include_handover:
+        kinds.append(("handover", handover, plan.handover))
     for label, argv, sizes in kinds:
         out[label] = []
         for n in sizes:
@@ -321,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-nginx", action="store_true", help="leave out variant D")
     parser.add_argument("--skip-scale", action="store_true", help="leave out the scale sweep")
     parser.add_argument(
-        "--skip-prototype", action="store_true", help="leave out the trust-handover prototype"
+        "--skip-handover", action="store_true", help="leave out the sweep of --tls-reload handover"
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -355,11 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         save()
         if not args.skip_scale:
             results["scale"] = asyncio.run(
-                scale(workdir, plan, servers.files, not args.skip_prototype)
+                scale(workdir, plan, servers.files, not args.skip_handover)
             )
     print(save())
     print(f"results: {out_dir / 'results.json'} and {out_dir / 'results.md'}")
-    errors = [r for k in ("pinrpc", "prototype") for r in results.get("scale", {}).get(k, [])
+    errors = [r for k in ("pinrpc", "handover") for r in results.get("scale", {}).get(k, [])
               if "error" in r]  # fmt: skip
     for row in errors:
         where = f"{row['server']} N={row['enrolled']}"

@@ -16,6 +16,10 @@ VARIANTS = {
 }
 
 
+# Scale sweeps: pinrpc-server serve with --tls-reload inline (the default), and handover.
+SWEEPS = {"pinrpc": "pinrpc (inline)", "handover": "pinrpc --tls-reload handover"}
+
+
 def _get(d: Any, *path: str) -> Any:
     for key in path:
         if not (isinstance(d, dict) and key in d):
@@ -53,26 +57,27 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     check("unary calls/s C/D", _get(cmp, "unary", "C_over_D", "median"), 1.0, ">=")
     check("unary p99 latency C/D", _get(cmp, "latency", "p99_C_over_D", "median"), 1.0, "<")
     scale = results.get("scale", {})
-    for kind in ("pinrpc", "prototype"):
+    for kind in SWEEPS:
         rows = scale.get(kind)
         if not rows:
             continue
         refusals = [r["revoke_to_refusal_s"] for r in rows if r.get("revoke_to_refusal_s")]
-        check(f"{kind}: revocation reaches an open channel (s from CLI launch, worst N)",
+        label = SWEEPS[kind]
+        check(f"{label}: revocation reaches an open channel (s from CLI launch, worst N)",
               max(refusals) if refusals else None, 1.0, "<")  # fmt: skip
         commits = [r["revoke_commit_to_refusal_s"] for r in rows
                    if r.get("revoke_commit_to_refusal_s") is not None]  # fmt: skip
-        check(f"{kind}: revocation reaches an open channel (s from commit, worst N)",
+        check(f"{label}: revocation reaches an open channel (s from commit, worst N)",
               max(commits) if commits else None, 1.0, "<")  # fmt: skip
-        check(f"{kind}: enrollment usable at N=1000 (s from CLI launch)",
+        check(f"{label}: enrollment usable at N=1000 (s from CLI launch)",
               _at(rows, 1000, "enroll_to_first_call_s"), 1.0, "<")  # fmt: skip
-        check(f"{kind}: enrollment usable at N=1000 (s from registry commit)",
+        check(f"{label}: enrollment usable at N=1000 (s from registry commit)",
               _at(rows, 1000, "enroll_commit_to_first_call_s"), 1.0, "<")  # fmt: skip
-        check(f"{kind}: start-up at N=10000 (s)", _at(rows, 10000, "startup_s"), 5.0, "<")
+        check(f"{label}: start-up at N=10000 (s)", _at(rows, 10000, "startup_s"), 5.0, "<")
         waits = [_at(rows, 10000, f) for f in
                  ("max_connect_wait_enroll_s", "max_connect_wait_revoke_s")]  # fmt: skip
         worst = max(w for w in waits if w is not None) if any(waits) else None
-        check(f"{kind}: longest new-connection wait during a rebuild at N=10000 (s)",
+        check(f"{label}: longest new-connection wait during a rebuild at N=10000 (s)",
               worst, 0.1, "<")  # fmt: skip
     return out
 
@@ -162,13 +167,13 @@ def markdown(results: dict[str, Any]) -> str:
             "| open channel during enroll: errors / longest call s | RSS MB start/end |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for kind in ("pinrpc", "prototype"):
+        for kind in SWEEPS:
             for r in scale.get(kind, []):
                 if "error" in r:
-                    lines.append(f"| {kind} | {r['enrolled']:,} | failed: {r['error']} |")
+                    lines.append(f"| {SWEEPS[kind]} | {r['enrolled']:,} | failed: {r['error']} |")
                     continue
                 lines.append(
-                    f"| {kind} | {r['enrolled']:,} | {_fmt(r.get('listening_s'))} "
+                    f"| {SWEEPS[kind]} | {r['enrolled']:,} | {_fmt(r.get('listening_s'))} "
                     f"| {_fmt(r.get('startup_s'))} | {_enrolled(r)} "
                     f"| {_fmt(r.get('revoke_to_refusal_s'))} "
                     f"| {_fmt(r.get('enroll_commit_to_first_call_s'))} / "
