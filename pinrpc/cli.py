@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import IntEnum
+from typing import TypeVar
 
 from pinrpc.errors import PinrpcError
+
+N = TypeVar("N", int, float)
 
 
 class Exit(IntEnum):
@@ -39,6 +42,11 @@ def add_flag(
     env = env_name(flag)
     value = os.environ.get(env) or default
     suffix = f" [env {env}]" if default is None else f" [env {env}; default {default}]"
+    choices = kwargs.get("choices")
+    if choices is not None and os.environ.get(env):
+        # argparse checks choices only on the command line; this checks the variable too,
+        # when the flag is not given (argparse converts a string default with ``type``).
+        kwargs["type"] = _one_of(choices, kwargs.get("type", str), env)  # type: ignore[arg-type]
     parser.add_argument(
         flag,
         default=value,
@@ -46,6 +54,36 @@ def add_flag(
         help=help + suffix,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def at_least(convert: Callable[[str], N], minimum: N) -> Callable[[str], N]:
+    """An argparse ``type``: a number (int or float) no smaller than ``minimum``."""
+
+    def check(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    return check
+
+
+def _one_of(
+    choices: Sequence[str], convert: Callable[[str], str], env: str
+) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        value = convert(text)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {text!r} (from {env} or the flag; choose from "
+                f"{', '.join(choices)})"
+            )
+        return value
+
+    return check
 
 
 def add_allow_flag(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, run
+from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, at_least, run
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.app import ServerConfig, start_server
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--cert-warn-days",
         default="14",
-        type=int,
+        type=at_least(int, 0),
         help="warn when the server certificate expires within this many days",
     )
     serve.add_argument(
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--rotation-overlap",
         default="86400",
-        type=float,
+        type=at_least(float, 0.0),
         help="seconds a client's old certificate keeps working after it rotates (0: at once)",
     )
     add_flag(
@@ -75,15 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--enrollment-ttl",
         default="86400",
-        type=float,
+        type=at_least(float, 1.0),
         help="seconds an enrollment request waits for approval",
     )
-    add_flag(serve, "--max-pending", default="100", type=int, help="most requests waiting at once")
+    add_flag(
+        serve,
+        "--max-pending",
+        default="100",
+        type=at_least(int, 1),
+        help="most requests waiting at once",
+    )
     add_flag(
         serve,
         "--client-warn-days",
         default="14",
-        type=int,
+        type=at_least(int, 0),
         help="log (daily) clients whose certificate expires within this many days",
     )
     add_flag(
@@ -108,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--max-connection-age",
         default="120",
-        type=float,
+        type=at_least(float, 1.0),
         help="with --tls-reload handover: seconds after which a connection is rotated "
         "gracefully, so an old listener empties without failing calls",
     )
@@ -123,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--audit-rate",
         default="50",
-        type=float,
+        type=at_least(float, 0.1),
         help="audit lines per second before the rest are counted and dropped (bursts of 4x)",
     )
     add_flag(
@@ -152,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         listing,
         "--warn-days",
         default="30",
-        type=int,
+        type=at_least(int, 0),
         help="flag active clients whose certificate expires within this many days",
     )
     registry_flag(listing)

@@ -244,3 +244,44 @@ def test_allow_from_environment_unless_flags_are_given(
         ["/pinrpc.v1.Echo/Echo", "/pinrpc.v1.Echo/EchoStream"],
         ["/pinrpc.v1.Echo/*"],  # flags replace the environment, they do not add to it
     ]
+
+
+SERVE = ["serve", "--cert", "c.pem", "--key", "k.pem", "--registry", "r.db"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--max-pending", "0", "must be at least 1, got 0"),
+        ("--audit-rate", "-5", "must be at least 0.1, got -5"),
+        ("--rotation-overlap", "-1", "must be at least 0, got -1"),
+        ("--max-connection-age", "soon", "not a number: 'soon'"),
+        ("--tls-reload", "sideways", "invalid choice: 'sideways'"),
+    ],
+)
+def test_bad_serve_values_are_usage_errors_from_flag_or_environment(
+    flag: str,
+    value: str,
+    says: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv in ([*SERVE, flag, value], SERVE):
+        if argv is SERVE:
+            monkeypatch.setenv("PINRPC_" + flag[2:].replace("-", "_").upper(), value)
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: {says}" in err
+        assert "Traceback" not in err
+
+
+def test_good_serve_values_from_the_environment_are_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PINRPC_TLS_RELOAD", "handover")
+    monkeypatch.setenv("PINRPC_MAX_CONNECTION_AGE", "30")
+    args = cli.build_parser().parse_args(SERVE)
+    assert (args.tls_reload, args.max_connection_age) == ("handover", 30.0)
+    assert cli.build_parser().parse_args([*SERVE, "--tls-reload", "inline"]).tls_reload == "inline"

@@ -15,7 +15,6 @@ import pytest
 
 from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
-from server import cli as server_cli
 from server.app import ServerConfig, start_server
 from server.auth import AuthInterceptor
 from server.listener import Listener, Options
@@ -240,11 +239,3 @@ def test_no_handshake_waits_for_a_build(
         finally:
             served.stop(None)
             reg.close()
-
-
-def test_cli_refuses_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        server_cli.main(["serve", "--cert", "c", "--key", "k", "--registry", "r",
-                         "--tls-reload", "sideways"])  # fmt: skip
-    assert info.value.code == 2
-    assert "invalid choice: 'sideways'" in capsys.readouterr().err
