@@ -104,6 +104,9 @@ def test_enrollment_is_handed_to_a_new_listener(handover: Connect, make_client: 
         assert fresh_call(handover, bob).caller == "bob"
     assert open_channel.Echo(REQUEST, timeout=5).caller == "alice"  # moves over by itself
     assert listener(handover).draining == draining + 1
+    metrics = handover.server.metrics.registry
+    assert metrics.get_sample_value("pinrpc_trust_rebuilds_total") == before + 1
+    assert (metrics.get_sample_value("pinrpc_tls_handshakes_total") or 0) >= 12
     eventually(lambda: listener(handover).draining == 0, timeout=1.1 * MAX_AGE + 1.0 + 3)
 
 
