@@ -76,6 +76,18 @@ _SO_ATTACH_REUSEPORT_CBPF: Final = 51  # Linux; not in Python's socket module
 ACCEPT_QUEUE_DRAIN = 0.05  # seconds for the old listener to accept what reached it already
 
 
+def steer_to_newest(sockets: list[socket.socket]) -> bool:
+    """Send the port's new connections to the newest listener; False if the kernel refused."""
+    program = ctypes.create_string_buffer(_PICK_SECOND)
+    fprog = struct.pack("@HP", 1, ctypes.addressof(program))  # struct sock_fprog, native
+    try:
+        for sock in sockets:  # one per address family: each has its own group
+            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError:
+        return False
+    return True
+
+
 def close_listening(sockets: list[socket.socket]) -> None:
     """Stop accepting on sockets gRPC owns, leaving their accepted connections alone.
 
@@ -85,11 +97,8 @@ def close_listening(sockets: list[socket.socket]) -> None:
     with it). shutdown(SHUT_RD) then takes it out of the group; gRPC's acceptor logs
     "Closing acceptor. Failed accept4: Invalid argument" once: expected here.
     """
-    program = ctypes.create_string_buffer(_PICK_SECOND)
-    fprog = struct.pack("HxxxxxxQ", 1, ctypes.addressof(program))  # struct sock_fprog
-    for sock in sockets:
-        with contextlib.suppress(OSError):  # without it, only the small reset race remains
-            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+    if not steer_to_newest(sockets):
+        log.warning("could not steer new connections; a few may be reset by this handover")
     time.sleep(ACCEPT_QUEUE_DRAIN)
     for sock in sockets:
         with contextlib.suppress(OSError):  # already closed

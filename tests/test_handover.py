@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.app import ServerConfig, start_server
 from server.auth import AuthInterceptor
-from server.listener import Listener, Options
+from server.listener import Listener, Options, steer_to_newest
 from server.registry import open_registry
 from server.services import EchoService
 from server.trust import TrustWatcher
@@ -242,3 +244,51 @@ def test_no_handshake_waits_for_a_build(
         finally:
             served.stop(None)
             reg.close()
+
+
+def reuseport_pair() -> tuple[socket.socket, socket.socket, int]:
+    """Two listeners on one port, as an old and a new gRPC server have during a handover."""
+    first = socket.socket()
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    first.bind(("127.0.0.1", 0))
+    first.listen(64)
+    port = first.getsockname()[1]
+    second = socket.socket()
+    second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    second.bind(("127.0.0.1", port))
+    second.listen(64)
+    return first, second, port
+
+
+def accepted_by(listeners: tuple[socket.socket, socket.socket], port: int) -> list[int]:
+    """Open 24 connections; how many each listener received."""
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(24)]
+    counts = []
+    for listener in listeners:
+        listener.setblocking(False)
+        count = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                listener.accept()[0].close()
+                count += 1
+        counts.append(count)
+    for client in clients:
+        client.close()
+    return counts
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_new_connections_are_steered_to_the_newest_listener(steered: bool) -> None:
+    first, second, port = reuseport_pair()
+    try:
+        if steered:
+            assert steer_to_newest([first])
+        counts = accepted_by((first, second), port)
+        assert sum(counts) == 24
+        if steered:
+            assert counts == [0, 24]
+        else:  # the kernel's hash spreads them (all 24 on one side: odds 1 in 8 million)
+            assert 0 < counts[0] < 24
+    finally:
+        first.close()
+        second.close()
