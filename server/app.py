@@ -34,6 +34,7 @@ from server.registry import Registry, open_registry
 from server.requests import EnrollmentService
 from server.services import EchoService
 from server.trust import TrustWatcher
+from server.warm import WarmSet
 
 log = logging.getLogger("pinrpc.server")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -66,6 +67,7 @@ class ServerConfig:
     audit_rate: float = 50.0  # audit lines per second, sustained (bursts of 4x)
     tls_reload: str = "inline"  # or "handover" (server/listener.py): for large fleets
     max_connection_age: float = 120.0  # handover: connections rotate, old listeners empty
+    warm_start: Path | None = None  # handover: serve the clients seen before first
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,8 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         stack.callback(registry.close)
         health, metrics = Health(), Metrics()
         audit = Audit(rate=config.audit_rate, burst=int(config.audit_rate * 4))
-        observe = Observability(metrics, audit, health)
+        warm = WarmSet(config.warm_start) if config.warm_start else None
+        observe = Observability(metrics, audit, health, warm)
         trust = TrustWatcher(
             registry,
             config.cert,
@@ -112,7 +115,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         listener = Listener(
             build, trust, mode=config.tls_reload, grace=config.grace,
             max_age=config.max_connection_age, interval=config.poll_interval,
-            rebuilt=observe.rebuilt,
+            rebuilt=observe.rebuilt, warm=warm,
         )  # fmt: skip
         try:
             port = listener.start(config.listen)

@@ -16,7 +16,7 @@ from pathlib import Path
 from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, at_least, run
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
-from server.app import ServerConfig, start_server
+from server.app import ServeError, ServerConfig, start_server
 from server.enrollment import check_certificate, check_patterns
 from server.listener import MODES as LISTENER_MODES
 from server.logs import configure_logging
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=at_least(float, 1.0),
         help="with --tls-reload handover: seconds after which a connection is rotated "
         "gracefully, so an old listener empties without failing calls",
+    )
+    add_flag(
+        serve,
+        "--warm-start",
+        help="with --tls-reload handover: file where the server records which clients "
+        "connected; after a restart it trusts those first and the rest by handover",
     )
     add_flag(
         serve,
@@ -310,6 +316,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.warm_start and args.tls_reload != "handover":
+        raise ServeError("--warm-start needs --tls-reload handover")
     configure_logging(args.log_level, args.log_format)
     config = ServerConfig(
         listen=args.listen,
@@ -328,6 +336,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit_rate=args.audit_rate,
         tls_reload=args.tls_reload,
         max_connection_age=args.max_connection_age,
+        warm_start=Path(args.warm_start) if args.warm_start else None,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

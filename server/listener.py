@@ -36,6 +36,7 @@ import grpc
 
 from pinrpc.errors import PinrpcError
 from server.trust import ServerCert, TrustWatcher
+from server.warm import WarmSet
 
 log = logging.getLogger("pinrpc.server")
 MODES: Final = ("inline", "handover")
@@ -73,6 +74,7 @@ def listening_sockets(port: int) -> list[socket.socket]:
 # exist and the kernel falls back to its usual hash.
 _PICK_SECOND = struct.pack("HBBI", 0x06, 0, 0, 1)  # BPF_RET | BPF_K, k=1
 _SO_ATTACH_REUSEPORT_CBPF: Final = 51  # Linux; not in Python's socket module
+WARM_SAVE_INTERVAL = 60.0  # seconds between saves of the --warm-start file
 ACCEPT_QUEUE_DRAIN = 0.05  # seconds for the old listener to accept what reached it already
 
 
@@ -119,6 +121,7 @@ class Listener:
         max_age: float = 120.0,
         interval: float = 0.2,
         rebuilt: Callable[[float], None] = lambda _seconds: None,
+        warm: WarmSet | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown --tls-reload mode {mode!r}")
@@ -136,6 +139,8 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._failing = False
         self.handovers = 0
+        self._warm = warm
+        self._next_save = 0.0
 
     @property
     def draining(self) -> int:
@@ -145,7 +150,7 @@ class Listener:
     def start(self, address: str) -> int:
         """Bind ``address`` (HOST:PORT, port 0 picks one) and serve; returns the port."""
         self._host = address.rpartition(":")[0]
-        server, port, state = self._bind(address)
+        server, port, state = self._bind(address, self._warm_start())
         if port == 0:
             raise ListenError(f"cannot listen on {address} (address in use or invalid)")
         server.start()
@@ -155,8 +160,22 @@ class Listener:
             self._thread.start()
         return port
 
+    def _warm_start(self) -> frozenset[bytes] | None:
+        """The recently connected clients, if trusting only them first saves time."""
+        if self._warm is None or self.mode != "handover":
+            return None
+        active = self._trust.enrolled.by_digest.keys()
+        first = self._warm.loaded() & active
+        if not first or len(first) == len(active):
+            return None
+        log.info(
+            "warm start: trusting the %d client(s) seen before first; all %d follow by handover",
+            len(first), len(active),
+        )  # fmt: skip
+        return first
+
     def _bind(
-        self, address: str
+        self, address: str, only: frozenset[bytes] | None = None
     ) -> tuple[grpc.Server, int, tuple[ServerCert | None, frozenset[bytes]]]:
         """A new server bound to ``address`` (port 0 if it could not), and what it trusts."""
         state: tuple[ServerCert | None, frozenset[bytes]] = (None, frozenset())
@@ -171,7 +190,7 @@ class Listener:
                     ("grpc.max_connection_age_grace_ms", int(self._grace * 1000)),
                 )
             )
-            creds, cert, trusted = self._trust.pinned_credentials()
+            creds, cert, trusted = self._trust.pinned_credentials(only)
             state = (cert, trusted)
         try:
             return server, server.add_secure_port(address, creds), state
@@ -234,7 +253,11 @@ class Listener:
             self._trust.changed.wait(self._interval)
             self._trust.changed.clear()
             self.refresh()
-            self._reap(time.monotonic())
+            now = time.monotonic()
+            self._reap(now)
+            if self._warm is not None and now >= self._next_save:
+                self._next_save = now + WARM_SAVE_INTERVAL
+                self._warm.save()
 
     def _reap(self, now: float) -> None:
         with self._build_lock:
@@ -254,3 +277,5 @@ class Listener:
             servers.append(self._server)
         for event in [server.stop(grace) for server in servers]:
             event.wait()
+        if self._warm is not None:
+            self._warm.save()

@@ -13,6 +13,7 @@ from server.health import Health
 from server.metrics import Metrics
 from server.registry import Client
 from server.trust import ServerCert
+from server.warm import WarmSet
 
 # Peers remembered for "first allowed call of a connection"; forgotten all at once when full,
 # which at worst logs a connection twice.
@@ -22,8 +23,11 @@ MAX_PEERS = 10_000
 class Observability:
     """Implements both server.auth.Observer and server.trust.TrustEvents."""
 
-    def __init__(self, metrics: Metrics, audit: Audit, health: Health) -> None:
+    def __init__(
+        self, metrics: Metrics, audit: Audit, health: Health, warm: WarmSet | None = None
+    ) -> None:
         self.metrics, self.audit, self.health_state = metrics, audit, health
+        self.warm = warm
         self._peers: set[str] = set()
         self._lock = threading.Lock()
         self._known: dict[Fingerprint, Client] | None = None
@@ -61,6 +65,8 @@ class Observability:
             if len(self._peers) >= MAX_PEERS:
                 self._peers.clear()
             self._peers.add(peer)
+        if self.warm is not None:
+            self.warm.seen(client.fingerprint.digest)
         self.audit.event(
             "call",
             decision="allow",

@@ -253,15 +253,23 @@ class TrustWatcher:
         """
         return self._credentials(client_auth, follow)[0]
 
-    def pinned_credentials(self) -> tuple[grpc.ServerCredentials, ServerCert, frozenset[bytes]]:
-        """mTLS credentials that never change, with the certificate and clients they hold."""
-        return self._credentials(True, False)
+    def pinned_credentials(
+        self, only: frozenset[bytes] | None = None
+    ) -> tuple[grpc.ServerCredentials, ServerCert, frozenset[bytes]]:
+        """mTLS credentials that never change, with the certificate and clients they hold.
+
+        ``only``: trust just these of the active clients (a warm start, server/warm.py).
+        """
+        return self._credentials(True, False, only)
 
     def _credentials(
-        self, client_auth: bool, follow: bool
+        self, client_auth: bool, follow: bool, only: frozenset[bytes] | None = None
     ) -> tuple[grpc.ServerCredentials, ServerCert, frozenset[bytes]]:
         with self._lock:
             seen, cert, enrolled = self._version, self.server_cert, self.enrolled
+        if only is not None:
+            chosen = [c for d, c in enrolled.by_digest.items() if d in only]
+            enrolled = EnrolledSet.build(chosen, self._root_order)
         # Built outside the lock: gRPC loads the roots when the credentials are used.
         initial = self._config(cert, enrolled, client_auth)
 

@@ -285,3 +285,12 @@ def test_good_serve_values_from_the_environment_are_taken(
     args = cli.build_parser().parse_args(SERVE)
     assert (args.tls_reload, args.max_connection_age) == ("handover", 30.0)
     assert cli.build_parser().parse_args([*SERVE, "--tls-reload", "inline"]).tls_reload == "inline"
+
+
+def test_warm_start_needs_handover(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = [*SERVE, "--warm-start", str(tmp_path / "warm")]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == (
+        "pinrpc-server: error: --warm-start needs --tls-reload handover\n"
+    )
+    assert not (tmp_path / "warm").exists()

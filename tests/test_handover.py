@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import logging
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -23,6 +25,7 @@ from server.listener import Listener, Options, steer_to_newest
 from server.registry import open_registry
 from server.services import EchoService
 from server.trust import TrustWatcher
+from server.warm import WarmSet
 from tests.certs import certbot_link
 from tests.conftest import (
     ECHO_ALL,
@@ -71,7 +74,7 @@ def fresh_call(connect: Connect | tuple[str, Path], who: KeyPairFiles) -> echo_p
     return reply
 
 
-def admitted(connect: Connect, who: KeyPairFiles) -> bool:
+def admitted(connect: Connect | tuple[str, Path], who: KeyPairFiles) -> bool:
     try:
         return fresh_call(connect, who).caller != ""
     except grpc.RpcError:
@@ -292,3 +295,81 @@ def test_new_connections_are_steered_to_the_newest_listener(steered: bool) -> No
     finally:
         first.close()
         second.close()
+
+
+def test_warm_start_serves_the_clients_seen_before_first(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """The clients in the warm file get in at once; the others after the full build."""
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+    warm_file = tmp_path / "warm"
+    warm_file.write_text(alice.fingerprint.digest.hex() + "\n")
+    reg = open_registry(str(registry))
+    trust = TrustWatcher(reg, devca.cert, devca.key)
+    check = AuthInterceptor(lambda: trust.enrolled)
+    slow = threading.Event()
+
+    def build(options: Options) -> grpc.Server:
+        if slow.is_set():
+            time.sleep(2.0)  # the full set, as 10,000 roots would take
+        server = grpc.server(executor, interceptors=[check], options=options)
+        echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
+        return server
+
+    with ThreadPoolExecutor(8) as executor:
+        served = Listener(build, trust, mode="handover", max_age=MAX_AGE, warm=WarmSet(warm_file))
+        slow.set()  # only builds after the first are slow
+        served.start("127.0.0.1:0")
+        target = (f"127.0.0.1:{served.port}", devca.ca_path)
+        try:
+            assert fresh_call(target, alice).caller == "alice"
+            assert code_of(lambda: fresh_call(target, bob)) == grpc.StatusCode.UNAVAILABLE
+            eventually(functools.partial(admitted, target, bob), timeout=10)
+            assert served.handovers == 1 and not served.stale()
+        finally:
+            served.stop(None)
+            reg.close()
+
+
+def test_warm_file_records_who_connected(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+    warm_file = tmp_path / "warm"
+    config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_file)
+    with start_server(config) as running:
+        assert whoami(Connect(running, devca).stub(alice.cert_path, alice.key_path))
+    assert warm_file.read_text() == alice.fingerprint.digest.hex() + "\n"  # bob never called
+    assert warm_file.stat().st_mode & 0o777 == 0o600
+    # Next start: alice is served by the first listener, bob by the handover that follows.
+    with start_server(config) as running:
+        connect = Connect(running, devca)
+        assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+        settle(connect)
+        assert whoami(connect.stub(bob.cert_path, bob.key_path)).name == "bob"
+    assert len(warm_file.read_text().split()) == 2
+
+
+@pytest.mark.parametrize(
+    "content", [b"not hex\n", b"ab" * 20 + b"\n", b"\xff\xfe garbage", b"0" * (5 << 20)]
+)
+def test_a_bad_warm_file_is_ignored_with_a_warning(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    content: bytes,
+) -> None:
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    warm_file = tmp_path / "warm"
+    warm_file.write_bytes(content)
+    config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_file)
+    with caplog.at_level(logging.WARNING), start_server(config) as running:
+        assert whoami(Connect(running, devca).stub(alice.cert_path, alice.key_path))
+    assert any("ignoring the warm-start file" in r.getMessage() for r in caplog.records)
