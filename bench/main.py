@@ -44,14 +44,16 @@ class Plan:
     conn_rounds: int
     sweep: tuple[int, ...]
     handover: tuple[int, ...]  # sizes for pinrpc-server serve --tls-reload handover
+    warm: tuple[int, ...]  # sizes for handover with a --warm-start file (10 % seen before)
     fleet: int  # enrolled clients in variant C-1k
     cap: float  # the longest the sweep waits for a new enrollment to become usable
     rootload: tuple[int, ...]  # root counts for the add_secure_port measurement
 
 
-FULL = Plan("full", 11, 0.5, 7, 0.6, 8, (1, 100, 1000, 10000), (1000, 10000), 1000, 40.0,
-            (1000, 2000, 4000))  # fmt: skip
-QUICK = Plan("quick", 2, 0.15, 2, 0.2, 2, (1, 100), (100,), 100, 10.0, (300,))
+FULL = Plan("full", 11, 0.5, 7, 0.6, 8, (1, 100, 1000, 10000), (1000, 10000), (10000,), 1000,
+            40.0, (1000, 2000, 4000))  # fmt: skip
+QUICK = Plan("quick", 2, 0.15, 2, 0.2, 2, (1, 100), (100,), (100,), 100, 10.0, (300,))
+WARM_FRACTION = 0.1
 
 Slice = Callable[[], Awaitable[Any]]
 
@@ -284,7 +286,7 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
 
 
 async def scale(workdir: Path, plan: Plan, files: Any, include_handover: bool) -> dict[str, Any]:
-    biggest = max((*plan.sweep, *plan.handover))
+    biggest = max((*plan.sweep, *plan.handover, *plan.warm))
     started = time.monotonic()
     fillers = filler_candidates(biggest)
     out: dict[str, Any] = {"fillers_generated_s": round(time.monotonic() - started, 1)}
@@ -298,14 +300,20 @@ async def scale(workdir: Path, plan: Plan, files: Any, include_handover: bool) -
     def handover(registry: Path) -> list[str]:
         return [*pinrpc(registry), "--tls-reload", "handover"]
 
-    kinds = [("pinrpc", pinrpc, plan.sweep)]
+    def warm(registry: Path) -> list[str]:
+        return [*handover(registry), "--warm-start", str(registry.parent / "warm")]
+
+    kinds = [("pinrpc", pinrpc, plan.sweep, 0.0)]
     if include_handover:
-        kinds.append(("handover", handover, plan.handover))
-    for label, argv, sizes in kinds:
+        kinds.append(("handover", handover, plan.handover, 0.0))
+        kinds.append(("handover-warm", warm, plan.warm, WARM_FRACTION))
+    for label, argv, sizes, fraction in kinds:
         out[label] = []
         for n in sizes:
             try:
-                row = await measure_size(n, argv, label, files, workdir, fillers, plan.cap)
+                row = await measure_size(
+                    n, argv, label, files, workdir, fillers, plan.cap, fraction
+                )
             except (RuntimeError, OSError, sqlite3.Error, grpc.RpcError) as exc:
                 # One failed size must not lose the others: record it, go on, exit non-zero.
                 row = {"server": label, "enrolled": n, "error": str(exc).splitlines()[0]}
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(save())
     print(f"results: {out_dir / 'results.json'} and {out_dir / 'results.md'}")
-    errors = [r for k in ("pinrpc", "handover") for r in results.get("scale", {}).get(k, [])
+    errors = [r for k in report.SWEEPS for r in results.get("scale", {}).get(k, [])
               if "error" in r]  # fmt: skip
     for row in errors:
         where = f"{row['server']} N={row['enrolled']}"

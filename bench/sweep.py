@@ -161,8 +161,13 @@ async def measure_size(
     workdir: Path,
     fillers: list[Candidate],
     cap: float,
+    warm_fraction: float = 0.0,
 ) -> dict[str, float | int | str | None]:
     """All sweep figures for one server kind with ``n`` enrolled clients (the probe + fillers).
+
+    ``warm_fraction``: write a --warm-start file (``warm`` beside the registry) naming the
+    probe and that fraction of the fillers, as if they had been connected before a restart,
+    and enroll one more client outside it, whose first call tells when all clients are served.
 
     ``cap`` bounds the wait for a new enrollment to become usable (a rebuild inside the
     handshake at N=10,000 takes over a minute on a busy 2-core machine); a capped figure is
@@ -173,10 +178,17 @@ async def measure_size(
     probe = client(directory, "probe")
     newcomer = client(directory, "newcomer")
     registry = directory / "registry.db"
+    named = [("probe", candidate_of(probe))]
+    if warm_fraction:
+        cold = client(directory, "cold")
+        named.append(("cold", candidate_of(cold)))
     # Enrollment order is arbitrary in real life (and the root-loading cost depends on order).
-    chosen = fillers[: n - 1]
+    chosen = fillers[: n - len(named)]
     random.Random(n).shuffle(chosen)
-    write_registry(registry, [("probe", candidate_of(probe))], chosen)
+    write_registry(registry, named, chosen)
+    if warm_fraction:
+        seen = [probe.fingerprint, *(c.fingerprint for c in chosen[: int(warm_fraction * n)])]
+        (directory / "warm").write_text("".join(f"{f.digest.hex()}\n" for f in seen))
     result: dict[str, float | int | str | None] = {"server": label, "enrolled": n}
     proc: Proc = launch(f"{label}-{n}", server_argv(registry), directory)
     tasks: list[asyncio.Future[None]] = []
@@ -186,6 +198,10 @@ async def measure_size(
         up = await first_success(probe_target, TIMEOUT)
         result["listening_s"] = proc.extra["listening_s"]
         result["startup_s"] = None if up is None else time.monotonic() - proc.started
+        if warm_fraction:
+            cold_target = target_for(files, proc.port, cold.cert_path, cold.key_path)
+            everyone = await first_success(cold_target, TIMEOUT + cap)
+            result["all_clients_s"] = None if everyone is None else time.monotonic() - proc.started
         result["rss_mb_started"] = round(proc.rss_mb(), 1)
         # The probe's long-lived channel: revoked at the end while it keeps calling.
         resident = probe_target.channel()

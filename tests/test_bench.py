@@ -57,10 +57,12 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     per_call_only = {"A", "B+noop", "B+auth", "B+prewrap"}
     assert set(cmp["connections"]["rsa2048"]["median"]) == expected - per_call_only
     assert all(v > 0 for v in cmp["unary"]["median"].values())
-    for row in results["scale"]["pinrpc"] + results["scale"]["handover"]:
+    scale = results["scale"]
+    for row in scale["pinrpc"] + scale["handover"] + scale["handover-warm"]:
         assert set(row) >= SCALE_FIELDS
         assert row["enroll_to_first_call_s"] is not None
         assert row["revoke_to_refusal_s"] is not None
+    assert all(row["all_clients_s"] is not None for row in scale["handover-warm"])
     assert {t["target"] for t in results["targets"]} >= {"unary calls/s C/B"}
     table = (tmp_path / "results.md").read_text()
     assert "| unary calls/s (64 in flight) |" in table
