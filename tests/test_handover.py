@@ -373,3 +373,23 @@ def test_a_bad_warm_file_is_ignored_with_a_warning(
     with caplog.at_level(logging.WARNING), start_server(config) as running:
         assert whoami(Connect(running, devca).stub(alice.cert_path, alice.key_path))
     assert any("ignoring the warm-start file" in r.getMessage() for r in caplog.records)
+
+
+def test_a_warm_file_cannot_let_anyone_in(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """Fingerprints of unenrolled or revoked certificates in the file are ignored."""
+    alice, carol, mallory = make_client("alice"), make_client("carol"), make_client("mallory")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    enroll(registry, carol.cert_path, "carol", ECHO_ALL)
+    revoke(registry, "carol")
+    warm_file = tmp_path / "warm"
+    warm_file.write_text("".join(f"{f.fingerprint.digest.hex()}\n" for f in (carol, mallory)))
+    config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_file)
+    with start_server(config) as running:
+        connect = Connect(running, devca)
+        settle(connect)
+        assert fresh_call(connect, alice).caller == "alice"
+        for stranger in (carol, mallory):
+            refused = code_of(functools.partial(fresh_call, connect, stranger))
+            assert refused == grpc.StatusCode.UNAVAILABLE
