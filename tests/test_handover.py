@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -208,12 +209,12 @@ def test_server_certificate_renewal_is_handed_over(
         assert whoami(open_channel).name == "alice"
 
 
-def test_no_handshake_waits_for_a_build(
-    devca: ServerFiles, registry: Path, make_client: MakeClient
-) -> None:
-    """A build that takes 2 s (as 10,000 roots would) delays nobody: the old listener serves."""
-    alice, bob = make_client("alice"), make_client("bob")
-    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+@contextmanager
+def slow_listener(
+    devca: ServerFiles, registry: Path, warm: WarmSet | None = None
+) -> Iterator[tuple[Listener, TrustWatcher, threading.Event]]:
+    """A handover Listener started by hand whose builds take 2 s (as 10,000 roots would) once
+    the yielded event is set."""
     reg = open_registry(str(registry))
     trust = TrustWatcher(reg, devca.cert, devca.key)
     check = AuthInterceptor(lambda: trust.enrolled)
@@ -227,26 +228,36 @@ def test_no_handshake_waits_for_a_build(
         return server
 
     with ThreadPoolExecutor(8) as executor:
-        served = Listener(build, trust, mode="handover", grace=1.0, max_age=MAX_AGE)
-        served.start("127.0.0.1:0")
-        connect = (f"127.0.0.1:{served.port}", devca.ca_path)
+        served = Listener(build, trust, mode="handover", grace=1.0, max_age=MAX_AGE, warm=warm)
         try:
-            enroll(registry, bob.cert_path, "bob", ECHO_ALL)
-            slow.set()
-            trust.poll()  # wakes the builder thread too: whichever builds, it takes 2 s
-            building = threading.Thread(target=served.refresh)
-            building.start()
-            waits = []
-            while building.is_alive():
-                started = time.monotonic()
-                assert fresh_call(connect, alice).caller == "alice"
-                waits.append(time.monotonic() - started)
-            building.join()
-            assert len(waits) >= 10 and max(waits) < 0.5, waits
-            assert fresh_call(connect, bob).caller == "bob"
+            yield served, trust, slow
         finally:
             served.stop(None)
             reg.close()
+
+
+def test_no_handshake_waits_for_a_build(
+    devca: ServerFiles, registry: Path, make_client: MakeClient
+) -> None:
+    """A slow build delays nobody: the old listener serves meanwhile."""
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    with slow_listener(devca, registry) as (served, trust, slow):
+        served.start("127.0.0.1:0")
+        connect = (f"127.0.0.1:{served.port}", devca.ca_path)
+        enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+        slow.set()
+        trust.poll()  # wakes the builder thread too: whichever builds, it takes 2 s
+        building = threading.Thread(target=served.refresh)
+        building.start()
+        waits = []
+        while building.is_alive():
+            started = time.monotonic()
+            assert fresh_call(connect, alice).caller == "alice"
+            waits.append(time.monotonic() - started)
+        building.join()
+        assert len(waits) >= 10 and max(waits) < 0.5, waits
+        assert fresh_call(connect, bob).caller == "bob"
 
 
 def reuseport_pair() -> tuple[socket.socket, socket.socket, int]:
@@ -306,31 +317,14 @@ def test_warm_start_serves_the_clients_seen_before_first(
     enroll(registry, bob.cert_path, "bob", ECHO_ALL)
     warm_file = tmp_path / "warm"
     warm_file.write_text(alice.fingerprint.digest.hex() + "\n")
-    reg = open_registry(str(registry))
-    trust = TrustWatcher(reg, devca.cert, devca.key)
-    check = AuthInterceptor(lambda: trust.enrolled)
-    slow = threading.Event()
-
-    def build(options: Options) -> grpc.Server:
-        if slow.is_set():
-            time.sleep(2.0)  # the full set, as 10,000 roots would take
-        server = grpc.server(executor, interceptors=[check], options=options)
-        echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
-        return server
-
-    with ThreadPoolExecutor(8) as executor:
-        served = Listener(build, trust, mode="handover", max_age=MAX_AGE, warm=WarmSet(warm_file))
+    with slow_listener(devca, registry, WarmSet(warm_file)) as (served, _trust, slow):
         slow.set()  # only builds after the first are slow
         served.start("127.0.0.1:0")
         target = (f"127.0.0.1:{served.port}", devca.ca_path)
-        try:
-            assert fresh_call(target, alice).caller == "alice"
-            assert code_of(lambda: fresh_call(target, bob)) == grpc.StatusCode.UNAVAILABLE
-            eventually(functools.partial(admitted, target, bob), timeout=10)
-            assert served.handovers == 1 and not served.stale()
-        finally:
-            served.stop(None)
-            reg.close()
+        assert fresh_call(target, alice).caller == "alice"
+        assert code_of(lambda: fresh_call(target, bob)) == grpc.StatusCode.UNAVAILABLE
+        eventually(functools.partial(admitted, target, bob), timeout=10)
+        assert served.handovers == 1 and not served.stale()
 
 
 def test_warm_file_records_who_connected(
