@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import grpc
 from cryptography import x509
@@ -37,6 +37,9 @@ from pinrpc.identity import (
     self_signed_certificate,
 )
 from server.registry import ChangeNotifier, Client, Registry
+
+if TYPE_CHECKING:
+    from server.auth import Admitted
 
 log = logging.getLogger("pinrpc.trust")
 EXPIRY_SCAN_SECONDS = 3600.0  # scanning every enrolled client is cheap, but not every poll
@@ -133,9 +136,10 @@ class EnrolledSet:
     roots_pem: bytes = b""
     clients: tuple[Client, ...] = ()  # everything read, to rebuild without the registry
     next_change: dt.datetime | None = None  # when a rotation overlap ends
-    # (digest, method) pairs already found allowed in THIS snapshot: a new snapshot (any
-    # enrollment or revocation) starts empty, so a cached answer can never outlive a change.
-    allowed: set[tuple[bytes, str]] = field(default_factory=set)
+    # The per-call check's memo for THIS snapshot (server.auth), keyed by the leaf PEM that
+    # gRPC reports: a new snapshot (any enrollment or revocation) starts empty, so a cached
+    # answer can never outlive a change.
+    admitted: dict[bytes, Admitted] = field(default_factory=dict)
 
     @classmethod
     def build(
