@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
-from typing import Any
+import threading
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.calls = Counter(
-            "pinrpc_calls", "Calls handled, by client, method and status code",
-            ["client", "method", "code"], registry=r,
-        )  # fmt: skip
-        self._call_children: dict[tuple[str, str, str], Any] = {}
+        self.calls = CallCounter()
+        r.register(self.calls)
         self.denials = Counter(
             "pinrpc_denials", "Calls refused by the interceptor, by reason", ["reason"], registry=r
         )
@@ -42,15 +41,52 @@ class Metrics:
         )
 
     def count_call(self, client: str, method: str, code: str) -> None:
-        # labels() validates and locks on every lookup; the per-call path keeps the children.
-        key = (client, method, code)
-        child = self._call_children.get(key)
-        if child is None:
-            child = self._call_children[key] = self.calls.labels(client, method, code)
-        child.inc()
+        self.calls.inc((client, method, code))
 
     def set_cert_expiry(self, not_after: dt.datetime) -> None:
         self.cert_expiry.set(not_after.timestamp())
+
+
+class CallCounter(Collector):
+    """pinrpc_calls_total{client,method,code}, counted without a lock on the per-call path.
+
+    A labelled prometheus Counter validates and locks on every increment (0.46 us against
+    0.13 us here, docs/PERFORMANCE.md). Each thread counts in a dict only it writes, so no
+    increment is lost, and a scrape adds the dicts up.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._tables: list[dict[tuple[str, str, str], int]] = []
+        self._lock = threading.Lock()  # guards _tables, taken once per thread and per scrape
+
+    def inc(self, key: tuple[str, str, str]) -> None:
+        try:
+            counts: dict[tuple[str, str, str], int] = self._local.counts
+        except AttributeError:
+            counts = self._local.counts = {}
+            with self._lock:
+                self._tables.append(counts)
+        counts[key] = counts.get(key, 0) + 1
+
+    def _totals(self) -> dict[tuple[str, str, str], int]:
+        with self._lock:
+            tables = list(self._tables)
+        totals: dict[tuple[str, str, str], int] = {}
+        for table in tables:
+            for key, n in table.copy().items():  # copy(): one step under the GIL
+                totals[key] = totals.get(key, 0) + n
+        return totals
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "pinrpc_calls",
+            "Calls handled, by client, method and status code",
+            labels=["client", "method", "code"],
+        )
+        for labels, n in sorted(self._totals().items()):
+            family.add_metric(labels, n)
+        yield family
 
 
 def serve_metrics(metrics: Metrics, listen: str) -> tuple[Callable[[], None], int]:
