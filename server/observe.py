@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 
@@ -18,6 +19,10 @@ from server.warm import WarmSet
 # Peers remembered for "first allowed call of a connection"; forgotten all at once when full,
 # which at worst logs a connection twice.
 MAX_PEERS = 10_000
+# context.peer() releases and retakes the GIL, which cost about 10 % of unary throughput when
+# done on every call (docs/PERFORMANCE.md). A connection's first call follows its TLS handshake
+# (gRPC connects on first use), so the peer is only looked up this long after a handshake.
+NEW_CONNECTION_WINDOW = 10.0
 
 
 class Observability:
@@ -31,6 +36,7 @@ class Observability:
         self._peers: set[str] = set()
         self._lock = threading.Lock()
         self._known: dict[Fingerprint, Client] | None = None
+        self._look_until = 0.0  # monotonic time; a float store is atomic, no lock needed
 
     # -- per call ----------------------------------------------------------------------------
 
@@ -58,6 +64,8 @@ class Observability:
         )
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None:
+        if time.monotonic() > self._look_until:
+            return  # no handshake lately: no connection can be making its first call
         peer = context.peer()
         if peer in self._peers:
             return
@@ -104,6 +112,7 @@ class Observability:
         self.health_state.set(serving, registry_ok)
 
     def handshake(self) -> None:
+        self._look_until = time.monotonic() + NEW_CONNECTION_WINDOW
         self.metrics.handshakes.inc()
 
     def rebuilt(self, seconds: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pinrpc.v1 import echo_pb2
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server import observe
 from server.app import RunningServer, ServerConfig, start_server
 from server.audit import Audit, TokenBucket
 from server.logs import configure_logging
@@ -104,6 +106,33 @@ def test_audit_lines(
     assert deny["fingerprint"] == str(bob.fingerprint)
     assert str(deny["peer"]).startswith("ipv4:127.0.0.1:")
     assert "time" in deny
+
+
+def test_first_call_of_each_connection_is_logged_within_the_handshake_window(
+    connect: Connect,
+    make_client: MakeClient,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The peer is looked up only shortly after a handshake (context.peer() is costly)."""
+    monkeypatch.setattr(observe, "NEW_CONNECTION_WINDOW", 1.0)
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    peers = []
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for _ in range(3):  # three connections, each making calls right away
+            stub = connect.stub(alice.cert_path, alice.key_path)
+            whoami(stub)
+            whoami(stub)
+            peers.append([line["peer"] for line in audit_lines(caplog)])
+        # A channel connected eagerly and first used after the window: documented as unlogged.
+        idle = connect.channel(alice.cert_path, alice.key_path)
+        grpc.channel_ready_future(idle).result(timeout=5)
+        time.sleep(1.5)
+        whoami(echo_pb2_grpc.EchoStub(idle))
+    assert [len(p) for p in peers] == [1, 2, 3]
+    assert len(set(peers[-1])) == 3
+    assert len(audit_lines(caplog)) == 3
 
 
 def test_audit_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
