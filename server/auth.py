@@ -95,7 +95,8 @@ def leaf_pem(context: grpc.ServicerContext) -> bytes | None:
     both agree and that the fast path is taken with the pinned grpcio).
     """
     try:
-        pems = _cy_auth_context(cast(Any, context)._rpc_event.call).get(b"x509_pem_cert")
+        call = context._rpc_event.call  # type: ignore[attr-defined]
+        pems = _cy_auth_context(call).get(b"x509_pem_cert")
     except (AttributeError, TypeError):
         pems = cast(Mapping[str, list[bytes]], context.auth_context()).get("x509_pem_cert")
     return pems[0] if pems else None
@@ -244,7 +245,7 @@ def _deny(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> 
 
 def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
-    code = cast(grpc.StatusCode | None, context.code())  # type: ignore[attr-defined]
+    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
     if code is None:
         return grpc.StatusCode.OK if completed else grpc.StatusCode.UNKNOWN
     return code

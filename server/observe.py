@@ -86,7 +86,7 @@ class Observability:
         )
 
     def finished(self, client: str, method: str, code: grpc.StatusCode) -> None:
-        self.metrics.count_call(client, method, code.name)
+        self.metrics.calls.inc((client, method, code.name))
 
     # -- trust watcher -----------------------------------------------------------------------
 
