@@ -91,7 +91,7 @@ def leaf_pem(context: grpc.ServicerContext) -> bytes | None:
     The public auth_context() copies every property into a new dict with decoded keys: 2.4 us
     per call here, the largest part of the check. grpcio's own accessor underneath it takes
     0.85 us, so it is used when the context is grpcio's sync server context; anything else
-    falls back to the public call, which returns the same data (tests/test_server.py checks
+    falls back to the public call, which returns the same data (tests/test_auth.py checks
     both agree and that the fast path is taken with the pinned grpcio).
     """
     try:
@@ -142,7 +142,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> None:
         self._enrolled = enrolled
         self._observer: Observer = observer or NullObserver()
-        # Keyed by the leaf PEM bytes: a dict hit costs far less than base64 + SHA-256.
+        # For the uncached path (a new snapshot, refused leaves): base64 + SHA-256 once per PEM.
         self._fingerprints: dict[bytes, Fingerprint] = {}
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
