@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from server import observe
 from server.app import RunningServer, ServerConfig, start_server
 from server.audit import Audit, TokenBucket
 from server.logs import configure_logging
+from server.metrics import Metrics
 from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, code_of, revoke, whoami
 
 
@@ -133,6 +135,34 @@ def test_first_call_of_each_connection_is_logged_within_the_handshake_window(
     assert [len(p) for p in peers] == [1, 2, 3]
     assert len(set(peers[-1])) == 3
     assert len(audit_lines(caplog)) == 3
+
+
+def test_call_counter_loses_no_increment_across_threads() -> None:
+    """pinrpc_calls_total is counted per thread without a lock; a scrape must see every call."""
+    metrics = Metrics()
+    start = threading.Barrier(8)
+
+    def count(i: int) -> None:
+        start.wait()
+        for _ in range(2000):
+            metrics.count_call("alice", "/pinrpc.v1.Echo/Echo", "OK")
+            metrics.count_call(f"c{i}", "/pinrpc.v1.Echo/Echo", "PERMISSION_DENIED")
+
+    threads = [threading.Thread(target=count, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    mid = metrics.registry.get_sample_value(  # scraped while the threads count
+        "pinrpc_calls_total", {"client": "alice", "method": "/pinrpc.v1.Echo/Echo", "code": "OK"}
+    )
+    for thread in threads:
+        thread.join()
+    sample = metrics.registry.get_sample_value
+    echo = "/pinrpc.v1.Echo/Echo"
+    assert sample("pinrpc_calls_total", {"client": "alice", "method": echo, "code": "OK"}) == 16000
+    assert 0 <= (mid or 0) <= 16000
+    for i in range(8):
+        labels = {"client": f"c{i}", "method": echo, "code": "PERMISSION_DENIED"}
+        assert sample("pinrpc_calls_total", labels) == 2000
 
 
 def test_audit_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
