@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from . import load, report, rootload
+from . import chart, load, report, rootload
 from .fixtures import candidate_of, client, filler_candidates, server_files, write_registry
 from .load import aio_stub as load_stub
 from .nginx import nginx_binary, start_nginx
@@ -324,7 +324,9 @@ async def scale(workdir: Path, plan: Plan, files: Any, include_handover: bool) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke-test mode (< 1 minute)")
-    parser.add_argument("--out", type=Path, help="directory for results.json and results.md")
+    parser.add_argument(
+        "--out", type=Path, help="directory for results.json, results.md and results.png"
+    )
     parser.add_argument("--skip-nginx", action="store_true", help="leave out variant D")
     parser.add_argument("--skip-scale", action="store_true", help="leave out the scale sweep")
     parser.add_argument(
@@ -345,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         markdown = report.markdown(results)
         (out_dir / "results.md").write_text(markdown)
+        skipped = chart.draw(results, out_dir / "results.png")
+        if skipped:
+            markdown += f"\n(results.png not drawn: {skipped})\n"
         return markdown
 
     with tempfile.TemporaryDirectory(prefix="pinrpc-bench-work-") as tmp:
@@ -365,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 scale(workdir, plan, servers.files, not args.skip_handover)
             )
     print(save())
-    print(f"results: {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'} and results.png")
     errors = [r for k in report.SWEEPS for r in results.get("scale", {}).get(k, [])
               if "error" in r]  # fmt: skip
     for row in errors:

@@ -47,6 +47,7 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results: dict[str, Any] = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert results["plan"]["mode"] == "quick"
     cmp = results["comparison"]
     expected = VARIANTS | ({"D"} if have_nginx() else set())
