@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import grpc
 
@@ -21,7 +22,8 @@ from server.warm import WarmSet
 MAX_PEERS = 10_000
 # context.peer() releases and retakes the GIL, which cost about 10 % of unary throughput when
 # done on every call (docs/PERFORMANCE.md). A connection's first call follows its TLS handshake
-# (gRPC connects on first use), so the peer is only looked up this long after a handshake.
+# (gRPC connects on first use), so the peer is only looked up while a handshake of the last
+# NEW_CONNECTION_WINDOW seconds has not yet been followed by a new connection's first call.
 NEW_CONNECTION_WINDOW = 10.0
 
 
@@ -36,7 +38,10 @@ class Observability:
         self._peers: set[str] = set()
         self._lock = threading.Lock()
         self._known: dict[Fingerprint, Client] | None = None
-        self._look_until = 0.0  # monotonic time; a float store is atomic, no lock needed
+        # Monotonic times of handshakes no new connection has claimed yet (a flood of failed
+        # handshakes drops the oldest); appended by gRPC's threads, claimed under _lock.
+        self._unmatched: deque[float] = deque(maxlen=MAX_PEERS)
+        self._lenient_until = 0.0  # after _peers was emptied, old connections look new
 
     # -- per call ----------------------------------------------------------------------------
 
@@ -64,15 +69,23 @@ class Observability:
         )
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None:
-        if time.monotonic() > self._look_until:
-            return  # no handshake lately: no connection can be making its first call
+        try:
+            oldest = self._unmatched[0]
+        except IndexError:
+            return  # every handshake was followed by its first call: no connection is new
+        now = time.monotonic()
+        if oldest < now - NEW_CONNECTION_WINDOW and not self._expire(now):
+            return
         peer = context.peer()
         if peer in self._peers:
             return
         with self._lock:
             if len(self._peers) >= MAX_PEERS:
                 self._peers.clear()
+                self._lenient_until = now + NEW_CONNECTION_WINDOW
             self._peers.add(peer)
+            if self._unmatched and now > self._lenient_until:
+                self._unmatched.popleft()  # this connection's handshake, or an older one
         if self.warm is not None:
             self.warm.seen(client.fingerprint.digest)
         self.audit.event(
@@ -84,6 +97,14 @@ class Observability:
             peer=peer,
             method=method,
         )
+
+    def _expire(self, now: float) -> bool:
+        """Forget handshakes older than the window (failed ones, eagerly connected channels);
+        return whether any is left."""
+        with self._lock:
+            while self._unmatched and self._unmatched[0] < now - NEW_CONNECTION_WINDOW:
+                self._unmatched.popleft()
+            return bool(self._unmatched)
 
     def finished(self, client: str, method: str, code: grpc.StatusCode) -> None:
         self.metrics.calls.inc((client, method, code.name))
@@ -112,7 +133,7 @@ class Observability:
         self.health_state.set(serving, registry_ok)
 
     def handshake(self) -> None:
-        self._look_until = time.monotonic() + NEW_CONNECTION_WINDOW
+        self._unmatched.append(time.monotonic())  # deque.append is atomic: no lock
         self.metrics.handshakes.inc()
 
     def rebuilt(self, seconds: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -10,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -110,31 +112,72 @@ def test_audit_lines(
     assert "time" in deny
 
 
-def test_first_call_of_each_connection_is_logged_within_the_handshake_window(
+def test_peer_is_looked_up_only_until_each_new_connection_has_called(
     connect: Connect,
     make_client: MakeClient,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The peer is looked up only shortly after a handshake (context.peer() is costly)."""
+    """context.peer() is costly: it is asked only while a recent handshake has not been
+    followed by a new connection's first call, and every such first call is logged."""
     monkeypatch.setattr(observe, "NEW_CONNECTION_WINDOW", 1.0)
+    context_class = importlib.import_module("grpc._server")._Context
+    real_peer = context_class.peer
+    lookups: list[str] = []
+
+    def counting_peer(self: Any) -> str:
+        lookups.append(real_peer(self))
+        return lookups[-1]
+
+    monkeypatch.setattr(context_class, "peer", counting_peer)
     alice = make_client("alice")
     connect.enroll(alice, "alice", ECHO_ALL)
-    peers = []
     with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
-        for _ in range(3):  # three connections, each making calls right away
-            stub = connect.stub(alice.cert_path, alice.key_path)
-            whoami(stub)
-            whoami(stub)
-            peers.append([line["peer"] for line in audit_lines(caplog)])
-        # A channel connected eagerly and first used after the window: documented as unlogged.
+        first = connect.stub(alice.cert_path, alice.key_path)
+        for _ in range(20):
+            whoami(first)
+        assert len(lookups) == 1  # its first call; after it nothing can be new
+        second = connect.stub(alice.cert_path, alice.key_path)
+        for _ in range(20):
+            whoami(second)
+            whoami(first)
+        assert len(lookups) == 2
+        # A channel connected eagerly and not used keeps the lookups on, for the window only.
         idle = connect.channel(alice.cert_path, alice.key_path)
         grpc.channel_ready_future(idle).result(timeout=5)
+        whoami(first)
+        whoami(second)
+        assert len(lookups) == 4
         time.sleep(1.5)
-        whoami(echo_pb2_grpc.EchoStub(idle))
-    assert [len(p) for p in peers] == [1, 2, 3]
-    assert len(set(peers[-1])) == 3
-    assert len(audit_lines(caplog)) == 3
+        whoami(first)
+        whoami(echo_pb2_grpc.EchoStub(idle))  # documented: first used after the window, unlogged
+        assert len(lookups) == 4
+    allowed = [line for line in audit_lines(caplog) if line.get("decision") == "allow"]
+    assert [line["peer"] for line in allowed] == [lookups[0], lookups[1]]
+    assert lookups[0] != lookups[1]
+
+
+def test_a_full_peer_set_does_not_hide_a_new_connection(
+    connect: Connect,
+    make_client: MakeClient,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the remembered peers are forgotten, old connections look new for a while; they must
+    not use up the handshake of a connection that has yet to make its first call."""
+    monkeypatch.setattr(observe, "MAX_PEERS", 2)
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        a, b, c = (connect.stub(alice.cert_path, alice.key_path) for _ in range(3))
+        for stub in (a, b, c):  # c's first call finds the set full and empties it
+            whoami(stub)
+        late = connect.channel(alice.cert_path, alice.key_path)
+        grpc.channel_ready_future(late).result(timeout=5)
+        whoami(a)  # looks new again (logged twice, as documented)
+        whoami(echo_pb2_grpc.EchoStub(late))
+    peers = [line["peer"] for line in audit_lines(caplog) if line.get("decision") == "allow"]
+    assert len(peers) == 5 and len(set(peers)) == 4, peers  # a, b, c, a again, late
 
 
 def test_call_counter_loses_no_increment_across_threads() -> None:
