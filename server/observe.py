@@ -80,6 +80,8 @@ class Observability:
         if peer in self._peers:
             return
         with self._lock:
+            if peer in self._peers:
+                return  # two first calls of one connection raced: the other one logs it
             if len(self._peers) >= MAX_PEERS:
                 self._peers.clear()
                 self._lenient_until = now + NEW_CONNECTION_WINDOW
