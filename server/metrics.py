@@ -40,9 +40,6 @@ class Metrics:
             "pinrpc_tls_handshakes", "TLS handshakes started on the mTLS port", registry=r
         )
 
-    def count_call(self, client: str, method: str, code: str) -> None:
-        self.calls.inc((client, method, code))
-
     def set_cert_expiry(self, not_after: dt.datetime) -> None:
         self.cert_expiry.set(not_after.timestamp())
 

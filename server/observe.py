@@ -57,7 +57,7 @@ class Observability:
         self.metrics.denials.labels(reason).inc()
         # Only enrolled callers get their method as a label: others could invent names freely.
         name, label = (client.name, method) if client else ("", UNKNOWN_METHOD)
-        self.metrics.count_call(name, label, code)
+        self.metrics.calls.inc((name, label, code))
         self.audit.event(
             "call",
             decision="deny",

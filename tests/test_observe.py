@@ -188,8 +188,8 @@ def test_call_counter_loses_no_increment_across_threads() -> None:
     def count(i: int) -> None:
         start.wait()
         for _ in range(2000):
-            metrics.count_call("alice", "/pinrpc.v1.Echo/Echo", "OK")
-            metrics.count_call(f"c{i}", "/pinrpc.v1.Echo/Echo", "PERMISSION_DENIED")
+            metrics.calls.inc(("alice", "/pinrpc.v1.Echo/Echo", "OK"))
+            metrics.calls.inc((f"c{i}", "/pinrpc.v1.Echo/Echo", "PERMISSION_DENIED"))
 
     threads = [threading.Thread(target=count, args=(i,)) for i in range(8)]
     for thread in threads:
