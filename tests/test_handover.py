@@ -308,13 +308,18 @@ def test_new_connections_are_steered_to_the_newest_listener(steered: bool) -> No
         second.close()
 
 
+def enroll_alice_and_bob(registry: Path, make_client: MakeClient) -> tuple[KeyPairFiles, ...]:
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+    return alice, bob
+
+
 def test_warm_start_serves_the_clients_seen_before_first(
     devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
 ) -> None:
     """The clients in the warm file get in at once; the others after the full build."""
-    alice, bob = make_client("alice"), make_client("bob")
-    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
-    enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+    alice, bob = enroll_alice_and_bob(registry, make_client)
     warm_file = tmp_path / "warm"
     warm_file.write_text(alice.fingerprint.digest.hex() + "\n")
     with slow_listener(devca, registry, WarmSet(warm_file)) as (served, _trust, slow):
@@ -330,9 +335,7 @@ def test_warm_start_serves_the_clients_seen_before_first(
 def test_warm_file_records_who_connected(
     devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
 ) -> None:
-    alice, bob = make_client("alice"), make_client("bob")
-    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
-    enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+    alice, bob = enroll_alice_and_bob(registry, make_client)
     warm_file = tmp_path / "warm"
     config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_file)
     with start_server(config) as running:
