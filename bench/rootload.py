@@ -51,22 +51,30 @@ def _load(key_pem: bytes, chain_pem: bytes, roots: list[str]) -> tuple[float, fl
     return took, max(gaps, default=0.0)
 
 
+def client_roots(count: int) -> list[str]:
+    """``count`` self-signed client certificates (PEM) as pinrpc's CLI makes them."""
+    return [
+        cert_to_pem(self_signed_certificate(generate_key("p256"), f"c{i:05d}")).decode()
+        for i in range(count)
+    ]
+
+
+def orders(pems: list[str]) -> dict[str, list[str]]:
+    """The roots sorted the way BoringSSL compares subjects, shuffled, and reversed."""
+    ordered = sorted(pems, key=subject_order)
+    shuffled = list(ordered)
+    random.Random(len(pems)).shuffle(shuffled)
+    return {"sorted": ordered, "shuffled": shuffled, "reversed": ordered[::-1]}
+
+
 def measure(sizes: tuple[int, ...]) -> list[dict[str, Any]]:
     issued = DevCA("pinrpc rootload CA").issue(["server.test"])
     key_pem, chain_pem = key_to_pem(issued.key), issued.fullchain_pem
-    biggest = max(sizes, default=0)
-    pems = [
-        cert_to_pem(self_signed_certificate(generate_key("p256"), f"c{i:05d}")).decode()
-        for i in range(biggest)
-    ]
+    pems = client_roots(max(sizes, default=0))
     out = []
     for n in sizes:
-        ordered = sorted(pems[:n], key=subject_order)
-        shuffled = list(ordered)
-        random.Random(n).shuffle(shuffled)
         row: dict[str, Any] = {"roots": n}
-        orders = {"sorted": ordered, "shuffled": shuffled, "reversed": ordered[::-1]}
-        for label, roots in orders.items():
+        for label, roots in orders(pems[:n]).items():
             took, gap = _load(key_pem, chain_pem, roots)
             row[f"{label}_s"] = round(took, 3)
             row[f"{label}_max_tick_gap_ms"] = round(1000 * gap, 1)
