@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from . import chart, load, report, rootload
+from . import chart, load, report, rootload, store_patch
 from .fixtures import candidate_of, client, filler_candidates, server_files, write_registry
 from .load import aio_stub as load_stub
 from .nginx import nginx_binary, start_nginx
@@ -332,10 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-handover", action="store_true", help="leave out the sweep of --tls-reload handover"
     )
+    parser.add_argument(
+        "--store-patch",
+        action="store_true",
+        help="instead: time root loading with BoringSSL as released and with the proposed fix "
+        "(bench/store_patch; builds BoringSSL twice, a few minutes; reuse --out to rerun faster)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="pinrpc-bench-"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.store_patch:
+        return store_patch.run(out_dir, out_dir / "store-patch-work")
     started = time.monotonic()
     results: dict[str, Any] = {"plan": asdict(plan), "machine": machine()}
 
