@@ -95,9 +95,12 @@ def build(work: Path) -> dict[str, Path]:
     deps = runpy.run_path(str(sdist / "src/python/grpcio/grpc_core_dependencies.py"))
     sources = [s for s in deps["CORE_SOURCE_FILES"] if s.startswith(BORINGSSL + "/")]
     stock_tree, patched_tree = sdist / BORINGSSL, work / "boringssl-patched"
-    if not patched_tree.exists():
-        shutil.copytree(stock_tree, patched_tree)
-        _sh("patch", "-s", "-p1", "-i", HERE / "sorted-insert.patch", cwd=patched_tree)
+    if not patched_tree.exists():  # patched aside, then renamed: a failed patch leaves none
+        partial = work / "boringssl-patching"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(stock_tree, partial)
+        _sh("patch", "-s", "-p1", "-i", HERE / "sorted-insert.patch", cwd=partial)
+        partial.rename(patched_tree)
     binaries = {}
     stock = _library(stock_tree, sources, work / "stock")
     patched = _library(patched_tree, sources, work / "patched", reuse=work / "stock")
