@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="pinrpc-bench-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.store_patch:
-        return store_patch.run(out_dir, out_dir / "store-patch-work")
+        sizes = store_patch.QUICK_SIZES if args.quick else store_patch.SIZES
+        return store_patch.run(out_dir, out_dir / "store-patch-work", sizes)
     started = time.monotonic()
     results: dict[str, Any] = {"plan": asdict(plan), "machine": machine()}
 

@@ -70,6 +70,39 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     assert "### Targets" in table
 
 
+@pytest.mark.slow
+def test_store_patch_builds_both_stores_and_checks_them(tmp_path: Path) -> None:
+    missing = [tool for tool in ("gcc", "g++", "ar", "patch") if shutil.which(tool) is None]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"missing {', '.join(missing)}: apt-get install g++ patch")
+        pytest.skip(f"missing {', '.join(missing)}")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--store-patch", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "store-patch.json").read_text())
+    assert [(r["roots"], r["order"]) for r in rows] == [
+        (300, "sorted"), (300, "shuffled"), (1000, "sorted"), (1000, "shuffled")
+    ]  # fmt: skip
+    assert all(r["stock_s"] > 0 and r["patched_s"] > 0 for r in rows)
+    # The run passed because every root verified and the stranger did not; the same check
+    # must fail when the "stranger" is one of the roots.
+    work = tmp_path / "store-patch-work"
+    roots = work / "roots-300-sorted.pem"
+    for build in ("stock", "patched"):
+        harness = str(work / f"rootload-{build}")
+        ok = subprocess.run([harness, roots, work / "stranger.pem"], capture_output=True)
+        assert ok.returncode == 0, ok.stdout
+        enrolled = subprocess.run([harness, roots, roots], capture_output=True, text=True)
+        assert enrolled.returncode == 1
+        assert json.loads(enrolled.stdout)["stranger_verified"] is True
+
+
 def test_bad_flag_is_one_line_error_and_nonzero() -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--no-such-flag"],
