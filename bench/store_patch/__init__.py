@@ -60,7 +60,9 @@ def _source(work: Path) -> Path:
 
 def _compile(source: Path, root: Path, obj: Path) -> None:
     compiler, std = ("gcc", "-std=c11") if source.suffix == ".c" else ("g++", "-std=c++17")
-    _sh(compiler, std, *CFLAGS, "-I", root / "include", "-c", source, "-o", obj)
+    partial = obj.with_suffix(".part")  # an interrupted build leaves no object to reuse
+    _sh(compiler, std, *CFLAGS, "-I", root / "include", "-c", source, "-o", partial)
+    partial.rename(obj)
 
 
 def _library(tree: Path, sources: list[str], out: Path, reuse: Path | None = None) -> Path:
@@ -81,7 +83,7 @@ def _library(tree: Path, sources: list[str], out: Path, reuse: Path | None = Non
         list(pool.map(lambda job: _compile(job[0], tree, job[1]), jobs))
     lib = out / "libcrypto.a"
     lib.unlink(missing_ok=True)
-    _sh("ar", "rcs", lib, *sorted(objs.iterdir()))
+    _sh("ar", "rcs", lib, *sorted(objs.glob("*.o")))
     return lib
 
 
