@@ -53,8 +53,14 @@ def _source(work: Path) -> Path:
             print(f"downloading the {name} source release (once) ...", file=sys.stderr)
             _sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
                 ":all:", "-d", work, f"grpcio=={grpc.__version__}")  # fmt: skip
-        with tarfile.open(sdist) as tar:
-            tar.extractall(work, filter="data")
+        partial = work / "extracting"  # renamed when complete, as the patched tree below
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            with tarfile.open(sdist) as tar:
+                tar.extractall(partial, filter="data")
+        except tarfile.TarError:
+            raise RuntimeError(f"{sdist} is unreadable; delete it to download again") from None
+        (partial / name).rename(tree)
     return tree
 
 
