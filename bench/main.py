@@ -31,7 +31,7 @@ from .fixtures import candidate_of, client, filler_candidates, server_files, wri
 from .load import aio_stub as load_stub
 from .nginx import nginx_binary, start_nginx
 from .procs import Proc, StartError, launch, wait_port
-from .sweep import measure_size
+from .sweep import measure_size, serve_argv
 
 
 @dataclass(frozen=True)
@@ -291,26 +291,15 @@ async def scale(workdir: Path, plan: Plan, files: Any, include_handover: bool) -
     fillers = filler_candidates(biggest)
     out: dict[str, Any] = {"fillers_generated_s": round(time.monotonic() - started, 1)}
     out["rootload"] = await asyncio.to_thread(rootload.measure, plan.rootload)
-    tls = ["--cert", str(files.cert), "--key", str(files.key)]
-
-    def pinrpc(registry: Path) -> list[str]:
-        return ["-m", "server.cli", "serve", "--listen", "127.0.0.1:0", *tls,
-                "--registry", str(registry)]  # fmt: skip
-
-    def handover(registry: Path) -> list[str]:
-        return [*pinrpc(registry), "--tls-reload", "handover"]
-
-    def warm(registry: Path) -> list[str]:
-        return [*handover(registry), "--warm-start", str(registry.parent / "warm")]
-
-    kinds = [("pinrpc", pinrpc, plan.sweep, 0.0)]
+    kinds = [("pinrpc", plan.sweep, 0.0)]
     if include_handover:
-        kinds.append(("handover", handover, plan.handover, 0.0))
-        kinds.append(("handover-warm", warm, plan.warm, WARM_FRACTION))
-    for label, argv, sizes, fraction in kinds:
+        kinds.append(("handover", plan.handover, 0.0))
+        kinds.append(("handover-warm", plan.warm, WARM_FRACTION))
+    for label, sizes, fraction in kinds:
         out[label] = []
         for n in sizes:
             try:
+                argv = serve_argv(files, label)
                 row = await measure_size(
                     n, argv, label, files, workdir, fillers, plan.cap, fraction
                 )
