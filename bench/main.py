@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from . import chart, load, report, rootload, store_patch
+from . import chart, grpcio_compare, load, report, rootload, store_patch
 from .fixtures import candidate_of, client, filler_candidates, server_files, write_registry
 from .load import aio_stub as load_stub
 from .nginx import nginx_binary, start_nginx
@@ -327,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: time root loading with BoringSSL as released and with the proposed fix "
         "(bench/store_patch; builds BoringSSL twice, a few minutes; reuse --out to rerun faster)",
     )
+    parser.add_argument(
+        "--grpcio-python",
+        metavar="PY",
+        help="instead: the scale sweep at N=1 and 10,000, alternating between this grpcio and "
+        "the one of interpreter PY (a grpcio built with the fix; bench/grpcio_compare.py)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="pinrpc-bench-"))
@@ -334,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.store_patch:
         sizes = store_patch.QUICK_SIZES if args.quick else store_patch.SIZES
         return store_patch.run(out_dir, out_dir / "store-patch-work", sizes)
+    if args.grpcio_python:
+        return grpcio_compare.run(out_dir, args.grpcio_python, args.quick)
     started = time.monotonic()
     results: dict[str, Any] = {"plan": asdict(plan), "machine": machine()}
 

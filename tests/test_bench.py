@@ -163,3 +163,40 @@ def test_markdown_marks_missed_targets() -> None:
     results["targets"] = targets(results)
     text = markdown(results)
     assert "| unary calls/s C/B | 0.9 | >= 0.97 | **no** |" in text
+
+
+@pytest.mark.slow
+def test_grpcio_compare_runs_the_sweep_under_both_interpreters(tmp_path: Path) -> None:
+    # The project's interpreter stands in for "another grpcio": the check is that both passes
+    # run every kind and size through the real sweep, not what the figures are.
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--grpcio-python", sys.executable, "--quick",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "grpcio-compare.json").read_text())
+    assert set(result["grpcio"]) == {"project", "other"}
+    seen = {(r["grpcio"], r["server"], r["enrolled"]) for r in result["rows"]}
+    assert seen == {
+        (g, kind, n) for g in ("project", "other") for kind in ("pinrpc", "handover")
+        for n in (1, 100)
+    }  # fmt: skip
+    assert all(r["startup_s"] > 0 and r["probe_failures"] == 0 for r in result["rows"])
+    assert "| handover | 100 | start-up s |" in (tmp_path / "grpcio-compare.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("python", "message"),
+    [("/nonexistent/python", "No such file"), ("/bin/false", "exit status 1")],
+)
+def test_grpcio_compare_refuses_an_unusable_interpreter(
+    tmp_path: Path, python: str, message: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--grpcio-python", python, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "grpcio-compare.json").exists()
