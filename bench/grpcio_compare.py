@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.report import save
+
 REPO = Path(__file__).resolve().parent.parent
 SIZES = (1, 10000)
 QUICK_SIZES = (1, 100)
@@ -87,11 +89,7 @@ def run(out: Path, other: str, quick: bool) -> int:
     except RuntimeError as exc:
         print(f"scripts/bench --grpcio-python: {exc}", file=sys.stderr)
         return 1
-    (out / "grpcio-compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (out / "grpcio-compare.md").write_text(table)
-    print(table)
-    print(f"results: {out / 'grpcio-compare.json'}, {out / 'grpcio-compare.md'}")
+    save(out, "grpcio-compare", result, markdown(result))
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 VARIANTS = {
@@ -218,3 +220,11 @@ def markdown(results: dict[str, Any]) -> str:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['limit']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def save(out: Path, stem: str, data: Any, table: str) -> None:
+    """``out/STEM.json`` and ``out/STEM.md`` of a side measurement; the table is printed too."""
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"results: {out / f'{stem}.json'}, {out / f'{stem}.md'}")

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from bench.report import save
 from bench.rootload import client_roots, orders
 
 HERE = Path(__file__).resolve().parent
@@ -170,9 +171,5 @@ def run(out: Path, work: Path, sizes: tuple[int, ...] = SIZES) -> int:
     except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
         print(f"scripts/bench --store-patch: {exc}", file=sys.stderr)
         return 1
-    (out / "store-patch.json").write_text(json.dumps(rows, indent=2) + "\n")
-    table = markdown(rows)
-    (out / "store-patch.md").write_text(table)
-    print(table)
-    print(f"results: {out / 'store-patch.json'}, {out / 'store-patch.md'}")
+    save(out, "store-patch", rows, markdown(rows))
     return 0
