@@ -297,9 +297,9 @@ async def scale(workdir: Path, plan: Plan, files: Any, include_handover: bool) -
         kinds.append(("handover-warm", plan.warm, WARM_FRACTION))
     for label, sizes, fraction in kinds:
         out[label] = []
+        argv = serve_argv(files, label)
         for n in sizes:
             try:
-                argv = serve_argv(files, label)
                 row = await measure_size(
                     n, argv, label, files, workdir, fillers, plan.cap, fraction
                 )

@@ -148,23 +148,18 @@ async def cli(*argv: str) -> float:
     return time.monotonic() - start
 
 
-# The extra `serve` flags of each server kind the sweep measures.
-KINDS: dict[str, tuple[str, ...]] = {
-    "pinrpc": (),  # --tls-reload inline, the default
-    "handover": ("--tls-reload", "handover"),
-    "handover-warm": ("--tls-reload", "handover", "--warm-start"),  # + the registry's `warm`
-}
-
-
 def serve_argv(files: ServerFiles, kind: str) -> Callable[[Path], list[str]]:
-    """The server's command line for a registry, for one of KINDS."""
+    """The server's command line for a registry: kind "pinrpc" (--tls-reload inline, the
+    default), "handover", or "handover-warm" (with the `warm` file beside the registry)."""
 
     def argv(registry: Path) -> list[str]:
-        extra = list(KINDS[kind])
-        if extra[-1:] == ["--warm-start"]:
-            extra.append(str(registry.parent / "warm"))
-        return ["-m", "server.cli", "serve", "--listen", "127.0.0.1:0", "--cert", str(files.cert),
-                "--key", str(files.key), "--registry", str(registry), *extra]  # fmt: skip
+        line = ["-m", "server.cli", "serve", "--listen", "127.0.0.1:0", "--cert", str(files.cert),
+                "--key", str(files.key), "--registry", str(registry)]  # fmt: skip
+        if kind.startswith("handover"):
+            line += ["--tls-reload", "handover"]
+        if kind == "handover-warm":
+            line += ["--warm-start", str(registry.parent / "warm")]
+        return line
 
     return argv
 
