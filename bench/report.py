@@ -1,4 +1,5 @@
-"""The benchmark's verdicts and its Markdown table, both computed from the results dict."""
+"""The benchmark's verdicts and its Markdown table, both computed from the results dict; and
+how the side measurements (--store-patch, --grpcio-python) write theirs."""
 
 from __future__ import annotations
 
