@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from . import chart, grpcio_compare, load, report, rootload, store_patch
 from .fixtures import candidate_of, client, filler_candidates, server_files, write_registry
 from .load import aio_stub as load_stub
 from .nginx import nginx_binary, start_nginx
-from .procs import Proc, StartError, launch, wait_port
+from .procs import Proc, StartError, launch, pin_benchmark, split_cpus, wait_port
 from .sweep import measure_size, serve_argv
 
 
@@ -108,7 +109,7 @@ def summary(rounds: list[dict[str, Any]], ref: str = "B") -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
+def machine(pinned: tuple[set[int], set[int]] | None) -> dict[str, Any]:
     model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -130,6 +131,9 @@ def machine() -> dict[str, Any]:
         "grpcio": grpc.__version__,
         "nginx": nginx_version,
         "loadavg_start": os.getloadavg()[0],
+        "pinned": {"client_cpus": sorted(pinned[0]), "server_cpus": sorted(pinned[1])}
+        if pinned
+        else None,
     }
 
 
@@ -202,6 +206,44 @@ class Servers:
             proc.stop()
 
 
+class Meter:
+    """The servers' CPU time over a variant's slices of a rate workload.
+
+    CPU per unit of work is far steadier than the rate on a shared machine (another process
+    taking the CPU slows the work and the CPU it uses alike), and "busy" (CPU seconds per
+    second) shows whether the server or the client was the bottleneck.
+    """
+
+    def __init__(self, servers: Servers) -> None:
+        self.servers = servers
+        self.cpu: dict[str, float] = {}
+        self.units: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+
+    def slice(self, name: str, run: Callable[[], Awaitable[float]]) -> Slice:
+        async def metered() -> float:
+            procs = self.servers.processes(name)
+            before, start = sum(p.cpu() for p in procs), time.monotonic()
+            rate = await run()
+            elapsed = time.monotonic() - start
+            self.cpu[name] = self.cpu.get(name, 0.0) + sum(p.cpu() for p in procs) - before
+            self.units[name] = self.units.get(name, 0.0) + rate * elapsed
+            self.wall[name] = self.wall.get(name, 0.0) + elapsed
+            return rate
+
+        return metered
+
+    def report(self, unit: str) -> dict[str, Any]:
+        per = {n: 1e6 * cpu / self.units[n] for n, cpu in self.cpu.items() if self.units[n]}
+        return {
+            f"server_cpu_us_per_{unit}": {n: round(v, 1) for n, v in per.items()},
+            "server_cpu_ratio_to_B": {
+                n: round(v / per["B"], 3) for n, v in per.items() if n != "B" and "B" in per
+            },
+            "server_busy": {n: round(cpu / self.wall[n], 2) for n, cpu in self.cpu.items()},
+        }
+
+
 async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
     targets = {"A": servers.targets["plain"]["A"], **servers.targets["p256"]}
     channels = {name: t.channel() for name, t in targets.items()}
@@ -211,29 +253,11 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
         for stub in stubs.values():
             await stub.Echo(load.REQUEST, timeout=10)
 
-        # Server CPU per call: far steadier than throughput on a shared machine, because
-        # another process taking the CPU slows the calls and the CPU they use alike.
-        cpu = dict.fromkeys(stubs, 0.0)
-        calls = dict.fromkeys(stubs, 0.0)
-
-        def unary(name: str, stub: Any) -> Slice:
-            async def run() -> float:
-                procs = servers.processes(name)
-                before, start = sum(p.cpu() for p in procs), time.monotonic()
-                rate = await load.unary_rate(stub, plan.slice_s)
-                calls[name] += rate * (time.monotonic() - start)
-                cpu[name] += sum(p.cpu() for p in procs) - before
-                return rate
-
-            return run
-
-        rounds = await alternate({n: unary(n, s) for n, s in stubs.items()}, plan.rounds)
+        unary = Meter(servers)
+        rates = {n: partial(load.unary_rate, s, plan.slice_s) for n, s in stubs.items()}
+        rounds = await alternate({n: unary.slice(n, r) for n, r in rates.items()}, plan.rounds)
         out["unary"] = summary(rounds) | {"unit": "calls/s", "slice_s": plan.slice_s}
-        per_call = {n: 1e6 * cpu[n] / calls[n] for n in stubs if calls[n]}
-        out["unary"]["server_cpu_us_per_call"] = {n: round(v, 1) for n, v in per_call.items()}
-        out["unary"]["server_cpu_ratio_to_B"] = {
-            n: round(v / per_call["B"], 3) for n, v in per_call.items() if n != "B"
-        }
+        out["unary"] |= unary.report("call")
         if "D" in stubs:
             out["unary"]["C_over_D"] = ratio(rounds, "C", "D")
 
@@ -262,17 +286,13 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
         if "D" in stubs:
             out["latency"]["p99_C_over_D"] = ratio(p99, "C", "D")
 
-        def stream(stub: Any) -> Slice:
-            return lambda: load.stream_rate(stub, plan.slice_s)
-
-        srounds = await alternate({n: stream(s) for n, s in stubs.items()}, plan.rounds)
-        out["streaming"] = summary(srounds) | {"unit": "messages/s"}
+        streams = Meter(servers)
+        rates = {n: partial(load.stream_rate, s, plan.slice_s) for n, s in stubs.items()}
+        srounds = await alternate({n: streams.slice(n, r) for n, r in rates.items()}, plan.rounds)
+        out["streaming"] = summary(srounds) | {"unit": "messages/s"} | streams.report("message")
     finally:
         for ch in channels.values():
             await ch.close(None)
-
-    def conn(target: load.Target) -> Slice:
-        return lambda: load.connection_rate(target, plan.slice_s)
 
     out["connections"] = {"unit": "connections/s (connect + 1 call, 4 in parallel)"}
     for kind in ("p256", "rsa2048"):
@@ -280,8 +300,12 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
         group = {k: t for k, t in servers.targets[kind].items() if not k.startswith("B+")}
         if kind == "p256":
             group = {"A": servers.targets["plain"]["A"], **group}
-        crounds = await alternate({n: conn(t) for n, t in group.items()}, plan.conn_rounds)
-        out["connections"][kind] = summary(crounds)
+        conns = Meter(servers)
+        rates = {n: partial(load.connection_rate, t, plan.slice_s) for n, t in group.items()}
+        crounds = await alternate(
+            {n: conns.slice(n, r) for n, r in rates.items()}, plan.conn_rounds
+        )
+        out["connections"][kind] = summary(crounds) | conns.report("connection")
     return out
 
 
@@ -317,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="directory for results.json, results.md and results.png"
     )
     parser.add_argument("--skip-nginx", action="store_true", help="leave out variant D")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the client and the servers share every CPU (default: half the CPUs each)",
+    )
     parser.add_argument("--skip-scale", action="store_true", help="leave out the scale sweep")
     parser.add_argument(
         "--skip-handover", action="store_true", help="leave out the sweep of --tls-reload handover"
@@ -340,10 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.store_patch:
         sizes = store_patch.QUICK_SIZES if args.quick else store_patch.SIZES
         return store_patch.run(out_dir, out_dir / "store-patch-work", sizes)
+    pinned = None if args.no_pin else split_cpus()
+    if pinned:
+        pin_benchmark(*pinned)
     if args.grpcio_python:
         return grpcio_compare.run(out_dir, args.grpcio_python, args.quick)
     started = time.monotonic()
-    results: dict[str, Any] = {"plan": asdict(plan), "machine": machine()}
+    results: dict[str, Any] = {"plan": asdict(plan), "machine": machine(pinned)}
 
     def save() -> str:
         """Written after every phase, so a failure later keeps what was measured."""

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench"
 sys.path.insert(0, str(REPO))
 
+from bench.procs import SERVER_CPUS, launch, split_cpus  # noqa: E402
 from bench.report import markdown, targets  # noqa: E402
 
 VARIANTS = {"A", "B", "B+noop", "B+auth", "B+prewrap", "C", "C-1k"}
@@ -58,6 +59,18 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     per_call_only = {"A", "B+noop", "B+auth", "B+prewrap"}
     assert set(cmp["connections"]["rsa2048"]["median"]) == expected - per_call_only
     assert all(v > 0 for v in cmp["unary"]["median"].values())
+    # Every rate comes with the servers' CPU per unit and how busy they were.
+    conns = cmp["connections"]["p256"]
+    for block, unit in (
+        (cmp["unary"], "call"),
+        (cmp["streaming"], "message"),
+        (conns, "connection"),
+    ):
+        assert set(block[f"server_cpu_us_per_{unit}"]) == set(block["median"])
+        assert all(v > 0 for v in block["server_busy"].values())
+    if len(os.sched_getaffinity(0)) > 1:
+        pinned = results["machine"]["pinned"]
+        assert not set(pinned["client_cpus"]) & set(pinned["server_cpus"])
     scale = results["scale"]
     for row in scale["pinrpc"] + scale["handover"] + scale["handover-warm"]:
         assert set(row) >= SCALE_FIELDS
@@ -67,6 +80,7 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     assert {t["target"] for t in results["targets"]} >= {"unary calls/s C/B"}
     table = (tmp_path / "results.md").read_text()
     assert "| unary calls/s (64 in flight) |" in table
+    assert "| server CPU us per new connection (p256) |" in table
     assert "### Targets" in table
 
 
@@ -116,7 +130,7 @@ def test_bad_flag_is_one_line_error_and_nonzero() -> None:
     assert "unrecognized arguments: --no-such-flag" in proc.stderr
 
 
-def _results(unary_c: float, p99_c: float) -> dict[str, Any]:
+def _results(unary_c: float, p99_c: float, cpu_c: float | None = None) -> dict[str, Any]:
     def r(x: float) -> dict[str, float]:
         return {"median": x, "q1": x, "q3": x, "n": 1}
 
@@ -132,9 +146,14 @@ def _results(unary_c: float, p99_c: float) -> dict[str, Any]:
             "nginx": None,
             "loadavg_start": 0.0,
             "loadavg_end": 0.0,
+            "pinned": {"client_cpus": [0], "server_cpus": [1]},
         },
         "comparison": {
-            "unary": {"median": {"B": 1.0, "C": unary_c}, "ratio_to_B": {"C": r(unary_c)}},
+            "unary": {
+                "median": {"B": 1.0, "C": unary_c},
+                "ratio_to_B": {"C": r(unary_c)},
+                **({"server_cpu_ratio_to_B": {"C": cpu_c}} if cpu_c else {}),
+            },
             "latency": {
                 "offered_rate": 1.0,
                 "p50_ms": {},
@@ -158,11 +177,48 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert good["streaming messages/s C/B"] is None  # not measured is not a pass
 
 
+def test_capacity_is_judged_from_server_cpu_per_unit() -> None:
+    # A client-bound run: the rates tie, but C's server spent 1.15x B's CPU per call.
+    capacity = "unary calls/s, as server capacity (B/C server CPU per unit)"
+    tied = {t["target"]: t for t in targets(_results(0.99, 1.0, cpu_c=1.15))}
+    assert tied["unary calls/s C/B"]["met"] is True
+    assert tied[capacity]["value"] == 0.87
+    assert tied[capacity]["met"] is False
+    cheap = {t["target"]: t for t in targets(_results(0.99, 1.0, cpu_c=1.02))}
+    assert cheap[capacity]["met"] is True
+    unmeasured = {t["target"]: t for t in targets(_results(0.99, 1.0))}
+    assert unmeasured[capacity]["met"] is None
+
+
+def test_servers_are_launched_on_their_own_cpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = os.sched_getaffinity(0)
+    split = split_cpus()
+    if len(mine) < 2:
+        assert split is None
+        return
+    assert split is not None
+    client, servers = split
+    assert client and servers and not client & servers and client | servers == mine
+    # The child reads its CPUs after a pause: launch() pins it just after it started.
+    show = ["-c", "import os, time; time.sleep(0.5); print(sorted(os.sched_getaffinity(0)))"]
+    monkeypatch.setenv(SERVER_CPUS, ",".join(map(str, sorted(servers))))
+    pinned = launch("pinned", show, tmp_path)
+    monkeypatch.delenv(SERVER_CPUS)
+    free = launch("free", show, tmp_path)
+    for proc in (pinned, free):
+        assert proc.popen.wait(30) == 0
+    assert pinned.log.read_text().strip() == str(sorted(servers))
+    assert free.log.read_text().strip() == str(sorted(mine))
+
+
 def test_markdown_marks_missed_targets() -> None:
     results = _results(0.9, 1.0)
     results["targets"] = targets(results)
     text = markdown(results)
     assert "| unary calls/s C/B | 0.9 | >= 0.97 | **no** |" in text
+    assert "servers pinned to CPU 1, the benchmark's client to the others" in text
 
 
 @pytest.mark.slow
