@@ -2,10 +2,11 @@
 
 Same generated stubs and thread-pool size as pinrpc's server (ServerConfig.max_workers), so the
 only difference to variant C is pinrpc's own code: trust reload and the per-call check.
-Two more variants split that difference: ``--interceptor noop`` (B plus a pass-through
-interceptor: the price of grpcio's interceptor machinery) and ``--interceptor auth`` (B plus
-pinrpc's AuthInterceptor over a fixed enrolled set, without metrics and audit), and
-``--interceptor prewrap`` (the same check, but handlers wrapped once at start-up).
+Three more variants split that difference in steps: ``--interceptor noop`` (B plus a
+pass-through interceptor: the price of grpcio's interceptor machinery), ``--interceptor leaf``
+(pinrpc's AuthInterceptor that reads the peer's leaf certificate but looks nothing up: the floor
+of any per-call leaf check in grpcio's Python API) and ``--interceptor auth`` (pinrpc's
+AuthInterceptor over a fixed enrolled set, without metrics and audit).
 Prints "(port N)" to stderr once serving; stops on SIGTERM.
 """
 
@@ -24,7 +25,7 @@ import grpc
 
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.app import ServerConfig
-from server.auth import AuthInterceptor
+from server.auth import AuthInterceptor, Identity, leaf_pem
 from server.registry import open_registry
 from server.services import EchoService
 from server.trust import EnrolledSet
@@ -59,62 +60,20 @@ class PassThrough(grpc.ServerInterceptor):  # type: ignore[type-arg]
         return continuation(handler_call_details)
 
 
-class _Recorder:
-    """Catches what the generated add_EchoServicer_to_server registers."""
+class LeafOnly(AuthInterceptor):
+    """AuthInterceptor, its handler wrapper and the caller's identity, with a check that reads
+    the peer's leaf certificate and then admits the call without looking it up."""
 
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    def __init__(self, identity: Identity) -> None:
+        super().__init__(lambda: EnrolledSet.build([]))
+        self._identity = identity
 
-    def add_generic_rpc_handlers(self, _: object) -> None:
-        pass
-
-    def add_registered_method_handlers(
-        self, _service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        self.handlers = handlers
-
-
-def add_prewrapped(server: grpc.Server, servicer: BareEcho, check: AuthInterceptor) -> None:
-    """The per-call check without an interceptor: each handler is wrapped once, at start-up.
-
-    grpcio runs interceptors per call and pinrpc's interceptor builds a new wrapped handler per
-    call; this variant measures what the same check costs when neither happens.
-    """
-    recorder = _Recorder()
-    echo_pb2_grpc.add_EchoServicer_to_server(servicer, recorder)  # type: ignore[arg-type]
-    service = "pinrpc.v1.Echo"
-    wrapped = {}
-    for name, handler in recorder.handlers.items():
-        method = f"/{service}/{name}"
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            wrapped[name] = grpc.unary_unary_rpc_method_handler(
-                _checked_unary(handler.unary_unary, method, check), **kwargs
-            )
-        elif handler.stream_stream is not None:
-            wrapped[name] = grpc.stream_stream_rpc_method_handler(
-                _checked_stream(handler.stream_stream, method, check), **kwargs
-            )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
-    server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]
-
-
-def _checked_unary(behavior: Any, method: str, check: AuthInterceptor) -> Any:
-    def run(request: Any, context: grpc.ServicerContext) -> Any:
-        check.authorize(context, method)
-        return behavior(request, context)
-
-    return run
-
-
-def _checked_stream(behavior: Any, method: str, check: AuthInterceptor) -> Any:
-    def run(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        check.authorize(context, method)
-        yield from behavior(requests, context)
-
-    return run
+    def authorize(
+        self, context: grpc.ServicerContext, method: str, *, remember: bool = True
+    ) -> Identity:
+        if leaf_pem(context) is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
+        return self._identity
 
 
 def enrolled_check(registry: str) -> AuthInterceptor:
@@ -129,6 +88,11 @@ def interceptors(kind: str, registry: str | None) -> list[grpc.ServerInterceptor
         return [PassThrough()]
     if kind == "auth" and registry:
         return [enrolled_check(registry)]
+    if kind == "leaf" and registry:
+        reg = open_registry(registry, create=False)
+        client = reg.clients()[0]
+        reg.close()
+        return [LeafOnly(Identity(client.name, client.fingerprint, client.allowed_methods))]
     return []
 
 
@@ -139,19 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cert", type=Path)
     parser.add_argument("--key", type=Path)
     parser.add_argument("--roots", type=Path, help="PEM bundle of accepted client certificates")
-    parser.add_argument(
-        "--interceptor", choices=["none", "noop", "auth", "prewrap"], default="none"
-    )
-    parser.add_argument("--registry", help="enrolled clients for --interceptor auth")
+    parser.add_argument("--interceptor", choices=["none", "noop", "leaf", "auth"], default="none")
+    parser.add_argument("--registry", help="enrolled clients for --interceptor leaf and auth")
     args = parser.parse_args(argv)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with ThreadPoolExecutor(MAX_WORKERS) as executor:
         server = grpc.server(executor, interceptors=interceptors(args.interceptor, args.registry))
-        if args.interceptor == "prewrap":
-            add_prewrapped(server, BareEcho(), enrolled_check(args.registry))
-        elif args.interceptor == "auth":
+        if args.interceptor in ("leaf", "auth"):
             echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
         else:
             echo_pb2_grpc.add_EchoServicer_to_server(BareEcho(), server)

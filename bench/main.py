@@ -167,8 +167,8 @@ class Servers:
             "A": ["-m", "bench.bare_server"],
             "B": bare_mtls,
             "B+noop": [*bare_mtls, "--interceptor", "noop"],
+            "B+leaf": [*bare_mtls, "--interceptor", "leaf", "--registry", str(small)],
             "B+auth": [*bare_mtls, "--interceptor", "auth", "--registry", str(small)],
-            "B+prewrap": [*bare_mtls, "--interceptor", "prewrap", "--registry", str(small)],
             "C": [*serve, "--registry", str(small)],
             "C-1k": [*serve, "--registry", str(fleet)],
             "D-backend": ["-m", "bench.bare_server"],
@@ -190,7 +190,7 @@ class Servers:
             creds = load.credentials(ca, who.key_path.read_bytes(), who.cert_path.read_bytes())
             self.targets[kind] = {
                 name: load.Target(f"127.0.0.1:{self.procs[name].port}", creds)
-                for name in ("B", "B+noop", "B+auth", "B+prewrap", "C", "C-1k", "D")
+                for name in ("B", "B+noop", "B+leaf", "B+auth", "C", "C-1k", "D")
                 if name in self.procs
             }
         self.targets["plain"] = {"A": load.Target(f"127.0.0.1:{self.procs['A'].port}", None)}
