@@ -20,8 +20,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PORT_RE = re.compile(rb"\(port (\d+)\)")
 # The CPUs servers are pinned to ("1", "2,3"), set by pin_benchmark() and inherited by the
-# benchmark's helper processes; unset, nothing is pinned.
+# benchmark's helper processes; unset, nothing is pinned. Tools (the admin CLI the sweep times)
+# are neither client nor server: they get every CPU the benchmark started with (ALL_CPUS), as
+# an operator's command would.
 SERVER_CPUS = "PINRPC_BENCH_SERVER_CPUS"
+ALL_CPUS = "PINRPC_BENCH_ALL_CPUS"
 
 
 class StartError(RuntimeError):
@@ -106,6 +109,19 @@ def pin_benchmark(client: set[int], servers: set[int]) -> None:
         with contextlib.suppress(ProcessLookupError):  # a thread that just ended
             os.sched_setaffinity(int(tid), client)
     os.environ[SERVER_CPUS] = ",".join(map(str, sorted(servers)))
+    os.environ[ALL_CPUS] = ",".join(map(str, sorted(client | servers)))
+
+
+def _cpus(variable: str) -> set[int] | None:
+    value = os.environ.get(variable)
+    return {int(c) for c in value.split(",")} if value else None
+
+
+def unpin(pid: int) -> None:
+    """Give a tool process that has just started every CPU (see ALL_CPUS)."""
+    cpus = _cpus(ALL_CPUS)
+    if cpus:
+        os.sched_setaffinity(pid, cpus)
 
 
 def launch(name: str, argv: list[str], logdir: Path, *, python: bool = True) -> Proc:
@@ -117,10 +133,10 @@ def launch(name: str, argv: list[str], logdir: Path, *, python: bool = True) -> 
         popen = subprocess.Popen(
             cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
         )
-    if os.environ.get(SERVER_CPUS):
+    cpus = _cpus(SERVER_CPUS)
+    if cpus:
         # Not preexec_fn: forking a process that runs grpc threads is unsafe. The server has
         # only just exec'd, so its threads (and nginx's workers) are created after this.
-        cpus = {int(c) for c in os.environ[SERVER_CPUS].split(",")}
         os.sched_setaffinity(popen.pid, cpus)
     return Proc(name, popen, log, time.monotonic())
 

@@ -32,7 +32,7 @@ from server.enrollment import Candidate
 from .fixtures import ECHO_ALL, ServerFiles, candidate_of, client, write_registry
 from .load import REQUEST, Target, connect_once, credentials
 from .load import aio_stub as load_stub
-from .procs import REPO, Proc, launch, wait_port
+from .procs import REPO, Proc, launch, unpin, wait_port
 
 TIMEOUT = 120.0  # a bound on every wait; the 10,000-client rebuilds take tens of seconds
 
@@ -142,6 +142,7 @@ async def cli(*argv: str) -> float:
         sys.executable, "-m", "server.cli", *argv,
         cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    unpin(proc.pid)
     _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"pinrpc-server {argv[0]} failed: {err.decode().strip()}")

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench"
 sys.path.insert(0, str(REPO))
 
-from bench.procs import SERVER_CPUS, launch, split_cpus  # noqa: E402
+from bench.procs import ALL_CPUS, SERVER_CPUS, launch, split_cpus, unpin  # noqa: E402
 from bench.report import markdown, targets  # noqa: E402
 
-VARIANTS = {"A", "B", "B+noop", "B+auth", "B+prewrap", "C", "C-1k"}
+VARIANTS = {"A", "B", "B+noop", "B+leaf", "B+auth", "C", "C-1k"}
 SCALE_FIELDS = {
     "enrolled",
     "startup_s",
@@ -56,7 +56,7 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     assert set(cmp["unary"]["ratio_to_B"]) == expected - {"B"}
     assert set(cmp["latency"]["p99_ms"]) == expected
     assert set(cmp["streaming"]["median"]) == expected
-    per_call_only = {"A", "B+noop", "B+auth", "B+prewrap"}
+    per_call_only = {"A", "B+noop", "B+leaf", "B+auth"}
     assert set(cmp["connections"]["rsa2048"]["median"]) == expected - per_call_only
     assert all(v > 0 for v in cmp["unary"]["median"].values())
     # Every rate comes with the servers' CPU per unit and how busy they were.
@@ -207,10 +207,16 @@ def test_servers_are_launched_on_their_own_cpus(
     pinned = launch("pinned", show, tmp_path)
     monkeypatch.delenv(SERVER_CPUS)
     free = launch("free", show, tmp_path)
+    # A tool started from the pinned client side gets every CPU back.
+    monkeypatch.setenv(ALL_CPUS, ",".join(map(str, sorted(mine))))
+    tool = subprocess.Popen([sys.executable, *show], stdout=subprocess.PIPE, text=True)
+    os.sched_setaffinity(tool.pid, client)
+    unpin(tool.pid)
     for proc in (pinned, free):
         assert proc.popen.wait(30) == 0
     assert pinned.log.read_text().strip() == str(sorted(servers))
     assert free.log.read_text().strip() == str(sorted(mine))
+    assert tool.communicate(timeout=30)[0].strip() == str(sorted(mine))
 
 
 def test_markdown_marks_missed_targets() -> None:
