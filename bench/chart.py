@@ -1,7 +1,8 @@
 """results.png: the figures of results.json as a picture (issue 5 welcomes one).
 
-Three panels: throughput ratios to B with their quartiles and the targets, p99 latency ratios to
-B, and start-up time against the number of enrolled clients. Drawn with matplotlib (in the dev
+Three panels: throughput ratios to B with their quartiles and the targets (and, as diamonds, the
+same as server capacity: B's server CPU per unit over the variant's), p99 latency ratios to B,
+and start-up time against the number of enrolled clients. Drawn with matplotlib (in the dev
 extra); without it the benchmark still writes its JSON and Markdown and says the chart was
 skipped.
 """
@@ -16,8 +17,8 @@ VARIANTS = {"C": "C pinrpc", "C-1k": "C-1k (1k clients)", "D": "D nginx", "B+aut
 THROUGHPUT = (  # (label, path into results["comparison"], target C/B or None)
     ("unary\ncalls/s", ("unary", "ratio_to_B"), 0.97),
     ("stream\nmessages/s", ("streaming", "ratio_to_B"), 0.97),
-    ("connections/s\nP-256", ("connections", "p256", "ratio_to_B"), 0.95),
-    ("connections/s\nRSA-2048", ("connections", "rsa2048", "ratio_to_B"), 0.95),
+    ("new conns/s\nP-256", ("connections", "p256", "ratio_to_B"), 0.95),
+    ("new conns/s\nRSA-2048", ("connections", "rsa2048", "ratio_to_B"), 0.95),
 )
 SWEEP_LABELS = {
     "pinrpc": "inline",
@@ -32,10 +33,18 @@ def _dig(tree: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
-def _bars(ax: Any, groups: list[tuple[str, dict[str, Any]]], ylabel: str) -> None:
-    """Grouped bars: one group per workload, one bar per variant, whiskers at the quartiles."""
+def _bars(
+    ax: Any,
+    groups: list[tuple[str, dict[str, Any]]],
+    ylabel: str,
+    capacity: list[dict[str, float]] | None = None,
+) -> None:
+    """Grouped bars: one group per workload, one bar per variant, whiskers at the quartiles;
+    ``capacity`` (per group: variant -> B's server CPU per unit over its own) as diamonds."""
     names = [v for v in VARIANTS if any(v in ratios for _, ratios in groups)]
     width = 0.8 / max(len(names), 1)
+    cap_xs: list[float] = []
+    cap_ys: list[float] = []
     for i, name in enumerate(names):
         xs, ys, lo, hi = [], [], [], []
         for g, (_, ratios) in enumerate(groups):
@@ -45,11 +54,16 @@ def _bars(ax: Any, groups: list[tuple[str, dict[str, Any]]], ylabel: str) -> Non
                 ys.append(r["median"])
                 lo.append(r["median"] - r["q1"])
                 hi.append(r["q3"] - r["median"])
+                if capacity and name in capacity[g]:
+                    cap_xs.append(xs[-1])
+                    cap_ys.append(capacity[g][name])
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=VARIANTS[name])
+    if cap_xs:
+        ax.plot(cap_xs, cap_ys, "kD", markersize=4, label="capacity (B/C server CPU)")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), [label for label, _ in groups])
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5)
 
 
 def draw(results: dict[str, Any], path: Path) -> str | None:
@@ -64,7 +78,11 @@ def draw(results: dict[str, Any], path: Path) -> str | None:
     cmp = results.get("comparison", {})
     fig, (through, latency, startup) = plt.subplots(1, 3, figsize=(16, 5))
     groups = [(label, _dig(cmp, keys)) for label, keys, _ in THROUGHPUT]
-    _bars(through, groups, "ratio to B (median, quartiles); higher is better")
+    capacity = [
+        {v: 1 / r for v, r in _dig(cmp, (*keys[:-1], "server_cpu_ratio_to_B")).items() if r}
+        for _, keys, _ in THROUGHPUT
+    ]
+    _bars(through, groups, "ratio to B (median, quartiles); higher is better", capacity)
     for g, (_, _, target) in enumerate(THROUGHPUT):
         through.plot([g - 0.45, g + 0.45], [target, target], "r--", linewidth=1)
     through.set_title("Throughput against bare grpcio mTLS (B); red: target")
