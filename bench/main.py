@@ -1,9 +1,10 @@
 """scripts/bench: pinrpc against bare grpcio and nginx, and pinrpc's trust store at scale.
 
 Method: every server is a child of this process, started the same way; one grpc.aio client
-here drives them. Variants are compared with all servers up and channels open, in short
-alternating slices (order reversed every round: ABC CBA ...), and the report gives medians of
-the per-round ratios to variant B, never a lone absolute time.
+here drives them, on CPUs of its own (procs.pin_benchmark). Variants are compared with all
+servers up and channels open, in short alternating slices (order reversed every round: ABC
+CBA ...), and the report gives medians of the per-round ratios to variant B, never a lone
+absolute time.
 """
 
 from __future__ import annotations
