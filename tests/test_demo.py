@@ -152,8 +152,14 @@ def _pid_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_the_server_and_cleans_up(signum: signal.Signals) -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored:
+    # give the demo the default disposition it gets from a terminal, then exec it (same PID).
+    default_sigint = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
     process = subprocess.Popen(
-        [sys.executable, str(DEMO)],
+        [sys.executable, "-c", default_sigint, str(DEMO)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
