@@ -26,7 +26,7 @@ import grpc
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.app import ServerConfig
 from server.auth import AuthInterceptor, Identity, leaf_pem
-from server.registry import open_registry
+from server.registry import Client, open_registry
 from server.services import EchoService
 from server.trust import EnrolledSet
 
@@ -76,11 +76,17 @@ class LeafOnly(AuthInterceptor):
         return self._identity
 
 
-def enrolled_check(registry: str) -> AuthInterceptor:
+def enrolled(registry: str) -> list[Client]:
     reg = open_registry(registry, create=False)
-    enrolled = EnrolledSet.build(reg.clients())
-    reg.close()
-    return AuthInterceptor(lambda: enrolled)
+    try:
+        return reg.clients()
+    finally:
+        reg.close()
+
+
+def enrolled_check(registry: str) -> AuthInterceptor:
+    snapshot = EnrolledSet.build(enrolled(registry))
+    return AuthInterceptor(lambda: snapshot)
 
 
 def interceptors(kind: str, registry: str | None) -> list[grpc.ServerInterceptor]:  # type: ignore[type-arg]
@@ -89,9 +95,7 @@ def interceptors(kind: str, registry: str | None) -> list[grpc.ServerInterceptor
     if kind == "auth" and registry:
         return [enrolled_check(registry)]
     if kind == "leaf" and registry:
-        reg = open_registry(registry, create=False)
-        client = reg.clients()[0]
-        reg.close()
+        client = enrolled(registry)[0]
         return [LeafOnly(Identity(client.name, client.fingerprint, client.allowed_methods))]
     return []
 
