@@ -24,8 +24,8 @@ from typing import Any, cast
 import grpc
 
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
-from server.app import ServerConfig
 from server.auth import AuthInterceptor, Identity, leaf_pem
+from server.config import ServerConfig
 from server.registry import Client, open_registry
 from server.services import EchoService
 from server.trust import EnrolledSet

@@ -1,7 +1,23 @@
 """pinrpc: service-to-service gRPC over mutual TLS, clients admitted by certificate fingerprint."""
 
-from pinrpc.channel import secure_channel
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from pinrpc.errors import PinrpcError
 from pinrpc.identity import Fingerprint
 
+if TYPE_CHECKING:
+    from pinrpc.channel import secure_channel
+
 __all__ = ["Fingerprint", "PinrpcError", "secure_channel"]
+
+
+def __getattr__(name: str) -> object:
+    # Loaded on first use: importing grpc is a third of the command-line programs' start-up,
+    # and every pinrpc.* import runs this file (server.config says why that matters).
+    if name == "secure_channel":
+        from pinrpc.channel import secure_channel
+
+        return secure_channel
+    raise AttributeError(f"module 'pinrpc' has no attribute {name!r}")

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from pinrpc.errors import PinrpcError
 from pinrpc.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -26,6 +23,7 @@ from pinrpc.v1 import (
 from server.admin import AdminService, IdentityService
 from server.audit import Audit
 from server.auth import AuthInterceptor
+from server.config import ServeError, ServerConfig
 from server.health import ECHO_SERVICE, Health
 from server.listener import Listener, ListenError, Options
 from server.metrics import Metrics, serve_metrics
@@ -40,34 +38,6 @@ log = logging.getLogger("pinrpc.server")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["Identity"].full_name
-
-
-class ServeError(PinrpcError):
-    """The server could not start."""
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: str
-    cert: Path
-    key: Path
-    registry: str
-    max_workers: int = 32
-    poll_interval: float = 0.2
-    cert_warn_days: int = 14
-    client_warn_days: int = 14
-    registry_outage_unhealthy: bool = False  # NOT_SERVING while the registry is unreadable
-    rotation_overlap: dt.timedelta = dt.timedelta(hours=24)  # old certificate's grace after Rotate
-    enrollment_listen: str | None = None  # enrollment requests (server-only TLS); off by default
-    enrollment_ttl: dt.timedelta = dt.timedelta(hours=24)  # how long a request waits
-    max_pending: int = 100
-    grace: float = 5.0
-    health_listen: str | None = None  # plaintext gRPC health for probes; off by default
-    metrics_listen: str | None = None  # Prometheus endpoint; off by default
-    audit_rate: float = 50.0  # audit lines per second, sustained (bursts of 4x)
-    tls_reload: str = "inline"  # or "handover" (server/listener.py): for large fleets
-    max_connection_age: float = 120.0  # handover: connections rotate, old listeners empty
-    warm_start: Path | None = None  # handover: serve the clients seen before first
 
 
 @dataclass(frozen=True, slots=True)

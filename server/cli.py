@@ -16,9 +16,8 @@ from pathlib import Path
 from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, at_least, run
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
-from server.app import ServeError, ServerConfig, start_server
+from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
 from server.enrollment import check_certificate, check_patterns
-from server.listener import MODES as LISTENER_MODES
 from server.logs import configure_logging
 from server.registry import Client, Registry, migrate_registry, open_registry
 
@@ -104,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--tls-reload",
         default="inline",
-        choices=list(LISTENER_MODES),
+        choices=list(TLS_RELOAD_MODES),
         help="how new clients and server certificates reach TLS: inline (gRPC rebuilds inside "
         "the next handshake, which new connections wait for: fine up to about a thousand "
         "clients) or handover (a new listener is built in the background and takes over the "
@@ -338,6 +337,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connection_age=args.max_connection_age,
         warm_start=Path(args.warm_start) if args.warm_start else None,
     )
+    # Imported here: grpc and the services are most of the admin commands' start-up otherwise.
+    from server.app import start_server
+
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

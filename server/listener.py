@@ -35,11 +35,11 @@ from typing import Any, Final
 import grpc
 
 from pinrpc.errors import PinrpcError
+from server.config import TLS_RELOAD_MODES
 from server.trust import ServerCert, TrustWatcher
 from server.warm import WarmSet
 
 log = logging.getLogger("pinrpc.server")
-MODES: Final = ("inline", "handover")
 Options = Sequence[tuple[str, Any]]
 
 
@@ -123,7 +123,7 @@ class Listener:
         rebuilt: Callable[[float], None] = lambda _seconds: None,
         warm: WarmSet | None = None,
     ) -> None:
-        if mode not in MODES:
+        if mode not in TLS_RELOAD_MODES:
             raise ValueError(f"unknown --tls-reload mode {mode!r}")
         self._build, self._trust, self.mode = build, trust, mode
         self._grace, self._max_age = grace, max_age

@@ -16,7 +16,8 @@ from pinrpc.channel import secure_channel
 from pinrpc.identity import KeyPairFiles, create_identity
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
 from server.devca import DevCA
 from server.enrollment import Candidate
 from server.registry import open_registry

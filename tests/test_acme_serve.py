@@ -14,7 +14,8 @@ from pinrpc.channel import secure_channel
 from pinrpc.cli import Exit
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.acme import obtain_certificate
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
 from server.devca import DevCA
 from tests.certs import certbot_link
 from tests.conftest import MakeClient, enroll

@@ -11,7 +11,8 @@ import pytest
 from client.cli import main
 from pinrpc.cli import Exit
 from pinrpc.identity import KeyPairFiles, cert_to_pem
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
 from server.devca import DevCA
 from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, revoke
 

@@ -17,7 +17,8 @@ from pinrpc.cli import Exit
 from pinrpc.identity import KeyPairFiles, load_certificate, load_private_key
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 from server import cli as server_cli
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
 from tests.conftest import (
     ECHO_ALL,
     SERVER_NAME,

@@ -20,8 +20,9 @@ import pytest
 
 from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
-from server.app import ServerConfig, start_server
+from server.app import start_server
 from server.auth import AuthInterceptor
+from server.config import ServerConfig
 from server.listener import Listener, Options, steer_to_newest
 from server.registry import open_registry
 from server.services import EchoService

@@ -12,7 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
 from tests.conftest import Connect, MakeClient, ServerFiles, code_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

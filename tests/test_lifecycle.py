@@ -18,7 +18,8 @@ from pinrpc.channel import secure_channel
 from pinrpc.cli import Exit
 from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate
 from pinrpc.v1 import echo_pb2, identity_pb2, identity_pb2_grpc
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
 from tests.certs import make_cert, p256
 from tests.conftest import (
     ECHO_ALL,

@@ -18,8 +18,9 @@ import pytest
 
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import observe
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
 from server.audit import Audit, TokenBucket
+from server.config import ServerConfig
 from server.logs import configure_logging
 from server.metrics import Metrics
 from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, code_of, revoke, whoami

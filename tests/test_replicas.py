@@ -22,7 +22,8 @@ from pinrpc.channel import secure_channel
 from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2_grpc
 from server import cli as server_cli
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
 from tests.conftest import SERVER_NAME, MakeClient, ServerFiles, code_of, eventually, whoami
 from tests.postgres import Postgres, free_port, require_tool, running_postgres
 

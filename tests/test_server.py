@@ -11,7 +11,8 @@ import pytest
 
 from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate, load_private_key
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
-from server.app import ServerConfig, start_server
+from server.app import start_server
+from server.config import ServerConfig
 from server.enrollment import Candidate, check_certificate
 from tests.certs import make_cert, name, p256, write_pair
 from tests.conftest import (

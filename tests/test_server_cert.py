@@ -12,7 +12,8 @@ import pytest
 from cryptography import x509
 
 from pinrpc.identity import KeyPairFiles
-from server.app import ServerConfig, start_server
+from server.app import start_server
+from server.config import ServerConfig
 from server.devca import Issued
 from tests.certs import certbot_link
 from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, eventually, whoami

@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from pinrpc.v1 import echo_pb2
-from server.app import RunningServer, ServerConfig, start_server
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
 from server.services import EchoService
 from tests.conftest import ServerFiles
 

@@ -1,0 +1,43 @@
+"""What `pinrpc-server serve` is asked to do. Kept apart from server.app so that the admin
+commands, which only need the registry, start without importing grpc (a third of their start-up,
+and revocation is timed from the command's launch)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from pinrpc.errors import PinrpcError
+
+# --tls-reload: server/listener.py says what each one does.
+TLS_RELOAD_MODES: Final = ("inline", "handover")
+
+
+class ServeError(PinrpcError):
+    """The server could not start."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str
+    cert: Path
+    key: Path
+    registry: str
+    max_workers: int = 32
+    poll_interval: float = 0.2
+    cert_warn_days: int = 14
+    client_warn_days: int = 14
+    registry_outage_unhealthy: bool = False  # NOT_SERVING while the registry is unreadable
+    rotation_overlap: dt.timedelta = dt.timedelta(hours=24)  # old certificate's grace after Rotate
+    enrollment_listen: str | None = None  # enrollment requests (server-only TLS); off by default
+    enrollment_ttl: dt.timedelta = dt.timedelta(hours=24)  # how long a request waits
+    max_pending: int = 100
+    grace: float = 5.0
+    health_listen: str | None = None  # plaintext gRPC health for probes; off by default
+    metrics_listen: str | None = None  # Prometheus endpoint; off by default
+    audit_rate: float = 50.0  # audit lines per second, sustained (bursts of 4x)
+    tls_reload: str = "inline"  # or "handover" (server/listener.py): for large fleets
+    max_connection_age: float = 120.0  # handover: connections rotate, old listeners empty
+    warm_start: Path | None = None  # handover: serve the clients seen before first
