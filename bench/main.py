@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from . import chart, grpcio_compare, load, report, rootload, store_patch
+from . import chart, grpcio_compare, load, memory, report, rootload, store_patch
 from .fixtures import candidate_of, client, filler_candidates, server_files, write_registry
 from .load import aio_stub as load_stub
 from .nginx import nginx_binary, start_nginx
@@ -363,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: the scale sweep at N=1 and 10,000, alternating between this grpcio and "
         "the one of interpreter PY (a grpcio built with the fix; bench/grpcio_compare.py)",
     )
+    parser.add_argument(
+        "--rebuild-memory",
+        action="store_true",
+        help="instead: the server's RSS across enroll/revoke trust rebuilds, inline and "
+        "handover (bench/memory.py; about 6 minutes)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="pinrpc-bench-"))
@@ -375,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         pin_benchmark(*pinned)
     if args.grpcio_python:
         return grpcio_compare.run(out_dir, args.grpcio_python, args.quick)
+    if args.rebuild_memory:
+        return memory.run(out_dir, args.quick)
     started = time.monotonic()
     results: dict[str, Any] = {"plan": asdict(plan), "machine": machine(pinned)}
 

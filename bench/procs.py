@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,14 +125,22 @@ def unpin(pid: int) -> None:
         os.sched_setaffinity(pid, cpus)
 
 
-def launch(name: str, argv: list[str], logdir: Path, *, python: bool = True) -> Proc:
-    """Start ``argv`` (a Python module invocation unless python=False) as a child process."""
+def launch(
+    name: str,
+    argv: list[str],
+    logdir: Path,
+    *,
+    python: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> Proc:
+    """Start ``argv`` (a Python module invocation unless python=False) as a child process,
+    with ``env`` added to this process's environment."""
     log = logdir / f"{name}.log"
     cmd = [sys.executable, *argv] if python else argv
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
+            cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=environment
         )
     cpus = _cpus(SERVER_CPUS)
     if cpus:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench"
 sys.path.insert(0, str(REPO))
 
+from bench import memory  # noqa: E402
+from bench.load import Target  # noqa: E402
 from bench.procs import ALL_CPUS, SERVER_CPUS, launch, split_cpus, unpin  # noqa: E402
 from bench.report import markdown, targets  # noqa: E402
 
@@ -246,6 +250,34 @@ def test_grpcio_compare_runs_the_sweep_under_both_interpreters(tmp_path: Path) -
     }  # fmt: skip
     assert all(r["startup_s"] > 0 and r["probe_failures"] == 0 for r in result["rows"])
     assert "| handover | 100 | start-up s |" in (tmp_path / "grpcio-compare.md").read_text()
+
+
+def test_rebuild_memory_cycles_really_rebuild(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--rebuild-memory", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "rebuild-memory.json").read_text())
+    assert [r["server"] for r in rows] == list(memory.KINDS)
+    for row in rows:
+        # Every cycle saw its client admitted after the enrollment and refused after the
+        # revocation: each one made the server rebuild twice.
+        assert row["admitted"] == row["refused"] == memory.QUICK_CYCLES
+        assert len(row["rss_mb"]) == memory.QUICK_CYCLES + 1 and min(row["rss_mb"]) > 10
+    # The capped server really ran with the cap, the others without.
+    assert [r["malloc_arena_max"] for r in rows] == [None, "2", None]
+    assert "| inline, MALLOC_ARENA_MAX=2 | 200 |" in (tmp_path / "rebuild-memory.md").read_text()
+
+
+def test_rebuild_memory_wait_gives_up_on_a_client_that_never_gets_in() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    nowhere = Target(f"127.0.0.1:{port}", None)
+    with pytest.raises(RuntimeError, match="never admitted"):
+        asyncio.run(memory.until(nowhere, admitted=True, timeout=0.5))
+    asyncio.run(memory.until(nowhere, admitted=False, timeout=0.5))  # refused at once
 
 
 @pytest.mark.parametrize(
