@@ -50,11 +50,18 @@ class Plan:
     fleet: int  # enrolled clients in variant C-1k
     cap: float  # the longest the sweep waits for a new enrollment to become usable
     rootload: tuple[int, ...]  # root counts for the add_secure_port measurement
+    # New connections sustained: each slice is measured after a lead-in of the same workload,
+    # long enough to empty pinrpc's audit token bucket (200 lines), which refills while the
+    # other variants run and would otherwise give every short slice a burst of audit lines.
+    sustained_rounds: int
+    sustained_s: float
+    lead_in_s: float
 
 
 FULL = Plan("full", 11, 0.5, 7, 0.6, 8, (1, 100, 1000, 10000), (1000, 10000), (10000,), 1000,
-            40.0, (1000, 2000, 4000))  # fmt: skip
-QUICK = Plan("quick", 2, 0.15, 2, 0.2, 2, (1, 100), (100,), (100,), 100, 10.0, (300,))
+            40.0, (1000, 2000, 4000), 6, 1.0, 0.6)  # fmt: skip
+QUICK = Plan("quick", 2, 0.15, 2, 0.2, 2, (1, 100), (100,), (100,), 100, 10.0, (300,), 1, 0.2,
+             0.2)  # fmt: skip
 WARM_FRACTION = 0.1
 
 Slice = Callable[[], Awaitable[Any]]
@@ -221,8 +228,17 @@ class Meter:
         self.units: dict[str, float] = {}
         self.wall: dict[str, float] = {}
 
-    def slice(self, name: str, run: Callable[[], Awaitable[float]]) -> Slice:
+    def slice(
+        self,
+        name: str,
+        run: Callable[[], Awaitable[float]],
+        lead_in: Callable[[], Awaitable[float]] | None = None,
+    ) -> Slice:
+        """``run`` measured; ``lead_in`` (unmeasured) first, when given."""
+
         async def metered() -> float:
+            if lead_in is not None:
+                await lead_in()
             procs = self.servers.processes(name)
             before, start = sum(p.cpu() for p in procs), time.monotonic()
             rate = await run()
@@ -307,6 +323,15 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
             {n: conns.slice(n, r) for n, r in rates.items()}, plan.conn_rounds
         )
         out["connections"][kind] = summary(crounds) | conns.report("connection")
+    group = {k: t for k, t in servers.targets["p256"].items() if k in ("B", "C")}
+    sustained = Meter(servers)
+    slices = {
+        n: sustained.slice(n, partial(load.connection_rate, t, plan.sustained_s),
+                           lead_in=partial(load.connection_rate, t, plan.lead_in_s))
+        for n, t in group.items()
+    }  # fmt: skip
+    srounds = await alternate(slices, plan.sustained_rounds)
+    out["connections"]["p256-sustained"] = summary(srounds) | sustained.report("connection")
     return out
 
 

@@ -72,6 +72,10 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     ):
         assert set(block[f"server_cpu_us_per_{unit}"]) == set(block["median"])
         assert all(v > 0 for v in block["server_busy"].values())
+    # Sustained new connections: B and C only, each slice measured after its lead-in.
+    sustained = cmp["connections"]["p256-sustained"]
+    assert set(sustained["median"]) == {"B", "C"}
+    assert set(sustained["server_cpu_us_per_connection"]) == {"B", "C"}
     if len(os.sched_getaffinity(0)) > 1:
         pinned = results["machine"]["pinned"]
         assert not set(pinned["client_cpus"]) & set(pinned["server_cpus"])
@@ -85,6 +89,7 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     table = (tmp_path / "results.md").read_text()
     assert "| unary calls/s (64 in flight) |" in table
     assert "| server CPU us per new connection (p256) |" in table
+    assert "| server CPU us per new connection (p256-sustained) |" in table
     assert "### Targets" in table
 
 
