@@ -17,8 +17,9 @@ VARIANTS = {"C": "C pinrpc", "C-1k": "C-1k (1k clients)", "D": "D nginx", "B+aut
 THROUGHPUT = (  # (label, path into results["comparison"], target C/B or None)
     ("unary\ncalls/s", ("unary", "ratio_to_B"), 0.97),
     ("stream\nmessages/s", ("streaming", "ratio_to_B"), 0.97),
-    ("new conns/s\nP-256", ("connections", "p256", "ratio_to_B"), 0.95),
-    ("new conns/s\nRSA-2048", ("connections", "rsa2048", "ratio_to_B"), 0.95),
+    ("new conns\nP-256", ("connections", "p256", "ratio_to_B"), 0.95),
+    ("new conns\nRSA-2048", ("connections", "rsa2048", "ratio_to_B"), 0.95),
+    ("new conns\nsustained", ("connections", "p256-sustained", "ratio_to_B"), 0.95),
 )
 SWEEP_LABELS = {
     "pinrpc": "inline",
@@ -76,7 +77,9 @@ def draw(results: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib)"
     cmp = results.get("comparison", {})
-    fig, (through, latency, startup) = plt.subplots(1, 3, figsize=(16, 5))
+    fig, (through, latency, startup) = plt.subplots(
+        1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1.6, 1, 1]}
+    )
     groups = [(label, _dig(cmp, keys)) for label, keys, _ in THROUGHPUT]
     capacity = [
         {v: 1 / r for v, r in _dig(cmp, (*keys[:-1], "server_cpu_ratio_to_B")).items() if r}
