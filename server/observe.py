@@ -17,8 +17,9 @@ from server.registry import Client
 from server.trust import ServerCert
 from server.warm import WarmSet
 
-# Peers remembered for "first allowed call of a connection"; forgotten all at once when full,
-# which at worst logs a connection twice.
+# Peers remembered for "first allowed call of a connection", in two generations of up to this
+# many: when the current one is full it becomes the previous one, and a peer found there is
+# carried over, so only a connection idle for a whole generation can be logged twice.
 MAX_PEERS = 10_000
 # context.peer() releases and retakes the GIL, which cost about 10 % of unary throughput when
 # done on every call (docs/PERFORMANCE.md). A connection's first call follows its TLS handshake
@@ -35,13 +36,13 @@ class Observability:
     ) -> None:
         self.metrics, self.audit, self.health_state = metrics, audit, health
         self.warm = warm
-        self._peers: set[str] = set()
+        self._peers: set[str] = set()  # called in this generation
+        self._older: set[str] = set()  # called in the previous one
         self._lock = threading.Lock()
         self._known: dict[Fingerprint, Client] | None = None
         # Monotonic times of handshakes no new connection has claimed yet (a flood of failed
         # handshakes drops the oldest); appended by gRPC's threads, claimed under _lock.
         self._unmatched: deque[float] = deque(maxlen=MAX_PEERS)
-        self._lenient_until = 0.0  # after _peers was emptied, old connections look new
 
     # -- per call ----------------------------------------------------------------------------
 
@@ -86,11 +87,13 @@ class Observability:
         with self._lock:
             if peer in self._peers:
                 return  # two first calls of one connection raced: the other one logs it
+            carried = peer in self._older  # an open connection that called last generation
             if len(self._peers) >= MAX_PEERS:
-                self._peers.clear()
-                self._lenient_until = now + NEW_CONNECTION_WINDOW
+                self._older, self._peers = self._peers, set()
             self._peers.add(peer)
-            if self._unmatched and now > self._lenient_until:
+            if carried:
+                return
+            if self._unmatched:
                 self._unmatched.popleft()  # this connection's handshake, or an older one
         if self.warm is not None:
             self.warm.seen(client.fingerprint.digest)

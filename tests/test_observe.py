@@ -158,27 +158,42 @@ def test_peer_is_looked_up_only_until_each_new_connection_has_called(
     assert lookups[0] != lookups[1]
 
 
-def test_a_full_peer_set_does_not_hide_a_new_connection(
+def test_a_full_peer_set_neither_relogs_open_connections_nor_hides_a_new_one(
     connect: Connect,
     make_client: MakeClient,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """When the remembered peers are forgotten, old connections look new for a while; they must
-    not use up the handshake of a connection that has yet to make its first call."""
+    """When the remembered peers fill up they become the previous generation: open connections
+    found there are not new (no second line), they do not use up the handshake of a connection
+    that has yet to make its first call, and once that one has called nobody asks for peers."""
     monkeypatch.setattr(observe, "MAX_PEERS", 2)
+    context_class = importlib.import_module("grpc._server")._Context
+    real_peer = context_class.peer
+    lookups: list[str] = []
+
+    def counting_peer(self: Any) -> str:
+        lookups.append(real_peer(self))
+        return lookups[-1]
+
+    monkeypatch.setattr(context_class, "peer", counting_peer)
     alice = make_client("alice")
     connect.enroll(alice, "alice", ECHO_ALL)
     with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
         a, b, c = (connect.stub(alice.cert_path, alice.key_path) for _ in range(3))
-        for stub in (a, b, c):  # c's first call finds the set full and empties it
+        for stub in (a, b, c):  # c's first call finds the set full: a new generation
             whoami(stub)
         late = connect.channel(alice.cert_path, alice.key_path)
         grpc.channel_ready_future(late).result(timeout=5)
-        whoami(a)  # looks new again (logged twice, as documented)
-        whoami(echo_pb2_grpc.EchoStub(late))
+        whoami(a)  # from the previous generation: carried over, not logged again
+        whoami(echo_pb2_grpc.EchoStub(late))  # the new connection: logged
+        before = len(lookups)
+        for _ in range(10):
+            for stub in (a, b, c):
+                whoami(stub)
+        assert len(lookups) == before  # every handshake was claimed: no peer() per call
     peers = [line["peer"] for line in audit_lines(caplog) if line.get("decision") == "allow"]
-    assert len(peers) == 5 and len(set(peers)) == 4, peers  # a, b, c, a again, late
+    assert len(peers) == 4 and len(set(peers)) == 4, peers  # a, b, c, late: once each
 
 
 def test_call_counter_loses_no_increment_across_threads() -> None:
