@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pinrpc.channel import secure_channel
+from pinrpc import secure_channel
 from pinrpc.identity import KeyPairFiles, create_identity
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli

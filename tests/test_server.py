@@ -33,6 +33,18 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 REFUSED_AT_HANDSHAKE = grpc.StatusCode.UNAVAILABLE
 
 
+def test_the_package_exports_load_on_first_use() -> None:
+    # README's "from pinrpc import secure_channel" (conftest uses it for every channel here);
+    # grpc loads only then, so the admin commands start without it (tests/test_enrollment.py).
+    import pinrpc
+    from pinrpc.channel import secure_channel
+
+    assert pinrpc.secure_channel is secure_channel
+    assert set(pinrpc.__all__) == {"Fingerprint", "PinrpcError", "secure_channel"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = pinrpc.nope
+
+
 def test_enrolled_client_calls_every_method(
     connect: Connect, registry: Path, make_client: MakeClient
 ) -> None:
