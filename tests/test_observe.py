@@ -113,24 +113,31 @@ def test_audit_lines(
     assert "time" in deny
 
 
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every peer the server asks gRPC for (context.peer() is the cost being avoided)."""
+    context_class = importlib.import_module("grpc._server")._Context
+    real_peer = context_class.peer
+    seen: list[str] = []
+
+    def counting_peer(self: Any) -> str:
+        seen.append(real_peer(self))
+        return seen[-1]
+
+    monkeypatch.setattr(context_class, "peer", counting_peer)
+    return seen
+
+
 def test_peer_is_looked_up_only_until_each_new_connection_has_called(
     connect: Connect,
     make_client: MakeClient,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    lookups: list[str],
 ) -> None:
     """context.peer() is costly: it is asked only while a recent handshake has not been
     followed by a new connection's first call, and every such first call is logged."""
     monkeypatch.setattr(observe, "NEW_CONNECTION_WINDOW", 1.0)
-    context_class = importlib.import_module("grpc._server")._Context
-    real_peer = context_class.peer
-    lookups: list[str] = []
-
-    def counting_peer(self: Any) -> str:
-        lookups.append(real_peer(self))
-        return lookups[-1]
-
-    monkeypatch.setattr(context_class, "peer", counting_peer)
     alice = make_client("alice")
     connect.enroll(alice, "alice", ECHO_ALL)
     with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
@@ -163,20 +170,12 @@ def test_a_full_peer_set_neither_relogs_open_connections_nor_hides_a_new_one(
     make_client: MakeClient,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    lookups: list[str],
 ) -> None:
     """When the remembered peers fill up they become the previous generation: open connections
     found there are not new (no second line), they do not use up the handshake of a connection
     that has yet to make its first call, and once that one has called nobody asks for peers."""
     monkeypatch.setattr(observe, "MAX_PEERS", 2)
-    context_class = importlib.import_module("grpc._server")._Context
-    real_peer = context_class.peer
-    lookups: list[str] = []
-
-    def counting_peer(self: Any) -> str:
-        lookups.append(real_peer(self))
-        return lookups[-1]
-
-    monkeypatch.setattr(context_class, "peer", counting_peer)
     alice = make_client("alice")
     connect.enroll(alice, "alice", ECHO_ALL)
     with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
