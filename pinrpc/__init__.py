@@ -14,8 +14,8 @@ __all__ = ["Fingerprint", "PinrpcError", "secure_channel"]
 
 
 def __getattr__(name: str) -> object:
-    # Loaded on first use: importing grpc is a third of the command-line programs' start-up,
-    # and every pinrpc.* import runs this file (server.config says why that matters).
+    # Loaded on first use: every pinrpc.* import runs this file, and the admin commands must
+    # start without grpc (server/config.py says why).
     if name == "secure_channel":
         from pinrpc.channel import secure_channel
 
