@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rebuild-memory",
         action="store_true",
         help="instead: the server's RSS across enroll/revoke trust rebuilds, inline and "
-        "handover (bench/memory.py; about 6 minutes)",
+        "handover (bench/memory.py; about 4 minutes)",
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
