@@ -19,6 +19,8 @@ from typing import Any
 
 import grpc
 
+from server.enrollment import Candidate
+
 from .fixtures import (
     ECHO_ALL,
     client,
@@ -53,17 +55,23 @@ async def until(target: Target, *, admitted: bool, timeout: float = TIMEOUT) -> 
     raise RuntimeError(f"the client was never {'admitted' if admitted else 'refused'}")
 
 
-async def measure(kind: str, n: int, cycles: int, work: Path) -> dict[str, Any]:
+async def measure(kind: str, fillers: list[Candidate], cycles: int, work: Path) -> dict[str, Any]:
     flags, env = KINDS[kind]
     directory = work / kind.replace(" ", "").replace(",", "-").replace("=", "")
     directory.mkdir()
     files = server_files(directory / "server")
     registry = directory / "registry.db"
-    write_registry(registry, [], filler_candidates(n))
+    write_registry(registry, [], fillers)
     argv = ["-m", "server.cli", "serve", "--listen", "127.0.0.1:0", "--cert", str(files.cert),
             "--key", str(files.key), "--registry", str(registry), *flags]  # fmt: skip
     proc = launch(directory.name, argv, directory, env=env)
-    row: dict[str, Any] = {"server": kind, "enrolled": n, "rss_mb": [], "admitted": 0, "refused": 0}
+    row: dict[str, Any] = {
+        "server": kind,
+        "enrolled": len(fillers),
+        "rss_mb": [],
+        "admitted": 0,
+        "refused": 0,
+    }
     try:
         wait_port(proc, TIMEOUT)
         row["malloc_arena_max"] = _environ(proc.pid).get("MALLOC_ARENA_MAX")
@@ -93,12 +101,13 @@ def _environ(pid: int) -> dict[str, str]:
 
 def run(out: Path, quick: bool) -> int:
     n, cycles = (QUICK_SIZE, QUICK_CYCLES) if quick else (SIZE, CYCLES)
+    fillers = filler_candidates(n)  # the same clients for every server kind
     rows = []
     work = Path(tempfile.mkdtemp(prefix="pinrpc-bench-memory-"))
     try:
         for kind in KINDS:
             try:
-                rows.append(asyncio.run(measure(kind, n, cycles, work)))
+                rows.append(asyncio.run(measure(kind, fillers, cycles, work)))
             except (RuntimeError, OSError) as exc:
                 print(f"scripts/bench --rebuild-memory: {kind}: {exc}", file=sys.stderr)
                 return 1

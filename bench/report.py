@@ -1,5 +1,5 @@
 """The benchmark's verdicts and its Markdown table, both computed from the results dict; and
-how the side measurements (--store-patch, --grpcio-python) write theirs."""
+how the side measurements (--store-patch, --grpcio-python, --rebuild-memory) write theirs."""
 
 from __future__ import annotations
 
