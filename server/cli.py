@@ -339,11 +339,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     # Imported here: grpc and the services are most of the admin commands' start-up otherwise.
     from server.app import start_server
+    from server.gc_tuning import settle
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with start_server(config):
+        # Here, not in start_server: the tests run servers inside pytest's own process.
+        settle()
         stop.wait()
         logging.getLogger("pinrpc.server").info("stopping: finishing in-flight calls")
     return Exit.OK
