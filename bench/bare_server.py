@@ -6,7 +6,9 @@ Three more variants split that difference in steps: ``--interceptor noop`` (B pl
 pass-through interceptor: the price of grpcio's interceptor machinery), ``--interceptor leaf``
 (pinrpc's AuthInterceptor that reads the peer's leaf certificate but looks nothing up: the floor
 of any per-call leaf check in grpcio's Python API) and ``--interceptor auth`` (pinrpc's
-AuthInterceptor over a fixed enrolled set, without metrics and audit).
+AuthInterceptor over a fixed enrolled set, without metrics and audit). ``--gc-settle`` gives B
+the garbage collector settings pinrpc's server process uses (server/gc_tuning.py), so that C can
+also be compared with a B on the same footing.
 Prints "(port N)" to stderr once serving; stops on SIGTERM.
 """
 
@@ -26,6 +28,7 @@ import grpc
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.auth import AuthInterceptor, Identity, leaf_pem
 from server.config import ServerConfig
+from server.gc_tuning import settle
 from server.registry import Client, open_registry
 from server.services import EchoService
 from server.trust import EnrolledSet
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roots", type=Path, help="PEM bundle of accepted client certificates")
     parser.add_argument("--interceptor", choices=["none", "noop", "leaf", "auth"], default="none")
     parser.add_argument("--registry", help="enrolled clients for --interceptor leaf and auth")
+    parser.add_argument(
+        "--gc-settle", action="store_true", help="the collector settings pinrpc's server uses"
+    )
     args = parser.parse_args(argv)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             port = server.add_insecure_port(args.listen)
         server.start()
+        if args.gc_settle:
+            settle()
         print(f"listening (port {port})", file=sys.stderr, flush=True)
         stop.wait()
         server.stop(1.0).wait()

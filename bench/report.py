@@ -13,6 +13,7 @@ VARIANTS = {
     "B+noop": "B + pass-through interceptor",
     "B+leaf": "B + interceptor reading the leaf only",
     "B+auth": "B + pinrpc AuthInterceptor",
+    "B+gc": "B with pinrpc's GC settings",
     "C": "C pinrpc",
     "C-1k": "C-1k pinrpc, 1k clients",
     "D": "D nginx",
@@ -75,6 +76,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rate("streaming messages/s", cmp.get("streaming"), 0.97)
     for kind in CONNECTION_KINDS:
         rate(f"new connections/s ({kind})", _get(cmp, "connections", kind), 0.95)
+    # The same limits against B+gc: what the checks cost when B's collector is tuned like C's.
+    fair = "against B with pinrpc's GC settings"
+    check(f"unary calls/s C/(B+gc), {fair}", _get(cmp, "unary", "C_over_B+gc", "median"),
+          0.97, ">=")  # fmt: skip
+    cpu = _get(cmp, "unary", "server_cpu_us_per_call") or {}
+    capacity = round(cpu["B+gc"] / cpu["C"], 3) if {"B+gc", "C"} <= set(cpu) else None
+    check(f"unary calls/s C/(B+gc), as server capacity, {fair}", capacity, 0.97, ">=")
+    check(f"unary p99 latency C/(B+gc), {fair}",
+          _get(cmp, "latency", "p99_C_over_B+gc", "median"), 1.1, "<=")  # fmt: skip
     check("unary calls/s C/D", _get(cmp, "unary", "C_over_D", "median"), 1.0, ">=")
     check("unary p99 latency C/D", _get(cmp, "latency", "p99_C_over_D", "median"), 1.0, "<")
     scale = results.get("scale", {})

@@ -23,7 +23,7 @@ from bench.load import Target  # noqa: E402
 from bench.procs import ALL_CPUS, SERVER_CPUS, launch, split_cpus, unpin  # noqa: E402
 from bench.report import markdown, targets  # noqa: E402
 
-VARIANTS = {"A", "B", "B+noop", "B+leaf", "B+auth", "C", "C-1k"}
+VARIANTS = {"A", "B", "B+noop", "B+leaf", "B+auth", "B+gc", "C", "C-1k"}
 SCALE_FIELDS = {
     "enrolled",
     "startup_s",
@@ -60,7 +60,7 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     assert set(cmp["unary"]["ratio_to_B"]) == expected - {"B"}
     assert set(cmp["latency"]["p99_ms"]) == expected
     assert set(cmp["streaming"]["median"]) == expected
-    per_call_only = {"A", "B+noop", "B+leaf", "B+auth"}
+    per_call_only = {"A", "B+noop", "B+leaf", "B+auth", "B+gc"}
     assert set(cmp["connections"]["rsa2048"]["median"]) == expected - per_call_only
     assert all(v > 0 for v in cmp["unary"]["median"].values())
     # Every rate comes with the servers' CPU per unit and how busy they were.
@@ -197,6 +197,23 @@ def test_capacity_is_judged_from_server_cpu_per_unit() -> None:
     assert cheap[capacity]["met"] is True
     unmeasured = {t["target"]: t for t in targets(_results(0.99, 1.0))}
     assert unmeasured[capacity]["met"] is None
+
+
+def test_c_is_also_judged_against_b_with_the_same_gc_settings() -> None:
+    fair = "against B with pinrpc's GC settings"
+    results = _results(0.99, 1.0)
+    unary, latency = results["comparison"]["unary"], results["comparison"]["latency"]
+    unary["server_cpu_us_per_call"] = {"B": 100.0, "B+gc": 95.0, "C": 100.0}
+    unary["C_over_B+gc"] = {"median": 0.95, "q1": 0.95, "q3": 0.95, "n": 1}
+    latency["p99_C_over_B+gc"] = {"median": 1.05, "q1": 1.05, "q3": 1.05, "n": 1}
+    got = {t["target"]: t for t in targets(results)}
+    assert got["unary calls/s C/B"]["met"] is True
+    assert got[f"unary calls/s C/(B+gc), {fair}"]["met"] is False
+    assert got[f"unary calls/s C/(B+gc), as server capacity, {fair}"]["value"] == 0.95
+    assert got[f"unary calls/s C/(B+gc), as server capacity, {fair}"]["met"] is False
+    assert got[f"unary p99 latency C/(B+gc), {fair}"]["met"] is True
+    plain = {t["target"]: t["met"] for t in targets(_results(0.99, 1.0))}
+    assert plain[f"unary calls/s C/(B+gc), {fair}"] is None  # not measured is not a pass
 
 
 def test_servers_are_launched_on_their_own_cpus(
