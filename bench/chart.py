@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 # Variants drawn, with what the reader should call them; absent ones (no nginx) are left out.
-VARIANTS = {"C": "C pinrpc", "C-1k": "C-1k (1k clients)", "D": "D nginx", "B+auth": "B+auth"}
+VARIANTS = {
+    "C": "C pinrpc",
+    "C-1k": "C-1k (1k clients)",
+    "D": "D nginx",
+    "B+auth": "B+auth",
+    "B+gc": "B+gc (B, GC as C)",
+}
 THROUGHPUT = (  # (label, path into results["comparison"], target C/B or None)
     ("unary\ncalls/s", ("unary", "ratio_to_B"), 0.97),
     ("stream\nmessages/s", ("streaming", "ratio_to_B"), 0.97),
