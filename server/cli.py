@@ -18,6 +18,7 @@ from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
 from server.enrollment import check_certificate, check_patterns
+from server.gc_tuning import settle
 from server.logs import configure_logging
 from server.registry import Client, Registry, migrate_registry, open_registry
 
@@ -339,7 +340,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     # Imported here: grpc and the services are most of the admin commands' start-up otherwise.
     from server.app import start_server
-    from server.gc_tuning import settle
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
