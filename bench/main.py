@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -24,7 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 import grpc
 
@@ -364,6 +366,10 @@ async def scale(workdir: Path, plan: Plan, files: Any, include_handover: bool) -
     return out
 
 
+def _terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke-test mode (< 1 minute)")
@@ -399,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         "handover (bench/memory.py; about 4 minutes)",
     )
     args = parser.parse_args(argv)
+    # Unwind on SIGTERM as on Ctrl-C, so that every `finally` stops the servers it started
+    # instead of leaving them running without their parent.
+    signal.signal(signal.SIGTERM, _terminated)
     plan = QUICK if args.quick else FULL
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="pinrpc-bench-"))
     out_dir.mkdir(parents=True, exist_ok=True)

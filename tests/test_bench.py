@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +127,56 @@ def test_store_patch_builds_both_stores_and_checks_them(tmp_path: Path) -> None:
         enrolled = subprocess.run([harness, roots, roots], capture_output=True, text=True)
         assert enrolled.returncode == 1
         assert json.loads(enrolled.stdout)["stranger_verified"] is True
+
+
+def _running_children(pid: int) -> set[int]:
+    """PIDs of ``pid``'s children that have not exited (zombies excluded)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return {c for c in found if _running(c)}
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_server_the_benchmark_started(tmp_path: Path) -> None:
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCH), "--quick", "--skip-nginx", "--skip-scale", "--out",
+         str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    servers: set[int] = set()
+    try:
+        # Terminated while measuring: all nine servers are up (A ... C-1k, D's backend) and grpc's
+        # client threads exist, which happens only once the channels open.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and bench.poll() is None:
+            servers |= _running_children(bench.pid)
+            if len(servers) >= 9 and len(list(Path(f"/proc/{bench.pid}/task").iterdir())) > 1:
+                break
+            time.sleep(0.1)
+        assert len(servers) >= 9, f"only {len(servers)} servers seen (exit {bench.poll()})"
+        time.sleep(1)
+        bench.terminate()
+        code = bench.wait(60)
+        assert not {pid for pid in servers if _running(pid)}, "servers left after SIGTERM"
+        assert code == 128 + signal.SIGTERM
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        for pid in servers:  # after a failure: stop what this test started
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_bad_flag_is_one_line_error_and_nonzero() -> None:
