@@ -19,6 +19,7 @@ VARIANTS = {
     "D": "D nginx",
     "B+auth": "B+auth",
     "B+gc": "B+gc (B, GC as C)",
+    "B-twin": "B-twin (identical to B)",
 }
 THROUGHPUT = (  # (label, path into results["comparison"], target C/B or None)
     ("unary\ncalls/s", ("unary", "ratio_to_B"), 0.97),

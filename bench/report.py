@@ -10,6 +10,7 @@ from typing import Any
 VARIANTS = {
     "A": "A bare insecure",
     "B": "B bare mTLS",
+    "B-twin": "B-twin, a second B (latency only)",
     "B+noop": "B + pass-through interceptor",
     "B+leaf": "B + interceptor reading the leaf only",
     "B+auth": "B + pinrpc AuthInterceptor",
@@ -165,7 +166,7 @@ def markdown(results: dict[str, Any]) -> str:
         "Ratios are medians of per-round ratios to B (neighbouring slices), with quartiles.",
         "",
     ]
-    present = set(_get(cmp, "unary", "median") or {})
+    present = set(_get(cmp, "unary", "median") or {}) | set(_get(cmp, "latency", "p99_ms") or {})
     variants = [v for v in VARIANTS if v in present]
     ratios_of = [v for v in variants if v not in ("A", "B")]
     lines += [
@@ -262,6 +263,13 @@ def markdown(results: dict[str, Any]) -> str:
     for t in results.get("targets", []):
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['limit']} | {met} |")
+    twin = _get(cmp, "latency", "p99_ratio_to_B", "B-twin")
+    if twin:
+        lines += [
+            "",
+            f"Noise floor of the p99 rows: B-twin, a server identical to B, measured p99 "
+            f"B-twin/B = {_ratio_cell(twin)} in this run; the target's tolerance is 1.1.",
+        ]
     return "\n".join(lines) + "\n"
 
 

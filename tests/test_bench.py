@@ -61,7 +61,10 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
     expected = VARIANTS | ({"D"} if have_nginx() else set())
     assert set(cmp["unary"]["median"]) == expected
     assert set(cmp["unary"]["ratio_to_B"]) == expected - {"B"}
-    assert set(cmp["latency"]["p99_ms"]) == expected
+    # The B+ diagnostics give no tail figures; B-twin, B's identical control, gives only those.
+    diagnostics = {"B+noop", "B+leaf", "B+auth"}
+    assert set(cmp["latency"]["p99_ms"]) == expected - diagnostics | {"B-twin"}
+    assert "B-twin" in cmp["latency"]["p99_ratio_to_B"]
     assert set(cmp["streaming"]["median"]) == expected
     per_call_only = {"A", "B+noop", "B+leaf", "B+auth", "B+gc"}
     assert set(cmp["connections"]["rsa2048"]["median"]) == expected - per_call_only
@@ -156,15 +159,15 @@ def test_sigterm_stops_every_server_the_benchmark_started(tmp_path: Path) -> Non
     )  # fmt: skip
     servers: set[int] = set()
     try:
-        # Terminated while measuring: all nine servers are up (A ... C-1k, D's backend) and grpc's
+        # Terminated while measuring: all ten servers are up (A ... C-1k, D's backend) and grpc's
         # client threads exist, which happens only once the channels open.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and bench.poll() is None:
             servers |= _running_children(bench.pid)
-            if len(servers) >= 9 and len(list(Path(f"/proc/{bench.pid}/task").iterdir())) > 1:
+            if len(servers) >= 10 and len(list(Path(f"/proc/{bench.pid}/task").iterdir())) > 1:
                 break
             time.sleep(0.1)
-        assert len(servers) >= 9, f"only {len(servers)} servers seen (exit {bench.poll()})"
+        assert len(servers) >= 10, f"only {len(servers)} servers seen (exit {bench.poll()})"
         time.sleep(1)
         bench.terminate()
         code = bench.wait(60)
@@ -304,6 +307,21 @@ def test_markdown_marks_missed_targets() -> None:
     text = markdown(results)
     assert "| unary calls/s C/B | 0.9 | >= 0.97 | **no** |" in text
     assert "servers pinned to CPU 1, the benchmark's client to the others" in text
+    assert "Noise floor" not in text  # no control measured, no claim about it
+
+
+def test_markdown_gives_the_p99_noise_floor_of_the_run() -> None:
+    results = _results(0.99, 1.0)
+    latency = results["comparison"]["latency"]
+    latency["p99_ms"] = {"B": 4.0, "B-twin": 6.4, "C": 4.0}
+    latency["p99_ratio_to_B"]["B-twin"] = {"median": 1.6, "q1": 0.5, "q3": 2.5, "n": 10}
+    results["targets"] = targets(results)
+    text = markdown(results)
+    assert "measured p99 B-twin/B = 1.600 (0.50-2.50) in this run" in text
+    # The control has its own column in the p99 row, and is no target.
+    p99_row = next(line for line in text.splitlines() if line.startswith("| p99 ms"))
+    assert "| 6.4 |" in p99_row
+    assert not any("B-twin" in t["target"] for t in results["targets"])
 
 
 @pytest.mark.slow
