@@ -336,8 +336,10 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
 
     out["connections"] = {"unit": "connections/s (connect + 1 call, 4 in parallel)"}
     for kind in ("p256", "rsa2048"):
-        # The per-call variants (interceptors, GC settings) are left out here.
-        group = {k: t for k, t in servers.targets[kind].items() if not k.startswith("B+")}
+        # The per-call variants (interceptors, GC settings) and the latency control are left out.
+        group = {
+            k: t for k, t in servers.targets[kind].items() if not k.startswith("B+") and k != TWIN
+        }
         if kind == "p256":
             group = {"A": servers.targets["plain"]["A"], **group}
         conns = Meter(servers)
