@@ -281,9 +281,9 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
         for stub in stubs.values():
             await stub.Echo(load.REQUEST, timeout=10)
 
-        per_call = {n: s for n, s in stubs.items() if n != TWIN}
+        throughput = {n: s for n, s in stubs.items() if n != TWIN}
         unary = Meter(servers)
-        rates = {n: partial(load.unary_rate, s, plan.slice_s) for n, s in per_call.items()}
+        rates = {n: partial(load.unary_rate, s, plan.slice_s) for n, s in throughput.items()}
         rounds = await alternate({n: unary.slice(n, r) for n, r in rates.items()}, plan.rounds)
         out["unary"] = summary(rounds) | {"unit": "calls/s", "slice_s": plan.slice_s}
         out["unary"] |= unary.report("call")
@@ -327,7 +327,7 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
         out["latency"]["p99_C_over_B+gc"] = ratio(p99, "C", "B+gc")
 
         streams = Meter(servers)
-        rates = {n: partial(load.stream_rate, s, plan.slice_s) for n, s in per_call.items()}
+        rates = {n: partial(load.stream_rate, s, plan.slice_s) for n, s in throughput.items()}
         srounds = await alternate({n: streams.slice(n, r) for n, r in rates.items()}, plan.rounds)
         out["streaming"] = summary(srounds) | {"unit": "messages/s"} | streams.report("message")
     finally:
@@ -336,10 +336,9 @@ async def comparisons(servers: Servers, plan: Plan) -> dict[str, Any]:
 
     out["connections"] = {"unit": "connections/s (connect + 1 call, 4 in parallel)"}
     for kind in ("p256", "rsa2048"):
-        # The per-call variants (interceptors, GC settings) and the latency control are left out.
-        group = {
-            k: t for k, t in servers.targets[kind].items() if not k.startswith("B+") and k != TWIN
-        }
+        # Only the servers whose handshakes differ: not the per-call variants (interceptors, GC
+        # settings) nor the latency control.
+        group = {k: t for k, t in servers.targets[kind].items() if k in ("B", "C", "C-1k", "D")}
         if kind == "p256":
             group = {"A": servers.targets["plain"]["A"], **group}
         conns = Meter(servers)
