@@ -28,6 +28,10 @@ SERVER_CPUS = "PINRPC_BENCH_SERVER_CPUS"
 ALL_CPUS = "PINRPC_BENCH_ALL_CPUS"
 
 
+# Every process launch() started, for terminate_launched().
+_LAUNCHED: list[subprocess.Popen[bytes]] = []
+
+
 class StartError(RuntimeError):
     """A server did not come up."""
 
@@ -142,12 +146,42 @@ def launch(
         popen = subprocess.Popen(
             cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=environment
         )
+    _LAUNCHED.append(popen)
     cpus = _cpus(SERVER_CPUS)
     if cpus:
         # Not preexec_fn: forking a process that runs grpc threads is unsafe. The server has
         # only just exec'd, so its threads (and nginx's workers) are created after this.
         os.sched_setaffinity(popen.pid, cpus)
     return Proc(name, popen, log, time.monotonic())
+
+
+def terminate_launched(grace: float = 5.0) -> int:
+    """SIGTERM every process launch() started, SIGKILL whatever still runs after ``grace``
+    seconds, reap them all; return how many there were.
+
+    Made for a signal handler: it uses only os-level calls, none of Popen's locks, which the
+    interrupted code may be holding.
+    """
+    pids = {p.pid for p in _LAUNCHED if p.returncode is None}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    running, deadline = set(pids), time.monotonic() + grace
+    while running:
+        for pid in list(running):
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:  # reaped already
+                done = True
+            if done:
+                running.discard(pid)
+        if running and time.monotonic() > deadline:
+            for pid in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")  # SIGKILL cannot be ignored: wait for them now
+        time.sleep(0.02)
+    return len(pids)
 
 
 def wait_port(proc: Proc, timeout: float) -> int:

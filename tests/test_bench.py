@@ -151,11 +151,14 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_sigterm_stops_every_server_the_benchmark_started(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"  # where the benchmark makes its work directory
+    scratch.mkdir()
     bench = subprocess.Popen(
         [sys.executable, str(BENCH), "--quick", "--skip-nginx", "--skip-scale", "--out",
-         str(tmp_path)],
+         str(tmp_path / "out")],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )  # fmt: skip
     servers: set[int] = set()
     try:
@@ -170,9 +173,11 @@ def test_sigterm_stops_every_server_the_benchmark_started(tmp_path: Path) -> Non
         assert len(servers) >= 10, f"only {len(servers)} servers seen (exit {bench.poll()})"
         time.sleep(1)
         bench.terminate()
-        code = bench.wait(60)
+        _, err = bench.communicate(timeout=60)
         assert not {pid for pid in servers if _running(pid)}, "servers left after SIGTERM"
-        assert code == 128 + signal.SIGTERM
+        assert bench.returncode == 128 + signal.SIGTERM
+        assert err.decode().strip().endswith("terminated; stopped 10 servers")
+        assert not list(scratch.iterdir())  # the work directory is gone too
     finally:
         if bench.poll() is None:
             bench.kill()
