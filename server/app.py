@@ -24,6 +24,7 @@ from server.admin import AdminService, IdentityService
 from server.audit import Audit
 from server.auth import AuthInterceptor
 from server.config import ServeError, ServerConfig
+from server.handshakes import Handshakes
 from server.health import ECHO_SERVICE, Health
 from server.listener import Listener, ListenError, Options
 from server.metrics import Metrics, serve_metrics
@@ -62,7 +63,8 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         health, metrics = Health(), Metrics()
         audit = Audit(rate=config.audit_rate, burst=int(config.audit_rate * 4))
         warm = WarmSet(config.warm_start) if config.warm_start else None
-        observe = Observability(metrics, audit, health, warm)
+        handshakes = Handshakes()
+        observe = Observability(metrics, audit, health, handshakes, warm)
         trust = TrustWatcher(
             registry,
             config.cert,
@@ -72,6 +74,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             client_warn_days=config.client_warn_days,
             registry_outage_unhealthy=config.registry_outage_unhealthy,
             events=observe,
+            handshakes=handshakes,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
         interceptor = AuthInterceptor(lambda: trust.enrolled, observe)

@@ -28,7 +28,9 @@ class Metrics:
             registry=r,
         )
         self.rebuilds = Counter(
-            "pinrpc_trust_rebuilds", "TLS configurations handed to gRPC after a change", registry=r
+            "pinrpc_trust_rebuilds",
+            "TLS configurations prepared for gRPC after a change",
+            registry=r,
         )
         self.rebuild_seconds = Histogram(
             "pinrpc_trust_rebuild_seconds",
@@ -36,8 +38,11 @@ class Metrics:
             "loads it in the next handshake; handover: the whole new listener)",
             registry=r,
         )
-        self.handshakes = Counter(
-            "pinrpc_tls_handshakes", "TLS handshakes started on the mTLS port", registry=r
+
+    def count_handshakes(self, total: Callable[[], int]) -> None:
+        """pinrpc_tls_handshakes_total, read from server.handshakes at each scrape."""
+        self.registry.register(
+            ReadCounter("pinrpc_tls_handshakes", "TLS handshakes started on the mTLS port", total)
         )
 
     def set_cert_expiry(self, not_after: dt.datetime) -> None:
@@ -84,6 +89,16 @@ class CallCounter(Collector):
         for labels, n in sorted(self._totals().items()):
             family.add_metric(labels, n)
         yield family
+
+
+class ReadCounter(Collector):
+    """A counter kept elsewhere (no Python runs where it is counted), read when scraped."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
 def serve_metrics(metrics: Metrics, listen: str) -> tuple[Callable[[], None], int]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections import deque
 
 import grpc
 
 from pinrpc.identity import Fingerprint
 from server.audit import Audit
 from server.auth import UNKNOWN_METHOD
+from server.handshakes import Handshakes
 from server.health import Health
 from server.metrics import Metrics
 from server.registry import Client
@@ -23,26 +22,28 @@ from server.warm import WarmSet
 MAX_PEERS = 10_000
 # context.peer() releases and retakes the GIL, which cost about 10 % of unary throughput when
 # done on every call (docs/PERFORMANCE.md). A connection's first call follows its TLS handshake
-# (gRPC connects on first use), so the peer is only looked up while a handshake of the last
-# NEW_CONNECTION_WINDOW seconds has not yet been followed by a new connection's first call.
-NEW_CONNECTION_WINDOW = 10.0
+# (gRPC connects on first use), so the peer is only looked up while a recent handshake has not
+# yet been followed by a new connection's first call (server/handshakes.py).
 
 
 class Observability:
     """Implements both server.auth.Observer and server.trust.TrustEvents."""
 
     def __init__(
-        self, metrics: Metrics, audit: Audit, health: Health, warm: WarmSet | None = None
+        self,
+        metrics: Metrics,
+        audit: Audit,
+        health: Health,
+        handshakes: Handshakes,
+        warm: WarmSet | None = None,
     ) -> None:
         self.metrics, self.audit, self.health_state = metrics, audit, health
-        self.warm = warm
+        self.handshakes, self.warm = handshakes, warm
+        metrics.count_handshakes(handshakes.total)
         self._peers: set[str] = set()  # called in this generation
         self._older: set[str] = set()  # called in the previous one
         self._lock = threading.Lock()
         self._known: dict[Fingerprint, Client] | None = None
-        # Monotonic times of handshakes no new connection has claimed yet (a flood of failed
-        # handshakes drops the oldest); appended by gRPC's threads, claimed under _lock.
-        self._unmatched: deque[float] = deque(maxlen=MAX_PEERS)
 
     # -- per call ----------------------------------------------------------------------------
 
@@ -70,16 +71,8 @@ class Observability:
         )
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None:
-        # Every handshake was followed by its first call: no connection is new. Tested before
-        # indexing because raising IndexError on every call cost 1-2 % of server CPU per call.
-        if not self._unmatched:
-            return
-        try:
-            oldest = self._unmatched[0]
-        except IndexError:
-            return  # claimed by another thread since
-        now = time.monotonic()
-        if oldest < now - NEW_CONNECTION_WINDOW and not self._expire(now):
+        # Every recent handshake was followed by its first call: no connection is new.
+        if not self.handshakes.pending():
             return
         peer = context.peer()
         if peer in self._peers:
@@ -93,8 +86,7 @@ class Observability:
             self._peers.add(peer)
             if carried:
                 return
-            if self._unmatched:
-                self._unmatched.popleft()  # this connection's handshake, or an older one
+            self.handshakes.claim()  # this connection's handshake, or an older one
         if self.warm is not None:
             self.warm.seen(client.fingerprint.digest)
         self.audit.event(
@@ -106,14 +98,6 @@ class Observability:
             peer=peer,
             method=method,
         )
-
-    def _expire(self, now: float) -> bool:
-        """Forget handshakes older than the window (failed ones, eagerly connected channels);
-        return whether any is left."""
-        with self._lock:
-            while self._unmatched and self._unmatched[0] < now - NEW_CONNECTION_WINDOW:
-                self._unmatched.popleft()
-            return bool(self._unmatched)
 
     def finished(self, client: str, method: str, code: grpc.StatusCode) -> None:
         # _name_ is Enum's documented attribute behind the .name property, without the
@@ -142,10 +126,6 @@ class Observability:
 
     def health(self, serving: bool, registry_ok: bool) -> None:
         self.health_state.set(serving, registry_ok)
-
-    def handshake(self) -> None:
-        self._unmatched.append(time.monotonic())  # deque.append is atomic: no lock
-        self.metrics.handshakes.inc()
 
     def rebuilt(self, seconds: float) -> None:
         self.metrics.rebuild_seconds.observe(seconds)

@@ -3,10 +3,11 @@
 grpcio has no verify callback, so the set of enrolled certificates *is* the set of trusted
 roots (each self-signed client certificate is its own trust anchor). A background thread polls
 the registry's generation counter and the certificate files; when either changed it prepares a
-new configuration. With --tls-reload inline the credential fetcher (called by gRPC's C core at
-every new handshake) hands it over once; otherwise it returns None, because building a
-configuration blocks handshakes. With --tls-reload handover the credentials stay as built and
-server/listener.py builds a new listener instead.
+new configuration. With --tls-reload inline it waits in each listener's slot, and the
+credential fetcher (called by gRPC's C core at every new handshake, server/handshakes.py) hands
+it over once; otherwise the fetcher returns None, because building a configuration blocks
+handshakes. With --tls-reload handover the credentials stay as built and server/listener.py
+builds a new listener instead.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pinrpc.identity import (
     same_public_key,
     self_signed_certificate,
 )
+from server.handshakes import SLOT_KEY, Handshakes, fetcher
 from server.registry import ChangeNotifier, Client, Registry
 
 if TYPE_CHECKING:
@@ -171,8 +173,6 @@ class TrustEvents(Protocol):
 
     def health(self, serving: bool, registry_ok: bool) -> None: ...
 
-    def handshake(self) -> None: ...
-
     def rebuilt(self, seconds: float) -> None: ...
 
 
@@ -184,9 +184,6 @@ class NullEvents:
         pass
 
     def health(self, serving: bool, registry_ok: bool) -> None:
-        pass
-
-    def handshake(self) -> None:
         pass
 
     def rebuilt(self, seconds: float) -> None:
@@ -207,12 +204,16 @@ class TrustWatcher:
         events: TrustEvents | None = None,
         client_warn_days: int = 14,
         registry_outage_unhealthy: bool = False,
+        handshakes: Handshakes | None = None,
     ) -> None:
         self._registry = registry
         self._cert_path, self._key_path = cert_path, key_path
         self._interval = interval
         self._warn_days = warn_days
         self._events: TrustEvents = events or NullEvents()
+        self.handshakes = handshakes or Handshakes()
+        # The slots of the credentials that follow every change, and whether they want roots.
+        self._following: list[tuple[dict[str, grpc.ServerCertificateConfiguration], bool]] = []
         self._client_warn_days = client_warn_days
         self._registry_outage_unhealthy = registry_outage_unhealthy
         self._next_expiry_scan = 0.0
@@ -231,7 +232,6 @@ class TrustWatcher:
         self.enrolled = EnrolledSet.build(clients, self._root_order)
         self._cert_signature = file_signature(cert_path, key_path)
         self.server_cert = load_server_cert(cert_path, key_path)
-        self._version = 0  # bumped on every change; each fetcher remembers what it has
         self.changed = threading.Event()  # set on every change (server.listener waits on it)
         self._announce_cert("serving")
         self._announce_clients(clients)
@@ -253,7 +253,7 @@ class TrustWatcher:
         """Credentials that follow every change; without client_auth, server-only TLS.
 
         ``follow=False``: keep what they were built with (--tls-reload handover); the fetcher
-        then only counts handshakes.
+        then only counts handshakes (those of client-authenticated credentials).
         """
         return self._credentials(client_auth, follow)[0]
 
@@ -269,28 +269,18 @@ class TrustWatcher:
     def _credentials(
         self, client_auth: bool, follow: bool, only: frozenset[bytes] | None = None
     ) -> tuple[grpc.ServerCredentials, ServerCert, frozenset[bytes]]:
+        slot: dict[str, grpc.ServerCertificateConfiguration] = {}
         with self._lock:
-            seen, cert, enrolled = self._version, self.server_cert, self.enrolled
+            cert, enrolled = self.server_cert, self.enrolled
+            if follow:  # from here on, every change leaves a configuration in the slot
+                self._following.append((slot, client_auth))
         if only is not None:
             chosen = [c for d, c in enrolled.by_digest.items() if d in only]
             enrolled = EnrolledSet.build(chosen, self._root_order)
         # Built outside the lock: gRPC loads the roots when the credentials are used.
         initial = self._config(cert, enrolled, client_auth)
-
-        def fetch() -> grpc.ServerCertificateConfiguration | None:
-            # Runs on a C-core thread at every new handshake: keep it trivial.
-            nonlocal seen
-            if client_auth:
-                self._events.handshake()
-            if not follow or self._version == seen:
-                return None
-            with self._lock:
-                start = time.perf_counter()
-                seen = self._version
-                config = self._config(self.server_cert, self.enrolled, client_auth)
-            self._events.rebuilt(time.perf_counter() - start)
-            return config
-
+        # Only handshakes on the mTLS port are counted.
+        fetch = self.handshakes.fetcher(slot) if client_auth else fetcher(slot)
         # grpc-stubs omits that the fetcher may return None ("keep the current config").
         typed = cast(Callable[[], grpc.ServerCertificateConfiguration], fetch)
         creds = grpc.dynamic_ssl_server_credentials(
@@ -323,6 +313,7 @@ class TrustWatcher:
     def poll(self) -> None:
         """Pick up registry and certificate file changes; never raises."""
         with self._poll_lock:
+            self.handshakes.expire()
             self._poll_registry()
             self._poll_server_cert()
             self._warn_expiring_clients()
@@ -355,9 +346,19 @@ class TrustWatcher:
         enrolled = EnrolledSet.build(clients, self._root_order)
         with self._lock:
             self.enrolled, self._generation = enrolled, generation
-            self._version += 1
+        self._hand_over()
         self.changed.set()
         self._announce_clients(clients)
+
+    def _hand_over(self) -> None:
+        """Leave the current configuration in every following slot, for its next handshake
+        (a newer one replaces one not taken yet)."""
+        with self._lock:
+            cert, enrolled, following = self.server_cert, self.enrolled, list(self._following)
+        for slot, client_auth in following:
+            start = time.perf_counter()
+            slot[SLOT_KEY] = self._config(cert, enrolled, client_auth)
+            self._events.rebuilt(time.perf_counter() - start)
 
     def _root_order(self, client: Client) -> tuple[int, bytes]:
         digest = client.fingerprint.digest
@@ -404,7 +405,7 @@ class TrustWatcher:
             return
         with self._lock:
             self.server_cert, self._cert_signature = cert, signature
-            self._version += 1
+        self._hand_over()
         self.changed.set()
         self._announce_cert("reloaded")
 

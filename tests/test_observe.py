@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
-from server import observe
+from server import handshakes, observe
 from server.app import RunningServer, start_server
 from server.audit import Audit, TokenBucket
 from server.config import ServerConfig
@@ -83,6 +83,24 @@ def test_metrics_endpoint(
     assert scrape(observed)["pinrpc_revoked_clients"] == 1
 
 
+def test_every_handshake_is_counted_once_refused_ones_too(
+    observed: RunningServer, devca: ServerFiles, make_client: MakeClient
+) -> None:
+    connect = Connect(observed, devca)
+    alice, mallory = make_client("alice"), make_client("mallory")
+    connect.enroll(alice, "alice")
+    before = scrape(observed)["pinrpc_tls_handshakes_total"]
+    for _ in range(3):  # three channels, three connections
+        with connect.channel(alice.cert_path, alice.key_path) as channel:
+            whoami(echo_pb2_grpc.EchoStub(channel))
+            whoami(echo_pb2_grpc.EchoStub(channel))
+    assert scrape(observed)["pinrpc_tls_handshakes_total"] == before + 3
+    with connect.channel(mallory.cert_path, mallory.key_path) as channel:
+        refused = code_of(lambda: whoami(echo_pb2_grpc.EchoStub(channel)))
+    assert refused == grpc.StatusCode.UNAVAILABLE
+    assert scrape(observed)["pinrpc_tls_handshakes_total"] >= before + 4
+
+
 def test_audit_lines(
     connect: Connect, make_client: MakeClient, registry: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -137,7 +155,7 @@ def test_peer_is_looked_up_only_until_each_new_connection_has_called(
 ) -> None:
     """context.peer() is costly: it is asked only while a recent handshake has not been
     followed by a new connection's first call, and every such first call is logged."""
-    monkeypatch.setattr(observe, "NEW_CONNECTION_WINDOW", 1.0)
+    monkeypatch.setattr(handshakes, "NEW_CONNECTION_WINDOW", 1.0)
     alice = make_client("alice")
     connect.enroll(alice, "alice", ECHO_ALL)
     with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
