@@ -1,9 +1,9 @@
 """TLS handshakes counted inside gRPC's credential fetcher, without running Python there.
 
 gRPC's C core calls the fetcher on one of its own threads at every new handshake. Measured
-pinned, server CPU per new connection against bare grpcio rose 3.5-6 % with a fetcher written
-in Python, 1-2 % with one implemented in C (docs/PERFORMANCE.md, "New connections"): CPython
-builds a thread state for each call, and a Python frame on it costs as much again. So every
+pinned, server CPU per new connection against bare grpcio rose 5-8 % with a fetcher written in
+Python, 0-2 % with one implemented in C (docs/PERFORMANCE.md, "New connections"): CPython
+builds a thread state for each call, and a Python frame on it costs more than that. So every
 fetcher is composed of C-implemented callables only. Each call takes one item of a counting
 iterator shared by the mTLS listeners and pops what waits in its own slot: a new configuration
 for --tls-reload inline, otherwise None ("keep the current one").
