@@ -52,6 +52,7 @@ class RunningServer:
     metrics: Metrics
     metrics_port: int | None
     enrollment_port: int | None
+    audit: Audit
 
 
 @contextmanager
@@ -62,6 +63,8 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         stack.callback(registry.close)
         health, metrics = Health(), Metrics()
         audit = Audit(rate=config.audit_rate, burst=int(config.audit_rate * 4))
+        audit.start()
+        stack.callback(audit.stop)  # after the listeners have stopped: their last lines too
         warm = WarmSet(config.warm_start) if config.warm_start else None
         handshakes = Handshakes()
         observe = Observability(metrics, audit, health, handshakes, warm)
@@ -128,7 +131,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             log.info("metrics on http://%s/metrics", config.metrics_listen)
         yield RunningServer(
             config, port, listener, trust, health, health_port, metrics, metrics_port,
-            enrollment_port,
+            enrollment_port, audit,
         )  # fmt: skip
 
 

@@ -73,6 +73,7 @@ def test_admin_enrolls_lists_and_revokes(
 
         code, out, _ = run(["admin", "revoke", "bob", *flags], capsys)
         assert code == Exit.OK and "revoked" in out
+        connect.server.audit.flush()
     actions = [
         (r["action"], r["by"], r["client"])
         for r in (json.loads(x.getMessage()) for x in caplog.records if x.name == "pinrpc.audit")

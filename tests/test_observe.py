@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import json
 import logging
@@ -17,6 +18,7 @@ import grpc
 import pytest
 
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server import audit as audit_module
 from server import handshakes, observe
 from server.app import RunningServer, start_server
 from server.audit import Audit, TokenBucket
@@ -47,7 +49,9 @@ def scrape(running: RunningServer) -> dict[str, float]:
     return samples
 
 
-def audit_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+def audit_lines(caplog: pytest.LogCaptureFixture, audit: Audit) -> list[dict[str, object]]:
+    """The audit lines, once the queue has been written (call it inside caplog.at_level)."""
+    audit.flush()
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "pinrpc.audit"]
 
 
@@ -106,6 +110,7 @@ def test_audit_lines(
 ) -> None:
     alice, bob = make_client("alice"), make_client("bob")
     connect.enroll(alice, "alice", ECHO_ALL)
+    connect.server.audit.flush()  # alice's line, before the capture
     with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
         connect.enroll(bob, "bob")
         stub = connect.stub(alice.cert_path, alice.key_path)
@@ -115,7 +120,7 @@ def test_audit_lines(
         code_of(lambda: bob_stub.Echo(echo_pb2.EchoRequest(), timeout=5))
         revoke(registry, "bob")
         connect.server.trust.poll()
-    lines = audit_lines(caplog)
+        lines = audit_lines(caplog, connect.server.audit)
     events = [(line["event"], line.get("decision"), line.get("client")) for line in lines]
     assert events == [
         ("enroll", None, "bob"),
@@ -178,7 +183,8 @@ def test_peer_is_looked_up_only_until_each_new_connection_has_called(
         whoami(first)
         whoami(echo_pb2_grpc.EchoStub(idle))  # documented: first used after the window, unlogged
         assert len(lookups) == 4
-    allowed = [line for line in audit_lines(caplog) if line.get("decision") == "allow"]
+        lines = audit_lines(caplog, connect.server.audit)
+    allowed = [line for line in lines if line.get("decision") == "allow"]
     assert [line["peer"] for line in allowed] == [lookups[0], lookups[1]]
     assert lookups[0] != lookups[1]
 
@@ -209,7 +215,8 @@ def test_a_full_peer_set_neither_relogs_open_connections_nor_hides_a_new_one(
             for stub in (a, b, c):
                 whoami(stub)
         assert len(lookups) == before  # every handshake was claimed: no peer() per call
-    peers = [line["peer"] for line in audit_lines(caplog) if line.get("decision") == "allow"]
+        lines = audit_lines(caplog, connect.server.audit)
+    peers = [line["peer"] for line in lines if line.get("decision") == "allow"]
     assert len(peers) == 4 and len(set(peers)) == 4, peers  # a, b, c, late: once each
 
 
@@ -246,8 +253,36 @@ def test_audit_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
         for i in range(100):
             audit.event("call", n=i)
-    assert [line["n"] for line in audit_lines(caplog)] == [0, 1, 2]
+        assert [line["n"] for line in audit_lines(caplog, audit)] == [0, 1, 2]
     assert audit.suppressed == 97
+
+
+def test_audit_lines_are_written_by_their_own_thread(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call only queues its line (built one by one between handshakes, lines cost five times
+    as much: docs/PERFORMANCE.md); the writer writes them in order, each with the time its
+    event happened, and stop() writes what is still queued."""
+    monkeypatch.setattr(audit_module, "FLUSH_INTERVAL", 1.0)
+    audit = Audit()
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        audit.start()
+        try:
+            before = time.time()
+            audit.event("call", n=0)
+            after = time.time()
+            deadline = time.monotonic() + 10
+            while not caplog.records and time.monotonic() < deadline:
+                time.sleep(0.05)
+            first = caplog.records[0]
+            assert first.threadName == "pinrpc-audit"
+            happened = dt.datetime.fromisoformat(json.loads(first.getMessage())["time"])
+            assert before <= happened.timestamp() <= after < first.created
+            audit.event("call", n=1)
+            audit.event("call", n=2)
+        finally:
+            audit.stop()
+        assert [json.loads(r.getMessage())["n"] for r in caplog.records] == [0, 1, 2]
 
 
 def test_token_bucket_refills() -> None:
@@ -264,7 +299,9 @@ def test_json_log_format(capsys: pytest.CaptureFixture[str]) -> None:
     try:
         configure_logging("INFO", "json")
         logging.getLogger("pinrpc.test").info("hello %s", "world")
-        Audit().event("revoke", client="bob")
+        audit = Audit()
+        audit.event("revoke", client="bob")
+        audit.flush()
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)

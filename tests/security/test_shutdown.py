@@ -54,6 +54,11 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_calls(
             replies = iter(call)
             outbox.put("before")
             assert next(replies).message == "before"
+            # The audit's writer thread runs: the stream's line is out before any shutdown.
+            deadline = time.monotonic() + 10
+            while "first call on this connection" not in server.log.read_text():
+                assert time.monotonic() < deadline, "no audit line while serving"
+                time.sleep(0.05)
 
             server.process.send_signal(signal.SIGTERM)
             terminated = time.monotonic()
