@@ -6,7 +6,7 @@ in the next line that gets through.
 
 A call only queues its event (with the time it happened); a writer thread turns the queue into
 lines every ``FLUSH_INTERVAL``. Built one by one between TLS handshakes, a line cost about
-100 us of server CPU; built in a batch, about a fifth of that (docs/PERFORMANCE.md).
+100 us of server CPU; built in a batch, a small fraction of that (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

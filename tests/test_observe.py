@@ -260,7 +260,7 @@ def test_audit_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
 def test_audit_lines_are_written_by_their_own_thread(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A call only queues its line (built one by one between handshakes, lines cost five times
+    """A call only queues its line (built one by one between handshakes, lines cost several times
     as much: docs/PERFORMANCE.md); the writer writes them in order, each with the time its
     event happened, and stop() writes what is still queued."""
     monkeypatch.setattr(audit_module, "FLUSH_INTERVAL", 1.0)
