@@ -39,12 +39,14 @@ class TokenBucket:
 
 # The longest a line waits in the queue; a killed server (SIGKILL) loses at most this much.
 FLUSH_INTERVAL = 0.1
+# Lines waiting beyond this many are counted as suppressed: a writer stuck on a blocked stderr
+# (a stalled log collector) must not grow the queue without bound.
+MAX_QUEUED = 10_000
 
 
 class Audit:
     """Rate-limited audit events, queued by event() and written by flush(): every
-    FLUSH_INTERVAL between start() and stop(), and by stop() itself. The bucket also bounds the
-    queue: at most ``burst`` plus what the rate adds during one interval."""
+    FLUSH_INTERVAL between start() and stop(), and by stop() itself."""
 
     def __init__(self, rate: float = 50.0, burst: int = 200) -> None:
         self._bucket = TokenBucket(rate, burst)
@@ -57,7 +59,7 @@ class Audit:
 
     def event(self, event: str, **fields: object) -> None:
         with self._lock:
-            if not self._bucket.take():
+            if len(self._queue) >= MAX_QUEUED or not self._bucket.take():
                 self.suppressed += 1
                 return
             dropped, self.suppressed = self.suppressed, 0

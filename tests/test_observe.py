@@ -285,6 +285,51 @@ def test_audit_lines_are_written_by_their_own_thread(
         assert [json.loads(r.getMessage())["n"] for r in caplog.records] == [0, 1, 2]
 
 
+def test_a_blocked_log_stream_does_not_stall_calls(
+    connect: Connect, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stalled log collector blocks whoever writes to stderr: the audit's writer, not the calls
+    (before the writer, the first call of a new connection hung on its line)."""
+    alice = make_client("alice")
+    entered, release = threading.Event(), threading.Event()
+
+    class Stalled(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            release.wait(10)
+
+    stalled = Stalled()
+    logging.getLogger("pinrpc.audit").addHandler(stalled)
+    try:
+        with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+            connect.enroll(alice, "alice", ECHO_ALL)
+            assert entered.wait(5)  # the writer is stuck in the enrollment's line
+            for _ in range(5):  # each on a new connection, so each queues a line
+                assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+            release.set()
+            lines = audit_lines(caplog, connect.server.audit)
+    finally:
+        release.set()
+        logging.getLogger("pinrpc.audit").removeHandler(stalled)
+    assert len([line for line in lines if line.get("decision") == "allow"]) == 5
+
+
+def test_a_stuck_writer_cannot_grow_the_queue_without_bound(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing writes while stderr is blocked; lines beyond the cap are counted, not queued."""
+    monkeypatch.setattr(audit_module, "MAX_QUEUED", 3)
+    audit = Audit(rate=1000, burst=1000)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for i in range(10):
+            audit.event("call", n=i)
+        assert audit.suppressed == 7
+        assert [line["n"] for line in audit_lines(caplog, audit)] == [0, 1, 2]
+        audit.event("call", n=10)
+        last = audit_lines(caplog, audit)[-1]
+    assert last["n"] == 10 and last["suppressed_before"] == 7
+
+
 def test_token_bucket_refills() -> None:
     now = [0.0]
     bucket = TokenBucket(rate=2, burst=2, clock=lambda: now[0])
