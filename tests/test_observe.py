@@ -49,10 +49,15 @@ def scrape(running: RunningServer) -> dict[str, float]:
     return samples
 
 
+def written(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The audit records captured so far (without writing what is queued)."""
+    return [r for r in caplog.records if r.name == "pinrpc.audit"]
+
+
 def audit_lines(caplog: pytest.LogCaptureFixture, audit: Audit) -> list[dict[str, object]]:
     """The audit lines, once the queue has been written (call it inside caplog.at_level)."""
     audit.flush()
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "pinrpc.audit"]
+    return [json.loads(r.getMessage()) for r in written(caplog)]
 
 
 def test_metrics_endpoint(
@@ -272,9 +277,9 @@ def test_audit_lines_are_written_by_their_own_thread(
             audit.event("call", n=0)
             after = time.time()
             deadline = time.monotonic() + 10
-            while not caplog.records and time.monotonic() < deadline:
+            while not written(caplog) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            first = caplog.records[0]
+            first = written(caplog)[0]
             assert first.threadName == "pinrpc-audit"
             happened = dt.datetime.fromisoformat(json.loads(first.getMessage())["time"])
             assert before <= happened.timestamp() <= after < first.created
@@ -282,7 +287,7 @@ def test_audit_lines_are_written_by_their_own_thread(
             audit.event("call", n=2)
         finally:
             audit.stop()
-        assert [json.loads(r.getMessage())["n"] for r in caplog.records] == [0, 1, 2]
+        assert [json.loads(r.getMessage())["n"] for r in written(caplog)] == [0, 1, 2]
 
 
 def test_a_blocked_log_stream_does_not_stall_calls(
