@@ -21,6 +21,7 @@ from server.enrollment import check_certificate, check_patterns
 from server.gc_tuning import settle
 from server.logs import configure_logging
 from server.registry import Client, Registry, migrate_registry, open_registry
+from server.stderr_pump import drained
 
 PROG = "pinrpc-server"
 MAX_CERT_BYTES = 64 * 1024
@@ -318,6 +319,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.warm_start and args.tls_reload != "handover":
         raise ServeError("--warm-start needs --tls-reload handover")
+    # A stalled log collector must not stall the server (server/stderr_pump.py).
+    with drained(args.log_format):
+        return serve(args)
+
+
+def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     config = ServerConfig(
         listen=args.listen,

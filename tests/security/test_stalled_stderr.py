@@ -1,0 +1,214 @@
+"""A log collector that stops reading the server's stderr must not stop the server.
+
+Each test runs a real `pinrpc-server serve` whose stderr is a pipe shrunk to one page that
+nobody reads after start-up, fills it, and then checks what must keep working: revocations and
+enrollments reaching the server, refused handshakes not stalling gRPC, and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import termios
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pinrpc.channel import secure_channel
+from pinrpc.identity import KeyPairFiles
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server.stderr_pump import EXIT_WAIT
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    MakeClient,
+    ServerFiles,
+    code_of,
+    enroll,
+    revoke,
+    whoami,
+)
+from tests.security.attacker import BIN
+
+F_SETPIPE_SZ = 1031  # Linux's fcntl command
+PAGE = 4096
+GRACE = 5.0  # ServerConfig.grace, which `pinrpc-server serve` uses
+
+
+@dataclass
+class StalledServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    stderr: int  # the pipe's read end, which the test does not read
+
+    def queued(self) -> int:
+        """Bytes written to stderr and not read."""
+        buf = bytearray(4)
+        fcntl.ioctl(self.stderr, termios.FIONREAD, buf)
+        return int.from_bytes(buf, "little")
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/task"))
+
+    def stub(self, files: KeyPairFiles, ca: Path) -> echo_pb2_grpc.EchoStub:
+        target = f"127.0.0.1:{self.port}"
+        channel = secure_channel(target, files.cert_path, files.key_path, ca, SERVER_NAME)
+        return echo_pb2_grpc.EchoStub(channel)
+
+    def read_to_end(self, timeout: float = 20) -> str:
+        """The collector reads again: everything, up to the helper's end of file."""
+        out, deadline = b"", time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([self.stderr], [], [], 0.1)[0]:
+                if not (chunk := os.read(self.stderr, 65536)):
+                    return out.decode()
+                out += chunk
+        pytest.fail(f"stderr did not end within {timeout} s: {out[-2000:]!r}")
+
+
+@contextmanager
+def stalled_server(files: ServerFiles, registry: Path) -> Iterator[StalledServer]:
+    """`pinrpc-server serve` on a one-page stderr pipe, read only until it reports its port."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, PAGE)
+    argv = [str(BIN / "pinrpc-server"), "serve", "--listen", "127.0.0.1:0", "--cert",
+            str(files.cert), "--key", str(files.key), "--registry", str(registry)]  # fmt: skip
+    # gRPC's default verbosity, which logs each refused handshake (the client CLI, run in this
+    # process by other tests, sets GRPC_VERBOSITY=NONE for itself).
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    process = subprocess.Popen(argv, stdout=write_end, stderr=write_end, env=env)
+    os.close(write_end)
+    try:
+        seen, deadline = b"", time.monotonic() + 20
+        while not (match := re.search(rb"listening on \S+ \(port (\d+)\)", seen)):
+            assert time.monotonic() < deadline and process.poll() is None, seen.decode()
+            if select.select([read_end], [], [], 0.1)[0]:
+                seen += os.read(read_end, 65536)
+        yield StalledServer(process, int(match.group(1)), read_end)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        os.close(read_end)
+
+
+def stall(server: StalledServer, write_lines: Callable[[], None]) -> None:
+    """Make the server write until the pipe stays full."""
+    deadline = time.monotonic() + 20
+    while True:
+        write_lines()
+        before = server.queued()
+        time.sleep(0.5)
+        if server.queued() == before and before > PAGE // 2:
+            return
+        assert time.monotonic() < deadline, f"stderr never filled up ({before} bytes)"
+
+
+def within(seconds: float, attempt: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + seconds
+    while not attempt():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def refused(stub: echo_pb2_grpc.EchoStub) -> Callable[[], bool]:
+    def attempt() -> bool:
+        try:
+            whoami(stub)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.PERMISSION_DENIED
+        return False
+
+    return attempt
+
+
+def served(server: StalledServer, name: str, files: KeyPairFiles, ca: Path) -> Callable[[], bool]:
+    def attempt() -> bool:
+        try:
+            return whoami(server.stub(files, ca)).name == name
+        except grpc.RpcError:
+            return False
+
+    return attempt
+
+
+def test_revocations_and_enrollments_apply_while_stderr_is_stalled(
+    devca: ServerFiles, make_client: MakeClient, registry: Path
+) -> None:
+    alice, bob, carol = make_client("alice"), make_client("bob"), make_client("carol")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    enroll(registry, bob.cert_path, "bob", "/pinrpc.v1.Echo/WhoAmI")
+    with stalled_server(devca, registry) as server:
+        alices, bobs = server.stub(alice, devca.ca_path), server.stub(bob, devca.ca_path)
+        assert whoami(alices).name == "alice" and whoami(bobs).name == "bob"
+
+        def refusals() -> None:  # an audit line each
+            for _ in range(20):
+                code = code_of(lambda: bobs.Echo(echo_pb2.EchoRequest(message="x"), timeout=5))
+                assert code == grpc.StatusCode.PERMISSION_DENIED
+
+        stall(server, refusals)
+        revoke(registry, "alice")
+        assert within(3, refused(alices)), "first revocation not applied"
+        # Before: the watcher was stuck in the first revocation's log line from here on.
+        revoke(registry, "bob")
+        assert within(3, refused(bobs)), "second revocation not applied"
+        enroll(registry, carol.cert_path, "carol", ECHO_ALL)
+        assert within(5, served(server, "carol", carol, devca.ca_path)), "enrollment not applied"
+
+        # SIGTERM, still stalled: the server exits, and nothing it wrote is lost.
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            assert server.process.wait(timeout=GRACE + EXIT_WAIT + 5) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGTERM: the server hung on its stalled stderr")
+        written = server.read_to_end()
+    audit = [json.loads(line[line.index("{") :]) for line in written.splitlines()
+             if '"event": ' in line]  # fmt: skip
+    assert [a["client"] for a in audit if a["event"] != "call"] == ["alice", "bob", "carol"]
+    assert "stopping: finishing in-flight calls" in written
+    assert "dropped" not in written  # far below the helper's limit
+
+
+def test_refused_handshakes_do_not_stall_grpc_while_stderr_is_stalled(
+    devca: ServerFiles, make_client: MakeClient, registry: Path
+) -> None:
+    """gRPC's C core writes a line per refused handshake to stderr itself (OPERATIONS.md)."""
+    alice, carol, mallory = make_client("alice"), make_client("carol"), make_client("mallory")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    with stalled_server(devca, registry) as server:
+
+        def strangers() -> None:
+            for _ in range(10):
+                code = code_of(lambda: whoami(server.stub(mallory, devca.ca_path)))
+                assert code == grpc.StatusCode.UNAVAILABLE  # before: DEADLINE_EXCEEDED
+
+        stall(server, strangers)
+        threads = server.threads()
+        for _ in range(5):
+            strangers()
+        # Before: one more gRPC thread, blocked for good, per refused handshake.
+        assert server.threads() <= threads + 2
+        for _ in range(20):  # each on a new connection
+            assert whoami(server.stub(alice, devca.ca_path)).name == "alice"
+        enroll(registry, carol.cert_path, "carol", ECHO_ALL)
+        assert within(5, served(server, "carol", carol, devca.ca_path))
+
+        # A server that dies leaves what it wrote with the helper, which passes it on.
+        server.process.kill()
+        server.process.wait(timeout=10)
+        written = server.read_to_end()
+    assert "trusting 2 enrolled client certificate(s)" in written
+    assert written.count("CERTIFICATE_VERIFY_FAILED") >= 60
