@@ -34,7 +34,7 @@ LINGER = 30  # seconds the helper keeps trying after the server exited, then giv
 
 
 @contextlib.contextmanager
-def drained(log_format: str, limit: int = LIMIT) -> Iterator[None]:
+def drained(log_format: str) -> Iterator[None]:
     """Route this process's stderr through the helper while inside; a no-op without stderr."""
     try:
         real = os.dup(2)
@@ -42,8 +42,19 @@ def drained(log_format: str, limit: int = LIMIT) -> Iterator[None]:
         yield
         return
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-I", "-S", os.path.abspath(__file__), log_format, str(limit)]
-    helper = subprocess.Popen(argv, stdin=read_end, stdout=real, stderr=subprocess.DEVNULL)
+    argv = [sys.executable, "-I", "-S", os.path.abspath(__file__), log_format, str(LIMIT),
+            str(LINGER)]  # fmt: skip
+    try:
+        helper = subprocess.Popen(argv, stdin=read_end, stdout=real, stderr=subprocess.DEVNULL)
+    except OSError as exc:  # out of processes or memory: serve all the same, unprotected
+        print(
+            f"pinrpc-server: warning: stderr not protected from a stalled reader: {exc}",
+            file=sys.stderr,
+        )
+        for fd in (read_end, write_end, real):
+            os.close(fd)
+        yield
+        return
     os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
@@ -71,13 +82,13 @@ class Buffer:
         self.ended = False
         self.changed = threading.Condition()
 
-    def read(self, fd: int) -> None:
+    def read(self, fd: int, linger: int) -> None:
         partial = b""
         while chunk := os.read(fd, 65536):
             *lines, partial = (partial + chunk).split(b"\n")
             self.add([line + b"\n" for line in lines])
         self.add([partial] if partial else [])
-        signal.alarm(LINGER)  # the server has exited: do not wait for a stalled collector forever
+        signal.alarm(linger)  # the server has exited: do not wait for a stalled collector forever
         with self.changed:
             self.ended = True
             self.changed.notify()
@@ -124,12 +135,12 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def main(argv: list[str]) -> int:
-    log_format, limit = argv[0], int(argv[1])
+    log_format, limit, linger = argv[0], int(argv[1]), int(argv[2])
     # Ctrl-C reaches the whole process group; the helper leaves when the server has.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     buffer = Buffer(limit)
-    threading.Thread(target=buffer.read, args=(0,), daemon=True).start()
+    threading.Thread(target=buffer.read, args=(0, linger), daemon=True).start()
     try:
         while (taken := buffer.take()) is not None:
             data, dropped = taken

@@ -25,7 +25,7 @@ def run_helper(log_format: str, limit: int, *, stall: bool) -> tuple[bytes, int]
     """Feed LINES to the helper; with ``stall``, read its output only once all are fed."""
     out_read, out_write = os.pipe()
     fcntl.fcntl(out_write, F_SETPIPE_SZ, 4096)
-    argv = [sys.executable, "-I", "-S", pump.__file__, log_format, str(limit)]
+    argv = [sys.executable, "-I", "-S", pump.__file__, log_format, str(limit), "30"]
     helper = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_write)
     os.close(out_write)
     assert helper.stdin is not None
@@ -84,3 +84,39 @@ def test_a_stalled_collector_gets_whole_lines_and_a_count_of_the_rest(log_format
         assert count is not None
         fed += int(count[1])
     assert fed == len(fed_lines) and notices >= 1
+
+
+def test_the_helper_gives_up_on_a_collector_stalled_after_the_server_exited() -> None:
+    out_read, out_write = os.pipe()
+    fcntl.fcntl(out_write, F_SETPIPE_SZ, 4096)
+    argv = [sys.executable, "-I", "-S", pump.__file__, "text", str(pump.LIMIT), "1"]
+    helper = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_write)
+    os.close(out_write)
+    try:
+        helper.communicate(b"".join(LINES), timeout=10)  # more than the pipe holds, then EOF
+        assert helper.returncode == -signal.SIGALRM
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+        os.close(out_read)
+
+
+def test_serving_goes_on_unprotected_when_the_helper_cannot_start(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Fork failing (out of processes or memory) cannot be arranged for root here: simulated."""
+
+    def no_fork(*_: object, **__: object) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_fork)
+    before, fds = os.fstat(2), len(os.listdir("/proc/self/fd"))
+    with pump.drained("text"):
+        assert os.fstat(2).st_ino == before.st_ino  # stderr itself, not a pipe of ours
+    assert len(os.listdir("/proc/self/fd")) == fds  # the pipe and the copy are closed
+    err = capfd.readouterr().err
+    assert (
+        err == "pinrpc-server: warning: stderr not protected from a stalled reader: [Errno 11] "
+        "Resource temporarily unavailable\n"
+    )
