@@ -16,7 +16,6 @@ import pytest
 
 import server.stderr_pump as pump
 
-F_SETPIPE_SZ = 1031  # Linux's fcntl command
 LINES = [f"line {i:04d} ".encode().ljust(99, b"x") + b"\n" for i in range(300)]
 LAST = b"no newline at the end"
 
@@ -24,7 +23,7 @@ LAST = b"no newline at the end"
 def run_helper(log_format: str, limit: int, *, stall: bool) -> tuple[bytes, int]:
     """Feed LINES to the helper; with ``stall``, read its output only once all are fed."""
     out_read, out_write = os.pipe()
-    fcntl.fcntl(out_write, F_SETPIPE_SZ, 4096)
+    fcntl.fcntl(out_write, fcntl.F_SETPIPE_SZ, 4096)
     argv = [sys.executable, "-I", "-S", pump.__file__, log_format, str(limit), "30"]
     helper = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_write)
     os.close(out_write)
@@ -88,7 +87,7 @@ def test_a_stalled_collector_gets_whole_lines_and_a_count_of_the_rest(log_format
 
 def test_the_helper_gives_up_on_a_collector_stalled_after_the_server_exited() -> None:
     out_read, out_write = os.pipe()
-    fcntl.fcntl(out_write, F_SETPIPE_SZ, 4096)
+    fcntl.fcntl(out_write, fcntl.F_SETPIPE_SZ, 4096)
     argv = [sys.executable, "-I", "-S", pump.__file__, "text", str(pump.LIMIT), "1"]
     helper = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_write)
     os.close(out_write)

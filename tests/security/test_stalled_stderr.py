@@ -40,7 +40,6 @@ from tests.conftest import (
 )
 from tests.security.attacker import BIN
 
-F_SETPIPE_SZ = 1031  # Linux's fcntl command
 PAGE = 4096
 GRACE = 5.0  # ServerConfig.grace, which `pinrpc-server serve` uses
 
@@ -80,7 +79,7 @@ class StalledServer:
 def stalled_server(files: ServerFiles, registry: Path) -> Iterator[StalledServer]:
     """`pinrpc-server serve` on a one-page stderr pipe, read only until it reports its port."""
     read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, F_SETPIPE_SZ, PAGE)
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PAGE)
     argv = [str(BIN / "pinrpc-server"), "serve", "--listen", "127.0.0.1:0", "--cert",
             str(files.cert), "--key", str(files.key), "--registry", str(registry)]  # fmt: skip
     # gRPC's default verbosity, which logs each refused handshake (the client CLI, run in this
