@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -64,6 +65,8 @@ def at_least(convert: Callable[[str], N], minimum: N) -> Callable[[str], N]:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):  # float() takes "nan" and "inf"; nothing here means them
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
         return value

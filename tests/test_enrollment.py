@@ -287,6 +287,10 @@ SERVE = ["serve", "--cert", "c.pem", "--key", "k.pem", "--registry", "r.db"]
         ("--audit-rate", "-5", "must be at least 0.1, got -5"),
         ("--rotation-overlap", "-1", "must be at least 0, got -1"),
         ("--max-connection-age", "soon", "not a number: 'soon'"),
+        # Accepted by float(), and a traceback at start-up before the check.
+        ("--audit-rate", "nan", "not a finite number: 'nan'"),
+        ("--audit-rate", "inf", "not a finite number: 'inf'"),
+        ("--rotation-overlap", "Infinity", "not a finite number: 'Infinity'"),
         ("--tls-reload", "sideways", "invalid choice: 'sideways'"),
     ],
 )
