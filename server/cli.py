@@ -21,7 +21,7 @@ from server.enrollment import check_certificate, check_patterns
 from server.gc_tuning import settle
 from server.logs import configure_logging
 from server.registry import Client, Registry, migrate_registry, open_registry
-from server.stderr_pump import drained
+from server.stderr_pump import drained, grpc_line_rate
 
 PROG = "pinrpc-server"
 MAX_CERT_BYTES = 64 * 1024
@@ -320,7 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.warm_start and args.tls_reload != "handover":
         raise ServeError("--warm-start needs --tls-reload handover")
     # A stalled log collector must not stall the server (server/stderr_pump.py).
-    with drained(args.log_format):
+    with drained(args.log_format, grpc_line_rate(args.audit_rate)):
         return serve(args)
 
 

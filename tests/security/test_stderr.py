@@ -1,18 +1,21 @@
-"""A log collector that stops reading the server's stderr must not stop the server.
+"""The server's stderr: a log collector that stops reading must not stop the server, and a
+stranger must not be able to flood it.
 
 Each test runs a real `pinrpc-server serve` whose stderr is a pipe shrunk to one page that
-nobody reads after start-up, fills it, and then checks what must keep working: revocations and
-enrollments reaching the server, refused handshakes not stalling gRPC, and SIGTERM.
+nobody reads after start-up (server/stderr_pump.py's helper holds what it cannot write).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import re
 import select
 import signal
+import socket
+import ssl
 import subprocess
 import termios
 import time
@@ -76,12 +79,13 @@ class StalledServer:
 
 
 @contextmanager
-def stalled_server(files: ServerFiles, registry: Path) -> Iterator[StalledServer]:
+def stalled_server(files: ServerFiles, registry: Path, *extra: str) -> Iterator[StalledServer]:
     """`pinrpc-server serve` on a one-page stderr pipe, read only until it reports its port."""
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PAGE)
     argv = [str(BIN / "pinrpc-server"), "serve", "--listen", "127.0.0.1:0", "--cert",
-            str(files.cert), "--key", str(files.key), "--registry", str(registry)]  # fmt: skip
+            str(files.cert), "--key", str(files.key), "--registry", str(registry),
+            *extra]  # fmt: skip
     # gRPC's default verbosity, which logs each refused handshake (the client CLI, run in this
     # process by other tests, sets GRPC_VERBOSITY=NONE for itself).
     env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
@@ -211,3 +215,35 @@ def test_refused_handshakes_do_not_stall_grpc_while_stderr_is_stalled(
         written = server.read_to_end()
     assert "trusting 2 enrolled client certificate(s)" in written
     assert written.count("CERTIFICATE_VERIFY_FAILED") >= 60
+
+
+def refuse(port: int, stranger: KeyPairFiles, ca: Path, times: int) -> None:
+    """TLS handshakes with a certificate nobody enrolled: one gRPC core line each."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    context.load_cert_chain(stranger.cert_path, stranger.key_path)
+    context.set_alpn_protocols(["h2"])
+    for _ in range(times):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            contextlib.suppress(ssl.SSLError, OSError),
+            context.wrap_socket(raw, server_hostname=SERVER_NAME) as tls,
+        ):
+            assert tls.recv(1) == b""  # refused: the server closes
+
+
+def test_a_flood_of_refused_handshakes_gets_the_audit_rate(
+    devca: ServerFiles, make_client: MakeClient, registry: Path
+) -> None:
+    mallory = make_client("mallory")
+    with stalled_server(devca, registry, "--audit-rate", "5") as server:
+        started = time.monotonic()
+        refuse(server.port, mallory, devca.ca_path, 100)
+        elapsed = time.monotonic() - started
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=GRACE + EXIT_WAIT + 5) == 0
+        written = server.read_to_end()
+    shown = written.count("Handshake failed")
+    counts = re.findall(r"(\d+) gRPC log line\(s\) suppressed: more than 5 a second", written)
+    assert shown + sum(map(int, counts)) == 100
+    assert 20 <= shown <= 21 + 5 * elapsed  # bursts of 4 x --audit-rate, then the rate
