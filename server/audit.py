@@ -16,25 +16,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+
+from server.ratelimit import TokenBucket
 
 log = logging.getLogger("pinrpc.audit")
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self._rate, self._burst, self._clock = rate, burst, clock
-        self._tokens = float(burst)
-        self._last = clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 # The longest a line waits in the queue; a killed server (SIGKILL) loses at most this much.

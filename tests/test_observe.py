@@ -21,10 +21,11 @@ from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import audit as audit_module
 from server import handshakes, observe
 from server.app import RunningServer, start_server
-from server.audit import Audit, TokenBucket
+from server.audit import Audit
 from server.config import ServerConfig
 from server.logs import configure_logging
 from server.metrics import Metrics
+from server.ratelimit import TokenBucket
 from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, code_of, revoke, whoami
 
 

@@ -1,4 +1,4 @@
-"""server/stderr_pump.py's helper, run as the real process `serve` starts."""
+"""server/stderr_helper.py, run as the real process server/stderr_pump.py starts for `serve`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import time
 import pytest
 
 import server.stderr_pump as pump
+from server.stderr_helper import GRPC_LINE
 
 LINES = [f"line {i:04d} ".encode().ljust(99, b"x") + b"\n" for i in range(300)]
 LAST = b"no newline at the end"
@@ -147,7 +148,7 @@ def test_grpc_core_lines_get_the_audit_rate_and_a_count_of_the_rest() -> None:
                                  message)  # fmt: skip
             assert found is not None, message
             g += int(found[1])
-        elif pump.GRPC_LINE.match(line):
+        elif GRPC_LINE.match(line):
             assert line == grpc_lines[g]
             g, passed = g + 1, passed + 1
         elif line != LAST + b"\n":

@@ -59,6 +59,13 @@ class StalledServer:
         fcntl.ioctl(self.stderr, termios.FIONREAD, buf)
         return int.from_bytes(buf, "little")
 
+    def helper(self) -> int:
+        """The PID of the server's one child, the stderr helper."""
+        (pid,) = (
+            Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        )
+        return int(pid)
+
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/task"))
 
@@ -199,6 +206,8 @@ def test_refused_handshakes_do_not_stall_grpc_while_stderr_is_stalled(
                 assert code == grpc.StatusCode.UNAVAILABLE  # before: DEADLINE_EXCEEDED
 
         stall(server, strangers)
+        # Below the server's priority: it takes the server's CPU only when that is spare.
+        assert os.getpriority(os.PRIO_PROCESS, server.helper()) == 10
         threads = server.threads()
         for _ in range(5):
             strangers()
