@@ -29,6 +29,7 @@ from server.health import ECHO_SERVICE, Health
 from server.listener import Listener, ListenError, Options
 from server.metrics import Metrics, serve_metrics
 from server.observe import Observability
+from server.ratelimit import burst_for
 from server.registry import Registry, open_registry
 from server.requests import EnrollmentService
 from server.services import EchoService
@@ -62,7 +63,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         registry = open_registry(config.registry)
         stack.callback(registry.close)
         health, metrics = Health(), Metrics()
-        audit = Audit(rate=config.audit_rate, burst=int(config.audit_rate * 4))
+        audit = Audit(rate=config.audit_rate, burst=burst_for(config.audit_rate))
         audit.start()
         stack.callback(audit.stop)  # after the listeners have stopped: their last lines too
         warm = WarmSet(config.warm_start) if config.warm_start else None

@@ -20,3 +20,9 @@ class TokenBucket:
             return False
         self._tokens -= 1
         return True
+
+
+def burst_for(rate: float) -> int:
+    """--audit-rate's bursts: four seconds' worth, and at least one line (below 0.25 a second
+    a smaller bucket could never pass a line at all)."""
+    return max(1, int(rate * 4))

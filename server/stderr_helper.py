@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 
-from server.ratelimit import TokenBucket
+from server.ratelimit import TokenBucket, burst_for
 
 GATHER = 0.02  # seconds the helper waits after each read, so that lines arrive in batches
 PIPE_SIZE = 1 << 20  # the server-to-helper pipe, far more than GATHER's worth of lines
@@ -39,7 +39,7 @@ class Buffer:
         self.grpc_rate, self.suppressed = grpc_rate, 0
         self.grpc_lines = None
         if math.isfinite(grpc_rate):
-            self.grpc_lines = TokenBucket(grpc_rate, max(1, int(grpc_rate * 4)))  # as the audit's
+            self.grpc_lines = TokenBucket(grpc_rate, burst_for(grpc_rate))  # as the audit's
 
     def read(self, fd: int, linger: int) -> None:
         partial = b""

@@ -26,7 +26,16 @@ from server.config import ServerConfig
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.ratelimit import TokenBucket
-from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, code_of, revoke, whoami
+from tests.conftest import (
+    ECHO_ALL,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    code_of,
+    enroll,
+    revoke,
+    whoami,
+)
 
 
 @pytest.fixture
@@ -372,3 +381,19 @@ def test_unknown_method_stays_out_of_labels(
     m = scrape(observed)
     assert m['pinrpc_calls_total{client="alice",code="UNIMPLEMENTED",method="(unknown)"}'] == 1
     assert not any("Random" in k for k in m)
+
+
+def test_the_lowest_audit_rate_still_writes_lines(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--audit-rate 0.1 is allowed; its bucket once held int(0.4) = 0 tokens: no line, ever."""
+    mallory = make_client("mallory")
+    enroll(registry, mallory.cert_path, "mallory", "/pinrpc.v1.Echo/WhoAmI")  # before: no line
+    config = ServerConfig("127.0.0.1:0", devca.cert, devca.key, str(registry), audit_rate=0.1)
+    with start_server(config) as running, caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        stub = Connect(running, devca).stub(mallory.cert_path, mallory.key_path)
+        for _ in range(3):
+            denied = lambda: stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=5)  # noqa: E731
+            assert code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
+        lines = audit_lines(caplog, running.audit)
+    assert [line["decision"] for line in lines if line["event"] == "call"] == ["deny"]
