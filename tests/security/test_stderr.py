@@ -38,6 +38,7 @@ from tests.conftest import (
     ServerFiles,
     code_of,
     enroll,
+    eventually,
     revoke,
     whoami,
 )
@@ -124,15 +125,6 @@ def stall(server: StalledServer, write_lines: Callable[[], None]) -> None:
         assert time.monotonic() < deadline, f"stderr never filled up ({before} bytes)"
 
 
-def within(seconds: float, attempt: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + seconds
-    while not attempt():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def refused(stub: echo_pb2_grpc.EchoStub) -> Callable[[], bool]:
     def attempt() -> bool:
         try:
@@ -171,12 +163,12 @@ def test_revocations_and_enrollments_apply_while_stderr_is_stalled(
 
         stall(server, refusals)
         revoke(registry, "alice")
-        assert within(3, refused(alices)), "first revocation not applied"
+        eventually(refused(alices), 3)  # the first revocation
         # Before: the watcher was stuck in the first revocation's log line from here on.
         revoke(registry, "bob")
-        assert within(3, refused(bobs)), "second revocation not applied"
+        eventually(refused(bobs), 3)  # the second
         enroll(registry, carol.cert_path, "carol", ECHO_ALL)
-        assert within(5, served(server, "carol", carol, devca.ca_path)), "enrollment not applied"
+        eventually(served(server, "carol", carol, devca.ca_path), 5)  # the enrollment
 
         # SIGTERM, still stalled: the server exits, and nothing it wrote is lost.
         server.process.send_signal(signal.SIGTERM)
@@ -216,7 +208,7 @@ def test_refused_handshakes_do_not_stall_grpc_while_stderr_is_stalled(
         for _ in range(20):  # each on a new connection
             assert whoami(server.stub(alice, devca.ca_path)).name == "alice"
         enroll(registry, carol.cert_path, "carol", ECHO_ALL)
-        assert within(5, served(server, "carol", carol, devca.ca_path))
+        eventually(served(server, "carol", carol, devca.ca_path), 5)
 
         # A server that dies leaves what it wrote with the helper, which passes it on.
         server.process.kill()
