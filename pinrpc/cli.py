@@ -57,8 +57,10 @@ def add_flag(
     )
 
 
-def at_least(convert: Callable[[str], N], minimum: N) -> Callable[[str], N]:
-    """An argparse ``type``: a number (int or float) no smaller than ``minimum``."""
+def at_least(
+    convert: Callable[[str], N], minimum: N, maximum: N | None = None
+) -> Callable[[str], N]:
+    """An argparse ``type``: a number (int or float) from ``minimum`` up to ``maximum``."""
 
     def check(text: str) -> N:
         try:
@@ -69,7 +71,42 @@ def at_least(convert: Callable[[str], N], minimum: N) -> Callable[[str], N]:
             raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text}")
         return value
+
+    return check
+
+
+def utf8(text: str) -> str:
+    """An argparse ``type``: text that can be sent on (argv bytes that are not UTF-8 cannot)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {text!r}") from None
+    return text
+
+
+def host_port(*, port_zero: bool = False) -> Callable[[str], str]:
+    """An argparse ``type``: HOST:PORT, an IPv6 host in brackets ([::1]:8443), the port a
+    number up to 65535 (0, "any free port", only where ``port_zero``)."""
+    lowest = 0 if port_zero else 1
+
+    def check(text: str) -> str:
+        host, sep, port = utf8(text).rpartition(":")
+        v6 = host.startswith("[") and host.endswith("]")
+        if (
+            not sep
+            or not host.strip("[]")
+            or (":" in host and not v6)
+            or not (port.isascii() and port.isdigit())
+            or not lowest <= int(port) <= 65535
+        ):
+            raise argparse.ArgumentTypeError(
+                f"not HOST:PORT with a port from {lowest} to 65535: {text!r} "
+                "(e.g. api.example.com:8443, [::1]:8443)"
+            )
+        return text
 
     return check
 
