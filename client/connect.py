@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from pinrpc.channel import client_credentials
-from pinrpc.cli import Exit, add_flag
+from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
 from pinrpc.identity import Fingerprint, load_certificate
 
 PROG = "pinrpc"
@@ -22,20 +22,31 @@ REENROLL_HINT = (
 )
 
 
-def connection_flags(p: argparse.ArgumentParser) -> None:
-    add_flag(p, "--server", required=True, help="server address HOST:PORT")
-    add_flag(p, "--cert", required=True, help="your certificate (NAME.crt)")
-    add_flag(p, "--key", required=True, help="your private key (NAME.key)")
+# Bounded so that a typo is a usage error, not an overflow deep inside datetime or gRPC.
+DAYS = at_least(int, 1, 36500)
+
+
+def server_flags(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
+    """The flags doctor shares with the commands that call: where, how long, which names."""
+    add_flag(p, "--server", required=True, type=host_port(), help="server address HOST:PORT")
     add_flag(p, "--ca", help="PEM roots to verify the server with (default: system/gRPC roots)")
-    add_flag(p, "--server-name", help="name to expect in the server certificate (tests/dev)")
-    add_flag(p, "--timeout", default="10", type=float, help="seconds to wait for the call")
+    add_flag(
+        p, "--server-name", type=utf8, help="name to expect in the server certificate (tests/dev)"
+    )
+    add_flag(p, "--timeout", default="10", type=at_least(float, 0.001, 86400.0), help=timeout_help)
     add_flag(
         p,
         "--warn-days",
         default="30",
-        type=int,
+        type=at_least(int, 0, 36500),
         help="warn when your certificate expires within this many days",
     )
+
+
+def connection_flags(p: argparse.ArgumentParser) -> None:
+    server_flags(p, timeout_help="seconds to wait for the call")
+    add_flag(p, "--cert", required=True, help="your certificate (NAME.crt)")
+    add_flag(p, "--key", required=True, help="your private key (NAME.key)")
     p.add_argument(
         "--insecure-key-permissions",
         action="store_true",
@@ -89,7 +100,14 @@ def explain(
     if code in REFUSED_INPUT:
         say(f"{PROG}: error: the server refused: {details}")
         return Exit.ERROR
-    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        say(
+            f"{PROG}: error: no answer from {args.server} within {args.timeout:g} s (--timeout); "
+            "the server may be slow or unreachable, and the call may or may not have been "
+            "processed"
+        )
+        return Exit.CONNECT
+    if code != grpc.StatusCode.UNAVAILABLE:
         say(f"{PROG}: error: call failed: {code.name}: {details}")
         return Exit.RPC
     lowered = details.lower()

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 from pathlib import Path
 
-from pinrpc.identity import write_atomic
+from pinrpc.errors import IdentityError
+from pinrpc.identity import move_all, write_all
 
 
 def old(path: Path) -> Path:
     return path.with_name(path.name + ".old")
+
+
+def new(path: Path) -> Path:
+    return path.with_name(path.name + ".new")
 
 
 def _until_file(cert: Path) -> Path:
@@ -22,18 +28,65 @@ def _until_file(cert: Path) -> Path:
 
 
 def stage(path: Path, data: bytes, mode: int) -> Path:
-    """Write the successor next to ``path`` before anything irreversible happens."""
-    staged = path.with_name(path.name + ".new")
-    write_atomic(staged, data, mode)
-    return staged
+    """Write the successor next to ``path`` as *.new (replacing an earlier one)."""
+    write_all([(new(path), data, mode)], overwrite=True)
+    return new(path)
+
+
+def finish_by_hand(cert: Path, key: Path) -> str:
+    """How to check a staged pair and move it into place (or drop it), as one sentence."""
+    return (
+        f"check it with `pinrpc whoami --cert {new(cert)} --key {new(key)}` (same connection "
+        f"flags): if the server names you, move it into place (mv {new(key)} {key}; "
+        f"mv {new(cert)} {cert}); if it refuses it, delete both *.new files"
+    )
+
+
+def stage_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    """Write NAME.crt.new and NAME.key.new together, never over an earlier rotation's pair."""
+    try:
+        write_all([(new(key), key_pem, 0o600), (new(cert), cert_pem, 0o644)], overwrite=False)
+    except FileExistsError as exc:
+        raise unfinished_error(cert, key) from exc
+    except OSError as exc:
+        raise IdentityError(f"cannot write the new key pair next to {cert}: {exc}") from exc
+
+
+def unfinished_error(cert: Path, key: Path) -> IdentityError:
+    return IdentityError(
+        f"{new(cert)} or {new(key)} already exists: the new pair of an earlier rotation whose "
+        f"outcome was unknown; {finish_by_hand(cert, key)}"
+    )
+
+
+def check_targets(cert: Path, key: Path) -> None:
+    """Before asking the server: refuse what would make the swap fail after it said yes."""
+    for path in (new(cert), new(key)):
+        if os.path.lexists(path):
+            raise unfinished_error(cert, key)
+    for path in (old(key), old(cert), _until_file(cert)):
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise IdentityError(f"cannot check {path}: {exc.strerror}") from exc
+        if not stat.S_ISREG(mode):
+            raise IdentityError(
+                f"{path} is in the way of the rotation (not a regular file); move it away"
+            )
 
 
 def swap_in(cert: Path, key: Path, new_cert: Path, new_key: Path, until: dt.datetime) -> None:
-    """Move the current pair to *.old and the staged pair into place (each file atomically)."""
-    for current, staged in ((key, new_key), (cert, new_cert)):
-        os.replace(current, old(current))
-        os.replace(staged, current)
-    write_atomic(_until_file(cert), until.isoformat().encode(), 0o644)
+    """Move the current pair to *.old and the staged pair into place, all or nothing."""
+    marker = _until_file(cert)
+    try:
+        write_all([(new(marker), until.isoformat().encode(), 0o644)], overwrite=True)
+        moves = [(key, old(key)), (new_key, key), (cert, old(cert)), (new_cert, cert)]
+        move_all([*moves, (new(marker), marker)], overwrite=True)
+    except OSError as exc:
+        new(marker).unlink(missing_ok=True)
+        raise IdentityError(f"cannot swap the key pair {cert}, {key}: {exc}") from exc
 
 
 def remove_expired_old_pair(cert: Path, key: Path, now: dt.datetime | None = None) -> bool:
@@ -43,8 +96,13 @@ def remove_expired_old_pair(cert: Path, key: Path, now: dt.datetime | None = Non
         until = dt.datetime.fromisoformat(marker.read_text().strip())
     except (OSError, ValueError):
         return False
+    if until.tzinfo is None:  # written by hand: read it as UTC, as this module writes it
+        until = until.replace(tzinfo=dt.UTC)
     if until > (now or dt.datetime.now(dt.UTC)):
         return False
-    for path in (old(key), old(cert), marker):
-        path.unlink(missing_ok=True)
+    try:
+        for path in (old(key), old(cert), marker):
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise IdentityError(f"cannot remove the retired pair {old(cert)}: {exc}") from exc
     return True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,21 @@ import grpc
 from cryptography.x509.oid import NameOID
 
 from client import keyfiles
-from client.connect import call, connection_flags
-from pinrpc.channel import PASSPHRASE_ENV
-from pinrpc.cli import Exit, add_flag
+from client.connect import DAYS, PROG, call, connection_flags, say
+from pinrpc.channel import passphrase_from_env
+from pinrpc.cli import Exit, add_flag, at_least
+from pinrpc.errors import IdentityError
 from pinrpc.identity import (
     DEFAULT_DAYS,
     KEY_TYPES,
+    Fingerprint,
     cert_to_pem,
     generate_key,
     key_to_pem,
     load_certificate,
     self_signed_certificate,
 )
-from pinrpc.v1 import identity_pb2, identity_pb2_grpc
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc, identity_pb2, identity_pb2_grpc
 
 
 def add_parser(commands: Any) -> None:
@@ -37,47 +38,83 @@ def add_parser(commands: Any) -> None:
     )
     connection_flags(rotate)
     add_flag(rotate, "--key-type", default="p256", choices=KEY_TYPES, help="new key algorithm")
-    add_flag(rotate, "--days", default=str(DEFAULT_DAYS), type=int, help="new validity in days")
+    add_flag(rotate, "--days", default=str(DEFAULT_DAYS), type=DAYS, help="new validity in days")
     add_flag(
         rotate,
         "--overlap",
-        type=int,
+        type=at_least(int, 0, 2**32 - 1),  # the proto field is a uint32
         help="seconds the old pair keeps working (default: the server's, 24 h unless set; "
         "0 retires it at once)",
     )
 
 
+# The server answered no: nothing was enrolled, so the staged pair can go.
+REFUSED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+)
+
+
 def run(args: argparse.Namespace) -> int:
     cert_path, key_path = Path(args.cert), Path(args.key)
+    keyfiles.check_targets(cert_path, key_path)
     keyfiles.remove_expired_old_pair(cert_path, key_path)
     current = load_certificate(cert_path)
     names = current.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     name = str(names[0].value) if names else "client"
     key = generate_key(args.key_type)
     successor = self_signed_certificate(key, name, days=args.days)
-    passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
-    # Stage first: if the disk is full we find out before the server retires anything.
-    new_key = keyfiles.stage(key_path, key_to_pem(key, passphrase), 0o600)
-    new_cert = keyfiles.stage(cert_path, cert_to_pem(successor), 0o644)
-    request = identity_pb2.RotateRequest(certificate_pem=cert_to_pem(successor).decode())
+    successor_pem = cert_to_pem(successor)
+    request = identity_pb2.RotateRequest(certificate_pem=successor_pem.decode())
     if args.overlap is not None:
         request.overlap_seconds = args.overlap
+    unknown: list[str] = []  # set when the server may have enrolled the staged pair
 
     def rpc(channel: grpc.Channel) -> int:
-        reply = identity_pb2_grpc.IdentityStub(channel).Rotate(request, timeout=args.timeout)
+        # Nothing is sent or written until the current pair is known to get in.
+        echo_pb2_grpc.EchoStub(channel).WhoAmI(echo_pb2.WhoAmIRequest(), timeout=args.timeout)
+        # Staged before the server retires anything: a full disk shows up now.
+        keyfiles.stage_pair(
+            cert_path, key_path, successor_pem, key_to_pem(key, passphrase_from_env())
+        )
+        new_cert, new_key = keyfiles.new(cert_path), keyfiles.new(key_path)
+        try:
+            reply = identity_pb2_grpc.IdentityStub(channel).Rotate(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() in REFUSED:
+                new_key.unlink(missing_ok=True)
+                new_cert.unlink(missing_ok=True)
+            else:
+                unknown.append(str(Fingerprint.of(successor)))
+            raise
         previous = reply.previous
         ends = previous.retire_at if previous.HasField("retire_at") else previous.revoked_at
         until = ends.ToDatetime(dt.UTC)
-        keyfiles.swap_in(cert_path, key_path, new_cert, new_key, until)
         print(f"rotated {reply.client.name}")
         print(f"  new fingerprint  {reply.client.fingerprint}")
         print(f"  old fingerprint  {previous.fingerprint} (works until {until:%Y-%m-%d %H:%M} UTC)")
+        try:
+            keyfiles.swap_in(cert_path, key_path, new_cert, new_key, until)
+        except IdentityError as exc:
+            # The server already trusts the staged pair: keep it whatever happens here.
+            say(f"{PROG}: error: the server enrolled the new pair, but {exc}")
+            say(f"  it is {new_cert} and {new_key}; {keyfiles.finish_by_hand(cert_path, key_path)}")
+            return Exit.ERROR
         print(f"  files            {cert_path}, {key_path} (old pair kept as *.old until then)")
         return Exit.OK
 
-    try:
-        code = call(args, rpc)
-    finally:
-        for staged in (new_key, new_cert):
-            staged.unlink(missing_ok=True)  # only left over when the rotation failed
+    code = call(args, rpc)
+    if unknown:
+        say(
+            f"  the outcome is unknown: the server may have enrolled the new pair "
+            f"(fingerprint {unknown[0]}), kept as {keyfiles.new(cert_path)} and "
+            f"{keyfiles.new(key_path)}; {keyfiles.finish_by_hand(cert_path, key_path)}"
+        )
     return code

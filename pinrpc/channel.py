@@ -14,13 +14,18 @@ from pinrpc.identity import (
     Fingerprint,
     cert_to_pem,
     key_to_pem,
+    load_ca_bundle,
     load_certificate,
     load_private_key,
-    read_file,
     same_public_key,
 )
 
 PASSPHRASE_ENV = "PINRPC_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
+
+
+def passphrase_from_env() -> bytes | None:
+    """PINRPC_KEY_PASSPHRASE as bytes: any bytes work, UTF-8 or not."""
+    return os.environb.get(PASSPHRASE_ENV.encode()) or None
 
 
 def client_credentials(
@@ -36,8 +41,8 @@ def client_credentials(
     The key is checked against the certificate here: grpcio would otherwise fail the handshake
     with nothing more than "Socket closed".
     """
-    if passphrase is None and os.environ.get(PASSPHRASE_ENV):
-        passphrase = os.environ[PASSPHRASE_ENV].encode()
+    if passphrase is None:
+        passphrase = passphrase_from_env()
     certificate = load_certificate(Path(cert))
     private_key = load_private_key(
         Path(key), passphrase=passphrase, check_permissions=not insecure_key_permissions
@@ -47,7 +52,7 @@ def client_credentials(
             f"private key {Path(key).absolute()} does not belong to certificate "
             f"{Path(cert).absolute()}"
         )
-    root_pem = read_file(Path(ca), "CA bundle") if ca is not None else None
+    root_pem = load_ca_bundle(Path(ca)) if ca is not None else None
     # grpcio wants an unencrypted PEM; it only ever lives in this process's memory.
     creds = grpc.ssl_channel_credentials(
         root_certificates=root_pem,

@@ -8,6 +8,7 @@ that two enrolled certificates with similar subjects never shadow each other.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -15,13 +16,17 @@ import re
 import secrets
 import stat
 import tempfile
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, get_args
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pinrpc.errors import IdentityError, KeyPermissionError
@@ -30,6 +35,9 @@ KeyType = Literal["p256", "p384", "rsa2048", "rsa3072", "rsa4096"]
 KEY_TYPES: Final[tuple[str, ...]] = get_args(KeyType)
 DEFAULT_DAYS: Final = 365
 NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PEM_CERT_RE: Final = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
 ED25519_REASON: Final = (
     "Ed25519 keys fail the TLS handshake with grpcio (the server offers no Ed25519 signature "
     "algorithm); use P-256 (the default), P-384 or RSA >= 2048"
@@ -182,12 +190,9 @@ def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temporary file in the same directory so readers never see half a file.
-
-    The temporary file is created with ``mode`` from the start: a private key is never
-    readable by others, not even for a moment.
-    """
+def _write_temp(path: Path, data: bytes, mode: int) -> Path:
+    """A temporary file next to ``path``, created with ``mode`` from the start: a private key
+    is never readable by others, not even for a moment."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
@@ -195,10 +200,75 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temporary file in the same directory so readers never see half a file."""
+    tmp = _write_temp(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_all(files: Sequence[tuple[Path, bytes, int]], *, overwrite: bool) -> None:
+    """Write each (path, data, mode), all or nothing (see ``move_all``)."""
+    temps: list[Path] = []
+    try:
+        for path, data, mode in files:
+            temps.append(_write_temp(path, data, mode))
+        move_all(list(zip(temps, (f[0] for f in files), strict=True)), overwrite=overwrite)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def move_all(moves: Sequence[tuple[Path, Path]], *, overwrite: bool) -> None:
+    """Rename each (source, target) in order, all or nothing: a failure puts back what was
+    moved (and any target it replaced) and raises. Without ``overwrite`` an existing target
+    fails with FileExistsError, decided atomically by link(2), not by a check before."""
+    done: list[tuple[Path, Path, Path | None]] = []
+    try:
+        for source, target in moves:
+            done.append((source, target, _move(source, target, overwrite=overwrite)))
+    except BaseException:
+        for source, target, backup in reversed(done):
+            with contextlib.suppress(OSError):  # best effort; the caller reports the failure
+                os.replace(target, source)
+                if backup is not None:
+                    os.replace(backup, target)
+        raise
+    for *_, backup in done:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+
+
+def _move(source: Path, target: Path, *, overwrite: bool) -> Path | None:
+    """One rename; returns a hard link to the target it replaced, to put it back on failure."""
+    if not overwrite:
+        os.link(source, target, follow_symlinks=False)
+        try:
+            os.unlink(source)
+        except BaseException:
+            target.unlink()
+            raise
+        return None
+    backup = None
+    if os.path.lexists(target):
+        backup = target.with_name(f".{target.name}.{secrets.token_hex(4)}.bak")
+        os.link(target, backup, follow_symlinks=False)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        if backup is not None:
+            backup.unlink()
+        raise
+    return backup
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,26 +287,36 @@ def create_identity(
     force: bool = False,
     passphrase: bytes | None = None,
 ) -> KeyPairFiles:
-    """Make ``<dir>/<name>.key`` (mode 0600) and ``<dir>/<name>.crt``; never overwrite unasked."""
+    """Make ``<dir>/<name>.key`` (mode 0600) and ``<dir>/<name>.crt``; never overwrite unasked.
+
+    Both files appear together or not at all, also when two runs race for the same name.
+    """
     check_name(name)
     directory = directory.absolute()
     key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
-    if not force:
-        for existing in (p for p in (key_path, cert_path) if p.exists()):
-            raise IdentityError(
-                f"{existing} already exists; pass --force to replace it "
-                "(the old key pair stops working once the server enrolls the new one)"
-            )
+    if not force:  # early, before a slow RSA key; placement below decides for real
+        for existing in (p for p in (key_path, cert_path) if os.path.lexists(p)):
+            raise _exists_error(existing)
     key = generate_key(key_type)
     cert = self_signed_certificate(key, name, days=days)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        # Key first: a certificate without its key is useless, the reverse can be re-made.
-        write_atomic(key_path, key_to_pem(key, passphrase), 0o600)
-        write_atomic(cert_path, cert_to_pem(cert), 0o644)
+        write_all(
+            [(key_path, key_to_pem(key, passphrase), 0o600), (cert_path, cert_to_pem(cert), 0o644)],
+            overwrite=force,
+        )
+    except FileExistsError as exc:
+        raise _exists_error(Path(exc.filename2 or exc.filename)) from exc
     except OSError as exc:
         raise IdentityError(f"cannot write the key pair in {directory}: {exc.strerror}") from exc
     return KeyPairFiles(key_path, cert_path, Fingerprint.of(cert))
+
+
+def _exists_error(path: Path) -> IdentityError:
+    return IdentityError(
+        f"{path} already exists; pass --force to replace it "
+        "(the old key pair stops working once the server enrolls the new one)"
+    )
 
 
 def read_file(path: Path, what: str, limit: int = 1 << 20) -> bytes:
@@ -276,7 +356,50 @@ def parse_single_certificate(data: bytes, where: str) -> x509.Certificate:
         raise IdentityError(
             f"{where} holds {len(certs)} certificates; enroll each client's own certificate alone"
         )
+    try:  # parsed lazily: a bad key or name would otherwise fail later, as a traceback
+        certs[0].public_key()
+        certs[0].subject.rfc4514_string()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise IdentityError(f"{where} holds a certificate that cannot be read: {exc}") from exc
     return certs[0]
+
+
+def parse_pem_bundle(data: bytes) -> list[x509.Certificate]:
+    """The certificates of a PEM bundle, skipping blocks that do not load."""
+    certs = []
+    for block in PEM_CERT_RE.findall(data):
+        # Real roots (Go Daddy G2, Starfield G2) have serial number 0, which cryptography
+        # loads with a deprecation warning; keep them, and skip what it cannot load at all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            try:
+                certs.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                continue
+    return certs
+
+
+def check_ca_bundle(data: bytes, where: str) -> list[x509.Certificate]:
+    """Roots to verify the server with; anything else would fail later as a vague handshake."""
+    if b"PRIVATE KEY-----" in data:
+        raise IdentityError(
+            f"CA bundle {where} contains a private key; give the root certificate(s) that "
+            "issued the server's certificate"
+        )
+    certs = parse_pem_bundle(data)
+    if not certs:
+        raise IdentityError(
+            f"CA bundle {where} holds no PEM certificate; give the root certificate(s) that "
+            "issued the server's certificate"
+        )
+    return certs
+
+
+def load_ca_bundle(path: Path) -> bytes:
+    """A --ca file's bytes, once checked to hold certificates and no private key."""
+    data = read_file(path, "CA bundle")
+    check_ca_bundle(data, str(path.absolute()))
+    return data
 
 
 def check_key_permissions(path: Path) -> None:

@@ -1,0 +1,192 @@
+"""`pinrpc rotate` when things go wrong: nothing the server may trust is ever lost."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from client import keyfiles
+from client.keyfiles import old
+from pinrpc.cli import Exit
+from pinrpc.identity import KeyPairFiles
+from tests.conftest import Connect, MakeClient, registry_dump
+from tests.test_client_cli import run
+
+
+@contextmanager
+def registry_write_locked(registry: Path, until: Callable[[], bool]) -> Iterator[threading.Thread]:
+    """Hold the server's SQLite registry write-locked (as another writer would) until ``until()``
+    holds, at most 5 s; the server's Rotate waits for it meanwhile."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        db = sqlite3.connect(registry, isolation_level=None)
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            deadline = time.monotonic() + 5
+            while not until() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(5)
+        yield holder
+    finally:
+        holder.join()
+
+
+def new(path: Path) -> Path:
+    return path.with_name(path.name + ".new")
+
+
+def pair_bytes(files: KeyPairFiles) -> tuple[bytes, bytes]:
+    return files.cert_path.read_bytes(), files.key_path.read_bytes()
+
+
+def staged_flags(connect: Connect, files: KeyPairFiles) -> list[str]:
+    flags = connect.cli_flags(files)
+    flags[flags.index("--cert") + 1] = str(new(files.cert_path))
+    flags[flags.index("--key") + 1] = str(new(files.key_path))
+    return flags
+
+
+def test_unknown_outcome_keeps_the_new_pair_and_says_how_to_finish(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    before = pair_bytes(alice)
+    timed_out = threading.Event()
+    with registry_write_locked(connect.server_registry, timed_out.is_set):
+        code, _, err = run(["rotate", *connect.cli_flags(alice), "--timeout", "1"], capsys)
+        timed_out.set()
+    assert pair_bytes(alice) == before  # the current pair is untouched
+    assert new(alice.key_path).stat().st_mode & 0o777 == 0o600
+    assert code == Exit.CONNECT
+    assert "no answer from" in err and "may or may not have been processed" in err
+    assert "outcome is unknown" in err
+    assert f"pinrpc whoami --cert {new(alice.cert_path)} --key {new(alice.key_path)}" in err
+    # The server went on to enroll it once the registry was free: the kept pair is what
+    # gets the client in after the overlap, and the printed check confirms it.
+    connect.server.trust.poll()
+    code, out, _ = run(["whoami", *staged_flags(connect, alice)], capsys)
+    assert code == Exit.OK and "name         alice" in out
+    # A second rotation is refused before anything is sent, and keeps both pairs.
+    listed = registry_dump(connect.server_registry, capsys)
+    code, _, err = run(["rotate", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.ERROR and err.count("\n") == 1
+    assert "earlier rotation whose outcome was unknown" in err and "pinrpc whoami" in err
+    assert registry_dump(connect.server_registry, capsys) == listed
+    assert new(alice.cert_path).exists() and new(alice.key_path).exists()
+
+
+def test_definite_refusal_removes_the_new_pair(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    code, _, err = run(["rotate", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.OK, err
+    # The retired pair still gets in during the overlap, but may not rotate again.
+    retired = KeyPairFiles(old(alice.key_path), old(alice.cert_path), alice.fingerprint)
+    code, _, err = run(["rotate", *connect.cli_flags(retired)], capsys)
+    assert code == Exit.ERROR
+    assert "the server refused" in err and "outcome is unknown" not in err
+    assert not new(retired.cert_path).exists() and not new(retired.key_path).exists()
+
+
+def test_unreachable_server_stages_nothing(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mallory = make_client("mallory")  # never enrolled: the WhoAmI before staging fails
+    code, _, err = run(["rotate", *connect.cli_flags(mallory)], capsys)
+    assert code == Exit.CONNECT and "closed the connection during the TLS handshake" in err
+    assert sorted(p.name for p in mallory.cert_path.parent.iterdir() if "mallory" in p.name) == [
+        "mallory.crt",
+        "mallory.key",
+    ]
+
+
+@pytest.mark.parametrize("obstacle", ["alice.crt.old", "alice.key.old", "alice.crt.old-until"])
+def test_swap_obstacle_is_refused_before_asking_the_server(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str], obstacle: str
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    (alice.cert_path.parent / obstacle / "x").mkdir(parents=True)
+    listed = registry_dump(connect.server_registry, capsys)
+    before = pair_bytes(alice)
+    code, _, err = run(["rotate", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.ERROR and err.count("\n") == 1
+    assert f"{obstacle} is in the way of the rotation" in err
+    assert registry_dump(connect.server_registry, capsys) == listed
+    assert pair_bytes(alice) == before and not new(alice.key_path).exists()
+
+
+def test_swap_failure_after_the_server_said_yes_rolls_back_and_keeps_the_new_pair(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    before = pair_bytes(alice)
+    in_the_way = old(alice.cert_path) / "x"
+
+    def staged_then_block() -> bool:
+        # Once the pair is staged (the checks are done), put a directory where the swap
+        # moves the old certificate, then let the server answer.
+        if new(alice.cert_path).exists():
+            in_the_way.mkdir(parents=True, exist_ok=True)
+            return True
+        return False
+
+    with registry_write_locked(connect.server_registry, staged_then_block):
+        code, out, err = run(["rotate", *connect.cli_flags(alice), "--timeout", "10"], capsys)
+    assert code == Exit.ERROR
+    assert "new fingerprint" in out
+    assert "the server enrolled the new pair, but cannot swap the key pair" in err
+    assert f"mv {new(alice.key_path)} {alice.key_path}" in err
+    assert pair_bytes(alice) == before  # rolled back: still a matching pair
+    assert not old(alice.key_path).exists()
+    # The pair the server now trusts is kept, and works.
+    connect.server.trust.poll()
+    code, out, _ = run(["whoami", *staged_flags(connect, alice)], capsys)
+    assert code == Exit.OK and "name         alice" in out
+
+
+@pytest.mark.parametrize("overlap", ["-1", "4294967296", "5000000000", "x"])
+def test_bad_overlap_is_a_usage_error_and_writes_nothing(
+    make_client: MakeClient, capsys: pytest.CaptureFixture[str], overlap: str
+) -> None:
+    alice = make_client("alice")
+    argv = ["rotate", "--server", "127.0.0.1:1", "--cert", str(alice.cert_path),
+            "--key", str(alice.key_path), "--overlap", overlap]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        run(argv, capsys)
+    assert info.value.code == Exit.USAGE
+    assert "--overlap" in capsys.readouterr().err
+    assert sorted(p.name for p in alice.cert_path.parent.iterdir()) == ["alice.crt", "alice.key"]
+
+
+def test_marker_without_timezone_is_read_as_utc(make_client: MakeClient) -> None:
+    alice = make_client("alice")
+    marker = alice.cert_path.with_name("alice.crt.old-until")
+    for path in (old(alice.cert_path), old(alice.key_path)):
+        path.write_bytes(b"retired")
+    marker.write_text((dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M"))
+    assert not keyfiles.remove_expired_old_pair(alice.cert_path, alice.key_path)
+    assert old(alice.key_path).exists()
+    marker.write_text("2020-01-01T00:00:00")
+    assert keyfiles.remove_expired_old_pair(alice.cert_path, alice.key_path)
+    assert not old(alice.key_path).exists() and not marker.exists()
