@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from client.connect import call, connection_flags
-from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns
+from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, utf8
 from pinrpc.identity import read_file
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
@@ -30,15 +30,15 @@ def add_parser(commands: Any) -> None:
 
     enroll = actions.add_parser("enroll", help="admit a client certificate")
     enroll.add_argument("certificate", type=Path, help="the new client's certificate (PEM)")
-    add_flag(enroll, "--name", required=True, help="unique client name")
+    add_flag(enroll, "--name", required=True, type=utf8, help="unique client name")
     add_allow_flag(enroll)
     enroll.add_argument("--replace", action="store_true", help="re-key an existing client")
 
     revoke = actions.add_parser("revoke", help="revoke a client by name or fingerprint")
-    revoke.add_argument("client")
+    revoke.add_argument("client", type=utf8, help="the client's name or fingerprint")
     listing = actions.add_parser("list", help="all clients, revoked ones included")
     get = actions.add_parser("get", help="one client by name or fingerprint")
-    get.add_argument("client")
+    get.add_argument("client", type=utf8, help="the client's name or fingerprint")
     for parser in (enroll, revoke, listing, get):
         connection_flags(parser)
         parser.add_argument("--json", action="store_true", help="print JSON")

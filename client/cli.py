@@ -10,8 +10,9 @@ from pathlib import Path
 import grpc
 
 from client import admin, doctor, request, rotate
-from client.connect import PROG, call, connection_flags
-from pinrpc.cli import Exit, add_flag, run
+from client.connect import DAYS, PROG, call, connection_flags
+from pinrpc.channel import passphrase_from_env
+from pinrpc.cli import Exit, add_flag, run, utf8
 from pinrpc.identity import DEFAULT_DAYS, KEY_TYPES, Fingerprint, create_identity, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
@@ -22,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    keygen = commands.add_parser("keygen", help="make a key pair and self-signed certificate")
+    keygen = commands.add_parser(
+        "keygen",
+        help="make a key pair and self-signed certificate",
+        description="Makes NAME.key (mode 0600) and NAME.crt. The key is encrypted with "
+        "PINRPC_KEY_PASSPHRASE when that is set.",
+    )
     keygen.add_argument("name", help="client name (also the file names NAME.key / NAME.crt)")
     add_flag(keygen, "--dir", default=".", type=Path, help="directory for the files")
     add_flag(
@@ -32,18 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*KEY_TYPES, "ed25519"],
         help="key algorithm (ed25519 is refused: grpcio cannot use it for client auth)",
     )
-    add_flag(keygen, "--days", default=str(DEFAULT_DAYS), type=int, help="validity in days")
+    add_flag(keygen, "--days", default=str(DEFAULT_DAYS), type=DAYS, help="validity in days")
     keygen.add_argument("--force", action="store_true", help="overwrite existing files")
 
     fingerprint = commands.add_parser("fingerprint", help="print a certificate's fingerprint")
-    fingerprint.add_argument("certificate", type=Path)
+    fingerprint.add_argument("certificate", type=Path, help="a PEM certificate file")
 
     whoami = commands.add_parser("whoami", help="ask the server who it thinks you are")
     connection_flags(whoami)
     whoami.add_argument("--json", action="store_true", help="print JSON")
 
     echo = commands.add_parser("echo", help="send a message and print the echo")
-    echo.add_argument("message")
+    echo.add_argument("message", type=utf8, help="the text to send")
     connection_flags(echo)
 
     rotate.add_parser(commands)
@@ -55,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     files = create_identity(
-        args.name, args.dir, key_type=args.key_type, days=args.days, force=args.force
+        args.name,
+        args.dir,
+        key_type=args.key_type,
+        days=args.days,
+        force=args.force,
+        passphrase=passphrase_from_env(),
     )
     print(f"private key  {files.key_path}  (mode 0600; never share it)")
     print(f"certificate  {files.cert_path}  (give this to the server operator)")

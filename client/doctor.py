@@ -18,11 +18,9 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
-import re
 import socket
 import ssl
 import sys
-import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -31,19 +29,18 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 
-from pinrpc.channel import PASSPHRASE_ENV, client_credentials, secure_channel
+from client.connect import server_flags
+from pinrpc.channel import client_credentials, passphrase_from_env, secure_channel
 from pinrpc.cli import Exit, add_flag
 from pinrpc.errors import PinrpcError
-from pinrpc.identity import Fingerprint, load_certificate, read_file
+from pinrpc.identity import Fingerprint, check_ca_bundle, load_certificate, read_file
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
-WARN_DAYS = 30
+WARN_DAYS = 30  # for the server's certificate; the client's own uses --warn-days
 # The client connection preface and an empty SETTINGS frame (RFC 9113 section 3.4).
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
-PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 ENROLL_FIX = (
     "ask the server operator to run `pinrpc-server list` and look for {fp}; if it is missing "
     "or revoked, enroll it: `pinrpc-server enroll YOUR.crt --name NAME` (--replace to re-key)"
@@ -51,12 +48,9 @@ ENROLL_FIX = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_flag(p, "--server", required=True, help="server address HOST:PORT")
+    server_flags(p, timeout_help="seconds to wait at each step")
     add_flag(p, "--cert", help="your certificate (NAME.crt); without it only the server is checked")
     add_flag(p, "--key", help="your private key (NAME.key)")
-    add_flag(p, "--ca", help="PEM roots to verify the server with (default: system/gRPC roots)")
-    add_flag(p, "--server-name", help="name to expect in the server certificate (tests/dev)")
-    add_flag(p, "--timeout", default="10", type=float, help="seconds to wait at each step")
     p.add_argument(
         "--insecure-key-permissions",
         action="store_true",
@@ -75,10 +69,10 @@ class Skipped(Exception):
 
 
 def split_target(target: str) -> tuple[str, int]:
-    host, sep, port = target.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PinrpcError(f"--server {target!r} is not HOST:PORT (e.g. api.example.com:8443)")
+    """HOST and PORT of a --server value that pinrpc.cli.host_port() has already checked."""
+    host, _, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     return host, int(port)
 
 
@@ -100,20 +94,6 @@ def default_roots() -> tuple[Path | None, str]:
         return bundled, f"gRPC's bundled roots {bundled}"
     cafile = ssl.get_default_verify_paths().cafile
     return (Path(cafile), f"system roots {cafile}") if cafile else (None, "no roots found")
-
-
-def parse_bundle(data: bytes) -> list[x509.Certificate]:
-    certs = []
-    for block in PEM_RE.findall(data):
-        # Real roots (Go Daddy G2, Starfield G2) have serial number 0, which cryptography
-        # loads with a deprecation warning; keep them, and skip what it cannot load at all.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-            try:
-                certs.append(x509.load_pem_x509_certificate(block))
-            except ValueError:
-                continue
-    return certs
 
 
 def cert_names(cert: x509.Certificate) -> list[str]:
@@ -236,8 +216,8 @@ class Doctor:
             )
         expiry = certificate.not_valid_after_utc
         detail = f"fingerprint {self.fingerprint}, {describe_expiry(expiry)}"
-        if days_left(expiry) < WARN_DAYS:
-            detail += f"\nwarning: expires in less than {WARN_DAYS} days: {renew}"
+        if days_left(expiry) < self.args.warn_days:
+            detail += f"\nwarning: expires in less than {self.args.warn_days} days: {renew}"
         return detail
 
     def trust_roots(self) -> str:
@@ -249,13 +229,10 @@ class Doctor:
         if path is None:
             raise Failed("no root certificates found", "pass --ca with a PEM bundle", Exit.ERROR)
         try:
-            self.roots = parse_bundle(read_file(path, "CA bundle", limit=16 << 20))
+            data = read_file(path, "CA bundle", limit=16 << 20)
+            self.roots = check_ca_bundle(data, str(path.absolute()))
         except PinrpcError as exc:
-            raise Failed(str(exc), "check the --ca path", Exit.ERROR) from exc
-        if not self.roots:
-            raise Failed(
-                f"no PEM certificate in {path.absolute()}", "pass a PEM bundle", Exit.ERROR
-            )
+            raise Failed(str(exc), "check the --ca path; pass a PEM bundle", Exit.ERROR) from exc
         return f"{len(self.roots)} certificate(s) from {self.roots_from}"
 
     # The network, by hand.
@@ -302,7 +279,7 @@ class Doctor:
         context.set_alpn_protocols(["h2"])
         presented = "client certificate" in self.passed
         if presented:
-            passphrase = os.environ.get(PASSPHRASE_ENV)
+            passphrase = passphrase_from_env()
             context.load_cert_chain(self.args.cert, self.args.key, password=passphrase)
         try:
             self.tls = self.stack.enter_context(
@@ -431,7 +408,7 @@ class Doctor:
             f"refused our certificate {self.fingerprint}: not enrolled, revoked or expired "
             "as the server sees it",
             ENROLL_FIX.format(fp=self.fingerprint),
-            Exit.DENIED,
+            Exit.CONNECT,  # a refused handshake, as `pinrpc whoami` reports it
         )
 
     def whoami(self) -> str:

@@ -8,7 +8,6 @@ approves it by fingerprint, which you compare out of band with what this command
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,15 @@ import grpc
 
 from client.connect import PROG, REFUSED_INPUT, connection_flags, say
 from pinrpc import proof
-from pinrpc.channel import PASSPHRASE_ENV
-from pinrpc.cli import Exit, add_flag
+from pinrpc.channel import passphrase_from_env
+from pinrpc.cli import Exit, add_flag, utf8
 from pinrpc.errors import IdentityError
 from pinrpc.identity import (
     Fingerprint,
+    cert_to_pem,
+    load_ca_bundle,
     load_certificate,
     load_private_key,
-    read_file,
     same_public_key,
 )
 from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -35,18 +35,19 @@ def add_parser(commands: Any) -> None:
         help="ask the operator to admit your certificate (the server's enrollment port)",
     )
     connection_flags(p)  # --server is the enrollment port here
-    add_flag(p, "--name", required=True, help="the client name you ask for")
+    add_flag(p, "--name", required=True, type=utf8, help="the client name you ask for")
 
 
 def run(args: argparse.Namespace) -> int:
     cert = load_certificate(Path(args.cert))
-    passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
     key = load_private_key(
-        Path(args.key), passphrase=passphrase, check_permissions=not args.insecure_key_permissions
+        Path(args.key),
+        passphrase=passphrase_from_env(),
+        check_permissions=not args.insecure_key_permissions,
     )
     if not same_public_key(key, cert):
         raise IdentityError(f"private key {args.key} does not belong to certificate {args.cert}")
-    roots = read_file(Path(args.ca), "CA bundle") if args.ca else None
+    roots = load_ca_bundle(Path(args.ca)) if args.ca else None
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     creds = grpc.ssl_channel_credentials(root_certificates=roots)
     with grpc.secure_channel(args.server, creds, options=options) as channel:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             challenge = stub.Challenge(enrollment_pb2.ChallengeRequest(), timeout=args.timeout)
             request = enrollment_pb2.EnrollmentRequest(
-                certificate_pem=Path(args.cert).read_text(),
+                certificate_pem=cert_to_pem(cert).decode(),
                 name=args.name,
                 nonce=challenge.nonce,
                 signature=proof.sign(key, challenge.nonce, cert),

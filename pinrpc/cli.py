@@ -131,6 +131,7 @@ def add_allow_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow",
         action="append",
+        type=utf8,
         metavar="PATTERN",
         help="method pattern the client may call, e.g. '/pinrpc.v1.Echo/*' (repeatable; WhoAmI, "
         "health and reflection are always allowed; administration only by a pattern naming "
@@ -141,7 +142,8 @@ def add_allow_flag(parser: argparse.ArgumentParser) -> None:
 def allow_patterns(args: argparse.Namespace) -> list[str]:
     if args.allow is not None:
         return list(args.allow)
-    return [p for p in os.environ.get("PINRPC_ALLOW", "").split(",") if p]
+    # "/a/*, /b/*" is how people write a list: the spaces are not part of the patterns.
+    return [p.strip() for p in os.environ.get("PINRPC_ALLOW", "").split(",") if p.strip()]
 
 
 def run(program: str, body: Callable[[], int]) -> int:

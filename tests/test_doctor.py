@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from client.cli import main
+from client.doctor import split_target
 from pinrpc.cli import Exit
 from pinrpc.identity import KeyPairFiles, cert_to_pem
 from server.app import RunningServer, start_server
@@ -75,7 +76,7 @@ def test_refused_client_certificate_is_named(
         revoke(connect.server_registry, "mallory")
         connect.server.trust.poll()
     code, steps = doctor(connect.cli_flags(mallory), capsys)
-    assert code == Exit.DENIED
+    assert code == Exit.CONNECT  # a refused handshake: the same code as `pinrpc whoami` gives
     refused = steps["client accepted"]
     assert status(refused) == "FAILED"
     assert "not enrolled, revoked or expired" in refused
@@ -167,13 +168,24 @@ def test_flags_fall_back_to_environment(
 
 
 def test_certificate_expiring_soon_is_a_warning(
-    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+    connect: Connect,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     short = make_client("short", days=10)
     connect.enroll(short, "short")
     capsys.readouterr()
     assert main(["doctor", *connect.cli_flags(short)]) == Exit.OK
     assert "warning: expires in less than 30 days" in capsys.readouterr().out
+    # --warn-days, and its PINRPC_WARN_DAYS fallback, as for the other commands.
+    assert main(["doctor", *connect.cli_flags(short), "--warn-days", "5"]) == Exit.OK
+    assert "warning" not in capsys.readouterr().out
+    monkeypatch.setenv("PINRPC_WARN_DAYS", "5")
+    assert main(["doctor", *connect.cli_flags(short)]) == Exit.OK
+    assert "warning" not in capsys.readouterr().out
+    assert main(["doctor", *connect.cli_flags(short), "--warn-days", "11"]) == Exit.OK
+    assert "warning: expires in less than 11 days" in capsys.readouterr().out
 
 
 def test_unreadable_key_is_a_local_error(
@@ -190,12 +202,28 @@ def test_unreadable_key_is_a_local_error(
     assert status(steps["whoami"]) == "skipped"
 
 
-def test_bad_address_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["doctor", "--server", "no-port-here"]) == Exit.ERROR
-    err = capsys.readouterr().err.strip()
-    assert (
-        err == "pinrpc: error: --server 'no-port-here' is not HOST:PORT (e.g. api.example.com:8443)"
-    )
+@pytest.mark.parametrize(
+    "server", ["no-port-here", "host:\u00b2", "[::1]", "::1:8443", ":8443", "host:0", "host:65536"]
+)
+def test_bad_address_is_a_usage_error(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["doctor", "--server", server])
+    assert info.value.code == Exit.USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("pinrpc doctor: error: argument --server: not HOST:PORT")
+
+
+@pytest.mark.parametrize(
+    ("server", "split"),
+    [
+        ("[::1]:8443", ("::1", 8443)),
+        ("127.0.0.1:1", ("127.0.0.1", 1)),
+        ("a.b:65535", ("a.b", 65535)),
+    ],
+)
+def test_valid_addresses_split(server: str, split: tuple[str, int]) -> None:
+    assert split_target(server) == split
 
 
 @pytest.fixture

@@ -96,7 +96,11 @@ def test_days_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 7
     assert cli.main(["keygen", "../escape", "--dir", str(tmp_path)]) == 1
     assert "invalid client name" in capsys.readouterr().err
-    assert cli.main(["keygen", "zero", "--dir", str(tmp_path), "--days", "0"]) == 1
+    for days in ("0", "36501", "99999999999"):  # usage errors, not an overflow in datetime
+        with pytest.raises(SystemExit) as info:
+            cli.main(["keygen", "zero", "--dir", str(tmp_path), "--days", days])
+        assert info.value.code == 2
+    assert not (tmp_path / "zero.key").exists()
 
 
 @pytest.mark.parametrize(
