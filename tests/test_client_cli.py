@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
 from client import cli
-from pinrpc.cli import Exit
+from pinrpc.cli import Exit, allow_patterns
+from server.app import RunningServer
 from server.devca import DevCA
 from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles
+from tests.test_enrollment_requests import enrolling as enrolling  # the fixture
+from tests.test_enrollment_requests import pending, request_flags
+from tests.test_identity import bad_point_certificate
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -150,3 +155,128 @@ def test_encrypted_key_via_environment(
     monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "pass phrase")
     code, out, _ = run(["whoami", *connect.cli_flags(alice)], capsys)
     assert code == Exit.OK and "alice" in out
+
+
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a command that must stop at argparse; return its last stderr line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == Exit.USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+BASE = ["--server", "127.0.0.1:1", "--cert", "c.crt", "--key", "c.key"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        *[
+            (["whoami", *BASE, "--timeout", v], "--timeout")
+            for v in ("nan", "inf", "-1", "0", "1e300")
+        ],
+        (["doctor", "--server", "127.0.0.1:1", "--timeout", "0"], "--timeout"),
+        (["whoami", *BASE, "--warn-days", "99999999999"], "--warn-days"),
+        (["whoami", *BASE, "--warn-days", "-1"], "--warn-days"),
+        (["rotate", *BASE, "--days", "99999999"], "--days"),
+        (["keygen", "x", "--days", "3000000"], "--days"),
+        *[
+            (["whoami", *BASE[2:], "--server", v], "--server")
+            for v in ("host", "[::1]", ":0", "host:99999", "", "host:\u00b2")
+        ],
+    ],
+)
+def test_bad_numbers_and_addresses_are_usage_errors(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert f"argument {flag}:" in usage_error(argv, capsys)
+
+
+def test_text_that_is_not_utf8_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = "caf\udce9"  # the byte 0xe9 from a Latin-1 terminal, as Python sees argv
+    assert "not valid UTF-8" in usage_error(["echo", bad, *BASE], capsys)
+    assert "not valid UTF-8" in usage_error(["admin", "get", bad, *BASE], capsys)
+    assert "not valid UTF-8" in usage_error(["request-enrollment", "--name", bad, *BASE], capsys)
+    monkeypatch.setenv("PINRPC_SERVER_NAME", bad)
+    assert "not valid UTF-8" in usage_error(["whoami", *BASE], capsys)
+
+
+def test_non_utf8_passphrase_works(
+    connect: Connect,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    alice = make_client("alice", passphrase=b"caf\xe9")
+    connect.enroll(alice, "alice")
+    monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "caf\udce9")
+    code, out, _ = run(["whoami", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.OK and "alice" in out
+    monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "cafe")
+    code, _, err = run(["whoami", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.ERROR and "wrong passphrase" in err
+
+
+def test_ca_without_certificates_is_bad_input(
+    connect: Connect, make_client: MakeClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(bytes(range(256)))
+    flags = connect.cli_flags(alice)
+    ca_at = flags.index("--ca") + 1
+    for ca, reason in ((garbage, "holds no PEM certificate"), (alice.key_path, "private key")):
+        flags[ca_at] = str(ca)
+        for command in (["whoami"], ["request-enrollment", "--name", "alice"]):
+            code, _, err = run([*command, *flags], capsys)
+            assert code == Exit.ERROR and err.count("\n") == 1, err
+            assert f"CA bundle {ca}" in err and reason in err
+    flags[ca_at] = str(connect.devca.ca_path)
+    assert run(["whoami", *flags], capsys)[0] == Exit.OK
+
+
+def test_certificate_with_an_unreadable_public_key_is_one_line(
+    connect: Connect, make_client: MakeClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice = make_client("alice")
+    flags = connect.cli_flags(alice)
+    flags[flags.index("--cert") + 1] = str(bad_point_certificate(tmp_path / "bad.crt"))
+    for command in ("whoami", "rotate"):
+        code, _, err = run([command, *flags], capsys)
+        assert code == Exit.ERROR and err.count("\n") == 1
+        assert "cannot be read" in err
+
+
+@pytest.mark.parametrize(
+    ("env", "patterns"),
+    [("/a/*, /b/*", ["/a/*", "/b/*"]), (" /a/* ,,", ["/a/*"]), (" , ", []), ("", [])],
+)
+def test_allow_patterns_ignore_spaces_around_commas(
+    monkeypatch: pytest.MonkeyPatch, env: str, patterns: list[str]
+) -> None:
+    monkeypatch.setenv("PINRPC_ALLOW", env)
+    assert allow_patterns(argparse.Namespace(allow=None)) == patterns
+    assert allow_patterns(argparse.Namespace(allow=[" /x/*"])) == [" /x/*"]  # flags as given
+
+
+def test_request_enrollment_sends_the_parsed_certificate(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    make_client: MakeClient,
+    registry: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    carol = make_client("carol")
+    pem = carol.cert_path.read_bytes()
+    carol.cert_path.write_bytes(b"Subject: caf\xe9\n" + pem)  # Latin-1 text around the PEM
+    code, _, err = run(
+        ["request-enrollment", "--name", "carol", *request_flags(enrolling, devca, carol)], capsys
+    )
+    assert code == Exit.OK, err
+    assert [r["fingerprint"] for r in pending(registry, capsys)] == [str(carol.fingerprint)]

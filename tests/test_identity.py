@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from client import cli
@@ -19,6 +21,7 @@ from pinrpc.identity import (
     load_private_key,
     same_public_key,
 )
+from tests.certs import make_cert, p256
 
 
 def test_keygen_writes_a_private_key_and_a_certificate(
@@ -142,3 +145,86 @@ def test_encrypted_key_needs_its_passphrase(tmp_path: Path) -> None:
         load_private_key(files.key_path, passphrase=b"nope")
     key = load_private_key(files.key_path, passphrase=b"s3cret")
     assert same_public_key(key, load_certificate(files.cert_path))
+
+
+def race_keygen(directory: Path) -> list[str]:
+    """Two create_identity() for one name, released together; "ok" or the error of each."""
+    start = threading.Barrier(2)
+    results: list[str] = []
+
+    def keygen() -> None:
+        start.wait(5)
+        try:
+            create_identity("r", directory)
+            results.append("ok")
+        except IdentityError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=keygen) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_concurrent_keygen_leaves_one_matching_pair(tmp_path: Path) -> None:
+    """Two runs racing for one name: one wins, the other fails, the files match."""
+    for round_ in range(20):
+        directory = tmp_path / str(round_)
+        results = race_keygen(directory)
+        assert sorted(results, key=len)[0] == "ok" and len(results) == 2, results
+        assert "already exists" in sorted(results, key=len)[1]
+        key = load_private_key(directory / "r.key")
+        assert same_public_key(key, load_certificate(directory / "r.crt"))
+        assert sorted(p.name for p in directory.iterdir()) == ["r.crt", "r.key"]
+
+
+def test_failed_keygen_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = create_identity("f1", tmp_path)
+    before = first.key_path.read_bytes()
+    first.cert_path.unlink()
+    first.cert_path.mkdir()  # the certificate cannot be placed
+    assert cli.main(["keygen", "f1", "--dir", str(tmp_path), "--force"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    assert first.key_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f1.crt", "f1.key"]
+
+
+def test_keygen_encrypts_with_the_passphrase_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "caf\udce9")  # any bytes, UTF-8 or not
+    assert cli.main(["keygen", "enc", "--dir", str(tmp_path)]) == 0
+    key_path = tmp_path / "enc.key"
+    assert b"ENCRYPTED" in key_path.read_bytes()
+    with pytest.raises(IdentityError, match="PINRPC_KEY_PASSPHRASE"):
+        load_private_key(key_path)
+    key = load_private_key(key_path, passphrase=b"caf\xe9")
+    assert same_public_key(key, load_certificate(tmp_path / "enc.crt"))
+    monkeypatch.delenv("PINRPC_KEY_PASSPHRASE")
+    assert cli.main(["keygen", "plain", "--dir", str(tmp_path)]) == 0
+    assert b"ENCRYPTED" not in (tmp_path / "plain.key").read_bytes()
+
+
+def bad_point_certificate(path: Path) -> Path:
+    """A certificate whose EC public key is not on the curve (the last byte flipped)."""
+    key = p256()
+    der = make_cert(key, "bad").public_bytes(serialization.Encoding.DER)
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    end = der.index(point) + len(point) - 1
+    flipped = der[:end] + bytes([der[end] ^ 1]) + der[end + 1 :]
+    path.write_bytes(
+        x509.load_der_x509_certificate(flipped).public_bytes(serialization.Encoding.PEM)
+    )
+    return path
+
+
+def test_certificate_with_an_unreadable_public_key_is_refused(tmp_path: Path) -> None:
+    bad = bad_point_certificate(tmp_path / "bad.crt")
+    with pytest.raises(IdentityError, match="holds a certificate that cannot be read"):
+        load_certificate(bad)
+    good = create_identity("good", tmp_path).cert_path
+    assert load_certificate(good).public_key()
