@@ -4,7 +4,8 @@ The TLS handshake only proves the peer holds the key of *some* certificate chain
 enrolled one; an enrolled key could have minted a new leaf. So every call compares the
 fingerprint of the leaf itself against the enrolled set. Names in the certificate and request
 metadata are never consulted. The check runs inside each call (interceptors get no context),
-which also makes a revocation bite on the next call of an already-open connection.
+which also makes a revocation bite on the next call of an already-open connection, and on the
+next message of an already-open stream.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return grpc.unary_unary_rpc_method_handler(self._unimplemented(method))
         # The services are fixed once the server starts: wrap each method's handler once.
         wrapped = self._wrapped[method] = _wrap(
-            handler, method, self.authorize, self._observer.finished
+            handler, method, self._enrolled, self.authorize, self._observer.finished
         )
         return wrapped
 
@@ -251,9 +252,46 @@ def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCo
     return code
 
 
+class _Stream:
+    """One streaming call's admission, kept current for as long as the call is open.
+
+    A stream outlives the snapshot it was admitted under, so each message read or sent is
+    checked again, but only when ``enrolled()`` returns a new snapshot: an identity comparison
+    per message, the full check once per change.
+    """
+
+    __slots__ = ("_check", "_context", "_enrolled", "_method", "identity", "snapshot")
+
+    def __init__(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        enrolled: Callable[[], EnrolledSet],
+        check: Callable[[grpc.ServicerContext, str], Identity],
+    ) -> None:
+        self._context, self._method, self._enrolled, self._check = context, method, enrolled, check
+        # Taken before the check: if the check saw a newer one, that costs one re-check.
+        self.snapshot = enrolled()
+        self.identity = check(context, method)
+
+    def recheck(self) -> None:
+        """Abort the call (as the first check would) unless its caller is still admitted."""
+        current = self._enrolled()
+        self._check(self._context, self._method)
+        self.snapshot = current
+
+    def checked(self, messages: Iterator[Any]) -> Iterator[Any]:
+        enrolled = self._enrolled
+        for message in messages:
+            if enrolled() is not self.snapshot:
+                self.recheck()
+            yield message
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler[Any, Any],
     method: str,
+    enrolled: Callable[[], EnrolledSet],
     check: Callable[[grpc.ServicerContext, str], Identity],
     finished: Callable[[str, str, grpc.StatusCode], None],
 ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -274,19 +312,38 @@ def _wrap(
 
         return run
 
-    def streaming(behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Any:
-        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            identity = check(context, method)
-            token = _caller.set(identity)
+    def request_stream(behavior: Callable[[Iterator[Any], grpc.ServicerContext], Any]) -> Any:
+        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            stream = _Stream(context, method, enrolled, check)
+            token = _caller.set(stream.identity)
             completed = False
             try:
-                yield from behavior(request, context)
+                result = behavior(stream.checked(requests), context)
+                completed = True
+                return result
+            finally:
+                _caller.reset(token)
+                finished(stream.identity.name, method, _final_code(context, completed))
+
+        return run
+
+    def response_stream(
+        behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], requests_too: bool
+    ) -> Any:
+        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            stream = _Stream(context, method, enrolled, check)
+            token = _caller.set(stream.identity)
+            completed = False
+            try:
+                if requests_too:
+                    request = stream.checked(request)
+                yield from stream.checked(behavior(request, context))
                 completed = True
             finally:
                 # A generator may be finalised from another thread (and Context).
                 with contextlib.suppress(ValueError):
                     _caller.reset(token)
-                finished(identity.name, method, _final_code(context, completed))
+                finished(stream.identity.name, method, _final_code(context, completed))
 
         return run
 
@@ -297,9 +354,11 @@ def _wrap(
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+        behavior = response_stream(handler.unary_stream, requests_too=False)
+        return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+        return grpc.stream_unary_rpc_method_handler(request_stream(handler.stream_unary), **kwargs)
     if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+        behavior = response_stream(handler.stream_stream, requests_too=True)
+        return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)
     raise ValueError("RpcMethodHandler without a behaviour")
