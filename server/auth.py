@@ -14,6 +14,7 @@ import base64
 import contextlib
 import contextvars
 import fnmatch
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, Protocol, cast
@@ -137,12 +138,48 @@ class NullObserver:
         pass
 
 
+class StreamCap:
+    """How many streaming calls each client certificate holds open, up to a limit.
+
+    A blocking stream holds one of the server's worker threads for as long as it is open:
+    without a cap, one client could hold them all and stall everyone else's calls.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, fingerprint: Fingerprint) -> bool:
+        with self._lock:
+            count = self._open.get(fingerprint.digest, 0)
+            if count >= self.limit:
+                return False
+            self._open[fingerprint.digest] = count + 1
+            return True
+
+    def release(self, fingerprint: Fingerprint) -> None:
+        with self._lock:
+            count = self._open.pop(fingerprint.digest) - 1
+            if count:
+                self._open[fingerprint.digest] = count
+
+
+def streams_per_client(max_workers: int) -> int:
+    """A quarter of the worker threads: one client can never hold the whole pool."""
+    return max(1, max_workers // 4)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(
-        self, enrolled: Callable[[], EnrolledSet], observer: Observer | None = None
+        self,
+        enrolled: Callable[[], EnrolledSet],
+        observer: Observer | None = None,
+        max_workers: int = 32,  # the server's thread pool: ServerConfig.max_workers
     ) -> None:
         self._enrolled = enrolled
         self._observer: Observer = observer or NullObserver()
+        self._streams = StreamCap(streams_per_client(max_workers))
         # For the uncached path (a new snapshot, refused leaves): base64 + SHA-256 once per PEM.
         self._fingerprints: dict[bytes, Fingerprint] = {}
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -225,7 +262,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return grpc.unary_unary_rpc_method_handler(self._unimplemented(method))
         # The services are fixed once the server starts: wrap each method's handler once.
         wrapped = self._wrapped[method] = _wrap(
-            handler, method, self._enrolled, self.authorize, self._observer.finished
+            handler, method, self._enrolled, self.authorize, self._observer.finished, self._streams
         )
         return wrapped
 
@@ -260,7 +297,7 @@ class _Stream:
     per message, the full check once per change.
     """
 
-    __slots__ = ("_check", "_context", "_enrolled", "_method", "identity", "snapshot")
+    __slots__ = ("_cap", "_check", "_context", "_enrolled", "_method", "identity", "snapshot")
 
     def __init__(
         self,
@@ -273,6 +310,23 @@ class _Stream:
         # Taken before the check: if the check saw a newer one, that costs one re-check.
         self.snapshot = enrolled()
         self.identity = check(context, method)
+        self._cap: StreamCap | None = None
+
+    def hold(self, cap: StreamCap) -> None:
+        """Count this stream against its client's cap, or refuse it."""
+        if not cap.acquire(self.identity.fingerprint):
+            _deny(
+                self._context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"client {self.identity.name!r} already has {cap.limit} streams open, the most "
+                "one client may hold at once; close one first",
+            )
+        self._cap = cap
+
+    def release(self) -> None:
+        if self._cap is not None:
+            self._cap.release(self.identity.fingerprint)
+            self._cap = None
 
     def recheck(self) -> None:
         """Abort the call (as the first check would) unless its caller is still admitted."""
@@ -287,6 +341,22 @@ class _Stream:
                 self.recheck()
             yield message
 
+    def guarded(self, send: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``send`` for a non-blocking handler, which may call it from any thread (health's from
+        the trust watcher's): a refusal ends the call with its status instead of raising."""
+
+        def checked_send(response: Any) -> None:
+            if response is not None and self._enrolled() is not self.snapshot:
+                if not self._context.is_active():
+                    return  # ended already, maybe by an earlier refusal
+                try:
+                    self.recheck()
+                except Exception:  # abort() records the status, then raises a bare Exception
+                    response = None  # None ends the call with the recorded status
+            send(response)
+
+        return checked_send
+
 
 def _wrap(
     handler: grpc.RpcMethodHandler[Any, Any],
@@ -294,6 +364,7 @@ def _wrap(
     enrolled: Callable[[], EnrolledSet],
     check: Callable[[grpc.ServicerContext, str], Identity],
     finished: Callable[[str, str, grpc.StatusCode], None],
+    streams: StreamCap,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler, with the check (and the caller's identity) around its behaviour."""
 
@@ -318,11 +389,13 @@ def _wrap(
             token = _caller.set(stream.identity)
             completed = False
             try:
+                stream.hold(streams)
                 result = behavior(stream.checked(requests), context)
                 completed = True
                 return result
             finally:
                 _caller.reset(token)
+                stream.release()
                 finished(stream.identity.name, method, _final_code(context, completed))
 
         return run
@@ -335,6 +408,7 @@ def _wrap(
             token = _caller.set(stream.identity)
             completed = False
             try:
+                stream.hold(streams)
                 if requests_too:
                     request = stream.checked(request)
                 yield from stream.checked(behavior(request, context))
@@ -343,8 +417,36 @@ def _wrap(
                 # A generator may be finalised from another thread (and Context).
                 with contextlib.suppress(ValueError):
                     _caller.reset(token)
+                stream.release()
                 finished(stream.identity.name, method, _final_code(context, completed))
 
+        return run
+
+    def non_blocking(behavior: Callable[..., None]) -> Any:
+        """grpcio's experimental non-blocking form (health's Watch): the behaviour returns at
+        once and answers later through ``send``, so the stream holds no worker thread."""
+
+        def run(request: Any, context: grpc.ServicerContext, send: Callable[[Any], None]) -> None:
+            stream = _Stream(context, method, enrolled, check)
+
+            def done() -> None:
+                stream.release()
+                finished(stream.identity.name, method, _final_code(context, True))
+
+            if not context.add_callback(done):
+                return done()  # the call ended already
+            stream.hold(streams)
+            token = _caller.set(stream.identity)
+            try:
+                behavior(request, context, stream.guarded(send))
+            finally:
+                _caller.reset(token)
+
+        # The attributes grpcio looks for on the behaviour (there is no other way to ask).
+        run.__dict__.update(
+            experimental_non_blocking=True,
+            experimental_thread_pool=getattr(behavior, "experimental_thread_pool", None),
+        )
         return run
 
     kwargs = {
@@ -354,7 +456,10 @@ def _wrap(
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
     if handler.unary_stream is not None:
-        behavior = response_stream(handler.unary_stream, requests_too=False)
+        if getattr(handler.unary_stream, "experimental_non_blocking", False):
+            behavior = non_blocking(cast(Callable[..., None], handler.unary_stream))
+        else:
+            behavior = response_stream(handler.unary_stream, requests_too=False)
         return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(request_stream(handler.stream_unary), **kwargs)
