@@ -120,6 +120,7 @@ class Observer(Protocol):
         fingerprint: Fingerprint | None,
         client: Client | None,
         reason: str,
+        served: bool,  # False: no handler serves ``method``, a name the caller may have invented
     ) -> None: ...
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None: ...
@@ -198,12 +199,13 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Identity:
         """Return the caller's identity or abort the call with the reason.
 
-        ``remember``: cache an allowed (certificate, method) pair in the current snapshot; off
-        for method names that no handler serves, which callers may invent without bound.
+        ``remember``: cache an allowed (certificate, method) pair in the current snapshot, and
+        let metrics name the method; off for method names that no handler serves, which callers
+        may invent without bound.
         """
         pem = leaf_pem(context)
         if pem is None:
-            self._observer.denied(context, method, None, None, "no_certificate")
+            self._observer.denied(context, method, None, None, "no_certificate", remember)
             _deny(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
         enrolled = self._enrolled()
         known = enrolled.admitted.get(pem)
@@ -224,14 +226,14 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         fp = self._fingerprint(pem)
         client = enrolled.lookup(fp)
         if client is None:
-            self._observer.denied(context, method, fp, None, "not_enrolled")
+            self._observer.denied(context, method, fp, None, "not_enrolled", remember)
             _deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client certificate {fp} is not enrolled or was revoked",
             )
         if not method_allowed(client, method):
-            self._observer.denied(context, method, fp, client, "method_not_allowed")
+            self._observer.denied(context, method, fp, client, "method_not_allowed", remember)
             _deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
