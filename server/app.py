@@ -81,7 +81,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             handshakes=handshakes,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
-        interceptor = AuthInterceptor(lambda: trust.enrolled, observe)
+        interceptor = AuthInterceptor(lambda: trust.enrolled, observe, config.max_workers)
 
         def build(options: Options) -> grpc.Server:
             # One per listener (handover builds more); all share the pool and the check.

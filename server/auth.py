@@ -4,7 +4,8 @@ The TLS handshake only proves the peer holds the key of *some* certificate chain
 enrolled one; an enrolled key could have minted a new leaf. So every call compares the
 fingerprint of the leaf itself against the enrolled set. Names in the certificate and request
 metadata are never consulted. The check runs inside each call (interceptors get no context),
-which also makes a revocation bite on the next call of an already-open connection.
+which also makes a revocation bite on the next call of an already-open connection, and on the
+next message of an already-open stream.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import contextlib
 import contextvars
 import fnmatch
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, Protocol, cast
@@ -118,6 +120,7 @@ class Observer(Protocol):
         fingerprint: Fingerprint | None,
         client: Client | None,
         reason: str,
+        served: bool,  # False: no handler serves ``method``, a name the caller may have invented
     ) -> None: ...
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None: ...
@@ -136,12 +139,48 @@ class NullObserver:
         pass
 
 
+class StreamCap:
+    """How many streaming calls each client certificate holds open, up to a limit.
+
+    A blocking stream holds one of the server's worker threads for as long as it is open:
+    without a cap, one client could hold them all and stall everyone else's calls.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, fingerprint: Fingerprint) -> bool:
+        with self._lock:
+            count = self._open.get(fingerprint.digest, 0)
+            if count >= self.limit:
+                return False
+            self._open[fingerprint.digest] = count + 1
+            return True
+
+    def release(self, fingerprint: Fingerprint) -> None:
+        with self._lock:
+            count = self._open.pop(fingerprint.digest) - 1
+            if count:
+                self._open[fingerprint.digest] = count
+
+
+def streams_per_client(max_workers: int) -> int:
+    """A quarter of the worker threads: one client can never hold the whole pool."""
+    return max(1, max_workers // 4)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(
-        self, enrolled: Callable[[], EnrolledSet], observer: Observer | None = None
+        self,
+        enrolled: Callable[[], EnrolledSet],
+        observer: Observer | None = None,
+        max_workers: int = 32,  # the server's thread pool: ServerConfig.max_workers
     ) -> None:
         self._enrolled = enrolled
         self._observer: Observer = observer or NullObserver()
+        self._streams = StreamCap(streams_per_client(max_workers))
         # For the uncached path (a new snapshot, refused leaves): base64 + SHA-256 once per PEM.
         self._fingerprints: dict[bytes, Fingerprint] = {}
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -160,12 +199,13 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Identity:
         """Return the caller's identity or abort the call with the reason.
 
-        ``remember``: cache an allowed (certificate, method) pair in the current snapshot; off
-        for method names that no handler serves, which callers may invent without bound.
+        ``remember``: cache an allowed (certificate, method) pair in the current snapshot, and
+        let metrics name the method; off for method names that no handler serves, which callers
+        may invent without bound.
         """
         pem = leaf_pem(context)
         if pem is None:
-            self._observer.denied(context, method, None, None, "no_certificate")
+            self._observer.denied(context, method, None, None, "no_certificate", remember)
             _deny(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
         enrolled = self._enrolled()
         known = enrolled.admitted.get(pem)
@@ -186,14 +226,14 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         fp = self._fingerprint(pem)
         client = enrolled.lookup(fp)
         if client is None:
-            self._observer.denied(context, method, fp, None, "not_enrolled")
+            self._observer.denied(context, method, fp, None, "not_enrolled", remember)
             _deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client certificate {fp} is not enrolled or was revoked",
             )
         if not method_allowed(client, method):
-            self._observer.denied(context, method, fp, client, "method_not_allowed")
+            self._observer.denied(context, method, fp, client, "method_not_allowed", remember)
             _deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -224,7 +264,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return grpc.unary_unary_rpc_method_handler(self._unimplemented(method))
         # The services are fixed once the server starts: wrap each method's handler once.
         wrapped = self._wrapped[method] = _wrap(
-            handler, method, self.authorize, self._observer.finished
+            handler, method, self._enrolled, self.authorize, self._observer.finished, self._streams
         )
         return wrapped
 
@@ -251,11 +291,82 @@ def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCo
     return code
 
 
+class _Stream:
+    """One streaming call's admission, kept current for as long as the call is open.
+
+    A stream outlives the snapshot it was admitted under, so each message read or sent is
+    checked again, but only when ``enrolled()`` returns a new snapshot: an identity comparison
+    per message, the full check once per change.
+    """
+
+    __slots__ = ("_cap", "_check", "_context", "_enrolled", "_method", "identity", "snapshot")
+
+    def __init__(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        enrolled: Callable[[], EnrolledSet],
+        check: Callable[[grpc.ServicerContext, str], Identity],
+    ) -> None:
+        self._context, self._method, self._enrolled, self._check = context, method, enrolled, check
+        # Taken before the check: if the check saw a newer one, that costs one re-check.
+        self.snapshot = enrolled()
+        self.identity = check(context, method)
+        self._cap: StreamCap | None = None
+
+    def hold(self, cap: StreamCap) -> None:
+        """Count this stream against its client's cap, or refuse it."""
+        if not cap.acquire(self.identity.fingerprint):
+            _deny(
+                self._context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"client {self.identity.name!r} already has {cap.limit} streams open, the most "
+                "one client may hold at once; close one first",
+            )
+        self._cap = cap
+
+    def release(self) -> None:
+        if self._cap is not None:
+            self._cap.release(self.identity.fingerprint)
+            self._cap = None
+
+    def recheck(self) -> None:
+        """Abort the call (as the first check would) unless its caller is still admitted."""
+        current = self._enrolled()
+        self._check(self._context, self._method)
+        self.snapshot = current
+
+    def checked(self, messages: Iterator[Any]) -> Iterator[Any]:
+        enrolled = self._enrolled
+        for message in messages:
+            if enrolled() is not self.snapshot:
+                self.recheck()
+            yield message
+
+    def guarded(self, send: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``send`` for a non-blocking handler, which may call it from any thread (health's from
+        the trust watcher's): a refusal ends the call with its status instead of raising."""
+
+        def checked_send(response: Any) -> None:
+            if response is not None and self._enrolled() is not self.snapshot:
+                if not self._context.is_active():
+                    return  # ended already, maybe by an earlier refusal
+                try:
+                    self.recheck()
+                except Exception:  # abort() records the status, then raises a bare Exception
+                    response = None  # None ends the call with the recorded status
+            send(response)
+
+        return checked_send
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler[Any, Any],
     method: str,
+    enrolled: Callable[[], EnrolledSet],
     check: Callable[[grpc.ServicerContext, str], Identity],
     finished: Callable[[str, str, grpc.StatusCode], None],
+    streams: StreamCap,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler, with the check (and the caller's identity) around its behaviour."""
 
@@ -274,20 +385,70 @@ def _wrap(
 
         return run
 
-    def streaming(behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Any:
-        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            identity = check(context, method)
-            token = _caller.set(identity)
+    def request_stream(behavior: Callable[[Iterator[Any], grpc.ServicerContext], Any]) -> Any:
+        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            stream = _Stream(context, method, enrolled, check)
+            token = _caller.set(stream.identity)
             completed = False
             try:
-                yield from behavior(request, context)
+                stream.hold(streams)
+                result = behavior(stream.checked(requests), context)
+                completed = True
+                return result
+            finally:
+                _caller.reset(token)
+                stream.release()
+                finished(stream.identity.name, method, _final_code(context, completed))
+
+        return run
+
+    def response_stream(
+        behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], requests_too: bool
+    ) -> Any:
+        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            stream = _Stream(context, method, enrolled, check)
+            token = _caller.set(stream.identity)
+            completed = False
+            try:
+                stream.hold(streams)
+                if requests_too:
+                    request = stream.checked(request)
+                yield from stream.checked(behavior(request, context))
                 completed = True
             finally:
                 # A generator may be finalised from another thread (and Context).
                 with contextlib.suppress(ValueError):
                     _caller.reset(token)
-                finished(identity.name, method, _final_code(context, completed))
+                stream.release()
+                finished(stream.identity.name, method, _final_code(context, completed))
 
+        return run
+
+    def non_blocking(behavior: Callable[..., None]) -> Any:
+        """grpcio's experimental non-blocking form (health's Watch): the behaviour returns at
+        once and answers later through ``send``, so the stream holds no worker thread."""
+
+        def run(request: Any, context: grpc.ServicerContext, send: Callable[[Any], None]) -> None:
+            stream = _Stream(context, method, enrolled, check)
+
+            def done() -> None:
+                stream.release()
+                finished(stream.identity.name, method, _final_code(context, True))
+
+            if not context.add_callback(done):
+                return done()  # the call ended already
+            stream.hold(streams)
+            token = _caller.set(stream.identity)
+            try:
+                behavior(request, context, stream.guarded(send))
+            finally:
+                _caller.reset(token)
+
+        # The attributes grpcio looks for on the behaviour (there is no other way to ask).
+        run.__dict__.update(
+            experimental_non_blocking=True,
+            experimental_thread_pool=getattr(behavior, "experimental_thread_pool", None),
+        )
         return run
 
     kwargs = {
@@ -297,9 +458,14 @@ def _wrap(
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+        if getattr(handler.unary_stream, "experimental_non_blocking", False):
+            behavior = non_blocking(cast(Callable[..., None], handler.unary_stream))
+        else:
+            behavior = response_stream(handler.unary_stream, requests_too=False)
+        return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+        return grpc.stream_unary_rpc_method_handler(request_stream(handler.stream_unary), **kwargs)
     if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+        behavior = response_stream(handler.stream_stream, requests_too=True)
+        return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)
     raise ValueError("RpcMethodHandler without a behaviour")

@@ -54,11 +54,14 @@ class Observability:
         fingerprint: Fingerprint | None,
         client: Client | None,
         reason: str,
+        served: bool,
     ) -> None:
         code = "UNAUTHENTICATED" if fingerprint is None else "PERMISSION_DENIED"
         self.metrics.denials.labels(reason).inc()
-        # Only enrolled callers get their method as a label: others could invent names freely.
-        name, label = (client.name, method) if client else ("", UNKNOWN_METHOD)
+        # Only enrolled callers of served methods get the method as a label: other names are
+        # the caller's to invent. (The audit line keeps it: its rate limit bounds those.)
+        name = client.name if client else ""
+        label = method if client and served else UNKNOWN_METHOD
         self.metrics.calls.inc((name, label, code))
         self.audit.event(
             "call",

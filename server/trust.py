@@ -137,7 +137,7 @@ class EnrolledSet:
     by_digest: Mapping[bytes, Client] = field(default_factory=dict)
     roots_pem: bytes = b""
     clients: tuple[Client, ...] = ()  # everything read, to rebuild without the registry
-    next_change: dt.datetime | None = None  # when a rotation overlap ends
+    next_change: dt.datetime | None = None  # when a rotation overlap or a certificate ends
     # The per-call check's memo for THIS snapshot (server.auth), keyed by the leaf PEM that
     # gRPC reports: a new snapshot (any enrollment or revocation) starts empty, so a cached
     # answer can never outlive a change.
@@ -147,17 +147,21 @@ class EnrolledSet:
     def build(
         cls, clients: list[Client], order: Callable[[Client], tuple[int, bytes]] | None = None
     ) -> EnrolledSet:
-        active = [c for c in clients if c.active]
+        # An expired certificate is refused at new handshakes only: open connections must
+        # lose it here, and the snapshot is rebuilt when the next one expires.
+        now = dt.datetime.now(dt.UTC)
+        active = [c for c in clients if c.active and c.not_after > now]
         roots = sorted(active, key=order) if order else active
+        ends = [c.retire_at for c in active if c.retire_at] + [c.not_after for c in active]
         return cls(
             by_digest={c.fingerprint.digest: c for c in active},
             roots_pem="".join(c.cert_pem for c in roots).encode(),
             clients=tuple(clients),
-            next_change=min((c.retire_at for c in active if c.retire_at), default=None),
+            next_change=min(ends, default=None),
         )
 
     def due(self) -> bool:
-        """A retiring certificate's overlap has ended: the snapshot must be rebuilt."""
+        """A retiring certificate's overlap, or a certificate, has ended: rebuild the snapshot."""
         return self.next_change is not None and self.next_change <= dt.datetime.now(dt.UTC)
 
     def lookup(self, fingerprint: Fingerprint) -> Client | None:
@@ -341,7 +345,7 @@ class TrustWatcher:
         if clients is None:
             if not self.enrolled.due():
                 return
-            # A rotation overlap ended: drop the old certificate, registry or not.
+            # A rotation overlap ended or a certificate expired: drop it, registry or not.
             clients = list(self.enrolled.clients)
         enrolled = EnrolledSet.build(clients, self._root_order)
         with self._lock:

@@ -107,6 +107,28 @@ def test_expired_client_certificate_is_refused(connect: Connect, tmp_path: Path)
     assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
 
 
+def test_a_certificate_that_expires_is_refused_on_its_open_channel(
+    connect: Connect, tmp_path: Path
+) -> None:
+    key = p256()
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    cert = make_cert(key, "brief", key_cert_sign=False, not_before=start, days=303 / 86400)
+    connect.plant(check_certificate(cert_to_pem(cert), "brief"), "brief")
+    stub = connect.stub(*write_pair(tmp_path, "brief", key, cert))
+    assert whoami(stub).name == "brief"  # admitted while valid (about 3 s more)
+    left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert left.total_seconds() > 0.5
+
+    def refused() -> bool:
+        try:
+            whoami(stub)  # the same channel: no new handshake
+        except grpc.RpcError as exc:
+            return exc.code() == DENIED
+        return False
+
+    assert eventually(refused, timeout=left.total_seconds() + 1.0) >= left.total_seconds()
+
+
 def test_leaf_minted_with_a_pinrpc_key_is_refused_at_handshake(
     connect: Connect, registry: Path, make_client: MakeClient, tmp_path: Path
 ) -> None:

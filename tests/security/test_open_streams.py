@@ -1,0 +1,133 @@
+"""Streams that are already open: a revocation reaches them on their next message, and they
+cannot hold the server's worker threads hostage."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pinrpc.identity import KeyPairFiles
+from pinrpc.v1 import echo_pb2
+from server.auth import streams_per_client
+from tests.conftest import ECHO_ALL, Connect, MakeClient, code_of, eventually, revoke, whoami
+
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Bidi:
+    """An EchoStream whose requests are sent one at a time, each answered before the next."""
+
+    def __init__(self, connect: Connect, client: KeyPairFiles) -> None:
+        self._requests: queue.Queue[str | None] = queue.Queue()
+        stub = connect.stub(client.cert_path, client.key_path)
+        self._replies: Iterator[echo_pb2.EchoResponse] = iter(
+            stub.EchoStream(self._feed(), timeout=10)
+        )
+
+    def _feed(self) -> Iterator[echo_pb2.EchoRequest]:
+        while (message := self._requests.get(timeout=10)) is not None:
+            yield echo_pb2.EchoRequest(message=message)
+
+    def echo(self, message: str) -> str:
+        self._requests.put(message)
+        return next(self._replies).message
+
+    def close(self) -> None:
+        self._requests.put(None)  # the end of the requests, which ends the call
+
+
+def test_revocation_stops_an_open_stream_on_its_next_message(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    stream = Bidi(connect, alice)
+    try:
+        assert stream.echo("before") == "before"
+        revoke(connect.server_registry, "alice")
+        connect.server.trust.poll()
+        assert code_of(lambda: stream.echo("after")) == DENIED
+    finally:
+        stream.close()
+
+
+def test_an_open_stream_survives_an_unrelated_enrollment(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    stream = Bidi(connect, alice)
+    try:
+        assert stream.echo("before") == "before"
+        connect.enroll(make_client("bob"), "bob")  # a new snapshot, alice still in it
+        assert [stream.echo(f"after-{i}") for i in range(3)] == ["after-0", "after-1", "after-2"]
+    finally:
+        stream.close()
+
+
+def test_health_watches_hold_no_worker_thread(connect: Connect, make_client: MakeClient) -> None:
+    """As many Watch streams as the server has worker threads, each from a client within its
+    share: another client's call is still served (a blocking Watch would hold a thread each)."""
+    workers = connect.server.config.max_workers
+    share = streams_per_client(workers)
+    watchers = [make_client(f"watcher{i}") for i in range(workers // share)]
+    for watcher in watchers:
+        connect.enroll(watcher, watcher.cert_path.stem)  # no permissions: health is always allowed
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    watches = []
+    for watcher in watchers:
+        health = health_pb2_grpc.HealthStub(connect.channel(watcher.cert_path, watcher.key_path))
+        watches += [health.Watch(health_pb2.HealthCheckRequest(), timeout=10) for _ in range(share)]
+    for watch in watches:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    try:
+        assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+    finally:
+        for watch in watches:
+            watch.cancel()
+
+
+def test_a_client_may_not_hold_more_streams_than_its_share(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """A client with no permissions keeps its share of reflection streams open: one more is
+    refused, another client's call is served, and the share is given back as streams end."""
+    low, alice = make_client("low"), make_client("alice")
+    connect.enroll(low, "low")  # reflection is always allowed
+    connect.enroll(alice, "alice", ECHO_ALL)
+    share = streams_per_client(connect.server.config.max_workers)
+    stub = reflection_pb2_grpc.ServerReflectionStub(connect.channel(low.cert_path, low.key_path))
+    release = threading.Event()
+
+    def held() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(10)  # then the stream waits for its next request, holding its thread
+
+    streams: list[Any] = []  # an unreferenced call is cancelled
+
+    def opened() -> grpc.StatusCode:
+        streams.append(stub.ServerReflectionInfo(held(), timeout=10))
+        try:
+            next(streams[-1])
+        except grpc.RpcError as exc:
+            refused.append(exc.details() or "")
+            code: grpc.StatusCode = exc.code()
+            return code
+        return grpc.StatusCode.OK
+
+    refused: list[str] = []
+    try:
+        assert [opened() for _ in range(share)] == [grpc.StatusCode.OK] * share
+        assert opened() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"client 'low' already has {share} streams open" in refused[0]
+        assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+    finally:
+        release.set()
+    eventually(lambda: opened() == grpc.StatusCode.OK, timeout=3)
