@@ -397,7 +397,9 @@ class SqlRegistry(ABC):
                     f"certificate {old.fingerprint} of {old.name!r} is revoked or already being "
                     "retired; rotate from the newest certificate"
                 )
-            check_enrollment(successor, old.name, rows, replace=True)
+            check_enrollment(
+                successor, old.name, rows, replace=True, retired_stays=overlap > dt.timedelta(0)
+            )
             retire = self.dialect.encode_time(now + overlap)
             column = "revoked_at" if overlap <= dt.timedelta(0) else "retire_at"
             q(
