@@ -15,9 +15,11 @@ import psycopg
 import pytest
 
 from pinrpc.errors import ConflictError, RegistryError
+from pinrpc.identity import cert_to_pem
 from server import cli as server_cli
 from server.enrollment import Candidate, check_certificate
 from server.registry import LATEST, is_postgres, migrate_registry, open_registry
+from tests.certs import make_cert, p256
 from tests.conftest import ECHO_ALL, MakeClient
 from tests.postgres import Postgres, free_port, running_postgres
 
@@ -287,5 +289,28 @@ def test_rotation_without_overlap_revokes_at_once(spec: str, make_client: MakeCl
         registry.rotate(old.fingerprint, candidate(make_client, "alice2"), dt.timedelta(0))
         assert registry.find(old.fingerprint.hex).revoked_at is not None
         assert [c.active for c in registry.clients()] == [False, True]
+    finally:
+        registry.close()
+
+
+def _look_alike(cn: str) -> Candidate:
+    pem = cert_to_pem(make_cert(p256(), cn, key_ids=False, key_cert_sign=False))
+    return check_certificate(pem, cn)
+
+
+def test_rotation_overlap_keeps_the_retiring_certificate_in_the_look_alike_check(
+    spec: str,
+) -> None:
+    registry = open_registry(spec)
+    try:
+        registry.enroll(_look_alike("svc"), "svc", [])
+        current = registry.find("svc").fingerprint
+        with pytest.raises(ConflictError, match="could not tell them apart"):
+            registry.rotate(current, _look_alike("svc"), dt.timedelta(hours=1))
+        assert [c.fingerprint for c in registry.clients()] == [current]
+        # Without an overlap the old certificate leaves the trusted set at once: no clash.
+        successor = _look_alike("SVC")
+        registry.rotate(current, successor, dt.timedelta(0))
+        assert [c.fingerprint for c in registry.clients() if c.active] == [successor.fingerprint]
     finally:
         registry.close()
