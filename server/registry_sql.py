@@ -417,14 +417,23 @@ class SqlRegistry(ABC):
 
         def body(q: Query) -> None:
             rows = self._matching(q, ref)
-            client = self._find(rows, ref)
+            named = [c for c in rows if c.name == ref]
+            try:
+                client = self._find(rows, ref)
+            except NotFoundError:
+                # Revoked twice by name: say so, as revoking twice by fingerprint does.
+                if not named or named[-1].revoked_at is None:
+                    raise
+                client = named[-1]
             if client.revoked_at is not None:
                 raise ConflictError(
                     f"client {client.name!r} ({client.fingerprint}) was already revoked on "
                     f"{client.revoked_at:%Y-%m-%d %H:%M} UTC"
                 )
-            by_name = not Fingerprint.looks_like(ref)
-            targets = [c for c in rows if c.name == client.name and c.active] if by_name else []
+            # By name, every usable certificate of the client; a name may look like a
+            # fingerprint (64 hex digits), so go by what matched, not by the spelling.
+            by_name = client.name == ref
+            targets = [c for c in named if c.active] if by_name else []
             for target in targets or [client]:
                 q(
                     "UPDATE clients SET revoked_at = ? "

@@ -235,7 +235,8 @@ def test_list_and_revoke(
     after = registry_dump(populated, capsys)
     assert isinstance(after, list)
     assert after[0]["revoked_at"] is not None
-    _refused(["revoke", "alice", "--registry", str(populated)], populated, capsys, "no enrolled")
+    for ref, says in (("alice", "already revoked"), ("nobody", "no enrolled")):
+        _refused(["revoke", ref, "--registry", str(populated)], populated, capsys, says)
     fp = alice["fingerprint"]
     _refused(["revoke", fp, "--registry", str(populated)], populated, capsys, "already revoked")
 

@@ -314,3 +314,25 @@ def test_rotation_overlap_keeps_the_retiring_certificate_in_the_look_alike_check
         assert [c.fingerprint for c in registry.clients() if c.active] == [successor.fingerprint]
     finally:
         registry.close()
+
+
+def test_revoke_by_a_fingerprint_shaped_name_revokes_every_certificate_of_it(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "ab" * 32  # a valid name that parses as a fingerprint
+    registry = open_registry(spec)
+    try:
+        old = candidate(make_client, "old")
+        registry.enroll(old, name, [])
+        registry.rotate(old.fingerprint, candidate(make_client, "new"), dt.timedelta(hours=1))
+    finally:
+        registry.close()
+    assert cli("revoke", name, "--registry", spec) == 0
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [c["revoked_at"] is not None for c in listed] == [True, True]
+    # Twice, by name as by fingerprint: "already revoked".
+    for ref in (name, listed[1]["fingerprint"]):
+        assert cli("revoke", ref, "--registry", spec) == 1
+        assert "was already revoked on" in capsys.readouterr().err
