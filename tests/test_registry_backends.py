@@ -8,6 +8,7 @@ import itertools
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -336,3 +337,68 @@ def test_revoke_by_a_fingerprint_shaped_name_revokes_every_certificate_of_it(
     for ref in (name, listed[1]["fingerprint"]):
         assert cli("revoke", ref, "--registry", spec) == 1
         assert "was already revoked on" in capsys.readouterr().err
+
+
+def _request(spec: str, files_of: MakeClient, name: str, ttl: float = 3600) -> str:
+    """Queue an enrollment request for a new key pair; return its fingerprint."""
+    registry = open_registry(spec)
+    try:
+        waiting = registry.request_enrollment(
+            candidate(files_of, name), name, "ipv4:127.0.0.1:1", dt.timedelta(seconds=ttl), 10
+        )
+    finally:
+        registry.close()
+    return str(waiting.fingerprint)
+
+
+def _names(spec: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    return [c["name"] for c in json.loads(capsys.readouterr().out) if c["revoked_at"] is None]
+
+
+def test_approve_enrolls_and_removes_the_request_or_leaves_it_waiting(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = _request(spec, make_client, "carol"), _request(spec, make_client, "carol2")
+    assert cli("approve", first, "--registry", spec) == 0
+    # The name is taken: refused with a hint approve can follow, and the request stays.
+    assert cli("approve", second, "--name", "carol", "--registry", spec) == 1
+    assert "pass --replace" in capsys.readouterr().err
+    assert cli("approve", second, "--name", "carol", "--replace", "--registry", spec) == 0
+    capsys.readouterr()
+    assert cli("pending", "--json", "--registry", spec) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert _names(spec, capsys) == ["carol"]
+    expired = _request(spec, make_client, "dave", ttl=0.001)
+    assert cli("approve", expired, "--registry", spec) == 1
+    assert "expired, or already handled" in capsys.readouterr().err
+    assert _names(spec, capsys) == ["carol"]
+
+
+def test_a_request_rejected_during_approval_is_not_enrolled(
+    pg: Postgres, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reject holds the request's row; approve waits for it, then finds it gone."""
+    spec = pg.create_database(f"reg{next(_databases)}")
+    fingerprint = _request(spec, make_client, "erin")
+    codes: list[int] = []
+    with psycopg.connect(spec) as rejecting:
+        rejecting.execute("DELETE FROM pending")  # uncommitted: the row stays locked
+        approving = threading.Thread(
+            target=lambda: codes.append(cli("approve", fingerprint, "--registry", spec))
+        )
+        approving.start()
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        with psycopg.connect(spec, autocommit=True) as watch:
+            for _ in range(100):  # 5 s at most
+                if watch.execute(waiting).fetchone() != (0,):
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("approve never waited for the rejecting transaction")
+        rejecting.commit()
+    approving.join(timeout=10)
+    assert codes == [1]
+    assert "already handled" in capsys.readouterr().err
+    assert _names(spec, capsys) == []
