@@ -201,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextmanager
-def registry_of(args: argparse.Namespace, *, create: bool = False) -> Iterator[Registry]:
+def registry_of(
+    args: argparse.Namespace, *, create: bool = False, readonly: bool = False
+) -> Iterator[Registry]:
     """The registry named by --registry, closed afterwards; must exist unless ``create``."""
-    registry = open_registry(args.registry, create=create)
+    registry = open_registry(args.registry, create=create, readonly=readonly)
     try:
         yield registry
     finally:
@@ -239,7 +241,7 @@ def _status(client: Client) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with registry_of(args) as registry:
+    with registry_of(args, readonly=True) as registry:
         clients = registry.clients()
     now = dt.datetime.now(dt.UTC)
     if args.json:
@@ -280,7 +282,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
-    with registry_of(args) as registry:
+    with registry_of(args, readonly=True) as registry:
         waiting = registry.pending()
     if args.json:
         print(json.dumps([p.as_json() for p in waiting], indent=2))

@@ -40,6 +40,7 @@ class Dialect:
     types: Mapping[str, str]  # fills {id}, {int}, {ts} in the schema
     placeholder: str
     table_exists: str  # one parameter, the table name; returns one truthy/falsy value
+    tables: str  # no parameters; the names of the tables a new registry would share space with
     change_lock: str | None  # first statement of every change: serializes writers
     migration_lock: str | None  # first statement of a migration
     bump_generation: str  # the last statement of every change
@@ -200,6 +201,14 @@ class SqlRegistry(ABC):
 
     def _open_schema(self, *, create: bool, migrate: bool) -> None:
         version, has_tables = self._read(lambda q: schema_version(q, self.dialect))
+        if not has_tables:
+            others = sorted(row[0] for row in self._read(lambda q: q(self.dialect.tables, ())))
+            if others:
+                raise RegistryError(
+                    f"{self.where} is not a pinrpc registry: it holds another application's "
+                    f"tables ({', '.join(others[:5])}); check --registry or give pinrpc a "
+                    "database of its own"
+                )
         if version > LATEST:
             raise RegistryError(
                 f"registry {self.where} has schema version {version}, newer than this pinrpc "

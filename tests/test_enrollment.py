@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -449,3 +452,63 @@ def test_only_enrollable_keys_cannot_mint_leaves_the_handshake_accepts(
     # UNAVAILABLE: refused at the handshake; PERMISSION_DENIED: only the per-call check held.
     expected = grpc.StatusCode.UNAVAILABLE if enrollable else grpc.StatusCode.PERMISSION_DENIED
     assert code_of(lambda: whoami(stub)) == expected
+
+
+def _foreign(path: Path) -> Path:
+    """Another application's SQLite database, in the default (rollback journal) mode."""
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        db.execute("INSERT INTO invoices (total) VALUES (9.5)")
+    db.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["foreign", "empty"])
+def test_commands_leave_a_file_that_is_not_a_registry_unchanged(
+    kind: str, tmp_path: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "other.db"
+    _foreign(path) if kind == "foreign" else path.write_bytes(b"")
+    before = path.read_bytes()
+    crt = str(make_client("alice").cert_path)
+    for argv in (["list"], ["pending"], ["revoke", "alice"]):
+        assert cli.main([*argv, "--registry", str(path)]) == 1
+    if kind == "foreign":  # an empty file is a new registry: enrolling may create it
+        assert cli.main(["enroll", crt, "--name", "alice", "--registry", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    says = "not a pinrpc registry" if kind == "foreign" else "holds no clients yet"
+    assert all(line.startswith("pinrpc-server: error: ") and says in line for line in err), err
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys", "other.db"]
+
+
+def test_reading_commands_need_no_write_access(
+    registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    enroll(registry, make_client("alice").cert_path, "alice")
+    # A directory and file nobody may write to, read by a user who is not root.
+    shared = Path(tempfile.mkdtemp(prefix="pinrpc-ro-"))
+    try:
+        copy = shared / "registry.db"
+        shutil.copyfile(registry, copy)
+        copy.chmod(0o444)
+        shared.chmod(0o555)
+        before = copy.read_bytes()
+        as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        out = {}
+        for command in ("list", "pending"):
+            done = subprocess.run(
+                [*(as_user if os.geteuid() == 0 else []), sys.executable, "-m", "server.cli",
+                 command, "--registry", str(copy)],
+                capture_output=True, text=True, timeout=60, check=False,
+                env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parent.parent)},
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            out[command] = done.stdout
+        assert "alice" in out["list"]
+        assert "no pending enrollment requests" in out["pending"]
+        assert copy.read_bytes() == before
+        assert sorted(p.name for p in shared.iterdir()) == ["registry.db"]
+    finally:
+        shared.chmod(0o755)
+        shutil.rmtree(shared)

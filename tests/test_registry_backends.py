@@ -402,3 +402,21 @@ def test_a_request_rejected_during_approval_is_not_enrolled(
     assert codes == [1]
     assert "already handled" in capsys.readouterr().err
     assert _names(spec, capsys) == []
+
+
+def test_no_tables_are_added_to_another_applications_database(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sql(spec, "CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    alice = str(make_client("alice").cert_path)
+    assert cli("enroll", alice, "--name", "alice", "--registry", spec) == 1
+    assert "is not a pinrpc registry" in capsys.readouterr().err
+    if is_postgres(spec):
+        with psycopg.connect(spec) as conn:
+            query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            found = conn.execute(query).fetchall()
+    else:
+        with sqlite3.connect(spec) as db:
+            found = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        db.close()
+    assert found == [("invoices",)]
