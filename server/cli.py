@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("fingerprint", help="as `pinrpc-server pending` shows it")
     approve.add_argument("--name", help="enroll under this name instead of the requested one")
     add_allow_flag(approve)
+    approve.add_argument(
+        "--replace",
+        action="store_true",
+        help="re-key: revoke the client's current certificate and enroll the requested one",
+    )
     registry_flag(approve)
 
     reject = commands.add_parser("reject", help="drop a pending request, by fingerprint")
@@ -196,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextmanager
-def registry_of(args: argparse.Namespace, *, create: bool = False) -> Iterator[Registry]:
+def registry_of(
+    args: argparse.Namespace, *, create: bool = False, readonly: bool = False
+) -> Iterator[Registry]:
     """The registry named by --registry, closed afterwards; must exist unless ``create``."""
-    registry = open_registry(args.registry, create=create)
+    registry = open_registry(args.registry, create=create, readonly=readonly)
     try:
         yield registry
     finally:
@@ -234,7 +241,7 @@ def _status(client: Client) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with registry_of(args) as registry:
+    with registry_of(args, readonly=True) as registry:
         clients = registry.clients()
     now = dt.datetime.now(dt.UTC)
     if args.json:
@@ -275,7 +282,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
-    with registry_of(args) as registry:
+    with registry_of(args, readonly=True) as registry:
         waiting = registry.pending()
     if args.json:
         print(json.dumps([p.as_json() for p in waiting], indent=2))
@@ -290,11 +297,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     allowed = check_patterns(allow_patterns(args))
     name = check_name(args.name) if args.name else None
     with registry_of(args) as registry:
-        request = registry.get_pending(args.fingerprint)
-        where = f"the pending request {request.fingerprint}"
-        candidate = check_certificate(request.cert_pem.encode(), where)
-        client = registry.enroll(candidate, name or request.name, allowed)
-        registry.take_pending(args.fingerprint)  # only once enrolled: nothing is lost
+        client = registry.approve(args.fingerprint, name, allowed, replace=args.replace)
     print(f"approved: enrolled {client.name}")
     print(f"  fingerprint  {client.fingerprint}")
     print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+import string
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,7 +22,12 @@ from pinrpc.identity import (
 )
 
 MIN_RSA_BITS = 2048
+# The curves the TLS stack offers for client signatures; others always fail the handshake.
+EC_CURVES = ("secp256r1", "secp384r1")
 REKEY_HINT = "make a new key pair with `pinrpc keygen`"
+_SPACE_CHARS = " \t\n\v\f\r"  # OpenSSL's isspace
+_SPACES = re.compile(f"[{_SPACE_CHARS}]+")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _Ext = TypeVar("_Ext", bound=x509.ExtensionType)
 
 
@@ -77,6 +84,11 @@ def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -
         )
     if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise EnrollmentError(f"{where} has an unsupported key type; {REKEY_HINT}")
+    if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name not in EC_CURVES:
+        raise EnrollmentError(
+            f"{where} has an EC key on {public.curve.name}, which the TLS stack cannot use "
+            f"for client authentication (P-256 or P-384 only); {REKEY_HINT}"
+        )
     # A key allowed to sign certificates could mint leaves that the handshake accepts.
     constraints = _extension(cert, x509.BasicConstraints)
     if constraints is not None and constraints.ca:
@@ -93,11 +105,7 @@ def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -
             f"{where} is not validly self-signed ({exc or 'bad signature'}): it is corrupted "
             f"or was not made by the holder of its key; {REKEY_HINT}"
         ) from exc
-    usage = _extension(cert, x509.KeyUsage)
-    if usage is not None and usage.key_cert_sign:
-        raise EnrollmentError(
-            f"{where} allows keyCertSign, so its key could mint other certificates; {REKEY_HINT}"
-        )
+    _check_cannot_sign_certificates(cert, where)
     has_ids = (
         extensions is not None
         and _extension(cert, x509.SubjectKeyIdentifier) is not None
@@ -112,6 +120,39 @@ def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -
         has_key_ids=has_ids,
         not_after=cert.not_valid_after_utc,
     )
+
+
+def _check_cannot_sign_certificates(cert: x509.Certificate, where: str) -> None:
+    """The handshake refuses leaves minted by an enrolled key only when the enrolled
+    certificate has a keyUsage (critical or not) lacking keyCertSign; without one anything its
+    key signs verifies (measured: tests/test_enrollment.py, ..._cannot_mint_leaves_...)."""
+    usage = _extension(cert, x509.KeyUsage)
+    if usage is not None and usage.key_cert_sign:
+        raise EnrollmentError(
+            f"{where} allows keyCertSign, so its key could mint other certificates; {REKEY_HINT}"
+        )
+    if usage is None:  # always so for v1 certificates, which cannot carry extensions
+        v3 = cert.version == x509.Version.v3
+        flaw = "has no keyUsage extension" if v3 else "is an X.509 v1 certificate"
+        raise EnrollmentError(
+            f"{where} {flaw}, so its key could mint certificates the TLS handshake accepts; "
+            f"{REKEY_HINT} (its certificates have keyUsage digitalSignature only)"
+        )
+
+
+def canonical_name(name: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """The name as the TLS stack compares names (OpenSSL's canonical encoding): per value,
+    ASCII lower-cased, surrounding whitespace trimmed, inner whitespace runs collapsed."""
+    return tuple(
+        tuple(sorted((attr.oid.dotted_string, _canonical_value(attr.value)) for attr in rdn))
+        for rdn in name.rdns
+    )
+
+
+def _canonical_value(value: str | bytes) -> str:
+    text = value if isinstance(value, str) else value.hex()
+    folded = text.translate(_ASCII_LOWER)  # only ASCII: OpenSSL leaves other letters alone
+    return _SPACES.sub(" ", folded).strip(_SPACE_CHARS)
 
 
 def check_patterns(patterns: list[str]) -> list[str]:

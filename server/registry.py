@@ -47,22 +47,23 @@ def is_postgres(spec: str) -> bool:
     return spec.startswith(("postgres://", "postgresql://"))
 
 
-def _open(spec: str, *, create: bool, migrate: bool) -> SqlRegistry:
+def _open(spec: str, *, create: bool, migrate: bool, readonly: bool = False) -> SqlRegistry:
     if is_postgres(spec):
         # Imported here: psycopg is needed only by those who use PostgreSQL.
         from server.registry_pg import PostgresRegistry
 
         return PostgresRegistry(spec, create=create, migrate=migrate)
-    return SqliteRegistry(Path(spec), create=create, migrate=migrate)
+    return SqliteRegistry(Path(spec), create=create, migrate=migrate, readonly=readonly)
 
 
-def open_registry(spec: str, *, create: bool = True) -> Registry:
+def open_registry(spec: str, *, create: bool = True, readonly: bool = False) -> Registry:
     """Open ``spec``: a SQLite file path or a postgresql:// URL (libpq syntax).
 
     ``create`` lays out the schema in a new, empty registry; an existing registry with an older
-    schema is refused with a pointer to ``pinrpc-server migrate``.
+    schema is refused with a pointer to ``pinrpc-server migrate``. ``readonly`` (SQLite) opens
+    the file read-only, so that reading commands work without write access and never write.
     """
-    return _open(spec, create=create, migrate=False)
+    return _open(spec, create=create and not readonly, migrate=False, readonly=readonly)
 
 
 @dataclass(frozen=True, slots=True)

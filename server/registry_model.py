@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from cryptography import x509
+
 from pinrpc.errors import ConflictError
 from pinrpc.identity import Fingerprint
-from server.enrollment import REKEY_HINT, Candidate
+from server.enrollment import REKEY_HINT, Candidate, canonical_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,11 @@ class Registry(Protocol):
 
     def pending(self) -> list[Pending]: ...
 
-    def get_pending(self, ref: str) -> Pending: ...
+    def approve(
+        self, ref: str, name: str | None, allowed: Sequence[str], *, replace: bool = False
+    ) -> Client:
+        """Enroll the waiting request ``ref`` (a fingerprint) and remove it, atomically."""
+        ...
 
     def take_pending(self, ref: str) -> Pending: ...
 
@@ -126,18 +132,34 @@ def now_utc() -> dt.datetime:
 
 
 def subject_clash(candidate: Candidate, active: Sequence[Client]) -> Client | None:
-    """grpcio verifies only one of several trust anchors that share a subject and lack key ids."""
+    """grpcio verifies only one of several trust anchors that share a subject and lack key ids.
+
+    Subjects are compared as the TLS stack compares them (ignoring ASCII case and whitespace),
+    not as stored; only the rows that could clash are parsed.
+    """
+    wanted = canonical_name(candidate.cert.subject)
     for client in active:
-        same = client.subject == candidate.subject
-        if same and not (candidate.has_key_ids and client.has_key_ids):
+        if candidate.has_key_ids and client.has_key_ids:
+            continue
+        subject = x509.load_pem_x509_certificate(client.cert_pem.encode()).subject
+        if canonical_name(subject) == wanted:
             return client
     return None
 
 
 def check_enrollment(
-    candidate: Candidate, name: str, rows: Sequence[Client], replace: bool
+    candidate: Candidate,
+    name: str,
+    rows: Sequence[Client],
+    replace: bool,
+    *,
+    retired_stays: bool = False,
 ) -> Client | None:
-    """Apply the registry-level rules; return the client that ``replace`` retires, if any."""
+    """Apply the registry-level rules; return the client that ``replace`` retires, if any.
+
+    ``retired_stays``: the retired certificate stays trusted for a while (a rotation's
+    overlap), so the newcomer must not look like it either.
+    """
     for row in rows:
         if row.fingerprint != candidate.fingerprint:
             continue
@@ -157,11 +179,13 @@ def check_enrollment(
             f"a client named {name!r} is already enrolled ({retired.fingerprint}); "
             "pass --replace to re-key it (the old certificate is revoked)"
         )
-    clash = subject_clash(candidate, [row for row in active if row is not retired])
+    trusted = active if retired_stays else [row for row in active if row is not retired]
+    clash = subject_clash(candidate, trusted)
     if clash is not None:
         raise ConflictError(
             f"certificate subject {candidate.subject!r} equals that of enrolled client "
-            f"{clash.name!r} and one of them lacks subject/authority key identifiers, so the "
-            f"TLS stack could not tell them apart; {REKEY_HINT}"
+            f"{clash.name!r} (as TLS compares names: case and spacing aside) and one of them "
+            f"lacks subject/authority key identifiers, so the TLS stack could not tell them "
+            f"apart; {REKEY_HINT}"
         )
     return retired

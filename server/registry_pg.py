@@ -48,6 +48,7 @@ POSTGRES = Dialect(
     },
     placeholder="%s",
     table_exists="SELECT to_regclass(?) IS NOT NULL",
+    tables="SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
     change_lock="SELECT value FROM meta WHERE key = 'generation' FOR UPDATE",
     migration_lock=f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})",
     bump_generation=BUMP_GENERATION.format(

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pinrpc.errors import CapacityError, ConflictError, NotFoundError, RegistryError
 from pinrpc.identity import Fingerprint
-from server.enrollment import Candidate
+from server.enrollment import Candidate, check_certificate
 from server.registry_model import Client, Pending, check_enrollment, now_utc
 
 log = logging.getLogger("pinrpc.registry")
@@ -40,6 +40,7 @@ class Dialect:
     types: Mapping[str, str]  # fills {id}, {int}, {ts} in the schema
     placeholder: str
     table_exists: str  # one parameter, the table name; returns one truthy/falsy value
+    tables: str  # no parameters; the names of the tables a new registry would share space with
     change_lock: str | None  # first statement of every change: serializes writers
     migration_lock: str | None  # first statement of a migration
     bump_generation: str  # the last statement of every change
@@ -200,6 +201,14 @@ class SqlRegistry(ABC):
 
     def _open_schema(self, *, create: bool, migrate: bool) -> None:
         version, has_tables = self._read(lambda q: schema_version(q, self.dialect))
+        if not has_tables:
+            others = sorted(row[0] for row in self._read(lambda q: q(self.dialect.tables, ())))
+            if others:
+                raise RegistryError(
+                    f"{self.where} is not a pinrpc registry: it holds another application's "
+                    f"tables ({', '.join(others[:5])}); check --registry or give pinrpc a "
+                    "database of its own"
+                )
         if version > LATEST:
             raise RegistryError(
                 f"registry {self.where} has schema version {version}, newer than this pinrpc "
@@ -372,18 +381,25 @@ class SqlRegistry(ABC):
         self, candidate: Candidate, name: str, allowed: Sequence[str], *, replace: bool = False
     ) -> Client:
         now = self.dialect.encode_time(now_utc())
-
-        def body(q: Query) -> None:
-            retired = check_enrollment(candidate, name, self._all(q), replace)
-            if retired is not None:
-                q(
-                    "UPDATE clients SET revoked_at = ? WHERE fingerprint = ?",
-                    (now, retired.fingerprint.hex),
-                )
-            self._insert(q, candidate, name, allowed, now)
-
-        self._change(body)
+        self._change(lambda q: self._enroll(q, candidate, name, allowed, replace, now))
         return self.find(candidate.fingerprint.hex)
+
+    def _enroll(
+        self,
+        q: Query,
+        candidate: Candidate,
+        name: str,
+        allowed: Sequence[str],
+        replace: bool,
+        now: object,
+    ) -> None:
+        retired = check_enrollment(candidate, name, self._all(q), replace)
+        if retired is not None:
+            q(
+                "UPDATE clients SET revoked_at = ? WHERE fingerprint = ?",
+                (now, retired.fingerprint.hex),
+            )
+        self._insert(q, candidate, name, allowed, now)
 
     def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:
         """Enroll ``successor`` under the same name and permissions; retire ``current`` later."""
@@ -397,7 +413,9 @@ class SqlRegistry(ABC):
                     f"certificate {old.fingerprint} of {old.name!r} is revoked or already being "
                     "retired; rotate from the newest certificate"
                 )
-            check_enrollment(successor, old.name, rows, replace=True)
+            check_enrollment(
+                successor, old.name, rows, replace=True, retired_stays=overlap > dt.timedelta(0)
+            )
             retire = self.dialect.encode_time(now + overlap)
             column = "revoked_at" if overlap <= dt.timedelta(0) else "retire_at"
             q(
@@ -415,14 +433,23 @@ class SqlRegistry(ABC):
 
         def body(q: Query) -> None:
             rows = self._matching(q, ref)
-            client = self._find(rows, ref)
+            named = [c for c in rows if c.name == ref]
+            try:
+                client = self._find(rows, ref)
+            except NotFoundError:
+                # Revoked twice by name: say so, as revoking twice by fingerprint does.
+                if not named or named[-1].revoked_at is None:
+                    raise
+                client = named[-1]
             if client.revoked_at is not None:
                 raise ConflictError(
                     f"client {client.name!r} ({client.fingerprint}) was already revoked on "
                     f"{client.revoked_at:%Y-%m-%d %H:%M} UTC"
                 )
-            by_name = not Fingerprint.looks_like(ref)
-            targets = [c for c in rows if c.name == client.name and c.active] if by_name else []
+            # By name, every usable certificate of the client; a name may look like a
+            # fingerprint (64 hex digits), so go by what matched, not by the spelling.
+            by_name = client.name == ref
+            targets = [c for c in named if c.active] if by_name else []
             for target in targets or [client]:
                 q(
                     "UPDATE clients SET revoked_at = ? "
@@ -436,18 +463,42 @@ class SqlRegistry(ABC):
 
     # -- enrollment requests (never trusted until approved) ----------------------------------
 
-    def _pending(self, q: Query, now: object) -> list[Pending]:
-        q("DELETE FROM pending WHERE expires_at <= ?", (now,))
-        rows = q(
-            "SELECT fingerprint, name, cert_pem, peer, requested_at, expires_at FROM pending "
-            "ORDER BY requested_at",
-            (),
-        )
+    PENDING_COLUMNS = "fingerprint, name, cert_pem, peer, requested_at, expires_at"
+
+    def _decode_pending(self, rows: Sequence[Row]) -> list[Pending]:
         decode = self.dialect.decode_time
         return [
             Pending(Fingerprint(bytes.fromhex(fp)), name, pem, peer, decode(at), decode(until))
             for fp, name, pem, peer, at, until in rows
         ]
+
+    def _waiting(self, q: Query, now: object) -> list[Pending]:
+        """The unexpired requests; expired ones are left for the next write to delete."""
+        rows = q(
+            f"SELECT {self.PENDING_COLUMNS} FROM pending WHERE expires_at > ? "  # noqa: S608
+            "ORDER BY requested_at",
+            (now,),
+        )
+        return self._decode_pending(rows)
+
+    def _take(self, q: Query, ref: str, now: object) -> Pending:
+        """Delete the unexpired request ``ref`` names and return it, in the caller's
+        transaction: whoever deletes it first (approve or reject) handles it."""
+        try:
+            fp = Fingerprint.parse(ref)
+        except ValueError as exc:
+            raise NotFoundError(f"{exc}; pending requests are named by fingerprint") from exc
+        rows = q(
+            "DELETE FROM pending WHERE fingerprint = ? AND expires_at > ? "  # noqa: S608
+            f"RETURNING {self.PENDING_COLUMNS}",
+            (fp.hex, now),
+        )
+        if not rows:
+            raise NotFoundError(
+                f"no pending enrollment request for {fp} (expired, or already handled); "
+                "see `pinrpc-server pending`"
+            )
+        return self._decode_pending(rows)[0]
 
     def request_enrollment(
         self, candidate: Candidate, name: str, peer: str, ttl: dt.timedelta, limit: int
@@ -456,7 +507,8 @@ class SqlRegistry(ABC):
         encode = self.dialect.encode_time
 
         def body(q: Query) -> Pending:
-            waiting = self._pending(q, encode(now))
+            q("DELETE FROM pending WHERE expires_at <= ?", (encode(now),))
+            waiting = self._waiting(q, encode(now))
             if any(p.fingerprint == candidate.fingerprint for p in waiting):
                 raise ConflictError(f"certificate {candidate.fingerprint} is already pending")
             if any(c.fingerprint == candidate.fingerprint for c in self._all(q)):
@@ -480,31 +532,27 @@ class SqlRegistry(ABC):
 
     def pending(self) -> list[Pending]:
         now = self.dialect.encode_time(now_utc())
-        return self._transaction(lambda q: self._pending(q, now))
+        return self._read(lambda q: self._waiting(q, now))
 
-    def get_pending(self, ref: str) -> Pending:
-        return self._pending_request(ref, remove=False)
+    def approve(
+        self, ref: str, name: str | None, allowed: Sequence[str], *, replace: bool = False
+    ) -> Client:
+        """Enroll a waiting request and remove it, in one transaction: a request rejected or
+        expired meanwhile is not enrolled, and a refused enrollment leaves it waiting."""
+        now = self.dialect.encode_time(now_utc())
+        approved: list[Pending] = []
+
+        def body(q: Query) -> None:
+            request = self._take(q, ref, now)
+            where = f"the pending request {request.fingerprint}"
+            candidate = check_certificate(request.cert_pem.encode(), where)
+            self._enroll(q, candidate, name or request.name, allowed, replace, now)
+            approved.append(request)
+
+        self._change(body)
+        return self.find(approved[0].fingerprint.hex)
 
     def take_pending(self, ref: str) -> Pending:
-        """Remove a waiting request (once approved, or to reject it) and return it."""
-        return self._pending_request(ref, remove=True)
-
-    def _pending_request(self, ref: str, *, remove: bool) -> Pending:
-        try:
-            fp = Fingerprint.parse(ref)
-        except ValueError as exc:
-            raise NotFoundError(f"{exc}; pending requests are named by fingerprint") from exc
+        """Remove a waiting request (to reject it) and return it."""
         now = self.dialect.encode_time(now_utc())
-
-        def body(q: Query) -> Pending:
-            found = [p for p in self._pending(q, now) if p.fingerprint == fp]
-            if not found:
-                raise NotFoundError(
-                    f"no pending enrollment request for {fp} (expired, or already handled); "
-                    "see `pinrpc-server pending`"
-                )
-            if remove:
-                q("DELETE FROM pending WHERE fingerprint = ?", (fp.hex,))
-            return found[0]
-
-        return self._transaction(body)
+        return self._transaction(lambda q: self._take(q, ref, now))

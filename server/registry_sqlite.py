@@ -35,6 +35,8 @@ SQLITE = Dialect(
     types={"id": "INTEGER PRIMARY KEY", "int": "INTEGER", "ts": "TEXT"},
     placeholder="?",
     table_exists="SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?",
+    tables="SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite~_%' "
+    "ESCAPE '~'",
     change_lock=None,  # BEGIN IMMEDIATE already holds the write lock
     migration_lock=None,
     bump_generation=BUMP_GENERATION.format(
@@ -65,7 +67,13 @@ class SqliteRegistry(SqlRegistry):
     dialect = SQLITE
 
     def __init__(
-        self, path: Path, *, create: bool = True, migrate: bool = False, busy_timeout: float = 5.0
+        self,
+        path: Path,
+        *,
+        create: bool = True,
+        migrate: bool = False,
+        readonly: bool = False,
+        busy_timeout: float = 5.0,
     ) -> None:
         self.path = path.absolute()
         super().__init__(str(self.path))
@@ -74,16 +82,25 @@ class SqliteRegistry(SqlRegistry):
                 f"registry {self.path} does not exist; enroll a client first or check --registry"
             )
         self._busy_timeout = busy_timeout
+        self._readonly = readonly
         self._lock = threading.Lock()
         self._db, self._inode = self._connect(create)
         try:
             self._open_schema(create=create, migrate=migrate)
+            # Only now that it is known to be pinrpc's: WAL rewrites the file's header.
+            self._use_wal(self._db)
         except BaseException:
             self._db.close()
             raise
 
     def _connect(self, create: bool) -> tuple[sqlite3.Connection, int]:
-        uri = f"{self.path.as_uri()}?mode={'rwc' if create else 'rw'}"
+        mode = "ro" if self._readonly else "rwc" if create else "rw"
+        uri = f"{self.path.as_uri()}?mode={mode}"
+        wal = self.path.with_name(self.path.name + "-wal")
+        if self._readonly and not wal.exists() and not os.access(self.path.parent, os.W_OK):
+            # A WAL reader needs a -shm file it cannot create here. Without a -wal file every
+            # commit is in the main file, and no writer can add one to this directory either.
+            uri += "&immutable=1"
         try:
             db = sqlite3.connect(
                 uri,
@@ -95,10 +112,17 @@ class SqliteRegistry(SqlRegistry):
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             return db, os.stat(self.path).st_ino
-        except (sqlite3.Error, OSError) as exc:
+        except OSError as exc:
             db.close()
+            raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
+
+    def _use_wal(self, db: sqlite3.Connection) -> None:
+        if self._readonly:
+            return
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:
             raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
 
     def _current(self) -> sqlite3.Connection:
@@ -122,6 +146,11 @@ class SqliteRegistry(SqlRegistry):
             raise RegistryError(
                 f"replaced registry {self.path} has schema version {version}, need {LATEST}"
             )
+        try:
+            self._use_wal(db)
+        except RegistryError:
+            db.close()
+            raise
         self._db.close()
         self._db, self._inode = db, inode
         log.warning("registry %s was replaced on disk; reopened it", self.path)

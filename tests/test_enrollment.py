@@ -4,20 +4,43 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from pinrpc.identity import cert_to_pem, key_to_pem
+from pinrpc.errors import EnrollmentError
+from pinrpc.identity import (
+    Fingerprint,
+    cert_to_pem,
+    key_to_pem,
+    load_certificate,
+    load_private_key,
+    spki_sha256,
+)
 from server import cli
-from tests.certs import make_cert, name, p256, rsa_key
-from tests.conftest import MakeClient, enroll, registry_dump, revoke
+from server.enrollment import Candidate, check_certificate
+from tests.certs import make_cert, name, p256, rsa_key, write_pair
+from tests.conftest import (
+    Connect,
+    MakeClient,
+    code_of,
+    enroll,
+    registry_dump,
+    require_tool,
+    revoke,
+    whoami,
+)
 
 
 def _csr() -> bytes:
@@ -31,6 +54,11 @@ def _der() -> bytes:
 
 def _pem(**kwargs: object) -> Callable[[], bytes]:
     return lambda: cert_to_pem(make_cert(p256(), "bad", **kwargs))  # type: ignore[arg-type]
+
+
+def _on_curve(curve: ec.EllipticCurve) -> Callable[[], bytes]:
+    key = ec.generate_private_key(curve)
+    return lambda: cert_to_pem(make_cert(key, "curve", key_cert_sign=False))
 
 
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
@@ -53,6 +81,11 @@ BAD_INPUT: dict[str, tuple[Callable[[], bytes], str]] = {
         "Ed25519",
     ),
     "rsa 1024": (lambda: cert_to_pem(make_cert(rsa_key(1024), "weak")), "1024-bit RSA"),
+    # Curves the TLS stack cannot use for client authentication: the client could never connect.
+    **{
+        f"curve {curve.name}": (_on_curve(curve), f"EC key on {curve.name}")
+        for curve in (ec.SECP521R1(), ec.SECP256K1(), ec.BrainpoolP256R1(), ec.SECP224R1())
+    },
 }
 
 
@@ -137,23 +170,35 @@ def test_duplicate_and_revoked_fingerprints_are_refused(
     _refused(argv, populated, capsys, "was revoked")
 
 
+# Subjects the TLS stack takes for the same name (OpenSSL's canonical form).
+LOOK_ALIKES = [("twin", "twin"), ("Twin", "tWIN"), ("twin  x", "twin x"), ("twin", " twin\t")]
+
+
+@pytest.mark.parametrize(("first_cn", "second_cn"), LOOK_ALIKES)
 def test_same_subject_without_key_ids_is_refused(
-    registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    first_cn: str,
+    second_cn: str,
+    registry: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     first, second = tmp_path / "a.crt", tmp_path / "b.crt"
-    first.write_bytes(cert_to_pem(make_cert(p256(), "twin", key_ids=False)))
-    second.write_bytes(cert_to_pem(make_cert(p256(), "twin", key_ids=False)))
+    first.write_bytes(cert_to_pem(make_cert(p256(), first_cn, key_ids=False, key_cert_sign=False)))
+    second.write_bytes(cert_to_pem(make_cert(p256(), second_cn, key_cert_sign=False)))
     assert cli.main(["enroll", str(first), "--name", "a", "--registry", str(registry)]) == 0
     argv = ["enroll", str(second), "--name", "b", "--registry", str(registry)]
     _refused(argv, registry, capsys, "could not tell them apart")
 
 
-def test_same_subject_with_key_ids_is_accepted(registry: Path, tmp_path: Path) -> None:
-    first, second = tmp_path / "a.crt", tmp_path / "b.crt"
-    first.write_bytes(cert_to_pem(make_cert(p256(), "twin")))
-    second.write_bytes(cert_to_pem(make_cert(p256(), "twin")))
-    assert cli.main(["enroll", str(first), "--name", "a", "--registry", str(registry)]) == 0
-    assert cli.main(["enroll", str(second), "--name", "b", "--registry", str(registry)]) == 0
+def test_same_subject_with_key_ids_or_another_name_is_accepted(
+    registry: Path, tmp_path: Path
+) -> None:
+    twins = [make_cert(p256(), "twin", key_cert_sign=False) for _ in range(2)]
+    others = [make_cert(p256(), cn, key_ids=False, key_cert_sign=False) for cn in ("tw in", "x")]
+    for i, cert in enumerate([*twins, *others]):
+        path = tmp_path / f"{i}.crt"
+        path.write_bytes(cert_to_pem(cert))
+        assert cli.main(["enroll", str(path), "--name", f"c{i}", "--registry", str(registry)]) == 0
 
 
 def test_bad_method_pattern_and_bad_name(
@@ -166,11 +211,12 @@ def test_bad_method_pattern_and_bad_name(
     _refused(argv, populated, capsys, "invalid client name")
 
 
-def test_enroll_prints_fingerprint_and_rsa_is_accepted(
-    registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("key_type", ["rsa2048", "p384"])
+def test_enroll_prints_fingerprint_and_rsa_and_p384_are_accepted(
+    key_type: str, registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    files = make_client("rsa", key_type="rsa2048")
-    enroll(registry, files.cert_path, "rsa")
+    files = make_client("other", key_type=key_type)
+    enroll(registry, files.cert_path, "other")
     assert str(files.fingerprint) in capsys.readouterr().out
 
 
@@ -192,7 +238,8 @@ def test_list_and_revoke(
     after = registry_dump(populated, capsys)
     assert isinstance(after, list)
     assert after[0]["revoked_at"] is not None
-    _refused(["revoke", "alice", "--registry", str(populated)], populated, capsys, "no enrolled")
+    for ref, says in (("alice", "already revoked"), ("nobody", "no enrolled")):
+        _refused(["revoke", ref, "--registry", str(populated)], populated, capsys, says)
     fp = alice["fingerprint"]
     _refused(["revoke", fp, "--registry", str(populated)], populated, capsys, "already revoked")
 
@@ -329,3 +376,139 @@ def test_warm_start_needs_handover(capsys: pytest.CaptureFixture[str], tmp_path:
         "pinrpc-server: error: --warm-start needs --tls-reload handover\n"
     )
     assert not (tmp_path / "warm").exists()
+
+
+# Certificates as openssl makes them (`openssl x509 -req -signkey`), with these extensions.
+OPENSSL_MADE = {
+    "v1": (None, "is an X.509 v1 certificate"),
+    "no keyUsage": ("basicConstraints = critical, CA:FALSE", "has no keyUsage extension"),
+    "keyUsage not critical": ("keyUsage = digitalSignature", None),  # measured: enough
+    "critical keyUsage": ("keyUsage = critical, digitalSignature", None),
+}
+
+
+def openssl_self_signed(directory: Path, kind: str) -> tuple[Path, Path]:
+    """(certificate, key) made by the openssl command line, EC P-256."""
+    tool = shutil.which("openssl")
+    require_tool(tool is not None, "openssl", "apt-get install -y openssl")
+    key, csr, crt = (directory / f"ossl.{ext}" for ext in ("key", "csr", "crt"))
+    key.write_bytes(key_to_pem(p256()))
+    key.chmod(0o600)
+    extensions, _ = OPENSSL_MADE[kind]
+    steps = [
+        ["req", "-new", "-key", key, "-subj", f"/CN={kind}", "-out", csr],
+        ["x509", "-req", "-in", csr, "-signkey", key, "-days", "30", "-out", crt],
+    ]
+    if extensions is not None:
+        (directory / "ext.cnf").write_text(extensions + "\n")
+        steps[1] += ["-extfile", directory / "ext.cnf"]
+    for step in steps:
+        subprocess.run([str(tool), *map(str, step)], check=True, capture_output=True, timeout=30)
+    return crt, key
+
+
+@pytest.mark.parametrize("kind", sorted(OPENSSL_MADE))
+def test_certificate_without_key_usage_is_refused(
+    kind: str, populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    crt, _ = openssl_self_signed(tmp_path, kind)
+    argv = ["enroll", str(crt), "--name", "newcomer", "--registry", str(populated)]
+    _, expected = OPENSSL_MADE[kind]
+    if expected is None:
+        assert cli.main(argv) == 0
+        return
+    _refused(argv, populated, capsys, expected)
+
+
+def _unchecked(cert: x509.Certificate) -> Candidate:
+    """A candidate that skipped check_certificate, as a registry edited by hand holds it."""
+    return Candidate(
+        cert=cert,
+        fingerprint=Fingerprint.of(cert),
+        pem=cert_to_pem(cert).decode(),
+        spki_sha256=spki_sha256(cert),
+        subject=cert.subject.rfc4514_string(),
+        has_key_ids=True,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(OPENSSL_MADE))
+def test_only_enrollable_keys_cannot_mint_leaves_the_handshake_accepts(
+    kind: str, connect: Connect, tmp_path: Path
+) -> None:
+    crt, key = openssl_self_signed(tmp_path, kind)
+    enrolled = load_certificate(crt)
+    connect.plant(_unchecked(enrolled), "holder")
+    assert whoami(connect.stub(crt, key)).name == "holder"
+    leaf_key = p256()
+    minted = make_cert(leaf_key, "admin", issuer=enrolled.subject, signer=load_private_key(key))
+    stub = connect.stub(*write_pair(tmp_path, "minted", leaf_key, minted))
+    try:
+        check_certificate(crt.read_bytes(), str(crt))
+        enrollable = True
+    except EnrollmentError:
+        enrollable = False
+    # UNAVAILABLE: refused at the handshake; PERMISSION_DENIED: only the per-call check held.
+    expected = grpc.StatusCode.UNAVAILABLE if enrollable else grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: whoami(stub)) == expected
+
+
+def _foreign(path: Path) -> Path:
+    """Another application's SQLite database, in the default (rollback journal) mode."""
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        db.execute("INSERT INTO invoices (total) VALUES (9.5)")
+    db.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["foreign", "empty"])
+def test_commands_leave_a_file_that_is_not_a_registry_unchanged(
+    kind: str, tmp_path: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "other.db"
+    _foreign(path) if kind == "foreign" else path.write_bytes(b"")
+    before = path.read_bytes()
+    crt = str(make_client("alice").cert_path)
+    for argv in (["list"], ["pending"], ["revoke", "alice"]):
+        assert cli.main([*argv, "--registry", str(path)]) == 1
+    if kind == "foreign":  # an empty file is a new registry: enrolling may create it
+        assert cli.main(["enroll", crt, "--name", "alice", "--registry", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    says = "not a pinrpc registry" if kind == "foreign" else "holds no clients yet"
+    assert all(line.startswith("pinrpc-server: error: ") and says in line for line in err), err
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys", "other.db"]
+
+
+def test_reading_commands_need_no_write_access(
+    registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    enroll(registry, make_client("alice").cert_path, "alice")
+    # A directory and file nobody may write to, read by a user who is not root.
+    shared = Path(tempfile.mkdtemp(prefix="pinrpc-ro-"))
+    try:
+        copy = shared / "registry.db"
+        shutil.copyfile(registry, copy)
+        copy.chmod(0o444)
+        shared.chmod(0o555)
+        before = copy.read_bytes()
+        as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        out = {}
+        for command in ("list", "pending"):
+            done = subprocess.run(
+                [*(as_user if os.geteuid() == 0 else []), sys.executable, "-m", "server.cli",
+                 command, "--registry", str(copy)],
+                capture_output=True, text=True, timeout=60, check=False,
+                env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parent.parent)},
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            out[command] = done.stdout
+        assert "alice" in out["list"]
+        assert "no pending enrollment requests" in out["pending"]
+        assert copy.read_bytes() == before
+        assert sorted(p.name for p in shared.iterdir()) == ["registry.db"]
+    finally:
+        shared.chmod(0o755)
+        shutil.rmtree(shared)

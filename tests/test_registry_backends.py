@@ -8,6 +8,7 @@ import itertools
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +16,11 @@ import psycopg
 import pytest
 
 from pinrpc.errors import ConflictError, RegistryError
+from pinrpc.identity import cert_to_pem
 from server import cli as server_cli
 from server.enrollment import Candidate, check_certificate
 from server.registry import LATEST, is_postgres, migrate_registry, open_registry
+from tests.certs import make_cert, p256
 from tests.conftest import ECHO_ALL, MakeClient
 from tests.postgres import Postgres, free_port, running_postgres
 
@@ -289,3 +292,131 @@ def test_rotation_without_overlap_revokes_at_once(spec: str, make_client: MakeCl
         assert [c.active for c in registry.clients()] == [False, True]
     finally:
         registry.close()
+
+
+def _look_alike(cn: str) -> Candidate:
+    pem = cert_to_pem(make_cert(p256(), cn, key_ids=False, key_cert_sign=False))
+    return check_certificate(pem, cn)
+
+
+def test_rotation_overlap_keeps_the_retiring_certificate_in_the_look_alike_check(
+    spec: str,
+) -> None:
+    registry = open_registry(spec)
+    try:
+        registry.enroll(_look_alike("svc"), "svc", [])
+        current = registry.find("svc").fingerprint
+        with pytest.raises(ConflictError, match="could not tell them apart"):
+            registry.rotate(current, _look_alike("svc"), dt.timedelta(hours=1))
+        assert [c.fingerprint for c in registry.clients()] == [current]
+        # Without an overlap the old certificate leaves the trusted set at once: no clash.
+        successor = _look_alike("SVC")
+        registry.rotate(current, successor, dt.timedelta(0))
+        assert [c.fingerprint for c in registry.clients() if c.active] == [successor.fingerprint]
+    finally:
+        registry.close()
+
+
+def test_revoke_by_a_fingerprint_shaped_name_revokes_every_certificate_of_it(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "ab" * 32  # a valid name that parses as a fingerprint
+    registry = open_registry(spec)
+    try:
+        old = candidate(make_client, "old")
+        registry.enroll(old, name, [])
+        registry.rotate(old.fingerprint, candidate(make_client, "new"), dt.timedelta(hours=1))
+    finally:
+        registry.close()
+    assert cli("revoke", name, "--registry", spec) == 0
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [c["revoked_at"] is not None for c in listed] == [True, True]
+    # Twice, by name as by fingerprint: "already revoked".
+    for ref in (name, listed[1]["fingerprint"]):
+        assert cli("revoke", ref, "--registry", spec) == 1
+        assert "was already revoked on" in capsys.readouterr().err
+
+
+def _request(spec: str, files_of: MakeClient, name: str, ttl: float = 3600) -> str:
+    """Queue an enrollment request for a new key pair; return its fingerprint."""
+    registry = open_registry(spec)
+    try:
+        waiting = registry.request_enrollment(
+            candidate(files_of, name), name, "ipv4:127.0.0.1:1", dt.timedelta(seconds=ttl), 10
+        )
+    finally:
+        registry.close()
+    return str(waiting.fingerprint)
+
+
+def _names(spec: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    return [c["name"] for c in json.loads(capsys.readouterr().out) if c["revoked_at"] is None]
+
+
+def test_approve_enrolls_and_removes_the_request_or_leaves_it_waiting(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = _request(spec, make_client, "carol"), _request(spec, make_client, "carol2")
+    assert cli("approve", first, "--registry", spec) == 0
+    # The name is taken: refused with a hint approve can follow, and the request stays.
+    assert cli("approve", second, "--name", "carol", "--registry", spec) == 1
+    assert "pass --replace" in capsys.readouterr().err
+    assert cli("approve", second, "--name", "carol", "--replace", "--registry", spec) == 0
+    capsys.readouterr()
+    assert cli("pending", "--json", "--registry", spec) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert _names(spec, capsys) == ["carol"]
+    expired = _request(spec, make_client, "dave", ttl=0.001)
+    assert cli("approve", expired, "--registry", spec) == 1
+    assert "expired, or already handled" in capsys.readouterr().err
+    assert _names(spec, capsys) == ["carol"]
+
+
+def test_a_request_rejected_during_approval_is_not_enrolled(
+    pg: Postgres, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reject holds the request's row; approve waits for it, then finds it gone."""
+    spec = pg.create_database(f"reg{next(_databases)}")
+    fingerprint = _request(spec, make_client, "erin")
+    codes: list[int] = []
+    with psycopg.connect(spec) as rejecting:
+        rejecting.execute("DELETE FROM pending")  # uncommitted: the row stays locked
+        approving = threading.Thread(
+            target=lambda: codes.append(cli("approve", fingerprint, "--registry", spec))
+        )
+        approving.start()
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        with psycopg.connect(spec, autocommit=True) as watch:
+            for _ in range(100):  # 5 s at most
+                if watch.execute(waiting).fetchone() != (0,):
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("approve never waited for the rejecting transaction")
+        rejecting.commit()
+    approving.join(timeout=10)
+    assert codes == [1]
+    assert "already handled" in capsys.readouterr().err
+    assert _names(spec, capsys) == []
+
+
+def test_no_tables_are_added_to_another_applications_database(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sql(spec, "CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    alice = str(make_client("alice").cert_path)
+    assert cli("enroll", alice, "--name", "alice", "--registry", spec) == 1
+    assert "is not a pinrpc registry" in capsys.readouterr().err
+    if is_postgres(spec):
+        with psycopg.connect(spec) as conn:
+            query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            found = conn.execute(query).fetchall()
+    else:
+        with sqlite3.connect(spec) as db:
+            found = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        db.close()
+    assert found == [("invoices",)]
