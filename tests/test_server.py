@@ -9,8 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from pinrpc.cli import env_name
 from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate, load_private_key
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server import cli as server_cli
 from server.app import start_server
 from server.config import ServerConfig
 from server.enrollment import Candidate, check_certificate
@@ -258,3 +260,37 @@ def test_empty_registry_serves_nobody_and_says_so(
         stub = connect.stub(alice.cert_path, alice.key_path)
         assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
     assert "no enrolled clients" in caplog.text
+
+
+LISTEN_FLAGS = ["--listen", "--health-listen", "--enrollment-listen", "--metrics-listen"]
+SERVE_UNCHECKED = ["serve", "--cert", "c.pem", "--key", "k.pem", "--registry", "r.db"]
+
+
+@pytest.mark.parametrize("flag", LISTEN_FLAGS)
+@pytest.mark.parametrize("value", ["127.0.0.1:99999", "127.0.0.1:-5", "127.0.0.1:65536", "nope"])
+def test_a_bad_listen_address_is_a_usage_error_from_flag_or_environment(
+    flag: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # These used to wrap around: :99999 listened on 34463, :-5 on 65531.
+    plain = SERVE_UNCHECKED
+    for argv in ([*plain, flag, value], plain):
+        if argv is plain:
+            monkeypatch.setenv(env_name(flag), value)
+        with pytest.raises(SystemExit) as info:
+            server_cli.main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: not HOST:PORT with a port from 0 to 65535: {value!r}" in err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", LISTEN_FLAGS)
+def test_a_good_listen_address_is_taken_from_flag_or_environment(
+    flag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = SERVE_UNCHECKED
+    dest = flag[2:].replace("-", "_")
+    args = server_cli.build_parser().parse_args([*plain, flag, "[::1]:0"])
+    assert getattr(args, dest) == "[::1]:0"
+    monkeypatch.setenv(env_name(flag), "localhost:65535")
+    assert getattr(server_cli.build_parser().parse_args(plain), dest) == "localhost:65535"
