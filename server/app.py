@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -104,30 +104,33 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         log.info("listening on %s (port %d)", config.listen, port)
         health_port = enrollment_port = None
         if config.health_listen:
-            probe = grpc.server(stack.enter_context(ThreadPoolExecutor(max_workers=2)))
+            probe = _side_server(stack, 2)
             health.add_to(probe)  # and nothing else: probes carry no client certificate
-            health_port = probe.add_insecure_port(config.health_listen)
-            _start_side(stack, probe, health_port, config.health_listen, "plaintext health probes")
+            health_port = _start_side(
+                stack, probe, probe.add_insecure_port, config.health_listen,
+                "--health-listen", "plaintext health probes",
+            )  # fmt: skip
         if config.enrollment_listen:
-            requests = grpc.server(stack.enter_context(ThreadPoolExecutor(max_workers=4)))
+            requests = _side_server(stack, 4)
             enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
                 EnrollmentService(registry, audit, request_ttl=config.enrollment_ttl,
                                   max_pending=config.max_pending),
                 requests,
             )  # fmt: skip
-            enrollment_port = requests.add_secure_port(
-                config.enrollment_listen, trust.credentials(client_auth=False)
-            )
-            _start_side(
-                stack, requests, enrollment_port, config.enrollment_listen,
+            server_only = trust.credentials(client_auth=False)
+            enrollment_port = _start_side(
+                stack, requests, lambda address: requests.add_secure_port(address, server_only),
+                config.enrollment_listen, "--enrollment-listen",
                 "enrollment requests (server-only TLS)",
             )  # fmt: skip
         metrics_port = None
         if config.metrics_listen:
             try:
                 stop_metrics, metrics_port = serve_metrics(metrics, config.metrics_listen)
-            except (OSError, ValueError) as exc:
-                raise ServeError(f"cannot serve metrics on {config.metrics_listen}: {exc}") from exc
+            except (OSError, ValueError, OverflowError) as exc:
+                raise ServeError(
+                    f"cannot serve metrics on {config.metrics_listen} (--metrics-listen): {exc}"
+                ) from exc
             stack.callback(stop_metrics)
             log.info("metrics on http://%s/metrics", config.metrics_listen)
         yield RunningServer(
@@ -155,13 +158,28 @@ def _add_services(
     reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
 
 
-def _start_side(stack: ExitStack, server: grpc.Server, port: int, listen: str, what: str) -> None:
-    """Start a secondary listener, stopped with the rest."""
+def _side_server(stack: ExitStack, workers: int) -> grpc.Server:
+    # gRPC binds with SO_REUSEPORT by default; without it, a busy port (the mTLS one too)
+    # fails to bind instead of silently taking a share of that port's connections.
+    executor = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+    return grpc.server(executor, options=[("grpc.so_reuseport", 0)])
+
+
+def _start_side(
+    stack: ExitStack, server: grpc.Server, bind: Callable[[str], int], listen: str, flag: str,
+    what: str,
+) -> int:  # fmt: skip
+    """Bind and start a secondary listener, stopped with the rest; returns its port."""
+    try:
+        port = bind(listen)
+    except RuntimeError:  # grpc's "Failed to bind", with the reason only in its debug log
+        port = 0
     if port == 0:
-        raise ServeError(f"cannot listen on {listen} for {what}")
+        raise ServeError(f"cannot listen on {listen} ({flag}, {what}): address in use or invalid")
     server.start()
     stack.callback(lambda: server.stop(None).wait())
     log.info("%s on %s (port %d)", what, listen, port)
+    return port
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, at_least, run
+from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, at_least, host_port, run
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     serve = commands.add_parser("serve", help="run the server")
-    add_flag(serve, "--listen", default="127.0.0.1:8443", help="address to listen on")
+    address = host_port(port_zero=True)  # argparse checks the environment's value too
+    add_flag(serve, "--listen", default="127.0.0.1:8443", type=address, help="address to listen on")
     add_flag(serve, "--cert", required=True, help="server certificate chain (fullchain.pem)")
     add_flag(serve, "--key", required=True, help="server private key (privkey.pem)")
     registry_flag(serve)
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--enrollment-listen",
+        type=address,
         help="accept enrollment requests here (server-only TLS); off if unset",
     )
     add_flag(
@@ -96,10 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--health-listen",
+        type=address,
         help="also serve plaintext gRPC health (and nothing else) here, for probes; off if unset",
     )
     add_flag(
-        serve, "--metrics-listen", help="serve Prometheus metrics here (HOST:PORT); off if unset"
+        serve,
+        "--metrics-listen",
+        type=address,
+        help="serve Prometheus metrics here (HOST:PORT); off if unset",
     )
     add_flag(
         serve,

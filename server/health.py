@@ -3,9 +3,15 @@
 The probe port (opened in server/app.py) carries the health service and nothing else, so
 Docker or Kubernetes can probe without a client certificate while every other method stays
 behind client authentication.
+
+Both ports answer only the service names below and NOT_FOUND for any other, Watch included:
+grpc_health's servicer keeps one entry per name ever watched, for good, so invented names
+would grow the server's memory without bound (the probe port needs no certificate).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +23,7 @@ ECHO_SERVICE = echo_pb2.DESCRIPTOR.services_by_name["Echo"].full_name
 SERVICES = ("", ECHO_SERVICE)
 # Always tells whether the registry is readable, whatever the whole server reports.
 REGISTRY_SERVICE = "pinrpc.registry"
+KNOWN = frozenset((*SERVICES, REGISTRY_SERVICE))
 
 
 def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
@@ -39,4 +46,36 @@ class Health:
         self.servicer.set(REGISTRY_SERVICE, _status(registry_ok))
 
     def add_to(self, server: grpc.Server) -> None:
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(KnownOnly(self.servicer), server)
+
+
+class KnownOnly:
+    """The upstream servicer, asked only about the names in KNOWN (List names no service)."""
+
+    def __init__(self, upstream: health.HealthServicer) -> None:
+        self._upstream = upstream
+
+    def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        _known(request, context)
+        reply: health_pb2.HealthCheckResponse = self._upstream.Check(request, context)
+        return reply
+
+    def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> Iterator[health_pb2.HealthCheckResponse]:
+        _known(request, context)
+        replies: Iterator[health_pb2.HealthCheckResponse] = self._upstream.Watch(request, context)
+        return replies
+
+    def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        reply: health_pb2.HealthListResponse = self._upstream.List(request, context)
+        return reply
+
+
+def _known(request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> None:
+    if request.service not in KNOWN:
+        context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")

@@ -9,7 +9,10 @@ square of their number (docs/PERFORMANCE.md: about 10 s for 10,000 clients here)
 * ``handover``: a listener's credentials never change. When the roots must grow (an
   enrollment) or the server certificate changed, a builder thread starts a second grpc.server
   on the same port (gRPC binds with SO_REUSEPORT, and add_secure_port releases the GIL while
-  it loads the roots), then closes the old server's listening socket. The old server keeps
+  it loads the roots), then closes the old server's listening sockets, told apart from any
+  other socket on that port number by their inodes. As SO_REUSEPORT would let a second
+  process share a busy port, start() first checks that it is free; inline mode binds
+  without SO_REUSEPORT. The old server keeps
   serving its open connections until they leave by themselves: every server in this mode
   rotates its connections after ``max_age`` with gRPC's graceful GOAWAY, which clients follow
   without failing a call. Stopping the old server at once instead would fail the calls queued
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import socket
@@ -47,25 +51,56 @@ class ListenError(PinrpcError):
     """The mTLS port could not be bound."""
 
 
-def listening_sockets(port: int) -> list[socket.socket]:
-    """This process's listening TCP sockets on ``port`` (duplicates: close them after use)."""
-    found = []
+def listening_sockets(port: int) -> dict[int, socket.socket]:
+    """This process's listening TCP sockets on ``port`` (0: any), by inode (duplicates: close
+    them after use). The inode names a socket exactly, whatever address it is bound to."""
+    found: dict[int, socket.socket] = {}
     for name in os.listdir("/proc/self/fd"):
         try:
-            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+            status = os.fstat(int(name))
+            if not stat.S_ISSOCK(status.st_mode) or status.st_ino in found:
                 continue
             sock = socket.socket(fileno=os.dup(int(name)))
         except OSError:  # closed meanwhile, or not a socket family Python knows
             continue
         try:
             listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            if sock.type == socket.SOCK_STREAM and listening and sock.getsockname()[1] == port:
-                found.append(sock)
+            if sock.type == socket.SOCK_STREAM and listening and port in (0, sock.getsockname()[1]):
+                found[status.st_ino] = sock
                 continue
         except (OSError, IndexError, TypeError):
             pass
         sock.close()
     return found
+
+
+def socket_ids(port: int) -> frozenset[int]:
+    """The inodes of this process's listening TCP sockets on ``port`` (0: any)."""
+    sockets = listening_sockets(port)
+    for sock in sockets.values():
+        sock.close()
+    return frozenset(sockets)
+
+
+def check_free(address: str) -> None:
+    """Refuse a port another listener holds, even one bound with SO_REUSEPORT (which gRPC
+    would join silently, splitting the connections). SO_REUSEADDR: TIME_WAIT is no conflict."""
+    host, _, port = address.rpartition(":")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)  # fmt: skip
+    except OSError:
+        return  # gRPC reports an address it cannot resolve itself
+    for family, kind, proto, _, where in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(where)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(f"cannot listen on {address}: address in use") from exc
 
 
 # A classic BPF program for the port's SO_REUSEPORT group: "return 1", i.e. pick the second
@@ -131,6 +166,7 @@ class Listener:
         self._host = ""
         self.port = 0
         self._server: grpc.Server | None = None
+        self._sockets: frozenset[int] = frozenset()  # the current server's, by inode
         self._cert: ServerCert | None = None
         self._trusted: frozenset[bytes] = frozenset()
         self._build_lock = threading.Lock()  # one build at a time
@@ -150,9 +186,13 @@ class Listener:
     def start(self, address: str) -> int:
         """Bind ``address`` (HOST:PORT, port 0 picks one) and serve; returns the port."""
         self._host = address.rpartition(":")[0]
+        if self.mode == "handover":
+            check_free(address)  # its listeners share the port with SO_REUSEPORT
+        before = socket_ids(0)
         server, port, state = self._bind(address, self._warm_start())
         if port == 0:
-            raise ListenError(f"cannot listen on {address} (address in use or invalid)")
+            raise ListenError(f"cannot listen on {address}: address in use or invalid")
+        self._sockets = socket_ids(port) - before
         server.start()
         self._server, self.port, (self._cert, self._trusted) = server, port, state
         if self.mode == "handover":
@@ -180,7 +220,8 @@ class Listener:
         """A new server bound to ``address`` (port 0 if it could not), and what it trusts."""
         state: tuple[ServerCert | None, frozenset[bytes]] = (None, frozenset())
         if self.mode == "inline":
-            server = self._build(())
+            # Without SO_REUSEPORT a busy port fails here instead of splitting the connections.
+            server = self._build((("grpc.so_reuseport", 0),))
             creds = self._trust.credentials()
         else:
             # Connections rotate gracefully, so an old server empties within max_age.
@@ -194,8 +235,8 @@ class Listener:
             state = (cert, trusted)
         try:
             return server, server.add_secure_port(address, creds), state
-        except RuntimeError as exc:
-            raise ListenError(f"cannot listen on {address}: {exc}") from exc
+        except RuntimeError as exc:  # "Failed to bind", the reason only in gRPC's debug log
+            raise ListenError(f"cannot listen on {address}: address in use or invalid") from exc
 
     def stale(self) -> bool:
         """The listener lacks an enrolled client's root or serves an old certificate."""
@@ -212,7 +253,13 @@ class Listener:
                 return False
             started = time.monotonic()
             address = f"{self._host}:{self.port}"
-            old_sockets = listening_sockets(self.port)  # before the new server adds its own
+            # Only the current server's sockets: others on this port number (--health-listen
+            # on another address, say) are not ours to close.
+            before = listening_sockets(self.port)
+            old_sockets = [sock for ino, sock in before.items() if ino in self._sockets]
+            for ino, sock in before.items():
+                if ino not in self._sockets:
+                    sock.close()
             try:
                 new, port, state = self._bind(address)
             except ListenError as exc:
@@ -220,6 +267,7 @@ class Listener:
             if port != self.port:
                 new.stop(None)
                 return self._failed(f"cannot bind {address} again", old_sockets)
+            self._sockets = socket_ids(port) - frozenset(before)
             new.start()
             old, self._server, self._failing = self._server, new, False
             self.handovers += 1

@@ -41,6 +41,8 @@ from tests.conftest import (
     revoke,
     whoami,
 )
+from tests.test_health import SERVING, check
+from tests.test_server import free_port
 from tests.test_server_cert import served_serial
 
 REQUEST = echo_pb2.EchoRequest(message="x")
@@ -208,6 +210,40 @@ def test_server_certificate_renewal_is_handed_over(
         assert settle(connect) == 1
         assert served_serial(running.port, alice) == second.leaf.serial_number
         assert whoami(open_channel).name == "alice"
+
+
+def probe_status(address: str) -> int | grpc.StatusCode:
+    """The whole server's health, on a new plaintext connection (or why there was none)."""
+    with grpc.insecure_channel(address, options=[FRESH_CONNECTION]) as channel:
+        try:
+            return check(channel)
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()
+            return code
+
+
+def test_a_handover_closes_its_own_listener_only(
+    devca: ServerFiles, registry: Path, make_client: MakeClient
+) -> None:
+    # The same port number on another address: it used to be closed with the old listener.
+    port = free_port()
+    config = replace(
+        handover_config(registry, devca.cert, devca.key),
+        listen=f"127.0.0.1:{port}", health_listen=f"127.0.0.2:{port}",
+    )  # fmt: skip
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    with start_server(config) as running:
+        connect = Connect(running, devca)
+        assert probe_status(f"127.0.0.2:{port}") == SERVING
+        connect.enroll(bob, "bob", ECHO_ALL)
+        assert settle(connect) == 1
+        assert probe_status(f"127.0.0.2:{port}") == SERVING
+        # The allow twin: the old mTLS listener is retired all the same (were it still
+        # accepting, about half of these would land on it and fail bob's handshake).
+        for _ in range(12):
+            assert fresh_call(connect, bob).caller == "bob"
+        assert listener(connect).draining == 1
 
 
 @contextmanager

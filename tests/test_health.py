@@ -100,3 +100,32 @@ def test_registry_outage_health(
         assert check(channel, "pinrpc.registry") == NOT_SERVING
         assert check(channel) == (NOT_SERVING if strict else SERVING)
         assert check(channel, "pinrpc.v1.Echo") == (NOT_SERVING if strict else SERVING)
+
+
+def test_unknown_service_names_are_not_found_and_leave_nothing_behind(
+    with_probe: RunningServer,
+) -> None:
+    # grpc_health keeps a key per name ever watched; the probe port needs no certificate.
+    remembered = with_probe.health.servicer._send_response_callbacks
+    invented = health_pb2.HealthCheckRequest(service="invented")
+    with grpc.insecure_channel(f"127.0.0.1:{with_probe.health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(invented, timeout=5)
+        assert code_of(lambda: next(watch)) == grpc.StatusCode.NOT_FOUND
+        assert code_of(lambda: stub.Check(invented, timeout=5)) == grpc.StatusCode.NOT_FOUND
+    assert "invented" not in remembered
+
+
+@pytest.mark.parametrize("service", ["", "pinrpc.v1.Echo", "pinrpc.registry"])
+def test_known_service_names_are_checked_and_watched(
+    service: str, with_probe: RunningServer
+) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{with_probe.health_port}") as channel:
+        assert check(channel, service) == SERVING
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+        assert next(watch).status == SERVING
+        with_probe.health.set(serving=False, registry_ok=False)  # as an expired certificate does
+        assert next(watch).status == NOT_SERVING
+        watch.cancel()

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from pinrpc.cli import env_name
 from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate, load_private_key
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server import cli as server_cli
 from server.app import start_server
-from server.config import ServerConfig
+from server.config import ServeError, ServerConfig
 from server.enrollment import Candidate, check_certificate
 from tests.certs import make_cert, name, p256, write_pair
 from tests.conftest import (
@@ -280,3 +287,113 @@ def test_empty_registry_serves_nobody_and_says_so(
         stub = connect.stub(alice.cert_path, alice.key_path)
         assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
     assert "no enrolled clients" in caplog.text
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a test that needs one number on two addresses)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def serve_argv(devca: ServerFiles, registry: Path, *flags: str) -> list[str]:
+    return ["serve", "--cert", str(devca.cert), "--key", str(devca.key),
+            "--registry", str(registry), *flags]  # fmt: skip
+
+
+def error_line(stderr: str) -> str:
+    """The one line a failed command prints (gRPC's own log lines aside)."""
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("pinrpc-server:")]
+    return line
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("inline", "inline"), ("handover", "handover"), ("handover", "inline")]
+)
+def test_a_second_server_on_a_busy_port_exits_with_one_line(
+    first: str, second: str, devca: ServerFiles, registry: Path
+) -> None:
+    # gRPC binds with SO_REUSEPORT by default: the second server used to start and take a
+    # share of the first one's connections. In a process of its own, as an operator runs it.
+    config = ServerConfig("127.0.0.1:0", devca.cert, devca.key, str(registry), tls_reload=first)
+    with start_server(config) as running:
+        address = f"127.0.0.1:{running.port}"
+        argv = serve_argv(devca, registry, "--listen", address, "--tls-reload", second)
+        done = subprocess.run(
+            [sys.executable, "-m", "server.cli", *argv], capture_output=True, text=True,
+            timeout=20, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1
+        line = error_line(done.stderr)
+        assert line.startswith(f"pinrpc-server: error: cannot listen on {address}: address in use")
+
+
+@pytest.mark.parametrize("mode", ["inline", "handover"])
+@pytest.mark.parametrize("flag", ["health_listen", "enrollment_listen", "metrics_listen"])
+def test_a_side_port_equal_to_the_mtls_port_is_refused(
+    mode: str, flag: str, devca: ServerFiles, registry: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    config = ServerConfig(address, devca.cert, devca.key, str(registry), tls_reload=mode)
+    side: dict[str, Any] = {flag: address}
+    says = f"cannot .* on {address} .*--{flag.replace('_', '-')}"
+    with pytest.raises(ServeError, match=says), start_server(replace(config, **side)):
+        pass
+    with start_server(config):  # the allow twin: everything was stopped, the port is free
+        pass
+
+
+@pytest.mark.parametrize("flag", ["--health-listen", "--enrollment-listen", "--metrics-listen"])
+def test_a_side_port_in_use_is_one_line_naming_the_flag(
+    flag: str, devca: ServerFiles, registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # another program's port
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        argv = serve_argv(devca, registry, "--listen", "127.0.0.1:0", flag, address)
+        assert server_cli.main(argv) == 1
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("pinrpc-server: error: cannot ") and f"{address} ({flag}" in line
+
+
+def test_a_metrics_port_out_of_range_is_a_serve_error(devca: ServerFiles, registry: Path) -> None:
+    # The CLI refuses it first; this is the config's own guard (it was an OverflowError).
+    config = ServerConfig("127.0.0.1:0", devca.cert, devca.key, str(registry))
+    wrapped = replace(config, metrics_listen="127.0.0.1:99999")
+    with pytest.raises(ServeError, match="--metrics-listen"), start_server(wrapped):
+        pass
+
+
+LISTEN_FLAGS = ["--listen", "--health-listen", "--enrollment-listen", "--metrics-listen"]
+SERVE_UNCHECKED = ["serve", "--cert", "c.pem", "--key", "k.pem", "--registry", "r.db"]
+
+
+@pytest.mark.parametrize("flag", LISTEN_FLAGS)
+@pytest.mark.parametrize("value", ["127.0.0.1:99999", "127.0.0.1:-5", "127.0.0.1:65536", "nope"])
+def test_a_bad_listen_address_is_a_usage_error_from_flag_or_environment(
+    flag: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # These used to wrap around: :99999 listened on 34463, :-5 on 65531.
+    plain = SERVE_UNCHECKED
+    for argv in ([*plain, flag, value], plain):
+        if argv is plain:
+            monkeypatch.setenv(env_name(flag), value)
+        with pytest.raises(SystemExit) as info:
+            server_cli.main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: not HOST:PORT with a port from 0 to 65535: {value!r}" in err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", LISTEN_FLAGS)
+def test_a_good_listen_address_is_taken_from_flag_or_environment(
+    flag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = SERVE_UNCHECKED
+    dest = flag[2:].replace("-", "_")
+    args = server_cli.build_parser().parse_args([*plain, flag, "[::1]:0"])
+    assert getattr(args, dest) == "[::1]:0"
+    monkeypatch.setenv(env_name(flag), "localhost:65535")
+    assert getattr(server_cli.build_parser().parse_args(plain), dest) == "localhost:65535"
