@@ -132,8 +132,8 @@ def self_signed_certificate(
     if days < 1:
         raise IdentityError(f"--days must be at least 1, got {days}")
     now = now or dt.datetime.now(dt.UTC)
-    # The random serialNumber attribute makes every subject unique: grpcio verifies only one
-    # of several trust anchors that share a subject DN.
+    # The random serialNumber attribute makes every subject unique, so no two clients' trust
+    # anchors can be confused by name (enrollment refuses look-alikes without key ids).
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.COMMON_NAME, check_name(name)),

@@ -132,7 +132,8 @@ def now_utc() -> dt.datetime:
 
 
 def subject_clash(candidate: Candidate, active: Sequence[Client]) -> Client | None:
-    """grpcio verifies only one of several trust anchors that share a subject and lack key ids.
+    """A TLS stack that picks trust anchors by name alone cannot tell apart two that share a
+    subject and lack key ids (grpcio 1.85 admitted both in a probe: a precaution, SECURITY.md).
 
     Subjects are compared as the TLS stack compares them (ignoring ASCII case and whitespace),
     not as stored; only the rows that could clash are parsed.
