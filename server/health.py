@@ -11,7 +11,7 @@ would grow the server's memory without bound (the probe port needs no certificat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -63,11 +63,21 @@ class KnownOnly:
         return reply
 
     def Watch(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
-    ) -> Iterator[health_pb2.HealthCheckResponse]:
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[health_pb2.HealthCheckResponse | None], None]
+        | None = None,
+    ) -> Iterator[health_pb2.HealthCheckResponse] | None:
         _known(request, context)
-        replies: Iterator[health_pb2.HealthCheckResponse] = self._upstream.Watch(request, context)
+        replies: Iterator[health_pb2.HealthCheckResponse] | None = self._upstream.Watch(
+            request, context, send_response_callback
+        )
         return replies
+
+    # grpcio's non-blocking form, as upstream's Watch has it: grpcio passes a callback and no
+    # worker thread waits on the stream (without it, each Watch would hold one for good).
+    Watch.__dict__.update(experimental_non_blocking=True, experimental_thread_pool=None)
 
     def List(
         self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
