@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,3 +310,20 @@ def test_bad_domains_are_refused_before_contacting_the_ca(
     # Port 1 refuses connections: reaching it would give a different error.
     with pytest.raises(AcmeError, match=fragment):
         obtain_certificate("https://127.0.0.1:1/dir", [domain], tmp_path)
+
+
+def test_obtain_cert_script_runs_under_the_repository_venv(tmp_path: Path) -> None:
+    # A copy of the script in a repository whose .venv is the one running the tests, started
+    # by a Python without the acme extra, as `scripts/obtain-cert` after README's install.
+    base_python = Path(sys.base_prefix) / "bin" / "python3"
+    probe = subprocess.run([base_python, "-c", "import acme"], capture_output=True, check=False)
+    assert probe.returncode != 0, "the base Python has acme: nothing to show"
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "obtain-cert"
+    shutil.copy(Path(__file__).parent.parent / "scripts" / "obtain-cert", script)
+    (tmp_path / ".venv").symlink_to(sys.prefix)
+    done = subprocess.run(
+        [base_python, script, "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: obtain-cert")
