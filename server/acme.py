@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import http.server
 import ipaddress
 import logging
 import os
+import socket
+import stat
 import sys
+import tempfile
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, cast
 
+import idna
 import requests
 from acme import challenges, client, errors, messages
 from acme.crypto_util import make_csr
@@ -34,6 +39,11 @@ from josepy.jwk import JWKEC
 
 from pinrpc.errors import IdentityError, PinrpcError
 from pinrpc.identity import PrivateKey, generate_key, key_to_pem, write_atomic
+
+# What an RFC 8555 directory must name for obtain-cert to work.
+_DIRECTORY_KEYS = ("newNonce", "newAccount", "newOrder")
+# The CA validates HTTP-01 from outside, and the responder serves nothing but challenge tokens.
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +93,8 @@ def _normalize_domains(domains: list[str]) -> list[str]:
                 f"wildcard {raw!r} needs a DNS-01 challenge; obtain-cert only does HTTP-01"
             )
         try:
-            name = name.encode("idna").decode("ascii")
+            # UTS 46 (IDNA 2008, as browsers and CAs use it): faß stays faß, not fass.
+            name = idna.encode(name, uts46=True).decode("ascii")
         except UnicodeError as exc:
             raise AcmeError(f"invalid domain {raw!r}: {_one_line(exc)}") from exc
         if name not in names:
@@ -129,7 +140,15 @@ def _step(what: str, directory_url: str) -> Iterator[None]:
         raise AcmeError(f"ACME server refused {what}: {_one_line(exc)}") from exc
     except errors.TimeoutError as exc:
         raise AcmeError(f"ACME server did not finish {what} in time; retry later") from exc
-    except (errors.Error, DeserializationError, ValueError) as exc:
+    # KeyError, TypeError, AttributeError: JSON that is not a directory ({}, [], "x").
+    except (
+        errors.Error,
+        DeserializationError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as exc:
         arg = exc.args[0] if exc.args else None
         if isinstance(arg, tuple) and arg:  # acme passes (response, error) on bad JSON
             arg = arg[0]
@@ -162,20 +181,26 @@ class _ChallengeHandler(http.server.BaseHTTPRequestHandler):
         log.debug("http-01 %s: " + format, self.client_address[0], *args)
 
 
+class _HTTP6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 @contextmanager
 def _http01_responder(host: str, port: int, answers: Mapping[str, bytes]) -> Iterator[None]:
     handler = type("_Handler", (_ChallengeHandler,), {"answers": dict(answers)})
+    server_class = _HTTP6Server if ":" in host else http.server.ThreadingHTTPServer
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        server = http.server.ThreadingHTTPServer((host, port), handler)
+        server = server_class((host, port), handler)
     except PermissionError as exc:
         raise AcmeError(
-            f"no permission to listen on {host}:{port} for HTTP-01; run with the right to bind "
+            f"no permission to listen on {where} for HTTP-01; run with the right to bind "
             f"ports below 1024, or use --http-port and forward port 80 to it"
         ) from exc
     except OSError as exc:
         raise AcmeError(
-            f"cannot listen on {host}:{port} for HTTP-01 ({exc.strerror or exc}); stop whatever "
-            f"uses that port or choose another --http-port"
+            f"cannot listen on {where} for HTTP-01 ({exc.strerror or exc}); check --http-host, "
+            f"stop whatever uses that port or choose another --http-port"
         ) from exc
     thread = threading.Thread(target=server.serve_forever, name="acme-http01", daemon=True)
     thread.start()
@@ -224,7 +249,7 @@ def obtain_certificate(
     out_dir: Path,
     *,
     http_port: int = 80,
-    http_host: str = "127.0.0.1",
+    http_host: str = ALL_INTERFACES,
     acme_ca_bundle: Path | None = None,
     email: str | None = None,
     key_type: str = "ec256",
@@ -235,11 +260,15 @@ def obtain_certificate(
     every call. Raises AcmeError on any expected failure.
     """
     names = _normalize_domains(domains)
-    url = urllib.parse.urlsplit(directory_url)
-    if url.scheme != "https" or not url.hostname:
+    try:
+        url = urllib.parse.urlsplit(directory_url)
+        hostname = url.hostname
+    except ValueError as exc:
+        raise AcmeError(f"ACME directory URL {directory_url!r} is malformed: {exc}") from exc
+    if url.scheme != "https" or not hostname:
         raise AcmeError(f"ACME directory URL {directory_url!r} must start with https:// (RFC 8555)")
-    if acme_ca_bundle is not None and not acme_ca_bundle.is_file():
-        raise AcmeError(f"CA bundle {acme_ca_bundle.resolve()} is not a file; pass a PEM file")
+    if acme_ca_bundle is not None:
+        _check_ca_bundle(acme_ca_bundle)
     # Fail before talking to the CA, so a bad --out does not waste an issuance (rate limits).
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,13 +295,18 @@ def obtain_certificate(
         user_agent="pinrpc-obtain-cert",
         timeout=_NETWORK_TIMEOUT_S,
     )
-    if _is_loopback(url.hostname):
+    if _is_loopback(hostname):
         # A local CA (pebble) must never go through an *_proxy from the environment.
         net.session.trust_env = False
     try:
         with _step("fetching the ACME directory", directory_url):
-            acme = client.ClientV2(client.ClientV2.get_directory(directory_url, net), net)
-        if acme.external_account_required():
+            directory = client.ClientV2.get_directory(directory_url, net)
+            missing = [k for k in _DIRECTORY_KEYS if k not in directory.to_partial_json()]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} in it")
+            acme = client.ClientV2(directory, net)
+            eab = acme.external_account_required()
+        if eab:
             raise AcmeError(
                 f"the CA at {directory_url} requires external account binding, "
                 f"which obtain-cert does not support; use certbot for this CA"
@@ -339,17 +373,71 @@ def obtain_certificate(
         serial=leaf.serial_number,
         not_after=leaf.not_valid_after_utc,
     )
+    key_mode, key_gid = _key_access(result.privkey)
     try:
         # Key first and fullchain.pem last: a watcher keyed on fullchain.pem sees a full set.
-        write_atomic(result.privkey, key_to_pem(server_key), 0o600)
-        write_atomic(result.cert, pem([leaf]), 0o644)
-        write_atomic(result.chain, pem(intermediates), 0o644)
-        write_atomic(result.fullchain, pem(certs), 0o644)
+        _write_all(
+            [
+                (result.privkey, key_to_pem(server_key), key_mode, key_gid),
+                (result.cert, pem([leaf]), 0o644, -1),
+                (result.chain, pem(intermediates), 0o644, -1),
+                (result.fullchain, pem(certs), 0o644, -1),
+            ]
+        )
     except OSError as exc:
+        where = Path(exc.filename).resolve() if exc.filename else out_dir.resolve()
         raise AcmeError(
-            f"cannot write certificate files in {out_dir.resolve()}: {exc.strerror}"
+            f"cannot write {where}: {exc.strerror or exc}; the previous files are unchanged"
         ) from exc
     return result
+
+
+def _check_ca_bundle(path: Path) -> None:
+    try:
+        x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "no PEM certificate in it"
+        raise AcmeError(
+            f"cannot use CA bundle {path.resolve()}: {reason}; pass a readable PEM file"
+        ) from exc
+
+
+def _key_access(path: Path) -> tuple[int, int]:
+    """Mode and group for a new privkey.pem: keep the old one's group read access, as certbot
+    does, so a non-root server given that group can still read it; never other-read."""
+    try:
+        old = path.stat()
+    except FileNotFoundError:
+        return 0o600, -1
+    return 0o600 | (old.st_mode & stat.S_IRGRP), old.st_gid
+
+
+def _write_all(files: list[tuple[Path, bytes, int, int]]) -> None:
+    """Write (path, data, mode, gid) files under temporary names, then rename them all.
+
+    A failed write removes the temporary files and leaves every old file as it was; renames
+    within one directory need no space, and targets that are directories are refused first.
+    """
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data, mode, gid in files:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                if gid != -1:
+                    os.fchown(f.fileno(), -1, gid)
+                os.fchmod(f.fileno(), mode)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class _UsageError(Exception):
@@ -364,7 +452,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _env_port(name: str, default: int) -> int:
     value = os.environ.get(name)
-    if value is None:
+    if not value:  # an empty variable counts as unset, as elsewhere
         return default
     try:
         return int(value)
@@ -403,8 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--http-host",
-        default="127.0.0.1",
-        help="address for the HTTP-01 responder (default 127.0.0.1)",
+        default=ALL_INTERFACES,
+        help="address for the HTTP-01 responder (default 0.0.0.0, all IPv4 addresses: the CA "
+        "connects from outside; :: for IPv6)",
     )
     parser.add_argument(
         "--ca-bundle",

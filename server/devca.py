@@ -110,6 +110,7 @@ class DevCA:
         *,
         days: int = 90,
         not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
         key: PrivateKey | None = None,
     ) -> Issued:
         key = key or ec.generate_private_key(ec.SECP256R1())
@@ -121,7 +122,7 @@ class DevCA:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
-            .not_valid_after(start + dt.timedelta(days=days))
+            .not_valid_after(not_after or start + dt.timedelta(days=days))
             .add_extension(_san(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

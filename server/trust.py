@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pinrpc.trust")
 EXPIRY_SCAN_SECONDS = 3600.0  # scanning every enrolled client is cheap, but not every poll
+_BEGIN, _END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,15 +86,35 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
         raise ServerCertError(
             f"{key_path.absolute()} is not an unencrypted PEM private key: {exc}"
         ) from exc
+    # The parser skips a cut-off last block, so a half-written chain would otherwise load.
+    tail = chain_pem[chain_pem.rfind(_END) + len(_END) :] if _END in chain_pem else b""
+    if chain_pem.count(_BEGIN) != len(chain) or tail.strip():
+        raise ServerCertError(
+            f"{cert_path.absolute()} holds an incomplete certificate chain (half-written?)"
+        )
     leaf = chain[0]
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ServerCertError(f"{key_path.absolute()} is not an ECDSA or RSA key")
     if not same_public_key(key, leaf):
+        if any(same_public_key(key, c) for c in chain[1:]):
+            raise ServerCertError(
+                f"{cert_path.absolute()} lists an intermediate first; the server's own "
+                f"certificate (the leaf) must come first"
+            )
         raise ServerCertError(
             f"{key_path.absolute()} does not match the first certificate in "
             f"{cert_path.absolute()} (half-finished renewal?)"
         )
+    if not _valid_now(leaf):
+        raise ServerCertError(
+            f"{cert_path.absolute()} is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
+            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
+        )
     return ServerCert(chain_pem, key_pem, leaf)
+
+
+def _valid_now(leaf: x509.Certificate) -> bool:
+    return leaf.not_valid_before_utc <= dt.datetime.now(dt.UTC) < leaf.not_valid_after_utc
 
 
 def file_signature(*paths: Path) -> tuple[tuple[int, int, int], ...] | None:
@@ -228,7 +249,11 @@ class TrustWatcher:
         self._thread: threading.Thread | None = None
         self._nobody = nobody_root()
         self._registry_failing = False
-        self._bad_cert_signature: object = None
+        # Not None: file_signature() returns None for a missing file, which must count as new.
+        self._bad_cert_signature: object = object()
+        self._next_cert_check = 0.0
+        self._cert_warned: float | None = None  # monotonic time of the last expiry warning
+        self._cert_expired_logged = False
         # Initial load: failures here are fatal, the caller reports them.
         self._generation = registry.generation()
         self._orders: dict[bytes, tuple[int, bytes]] = {}  # digest -> subject_order(), cached
@@ -321,14 +346,14 @@ class TrustWatcher:
             self._poll_registry()
             self._poll_server_cert()
             self._warn_expiring_clients()
+            self._check_server_cert_expiry()
             self._events.health(self.healthy, not self._registry_failing)
 
     @property
     def healthy(self) -> bool:
         """Our certificate is valid (and, if so configured, the registry is readable)."""
-        expired = self.server_cert.leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
         outage = self._registry_failing and self._registry_outage_unhealthy
-        return not (outage or expired)
+        return _valid_now(self.server_cert.leaf) and not outage
 
     def _poll_registry(self) -> None:
         generation, clients = self._generation, None
@@ -418,14 +443,42 @@ class TrustWatcher:
     def _announce_cert(self, verb: str) -> None:
         cert = self.server_cert
         log.info("%s server certificate: %s", verb, cert.describe())
-        left = cert.leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
-        if left < dt.timedelta(days=self._warn_days):
+        # A new certificate: check it now, and warn about it afresh.
+        self._next_cert_check, self._cert_warned, self._cert_expired_logged = 0.0, None, False
+        self._check_server_cert_expiry()
+        self._events.server_cert(cert)
+
+    def _check_server_cert_expiry(self) -> None:
+        """Warn once a day within ``warn_days`` of the end; log once when it has ended.
+
+        Checked hourly and at the moment of expiry. A refused file is retried then too: a
+        certificate that was not yet valid may have become valid.
+        """
+        now = time.monotonic()
+        if now < self._next_cert_check:
+            return
+        self._bad_cert_signature = object()
+        not_after = self.server_cert.leaf.not_valid_after_utc
+        left = (not_after - dt.datetime.now(dt.UTC)).total_seconds()
+        self._next_cert_check = now + (
+            min(EXPIRY_SCAN_SECONDS, left) if left > 0 else EXPIRY_SCAN_SECONDS
+        )
+        if left <= 0:
+            if not self._cert_expired_logged:
+                self._cert_expired_logged = True
+                log.error(
+                    "server certificate expired at %s UTC; clients refuse it: renew it now",
+                    f"{not_after:%Y-%m-%d %H:%M}",
+                )
+            return
+        warned = self._cert_warned
+        if left < self._warn_days * 86400 and (warned is None or now - warned >= 86400):
+            self._cert_warned = now
             log.warning(
                 "server certificate expires in %.1f days (%s); renew it (certbot renew)",
-                left.total_seconds() / 86400,
-                cert.leaf.not_valid_after_utc.isoformat(),
+                left / 86400,
+                not_after.isoformat(),
             )
-        self._events.server_cert(cert)
 
     def _announce_clients(self, clients: list[Client]) -> None:
         self._events.clients(clients)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
+import os
+import shutil
 import socket
+import ssl
 import stat
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from server.acme import AcmeError, ObtainResult, main, obtain_certificate
+from server.devca import DevCA
 from tests.conftest import require_pebble
 from tests.pebble import Pebble, start_pebble
 
@@ -212,6 +220,7 @@ def test_cli_directory_from_environment(
         ("not a url", "must start with https://"),
         ("http://127.0.0.1:14000/dir", "must start with https://"),
         ("https://127.0.0.1:1/dir", "cannot reach the ACME server"),
+        ("https://[::1", "is malformed"),
     ],
 )
 def test_cli_bad_directory_url_fails_cleanly(
@@ -265,7 +274,8 @@ def test_cli_http_port_in_use_fails_cleanly(
         ]
     )
     assert code == 1
-    _assert_one_line_error(capsys.readouterr().err, f"127.0.0.1:{busy_port}", "--http-port")
+    # All interfaces by default: the CA connects from outside.
+    _assert_one_line_error(capsys.readouterr().err, f"0.0.0.0:{busy_port}", "--http-port")
     assert not (tmp_path / "privkey.pem").exists()
 
 
@@ -307,3 +317,180 @@ def test_bad_domains_are_refused_before_contacting_the_ca(
     # Port 1 refuses connections: reaching it would give a different error.
     with pytest.raises(AcmeError, match=fragment):
         obtain_certificate("https://127.0.0.1:1/dir", [domain], tmp_path)
+
+
+def test_obtain_cert_script_runs_under_the_repository_venv(tmp_path: Path) -> None:
+    # A copy of the script in a repository whose .venv is the one running the tests, started
+    # by a Python without the acme extra, as `scripts/obtain-cert` after README's install.
+    base_python = Path(sys.base_prefix) / "bin" / "python3"
+    probe = subprocess.run([base_python, "-c", "import acme"], capture_output=True, check=False)
+    assert probe.returncode != 0, "the base Python has acme: nothing to show"
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "obtain-cert"
+    shutil.copy(Path(__file__).parent.parent / "scripts" / "obtain-cert", script)
+    (tmp_path / ".venv").symlink_to(sys.prefix)
+    done = subprocess.run(
+        [base_python, script, "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: obtain-cert")
+
+
+def _issue(pebble: Pebble, out: Path, **kwargs: object) -> ObtainResult:
+    return obtain_certificate(
+        pebble.directory_url,
+        ["server.test"],
+        out,
+        http_port=_free_port(),
+        acme_ca_bundle=pebble.acme_ca_bundle,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_failed_write_leaves_every_previous_file(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _issue(pebble, tmp_path)
+    first.fullchain.unlink()
+    first.fullchain.mkdir()  # the last file cannot be replaced
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    assert main(argv) == 1
+    _assert_one_line_error(capsys.readouterr().err, str(first.fullchain), "unchanged")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_renewal_keeps_the_key_group_but_never_other_read(pebble: Pebble, tmp_path: Path) -> None:
+    first = _issue(pebble, tmp_path)
+    os.chown(first.privkey, -1, 4242)  # as an operator's chgrp for a non-root server
+    first.privkey.chmod(0o644)
+    second = _issue(pebble, tmp_path)
+    st = second.privkey.stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, 0o640)
+    assert second.privkey.read_bytes() != b""
+    # Without group read before, none after.
+    second.privkey.chmod(0o600)
+    st = _issue(pebble, tmp_path).privkey.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_unicode_domain_uses_idna2008(pebble: Pebble, tmp_path: Path) -> None:
+    leaf = x509.load_pem_x509_certificate(
+        obtain_certificate(
+            pebble.directory_url,
+            ["Faß.test"],
+            tmp_path,
+            http_port=_free_port(),
+            acme_ca_bundle=pebble.acme_ca_bundle,
+        ).cert.read_bytes()
+    )
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["xn--fa-hia.test"]  # not fass.test
+
+
+def test_http01_responder_on_ipv6(pebble: Pebble, tmp_path: Path) -> None:
+    result = _issue(pebble, tmp_path, http_host="::1")
+    _verify(result.fullchain, pebble.root_pem, "server.test")
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(AcmeError, match=rf"cannot listen on \[::1\]:{port}"):
+            obtain_certificate(
+                pebble.directory_url,
+                ["server.test"],
+                tmp_path,
+                http_port=port,
+                http_host="::1",
+                acme_ca_bundle=pebble.acme_ca_bundle,
+            )
+
+
+@pytest.fixture(scope="module")
+def fake_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server that answers JSON which is not an ACME directory: (base URL, CA file)."""
+    tmp = tmp_path_factory.mktemp("fake-directory")
+    ca = DevCA("pinrpc test fake directory CA")
+    cert, key = ca.issue(["127.0.0.1"], days=1).write(tmp)
+    (tmp / "ca.pem").write_bytes(ca.root_pem)
+    bodies = {
+        "/empty": b"{}",
+        "/list": b"[]",
+        "/string": b'"x"',
+        "/eab": b'{"newNonce": "https://127.0.0.1:1/n", "newAccount": "https://127.0.0.1:1/a",'
+        b' "newOrder": "https://127.0.0.1:1/o", "meta": {"externalAccountRequired": true}}',
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = bodies[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", tmp / "ca.pem"
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/empty", "no newNonce, newAccount, newOrder in it"),
+        ("/list", "check that the URL is an ACME directory"),
+        ("/string", "check that the URL is an ACME directory"),
+        ("/eab", "external account binding"),
+    ],
+)
+def test_json_that_is_not_a_directory_fails_cleanly(
+    fake_directory: tuple[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    path: str,
+    fragment: str,
+) -> None:
+    base, ca = fake_directory
+    argv = ["--directory", base + path, "--domain", "server.test", "--out", str(tmp_path)]
+    assert main([*argv, "--ca-bundle", str(ca)]) == 1
+    _assert_one_line_error(capsys.readouterr().err, fragment)
+    assert not (tmp_path / "privkey.pem").exists()
+
+
+def test_empty_port_variable_counts_as_unset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PINRPC_ACME_HTTP_PORT", "")
+    # Past the usage check (exit 2) to the URL check (exit 1).
+    assert main(["--directory", "not a url", "--domain", "a.test", "--out", str(tmp_path)]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "must start with https://")
+
+
+@pytest.mark.parametrize("bundle", ["garbage", "directory"])
+def test_unusable_ca_bundle_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bundle: str
+) -> None:
+    path = tmp_path / "bundle.pem"
+    if bundle == "garbage":
+        path.write_bytes(b"not a certificate")
+    else:
+        path.mkdir()
+    # Port 1 refuses connections: reaching it would give a different error.
+    argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "a.test", "--out", str(tmp_path)]
+    assert main([*argv, "--ca-bundle", str(path)]) == 1
+    _assert_one_line_error(capsys.readouterr().err, f"cannot use CA bundle {path}")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from pinrpc.identity import KeyPairFiles
+from pinrpc.errors import ServerCertError
+from pinrpc.identity import KeyPairFiles, cert_to_pem
+from server import trust
 from server.app import start_server
 from server.config import ServerConfig
 from server.devca import Issued
@@ -89,7 +93,13 @@ def test_certbot_renewal_is_picked_up_without_restart(
         assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
 
 
-@pytest.mark.parametrize("breakage", ["mismatched key", "truncated chain", "garbage key"])
+BREAKAGES = [
+    "mismatched key", "truncated chain", "garbage key", "half-written intermediate",
+    "expired", "not yet valid", "intermediate first", "cert missing",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
 def test_broken_renewal_keeps_the_previous_certificate(
     breakage: str,
     devca: ServerFiles,
@@ -110,11 +120,18 @@ def test_broken_renewal_keeps_the_previous_certificate(
             key.write_bytes((tmp_path / "other" / "privkey.pem").read_bytes())
         elif breakage == "truncated chain":
             cert.write_bytes(other.fullchain_pem[:200])
-        else:
+        elif breakage == "garbage key":
             key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n")
+        elif breakage == "cert missing":
+            cert.rename(tmp_path / "moved-away.pem")
+        else:  # a certificate for the same key: only the chain or its dates are wrong
+            cert.write_bytes(_same_key_chain(devca, first, breakage))
         eventually(lambda: "not reloaded" in caplog.text, 1.0)
         assert caplog.text.count("not reloaded") == 1  # logged once, not per poll
         assert served_serial(running.port, alice) == first.leaf.serial_number
+        assert [c.serial_number for c in served_chain(running.port, alice)] == [
+            first.leaf.serial_number, devca.ca.intermediate.serial_number
+        ]  # fmt: skip
         stub = Connect(running, devca).stub(alice.cert_path, alice.key_path)
         assert whoami(stub).name == "alice"
 
@@ -122,6 +139,21 @@ def test_broken_renewal_keeps_the_previous_certificate(
         third = devca.ca.issue(NAMES)
         third.write(tmp_path / "srv")
         eventually(lambda: served_serial(running.port, alice) == third.leaf.serial_number, 1.0)
+
+
+def _same_key_chain(devca: ServerFiles, first: Issued, breakage: str) -> bytes:
+    """A chain for first's key whose dates or layout are wrong, as ``breakage`` says."""
+    now, day = dt.datetime.now(dt.UTC), dt.timedelta(days=1)
+    if breakage == "expired":
+        return devca.ca.issue(NAMES, key=first.key, not_before=now - 3 * day, days=1).fullchain_pem
+    if breakage == "not yet valid":
+        return devca.ca.issue(NAMES, key=first.key, not_before=now + day).fullchain_pem
+    issued = devca.ca.issue(NAMES, key=first.key)
+    leaf, intermediate = cert_to_pem(issued.leaf), cert_to_pem(issued.chain[0])
+    if breakage == "intermediate first":
+        return intermediate + leaf
+    assert breakage == "half-written intermediate"
+    return leaf + intermediate[:100]
 
 
 def test_server_refuses_to_start_with_a_broken_pair(
@@ -138,6 +170,26 @@ def test_server_refuses_to_start_with_a_broken_pair(
     assert "does not match" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("breakage", "fragment"),
+    [
+        ("expired", "is valid only from"),
+        ("not yet valid", "is valid only from"),
+        ("intermediate first", "must come first"),
+        ("half-written intermediate", "incomplete certificate chain"),
+    ],
+)
+def test_server_refuses_to_start_with_a_bad_chain(
+    devca: ServerFiles, registry: Path, tmp_path: Path, breakage: str, fragment: str
+) -> None:
+    first = devca.ca.issue(NAMES)
+    cert, key = first.write(tmp_path)
+    cert.write_bytes(_same_key_chain(devca, first, breakage))
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry))
+    with pytest.raises(ServerCertError, match=fragment), start_server(config):
+        pass
+
+
 def test_expiry_warning(
     devca: ServerFiles, registry: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -151,4 +203,41 @@ def test_expiry_warning(
     config = ServerConfig("127.0.0.1:0", cert, key, str(registry), cert_warn_days=2)
     with caplog.at_level(logging.INFO), start_server(config):
         pass
+    assert "expires in" not in caplog.text
+
+
+def test_expiry_is_rechecked_while_running(
+    devca: ServerFiles,
+    registry: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Outside the one-day window at start, inside it two seconds later.
+    monkeypatch.setattr(trust, "EXPIRY_SCAN_SECONDS", 0.1)
+    not_after = dt.datetime.now(dt.UTC) + dt.timedelta(days=1, seconds=2)
+    cert, key = devca.ca.issue(NAMES, not_after=not_after).write(tmp_path)
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=0.05,
+                          cert_warn_days=1)  # fmt: skip
+    with caplog.at_level(logging.INFO), start_server(config):
+        assert "expires in" not in caplog.text
+        eventually(lambda: "server certificate expires in 1.0 days" in caplog.text, 5.0)
+        time.sleep(0.5)  # many checks: still one warning a day
+    assert caplog.text.count("expires in") == 1
+
+
+def test_expiry_while_running_is_logged_once_and_unhealthy(
+    devca: ServerFiles, registry: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No faster checks needed: the moment of expiry is always checked.
+    not_after = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+    cert, key = devca.ca.issue(NAMES, not_after=not_after).write(tmp_path)
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=0.05,
+                          cert_warn_days=0)  # fmt: skip
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        assert running.trust.healthy
+        eventually(lambda: "server certificate expired at" in caplog.text, 5.0)
+        assert not running.trust.healthy
+        time.sleep(0.5)
+    assert caplog.text.count("expired at") == 1
     assert "expires in" not in caplog.text
