@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         serve,
+        "--max-workers",
+        default="32",
+        type=at_least(int, 4, 1024),
+        help="threads serving calls; one client may hold a quarter of them in open streams",
+    )
+    add_flag(
+        serve,
         "--client-warn-days",
         default="14",
         type=at_least(int, 0),
@@ -340,6 +347,7 @@ def serve(args: argparse.Namespace) -> int:
         cert=Path(args.cert),
         key=Path(args.key),
         registry=args.registry,
+        max_workers=args.max_workers,
         cert_warn_days=args.cert_warn_days,
         client_warn_days=args.client_warn_days,
         registry_outage_unhealthy=args.unhealthy_without_registry,

@@ -397,3 +397,20 @@ def test_a_good_listen_address_is_taken_from_flag_or_environment(
     assert getattr(args, dest) == "[::1]:0"
     monkeypatch.setenv(env_name(flag), "localhost:65535")
     assert getattr(server_cli.build_parser().parse_args(plain), dest) == "localhost:65535"
+
+
+@pytest.mark.parametrize("value", ["3", "1025", "many"])
+def test_a_bad_max_workers_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        server_cli.main([*SERVE_UNCHECKED, "--max-workers", value])
+    assert info.value.code == 2
+    assert "argument --max-workers:" in capsys.readouterr().err
+
+
+def test_max_workers_is_taken_from_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-client stream cap is a quarter of it (tests/security/test_open_streams.py).
+    parse = server_cli.build_parser().parse_args
+    assert parse(SERVE_UNCHECKED).max_workers == 32
+    assert parse([*SERVE_UNCHECKED, "--max-workers", "64"]).max_workers == 64
+    monkeypatch.setenv("PINRPC_MAX_WORKERS", "8")
+    assert server_cli.build_parser().parse_args(SERVE_UNCHECKED).max_workers == 8
