@@ -68,7 +68,9 @@ class LeafOnly(AuthInterceptor):
     the peer's leaf certificate and then admits the call without looking it up."""
 
     def __init__(self, identity: Identity) -> None:
-        super().__init__(lambda: EnrolledSet.build([]))
+        # One snapshot for good: a new one per call would make every stream message re-check.
+        nobody = EnrolledSet.build([])
+        super().__init__(lambda: nobody)
         self._identity = identity
 
     def authorize(
