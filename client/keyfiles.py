@@ -27,12 +27,6 @@ def _until_file(cert: Path) -> Path:
     return cert.with_name(cert.name + ".old-until")
 
 
-def stage(path: Path, data: bytes, mode: int) -> Path:
-    """Write the successor next to ``path`` as *.new (replacing an earlier one)."""
-    write_all([(new(path), data, mode)], overwrite=True)
-    return new(path)
-
-
 def finish_by_hand(cert: Path, key: Path) -> str:
     """How to check a staged pair and move it into place (or drop it), as one sentence."""
     return (

@@ -262,8 +262,10 @@ def test_unknown_client_cannot_rotate(connect: Connect, make_client: MakeClient)
 def test_old_pair_is_removed_once_the_overlap_ended(make_client: MakeClient) -> None:
     alice, nxt = make_client("alice"), make_client("next")
     until = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-    new_cert = keyfiles.stage(alice.cert_path, nxt.cert_path.read_bytes(), 0o644)
-    new_key = keyfiles.stage(alice.key_path, nxt.key_path.read_bytes(), 0o600)
+    keyfiles.stage_pair(
+        alice.cert_path, alice.key_path, nxt.cert_path.read_bytes(), nxt.key_path.read_bytes()
+    )
+    new_cert, new_key = keyfiles.new(alice.cert_path), keyfiles.new(alice.key_path)
     keyfiles.swap_in(alice.cert_path, alice.key_path, new_cert, new_key, until)
     assert keyfiles.old(alice.key_path).exists()
     assert (keyfiles.old(alice.key_path).stat().st_mode & 0o777) == 0o600
