@@ -12,6 +12,8 @@ gets in.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +22,7 @@ from pinrpc.identity import write_atomic
 
 log = logging.getLogger("pinrpc.server")
 MAX_BYTES = 4 * 1024 * 1024  # 64 hex digits + newline each: room for 60,000 clients
+NOT_REGULAR = "not a regular file"  # a FIFO, a device or a directory is neither read nor replaced
 
 
 class WarmSet:
@@ -47,6 +50,8 @@ class WarmSet:
             return
         text = "".join(f"{d.hex()}\n" for d in sorted(digests))
         try:
+            if self.path.exists() and not self.path.is_file():
+                raise OSError(NOT_REGULAR)
             write_atomic(self.path, text.encode(), 0o600)
         except OSError as exc:
             log.warning("could not save the warm-start file %s: %s", self.path, exc)
@@ -57,20 +62,27 @@ class WarmSet:
 def load(path: Path) -> frozenset[bytes]:
     """The fingerprints in ``path``; empty (with a warning) if it is missing or malformed."""
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        return frozenset()
-    except OSError as exc:
-        log.warning("ignoring the warm-start file %s: %s", path, exc)
-        return frozenset()
-    try:
+        data = _read_regular(path, MAX_BYTES + 1)
         if len(data) > MAX_BYTES:
             raise ValueError(f"larger than {MAX_BYTES} bytes")
         return frozenset(_parse(data.decode("ascii").split()))
-    except ValueError as exc:
+    except FileNotFoundError:
+        return frozenset()
+    except (OSError, ValueError) as exc:
         log.warning("ignoring the warm-start file %s: %s", path, exc)
         return frozenset()
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, and start-up with it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(NOT_REGULAR)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit)
+    finally:
+        os.close(fd)
 
 
 def _parse(words: Iterable[str]) -> Iterable[bytes]:
