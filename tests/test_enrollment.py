@@ -28,10 +28,12 @@ from pinrpc.identity import (
     load_private_key,
     spki_sha256,
 )
+from pinrpc.v1 import echo_pb2
 from server import cli
 from server.enrollment import Candidate, check_certificate
 from tests.certs import make_cert, name, p256, rsa_key, write_pair
 from tests.conftest import (
+    ECHO_ALL,
     Connect,
     MakeClient,
     code_of,
@@ -512,3 +514,50 @@ def test_reading_commands_need_no_write_access(
     finally:
         shared.chmod(0o755)
         shutil.rmtree(shared)
+
+
+def test_replace_without_allow_keeps_the_permissions(
+    connect: Connect,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A re-key (keygen + enroll --replace, as for an expired certificate) must not cut the
+    client off; a first enrollment without --allow still gets nothing beyond WhoAmI."""
+    monkeypatch.delenv("PINRPC_ALLOW", raising=False)
+    connect.enroll(make_client("carol"), "carol", ECHO_ALL)
+    rekeyed, dave = make_client("carol2"), make_client("dave")
+    capsys.readouterr()
+    enroll(connect.server_registry, rekeyed.cert_path, "carol", replace=True)
+    connect.enroll(dave, "dave")  # and polls, so the server has carol's new pair too
+    request = echo_pb2.EchoRequest(message="hi")
+    assert connect.stub(rekeyed.cert_path, rekeyed.key_path).Echo(request).caller == "carol"
+    denied = code_of(lambda: connect.stub(dave.cert_path, dave.key_path).Echo(request))
+    assert denied == grpc.StatusCode.PERMISSION_DENIED
+    carol_out, dave_out = capsys.readouterr().out.split("enrolled dave")
+    assert f"allowed      {ECHO_ALL}  (kept from the replaced certificate)" in carol_out
+    assert "allowed      (WhoAmI only)\n" in dave_out
+
+
+@pytest.mark.parametrize("source", ["flag", "environment"])
+def test_replace_with_allow_takes_the_new_permissions(
+    registry: Path,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+) -> None:
+    monkeypatch.delenv("PINRPC_ALLOW", raising=False)
+    enroll(registry, make_client("carol").cert_path, "carol", ECHO_ALL)
+    narrower = "/pinrpc.v1.Echo/Echo"
+    if source == "environment":
+        monkeypatch.setenv("PINRPC_ALLOW", narrower)
+    allow = [narrower] if source == "flag" else []
+    enroll(registry, make_client("carol2").cert_path, "carol", *allow, replace=True)
+    assert "kept from" not in capsys.readouterr().out
+    clients = registry_dump(registry, capsys)
+    assert isinstance(clients, list)
+    assert [(c["allowed_methods"], c["revoked_at"] is None) for c in clients] == [
+        ([ECHO_ALL], False),
+        ([narrower], True),
+    ]
