@@ -305,7 +305,7 @@ class Listener:
             self._reap(now)
             if self._warm is not None and now >= self._next_save:
                 self._next_save = now + WARM_SAVE_INTERVAL
-                self._warm.save()
+                self._warm.save(self._trust.enrolled.by_digest.keys())
 
     def _reap(self, now: float) -> None:
         with self._build_lock:
@@ -326,4 +326,4 @@ class Listener:
         for event in [server.stop(grace) for server in servers]:
             event.wait()
         if self._warm is not None:
-            self._warm.save()
+            self._warm.save(self._trust.enrolled.by_digest.keys())

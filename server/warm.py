@@ -5,8 +5,8 @@ and a server cannot serve anyone before its first TLS context is built. With
 ``--tls-reload handover`` the first listener can hold fewer roots: the clients this server saw
 connect (recorded here, one SHA-256 fingerprint per line), then the full set is handed over
 in the background. The file holds public fingerprints only, and is intersected with the
-active enrolled clients at start, so an edited file can only change who waits, never who
-gets in.
+active enrolled clients at start (and pruned to them at every save), so an edited file can
+only change who waits, never who gets in.
 """
 
 from __future__ import annotations
@@ -15,40 +15,48 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from pathlib import Path
 
 from pinrpc.identity import write_atomic
 
 log = logging.getLogger("pinrpc.server")
-MAX_BYTES = 4 * 1024 * 1024  # 64 hex digits + newline each: room for 60,000 clients
+MAX_BYTES = 4 * 1024 * 1024
+MAX_CLIENTS = MAX_BYTES // 65  # 64 hex digits and a newline each: 64,527
 NOT_REGULAR = "not a regular file"  # a FIFO, a device or a directory is neither read nor replaced
 
 
 class WarmSet:
-    """Fingerprints (SHA-256 digests) of clients seen on this server, saved to a file."""
+    """Fingerprints (SHA-256 digests) of clients seen on this server, saved to a file with the
+    most recently seen last."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._digests = set(load(path))
-        self._saved = frozenset(self._digests)
+        self._saved = load(path)
+        self._loaded = frozenset(self._saved)
+        self._seen: dict[bytes, None] = {}  # this run's, in the order first seen
 
     def loaded(self) -> frozenset[bytes]:
-        return self._saved
+        return self._loaded
 
     def seen(self, digest: bytes) -> None:
-        if digest not in self._digests:  # a set read needs no lock; adds are rare
+        if digest not in self._seen:  # a dict read needs no lock; adds are rare
             with self._lock:
-                self._digests.add(digest)
+                self._seen[digest] = None
 
-    def save(self) -> None:
-        """Write the file if something new was seen; a failure is logged, never raised."""
+    def save(self, active: Container[bytes]) -> None:
+        """Write the file if its contents change; a failure is logged, never raised.
+
+        Only ``active`` clients are kept: revoked and rotated-away fingerprints would otherwise
+        pile up until the file passed MAX_BYTES and the next start ignored all of it."""
         with self._lock:
-            digests = frozenset(self._digests)
-        if digests == self._saved:
+            seen = dict(self._seen)
+        older = [d for d in self._saved if d not in seen]
+        keep = tuple(d for d in (*older, *seen) if d in active)[-MAX_CLIENTS:]
+        if keep == self._saved:
             return
-        text = "".join(f"{d.hex()}\n" for d in sorted(digests))
+        text = "".join(f"{d.hex()}\n" for d in keep)
         try:
             if self.path.exists() and not self.path.is_file():
                 raise OSError(NOT_REGULAR)
@@ -56,21 +64,22 @@ class WarmSet:
         except OSError as exc:
             log.warning("could not save the warm-start file %s: %s", self.path, exc)
             return
-        self._saved = digests
+        self._saved = keep
 
 
-def load(path: Path) -> frozenset[bytes]:
-    """The fingerprints in ``path``; empty (with a warning) if it is missing or malformed."""
+def load(path: Path) -> tuple[bytes, ...]:
+    """The fingerprints in ``path``, in order; none (with a warning) if it is missing or
+    malformed."""
     try:
         data = _read_regular(path, MAX_BYTES + 1)
         if len(data) > MAX_BYTES:
             raise ValueError(f"larger than {MAX_BYTES} bytes")
-        return frozenset(_parse(data.decode("ascii").split()))
+        return tuple(dict.fromkeys(_parse(data.decode("ascii").split())))
     except FileNotFoundError:
-        return frozenset()
+        return ()
     except (OSError, ValueError) as exc:
         log.warning("ignoring the warm-start file %s: %s", path, exc)
-        return frozenset()
+        return ()
 
 
 def _read_regular(path: Path, limit: int) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from pinrpc.identity import KeyPairFiles
 from server.app import start_server
-from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, enroll, whoami
-from tests.test_handover import handover_config
+from server.warm import MAX_BYTES, MAX_CLIENTS, WarmSet, load
+from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, enroll, revoke, whoami
+from tests.test_handover import handover_config, settle
 
 
 def unblock_after(fifo: Path, seconds: float) -> threading.Timer:
@@ -57,3 +60,45 @@ def test_a_warm_path_that_is_not_a_regular_file_is_ignored_and_left_alone(
     # alice was seen, so stopping tried to save: the path must stay what it was.
     assert f"could not save the warm-start file {warm_path}: not a regular file" in warnings
     assert warm_path.is_fifo() if kind == "fifo" else warm_path.is_dir()
+
+
+def test_the_warm_file_keeps_only_active_clients_most_recent_last(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """A revoked client and a re-keyed client's old certificate leave the file; an enrolled
+    client that did not connect this time stays."""
+    alice, bob, carol, alice2 = (make_client(n) for n in ("alice", "bob", "carol", "alice2"))
+    for files, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+        enroll(registry, files.cert_path, name, ECHO_ALL)
+    warm_file = tmp_path / "warm"
+    config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_file)
+
+    def run(*clients: KeyPairFiles) -> list[bytes]:
+        with start_server(config) as running:
+            connect = Connect(running, devca)
+            settle(connect)  # clients outside the warm file get in after the handover
+            for files in clients:
+                assert whoami(connect.stub(files.cert_path, files.key_path))
+        return list(load(warm_file))
+
+    assert sorted(run(alice, bob, carol)) == sorted(
+        f.fingerprint.digest for f in (alice, bob, carol)
+    )
+    revoke(registry, "bob")
+    enroll(registry, alice2.cert_path, "alice", replace=True)
+    assert run(alice2) == [carol.fingerprint.digest, alice2.fingerprint.digest]
+
+
+def test_the_warm_file_stays_under_its_cap_keeping_the_most_recent(tmp_path: Path) -> None:
+    """A file at the cap that gains clients drops the least recently seen, so the next start
+    still reads it (a file over MAX_BYTES is ignored whole)."""
+    digests = [hashlib.sha256(b"%d" % i).digest() for i in range(MAX_CLIENTS + 100)]
+    warm_file = tmp_path / "warm"
+    warm_file.write_text("".join(f"{d.hex()}\n" for d in digests[:MAX_CLIENTS]))
+    warm = WarmSet(warm_file)
+    assert len(warm.loaded()) == MAX_CLIENTS
+    for digest in digests[MAX_CLIENTS:]:  # 100 new clients (say, rotated keys) connect
+        warm.seen(digest)
+    warm.save(frozenset(digests))
+    assert warm_file.stat().st_size <= MAX_BYTES
+    assert list(load(warm_file)) == digests[100:]
