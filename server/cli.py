@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     approve = commands.add_parser("approve", help="enroll a pending request, by fingerprint")
     approve.add_argument("fingerprint", help="as `pinrpc-server pending` shows it")
-    approve.add_argument("--name", help="enroll under this name instead of the requested one")
+    add_flag(approve, "--name", help="enroll under this name instead of the requested one")
     add_allow_flag(approve)
     approve.add_argument(
         "--replace",

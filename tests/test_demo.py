@@ -138,8 +138,45 @@ def test_keep_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
     result = demo("--keep", str(tmp_path))
 
     assert result.returncode == 2
-    assert "is not empty" in result.stderr
+    assert "is not an earlier demo's directory" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("empty directory", "already exists and is not an earlier demo's directory"),
+        ("file", "is not a directory"),
+        ("symlink to an earlier demo's directory", "is a symbolic link"),
+    ],
+)
+def test_keep_refuses_what_it_cannot_empty_safely(tmp_path: Path, kind: str, message: str) -> None:
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / ".pinrpc-demo").write_text("made by scripts/demo\n")
+    (earlier / "alice.key").write_text("kept")
+    keep = tmp_path / "keep"
+    if kind == "empty directory":
+        keep.mkdir()
+    elif kind == "file":
+        keep.write_text("mine")
+    else:
+        keep.symlink_to(earlier)
+
+    result = demo("--keep", str(keep))
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"demo: error: {keep} {message}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    # Nothing was emptied or replaced.
+    assert sorted(p.name for p in earlier.iterdir()) == [".pinrpc-demo", "alice.key"]
+    if kind == "file":
+        assert keep.read_text() == "mine"
+    elif kind == "empty directory":
+        assert list(keep.iterdir()) == []
+    else:
+        assert keep.is_symlink()
 
 
 def _pid_alive(pid: int) -> bool:

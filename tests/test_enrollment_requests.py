@@ -94,6 +94,29 @@ def test_request_then_approve(
     assert (me.name, list(me.allowed_methods)) == ("carol-svc", [ECHO_ALL])
 
 
+def test_approve_reads_the_name_from_pinrpc_name(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    carol, dave = make_client("carol"), make_client("dave")
+    for files in (carol, dave):
+        argv = ["request-enrollment", "--name", files.cert_path.stem,
+                *request_flags(enrolling, devca, files)]  # fmt: skip
+        assert client_cli.main(argv) == Exit.OK
+    monkeypatch.setenv("PINRPC_NAME", "carol-env")
+    assert server_cli.main(["approve", str(carol.fingerprint), "--registry", str(registry)]) == 0
+    monkeypatch.delenv("PINRPC_NAME")  # unset: the requested name
+    assert server_cli.main(["approve", str(dave.fingerprint), "--registry", str(registry)]) == 0
+    capsys.readouterr()
+    assert server_cli.main(["list", "--json", "--registry", str(registry)]) == 0
+    names = {c["fingerprint"]: c["name"] for c in json.loads(capsys.readouterr().out)}
+    assert names == {str(carol.fingerprint): "carol-env", str(dave.fingerprint): "dave"}
+
+
 def test_rejected_request_is_never_admitted(
     enrolling: RunningServer,
     devca: ServerFiles,

@@ -1,0 +1,182 @@
+"""The repository's scripts at their edges: what they refuse to conclude, set up, or run under."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from server.devca import DevCA
+from tests.conftest import SERVER_NAME, Connect, MakeClient
+from tests.security.attacker import attack
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+BIN = Path(sys.executable).parent
+
+
+@contextmanager
+def hang_up_listener() -> Iterator[int]:
+    """A loopback TCP port that accepts every connection and closes it at once."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_attack_on_a_listener_that_hangs_up_proves_nothing(make_client: MakeClient) -> None:
+    alice = make_client("alice")
+    with hang_up_listener() as port:
+        run = attack("--server", f"127.0.0.1:{port}", "--cert", alice.cert_path, timeout=60)
+
+    assert run.code == 2, run.out
+    assert run.err.count("\n") == 1, run.err
+    assert "no verified pinrpc server refused or answered us" in run.err
+    assert "defence held" not in run.out
+
+
+def test_attack_on_a_server_whose_certificate_does_not_verify_proves_nothing(
+    connect: Connect, make_client: MakeClient, tmp_path: Path
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_bytes(DevCA("another CA").root_pem)
+    target: list[str | Path] = [
+        "--server", connect.target, "--server-name", SERVER_NAME, "--cert", alice.cert_path
+    ]  # fmt: skip
+
+    wrong = attack(*target, "--ca", other_ca)
+    assert wrong.code == 2, wrong.out
+    assert wrong.out.count("server certificate NOT verified") == 2  # TLS 1.2 and 1.3
+    assert "no verified pinrpc server" in wrong.err
+
+    # The same server, verified: its refusal of the thief counts, over TLS 1.2 alone too.
+    for versions in ("both", "1.2"):
+        right = attack(*target, "--ca", connect.devca.ca_path, "--tls", versions)
+        assert right.code == 0, right.out
+        assert "defence held" in right.out
+
+
+@pytest.mark.parametrize("script", ["demo-open-channel", "stolen-cert-attack"])
+def test_scripts_without_their_modules_say_so_in_one_line(script: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # -S: no site-packages, as under a system python3 without the project installed.
+    done = subprocess.run(
+        [sys.executable, "-S", str(SCRIPTS / script), "--help"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"{script}: error: Python module ")
+
+
+def fake_repo(tmp_path: Path, script: str) -> Path:
+    """A checkout holding only ``script`` and a half-made .venv: bin/python without pip."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(SCRIPTS / script, repo / "scripts" / script)
+    (repo / "pyproject.toml").write_text("")
+    half_made = repo / ".venv" / "bin" / "python"
+    half_made.parent.mkdir(parents=True)
+    half_made.write_text("#!/bin/sh\nexit 1\n")
+    half_made.chmod(0o755)
+    return repo
+
+
+def no_ensurepip(tmp_path: Path) -> dict[str, str]:
+    """An environment whose `python -m venv` fails as Debian's does without python3-venv:
+    after writing bin/python, with no pip."""
+    package = tmp_path / "no-ensurepip" / "venv"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import pathlib, sys\n"
+        "python = pathlib.Path(sys.argv[-1], 'bin', 'python')\n"
+        "python.parent.mkdir(parents=True, exist_ok=True)\n"
+        "python.write_text('#!/bin/sh\\nexit 1\\n')\n"
+        "python.chmod(0o755)\n"
+        "sys.exit('The virtual environment was not created successfully because ensurepip is "
+        "not available.')\n"
+    )
+    return {**os.environ, "PYTHONPATH": str(package.parent), "PYTHON": sys.executable}
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ("demo", "demo: error: could not create "),
+        ("test", "scripts/test: error: could not create .venv with "),
+    ],
+)
+def test_a_half_made_venv_is_made_again_and_removed_when_that_fails(
+    tmp_path: Path, script: str, message: str
+) -> None:
+    repo = fake_repo(tmp_path, script)
+    env = no_ensurepip(tmp_path)
+
+    for _ in range(2):  # the second run finds no leftover either
+        done = subprocess.run(
+            [sys.executable, str(repo / "scripts" / script)]
+            if script == "demo"
+            else ["bash", str(repo / "scripts" / script)],
+            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=False,
+        )  # fmt: skip
+
+        assert done.returncode == 1
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith(message) and "apt-get install python3-venv" in last, done.stderr
+        assert not (repo / ".venv").exists()
+
+
+def test_gen_protos_defaults_to_the_repository_venv(tmp_path: Path) -> None:
+    system = ["/usr/bin/python3", "-c", "import grpc_tools"]
+    if subprocess.run(system, capture_output=True, check=False).returncode == 0:
+        pytest.skip("the system python3 has grpc_tools: it would pass without .venv")
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(SCRIPTS / "gen-protos", repo / "scripts")
+    shutil.copytree(REPO / "protos", repo / "protos")
+    venv_bin = repo / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    # This test's own interpreter and plugins (the dev extra), reached through .venv/bin.
+    python = venv_bin / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    for plugin in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+        (venv_bin / plugin).symlink_to(BIN / plugin)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYTHONPATH")}
+
+    done = subprocess.run(
+        [str(repo / "scripts" / "gen-protos")],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**env, "OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "pinrpc" / "v1" / "echo_pb2_grpc.pyi").is_file()
