@@ -236,22 +236,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     candidate = check_certificate(data, where)
     allowed = check_patterns(allow_patterns(args))
     with registry_of(args, create=True) as registry:
-        # A re-key without --allow keeps the permissions: dropping them would cut the client off.
-        kept = _replaced_allowed(registry, args.name) if args.replace and not allowed else ()
-        client = registry.enroll(candidate, args.name, kept or allowed, replace=args.replace)
+        # With --replace and no --allow the registry keeps the replaced certificate's.
+        client = registry.enroll(candidate, args.name, allowed, replace=args.replace)
     print(f"enrolled {client.name}")
     print(f"  fingerprint  {client.fingerprint}")
+    kept = args.replace and not allowed and client.allowed_methods
     note = "  (kept from the replaced certificate)" if kept else ""
     print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}{note}")
     print(f"  expires      {client.not_after:%Y-%m-%d %H:%M} UTC")
     print("Compare the fingerprint with the one `pinrpc keygen` showed the client.")
     return Exit.OK
-
-
-def _replaced_allowed(registry: Registry, name: str) -> tuple[str, ...]:
-    """The permissions of the certificate that ``enroll --replace`` revokes (none if none)."""
-    current = [c for c in registry.clients() if c.name == name and c.current]
-    return current[0].allowed_methods if current else ()
 
 
 def _status(client: Client) -> str:

@@ -399,6 +399,8 @@ class SqlRegistry(ABC):
                 "UPDATE clients SET revoked_at = ? WHERE fingerprint = ?",
                 (now, retired.fingerprint.hex),
             )
+            # A re-key that names no permissions keeps them: dropping them would cut it off.
+            allowed = allowed or retired.allowed_methods
         self._insert(q, candidate, name, allowed, now)
 
     def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:

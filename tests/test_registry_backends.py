@@ -119,6 +119,26 @@ def test_replace_rekeys_and_revokes_the_old_certificate(spec: str, make_client: 
         registry.close()
 
 
+def test_a_rekey_without_permissions_keeps_the_replaced_ones(
+    spec: str, make_client: MakeClient
+) -> None:
+    """In the registry, so `enroll --replace`, `approve --replace` and the Admin API agree."""
+    registry = open_registry(spec)
+    try:
+        registry.enroll(candidate(make_client, "v1"), "svc", [ECHO_ALL])
+        assert registry.enroll(
+            candidate(make_client, "v2"), "svc", [], replace=True
+        ).allowed_methods == (ECHO_ALL,)
+        narrower = "/pinrpc.v1.Echo/Echo"
+        assert registry.enroll(
+            candidate(make_client, "v3"), "svc", [narrower], replace=True
+        ).allowed_methods == (narrower,)
+        # A first enrollment without permissions gets none: nothing is replaced.
+        assert registry.enroll(candidate(make_client, "other"), "other", []).allowed_methods == ()
+    finally:
+        registry.close()
+
+
 def test_concurrent_enrollments_are_serialized(spec: str, make_client: MakeClient) -> None:
     """Two admins enrolling the same name at once: exactly one wins, the other gets the rule."""
     open_registry(spec).close()
