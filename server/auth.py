@@ -46,6 +46,8 @@ ALWAYS_ALLOWED: Final = frozenset(
 _PEM_CACHE_LIMIT: Final = 4096
 UNKNOWN_METHOD: Final = "(unknown)"
 ADMIN_PREFIX: Final = "/pinrpc.v1.Admin/"
+# What a request that could not be decoded becomes (see _tolerant): the check runs first.
+_UNDECODABLE: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +285,28 @@ def _deny(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> 
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning _UNDECODABLE instead of raising.
+
+    grpcio deserializes before the behaviour runs: a raising deserializer ended the call with
+    INTERNAL before the check (no audit line, no metric) and logged a traceback per message.
+    """
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # any failure, as grpcio itself catches
+            return _UNDECODABLE
+
+    return deserialize
+
+
+def _undecodable(context: grpc.ServicerContext) -> NoReturn:
+    _deny(context, grpc.StatusCode.INVALID_ARGUMENT, "request could not be decoded")
+
+
 def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
     code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
@@ -341,6 +365,8 @@ class _Stream:
         for message in messages:
             if enrolled() is not self.snapshot:
                 self.recheck()
+            if message is _UNDECODABLE:
+                _undecodable(self._context)
             yield message
 
     def guarded(self, send: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -376,6 +402,8 @@ def _wrap(
             token = _caller.set(identity)
             completed = False
             try:
+                if request is _UNDECODABLE:
+                    _undecodable(context)
                 result = behavior(request, context)
                 completed = True
                 return result
@@ -413,6 +441,8 @@ def _wrap(
                 stream.hold(streams)
                 if requests_too:
                     request = stream.checked(request)
+                elif request is _UNDECODABLE:
+                    _undecodable(context)
                 yield from stream.checked(behavior(request, context))
                 completed = True
             finally:
@@ -437,6 +467,8 @@ def _wrap(
 
             if not context.add_callback(done):
                 return done()  # the call ended already
+            if request is _UNDECODABLE:
+                _undecodable(context)
             stream.hold(streams)
             token = _caller.set(stream.identity)
             try:
@@ -452,7 +484,7 @@ def _wrap(
         return run
 
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
