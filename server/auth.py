@@ -323,7 +323,9 @@ class _Stream:
     per message, the full check once per change.
     """
 
-    __slots__ = ("_cap", "_check", "_context", "_enrolled", "_method", "identity", "snapshot")
+    __slots__ = (
+        "_cap", "_check", "_context", "_enrolled", "_method", "identity", "refused", "snapshot"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -337,6 +339,7 @@ class _Stream:
         self.snapshot = enrolled()
         self.identity = check(context, method)
         self._cap: StreamCap | None = None
+        self.refused = False  # by a re-check, which reported (and counted) the refusal itself
 
     def hold(self, cap: StreamCap) -> None:
         """Count this stream against its client's cap, or refuse it."""
@@ -349,15 +352,22 @@ class _Stream:
             )
         self._cap = cap
 
-    def release(self) -> None:
+    def end(self, finished: Callable[[str, str, grpc.StatusCode], None], completed: bool) -> None:
+        """Give back the stream's place under the cap and count the call, once."""
         if self._cap is not None:
             self._cap.release(self.identity.fingerprint)
             self._cap = None
+        if not self.refused:
+            finished(self.identity.name, self._method, _final_code(self._context, completed))
 
     def recheck(self) -> None:
         """Abort the call (as the first check would) unless its caller is still admitted."""
         current = self._enrolled()
-        self._check(self._context, self._method)
+        try:
+            self._check(self._context, self._method)
+        except Exception:
+            self.refused = True
+            raise
         self.snapshot = current
 
     def checked(self, messages: Iterator[Any]) -> Iterator[Any]:
@@ -425,8 +435,7 @@ def _wrap(
                 return result
             finally:
                 _caller.reset(token)
-                stream.release()
-                finished(stream.identity.name, method, _final_code(context, completed))
+                stream.end(finished, completed)
 
         return run
 
@@ -449,8 +458,7 @@ def _wrap(
                 # A generator may be finalised from another thread (and Context).
                 with contextlib.suppress(ValueError):
                     _caller.reset(token)
-                stream.release()
-                finished(stream.identity.name, method, _final_code(context, completed))
+                stream.end(finished, completed)
 
         return run
 
@@ -462,8 +470,7 @@ def _wrap(
             stream = _Stream(context, method, enrolled, check)
 
             def done() -> None:
-                stream.release()
-                finished(stream.identity.name, method, _final_code(context, True))
+                stream.end(finished, True)
 
             if not context.add_callback(done):
                 return done()  # the call ended already

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2
-from server.auth import streams_per_client
+from server.auth import UNKNOWN_METHOD, streams_per_client
 from tests.conftest import ECHO_ALL, Connect, MakeClient, code_of, eventually, revoke, whoami
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -26,9 +26,8 @@ class Bidi:
     def __init__(self, connect: Connect, client: KeyPairFiles) -> None:
         self._requests: queue.Queue[str | None] = queue.Queue()
         stub = connect.stub(client.cert_path, client.key_path)
-        self._replies: Iterator[echo_pb2.EchoResponse] = iter(
-            stub.EchoStream(self._feed(), timeout=10)
-        )
+        self._call = stub.EchoStream(self._feed(), timeout=10)
+        self._replies: Iterator[echo_pb2.EchoResponse] = iter(self._call)
 
     def _feed(self) -> Iterator[echo_pb2.EchoRequest]:
         while (message := self._requests.get(timeout=10)) is not None:
@@ -40,6 +39,16 @@ class Bidi:
 
     def close(self) -> None:
         self._requests.put(None)  # the end of the requests, which ends the call
+
+
+def counted(connect: Connect, code: str) -> dict[tuple[str, str], float]:
+    """pinrpc_calls_total for calls that ended with ``code``, by client and method."""
+    return {
+        (sample.labels["client"], sample.labels["method"]): sample.value
+        for family in connect.server.metrics.calls.collect()
+        for sample in family.samples
+        if sample.labels["code"] == code
+    }
 
 
 def test_revocation_stops_an_open_stream_on_its_next_message(
@@ -55,6 +64,10 @@ def test_revocation_stops_an_open_stream_on_its_next_message(
         assert code_of(lambda: stream.echo("after")) == DENIED
     finally:
         stream.close()
+    # Counted once, as the re-check reported it (like any call of a caller no longer enrolled),
+    # not again as the stream ended. The stream's wrapper has counted before gRPC sends the
+    # status, so there is nothing to wait for.
+    assert counted(connect, "PERMISSION_DENIED") == {("", UNKNOWN_METHOD): 1}
 
 
 def test_an_open_stream_survives_an_unrelated_enrollment(
