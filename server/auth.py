@@ -311,7 +311,14 @@ def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCo
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
     code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
     if code is None:
-        return grpc.StatusCode.OK if completed else grpc.StatusCode.UNKNOWN
+        if completed:
+            return grpc.StatusCode.OK
+        if context.is_active():
+            return grpc.StatusCode.UNKNOWN  # the handler raised
+        # The call ended under the handler: the client cancelled it or its deadline passed.
+        if context.time_remaining() <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
     return code
 
 
