@@ -123,9 +123,13 @@ class Observability:
             if fp not in known:
                 self.audit.event("enroll", client=client.name, fingerprint=str(fp),
                                  allowed_methods=list(client.allowed_methods))  # fmt: skip
+        latest = {c.fingerprint: c for c in clients}
         for fp, client in known.items():
             if fp not in active:
-                self.audit.event("revoke", client=client.name, fingerprint=str(fp))
+                client = latest.get(fp, client)
+                # The end of a rotation's overlap retires a certificate: nobody revoked it.
+                event = "retire" if client.revoked_at is None and client.retire_at else "revoke"
+                self.audit.event(event, client=client.name, fingerprint=str(fp))
 
     def health(self, serving: bool, registry_ok: bool) -> None:
         self.health_state.set(serving, registry_ok)

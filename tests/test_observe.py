@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
+from pinrpc.cli import Exit
+from pinrpc.identity import Fingerprint, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import audit as audit_module
 from server import handshakes, observe
@@ -33,9 +35,11 @@ from tests.conftest import (
     ServerFiles,
     code_of,
     enroll,
+    eventually,
     revoke,
     whoami,
 )
+from tests.test_client_cli import run
 
 
 @pytest.fixture
@@ -397,3 +401,38 @@ def test_the_lowest_audit_rate_still_writes_lines(
             assert code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
         lines = audit_lines(caplog, running.audit)
     assert [line["decision"] for line in lines if line["event"] == "call"] == ["deny"]
+
+
+def test_an_ended_rotation_overlap_is_audited_as_retire(
+    connect: Connect,
+    make_client: MakeClient,
+    registry: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The old certificate leaves the enrolled set when the overlap ends, but nobody revoked
+    it; revoking the new one (the twin) is audited as a revocation."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    connect.server.audit.flush()  # the enrollment's line, before the capture
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        code, _, err = run(["rotate", "--overlap", "1", *connect.cli_flags(alice)], capsys)
+        assert code == Exit.OK, err
+        successor = Fingerprint.of(load_certificate(alice.cert_path))
+
+        def overlap_ended() -> bool:
+            connect.server.trust.poll()
+            events = {line["event"] for line in audit_lines(caplog, connect.server.audit)}
+            return bool(events & {"retire", "revoke"})
+
+        eventually(overlap_ended, timeout=3)
+        revoke(registry, "alice")
+        connect.server.trust.poll()
+        lines = audit_lines(caplog, connect.server.audit)
+    changes = [(line["event"], line["fingerprint"]) for line in lines if line["event"] != "call"]
+    assert changes == [
+        ("enroll", str(successor)),
+        ("rotate", str(successor)),
+        ("retire", str(alice.fingerprint)),
+        ("revoke", str(successor)),
+    ]
