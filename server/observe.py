@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import grpc
@@ -114,7 +115,9 @@ class Observability:
 
     def clients(self, clients: list[Client]) -> None:
         active = {c.fingerprint: c for c in clients if c.active}
-        self.metrics.enrolled.set(len(active))
+        # Those the enrolled set trusts ("trusting N"): an expired certificate stays active.
+        now = dt.datetime.now(dt.UTC)
+        self.metrics.enrolled.set(sum(1 for c in active.values() if c.not_after > now))
         self.metrics.revoked.set(len(clients) - len(active))
         known, self._known = self._known, active
         if known is None:

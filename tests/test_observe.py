@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from pinrpc.cli import Exit
-from pinrpc.identity import Fingerprint, load_certificate
+from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import audit as audit_module
 from server import handshakes, observe
@@ -28,6 +28,7 @@ from server.config import ServerConfig
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.ratelimit import TokenBucket
+from tests.certs import make_cert, p256
 from tests.conftest import (
     ECHO_ALL,
     Connect,
@@ -436,3 +437,26 @@ def test_an_ended_rotation_overlap_is_audited_as_retire(
         ("retire", str(alice.fingerprint)),
         ("revoke", str(successor)),
     ]
+
+
+def test_expired_certificates_leave_the_enrolled_gauge(
+    connect: Connect, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pinrpc_enrolled_clients counts what the enrolled set trusts ("trusting N"); an expiry
+    is no revocation (neither the gauge nor the audit says so)."""
+    connect.enroll(make_client("alice"), "alice")  # the twin: stays counted
+    connect.server.audit.flush()  # alice's line, before the capture
+    key = p256()
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    short = make_cert(key, "short", key_cert_sign=False, not_before=start, days=3 / 86400)
+    path = connect.server_registry.parent / "short.crt"
+    path.write_bytes(cert_to_pem(short))
+    sample = connect.server.metrics.registry.get_sample_value
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        enroll(connect.server_registry, path, "short")
+        connect.server.trust.poll()
+        assert sample("pinrpc_enrolled_clients") == 2
+        eventually(lambda: sample("pinrpc_enrolled_clients") == 1, timeout=5)
+        lines = audit_lines(caplog, connect.server.audit)
+    assert sample("pinrpc_revoked_clients") == 0
+    assert [line["event"] for line in lines if line["event"] != "call"] == ["enroll"]
