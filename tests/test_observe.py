@@ -460,3 +460,32 @@ def test_expired_certificates_leave_the_enrolled_gauge(
         lines = audit_lines(caplog, connect.server.audit)
     assert sample("pinrpc_revoked_clients") == 0
     assert [line["event"] for line in lines if line["event"] != "call"] == ["enroll"]
+
+
+@pytest.mark.parametrize("tls_reload", ["inline", "handover"])
+def test_trust_rebuilds_count_client_authenticated_configurations_only(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tls_reload: str
+) -> None:
+    """A revocation rebuilds the mTLS port's configuration (inline) or nothing (handover:
+    the per-call check refuses, no new listener); the enrollment port's server-only TLS is
+    no trust rebuild. An enrollment (the twin) does count in both modes."""
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice")
+    config = ServerConfig(
+        "127.0.0.1:0", devca.cert, devca.key, str(registry), poll_interval=0.1, grace=1.0,
+        enrollment_listen="127.0.0.1:0", tls_reload=tls_reload,
+    )  # fmt: skip
+    with start_server(config) as running:
+
+        def rebuilds() -> float:
+            sample = running.metrics.registry.get_sample_value("pinrpc_trust_rebuilds_total")
+            return sample or 0
+
+        before = rebuilds()
+        enroll(registry, bob.cert_path, "bob")
+        running.trust.poll()
+        eventually(lambda: rebuilds() == before + 1, timeout=5)
+        revoke(registry, "bob")
+        running.trust.poll()
+        time.sleep(0.5)  # a handover build would have started by now
+        assert rebuilds() == before + (1 if tls_reload == "handover" else 2)
