@@ -46,6 +46,8 @@ ALWAYS_ALLOWED: Final = frozenset(
 _PEM_CACHE_LIMIT: Final = 4096
 UNKNOWN_METHOD: Final = "(unknown)"
 ADMIN_PREFIX: Final = "/pinrpc.v1.Admin/"
+# What a request that could not be decoded becomes (see _tolerant): the check runs first.
+_UNDECODABLE: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +285,40 @@ def _deny(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> 
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning _UNDECODABLE instead of raising.
+
+    grpcio deserializes before the behaviour runs: a raising deserializer ended the call with
+    INTERNAL before the check (no audit line, no metric) and logged a traceback per message.
+    """
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # any failure, as grpcio itself catches
+            return _UNDECODABLE
+
+    return deserialize
+
+
+def _undecodable(context: grpc.ServicerContext) -> NoReturn:
+    _deny(context, grpc.StatusCode.INVALID_ARGUMENT, "request could not be decoded")
+
+
 def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
     code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
     if code is None:
-        return grpc.StatusCode.OK if completed else grpc.StatusCode.UNKNOWN
+        if completed:
+            return grpc.StatusCode.OK
+        if context.is_active():
+            return grpc.StatusCode.UNKNOWN  # the handler raised
+        # The call ended under the handler: the client cancelled it or its deadline passed.
+        if context.time_remaining() <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
     return code
 
 
@@ -299,7 +330,9 @@ class _Stream:
     per message, the full check once per change.
     """
 
-    __slots__ = ("_cap", "_check", "_context", "_enrolled", "_method", "identity", "snapshot")
+    __slots__ = (
+        "_cap", "_check", "_context", "_enrolled", "_method", "identity", "refused", "snapshot"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -313,6 +346,7 @@ class _Stream:
         self.snapshot = enrolled()
         self.identity = check(context, method)
         self._cap: StreamCap | None = None
+        self.refused = False  # by a re-check, which reported (and counted) the refusal itself
 
     def hold(self, cap: StreamCap) -> None:
         """Count this stream against its client's cap, or refuse it."""
@@ -325,15 +359,22 @@ class _Stream:
             )
         self._cap = cap
 
-    def release(self) -> None:
+    def end(self, finished: Callable[[str, str, grpc.StatusCode], None], completed: bool) -> None:
+        """Give back the stream's place under the cap and count the call, once."""
         if self._cap is not None:
             self._cap.release(self.identity.fingerprint)
             self._cap = None
+        if not self.refused:
+            finished(self.identity.name, self._method, _final_code(self._context, completed))
 
     def recheck(self) -> None:
         """Abort the call (as the first check would) unless its caller is still admitted."""
         current = self._enrolled()
-        self._check(self._context, self._method)
+        try:
+            self._check(self._context, self._method)
+        except Exception:
+            self.refused = True
+            raise
         self.snapshot = current
 
     def checked(self, messages: Iterator[Any]) -> Iterator[Any]:
@@ -341,6 +382,8 @@ class _Stream:
         for message in messages:
             if enrolled() is not self.snapshot:
                 self.recheck()
+            if message is _UNDECODABLE:
+                _undecodable(self._context)
             yield message
 
     def guarded(self, send: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -376,6 +419,8 @@ def _wrap(
             token = _caller.set(identity)
             completed = False
             try:
+                if request is _UNDECODABLE:
+                    _undecodable(context)
                 result = behavior(request, context)
                 completed = True
                 return result
@@ -397,8 +442,7 @@ def _wrap(
                 return result
             finally:
                 _caller.reset(token)
-                stream.release()
-                finished(stream.identity.name, method, _final_code(context, completed))
+                stream.end(finished, completed)
 
         return run
 
@@ -413,14 +457,15 @@ def _wrap(
                 stream.hold(streams)
                 if requests_too:
                     request = stream.checked(request)
+                elif request is _UNDECODABLE:
+                    _undecodable(context)
                 yield from stream.checked(behavior(request, context))
                 completed = True
             finally:
                 # A generator may be finalised from another thread (and Context).
                 with contextlib.suppress(ValueError):
                     _caller.reset(token)
-                stream.release()
-                finished(stream.identity.name, method, _final_code(context, completed))
+                stream.end(finished, completed)
 
         return run
 
@@ -432,11 +477,12 @@ def _wrap(
             stream = _Stream(context, method, enrolled, check)
 
             def done() -> None:
-                stream.release()
-                finished(stream.identity.name, method, _final_code(context, True))
+                stream.end(finished, True)
 
             if not context.add_callback(done):
                 return done()  # the call ended already
+            if request is _UNDECODABLE:
+                _undecodable(context)
             stream.hold(streams)
             token = _caller.set(stream.identity)
             try:
@@ -452,7 +498,7 @@ def _wrap(
         return run
 
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import grpc
@@ -114,7 +115,9 @@ class Observability:
 
     def clients(self, clients: list[Client]) -> None:
         active = {c.fingerprint: c for c in clients if c.active}
-        self.metrics.enrolled.set(len(active))
+        # Those the enrolled set trusts ("trusting N"): an expired certificate stays active.
+        now = dt.datetime.now(dt.UTC)
+        self.metrics.enrolled.set(sum(1 for c in active.values() if c.not_after > now))
         self.metrics.revoked.set(len(clients) - len(active))
         known, self._known = self._known, active
         if known is None:
@@ -123,9 +126,13 @@ class Observability:
             if fp not in known:
                 self.audit.event("enroll", client=client.name, fingerprint=str(fp),
                                  allowed_methods=list(client.allowed_methods))  # fmt: skip
+        latest = {c.fingerprint: c for c in clients}
         for fp, client in known.items():
             if fp not in active:
-                self.audit.event("revoke", client=client.name, fingerprint=str(fp))
+                client = latest.get(fp, client)
+                # The end of a rotation's overlap retires a certificate: nobody revoked it.
+                event = "retire" if client.revoked_at is None and client.retire_at else "revoke"
+                self.audit.event(event, client=client.name, fingerprint=str(fp))
 
     def health(self, serving: bool, registry_ok: bool) -> None:
         self.health_state.set(serving, registry_ok)

@@ -387,7 +387,8 @@ class TrustWatcher:
         for slot, client_auth in following:
             start = time.perf_counter()
             slot[SLOT_KEY] = self._config(cert, enrolled, client_auth)
-            self._events.rebuilt(time.perf_counter() - start)
+            if client_auth:  # the enrollment port's server-only TLS is no trust rebuild
+                self._events.rebuilt(time.perf_counter() - start)
 
     def _root_order(self, client: Client) -> tuple[int, bytes]:
         digest = client.fingerprint.digest

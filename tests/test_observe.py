@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
+from pinrpc.cli import Exit
+from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import audit as audit_module
 from server import handshakes, observe
@@ -26,6 +28,7 @@ from server.config import ServerConfig
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.ratelimit import TokenBucket
+from tests.certs import make_cert, p256
 from tests.conftest import (
     ECHO_ALL,
     Connect,
@@ -33,9 +36,11 @@ from tests.conftest import (
     ServerFiles,
     code_of,
     enroll,
+    eventually,
     revoke,
     whoami,
 )
+from tests.test_client_cli import run
 
 
 @pytest.fixture
@@ -397,3 +402,90 @@ def test_the_lowest_audit_rate_still_writes_lines(
             assert code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
         lines = audit_lines(caplog, running.audit)
     assert [line["decision"] for line in lines if line["event"] == "call"] == ["deny"]
+
+
+def test_an_ended_rotation_overlap_is_audited_as_retire(
+    connect: Connect,
+    make_client: MakeClient,
+    registry: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The old certificate leaves the enrolled set when the overlap ends, but nobody revoked
+    it; revoking the new one (the twin) is audited as a revocation."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    connect.server.audit.flush()  # the enrollment's line, before the capture
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        code, _, err = run(["rotate", "--overlap", "1", *connect.cli_flags(alice)], capsys)
+        assert code == Exit.OK, err
+        successor = Fingerprint.of(load_certificate(alice.cert_path))
+
+        def overlap_ended() -> bool:
+            connect.server.trust.poll()
+            events = {line["event"] for line in audit_lines(caplog, connect.server.audit)}
+            return bool(events & {"retire", "revoke"})
+
+        eventually(overlap_ended, timeout=3)
+        revoke(registry, "alice")
+        connect.server.trust.poll()
+        lines = audit_lines(caplog, connect.server.audit)
+    changes = [(line["event"], line["fingerprint"]) for line in lines if line["event"] != "call"]
+    assert changes == [
+        ("enroll", str(successor)),
+        ("rotate", str(successor)),
+        ("retire", str(alice.fingerprint)),
+        ("revoke", str(successor)),
+    ]
+
+
+def test_expired_certificates_leave_the_enrolled_gauge(
+    connect: Connect, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pinrpc_enrolled_clients counts what the enrolled set trusts ("trusting N"); an expiry
+    is no revocation (neither the gauge nor the audit says so)."""
+    connect.enroll(make_client("alice"), "alice")  # the twin: stays counted
+    connect.server.audit.flush()  # alice's line, before the capture
+    key = p256()
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    short = make_cert(key, "short", key_cert_sign=False, not_before=start, days=3 / 86400)
+    path = connect.server_registry.parent / "short.crt"
+    path.write_bytes(cert_to_pem(short))
+    sample = connect.server.metrics.registry.get_sample_value
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        enroll(connect.server_registry, path, "short")
+        connect.server.trust.poll()
+        assert sample("pinrpc_enrolled_clients") == 2
+        eventually(lambda: sample("pinrpc_enrolled_clients") == 1, timeout=5)
+        lines = audit_lines(caplog, connect.server.audit)
+    assert sample("pinrpc_revoked_clients") == 0
+    assert [line["event"] for line in lines if line["event"] != "call"] == ["enroll"]
+
+
+@pytest.mark.parametrize("tls_reload", ["inline", "handover"])
+def test_trust_rebuilds_count_client_authenticated_configurations_only(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tls_reload: str
+) -> None:
+    """A revocation rebuilds the mTLS port's configuration (inline) or nothing (handover:
+    the per-call check refuses, no new listener); the enrollment port's server-only TLS is
+    no trust rebuild. An enrollment (the twin) does count in both modes."""
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice")
+    config = ServerConfig(
+        "127.0.0.1:0", devca.cert, devca.key, str(registry), poll_interval=0.1, grace=1.0,
+        enrollment_listen="127.0.0.1:0", tls_reload=tls_reload,
+    )  # fmt: skip
+    with start_server(config) as running:
+
+        def rebuilds() -> float:
+            sample = running.metrics.registry.get_sample_value("pinrpc_trust_rebuilds_total")
+            return sample or 0
+
+        before = rebuilds()
+        enroll(registry, bob.cert_path, "bob")
+        running.trust.poll()
+        eventually(lambda: rebuilds() == before + 1, timeout=5)
+        revoke(registry, "bob")
+        running.trust.poll()
+        time.sleep(0.5)  # a handover build would have started by now
+        assert rebuilds() == before + (1 if tls_reload == "handover" else 2)

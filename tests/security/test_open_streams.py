@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,32 +15,47 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2
-from server.auth import streams_per_client
+from server.auth import UNKNOWN_METHOD, streams_per_client
 from tests.conftest import ECHO_ALL, Connect, MakeClient, code_of, eventually, revoke, whoami
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+STREAM = "/pinrpc.v1.Echo/EchoStream"
 
 
 class Bidi:
     """An EchoStream whose requests are sent one at a time, each answered before the next."""
 
-    def __init__(self, connect: Connect, client: KeyPairFiles) -> None:
+    def __init__(self, connect: Connect, client: KeyPairFiles, timeout: float = 10) -> None:
         self._requests: queue.Queue[str | None] = queue.Queue()
         stub = connect.stub(client.cert_path, client.key_path)
-        self._replies: Iterator[echo_pb2.EchoResponse] = iter(
-            stub.EchoStream(self._feed(), timeout=10)
-        )
+        self._call = stub.EchoStream(self._feed(), timeout=timeout)
+        self._replies: Iterator[echo_pb2.EchoResponse] = iter(self._call)
 
     def _feed(self) -> Iterator[echo_pb2.EchoRequest]:
         while (message := self._requests.get(timeout=10)) is not None:
             yield echo_pb2.EchoRequest(message=message)
 
-    def echo(self, message: str) -> str:
+    def echo(self, message: str, wait: float = 0) -> str:
+        """Send ``message`` (``wait`` seconds later) and return its echo."""
+        time.sleep(wait)
         self._requests.put(message)
         return next(self._replies).message
 
+    def cancel(self) -> None:
+        self._call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+
     def close(self) -> None:
         self._requests.put(None)  # the end of the requests, which ends the call
+
+
+def counted(connect: Connect, code: str) -> dict[tuple[str, str], float]:
+    """pinrpc_calls_total for calls that ended with ``code``, by client and method."""
+    return {
+        (sample.labels["client"], sample.labels["method"]): sample.value
+        for family in connect.server.metrics.calls.collect()
+        for sample in family.samples
+        if sample.labels["code"] == code
+    }
 
 
 def test_revocation_stops_an_open_stream_on_its_next_message(
@@ -55,6 +71,10 @@ def test_revocation_stops_an_open_stream_on_its_next_message(
         assert code_of(lambda: stream.echo("after")) == DENIED
     finally:
         stream.close()
+    # Counted once, as the re-check reported it (like any call of a caller no longer enrolled),
+    # not again as the stream ended. The stream's wrapper has counted before gRPC sends the
+    # status, so there is nothing to wait for.
+    assert counted(connect, "PERMISSION_DENIED") == {("", UNKNOWN_METHOD): 1}
 
 
 def test_an_open_stream_survives_an_unrelated_enrollment(
@@ -69,6 +89,25 @@ def test_an_open_stream_survives_an_unrelated_enrollment(
         assert [stream.echo(f"after-{i}") for i in range(3)] == ["after-0", "after-1", "after-2"]
     finally:
         stream.close()
+
+
+def test_streams_the_client_ends_are_counted_as_cancelled_or_past_their_deadline(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """Not as UNKNOWN, which is what a handler's own failure is counted as."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    cancelled, late = Bidi(connect, alice), Bidi(connect, alice, timeout=0.5)
+    try:
+        assert cancelled.echo("one") == late.echo("one") == "one"
+        cancelled.cancel()
+        assert code_of(lambda: late.echo("too late", wait=1.0)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        for code in ("CANCELLED", "DEADLINE_EXCEEDED"):
+            eventually(lambda: counted(connect, code) == {("alice", STREAM): 1}, timeout=3)  # noqa: B023
+    finally:
+        cancelled.close()
+        late.close()
+    assert counted(connect, "UNKNOWN") == {}
 
 
 def test_health_watches_hold_no_worker_thread(connect: Connect, make_client: MakeClient) -> None:
