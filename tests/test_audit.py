@@ -1,0 +1,159 @@
+"""The audit's limits: calls cannot crowd out changes, and no drop goes unreported."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pinrpc import secure_channel
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server import audit as audit_module
+from server.app import start_server
+from server.audit import Audit
+from server.config import ServerConfig
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    code_of,
+    enroll,
+    revoke,
+)
+from tests.security.attacker import serve_process
+from tests.test_observe import audit_lines, written
+
+
+def events(lines: list[dict[str, object]], event: str) -> list[dict[str, object]]:
+    return [line for line in lines if line["event"] == event]
+
+
+# -- finding: one bucket for everything let a flood of calls push changes out --------------------
+
+
+def test_a_flood_of_denials_cannot_push_a_revocation_out_of_the_trail(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    enroll(registry, bob.cert_path, "bob")  # WhoAmI only: every Echo is refused
+    config = ServerConfig("127.0.0.1:0", devca.cert, devca.key, str(registry), audit_rate=1)
+    stop = threading.Event()
+    with start_server(config) as running, caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        stub = Connect(running, devca).stub(bob.cert_path, bob.key_path)
+
+        def flood() -> None:
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                code_of(lambda: stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=5))
+
+        flooders = [threading.Thread(target=flood) for _ in range(2)]
+        for thread in flooders:
+            thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while running.audit.suppressed < 20:  # the calls' bucket is empty
+                assert time.monotonic() < deadline, "the flood was not limited"
+                time.sleep(0.01)
+            revoke(registry, "alice")
+            running.trust.poll()
+        finally:
+            stop.set()
+            for thread in flooders:
+                thread.join(10)
+        lines = audit_lines(caplog, running.audit)
+    [revoked] = events(lines, "revoke")
+    assert revoked["client"] == "alice" and int(str(revoked["suppressed_before"])) >= 20
+    denials = [line for line in lines if line.get("decision") == "deny"]
+    assert 4 <= len(denials) <= 20  # burst of 4, then about one a second
+
+
+def test_calls_and_changes_are_limited_each_by_a_bucket_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    audit = Audit(rate=0.001, burst=2)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for i in range(5):
+            audit.event("call", n=i)
+        for i in range(5):
+            audit.event("revoke", n=i)
+        lines = audit_lines(caplog, audit)
+    assert [(line["event"], line["n"]) for line in lines] == [
+        ("call", 0), ("call", 1), ("revoke", 0), ("revoke", 1),
+    ]  # fmt: skip
+    assert lines[2]["suppressed_before"] == 3 and audit.suppressed == 3
+
+
+def test_calls_filling_the_queue_leave_room_for_changes(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "MAX_QUEUED", 3)
+    audit = Audit(rate=1000, burst=1000)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for i in range(5):
+            audit.event("call", n=i)
+        for i in range(5):
+            audit.event("enroll", n=i)
+        lines = audit_lines(caplog, audit)
+    assert [line["event"] for line in lines] == ["call"] * 3 + ["enroll"] * 3
+    assert audit.suppressed == 2
+
+
+# -- finding: the count of dropped lines was lost when no later line came -----------------------
+
+
+def test_sigterm_writes_the_count_of_dropped_lines(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    bob = make_client("bob")
+    enroll(registry, bob.cert_path, "bob")
+    log = tmp_path / "server.log"
+    flags = ("--audit-rate", "1", "--log-format", "json")
+    with serve_process(devca.cert, devca.key, registry, log, *flags) as server:
+        target = f"127.0.0.1:{server.port}"
+        channel = secure_channel(target, bob.cert_path, bob.key_path, devca.ca_path, SERVER_NAME)
+        stub = echo_pb2_grpc.EchoStub(channel)
+        for _ in range(20):
+            denied = lambda: stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=5)  # noqa: E731
+            assert code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
+        channel.close()
+        assert server.terminate() == 0
+    records = (json.loads(line) for line in log.read_text().splitlines() if line.startswith("{"))
+    lines = [record for record in records if record["logger"] == "pinrpc.audit"]
+    denials = [line for line in lines if line.get("decision") == "deny"]
+    reported = events(lines, "audit_suppressed")
+    assert len(reported) == 1 and lines[-1] is reported[0]
+    assert len(denials) + sum(int(str(line.get("suppressed_before", 0))) for line in lines) == 20
+
+
+def test_drops_no_later_line_reports_get_a_line_of_their_own_once_they_stop(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "REPORT_AFTER", 0.3)
+    audit = Audit(rate=0.001, burst=1)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        audit.start()
+        try:
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:  # dropping all along: the count is not final yet
+                audit.event("call", n=1)
+                time.sleep(0.02)
+            assert [line["event"] for line in audit_lines(caplog, audit)] == ["call"]
+            dropped = audit.suppressed
+            deadline = time.monotonic() + 10
+            while len(written(caplog)) < 2:  # the writer reports them once they have stopped
+                assert time.monotonic() < deadline, "the drops were never reported"
+                time.sleep(0.05)
+        finally:
+            audit.stop()
+        lines = [json.loads(r.getMessage()) for r in written(caplog)]
+    assert lines[1] == {"time": lines[1]["time"], "event": "audit_suppressed",
+                        "suppressed_before": dropped}  # fmt: skip
+    assert len(lines) == 2 and audit.suppressed == 0  # reported once, and stop() adds nothing
