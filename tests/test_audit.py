@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -14,9 +15,11 @@ import pytest
 from pinrpc import secure_channel
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import audit as audit_module
+from server import cli as server_cli
 from server.app import start_server
 from server.audit import Audit
 from server.config import ServerConfig
+from server.ratelimit import MAX_BURST, burst_for
 from tests.conftest import (
     ECHO_ALL,
     SERVER_NAME,
@@ -29,6 +32,7 @@ from tests.conftest import (
 )
 from tests.security.attacker import serve_process
 from tests.test_observe import audit_lines, written
+from tests.test_server import SERVE_UNCHECKED
 
 
 def events(lines: list[dict[str, object]], event: str) -> list[dict[str, object]]:
@@ -157,3 +161,34 @@ def test_drops_no_later_line_reports_get_a_line_of_their_own_once_they_stop(
     assert lines[1] == {"time": lines[1]["time"], "event": "audit_suppressed",
                         "suppressed_before": dropped}  # fmt: skip
     assert len(lines) == 2 and audit.suppressed == 0  # reported once, and stop() adds nothing
+
+
+# -- finding: --audit-rate 1e308 passed the flag and crashed serve --------------------------------
+
+
+@pytest.mark.parametrize("value", ["1e308", "1000001", "inf"])
+def test_an_audit_rate_above_the_maximum_is_a_usage_error_from_flag_or_environment(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in ([*SERVE_UNCHECKED, "--audit-rate", value], SERVE_UNCHECKED):
+        if argv is SERVE_UNCHECKED:
+            monkeypatch.setenv("PINRPC_AUDIT_RATE", value)
+        with pytest.raises(SystemExit) as info:
+            server_cli.main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --audit-rate:" in err and "Traceback" not in err
+
+
+def test_the_maximum_audit_rate_is_taken_from_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parse = server_cli.build_parser().parse_args
+    assert parse([*SERVE_UNCHECKED, "--audit-rate", "1e6"]).audit_rate == 1e6
+    monkeypatch.setenv("PINRPC_AUDIT_RATE", "1000000")
+    assert server_cli.build_parser().parse_args(SERVE_UNCHECKED).audit_rate == 1e6
+
+
+def test_burst_for_any_rate_is_an_int() -> None:
+    assert [burst_for(rate) for rate in (0.1, 0.25, 50, 1e6)] == [1, 1, 200, 4_000_000]
+    assert burst_for(1e308) == burst_for(math.inf) == MAX_BURST
