@@ -31,7 +31,7 @@ from tests.conftest import (
     revoke,
 )
 from tests.security.attacker import serve_process
-from tests.test_observe import audit_lines, written
+from tests.test_observe import audit_lines, scrape, written
 from tests.test_server import SERVE_UNCHECKED
 
 
@@ -161,6 +161,22 @@ def test_drops_no_later_line_reports_get_a_line_of_their_own_once_they_stop(
     assert lines[1] == {"time": lines[1]["time"], "event": "audit_suppressed",
                         "suppressed_before": dropped}  # fmt: skip
     assert len(lines) == 2 and audit.suppressed == 0  # reported once, and stop() adds nothing
+
+
+# -- finding: --metrics-listen with port 0 logged port 0 ------------------------------------------
+
+
+def test_the_metrics_line_names_the_port_bound(
+    devca: ServerFiles, registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = ServerConfig(
+        "127.0.0.1:0", devca.cert, devca.key, str(registry), metrics_listen="127.0.0.1:0"
+    )
+    with caplog.at_level(logging.INFO, logger="pinrpc.server"), start_server(config) as running:
+        assert running.metrics_port
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("metrics on")]
+        assert said == [f"metrics on http://127.0.0.1:{running.metrics_port}/metrics"]
+        assert scrape(running)["pinrpc_enrolled_clients"] == 0  # and it is served there
 
 
 # -- finding: --audit-rate 1e308 passed the flag and crashed serve --------------------------------
