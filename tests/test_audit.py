@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from pinrpc import secure_channel
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import audit as audit_module
 from server import cli as server_cli
-from server.app import start_server
+from server import metrics as metrics_module
+from server.app import RunningServer, start_server
 from server.audit import Audit
 from server.config import ServerConfig
 from server.ratelimit import MAX_BURST, burst_for
@@ -31,7 +33,7 @@ from tests.conftest import (
     revoke,
 )
 from tests.security.attacker import serve_process
-from tests.test_observe import audit_lines, scrape, written
+from tests.test_observe import audit_lines, observed, scrape, written  # noqa: F401 (a fixture)
 from tests.test_server import SERVE_UNCHECKED
 
 
@@ -208,3 +210,55 @@ def test_the_maximum_audit_rate_is_taken_from_flag_or_environment(
 def test_burst_for_any_rate_is_an_int() -> None:
     assert [burst_for(rate) for rate in (0.1, 0.25, 50, 1e6)] == [1, 1, 200, 4_000_000]
     assert burst_for(1e308) == burst_for(math.inf) == MAX_BURST
+
+
+# -- finding: each idle metrics connection held a thread for good ---------------------------------
+
+
+def idle(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes the connection (sending nothing) within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+def test_an_idle_metrics_connection_is_closed_and_scrapes_still_work(
+    observed: RunningServer,  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics_module, "CONNECTION_TIMEOUT", 1.0)
+    assert observed.metrics_port
+    sock = idle(observed.metrics_port)
+    assert scrape(observed)["pinrpc_enrolled_clients"] == 0  # beside the idle connection
+    started = time.monotonic()
+    assert closed_within(sock, 5)
+    assert 0.5 < time.monotonic() - started < 3
+
+
+def test_metrics_connections_beyond_the_maximum_are_closed_at_once(
+    observed: RunningServer,  # noqa: F811 (the fixture imported above)
+) -> None:
+    assert observed.metrics_port
+    socks = [idle(observed.metrics_port) for _ in range(metrics_module.MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)  # each accepted, each holding its thread
+        assert closed_within(idle(observed.metrics_port), 2)
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while True:  # the threads end with their connections
+        try:
+            assert scrape(observed)["pinrpc_enrolled_clients"] == 0
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
