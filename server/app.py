@@ -132,7 +132,8 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
                     f"cannot serve metrics on {config.metrics_listen} (--metrics-listen): {exc}"
                 ) from exc
             stack.callback(stop_metrics)
-            log.info("metrics on http://%s/metrics", config.metrics_listen)
+            host = config.metrics_listen.rpartition(":")[0]  # the port may have been 0
+            log.info("metrics on http://%s:%d/metrics", host, metrics_port)
         yield RunningServer(
             config, port, listener, trust, health, health_port, metrics, metrics_port,
             enrollment_port, audit,

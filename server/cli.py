@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--audit-rate",
         default="50",
-        type=at_least(float, 0.1),
-        help="audit lines per second before the rest are counted and dropped (bursts of 4x)",
+        type=at_least(float, 0.1, 1e6),
+        help="audit lines per second, for calls and again for changes, before the rest are "
+        "counted and dropped (bursts of 4x)",
     )
     add_flag(
         serve,

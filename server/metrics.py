@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 
@@ -101,10 +106,54 @@ class ReadCounter(Collector):
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
+# An idle connection holds a thread until then; beyond MAX_CONNECTIONS, new ones are closed.
+CONNECTION_TIMEOUT = 5.0
+MAX_CONNECTIONS = 16
+
+
+class _Handler(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(CONNECTION_TIMEOUT)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a line per scrape would drown the server's own
+
+
+class _Server(ThreadingWSGIServer):
+    """prometheus_client's thread-per-connection server, with a bound on the threads."""
+
+    def __init__(self, family: int, address: tuple[str, int]) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # timeouts and resets are routine
+            super().handle_error(request, client_address)
+
+
 def serve_metrics(metrics: Metrics, listen: str) -> tuple[Callable[[], None], int]:
     """Start the HTTP endpoint on HOST:PORT; return a function that stops it, and the port."""
     host, _, port = listen.rpartition(":")
-    server, thread = start_http_server(int(port), host.strip("[]") or "127.0.0.1", metrics.registry)
+    info = socket.getaddrinfo(host.strip("[]") or "127.0.0.1", int(port), type=socket.SOCK_STREAM)
+    family, address = info[0][0], str(info[0][4][0])
+    server = _Server(family, (address, int(port)))  # getaddrinfo's port wraps around at 65536
+    server.set_app(make_wsgi_app(metrics.registry))
+    thread = threading.Thread(target=server.serve_forever, name="pinrpc-metrics", daemon=True)
+    thread.start()
 
     def stop() -> None:
         server.shutdown()

@@ -22,7 +22,12 @@ class TokenBucket:
         return True
 
 
+# A burst as good as unlimited; the cap keeps the count an int for any rate, inf included.
+MAX_BURST = 10**9
+
+
 def burst_for(rate: float) -> int:
     """--audit-rate's bursts: four seconds' worth, and at least one line (below 0.25 a second
     a smaller bucket could never pass a line at all)."""
-    return max(1, int(rate * 4))
+    burst = rate * 4
+    return max(1, int(burst)) if burst < MAX_BURST else MAX_BURST
