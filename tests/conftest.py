@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,17 @@ class ServerFiles:
     ca_path: Path
     cert: Path
     key: Path
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """`serve` configures the root logger with a handler on the stderr of the moment, which
+    under capsys is a capture file closed after the test: later tests must not log into it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def require_tool(found: bool, what: str, install: str) -> None:
