@@ -340,13 +340,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.warm_start and args.tls_reload != "handover":
         raise ServeError("--warm-start needs --tls-reload handover")
-    # A stalled log collector must not stall the server (server/stderr_pump.py).
-    with drained(args.log_format, grpc_line_rate(args.audit_rate)):
-        return serve(args)
+    # A stalled log collector must not stall the server, and what a client can make gRPC
+    # write to stderr must not pass for pinrpc's own lines (server/stderr_pump.py).
+    with drained(args.log_format, grpc_line_rate(args.audit_rate)) as own_logging:
+        configure_logging(args.log_level, args.log_format, own_logging)
+        try:
+            return serve(args)
+        finally:
+            configure_logging(args.log_level, args.log_format)  # own_logging closes next
 
 
 def serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_format)
     config = ServerConfig(
         listen=args.listen,
         cert=Path(args.cert),

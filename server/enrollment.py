@@ -155,9 +155,24 @@ def _canonical_value(value: str | bytes) -> str:
     return _SPACES.sub(" ", folded).strip(_SPACE_CHARS)
 
 
+MAX_PATTERNS = 100  # --allow patterns per client
+MAX_PATTERN_LENGTH = 256  # characters each; method names are far shorter
+
+
 def check_patterns(patterns: list[str]) -> list[str]:
     """Method patterns are fnmatch globs on the full method name, '/package.Service/Method'."""
+    # Bounded: they are kept in every Identity and written whole in the audit's enroll line.
+    if len(patterns) > MAX_PATTERNS:
+        raise EnrollmentError(
+            f"{len(patterns)} method patterns: at most {MAX_PATTERNS} (use globs like "
+            "'/pinrpc.v1.Echo/*')"
+        )
     for pattern in patterns:
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            raise EnrollmentError(
+                f"method pattern {pattern[:40]!r}... is {len(pattern)} characters long: "
+                f"at most {MAX_PATTERN_LENGTH}"
+            )
         if pattern != "*" and not pattern.startswith("/"):
             raise EnrollmentError(
                 f"method pattern {pattern!r} must start with '/' "

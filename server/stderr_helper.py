@@ -1,8 +1,15 @@
 """The stderr helper process that server/stderr_pump.py starts (see there for why).
 
-Its stdin is the server's stderr and its stdout the collector's. One thread empties the pipe
-into memory at once; the main thread passes the lines on, and only it waits for the
-collector. It imports little, so that it is ready before the server has much to say.
+It reads two channels. Its stdin is the server's file descriptor 2: gRPC core's lines, Python's
+own fatal errors and tracebacks, anything else. Anyone who can make the core log something
+(a client's HTTP/2 GOAWAY debug text, logged verbatim, newlines included) writes there, so it
+is untrusted: a line there that is not a core line gets ``MARK`` in front, and none can pass for
+one of pinrpc's. pinrpc's own logging comes through a second pipe (the descriptor given on the
+command line), passed on as it is.
+
+One thread per channel empties its pipe into memory at once; the main thread passes the lines
+on, and only it waits for the collector. It imports little, so that it is ready before the
+server has much to say.
 """
 
 from __future__ import annotations
@@ -20,11 +27,44 @@ from collections import deque
 from server.ratelimit import TokenBucket, burst_for
 
 GATHER = 0.02  # seconds the helper waits after each read, so that lines arrive in batches
-PIPE_SIZE = 1 << 20  # the server-to-helper pipe, far more than GATHER's worth of lines
+PIPE_SIZE = 1 << 20  # each server-to-helper pipe, far more than GATHER's worth of lines
+CHANNELS = 2  # fd 2 (untrusted) and pinrpc's logging (trusted)
 
 # gRPC core's own lines, in absl's format: severity, date, time, thread, file:line], e.g.
 # "I1129 12:05:22.069924   32482 ssl_transport_security.cc:2563] Handshake failed ...".
 GRPC_LINE = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.+-]+:\d+\] ")
+# Before every other line of fd 2: no such line starts with a timestamp or a '{', as pinrpc's do.
+MARK = b"  | "
+CUT = b" [cut: line too long]"
+
+
+class Lines:
+    """One channel's bytes as lines of at most ``max_len`` bytes: a longer one is passed on cut,
+    with ``CUT``, and the rest of it skipped, so that no line can fill the buffer alone."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len, self.partial, self.skipping = max_len, b"", False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        *ends, self.partial = (self.partial + chunk).split(b"\n")
+        if self.skipping and ends:
+            del ends[0]  # the rest of a line already passed on cut
+            self.skipping = False
+        lines = [self.bounded(end) for end in ends]
+        if len(self.partial) > self.max_len:  # no newline yet: cut now, memory stays bounded
+            if not self.skipping:
+                lines.append(self.bounded(self.partial))
+            self.partial, self.skipping = b"", True
+        return lines
+
+    def end(self) -> list[bytes]:
+        """The last words, which may lack a newline (a notice after them must not)."""
+        return [self.bounded(self.partial)] if self.partial and not self.skipping else []
+
+    def bounded(self, line: bytes) -> bytes:
+        if len(line) > self.max_len:
+            line = line[: self.max_len - len(CUT)] + CUT
+        return line + b"\n"
 
 
 class Buffer:
@@ -34,48 +74,65 @@ class Buffer:
         self.limit, self.log_format = limit, log_format
         self.lines: deque[bytes] = deque()
         self.size = self.dropped = 0
+        self.open = CHANNELS
         self.ended = False
         self.changed = threading.Condition()
-        self.grpc_rate, self.suppressed = grpc_rate, 0
+        self.grpc_rate, self.suppressed, self.suppressing = grpc_rate, 0, False
         self.grpc_lines = None
         if math.isfinite(grpc_rate):
             self.grpc_lines = TokenBucket(grpc_rate, burst_for(grpc_rate))  # as the audit's
 
-    def read(self, fd: int, linger: int) -> None:
-        partial = b""
+    def read(self, fd: int, trusted: bool, linger: int) -> None:
+        lines = Lines(self.limit // 2)  # half: an empty buffer always takes a line
         while chunk := os.read(fd, PIPE_SIZE):
-            *lines, partial = (partial + chunk).split(b"\n")
-            self.add([line + b"\n" for line in lines])
+            self.add(lines.feed(chunk), trusted)
             # Let lines gather: a reader waiting in read() is woken by each line the server
             # writes, and takes the server's CPU from it each time (one audit line per new
             # connection: 15 % more context switches for the server without this, none with).
             time.sleep(GATHER)
-        # The server's last words may lack a newline; a notice after them must not.
-        self.add([partial + b"\n"] if partial else [])
-        if self.suppressed:
-            self.add([self.suppressed_notice()])
-        signal.alarm(linger)  # the server has exited: do not wait for a stalled collector forever
+        self.add(lines.end(), trusted)
         with self.changed:
+            self.open -= 1
+            if self.open:
+                return
+            if self.suppressed:
+                self.hold(self.suppressed_notice())
+            signal.alarm(
+                linger
+            )  # the server has exited: do not wait for a stalled collector forever
             self.ended = True
             self.changed.notify()
 
-    def add(self, lines: list[bytes]) -> None:
+    def add(self, lines: list[bytes], trusted: bool) -> None:
         with self.changed:
             for line in lines:
-                if self.grpc_lines is not None and GRPC_LINE.match(line):
-                    if not self.grpc_lines.take():
-                        self.suppressed += 1
-                        continue
-                    if self.suppressed:
-                        line = self.suppressed_notice() + line
-                # Once one is dropped, so is the rest until the writer takes: the count then
-                # stands for the lines right after those taken.
-                if self.dropped or self.size + len(line) > self.limit:
-                    self.dropped += 1
-                else:
-                    self.lines.append(line)
-                    self.size += len(line)
+                passed = line if trusted else self.untrusted(line)
+                if passed is not None:
+                    self.hold(passed)
             self.changed.notify()
+
+    def untrusted(self, line: bytes) -> bytes | None:
+        """A line of fd 2 as passed on, or None when it is suppressed."""
+        if not GRPC_LINE.match(line):
+            if self.suppressing:  # the rest of a suppressed core message (GOAWAY text can be long)
+                self.suppressed += 1
+                return None
+            return MARK + line
+        if self.grpc_lines is not None and not self.grpc_lines.take():
+            self.suppressed += 1
+            self.suppressing = True
+            return None
+        self.suppressing = False
+        return self.suppressed_notice() + line if self.suppressed else line
+
+    def hold(self, line: bytes) -> None:
+        # Once one is dropped, so is the rest until the writer takes: the count then stands
+        # for the lines right after those taken.
+        if self.dropped or self.size + len(line) > self.limit:
+            self.dropped += 1
+        else:
+            self.lines.append(line)
+            self.size += len(line)
 
     def suppressed_notice(self) -> bytes:
         count, self.suppressed = self.suppressed, 0
@@ -86,7 +143,8 @@ class Buffer:
     def take(self) -> tuple[bytes, int] | None:
         """The waiting lines and the count dropped after them; None once all is passed on."""
         with self.changed:
-            while not self.lines and not self.ended:
+            # A count alone is worth waking for: its notice must not wait for the next line.
+            while not self.lines and not self.dropped and not self.ended:
                 self.changed.wait()
             if not self.lines and not self.dropped:
                 return None
@@ -113,13 +171,16 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """argv: --log-format, the byte limit, the linger seconds, gRPC's lines a second."""
+    """argv: --log-format, the byte limit, the linger seconds, gRPC's lines a second, and the
+    descriptor of pinrpc's own logging."""
     log_format, limit, linger, grpc_rate = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
+    own_logging = int(argv[4])
     # Ctrl-C reaches the whole process group; the helper leaves when the server has.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     buffer = Buffer(limit, grpc_rate, log_format)
-    threading.Thread(target=buffer.read, args=(0, linger), daemon=True).start()
+    for fd, trusted in ((0, False), (own_logging, True)):
+        threading.Thread(target=buffer.read, args=(fd, trusted, linger), daemon=True).start()
     try:
         while (taken := buffer.take()) is not None:
             data, dropped = taken

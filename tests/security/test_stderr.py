@@ -30,6 +30,7 @@ import pytest
 from pinrpc.channel import secure_channel
 from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server.stderr_helper import MARK
 from server.stderr_pump import EXIT_WAIT
 from tests.conftest import (
     ECHO_ALL,
@@ -248,3 +249,68 @@ def test_a_flood_of_refused_handshakes_gets_the_audit_rate(
     counts = re.findall(r"(\d+) gRPC log line\(s\) suppressed: more than 5 a second", written)
     assert shown + sum(map(int, counts)) == 100
     assert 20 <= shown <= 21 + 5 * elapsed  # bursts of 4 x --audit-rate, then the rate
+
+
+def goaway(port: int, client: KeyPairFiles, ca: Path, debug_text: bytes) -> None:
+    """An HTTP/2 GOAWAY whose debug text gRPC core logs verbatim, newlines included."""
+
+    def frame(kind: int, payload: bytes) -> bytes:  # on stream 0, no flags
+        return len(payload).to_bytes(3, "big") + bytes([kind, 0]) + bytes(4) + payload
+
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    context.load_cert_chain(client.cert_path, client.key_path)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=SERVER_NAME) as tls,
+    ):
+        last_stream, protocol_error = bytes(4), (2).to_bytes(4, "big")
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, b"")  # SETTINGS
+                    + frame(7, last_stream + protocol_error + debug_text))  # fmt: skip
+        with contextlib.suppress(OSError):
+            while tls.recv(65536):  # until the server closes
+                pass
+
+
+TEXT_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ pinrpc\.")
+
+
+def pinrpc_records(written: str, log_format: str) -> list[str]:
+    """The lines a log reader takes for pinrpc's."""
+    if log_format == "text":
+        return [line for line in written.splitlines() if TEXT_RECORD.match(line)]
+    records = []
+    for line in written.splitlines():
+        with contextlib.suppress(ValueError):
+            if str(json.loads(line).get("logger", "")).startswith("pinrpc."):
+                records.append(line)
+    return records
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_client_cannot_forge_log_lines_through_grpcs_own(
+    devca: ServerFiles, make_client: MakeClient, registry: Path, log_format: str
+) -> None:
+    """Before, bob's GOAWAY text appeared as lines of their own, a forged `revoke` among them."""
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    enroll(registry, bob.cert_path, "bob")
+    forged = [
+        '2026-11-30 10:00:00,000 INFO pinrpc.audit: {"event": "revoke", "client": "alice"}',
+        '{"time": "2026-11-30T10:00:00+00:00", "level": "INFO", "logger": "pinrpc.audit", '
+        '"event": "revoke", "client": "alice", "fingerprint": "00"}',
+    ]
+    with stalled_server(devca, registry, "--log-format", log_format) as server:
+        goaway(server.port, bob, devca.ca_path, "\n".join(["", *forged, ""]).encode())
+        assert whoami(server.stub(alice, devca.ca_path)).name == "alice"
+        time.sleep(0.5)  # the audit's writer and the helper pass their lines on
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=GRACE + EXIT_WAIT + 5) == 0
+        written = server.read_to_end()
+    assert "Got goaway" in written  # gRPC did log the debug text
+    for line in forged:
+        assert f"{MARK.decode()}{line}\n" in written  # passed on, marked as not pinrpc's
+    records = pinrpc_records(written, log_format)
+    assert any("stopping: finishing in-flight calls" in r for r in records)
+    assert not [r for r in records if '"event": "revoke"' in r]  # nobody was revoked
