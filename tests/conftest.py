@@ -37,14 +37,17 @@ class ServerFiles:
 
 
 @pytest.fixture(autouse=True)
-def _root_logging_restored() -> Iterator[None]:
-    """`serve` configures the root logger with a handler on the stderr of the moment, which
-    under capsys is a capture file closed after the test: later tests must not log into it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+def _logging_restored() -> Iterator[None]:
+    """`serve` configures logging for its process: the root logger gets a handler on the stderr
+    of the moment (under capsys a capture file, closed after the test), and the audit logger
+    INFO. Later tests must neither log into a closed file nor capture lines logged before
+    their capture began."""
+    root, audit = logging.getLogger(), logging.getLogger("pinrpc.audit")
+    handlers, level, audit_level = root.handlers[:], root.level, audit.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    audit.setLevel(audit_level)
 
 
 def require_tool(found: bool, what: str, install: str) -> None:
