@@ -36,6 +36,19 @@ MAX_QUEUED = 10_000
 REPORT_AFTER = 1.0
 
 
+class _Line:
+    """An audit record as a log message, encoded only if a text formatter asks for it: the JSON
+    formatter writes the record's fields itself, and encoding them twice was wasted work."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: dict[str, object]) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return json.dumps(self.record)
+
+
 class Audit:
     """Rate-limited audit events, queued by event() and written by flush(): every
     FLUSH_INTERVAL between start() and stop(), and by stop() itself."""
@@ -80,7 +93,7 @@ class Audit:
                 }
                 if dropped:
                     record["suppressed_before"] = dropped
-                log.info(json.dumps(record), extra={"audit": record})
+                log.info(_Line(record), extra={"audit": record})
 
     def _stranded(self, final: bool) -> int:
         """The drop count to report on a line of its own, taken (called under the lock).
