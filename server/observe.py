@@ -118,7 +118,8 @@ class Observability:
         # Those the enrolled set trusts ("trusting N"): an expired certificate stays active.
         now = dt.datetime.now(dt.UTC)
         self.metrics.enrolled.set(sum(1 for c in active.values() if c.not_after > now))
-        self.metrics.revoked.set(len(clients) - len(active))
+        # Revoked only: a certificate retired at the end of a rotation's overlap was not.
+        self.metrics.revoked.set(sum(1 for c in clients if c.revoked_at is not None))
         known, self._known = self._known, active
         if known is None:
             return  # the first load is the baseline, not a change

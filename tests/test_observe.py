@@ -405,14 +405,16 @@ def test_the_lowest_audit_rate_still_writes_lines(
 
 
 def test_an_ended_rotation_overlap_is_audited_as_retire(
-    connect: Connect,
+    observed: RunningServer,
+    devca: ServerFiles,
     make_client: MakeClient,
     registry: Path,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The old certificate leaves the enrolled set when the overlap ends, but nobody revoked
-    it; revoking the new one (the twin) is audited as a revocation."""
+    it; revoking the new one (the twin) is audited as a revocation. The revoked gauge agrees."""
+    connect = Connect(observed, devca)
     alice = make_client("alice")
     connect.enroll(alice, "alice")
     connect.server.audit.flush()  # the enrollment's line, before the capture
@@ -427,9 +429,11 @@ def test_an_ended_rotation_overlap_is_audited_as_retire(
             return bool(events & {"retire", "revoke"})
 
         eventually(overlap_ended, timeout=3)
+        assert scrape(observed)["pinrpc_revoked_clients"] == 0
         revoke(registry, "alice")
         connect.server.trust.poll()
         lines = audit_lines(caplog, connect.server.audit)
+    assert scrape(observed)["pinrpc_revoked_clients"] == 1
     changes = [(line["event"], line["fingerprint"]) for line in lines if line["event"] != "call"]
     assert changes == [
         ("enroll", str(successor)),
