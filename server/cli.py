@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument(
         "--replace",
         action="store_true",
-        help="re-key: revoke the client's current certificate and enroll this one, with the "
-        "same permissions unless --allow is given",
+        help="re-key: revoke the client's certificates (a rotation's retiring one too) and "
+        "enroll this one, with the same permissions unless --allow is given",
     )
     registry_flag(enroll)
 
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument(
         "--replace",
         action="store_true",
-        help="re-key: revoke the client's current certificate and enroll the requested one",
+        help="re-key: revoke the client's certificates (a rotation's retiring one too) and "
+        "enroll the requested one, with the same permissions unless --allow is given",
     )
     registry_flag(approve)
 

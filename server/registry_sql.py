@@ -393,14 +393,17 @@ class SqlRegistry(ABC):
         replace: bool,
         now: object,
     ) -> None:
-        retired = check_enrollment(candidate, name, self._all(q), replace)
-        if retired is not None:
-            q(
-                "UPDATE clients SET revoked_at = ? WHERE fingerprint = ?",
-                (now, retired.fingerprint.hex),
-            )
+        rows = self._all(q)
+        check_enrollment(candidate, name, rows, replace)
+        # A re-key revokes every usable certificate of the client, a rotation's retiring one
+        # too: left alone, the key the client rotated away from stayed trusted for the overlap.
+        usable = [row for row in rows if replace and row.name == name and row.active]
+        replaced = sorted(usable, key=lambda row: not row.current)  # the current one first
+        for old in replaced:
+            q("UPDATE clients SET revoked_at = ? WHERE fingerprint = ?", (now, old.fingerprint.hex))
+        if replaced:
             # A re-key that names no permissions keeps them: dropping them would cut it off.
-            allowed = allowed or retired.allowed_methods
+            allowed = allowed or replaced[0].allowed_methods
         self._insert(q, candidate, name, allowed, now)
 
     def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:
