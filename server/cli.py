@@ -13,7 +13,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, at_least, host_port, run
+from pinrpc.cli import (
+    Exit,
+    add_allow_flag,
+    add_flag,
+    allow_patterns,
+    at_least,
+    host_port,
+    run,
+    utf8,
+)
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
@@ -190,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flag(pending)
 
     approve = commands.add_parser("approve", help="enroll a pending request, by fingerprint")
-    approve.add_argument("fingerprint", help="as `pinrpc-server pending` shows it")
+    approve.add_argument("fingerprint", type=utf8, help="as `pinrpc-server pending` shows it")
     add_flag(approve, "--name", help="enroll under this name instead of the requested one")
     add_allow_flag(approve)
     approve.add_argument(
@@ -202,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flag(approve)
 
     reject = commands.add_parser("reject", help="drop a pending request, by fingerprint")
-    reject.add_argument("fingerprint")
+    reject.add_argument("fingerprint", type=utf8)
     registry_flag(reject)
 
     migrate = commands.add_parser(
@@ -211,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flag(migrate)
 
     revoke = commands.add_parser("revoke", help="revoke a client, by name or fingerprint")
-    revoke.add_argument("client", help="client name or certificate fingerprint")
+    # utf8: the registry cannot be asked about argv bytes that are not UTF-8 (a traceback).
+    revoke.add_argument("client", type=utf8, help="client name or certificate fingerprint")
     registry_flag(revoke)
     return parser
 

@@ -586,3 +586,16 @@ def test_replace_during_a_rotation_overlap_revokes_the_retiring_certificate_too(
     stubs = [connect.stub(old.cert_path, old.key_path) for old in (first, rotated)]
     refused = [code_of(functools.partial(whoami, stub)) for stub in stubs]
     assert refused == [grpc.StatusCode.UNAVAILABLE] * 2  # at the handshake
+
+
+@pytest.mark.parametrize("command", ["revoke", "approve", "reject"])
+def test_a_reference_that_is_not_utf8_is_a_usage_error(
+    command: str, populated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`revoke $'\\xff'` was a traceback from the SQLite driver."""
+    before = registry_dump(populated, capsys)
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "\udcff", "--registry", str(populated)])
+    assert info.value.code == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+    assert registry_dump(populated, capsys) == before
