@@ -34,6 +34,9 @@ from server.stderr_pump import drained, grpc_line_rate
 
 PROG = "pinrpc-server"
 MAX_CERT_BYTES = 64 * 1024
+# Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
+# start, or every Rotate and enrollment request failing).
+TEN_YEARS = 10 * 365 * 86400
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--rotation-overlap",
         default="86400",
-        type=at_least(float, 0.0),
+        type=at_least(float, 0.0, float(TEN_YEARS)),
         help="seconds a client's old certificate keeps working after it rotates (0: at once)",
     )
     add_flag(
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--enrollment-ttl",
         default="86400",
-        type=at_least(float, 1.0),
+        type=at_least(float, 1.0, float(TEN_YEARS)),
         help="seconds an enrollment request waits for approval",
     )
     add_flag(

@@ -342,6 +342,9 @@ SERVE = ["serve", "--cert", "c.pem", "--key", "k.pem", "--registry", "r.db"]
         ("--audit-rate", "nan", "not a finite number: 'nan'"),
         ("--audit-rate", "inf", "not a finite number: 'inf'"),
         ("--rotation-overlap", "Infinity", "not a finite number: 'Infinity'"),
+        # Tracebacks at start (timedelta) or at each Rotate (the date past year 9999).
+        ("--rotation-overlap", "1e18", "must be at most 3.1536e+08, got 1e18"),
+        ("--enrollment-ttl", "3e11", "must be at most 3.1536e+08, got 3e11"),
         ("--tls-reload", "sideways", "invalid choice: 'sideways'"),
     ],
 )
