@@ -13,7 +13,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, at_least, host_port, run
+from pinrpc.cli import (
+    Exit,
+    add_allow_flag,
+    add_flag,
+    allow_patterns,
+    at_least,
+    host_port,
+    run,
+    utf8,
+)
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
@@ -25,6 +34,9 @@ from server.stderr_pump import drained, grpc_line_rate
 
 PROG = "pinrpc-server"
 MAX_CERT_BYTES = 64 * 1024
+# Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
+# start, or every Rotate and enrollment request failing).
+TEN_YEARS = 10 * 365 * 86400
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--rotation-overlap",
         default="86400",
-        type=at_least(float, 0.0),
+        type=at_least(float, 0.0, float(TEN_YEARS)),
         help="seconds a client's old certificate keeps working after it rotates (0: at once)",
     )
     add_flag(
@@ -78,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--enrollment-ttl",
         default="86400",
-        type=at_least(float, 1.0),
+        type=at_least(float, 1.0, float(TEN_YEARS)),
         help="seconds an enrollment request waits for approval",
     )
     add_flag(
@@ -169,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument(
         "--replace",
         action="store_true",
-        help="re-key: revoke the client's current certificate and enroll this one, with the "
-        "same permissions unless --allow is given",
+        help="re-key: revoke the client's certificates (a rotation's retiring one too) and "
+        "enroll this one, with the same permissions unless --allow is given",
     )
     registry_flag(enroll)
 
@@ -190,18 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flag(pending)
 
     approve = commands.add_parser("approve", help="enroll a pending request, by fingerprint")
-    approve.add_argument("fingerprint", help="as `pinrpc-server pending` shows it")
+    approve.add_argument("fingerprint", type=utf8, help="as `pinrpc-server pending` shows it")
     add_flag(approve, "--name", help="enroll under this name instead of the requested one")
     add_allow_flag(approve)
     approve.add_argument(
         "--replace",
         action="store_true",
-        help="re-key: revoke the client's current certificate and enroll the requested one",
+        help="re-key: revoke the client's certificates (a rotation's retiring one too) and "
+        "enroll the requested one, with the same permissions unless --allow is given",
     )
     registry_flag(approve)
 
     reject = commands.add_parser("reject", help="drop a pending request, by fingerprint")
-    reject.add_argument("fingerprint")
+    reject.add_argument("fingerprint", type=utf8)
     registry_flag(reject)
 
     migrate = commands.add_parser(
@@ -210,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flag(migrate)
 
     revoke = commands.add_parser("revoke", help="revoke a client, by name or fingerprint")
-    revoke.add_argument("client", help="client name or certificate fingerprint")
+    # utf8: the registry cannot be asked about argv bytes that are not UTF-8 (a traceback).
+    revoke.add_argument("client", type=utf8, help="client name or certificate fingerprint")
     registry_flag(revoke)
     return parser
 

@@ -157,6 +157,7 @@ def _canonical_value(value: str | bytes) -> str:
 
 MAX_PATTERNS = 100  # --allow patterns per client
 MAX_PATTERN_LENGTH = 256  # characters each; method names are far shorter
+_PATTERN_CHARS = re.compile("[!-~]+")  # visible ASCII
 
 
 def check_patterns(patterns: list[str]) -> list[str]:
@@ -172,6 +173,13 @@ def check_patterns(patterns: list[str]) -> list[str]:
             raise EnrollmentError(
                 f"method pattern {pattern[:40]!r}... is {len(pattern)} characters long: "
                 f"at most {MAX_PATTERN_LENGTH}"
+            )
+        if not _PATTERN_CHARS.fullmatch(pattern):
+            # A method name is visible ASCII; anything else only served to forge the lines
+            # of `pinrpc-server list` or to write control sequences to a terminal.
+            raise EnrollmentError(
+                f"method pattern {pattern!r} holds characters no method name has "
+                "(spaces, control characters or non-ASCII)"
             )
         if pattern != "*" and not pattern.startswith("/"):
             raise EnrollmentError(

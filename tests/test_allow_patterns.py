@@ -75,3 +75,30 @@ def test_remote_enroll_has_the_same_bounds(
     assert admin_enroll(carol.cert_path, "carol", patterns(MAX_PATTERNS)) == (0, "")
     code, err = admin_enroll(dave.cert_path, "dave", patterns(1, MAX_PATTERN_LENGTH + 1))
     assert code == 1 and "is 257 characters long: at most 256" in err
+
+
+@pytest.mark.parametrize(
+    "pattern", ["/x\nbob  00:11  active  /pinrpc.v1.Admin/*", "/\x1b[31mred", "/a b", "/é", ""]
+)
+def test_patterns_no_method_name_matches_are_refused(
+    pattern: str, registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A newline in a pattern wrote a forged client line into `pinrpc-server list`."""
+    enroll(registry, make_client("alice").cert_path, "alice")
+    before = registry_dump(registry, capsys)
+    carol = str(make_client("carol").cert_path)
+    argv = ["enroll", carol, "--name", "carol", f"--allow={pattern}", "--registry", str(registry)]
+    assert server_cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pinrpc-server: error: method pattern ") and err.count("\n") == 1, err
+    assert registry_dump(registry, capsys) == before
+
+
+def test_patterns_with_every_glob_character_are_taken(
+    registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    allowed = ["*", "/pinrpc.v1.Echo/*", "/a.B_c-9/[!X]?", "/p/~{}|^`@#$%&'()+,;<=>\"\\"]
+    enroll(registry, make_client("carol").cert_path, "carol", *allowed)
+    clients = registry_dump(registry, capsys)
+    assert isinstance(clients, list)
+    assert [c["allowed_methods"] for c in clients] == [allowed]

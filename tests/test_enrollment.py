@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from pinrpc.identity import (
 from pinrpc.v1 import echo_pb2
 from server import cli
 from server.enrollment import Candidate, check_certificate
+from server.registry import open_registry
 from tests.certs import make_cert, name, p256, rsa_key, write_pair
 from tests.conftest import (
     ECHO_ALL,
@@ -340,6 +342,9 @@ SERVE = ["serve", "--cert", "c.pem", "--key", "k.pem", "--registry", "r.db"]
         ("--audit-rate", "nan", "not a finite number: 'nan'"),
         ("--audit-rate", "inf", "not a finite number: 'inf'"),
         ("--rotation-overlap", "Infinity", "not a finite number: 'Infinity'"),
+        # Tracebacks at start (timedelta) or at each Rotate (the date past year 9999).
+        ("--rotation-overlap", "1e18", "must be at most 3.1536e+08, got 1e18"),
+        ("--enrollment-ttl", "3e11", "must be at most 3.1536e+08, got 3e11"),
         ("--tls-reload", "sideways", "invalid choice: 'sideways'"),
     ],
 )
@@ -561,3 +566,39 @@ def test_replace_with_allow_takes_the_new_permissions(
         ([ECHO_ALL], False),
         ([narrower], True),
     ]
+
+
+def test_replace_during_a_rotation_overlap_revokes_the_retiring_certificate_too(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """A re-key, e.g. after a stolen key was used to rotate: the key rotated away from stayed
+    trusted until the overlap ended (24 h by default)."""
+    first, rotated, rekeyed = make_client("c1"), make_client("c2"), make_client("c3")
+    connect.enroll(first, "carol", ECHO_ALL)
+    successor = check_certificate(rotated.cert_path.read_bytes(), "c2")
+    registry = open_registry(str(connect.server_registry))
+    try:
+        registry.rotate(first.fingerprint, successor, dt.timedelta(hours=1))
+    finally:
+        registry.close()
+    connect.server.trust.poll()
+    assert whoami(connect.stub(first.cert_path, first.key_path)).name == "carol"  # overlap
+    enroll(connect.server_registry, rekeyed.cert_path, "carol", replace=True)
+    connect.server.trust.poll()
+    assert whoami(connect.stub(rekeyed.cert_path, rekeyed.key_path)).name == "carol"
+    stubs = [connect.stub(old.cert_path, old.key_path) for old in (first, rotated)]
+    refused = [code_of(functools.partial(whoami, stub)) for stub in stubs]
+    assert refused == [grpc.StatusCode.UNAVAILABLE] * 2  # at the handshake
+
+
+@pytest.mark.parametrize("command", ["revoke", "approve", "reject"])
+def test_a_reference_that_is_not_utf8_is_a_usage_error(
+    command: str, populated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`revoke $'\\xff'` was a traceback from the SQLite driver."""
+    before = registry_dump(populated, capsys)
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "\udcff", "--registry", str(populated)])
+    assert info.value.code == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+    assert registry_dump(populated, capsys) == before
