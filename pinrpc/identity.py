@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import os
 import re
@@ -229,13 +230,15 @@ def write_all(files: Sequence[tuple[Path, bytes, int]], *, overwrite: bool) -> N
 
 
 def move_all(moves: Sequence[tuple[Path, Path]], *, overwrite: bool) -> None:
-    """Rename each (source, target) in order, all or nothing: a failure puts back what was
-    moved (and any target it replaced) and raises. Without ``overwrite`` an existing target
-    fails with FileExistsError, decided atomically by link(2), not by a check before."""
+    """Rename each (source, target) in order, all or nothing, and durably (the directories
+    are synced): a failure puts back what was moved (and any target it replaced) and raises.
+    Without ``overwrite`` an existing target fails with FileExistsError, decided atomically
+    by link(2), not by a check before."""
     done: list[tuple[Path, Path, Path | None]] = []
     try:
         for source, target in moves:
             done.append((source, target, _move(source, target, overwrite=overwrite)))
+        _sync_directories([path for move in moves for path in move])
     except BaseException:
         for source, target, backup in reversed(done):
             with contextlib.suppress(OSError):  # best effort; the caller reports the failure
@@ -246,6 +249,20 @@ def move_all(moves: Sequence[tuple[Path, Path]], *, overwrite: bool) -> None:
     for *_, backup in done:
         if backup is not None:
             backup.unlink(missing_ok=True)
+
+
+def _sync_directories(paths: Sequence[Path]) -> None:
+    """fsync the directories holding ``paths``: a rename is on disk only once its directory
+    is, and without this a crash could lose a key pair that was reported as written."""
+    for directory in dict.fromkeys(path.absolute().parent for path in paths):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system cannot sync directories
+                raise
+        finally:
+            os.close(fd)
 
 
 def _move(source: Path, target: Path, *, overwrite: bool) -> Path | None:
