@@ -318,6 +318,11 @@ def create_identity(
     cert = self_signed_certificate(key, name, days=days)
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # not the pair: --force would not help
+        raise IdentityError(f"{directory} is not a directory; choose another --dir") from exc
+    except OSError as exc:
+        raise IdentityError(f"cannot create the directory {directory}: {exc.strerror}") from exc
+    try:
         write_all(
             [(key_path, key_to_pem(key, passphrase), 0o600), (cert_path, cert_to_pem(cert), 0o644)],
             overwrite=force,

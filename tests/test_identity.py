@@ -181,6 +181,20 @@ def test_concurrent_keygen_leaves_one_matching_pair(tmp_path: Path) -> None:
         assert sorted(p.name for p in directory.iterdir()) == ["r.crt", "r.key"]
 
 
+def test_dir_that_is_a_file_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_dir = tmp_path / "keys"
+    not_a_dir.write_bytes(b"a file")
+    for force in ([], ["--force"]):  # --force cannot help, so it must not be the advice
+        assert cli.main(["keygen", "alice", "--dir", str(not_a_dir), *force]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{not_a_dir} is not a directory" in err, err
+        assert "--force" not in err
+    assert not_a_dir.read_bytes() == b"a file"
+    assert cli.main(["keygen", "alice", "--dir", str(tmp_path / "new" / "keys")]) == 0
+
+
 def test_keygen_syncs_the_directory_after_placing_the_pair(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
