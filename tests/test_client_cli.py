@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from client import cli
 from pinrpc.cli import Exit, allow_patterns
 from server.app import RunningServer
 from server.devca import DevCA
-from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles
+from tests.conftest import ECHO_ALL, SERVER_NAME, Connect, MakeClient, ServerFiles
+from tests.test_doctor import odd_server as odd_server  # the fixture
 from tests.test_enrollment_requests import enrolling as enrolling  # the fixture
 from tests.test_enrollment_requests import pending, request_flags
 from tests.test_identity import bad_point_certificate
@@ -96,6 +100,44 @@ def test_wrong_server_name_and_wrong_root(
     code, _, err = run(["whoami", *flags[:ca_at], str(other_root), *flags[ca_at + 1 :]], capsys)
     assert code == Exit.CONNECT
     assert "could not verify the server" in err and "--ca" in err
+
+
+def test_a_port_that_is_not_grpc_over_tls_is_named_as_such(
+    odd_server: RunningServer,
+    devca: ServerFiles,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    alice = make_client("alice")
+    flags = ["--cert", str(alice.cert_path), "--key", str(alice.key_path), "--timeout", "5",
+             "--ca", str(devca.ca_path), "--server-name", SERVER_NAME]  # fmt: skip
+    plaintext = f"127.0.0.1:{odd_server.health_port}"
+    code, _, err = run(["whoami", "--server", plaintext, *flags], capsys)
+    assert code == Exit.CONNECT
+    assert f"{plaintext} does not serve gRPC over TLS" in err and "could not verify" not in err
+    # TLS without ALPN h2, as a proxy that terminates TLS would answer.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(devca.cert, devca.key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+
+        def serve_once() -> None:
+            conn, _ = listener.accept()
+            with conn, context.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(5)
+                tls.recv(1)
+
+        server = threading.Thread(target=serve_once)
+        server.start()
+        no_alpn = f"127.0.0.1:{listener.getsockname()[1]}"
+        code, _, err = run(["whoami", "--server", no_alpn, *flags], capsys)
+        server.join(10)
+    assert code == Exit.CONNECT
+    assert f"{no_alpn} does not serve gRPC over TLS" in err and "cannot reach" not in err
+    # The control: the same flags reach the real server's TLS port.
+    mtls = f"127.0.0.1:{odd_server.port}"
+    code, _, err = run(["whoami", "--server", mtls, *flags], capsys)
+    assert code == Exit.CONNECT and "does not serve gRPC over TLS" not in err
 
 
 def test_nothing_listening(
