@@ -122,7 +122,9 @@ def test_unreachable_server_stages_nothing(
     ]
 
 
-@pytest.mark.parametrize("obstacle", ["alice.crt.old", "alice.key.old", "alice.crt.old-until"])
+@pytest.mark.parametrize(
+    "obstacle", ["alice.crt.old", "alice.key.old", "alice.crt.old-until", "alice.crt.old-until.new"]
+)
 def test_swap_obstacle_is_refused_before_asking_the_server(
     connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str], obstacle: str
 ) -> None:
