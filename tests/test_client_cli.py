@@ -295,6 +295,27 @@ def test_certificate_with_an_unreadable_public_key_is_one_line(
         assert "cannot be read" in err
 
 
+def test_request_enrollment_with_a_foreign_key_names_both_files_absolutely(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    make_client: MakeClient,
+    registry: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    carol, dave = make_client("carol"), make_client("dave")
+    monkeypatch.chdir(carol.cert_path.parent)
+    flags = request_flags(enrolling, devca, carol)
+    flags[flags.index("--cert") + 1] = "carol.crt"
+    flags[flags.index("--key") + 1] = "dave.key"
+    code, _, err = run(["request-enrollment", "--name", "carol", *flags], capsys)
+    assert code == Exit.ERROR and err.count("\n") == 1
+    assert f"private key {dave.key_path} does not belong to certificate {carol.cert_path}" in err
+    assert pending(registry, capsys) == []
+    flags[flags.index("--key") + 1] = "carol.key"
+    assert run(["request-enrollment", "--name", "carol", *flags], capsys)[0] == Exit.OK
+
+
 @pytest.mark.parametrize(
     ("env", "patterns"),
     [("/a/*, /b/*", ["/a/*", "/b/*"]), (" /a/* ,,", ["/a/*"]), (" , ", []), ("", [])],
