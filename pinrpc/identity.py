@@ -386,21 +386,6 @@ def parse_single_certificate(data: bytes, where: str) -> x509.Certificate:
     return certs[0]
 
 
-def parse_pem_bundle(data: bytes) -> list[x509.Certificate]:
-    """The certificates of a PEM bundle, skipping blocks that do not load."""
-    certs = []
-    for block in PEM_CERT_RE.findall(data):
-        # Real roots (Go Daddy G2, Starfield G2) have serial number 0, which cryptography
-        # loads with a deprecation warning; keep them, and skip what it cannot load at all.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-            try:
-                certs.append(x509.load_pem_x509_certificate(block))
-            except ValueError:
-                continue
-    return certs
-
-
 def check_ca_bundle(data: bytes, where: str) -> list[x509.Certificate]:
     """Roots to verify the server with; anything else would fail later as a vague handshake."""
     if b"PRIVATE KEY-----" in data:
@@ -408,12 +393,27 @@ def check_ca_bundle(data: bytes, where: str) -> list[x509.Certificate]:
             f"CA bundle {where} contains a private key; give the root certificate(s) that "
             "issued the server's certificate"
         )
-    certs = parse_pem_bundle(data)
-    if not certs:
+    blocks = PEM_CERT_RE.findall(data)
+    if not blocks:
         raise IdentityError(
             f"CA bundle {where} holds no PEM certificate; give the root certificate(s) that "
             "issued the server's certificate"
         )
+    certs = []
+    for number, block in enumerate(blocks, 1):
+        # Real roots (Go Daddy G2, Starfield G2) have serial number 0, which cryptography
+        # loads with a deprecation warning: keep them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            try:
+                certs.append(x509.load_pem_x509_certificate(block))
+            except ValueError as exc:
+                # gRPC stops reading a bundle at such a block: the roots after it, or all of
+                # them, would be missing, and the handshake would fail without saying why.
+                raise IdentityError(
+                    f"CA bundle {where}: certificate {number} of {len(blocks)} cannot be read "
+                    f"({exc}); remove it or fix the file"
+                ) from exc
     return certs
 
 

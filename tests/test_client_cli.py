@@ -264,22 +264,38 @@ def test_non_utf8_passphrase_works(
     assert code == Exit.ERROR and "wrong passphrase" in err
 
 
-def test_ca_without_certificates_is_bad_input(
+def test_ca_that_grpc_cannot_use_is_bad_input(
     connect: Connect, make_client: MakeClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     alice = make_client("alice")
     connect.enroll(alice, "alice")
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(bytes(range(256)))
+    # gRPC stops reading a bundle at a block it cannot parse: the right root after one is lost
+    # (before this was checked: "not enrolled" when it came first, "could not verify" after).
+    bad_block = b"-----BEGIN CERTIFICATE-----\nTUlJQmFk\n-----END CERTIFICATE-----\n"
+    root, other = connect.devca.ca_path.read_bytes(), DevCA("other").root_pem
+    bad_first, bad_between = tmp_path / "bad-first.pem", tmp_path / "bad-between.pem"
+    bad_first.write_bytes(bad_block + root)
+    bad_between.write_bytes(other + bad_block + root)
     flags = connect.cli_flags(alice)
     ca_at = flags.index("--ca") + 1
-    for ca, reason in ((garbage, "holds no PEM certificate"), (alice.key_path, "private key")):
+    for ca, reason in (
+        (garbage, "holds no PEM certificate"),
+        (alice.key_path, "private key"),
+        (bad_first, "certificate 1 of 2 cannot be read"),
+        (bad_between, "certificate 2 of 3 cannot be read"),
+    ):
         flags[ca_at] = str(ca)
         for command in (["whoami"], ["request-enrollment", "--name", "alice"]):
             code, _, err = run([*command, *flags], capsys)
             assert code == Exit.ERROR and err.count("\n") == 1, err
             assert f"CA bundle {ca}" in err and reason in err
     flags[ca_at] = str(connect.devca.ca_path)
+    assert run(["whoami", *flags], capsys)[0] == Exit.OK
+    good_between = tmp_path / "good-between.pem"  # the allow twin: other roots are fine
+    good_between.write_bytes(other + root)
+    flags[ca_at] = str(good_between)
     assert run(["whoami", *flags], capsys)[0] == Exit.OK
 
 
