@@ -1,7 +1,8 @@
 """The client's key pair on disk across a rotation: NAME.crt/.key, and the retiring *.old pair.
 
-The old pair is kept while the server still accepts it (the rotation's overlap), so a
-process that read the old files keeps working; it is removed once the overlap has ended.
+The old pair is kept while the server still accepts it (the rotation's overlap); the next
+rotation deletes it once the overlap has ended, or replaces it with the pair it retires. Nothing
+reads *.old: processes that loaded an older pair hold it in memory until they restart.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ def add_parser(commands: Any) -> None:
         "rotate",
         help="replace your key pair: the server enrolls the new one under your name",
         description="Makes a new key pair, has the server enroll it over your current "
-        "(authenticated) channel, then swaps the files. The old pair stays valid, and on "
-        "disk as *.old, until the server's overlap ends.",
+        "(authenticated) channel, then swaps the files. The old pair stays valid until the "
+        "server's overlap ends, and on disk as *.old until the next rotate.",
     )
     connection_flags(rotate)
     add_flag(rotate, "--key-type", default="p256", choices=KEY_TYPES, help="new key algorithm")
