@@ -111,6 +111,12 @@ def explain(
         say(f"{PROG}: error: call failed: {code.name}: {details}")
         return Exit.RPC
     lowered = details.lower()
+    # Checked first: gRPC appends "certificate verification context" to every TLS failure.
+    if "wrong_version_number" in lowered or "missing selected alpn" in lowered:
+        say(f"{PROG}: error: {args.server} does not serve gRPC over TLS: {details}")
+        say("  is it the right port (not a plaintext or --health-listen port), and does no")
+        say("  proxy in front terminate TLS? `pinrpc doctor` (same flags) checks step by step.")
+        return Exit.CONNECT
     if "certificate_verify_failed" in lowered or "peer name" in lowered or "verif" in lowered:
         say(f"{PROG}: error: could not verify the server at {args.server}: {details}")
         say("  likely causes: the server certificate is not signed by a root you trust")

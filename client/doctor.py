@@ -193,7 +193,7 @@ class Doctor:
         if not cert or not key:
             raise Failed("only one of --cert and --key given", "pass both", Exit.ERROR)
         try:
-            _, self.fingerprint = client_credentials(
+            _, fingerprint = client_credentials(
                 cert, key, insecure_key_permissions=self.args.insecure_key_permissions
             )
             certificate = load_certificate(Path(cert))
@@ -201,19 +201,21 @@ class Doctor:
             raise Failed(str(exc), "check the --cert and --key paths", Exit.ERROR) from exc
         now = dt.datetime.now(dt.UTC)
         renew = "make a new key pair (pinrpc keygen) and have it enrolled with --replace"
+        # The server refuses these at the handshake: exit 3, as `pinrpc whoami` does.
         if certificate.not_valid_after_utc <= now:
             raise Failed(
                 f"{Path(cert).absolute()} expired on {certificate.not_valid_after_utc:%Y-%m-%d}",
                 renew,
-                Exit.ERROR,
+                Exit.CONNECT,
             )
         if certificate.not_valid_before_utc > now:
             raise Failed(
                 f"{Path(cert).absolute()} is not valid before "
                 f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
                 "check this machine's clock",
-                Exit.ERROR,
+                Exit.CONNECT,
             )
+        self.fingerprint = fingerprint  # only now: later steps present this certificate
         expiry = certificate.not_valid_after_utc
         detail = f"fingerprint {self.fingerprint}, {describe_expiry(expiry)}"
         if days_left(expiry) < self.args.warn_days:

@@ -1,11 +1,13 @@
 """The client's key pair on disk across a rotation: NAME.crt/.key, and the retiring *.old pair.
 
-The old pair is kept while the server still accepts it (the rotation's overlap), so a
-process that read the old files keeps working; it is removed once the overlap has ended.
+The old pair is kept while the server still accepts it (the rotation's overlap); the next
+rotation deletes it once the overlap has ended, or replaces it with the pair it retires. Nothing
+reads *.old: processes that loaded an older pair hold it in memory until they restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import stat
@@ -58,7 +60,7 @@ def check_targets(cert: Path, key: Path) -> None:
     for path in (new(cert), new(key)):
         if os.path.lexists(path):
             raise unfinished_error(cert, key)
-    for path in (old(key), old(cert), _until_file(cert)):
+    for path in (old(key), old(cert), _until_file(cert), new(_until_file(cert))):
         try:
             mode = path.lstat().st_mode
         except FileNotFoundError:
@@ -79,7 +81,8 @@ def swap_in(cert: Path, key: Path, new_cert: Path, new_key: Path, until: dt.date
         moves = [(key, old(key)), (new_key, key), (cert, old(cert)), (new_cert, cert)]
         move_all([*moves, (new(marker), marker)], overwrite=True)
     except OSError as exc:
-        new(marker).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error below matters, not this cleanup's
+            new(marker).unlink(missing_ok=True)
         raise IdentityError(f"cannot swap the key pair {cert}, {key}: {exc}") from exc
 
 

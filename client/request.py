@@ -15,17 +15,9 @@ import grpc
 
 from client.connect import PROG, REFUSED_INPUT, connection_flags, say
 from pinrpc import proof
-from pinrpc.channel import passphrase_from_env
+from pinrpc.channel import load_pair
 from pinrpc.cli import Exit, add_flag, utf8
-from pinrpc.errors import IdentityError
-from pinrpc.identity import (
-    Fingerprint,
-    cert_to_pem,
-    load_ca_bundle,
-    load_certificate,
-    load_private_key,
-    same_public_key,
-)
+from pinrpc.identity import Fingerprint, cert_to_pem, load_ca_bundle
 from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 
@@ -39,14 +31,9 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cert = load_certificate(Path(args.cert))
-    key = load_private_key(
-        Path(args.key),
-        passphrase=passphrase_from_env(),
-        check_permissions=not args.insecure_key_permissions,
+    cert, key = load_pair(
+        args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
-    if not same_public_key(key, cert):
-        raise IdentityError(f"private key {args.key} does not belong to certificate {args.cert}")
     roots = load_ca_bundle(Path(args.ca)) if args.ca else None
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     creds = grpc.ssl_channel_credentials(root_certificates=roots)

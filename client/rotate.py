@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.x509.oid import NameOID
 
 from client import keyfiles
 from client.connect import DAYS, PROG, call, connection_flags, say
@@ -22,7 +21,6 @@ from pinrpc.identity import (
     cert_to_pem,
     generate_key,
     key_to_pem,
-    load_certificate,
     self_signed_certificate,
 )
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc, identity_pb2, identity_pb2_grpc
@@ -33,8 +31,8 @@ def add_parser(commands: Any) -> None:
         "rotate",
         help="replace your key pair: the server enrolls the new one under your name",
         description="Makes a new key pair, has the server enroll it over your current "
-        "(authenticated) channel, then swaps the files. The old pair stays valid, and on "
-        "disk as *.old, until the server's overlap ends.",
+        "(authenticated) channel, then swaps the files. The old pair stays valid until the "
+        "server's overlap ends, and on disk as *.old until the next rotate.",
     )
     connection_flags(rotate)
     add_flag(rotate, "--key-type", default="p256", choices=KEY_TYPES, help="new key algorithm")
@@ -66,20 +64,19 @@ def run(args: argparse.Namespace) -> int:
     cert_path, key_path = Path(args.cert), Path(args.key)
     keyfiles.check_targets(cert_path, key_path)
     keyfiles.remove_expired_old_pair(cert_path, key_path)
-    current = load_certificate(cert_path)
-    names = current.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    name = str(names[0].value) if names else "client"
     key = generate_key(args.key_type)
-    successor = self_signed_certificate(key, name, days=args.days)
-    successor_pem = cert_to_pem(successor)
-    request = identity_pb2.RotateRequest(certificate_pem=successor_pem.decode())
-    if args.overlap is not None:
-        request.overlap_seconds = args.overlap
     unknown: list[str] = []  # set when the server may have enrolled the staged pair
 
     def rpc(channel: grpc.Channel) -> int:
         # Nothing is sent or written until the current pair is known to get in.
-        echo_pb2_grpc.EchoStub(channel).WhoAmI(echo_pb2.WhoAmIRequest(), timeout=args.timeout)
+        me = echo_pb2_grpc.EchoStub(channel).WhoAmI(echo_pb2.WhoAmIRequest(), timeout=args.timeout)
+        # The server's name for us, not the current certificate's CN: enrollment accepts
+        # certificates made by any tool, whose CN need not be a valid client name.
+        successor = self_signed_certificate(key, me.name, days=args.days)
+        successor_pem = cert_to_pem(successor)
+        request = identity_pb2.RotateRequest(certificate_pem=successor_pem.decode())
+        if args.overlap is not None:
+            request.overlap_seconds = args.overlap
         # Staged before the server retires anything: a full disk shows up now.
         keyfiles.stage_pair(
             cert_path, key_path, successor_pem, key_to_pem(key, passphrase_from_env())

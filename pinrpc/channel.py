@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from pinrpc.errors import IdentityError
 from pinrpc.identity import (
     Fingerprint,
+    PrivateKey,
     cert_to_pem,
     key_to_pem,
     load_ca_bundle,
@@ -28,19 +30,15 @@ def passphrase_from_env() -> bytes | None:
     return os.environb.get(PASSPHRASE_ENV.encode()) or None
 
 
-def client_credentials(
+def load_pair(
     cert: Path | str,
     key: Path | str,
-    ca: Path | str | None = None,
     *,
     passphrase: bytes | None = None,
     insecure_key_permissions: bool = False,
-) -> tuple[grpc.ChannelCredentials, Fingerprint]:
-    """Credentials for ``cert``/``key`` and the fingerprint the server will see.
-
-    The key is checked against the certificate here: grpcio would otherwise fail the handshake
-    with nothing more than "Socket closed".
-    """
+) -> tuple[x509.Certificate, PrivateKey]:
+    """A certificate and the private key that belongs to it (PINRPC_KEY_PASSPHRASE unless
+    ``passphrase``); grpcio would report a mismatch as nothing more than "Socket closed"."""
     if passphrase is None:
         passphrase = passphrase_from_env()
     certificate = load_certificate(Path(cert))
@@ -52,6 +50,22 @@ def client_credentials(
             f"private key {Path(key).absolute()} does not belong to certificate "
             f"{Path(cert).absolute()}"
         )
+    return certificate, private_key
+
+
+def client_credentials(
+    cert: Path | str,
+    key: Path | str,
+    ca: Path | str | None = None,
+    *,
+    passphrase: bytes | None = None,
+    insecure_key_permissions: bool = False,
+) -> tuple[grpc.ChannelCredentials, Fingerprint]:
+    """Credentials for ``cert``/``key`` (see ``load_pair``) and the fingerprint the server
+    will see."""
+    certificate, private_key = load_pair(
+        cert, key, passphrase=passphrase, insecure_key_permissions=insecure_key_permissions
+    )
     root_pem = load_ca_bundle(Path(ca)) if ca is not None else None
     # grpcio wants an unencrypted PEM; it only ever lives in this process's memory.
     creds = grpc.ssl_channel_credentials(

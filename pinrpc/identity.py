@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import os
 import re
@@ -229,13 +230,15 @@ def write_all(files: Sequence[tuple[Path, bytes, int]], *, overwrite: bool) -> N
 
 
 def move_all(moves: Sequence[tuple[Path, Path]], *, overwrite: bool) -> None:
-    """Rename each (source, target) in order, all or nothing: a failure puts back what was
-    moved (and any target it replaced) and raises. Without ``overwrite`` an existing target
-    fails with FileExistsError, decided atomically by link(2), not by a check before."""
+    """Rename each (source, target) in order, all or nothing, and durably (the directories
+    are synced): a failure puts back what was moved (and any target it replaced) and raises.
+    Without ``overwrite`` an existing target fails with FileExistsError, decided atomically
+    by link(2), not by a check before."""
     done: list[tuple[Path, Path, Path | None]] = []
     try:
         for source, target in moves:
             done.append((source, target, _move(source, target, overwrite=overwrite)))
+        _sync_directories([path for move in moves for path in move])
     except BaseException:
         for source, target, backup in reversed(done):
             with contextlib.suppress(OSError):  # best effort; the caller reports the failure
@@ -246,6 +249,20 @@ def move_all(moves: Sequence[tuple[Path, Path]], *, overwrite: bool) -> None:
     for *_, backup in done:
         if backup is not None:
             backup.unlink(missing_ok=True)
+
+
+def _sync_directories(paths: Sequence[Path]) -> None:
+    """fsync the directories holding ``paths``: a rename is on disk only once its directory
+    is, and without this a crash could lose a key pair that was reported as written."""
+    for directory in dict.fromkeys(path.absolute().parent for path in paths):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system cannot sync directories
+                raise
+        finally:
+            os.close(fd)
 
 
 def _move(source: Path, target: Path, *, overwrite: bool) -> Path | None:
@@ -301,6 +318,11 @@ def create_identity(
     cert = self_signed_certificate(key, name, days=days)
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # not the pair: --force would not help
+        raise IdentityError(f"{directory} is not a directory; choose another --dir") from exc
+    except OSError as exc:
+        raise IdentityError(f"cannot create the directory {directory}: {exc.strerror}") from exc
+    try:
         write_all(
             [(key_path, key_to_pem(key, passphrase), 0o600), (cert_path, cert_to_pem(cert), 0o644)],
             overwrite=force,
@@ -364,21 +386,6 @@ def parse_single_certificate(data: bytes, where: str) -> x509.Certificate:
     return certs[0]
 
 
-def parse_pem_bundle(data: bytes) -> list[x509.Certificate]:
-    """The certificates of a PEM bundle, skipping blocks that do not load."""
-    certs = []
-    for block in PEM_CERT_RE.findall(data):
-        # Real roots (Go Daddy G2, Starfield G2) have serial number 0, which cryptography
-        # loads with a deprecation warning; keep them, and skip what it cannot load at all.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-            try:
-                certs.append(x509.load_pem_x509_certificate(block))
-            except ValueError:
-                continue
-    return certs
-
-
 def check_ca_bundle(data: bytes, where: str) -> list[x509.Certificate]:
     """Roots to verify the server with; anything else would fail later as a vague handshake."""
     if b"PRIVATE KEY-----" in data:
@@ -386,12 +393,27 @@ def check_ca_bundle(data: bytes, where: str) -> list[x509.Certificate]:
             f"CA bundle {where} contains a private key; give the root certificate(s) that "
             "issued the server's certificate"
         )
-    certs = parse_pem_bundle(data)
-    if not certs:
+    blocks = PEM_CERT_RE.findall(data)
+    if not blocks:
         raise IdentityError(
             f"CA bundle {where} holds no PEM certificate; give the root certificate(s) that "
             "issued the server's certificate"
         )
+    certs = []
+    for number, block in enumerate(blocks, 1):
+        # Real roots (Go Daddy G2, Starfield G2) have serial number 0, which cryptography
+        # loads with a deprecation warning: keep them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            try:
+                certs.append(x509.load_pem_x509_certificate(block))
+            except ValueError as exc:
+                # gRPC stops reading a bundle at such a block: the roots after it, or all of
+                # them, would be missing, and the handshake would fail without saying why.
+                raise IdentityError(
+                    f"CA bundle {where}: certificate {number} of {len(blocks)} cannot be read "
+                    f"({exc}); remove it or fix the file"
+                ) from exc
     return certs
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from client import cli
 from pinrpc.cli import Exit, allow_patterns
 from server.app import RunningServer
 from server.devca import DevCA
-from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles
+from tests.conftest import ECHO_ALL, SERVER_NAME, Connect, MakeClient, ServerFiles
+from tests.test_doctor import odd_server as odd_server  # the fixture
 from tests.test_enrollment_requests import enrolling as enrolling  # the fixture
 from tests.test_enrollment_requests import pending, request_flags
 from tests.test_identity import bad_point_certificate
@@ -96,6 +100,44 @@ def test_wrong_server_name_and_wrong_root(
     code, _, err = run(["whoami", *flags[:ca_at], str(other_root), *flags[ca_at + 1 :]], capsys)
     assert code == Exit.CONNECT
     assert "could not verify the server" in err and "--ca" in err
+
+
+def test_a_port_that_is_not_grpc_over_tls_is_named_as_such(
+    odd_server: RunningServer,
+    devca: ServerFiles,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    alice = make_client("alice")
+    flags = ["--cert", str(alice.cert_path), "--key", str(alice.key_path), "--timeout", "5",
+             "--ca", str(devca.ca_path), "--server-name", SERVER_NAME]  # fmt: skip
+    plaintext = f"127.0.0.1:{odd_server.health_port}"
+    code, _, err = run(["whoami", "--server", plaintext, *flags], capsys)
+    assert code == Exit.CONNECT
+    assert f"{plaintext} does not serve gRPC over TLS" in err and "could not verify" not in err
+    # TLS without ALPN h2, as a proxy that terminates TLS would answer.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(devca.cert, devca.key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+
+        def serve_once() -> None:
+            conn, _ = listener.accept()
+            with conn, context.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(5)
+                tls.recv(1)
+
+        server = threading.Thread(target=serve_once)
+        server.start()
+        no_alpn = f"127.0.0.1:{listener.getsockname()[1]}"
+        code, _, err = run(["whoami", "--server", no_alpn, *flags], capsys)
+        server.join(10)
+    assert code == Exit.CONNECT
+    assert f"{no_alpn} does not serve gRPC over TLS" in err and "cannot reach" not in err
+    # The control: the same flags reach the real server's TLS port.
+    mtls = f"127.0.0.1:{odd_server.port}"
+    code, _, err = run(["whoami", "--server", mtls, *flags], capsys)
+    assert code == Exit.CONNECT and "does not serve gRPC over TLS" not in err
 
 
 def test_nothing_listening(
@@ -222,22 +264,38 @@ def test_non_utf8_passphrase_works(
     assert code == Exit.ERROR and "wrong passphrase" in err
 
 
-def test_ca_without_certificates_is_bad_input(
+def test_ca_that_grpc_cannot_use_is_bad_input(
     connect: Connect, make_client: MakeClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     alice = make_client("alice")
     connect.enroll(alice, "alice")
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(bytes(range(256)))
+    # gRPC stops reading a bundle at a block it cannot parse: the right root after one is lost
+    # (before this was checked: "not enrolled" when it came first, "could not verify" after).
+    bad_block = b"-----BEGIN CERTIFICATE-----\nTUlJQmFk\n-----END CERTIFICATE-----\n"
+    root, other = connect.devca.ca_path.read_bytes(), DevCA("other").root_pem
+    bad_first, bad_between = tmp_path / "bad-first.pem", tmp_path / "bad-between.pem"
+    bad_first.write_bytes(bad_block + root)
+    bad_between.write_bytes(other + bad_block + root)
     flags = connect.cli_flags(alice)
     ca_at = flags.index("--ca") + 1
-    for ca, reason in ((garbage, "holds no PEM certificate"), (alice.key_path, "private key")):
+    for ca, reason in (
+        (garbage, "holds no PEM certificate"),
+        (alice.key_path, "private key"),
+        (bad_first, "certificate 1 of 2 cannot be read"),
+        (bad_between, "certificate 2 of 3 cannot be read"),
+    ):
         flags[ca_at] = str(ca)
         for command in (["whoami"], ["request-enrollment", "--name", "alice"]):
             code, _, err = run([*command, *flags], capsys)
             assert code == Exit.ERROR and err.count("\n") == 1, err
             assert f"CA bundle {ca}" in err and reason in err
     flags[ca_at] = str(connect.devca.ca_path)
+    assert run(["whoami", *flags], capsys)[0] == Exit.OK
+    good_between = tmp_path / "good-between.pem"  # the allow twin: other roots are fine
+    good_between.write_bytes(other + root)
+    flags[ca_at] = str(good_between)
     assert run(["whoami", *flags], capsys)[0] == Exit.OK
 
 
@@ -251,6 +309,27 @@ def test_certificate_with_an_unreadable_public_key_is_one_line(
         code, _, err = run([command, *flags], capsys)
         assert code == Exit.ERROR and err.count("\n") == 1
         assert "cannot be read" in err
+
+
+def test_request_enrollment_with_a_foreign_key_names_both_files_absolutely(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    make_client: MakeClient,
+    registry: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    carol, dave = make_client("carol"), make_client("dave")
+    monkeypatch.chdir(carol.cert_path.parent)
+    flags = request_flags(enrolling, devca, carol)
+    flags[flags.index("--cert") + 1] = "carol.crt"
+    flags[flags.index("--key") + 1] = "dave.key"
+    code, _, err = run(["request-enrollment", "--name", "carol", *flags], capsys)
+    assert code == Exit.ERROR and err.count("\n") == 1
+    assert f"private key {dave.key_path} does not belong to certificate {carol.cert_path}" in err
+    assert pending(registry, capsys) == []
+    flags[flags.index("--key") + 1] = "carol.key"
+    assert run(["request-enrollment", "--name", "carol", *flags], capsys)[0] == Exit.OK
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +12,11 @@ import pytest
 from client.cli import main
 from client.doctor import split_target
 from pinrpc.cli import Exit
-from pinrpc.identity import KeyPairFiles, cert_to_pem
+from pinrpc.identity import Fingerprint, KeyPairFiles, cert_to_pem
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
 from server.devca import DevCA
+from tests.certs import make_cert, p256, write_pair
 from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, revoke
 
 STEPS = (
@@ -186,6 +188,23 @@ def test_certificate_expiring_soon_is_a_warning(
     assert "warning" not in capsys.readouterr().out
     assert main(["doctor", *connect.cli_flags(short), "--warn-days", "11"]) == Exit.OK
     assert "warning: expires in less than 11 days" in capsys.readouterr().out
+
+
+def test_expired_certificate_exits_as_whoami_does_and_is_not_presented(
+    connect: Connect, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = p256()
+    ended = make_cert(key, "old", key_cert_sign=False, not_before=dt.datetime(2020, 1, 1), days=1)
+    cert_path, key_path = write_pair(tmp_path, "old", key, ended)
+    old = KeyPairFiles(key_path, cert_path, Fingerprint.of(ended))
+    assert main(["whoami", *connect.cli_flags(old)]) == Exit.CONNECT
+    code, steps = doctor(connect.cli_flags(old), capsys)
+    assert code == Exit.CONNECT  # README: exit 3 for an expired certificate, whoami and doctor
+    assert status(steps["client certificate"]) == "FAILED"
+    assert "expired" in steps["client certificate"]
+    # The handshake went without it: no step may claim the server refused it.
+    assert status(steps["client accepted"]) == "skipped"
+    assert str(old.fingerprint) not in steps["client accepted"]
 
 
 def test_unreadable_key_is_a_local_error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import threading
@@ -178,6 +179,41 @@ def test_concurrent_keygen_leaves_one_matching_pair(tmp_path: Path) -> None:
         key = load_private_key(directory / "r.key")
         assert same_public_key(key, load_certificate(directory / "r.crt"))
         assert sorted(p.name for p in directory.iterdir()) == ["r.crt", "r.key"]
+
+
+def test_dir_that_is_a_file_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_dir = tmp_path / "keys"
+    not_a_dir.write_bytes(b"a file")
+    for force in ([], ["--force"]):  # --force cannot help, so it must not be the advice
+        assert cli.main(["keygen", "alice", "--dir", str(not_a_dir), *force]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{not_a_dir} is not a directory" in err, err
+        assert "--force" not in err
+    assert not_a_dir.read_bytes() == b"a file"
+    assert cli.main(["keygen", "alice", "--dir", str(tmp_path / "new" / "keys")]) == 0
+
+
+def test_keygen_syncs_the_directory_after_placing_the_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename reaches the disk with its directory: fsync it once both names are there."""
+    synced: list[tuple[str, list[str]]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            placed = sorted(n for n in os.listdir(fd) if not n.startswith("."))  # no temps
+            synced.append((os.readlink(f"/proc/self/fd/{fd}"), placed))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    create_identity("alice", tmp_path / "keys")
+    assert (str(tmp_path / "keys"), ["alice.crt", "alice.key"]) in synced
+    synced.clear()
+    create_identity("alice", tmp_path / "keys", force=True)  # replacing, too
+    assert (str(tmp_path / "keys"), ["alice.crt", "alice.key"]) in synced
 
 
 def test_failed_keygen_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

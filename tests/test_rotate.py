@@ -11,11 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from client import keyfiles
 from client.keyfiles import old
 from pinrpc.cli import Exit
-from pinrpc.identity import KeyPairFiles
+from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
+from tests.certs import make_cert, p256, write_pair
 from tests.conftest import Connect, MakeClient, registry_dump
 from tests.test_client_cli import run
 
@@ -119,7 +122,9 @@ def test_unreachable_server_stages_nothing(
     ]
 
 
-@pytest.mark.parametrize("obstacle", ["alice.crt.old", "alice.key.old", "alice.crt.old-until"])
+@pytest.mark.parametrize(
+    "obstacle", ["alice.crt.old", "alice.key.old", "alice.crt.old-until", "alice.crt.old-until.new"]
+)
 def test_swap_obstacle_is_refused_before_asking_the_server(
     connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str], obstacle: str
 ) -> None:
@@ -190,3 +195,27 @@ def test_marker_without_timezone_is_read_as_utc(make_client: MakeClient) -> None
     marker.write_text("2020-01-01T00:00:00")
     assert keyfiles.remove_expired_old_pair(alice.cert_path, alice.key_path)
     assert not old(alice.key_path).exists() and not marker.exists()
+
+
+def common_name(cert: Path) -> str:
+    return str(load_certificate(cert).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def test_the_new_certificate_carries_the_servers_name_not_the_old_cn(
+    connect: Connect, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Made by another tool (openssl, a CA's portal): enrollment accepts any CN, and this one
+    # is no valid client name.
+    key = p256()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Alice Smith")])
+    cert_path, key_path = write_pair(
+        tmp_path / "keys", "alice", key, make_cert(key, subject, key_cert_sign=False)
+    )
+    alice = KeyPairFiles(key_path, cert_path, Fingerprint.of(load_certificate(cert_path)))
+    connect.enroll(alice, "alice")
+    code, out, err = run(["rotate", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.OK, err
+    assert common_name(cert_path) == "alice" and common_name(old(cert_path)) == "Alice Smith"
+    connect.server.trust.poll()
+    code, out, _ = run(["whoami", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.OK and "name         alice" in out
