@@ -20,6 +20,9 @@ from pinrpc.identity import read_file
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
 Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
+# List answers with every client ever enrolled, revoked ones too, about 210 bytes each: gRPC's
+# default limit on a received message (4 MiB) refused it from about 20,000 of them.
+MAX_REPLY = 256 * 1024 * 1024
 
 
 def add_parser(commands: Any) -> None:
@@ -92,4 +95,5 @@ ACTIONS: dict[str, Rpc] = {"enroll": _enroll, "revoke": _revoke, "list": _list, 
 
 def run(args: argparse.Namespace) -> int:
     action = ACTIONS[args.action]
-    return call(args, lambda channel: action(admin_pb2_grpc.AdminStub(channel), args))
+    options = [("grpc.max_receive_message_length", MAX_REPLY)]
+    return call(args, lambda channel: action(admin_pb2_grpc.AdminStub(channel), args), options)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -54,8 +55,13 @@ def connection_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def call(args: argparse.Namespace, rpc: Callable[[grpc.Channel], int]) -> int:
-    """Run ``rpc`` on a channel made from the connection flags; explain failures."""
+def call(
+    args: argparse.Namespace,
+    rpc: Callable[[grpc.Channel], int],
+    options: Sequence[tuple[str, Any]] = (),
+) -> int:
+    """Run ``rpc`` on a channel made from the connection flags and ``options``; explain
+    failures."""
     creds, fingerprint = client_credentials(
         args.cert, args.key, args.ca, insecure_key_permissions=args.insecure_key_permissions
     )
@@ -66,7 +72,8 @@ def call(args: argparse.Namespace, rpc: Callable[[grpc.Channel], int]) -> int:
             f"{PROG}: warning: your certificate {Path(args.cert).absolute()} expires in "
             f"{left.days} days ({not_after:%Y-%m-%d %H:%M} UTC); {ROTATE_HINT}"
         )
-    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    if args.server_name:
+        options = [*options, ("grpc.ssl_target_name_override", args.server_name)]
     with grpc.secure_channel(args.server, creds, options=options) as channel:
         try:
             return rpc(channel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate
 from pinrpc.v1 import echo_pb2, identity_pb2, identity_pb2_grpc
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
+from server.registry_sql import COLUMNS
 from tests.certs import make_cert, p256
 from tests.conftest import (
     ECHO_ALL,
@@ -80,6 +82,28 @@ def test_admin_enrolls_lists_and_revokes(
         if r["event"] == "admin"
     ]
     assert actions == [("enroll", "root", "bob"), ("revoke", "root", "bob")]
+
+
+def test_admin_lists_a_registry_larger_than_grpcs_default_message_limit(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """30,000 revoked certificates of history make a 6 MB reply; gRPC's default limit on a
+    received message (4 MiB) failed the call with RESOURCE_EXHAUSTED."""
+    root = make_client("root")
+    connect.enroll(root, "root", ADMIN)
+    with sqlite3.connect(connect.server_registry) as db:
+        db.execute(f"""
+            WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 30000)
+            INSERT INTO clients ({COLUMNS})
+            SELECT 'c' || i, printf('%064x', i), cert_pem, spki_sha256, subject, has_key_ids,
+                   allowed_methods, enrolled_at, not_after, enrolled_at, NULL
+            FROM n, clients WHERE clients.name = 'root'
+        """)  # noqa: S608  # fmt: skip
+    db.close()
+    code, out, err = run(["admin", "list", "--json", *connect.cli_flags(root)], capsys)
+    assert code == Exit.OK, err
+    listed = json.loads(out)
+    assert len(listed) == 30_001 and listed[0]["name"] == "root"
 
 
 @pytest.mark.parametrize("allow", ["*", ECHO_ALL, "/pinrpc.v1.*"])
