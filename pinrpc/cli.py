@@ -87,6 +87,14 @@ def utf8(text: str) -> str:
     return text
 
 
+def path_text(text: str) -> str:
+    """An argparse ``type``: a path or URL that is not empty (an empty path would name the
+    current directory, and the error would be about that)."""
+    if not utf8(text):
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def host_port(*, port_zero: bool = False) -> Callable[[str], str]:
     """An argparse ``type``: HOST:PORT, an IPv6 host in brackets ([::1]:8443), the port a
     number up to 65535 (0, "any free port", only where ``port_zero``)."""

@@ -20,6 +20,7 @@ from pinrpc.cli import (
     allow_patterns,
     at_least,
     host_port,
+    path_text,
     run,
     utf8,
 )
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             p,
             "--registry",
             required=True,
+            type=path_text,
             help="registry: a SQLite file path or a postgresql://USER@HOST:PORT/DB URL",
         )
 

@@ -311,6 +311,18 @@ def test_missing_registry_flag_is_a_usage_error(
     assert "--registry" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["list", "pending", "migrate"])
+def test_an_empty_registry_flag_is_a_usage_error(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It named the current directory: "cannot open registry /cwd: disk I/O error"."""
+    monkeypatch.delenv("PINRPC_REGISTRY", raising=False)
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--registry", ""])
+    assert info.value.code == 2
+    assert "--registry: must not be empty" in capsys.readouterr().err
+
+
 def test_allow_from_environment_unless_flags_are_given(
     registry: Path,
     make_client: MakeClient,
