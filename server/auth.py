@@ -402,7 +402,12 @@ class _Stream:
             self._cap.release(self)
             self._cap = None
         if not self.refused:
-            finished(self.identity.name, self._method, _final_code(self._context, completed))
+            code = _final_code(self._context, completed)
+            if code is grpc.StatusCode.OK and self._context.time_remaining() <= 0:
+                # The deadline ended the requests (the handler saw their end) or the call
+                # under a non-blocking handler: the client got DEADLINE_EXCEEDED, not OK.
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            finished(self.identity.name, self._method, code)
 
     def recheck(self) -> None:
         """Abort the call (as the first check would) unless its caller is still admitted."""

@@ -163,6 +163,26 @@ def test_streams_the_client_ends_are_counted_as_cancelled_or_past_their_deadline
     assert counted(connect, "UNKNOWN") == {}
 
 
+def test_streams_whose_requests_end_with_their_deadline_are_not_counted_as_ok(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """The deadline can end a stream's requests before gRPC reports the call cancelled: the
+    handler then returns normally, but the client got DEADLINE_EXCEEDED (about half of such
+    streams were counted OK)."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    late = [Bidi(connect, alice, timeout=0.5) for _ in range(6)]
+    try:
+        assert {stream.echo("one") for stream in late} == {"one"}
+        time.sleep(1.0)
+        assert {code_of(stream.reply) for stream in late} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+        eventually(lambda: sum(counted(connect, "DEADLINE_EXCEEDED").values()) == 6, timeout=3)
+    finally:
+        for stream in late:
+            stream.close()
+    assert counted(connect, "OK") == {}
+
+
 def test_health_watches_hold_no_worker_thread(connect: Connect, make_client: MakeClient) -> None:
     """As many Watch streams as the server has worker threads, each from a client within its
     share: another client's call is still served (a blocking Watch would hold a thread each)."""
