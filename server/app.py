@@ -82,6 +82,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
         interceptor = AuthInterceptor(lambda: trust.enrolled, observe, config.max_workers)
+        trust.subscribe(interceptor.sweep)  # a revoked client's idle streams end at once
 
         def build(options: Options) -> grpc.Server:
             # One per listener (handover builds more); all share the pool and the check.

@@ -142,30 +142,39 @@ class NullObserver:
 
 
 class StreamCap:
-    """How many streaming calls each client certificate holds open, up to a limit.
+    """The streaming calls each client certificate holds open, up to a limit.
 
     A blocking stream holds one of the server's worker threads for as long as it is open:
-    without a cap, one client could hold them all and stall everyone else's calls.
+    without a cap, one client could hold them all and stall everyone else's calls. The open
+    streams are kept, so that a change can end those whose caller it no longer admits.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._open: dict[bytes, int] = {}
+        self._open: dict[bytes, set[_Stream]] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, fingerprint: Fingerprint) -> bool:
+    def acquire(self, stream: _Stream) -> bool:
+        key = stream.identity.fingerprint.digest
         with self._lock:
-            count = self._open.get(fingerprint.digest, 0)
-            if count >= self.limit:
+            held = self._open.get(key, set())
+            if len(held) >= self.limit:
                 return False
-            self._open[fingerprint.digest] = count + 1
+            held.add(stream)
+            self._open[key] = held
             return True
 
-    def release(self, fingerprint: Fingerprint) -> None:
+    def release(self, stream: _Stream) -> None:
+        key = stream.identity.fingerprint.digest
         with self._lock:
-            count = self._open.pop(fingerprint.digest) - 1
-            if count:
-                self._open[fingerprint.digest] = count
+            held = self._open[key]
+            held.discard(stream)
+            if not held:
+                del self._open[key]
+
+    def streams(self) -> list[_Stream]:
+        with self._lock:
+            return [stream for held in self._open.values() for stream in held]
 
 
 def streams_per_client(max_workers: int) -> int:
@@ -270,6 +279,17 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         )
         return wrapped
 
+    def sweep(self) -> None:
+        """End at once the open streams whose caller the current snapshot no longer admits.
+
+        Called by the trust watcher after each change: an idle stream re-checks only at its
+        next message, and until then it held its worker thread, even after a revocation.
+        """
+        enrolled = self._enrolled()
+        for stream in self._streams.streams():
+            if stream.snapshot is not enrolled:
+                stream.revisit(enrolled)
+
     def _unimplemented(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         def behavior(_request: Any, context: grpc.ServicerContext) -> Any:
             identity = self.authorize(context, method, remember=False)
@@ -307,6 +327,19 @@ def _undecodable(context: grpc.ServicerContext) -> NoReturn:
     _deny(context, grpc.StatusCode.INVALID_ARGUMENT, "request could not be decoded")
 
 
+def _cancel(context: grpc.ServicerContext) -> None:
+    """End the call from outside its handler, with the status abort() recorded.
+
+    Through grpcio's call object, which takes a status; the public cancel() sends CANCELLED.
+    """
+    code: grpc.StatusCode = context.code()  # type: ignore[attr-defined]
+    details: bytes = context.details()  # type: ignore[attr-defined]
+    try:
+        context._rpc_event.call.cancel(code.value[0], details.decode())  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        context.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+
+
 def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
     code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
@@ -331,7 +364,8 @@ class _Stream:
     """
 
     __slots__ = (
-        "_cap", "_check", "_context", "_enrolled", "_method", "identity", "refused", "snapshot"
+        "_cap", "_check", "_context", "_enrolled", "_lock", "_method", "identity", "refused",
+        "snapshot",
     )  # fmt: skip
 
     def __init__(
@@ -346,11 +380,12 @@ class _Stream:
         self.snapshot = enrolled()
         self.identity = check(context, method)
         self._cap: StreamCap | None = None
+        self._lock = threading.Lock()  # the stream's own thread and StreamCap's sweep re-check
         self.refused = False  # by a re-check, which reported (and counted) the refusal itself
 
     def hold(self, cap: StreamCap) -> None:
         """Count this stream against its client's cap, or refuse it."""
-        if not cap.acquire(self.identity.fingerprint):
+        if not cap.acquire(self):
             _deny(
                 self._context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -358,24 +393,48 @@ class _Stream:
                 "one client may hold at once; close one first",
             )
         self._cap = cap
+        if self._enrolled() is not self.snapshot:
+            self.recheck()  # a change between the check and now, which no sweep saw
 
     def end(self, finished: Callable[[str, str, grpc.StatusCode], None], completed: bool) -> None:
         """Give back the stream's place under the cap and count the call, once."""
         if self._cap is not None:
-            self._cap.release(self.identity.fingerprint)
+            self._cap.release(self)
             self._cap = None
         if not self.refused:
-            finished(self.identity.name, self._method, _final_code(self._context, completed))
+            code = _final_code(self._context, completed)
+            if code is grpc.StatusCode.OK and self._context.time_remaining() <= 0:
+                # The deadline ended the requests (the handler saw their end) or the call
+                # under a non-blocking handler: the client got DEADLINE_EXCEEDED, not OK.
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            finished(self.identity.name, self._method, code)
 
     def recheck(self) -> None:
         """Abort the call (as the first check would) unless its caller is still admitted."""
-        current = self._enrolled()
+        with self._lock:
+            if not self.refused:
+                current = self._enrolled()
+                try:
+                    self._check(self._context, self._method)
+                except Exception:
+                    self.refused = True
+                    raise
+                self.snapshot = current
+                return
+        # The sweep refused it already, and reported it: end the handler without a second line.
+        _deny(self._context, grpc.StatusCode.PERMISSION_DENIED, "no longer admitted")
+
+    def revisit(self, enrolled: EnrolledSet) -> None:
+        """From the trust watcher: end the call now if ``enrolled`` no longer admits it."""
+        client = enrolled.lookup(self.identity.fingerprint)
+        if client is not None and method_allowed(client, self._method):
+            return  # still admitted: its own thread re-checks at the next message
+        if self.refused or not self._context.is_active():
+            return
         try:
-            self._check(self._context, self._method)
-        except Exception:
-            self.refused = True
-            raise
-        self.snapshot = current
+            self.recheck()
+        except Exception:  # abort() recorded the status; send it, which frees the thread
+            _cancel(self._context)
 
     def checked(self, messages: Iterator[Any]) -> Iterator[Any]:
         enrolled = self._enrolled

@@ -262,6 +262,7 @@ class TrustWatcher:
         self._cert_signature = file_signature(cert_path, key_path)
         self.server_cert = load_server_cert(cert_path, key_path)
         self.changed = threading.Event()  # set on every change (server.listener waits on it)
+        self._subscribers: list[Callable[[], None]] = []  # called after each new enrolled set
         self._announce_cert("serving")
         self._announce_clients(clients)
         self._events.health(self.healthy, not self._registry_failing)
@@ -318,6 +319,10 @@ class TrustWatcher:
         return creds, cert, frozenset(enrolled.by_digest)
 
     # -- polling ---------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the watcher's thread after each new enrolled set."""
+        self._subscribers.append(callback)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pinrpc-trust", daemon=True)
@@ -377,6 +382,11 @@ class TrustWatcher:
             self.enrolled, self._generation = enrolled, generation
         self._hand_over()
         self.changed.set()
+        for callback in self._subscribers:
+            try:
+                callback()
+            except Exception:  # poll() never raises; the next change calls it again
+                log.exception("after a registry change")
         self._announce_clients(clients)
 
     def _hand_over(self) -> None:

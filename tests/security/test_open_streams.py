@@ -41,6 +41,10 @@ class Bidi:
         self._requests.put(message)
         return next(self._replies).message
 
+    def reply(self) -> str:
+        """The next echo, without sending anything."""
+        return next(self._replies).message
+
     def cancel(self) -> None:
         self._call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
 
@@ -77,6 +81,55 @@ def test_revocation_stops_an_open_stream_on_its_next_message(
     assert counted(connect, "PERMISSION_DENIED") == {("", UNKNOWN_METHOD): 1}
 
 
+def test_revocation_ends_idle_streams_and_gives_their_threads_back(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """Clients holding every worker thread with streams that send nothing more are revoked: the
+    streams end at once (not at a next message that never comes), each refusal counted once,
+    and another client's call is served."""
+    share = streams_per_client(connect.server.config.max_workers)
+    holders = [make_client(f"holder{i}") for i in range(connect.server.config.max_workers // share)]
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    streams: list[Bidi] = []
+    for holder in holders:
+        connect.enroll(holder, holder.cert_path.stem, ECHO_ALL)
+        streams += [Bidi(connect, holder) for _ in range(share)]
+    try:
+        assert {stream.echo("held") for stream in streams} == {"held"}
+        for holder in holders:
+            revoke(connect.server_registry, holder.cert_path.stem)
+        connect.server.trust.poll()
+        assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+        assert {code_of(stream.reply) for stream in streams} == {DENIED}
+    finally:
+        for stream in streams:
+            stream.close()
+    assert counted(connect, "PERMISSION_DENIED") == {("", UNKNOWN_METHOD): len(streams)}
+
+
+def test_revocation_ends_an_idle_health_watch(connect: Connect, make_client: MakeClient) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice")
+    watches = []
+    for client in (alice, bob):
+        health = health_pb2_grpc.HealthStub(connect.channel(client.cert_path, client.key_path))
+        watches.append(health.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        if client is alice:
+            assert next(watches[0]).status == health_pb2.HealthCheckResponse.SERVING
+            connect.enroll(bob, "bob")  # a change that leaves alice's watch alone
+    try:
+        assert next(watches[1]).status == health_pb2.HealthCheckResponse.SERVING
+        assert not watches[0].done()
+        revoke(connect.server_registry, "alice")
+        connect.server.trust.poll()
+        assert code_of(lambda: next(watches[0])) == DENIED
+        assert not watches[1].done()
+    finally:
+        for watch in watches:
+            watch.cancel()
+
+
 def test_an_open_stream_survives_an_unrelated_enrollment(
     connect: Connect, make_client: MakeClient
 ) -> None:
@@ -108,6 +161,26 @@ def test_streams_the_client_ends_are_counted_as_cancelled_or_past_their_deadline
         cancelled.close()
         late.close()
     assert counted(connect, "UNKNOWN") == {}
+
+
+def test_streams_whose_requests_end_with_their_deadline_are_not_counted_as_ok(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """The deadline can end a stream's requests before gRPC reports the call cancelled: the
+    handler then returns normally, but the client got DEADLINE_EXCEEDED (about half of such
+    streams were counted OK)."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    late = [Bidi(connect, alice, timeout=0.5) for _ in range(6)]
+    try:
+        assert {stream.echo("one") for stream in late} == {"one"}
+        time.sleep(1.0)
+        assert {code_of(stream.reply) for stream in late} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+        eventually(lambda: sum(counted(connect, "DEADLINE_EXCEEDED").values()) == 6, timeout=3)
+    finally:
+        for stream in late:
+            stream.close()
+    assert counted(connect, "OK") == {}
 
 
 def test_health_watches_hold_no_worker_thread(connect: Connect, make_client: MakeClient) -> None:
