@@ -31,6 +31,7 @@ from server.metrics import Metrics, serve_metrics
 from server.observe import Observability
 from server.ratelimit import burst_for
 from server.registry import Registry, open_registry
+from server.request_watch import PerHost
 from server.requests import EnrollmentService
 from server.services import EchoService
 from server.trust import TrustWatcher
@@ -83,6 +84,9 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
         interceptor = AuthInterceptor(lambda: trust.enrolled, observe, config.max_workers)
         trust.subscribe(interceptor.sweep)  # a revoked client's idle streams end at once
+        interceptor.requests.start()  # and no caller holds the workers by withholding requests
+        stack.callback(interceptor.requests.stop)
+        per_host = PerHost(interceptor.requests)  # the same for the listeners without certificates
 
         def build(options: Options) -> grpc.Server:
             # One per listener (handover builds more); all share the pool and the check.
@@ -105,14 +109,14 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         log.info("listening on %s (port %d)", config.listen, port)
         health_port = enrollment_port = None
         if config.health_listen:
-            probe = _side_server(stack, 2)
+            probe = _side_server(stack, 2, per_host)
             health.add_to(probe)  # and nothing else: probes carry no client certificate
             health_port = _start_side(
                 stack, probe, probe.add_insecure_port, config.health_listen,
                 "--health-listen", "plaintext health probes",
             )  # fmt: skip
         if config.enrollment_listen:
-            requests = _side_server(stack, 4)
+            requests = _side_server(stack, 4, per_host)
             enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
                 EnrollmentService(registry, audit, request_ttl=config.enrollment_ttl,
                                   max_pending=config.max_pending),
@@ -160,11 +164,11 @@ def _add_services(
     reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
 
 
-def _side_server(stack: ExitStack, workers: int) -> grpc.Server:
+def _side_server(stack: ExitStack, workers: int, per_host: PerHost) -> grpc.Server:
     # gRPC binds with SO_REUSEPORT by default; without it, a busy port (the mTLS one too)
     # fails to bind instead of silently taking a share of that port's connections.
     executor = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
-    return grpc.server(executor, options=[("grpc.so_reuseport", 0)])
+    return grpc.server(executor, interceptors=[per_host], options=[("grpc.so_reuseport", 0)])
 
 
 def _start_side(

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - another grpcio build: leaf_pem() falls
 
 from pinrpc.identity import Fingerprint
 from server.registry import Client
+from server.request_watch import RequestWatch, end_call, non_blocking
 from server.trust import EnrolledSet
 
 # Methods any enrolled client may call: identity, health and the API's own description.
@@ -192,6 +193,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self._enrolled = enrolled
         self._observer: Observer = observer or NullObserver()
         self._streams = StreamCap(streams_per_client(max_workers))
+        # Calls waiting for their request; its sweep runs from start_server (server/app.py).
+        self.requests = RequestWatch()
         # For the uncached path (a new snapshot, refused leaves): base64 + SHA-256 once per PEM.
         self._fingerprints: dict[bytes, Fingerprint] = {}
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -272,10 +275,16 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             # Authenticate before admitting that a method does not exist (never cached: the
             # names are the caller's).
-            return grpc.unary_unary_rpc_method_handler(self._unimplemented(method))
+            return grpc.stream_unary_rpc_method_handler(self._unimplemented(method))
         # The services are fixed once the server starts: wrap each method's handler once.
         wrapped = self._wrapped[method] = _wrap(
-            handler, method, self._enrolled, self.authorize, self._observer.finished, self._streams
+            handler,
+            method,
+            self._enrolled,
+            self.authorize,
+            self._observer.finished,
+            self._streams,
+            self._read,
         )
         return wrapped
 
@@ -289,9 +298,18 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         for stream in self._streams.streams():
             if stream.snapshot is not enrolled:
                 stream.revisit(enrolled)
+        self.requests.end_callers(
+            lambda fp: isinstance(fp, Fingerprint) and enrolled.lookup(fp) is None,
+            "client certificate is not enrolled or was revoked",
+        )
+
+    def _read(self, requests: Iterator[Any], context: grpc.ServicerContext, who: Identity) -> Any:
+        """The call's one request, read after the check (server/request_watch.py)."""
+        return self.requests.first(requests, context, who.fingerprint, self._streams.limit)
 
     def _unimplemented(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def behavior(_request: Any, context: grpc.ServicerContext) -> Any:
+        # Registered as request-streaming (intercept_service): answered without reading.
+        def behavior(_requests: Any, context: grpc.ServicerContext) -> Any:
             identity = self.authorize(context, method, remember=False)
             # Unknown names are caller-chosen: keep them out of metric labels.
             self._observer.finished(identity.name, UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED)
@@ -327,19 +345,6 @@ def _undecodable(context: grpc.ServicerContext) -> NoReturn:
     _deny(context, grpc.StatusCode.INVALID_ARGUMENT, "request could not be decoded")
 
 
-def _cancel(context: grpc.ServicerContext) -> None:
-    """End the call from outside its handler, with the status abort() recorded.
-
-    Through grpcio's call object, which takes a status; the public cancel() sends CANCELLED.
-    """
-    code: grpc.StatusCode = context.code()  # type: ignore[attr-defined]
-    details: bytes = context.details()  # type: ignore[attr-defined]
-    try:
-        context._rpc_event.call.cancel(code.value[0], details.decode())  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):
-        context.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
-
-
 def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
     code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
@@ -353,6 +358,16 @@ def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCo
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return code
+
+
+def _ended_as(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """How a call whose handler returned normally ended for the client: OK, unless its
+    deadline passed or gRPC cancelled it (grpcio's call state; the public API cannot tell)."""
+    if context.time_remaining() <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if getattr(getattr(context, "_state", None), "client", None) == "cancelled":
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.OK
 
 
 class _Stream:
@@ -401,13 +416,18 @@ class _Stream:
         if self._cap is not None:
             self._cap.release(self)
             self._cap = None
-        if not self.refused:
-            code = _final_code(self._context, completed)
-            if code is grpc.StatusCode.OK and self._context.time_remaining() <= 0:
-                # The deadline ended the requests (the handler saw their end) or the call
-                # under a non-blocking handler: the client got DEADLINE_EXCEEDED, not OK.
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-            finished(self.identity.name, self._method, code)
+        if self.refused:
+            return
+        name, method, context = self.identity.name, self._method, self._context
+        code = _final_code(context, completed)
+        if code is grpc.StatusCode.OK and context.time_remaining() <= 0:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED  # the deadline ended the requests
+        if code is not grpc.StatusCode.OK:
+            finished(name, method, code)
+        # A cancel or the deadline can end the requests (the handler sees their end and
+        # returns) before gRPC reports the call cancelled: only the call's end tells.
+        elif not context.add_callback(lambda: finished(name, method, _ended_as(context))):
+            finished(name, method, _ended_as(context))  # it has ended already
 
     def recheck(self) -> None:
         """Abort the call (as the first check would) unless its caller is still admitted."""
@@ -434,7 +454,9 @@ class _Stream:
         try:
             self.recheck()
         except Exception:  # abort() recorded the status; send it, which frees the thread
-            _cancel(self._context)
+            code: grpc.StatusCode = self._context.code()  # type: ignore[attr-defined]
+            details: bytes = self._context.details()  # type: ignore[attr-defined]
+            end_call(self._context, code, details.decode())
 
     def checked(self, messages: Iterator[Any]) -> Iterator[Any]:
         enrolled = self._enrolled
@@ -469,15 +491,20 @@ def _wrap(
     check: Callable[[grpc.ServicerContext, str], Identity],
     finished: Callable[[str, str, grpc.StatusCode], None],
     streams: StreamCap,
+    read: Callable[[Iterator[Any], grpc.ServicerContext, Identity], Any],
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler, with the check (and the caller's identity) around its behaviour."""
+    """The same handler, with the check (and the caller's identity) around its behaviour.
+
+    Methods that take one request are registered as request-streaming ones, so that the check
+    runs before that request is read (``read``, server/request_watch.py)."""
 
     def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
+        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             identity = check(context, method)
             token = _caller.set(identity)
             completed = False
             try:
+                request = read(requests, context, identity)
                 if request is _UNDECODABLE:
                     _undecodable(context)
                 result = behavior(request, context)
@@ -508,16 +535,18 @@ def _wrap(
     def response_stream(
         behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], requests_too: bool
     ) -> Any:
-        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             stream = _Stream(context, method, enrolled, check)
             token = _caller.set(stream.identity)
             completed = False
             try:
                 stream.hold(streams)
                 if requests_too:
-                    request = stream.checked(request)
-                elif request is _UNDECODABLE:
-                    _undecodable(context)
+                    request: Any = stream.checked(requests)
+                else:
+                    request = read(requests, context, stream.identity)
+                    if request is _UNDECODABLE:
+                        _undecodable(context)
                 yield from stream.checked(behavior(request, context))
                 completed = True
             finally:
@@ -528,11 +557,13 @@ def _wrap(
 
         return run
 
-    def non_blocking(behavior: Callable[..., None]) -> Any:
+    def answer_later(behavior: Callable[..., None]) -> Any:
         """grpcio's experimental non-blocking form (health's Watch): the behaviour returns at
         once and answers later through ``send``, so the stream holds no worker thread."""
 
-        def run(request: Any, context: grpc.ServicerContext, send: Callable[[Any], None]) -> None:
+        def run(
+            requests: Iterator[Any], context: grpc.ServicerContext, send: Callable[[Any], None]
+        ) -> None:
             stream = _Stream(context, method, enrolled, check)
 
             def done() -> None:
@@ -540,6 +571,7 @@ def _wrap(
 
             if not context.add_callback(done):
                 return done()  # the call ended already
+            request = read(requests, context, stream.identity)
             if request is _UNDECODABLE:
                 _undecodable(context)
             stream.hold(streams)
@@ -549,25 +581,20 @@ def _wrap(
             finally:
                 _caller.reset(token)
 
-        # The attributes grpcio looks for on the behaviour (there is no other way to ask).
-        run.__dict__.update(
-            experimental_non_blocking=True,
-            experimental_thread_pool=getattr(behavior, "experimental_thread_pool", None),
-        )
-        return run
+        return non_blocking(run, behavior)
 
     kwargs = {
         "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+        return grpc.stream_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
     if handler.unary_stream is not None:
         if getattr(handler.unary_stream, "experimental_non_blocking", False):
-            behavior = non_blocking(cast(Callable[..., None], handler.unary_stream))
+            behavior = answer_later(cast(Callable[..., None], handler.unary_stream))
         else:
             behavior = response_stream(handler.unary_stream, requests_too=False)
-        return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(request_stream(handler.stream_unary), **kwargs)
     if handler.stream_stream is not None:

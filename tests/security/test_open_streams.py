@@ -163,6 +163,21 @@ def test_streams_the_client_ends_are_counted_as_cancelled_or_past_their_deadline
     assert counted(connect, "UNKNOWN") == {}
 
 
+def test_a_cancelled_health_watch_is_counted_as_cancelled(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """A Watch answers without a thread; its end, not its handler, tells how it ended."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    health = health_pb2_grpc.HealthStub(connect.channel(alice.cert_path, alice.key_path))
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    method = "/grpc.health.v1.Health/Watch"
+    eventually(lambda: counted(connect, "CANCELLED") == {("alice", method): 1}, timeout=3)
+    assert counted(connect, "OK") == {}
+
+
 def test_streams_whose_requests_end_with_their_deadline_are_not_counted_as_ok(
     connect: Connect, make_client: MakeClient
 ) -> None:

@@ -1,0 +1,206 @@
+"""A call's one request, read under watch: no caller may hold the worker threads by never
+sending it.
+
+grpcio's sync server reads the request of a unary call (and of a server-streaming one) on a
+worker thread *before* any handler runs, and waits for it without a time limit. Calls whose
+request never came held every worker, and a caller did not even need a permission for it:
+the read came before pinrpc's check (docs/SECURITY.md). pinrpc therefore registers those
+methods as request-streaming ones (the bytes on the wire are the same), so that the check
+runs first, and reads the one request itself, here:
+
+- every call waiting for its request is registered with its caller and the time it began;
+- a caller with a request overdue (``GRACE``) is *held back* for ``HOLD_BACK`` seconds:
+  meanwhile it may have at most ``limit`` calls waiting, further ones are refused at once with
+  RESOURCE_EXHAUSTED, and the sweep ends its overdue calls beyond the limit the same way.
+
+A well-behaved client sends a request with its call's headers, so it never waits ``GRACE``
+and is never held back; an attacker gets one ``GRACE`` of the pool before that, then at most
+``limit`` threads until it has behaved for ``HOLD_BACK`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, NoReturn
+
+import grpc
+
+log = logging.getLogger("pinrpc.server")
+
+GRACE = 1.0  # seconds a request may take to arrive before its caller is held back
+HOLD_BACK = 10.0  # seconds a held-back caller stays limited after its last overdue request
+SWEEP_EVERY = 0.25
+OVERDUE = "too many calls of this client are waiting for their request; send it with the call"
+NO_REQUEST = "requires exactly one request message"  # grpcio's words for a unary call's
+
+
+class RequestWatch:
+    """Calls waiting for their one request, by caller; ``sweep()`` ends the overdue ones."""
+
+    def __init__(self) -> None:
+        # context -> (caller, since, limit); one dict operation each way, no lock: atomic
+        # under the GIL, and the sweep reads a copy.
+        self._waiting: dict[grpc.ServicerContext, tuple[Hashable, float, int]] = {}
+        self._held_back: dict[Hashable, float] = {}  # caller -> until (time.monotonic)
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def first(
+        self, requests: Iterator[Any], context: grpc.ServicerContext, caller: Hashable, limit: int
+    ) -> Any:
+        """The call's request; the call is aborted if none comes, or if ``caller`` is held back
+        and already waits for ``limit`` of them."""
+        until = self._held_back.get(caller)
+        if until is not None and time.monotonic() < until and self.waiting(caller) >= limit:
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
+        self._waiting[context] = (caller, time.monotonic(), limit)
+        try:
+            request = next(requests, None)
+        finally:
+            del self._waiting[context]
+        if request is None:
+            code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
+            if code is not None:  # the sweep ended the call
+                _abort(context, code, OVERDUE)
+            _abort(context, grpc.StatusCode.UNIMPLEMENTED, NO_REQUEST)
+        return request
+
+    def waiting(self, caller: Hashable) -> int:
+        return sum(1 for who, _, _ in self._waiting.copy().values() if who == caller)
+
+    def sweep(self) -> int:
+        """Hold back the callers with an overdue request and end their overdue calls beyond
+        the limit; return how many calls were ended."""
+        now = time.monotonic()
+        overdue: dict[Hashable, list[tuple[float, grpc.ServicerContext, int]]] = {}
+        for context, (caller, since, limit) in self._waiting.copy().items():
+            if now - since >= GRACE:
+                overdue.setdefault(caller, []).append((since, context, limit))
+        ended = 0
+        for caller, calls in overdue.items():
+            if caller not in self._held_back:
+                log.warning("holding back %s: its calls' requests are overdue", caller)
+            self._held_back[caller] = now + HOLD_BACK
+            calls.sort(key=lambda call: call[0])  # the oldest keep their threads
+            limit = calls[0][2]
+            for _, context, _ in calls[limit:]:
+                end_call(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
+                ended += 1
+        for caller, until in list(self._held_back.items()):
+            if until <= now:
+                del self._held_back[caller]
+        return ended
+
+    def end_callers(self, gone: Callable[[Hashable], bool], details: str) -> None:
+        """End the waiting calls of the callers ``gone`` names (PERMISSION_DENIED)."""
+        for context, (caller, _, _) in self._waiting.copy().items():
+            if gone(caller):
+                end_call(context, grpc.StatusCode.PERMISSION_DENIED, details)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pinrpc-requests", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(SWEEP_EVERY):
+            self.sweep()
+
+
+def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call from outside its handler, with ``code``: recorded on the context (for the
+    metrics) and sent through grpcio's call object; the public cancel() sends CANCELLED."""
+    context.set_code(code)
+    context.set_details(details)
+    try:
+        context._rpc_event.call.cancel(code.value[0], details)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        context.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    context.abort(code, details)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+Read = Callable[[Iterator[Any], grpc.ServicerContext], Any]
+
+
+def reading_first(
+    handler: grpc.RpcMethodHandler[Any, Any], read: Read
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` registered as request-streaming, its one request read by ``read``; other
+    handlers as they are."""
+    kwargs: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+        return grpc.stream_unary_rpc_method_handler(
+            lambda requests, context: unary(read(requests, context), context), **kwargs
+        )
+    if handler.unary_stream is not None:
+        stream = handler.unary_stream
+        if not getattr(stream, "experimental_non_blocking", False):
+            return grpc.stream_stream_rpc_method_handler(
+                lambda requests, context: stream(read(requests, context), context), **kwargs
+            )
+
+        def answer_later(
+            requests: Iterator[Any], context: grpc.ServicerContext, send: Callable[[Any], None]
+        ) -> None:
+            stream(read(requests, context), context, send)  # type: ignore[call-arg]
+
+        return grpc.stream_stream_rpc_method_handler(non_blocking(answer_later, stream), **kwargs)
+    return handler
+
+
+def non_blocking(behavior: Callable[..., None], like: object) -> Any:
+    """``behavior`` marked as grpcio's experimental non-blocking form, as ``like`` is (there is
+    no other way to tell grpcio than these attributes)."""
+    behavior.__dict__.update(
+        experimental_non_blocking=True,
+        experimental_thread_pool=getattr(like, "experimental_thread_pool", None),
+    )
+    return behavior
+
+
+def peer_host(context: grpc.ServicerContext) -> str:
+    """The peer's address without its port: what a listener without client certificates
+    knows of its caller."""
+    return context.peer().rpartition(":")[0]
+
+
+class PerHost(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """For listeners without client certificates (health, enrollment requests): each peer
+    host is a caller of ``watch``, with ``limit`` calls while held back."""
+
+    def __init__(self, watch: RequestWatch, limit: int = 1) -> None:
+        self._watch, self._limit = watch, limit
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def _read(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return self._watch.first(requests, context, peer_host(context), self._limit)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = continuation(handler_call_details)
+            if handler is None:
+                return None
+            # The services are fixed once the server starts: wrap each method once.
+            wrapped = self._wrapped[method] = reading_first(handler, self._read)
+        return wrapped

@@ -1,0 +1,180 @@
+"""Calls that never send their request: grpcio waits for a unary call's request on a worker
+thread, so such calls held every worker, on the mTLS port and on the side ports alike."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from pinrpc.v1 import echo_pb2
+from server import request_watch
+from server.app import RunningServer
+from server.auth import streams_per_client
+from tests.conftest import ECHO_ALL, Connect, MakeClient, code_of, revoke, whoami
+from tests.security.attacker import require_attack_modules
+from tests.test_health import check, with_probe  # noqa: F401 (a fixture)
+
+WHOAMI = "/pinrpc.v1.Echo/WhoAmI"
+ECHO = "/pinrpc.v1.Echo/Echo"
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@contextmanager
+def withheld(channel: grpc.Channel, method: str, n: int) -> Iterator[list[Any]]:
+    """``n`` calls of ``method`` that send their headers and then nothing, until the block ends
+    (then they end their requests without one)."""
+    release = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        release.wait(30)
+        yield from ()
+
+    call = channel.stream_unary(method, None, None)  # raw bytes
+    calls: list[Any] = [call.future(nothing(), timeout=30) for _ in range(n)]  # grpc.Future
+    try:
+        yield calls
+    finally:
+        release.set()
+        for c in calls:
+            c.exception(timeout=30)
+
+
+def code(call: Any, timeout: float = 3) -> grpc.StatusCode:
+    """The status a call ended with; FutureTimeoutError while it is still open."""
+    return call.exception(timeout=timeout).code()  # type: ignore[no-any-return]
+
+
+def ended(calls: list[Any], timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(c.done() for c in calls):
+        time.sleep(0.05)
+    time.sleep(request_watch.SWEEP_EVERY * 2)  # the rest of the same sweep
+    return [c for c in calls if c.done()]
+
+
+def test_withheld_requests_cannot_hold_every_worker(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """mallory, enrolled with no permissions, withholds the request of as many WhoAmI calls as
+    the server has workers: after GRACE she keeps a quarter of them, the rest are ended, her
+    next call is refused at once, and alice is served."""
+    mallory, alice = make_client("mallory"), make_client("alice")
+    connect.enroll(mallory, "mallory")
+    connect.enroll(alice, "alice")
+    workers = connect.server.config.max_workers
+    share = streams_per_client(workers)
+    stub = connect.stub(mallory.cert_path, mallory.key_path)
+    channel = connect.channel(mallory.cert_path, mallory.key_path)
+    with withheld(channel, WHOAMI, workers) as calls:
+        assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+        done = ended(calls, timeout=request_watch.GRACE + 3)
+        assert len(done) == workers - share
+        assert {code(c) for c in done} == {EXHAUSTED}
+        started = time.monotonic()
+        assert code_of(lambda: whoami(stub)) == EXHAUSTED  # held back: refused at once
+        assert time.monotonic() - started < request_watch.GRACE
+    # The kept calls end without a request: the answer of a unary method given none.
+    kept = [c for c in calls if c not in done]
+    assert {code(c, timeout=30) for c in kept} == {grpc.StatusCode.UNIMPLEMENTED}
+
+
+def test_a_well_behaved_client_is_never_held_back(
+    connect: Connect, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The allow twin: many calls in flight from one client, each sending its request, are
+    all served, and the client is not held back."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    stub = connect.stub(alice.cert_path, alice.key_path)
+    request = echo_pb2.EchoRequest(message="m")
+    futures = [stub.Echo.future(request, timeout=10) for _ in range(200)]
+    assert {f.result().message for f in futures} == {"m"}
+    time.sleep(request_watch.GRACE + 2 * request_watch.SWEEP_EVERY)
+    assert not [r for r in caplog.records if "holding back" in r.getMessage()]
+
+
+def test_a_caller_without_permission_is_refused_before_its_request(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """The check comes before the read: Echo, which mallory may not call, and a method that
+    does not exist are answered at once; alice's withheld Echo waits for her request."""
+    mallory, alice = make_client("mallory"), make_client("alice")
+    connect.enroll(mallory, "mallory")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    for method in (ECHO, "/evil.Svc/Nothing"):
+        channel = connect.channel(mallory.cert_path, mallory.key_path)
+        with withheld(channel, method, 1) as (call,):
+            assert code(call) == grpc.StatusCode.PERMISSION_DENIED
+    alice_channel = connect.channel(alice.cert_path, alice.key_path)
+    with withheld(alice_channel, ECHO, 1) as (call,), pytest.raises(grpc.FutureTimeoutError):
+        code(call, timeout=1)
+
+
+def test_revocation_ends_a_withheld_call(connect: Connect, make_client: MakeClient) -> None:
+    mallory = make_client("mallory")
+    connect.enroll(mallory, "mallory")
+    channel = connect.channel(mallory.cert_path, mallory.key_path)
+    with withheld(channel, WHOAMI, 1) as (call,):
+        time.sleep(0.3)
+        assert not call.done()
+        revoke(connect.server_registry, "mallory")
+        connect.server.trust.poll()
+        assert code(call) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def withheld_raw(address: tuple[str, int], source: str, method: str, n: int) -> list[str]:
+    """``n`` calls in plaintext h2 frames from ``source``, headers only; the grpc-status of
+    those the server ends within 3 s."""
+    require_attack_modules()
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration())
+    conn.initiate_connection()
+    for _ in range(n):
+        conn.send_headers(
+            conn.get_next_available_stream_id(),
+            [(":method", "POST"), (":scheme", "http"), (":path", method),
+             (":authority", "probe"), ("content-type", "application/grpc"), ("te", "trailers")],
+        )  # fmt: skip
+    statuses: list[str] = []
+    with socket.create_connection(address, timeout=0.2, source_address=(source, 0)) as sock:
+        sock.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            for event in conn.receive_data(data):
+                answer = isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived)
+                if answer and (status := dict(event.headers).get(b"grpc-status")):  # type: ignore[attr-defined]
+                    statuses.append(status.decode())
+            sock.sendall(conn.data_to_send())
+    return statuses
+
+
+def test_withheld_health_checks_cannot_starve_the_probes(with_probe: RunningServer) -> None:  # noqa: F811
+    """The plaintext health port needs no certificate and has two workers: a host that
+    withholds its requests keeps one of them, and the probes (from another host) get the
+    other."""
+    address = ("127.0.0.1", with_probe.health_port or 0)
+    attack = concurrent.futures.ThreadPoolExecutor(1).submit(
+        withheld_raw, address, "127.0.0.2", "/grpc.health.v1.Health/Check", 4
+    )
+    time.sleep(0.3)  # the attacker's calls hold both workers
+    with grpc.insecure_channel(f"127.0.0.1:{address[1]}") as probe:
+        started = time.monotonic()
+        assert check(probe) == health_pb2.HealthCheckResponse.SERVING
+        assert time.monotonic() - started < request_watch.GRACE + 2
+    assert attack.result(timeout=10) == [str(EXHAUSTED.value[0])] * 3  # one call kept
