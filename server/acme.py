@@ -89,6 +89,8 @@ def _normalize_domains(domains: list[str]) -> list[str]:
         name = raw.strip().rstrip(".").lower()
         if not name or any(c in name for c in "/: "):
             raise AcmeError(f"invalid domain {raw!r}; pass a bare DNS name like api.example.com")
+        if _is_ip(name):  # the CA would refuse it only after an account and an order
+            raise AcmeError(f"{raw!r} is an IP address; obtain-cert orders DNS names only")
         if name.startswith("*."):
             raise AcmeError(
                 f"wildcard {raw!r} needs a DNS-01 challenge; obtain-cert only does HTTP-01"
@@ -103,6 +105,14 @@ def _normalize_domains(domains: list[str]) -> list[str]:
     if not names:
         raise AcmeError("no domain given; pass at least one --domain")
     return names
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:

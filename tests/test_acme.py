@@ -310,7 +310,12 @@ def test_cli_bad_port_in_environment(
 
 @pytest.mark.parametrize(
     ("domain", "fragment"),
-    [("*.server.test", "DNS-01"), ("https://server.test", "bare DNS name"), ("", "bare DNS")],
+    [
+        ("*.server.test", "DNS-01"),
+        ("https://server.test", "bare DNS name"),
+        ("", "bare DNS"),
+        ("192.0.2.1", "IP address"),
+    ],
 )
 def test_bad_domains_are_refused_before_contacting_the_ca(
     tmp_path: Path, domain: str, fragment: str
