@@ -31,6 +31,7 @@ import requests
 from acme import challenges, client, errors, messages
 from acme.crypto_util import make_csr
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.errors import DeserializationError
@@ -88,6 +89,8 @@ def _normalize_domains(domains: list[str]) -> list[str]:
         name = raw.strip().rstrip(".").lower()
         if not name or any(c in name for c in "/: "):
             raise AcmeError(f"invalid domain {raw!r}; pass a bare DNS name like api.example.com")
+        if _is_ip(name):  # the CA would refuse it only after an account and an order
+            raise AcmeError(f"{raw!r} is an IP address; obtain-cert orders DNS names only")
         if name.startswith("*."):
             raise AcmeError(
                 f"wildcard {raw!r} needs a DNS-01 challenge; obtain-cert only does HTTP-01"
@@ -102,6 +105,14 @@ def _normalize_domains(domains: list[str]) -> list[str]:
     if not names:
         raise AcmeError("no domain given; pass at least one --domain")
     return names
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -221,26 +232,48 @@ def _register(acme: client.ClientV2, net: client.ClientNetwork, email: str | Non
         net.account = messages.RegistrationResource(body=messages.Registration(), uri=exc.location)
 
 
-def _account_key(out_dir: Path) -> JWKEC:
-    """Load or create out_dir/account.key: reusing one account avoids CAs' account rate limits."""
-    path = out_dir / "account.key"
-    if path.exists():
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError) as exc:
-            raise AcmeError(
-                f"cannot read ACME account key {path.resolve()}: {_one_line(exc)}; "
-                f"delete it to register a new account"
-            ) from exc
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            raise AcmeError(
-                f"ACME account key {path.resolve()} is not an EC P-256 key; delete it "
-                f"to register a new account"
-            )
-    else:
-        key = ec.generate_private_key(ec.SECP256R1())
-        write_atomic(path, key_to_pem(key), 0o600)
-    return JWKEC(key=key)
+def _account_key(path: Path) -> tuple[ec.EllipticCurvePrivateKey, bool]:
+    """Load path (reusing one account avoids CAs' account rate limits) or make a key; the
+    bool says it is new. A new key is written only once the CA has answered (_save_account)."""
+    if not path.exists():
+        return ec.generate_private_key(ec.SECP256R1()), True
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: encrypted
+        reason = exc.strerror if isinstance(exc, OSError) else _one_line(exc)
+        raise AcmeError(
+            f"cannot read ACME account key {path.resolve()}: {reason}; "
+            f"delete it to register a new account"
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise AcmeError(
+            f"ACME account key {path.resolve()} is not an EC P-256 key; delete it "
+            f"to register a new account"
+        )
+    return key, False
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail before talking to the CA, so a bad --out does not waste an issuance (rate limits),
+    but create nothing yet: a CA that cannot be reached leaves no trace."""
+    existing = out_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AcmeError(
+            f"cannot create output directory {out_dir.absolute()}: {existing} is not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AcmeError(f"output directory {existing} is not writable; choose another --out")
+
+
+def _save_account(out_dir: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / "account.key", key_to_pem(key), 0o600)
+    except OSError as exc:
+        where = Path(exc.filename).resolve() if exc.filename else out_dir.resolve()
+        raise AcmeError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
 
 def obtain_certificate(
@@ -269,21 +302,12 @@ def obtain_certificate(
         raise AcmeError(f"ACME directory URL {directory_url!r} must start with https:// (RFC 8555)")
     if acme_ca_bundle is not None:
         _check_ca_bundle(acme_ca_bundle)
-    # Fail before talking to the CA, so a bad --out does not waste an issuance (rate limits).
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AcmeError(
-            f"cannot create output directory {out_dir.resolve()}: {exc.strerror}"
-        ) from exc
-    if not os.access(out_dir, os.W_OK):
-        raise AcmeError(
-            f"output directory {out_dir.resolve()} is not writable; choose another --out"
-        )
+    _check_out_dir(out_dir)
 
     server_key = _new_key(key_type)
     csr = make_csr(key_to_pem(server_key), names)
-    account_key = _account_key(out_dir)
+    account_private, new_account = _account_key(out_dir / "account.key")
+    account_key = JWKEC(key=account_private)
     # acme types verify_ssl as bool but hands it to requests' verify=, which also takes a CA
     # bundle path. Passing the path explicitly also beats REQUESTS_CA_BUNDLE, which requests
     # otherwise prefers over verify=True.
@@ -311,6 +335,9 @@ def obtain_certificate(
                 f"the CA at {directory_url} requires external account binding, "
                 f"which obtain-cert does not support; use certbot for this CA"
             )
+        # Before registering: an account the CA may have made must have its key on disk.
+        if new_account:
+            _save_account(out_dir, account_private)
         with _step("registering the ACME account", directory_url):
             _register(acme, net, email)
         with _step("creating the order", directory_url):
@@ -479,9 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
-        type=Path,
         required=True,
-        help="directory for privkey.pem, cert.pem, chain.pem, fullchain.pem",
+        help="directory for privkey.pem, cert.pem, chain.pem, fullchain.pem and the ACME "
+        "account's key, account.key (reused by later runs; keep it private)",
     )
     parser.add_argument(
         "--http-port",
@@ -515,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not 1 <= http_port <= 65535:
             raise _UsageError(f"HTTP port {http_port} is out of range 1-65535")
+        if not args.out:  # `--out "$DIR"` with DIR unset: never the current directory
+            raise _UsageError("--out is empty; pass the directory for the certificate files")
         if not args.directory:
             raise _UsageError("no ACME directory; pass --directory or set PINRPC_ACME_DIRECTORY")
     except _UsageError as exc:
@@ -524,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         result = obtain_certificate(
             args.directory,
             args.domain,
-            args.out,
+            Path(args.out),
             http_port=http_port,
             http_host=args.http_host,
             acme_ca_bundle=args.ca_bundle,

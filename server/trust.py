@@ -12,9 +12,11 @@ builds a new listener instead.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -70,6 +72,8 @@ class ServerCert:
 def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
     """Read and cross-check the full chain and its key; any defect raises ServerCertError."""
     try:
+        for path, what in ((cert_path, "server certificate"), (key_path, "server key")):
+            _require_regular(path, what)
         chain_pem = read_file(cert_path, "server certificate")
         key_pem = read_file(key_path, "server key")
     except IdentityError as exc:
@@ -111,6 +115,14 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
         )
     return ServerCert(chain_pem, key_pem, leaf)
+
+
+def _require_regular(path: Path, what: str) -> None:
+    """Refuse a FIFO or device: opening a FIFO waits for a writer, and a reload stuck there
+    would stop the poll thread, revocations included, and the server's shutdown."""
+    with contextlib.suppress(OSError):  # read_file reports a missing or unreadable file
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ServerCertError(f"{what} {path.absolute()} is not a regular file")
 
 
 def _valid_now(leaf: x509.Certificate) -> bool:

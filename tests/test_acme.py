@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
+from pinrpc.identity import key_to_pem
 from server.acme import AcmeError, ObtainResult, main, obtain_certificate
 from server.devca import DevCA
 from tests.conftest import require_pebble
@@ -309,7 +310,12 @@ def test_cli_bad_port_in_environment(
 
 @pytest.mark.parametrize(
     ("domain", "fragment"),
-    [("*.server.test", "DNS-01"), ("https://server.test", "bare DNS name"), ("", "bare DNS")],
+    [
+        ("*.server.test", "DNS-01"),
+        ("https://server.test", "bare DNS name"),
+        ("", "bare DNS"),
+        ("192.0.2.1", "IP address"),
+    ],
 )
 def test_bad_domains_are_refused_before_contacting_the_ca(
     tmp_path: Path, domain: str, fragment: str
@@ -494,3 +500,60 @@ def test_unusable_ca_bundle_is_named(
     argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "a.test", "--out", str(tmp_path)]
     assert main([*argv, "--ca-bundle", str(path)]) == 1
     _assert_one_line_error(capsys.readouterr().err, f"cannot use CA bundle {path}")
+
+
+@pytest.mark.parametrize("where", ["unreachable", "not a directory"])
+def test_a_failure_before_registering_leaves_no_out_directory(
+    fake_directory: tuple[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+) -> None:
+    base, ca = fake_directory
+    url = "https://127.0.0.1:1/dir" if where == "unreachable" else base + "/empty"
+    out = tmp_path / "new" / "out"
+    argv = ["--directory", url, "--domain", "a.test", "--out", str(out), "--ca-bundle", str(ca)]
+    assert main(argv) == 1
+    _assert_one_line_error(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor an account key
+
+
+def test_out_directory_and_account_key_are_made_once_the_ca_answers(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    out = tmp_path / "new" / "out"
+    result = _issue(pebble, out)
+    assert result.privkey.parent == out
+    assert stat.S_IMODE((out / "account.key").stat().st_mode) == 0o600
+
+
+def test_out_under_a_file_is_refused_before_contacting_the_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    # Port 1 refuses connections: reaching it would give a different error.
+    argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "a.test"]
+    assert main([*argv, "--out", str(tmp_path / "file" / "a" / "b")]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "cannot create output directory")
+
+
+def test_empty_out_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `--out "$DIR"` with DIR unset must not write the key into the current directory.
+    argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "a.test", "--out", ""]
+    assert main(argv) == 2
+    _assert_one_line_error(capsys.readouterr().err, "--out")
+
+
+@pytest.mark.parametrize("content", ["encrypted", "directory"])
+def test_unusable_account_key_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    path = tmp_path / "account.key"
+    if content == "encrypted":
+        key = ec.generate_private_key(ec.SECP256R1())
+        path.write_bytes(key_to_pem(key, b"secret"))
+    else:
+        path.mkdir()
+    argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "a.test"]
+    assert main([*argv, "--out", str(tmp_path)]) == 1
+    _assert_one_line_error(capsys.readouterr().err, str(path), "delete it")

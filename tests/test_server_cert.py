@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
 from pinrpc.errors import ServerCertError
 from pinrpc.identity import KeyPairFiles, cert_to_pem
+from pinrpc.v1 import echo_pb2_grpc
 from server import trust
 from server.app import start_server
 from server.config import ServerConfig
 from server.devca import Issued
 from tests.certs import certbot_link
-from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, eventually, whoami
+from tests.conftest import (
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    eventually,
+    revoke,
+    whoami,
+)
 
 NAMES = [SERVER_NAME, "127.0.0.1"]
 
@@ -139,6 +152,66 @@ def test_broken_renewal_keeps_the_previous_certificate(
         third = devca.ca.issue(NAMES)
         third.write(tmp_path / "srv")
         eventually(lambda: served_serial(running.port, alice) == third.leaf.serial_number, 1.0)
+
+
+@pytest.mark.parametrize("swapped", ["cert", "key"])
+def test_a_fifo_in_place_of_a_file_stops_neither_reloads_nor_revocations(
+    swapped: str,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cert, key = devca.ca.issue(NAMES).write(tmp_path / "srv")
+    fifo = cert if swapped == "cert" else key
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=0.1)
+    alice = make_client("alice")
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        connect = Connect(running, devca)
+        connect.enroll(alice, "alice")
+        stub = connect.stub(alice.cert_path, alice.key_path)
+        assert whoami(stub).name == "alice"
+        fifo.unlink()
+        os.mkfifo(fifo)
+        try:
+            eventually(lambda: "not a regular file" in caplog.text, 2.0)
+            # The poll thread is not stuck in open(): a revocation still takes effect.
+            revoke(registry, "alice")
+            eventually(lambda: _refused(stub), 2.0)
+        finally:
+            _unblock(fifo)  # old code waits in open(): let it go, so that the server can stop
+
+
+def test_server_refuses_to_start_with_a_fifo(
+    devca: ServerFiles, registry: Path, tmp_path: Path
+) -> None:
+    cert, key = devca.ca.issue(NAMES).write(tmp_path)
+    cert.unlink()
+    os.mkfifo(cert)
+    # Old code waits in open() for a writer: one comes after 3 s, so that it fails, not hangs.
+    timer = threading.Timer(3.0, lambda: _unblock(cert))
+    timer.start()
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry))
+    try:
+        with pytest.raises(ServerCertError, match="not a regular file"), start_server(config):
+            pass
+    finally:
+        timer.cancel()
+
+
+def _unblock(fifo: Path) -> None:
+    """Let a reader waiting in open() on ``fifo`` go on (to end of file)."""
+    with contextlib.suppress(OSError):  # no reader waiting
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def _refused(stub: echo_pb2_grpc.EchoStub) -> bool:
+    try:
+        whoami(stub)
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.PERMISSION_DENIED
+    return False
 
 
 def _same_key_chain(devca: ServerFiles, first: Issued, breakage: str) -> bytes:
