@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.devca import DevCA
+from tests.certs import make_cert, rsa_key, write_pair
 from tests.conftest import SERVER_NAME, Connect, MakeClient
 from tests.security.attacker import attack
 
@@ -80,6 +82,61 @@ def test_attack_on_a_server_whose_certificate_does_not_verify_proves_nothing(
         right = attack(*target, "--ca", connect.devca.ca_path, "--tls", versions)
         assert right.code == 0, right.out
         assert "defence held" in right.out
+
+
+def test_attack_tool_reads_a_certificate_file_with_non_utf8_text(
+    connect: Connect, make_client: MakeClient, tmp_path: Path
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    # Text around a PEM block is legal, in any encoding (openssl's `-text` output, a comment).
+    commented = tmp_path / "alice-commented.crt"
+    commented.write_bytes(b"Subject: caf\xe9\n" + alice.cert_path.read_bytes())
+    target: list[str | Path] = [
+        "--server", connect.target, "--server-name", SERVER_NAME, "--ca", connect.devca.ca_path
+    ]  # fmt: skip
+
+    thief = attack(*target, "--cert", commented)
+    control = attack(*target, "--cert", commented, "--key", alice.key_path)
+
+    assert thief.code == 0, thief.out + thief.err
+    assert "defence held" in thief.out
+    assert control.code == 0, control.out + control.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--timeout", "-1"], "argument --timeout: must be seconds above 0"),
+        (["--timeout", "nan"], "argument --timeout: must be seconds above 0"),
+        (["--timeout", "inf"], "argument --timeout: must be seconds above 0"),
+        (["--cert", "{p521_crt}"], "certificate key type secp521r1 is not supported"),
+        (["--cert", "{k256_crt}"], "certificate key type secp256k1 is not supported"),
+        (["--key", "{rsa_key}"], "key type RSA, the certificate's is P-256"),
+        (["--key", "{k256_key}"], "key type secp256k1, the certificate's is P-256"),
+    ],
+)
+def test_attack_tool_input_it_cannot_use_is_a_usage_error_not_a_verdict(
+    connect: Connect, make_client: MakeClient, tmp_path: Path, args: list[str], message: str
+) -> None:
+    # Exit 1 is a verdict (the defence failed, or the control was refused). Such input once
+    # crashed the tool with a traceback and exit 1, against a server whose defence holds.
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    files: dict[str, Path] = {}
+    keys = {"p521": ec.SECP521R1(), "k256": ec.SECP256K1(), "rsa": None}
+    for stem, curve in keys.items():
+        key = rsa_key(2048) if curve is None else ec.generate_private_key(curve)
+        cert = make_cert(key, stem, key_cert_sign=False)
+        files[f"{stem}_crt"], files[f"{stem}_key"] = write_pair(tmp_path, stem, key, cert)
+
+    run = attack(
+        "--server", connect.target, "--server-name", SERVER_NAME, "--ca", connect.devca.ca_path,
+        "--cert", alice.cert_path, *(arg.format(**files) for arg in args),
+    )  # fmt: skip
+
+    assert run.code == 2, run.out + run.err
+    assert message in run.err.splitlines()[-1], run.err
 
 
 @pytest.mark.parametrize("script", ["demo-open-channel", "stolen-cert-attack"])
