@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -101,6 +102,19 @@ def test_demo_with_pebble_passes_every_check() -> None:
     assert "✔ pebble issued a certificate for server.test" in result.stdout
     assert "$ obtain-cert --directory https://127.0.0.1:" in result.stdout
     assert "issuer CN=Pebble Intermediate CA" in result.stdout
+
+
+def test_a_proxy_in_the_environment_does_not_steer_the_demo() -> None:
+    # gRPC sends even 127.0.0.1 through grpc_proxy/https_proxy/http_proxy, and requests (ACME)
+    # through https_proxy: a user's proxy settings, needed for the first run's pip install,
+    # made the scenario's calls fail. Nothing listens on this proxy's port.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        names = ("grpc_proxy", "https_proxy", "HTTP_PROXY", "ALL_PROXY")
+        result = demo(env=_env(**dict.fromkeys(names, proxy)))
+
+    _assert_passed(result, checks=12)
 
 
 def test_enrolling_mallory_fails_the_demo() -> None:
