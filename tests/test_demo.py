@@ -193,6 +193,20 @@ def test_keep_refuses_what_it_cannot_empty_safely(tmp_path: Path, kind: str, mes
         assert keep.is_symlink()
 
 
+def test_keep_where_no_directory_can_be_made_is_a_usage_error(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("mine")
+
+    result = demo("--keep", str(not_a_directory / "out"))
+
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"demo: error: cannot make --keep directory {not_a_directory / 'out'}: Not a directory\n"
+    )
+    assert not_a_directory.read_text() == "mine"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
