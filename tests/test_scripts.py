@@ -139,6 +139,25 @@ def test_attack_tool_input_it_cannot_use_is_a_usage_error_not_a_verdict(
     assert message in run.err.splitlines()[-1], run.err
 
 
+@pytest.mark.parametrize("within", ["nan", "inf", "-1"])
+def test_open_channel_helper_refuses_an_unbounded_wait(
+    connect: Connect, make_client: MakeClient, within: str
+) -> None:
+    # Against a client that is never revoked, `--within nan` once called WhoAmI forever.
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "demo-open-channel"), *connect.cli_flags(alice),
+         "--within", within],
+        input="go\n", capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 2, done.stdout
+    assert "argument --within: " in done.stderr.splitlines()[-1], done.stderr
+    assert done.stdout == ""
+
+
 @pytest.mark.parametrize("script", ["demo-open-channel", "stolen-cert-attack"])
 def test_scripts_without_their_modules_say_so_in_one_line(script: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
