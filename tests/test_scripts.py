@@ -256,3 +256,28 @@ def test_gen_protos_defaults_to_the_repository_venv(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "pinrpc" / "v1" / "echo_pb2_grpc.pyi").is_file()
+
+
+def test_gen_protos_takes_relative_paths_from_the_callers_directory(tmp_path: Path) -> None:
+    # It changes to the repository before running protoc: relative paths once broke there.
+    env = {**os.environ, "OUT": "out", "PYTHON": os.path.relpath(sys.executable, tmp_path)}
+
+    done = subprocess.run(
+        [str(SCRIPTS / "gen-protos")],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path, env=env,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "pinrpc" / "v1" / "echo_pb2_grpc.pyi").is_file()
+
+
+def test_gen_protos_without_its_python_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": "no-such-python"}
+
+    done = subprocess.run(
+        [str(SCRIPTS / "gen-protos")],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+
+    assert done.returncode == 1
+    assert done.stderr == "gen-protos: error: no-such-python not found\n"
