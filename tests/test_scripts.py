@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server.app import start_server
+from server.config import ServerConfig
 from server.devca import DevCA
 from tests.certs import make_cert, rsa_key, write_pair
-from tests.conftest import SERVER_NAME, Connect, MakeClient
+from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, enroll
 from tests.security.attacker import attack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,6 +158,36 @@ def test_open_channel_helper_refuses_an_unbounded_wait(
     assert done.returncode == 2, done.stdout
     assert "argument --within: " in done.stderr.splitlines()[-1], done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("within", [None, "10"])
+def test_compose_step_after_an_enrollment_waits_for_the_server_to_apply_it(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, within: str | None
+) -> None:
+    # Compose runs `alice` as soon as `enroll` exits; the server applies the change at its next
+    # registry poll (0.2 s). Container start-up hid the race (0.6 s to spare, measured): a
+    # slower poll shows it.
+    config = ServerConfig(
+        listen="127.0.0.1:0", cert=devca.cert, key=devca.key, registry=str(registry),
+        poll_interval=3.0, grace=1.0,
+    )  # fmt: skip
+    alice = make_client("alice")
+    retry = ["--within", within] if within else []
+    with start_server(config) as running:
+        enroll(registry, alice.cert_path, "alice")
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / "demo-compose"), "expect", *retry, "0",
+             str(BIN / "pinrpc"), "whoami", *Connect(running, devca).cli_flags(alice)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    if within is None:  # one attempt, before the server's next poll: refused
+        assert done.returncode == 1, done.stdout
+        assert "✘ exit code 3, expected 0" in done.stdout
+    else:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "(exit code 3: the server may not have polled its registry yet)" in done.stdout
+        assert done.stdout.rstrip().endswith("✔ exit code 0, as expected")
 
 
 @pytest.mark.parametrize("script", ["demo-open-channel", "stolen-cert-attack"])
