@@ -116,13 +116,16 @@ def test_attack_tool_reads_a_certificate_file_with_non_utf8_text(
         (["--cert", "{k256_crt}"], "certificate key type secp256k1 is not supported"),
         (["--key", "{rsa_key}"], "key type RSA, the certificate's is P-256"),
         (["--key", "{k256_key}"], "key type secp256k1, the certificate's is P-256"),
+        (["--ca", "{rsa_key}"], "cannot load --ca "),
+        (["--ca", "{rsa_key}.missing"], "cannot load --ca "),
     ],
 )
 def test_attack_tool_input_it_cannot_use_is_a_usage_error_not_a_verdict(
     connect: Connect, make_client: MakeClient, tmp_path: Path, args: list[str], message: str
 ) -> None:
     # Exit 1 is a verdict (the defence failed, or the control was refused). Such input once
-    # crashed the tool with a traceback and exit 1, against a server whose defence holds.
+    # crashed the tool with a traceback and exit 1, against a server whose defence holds; an
+    # unreadable --ca was blamed on the server ("no verified pinrpc server refused ...").
     alice = make_client("alice")
     connect.enroll(alice, "alice")
     files: dict[str, Path] = {}
