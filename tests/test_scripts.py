@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
@@ -230,6 +231,7 @@ def no_ensurepip(tmp_path: Path) -> dict[str, str]:
         "import pathlib, sys\n"
         "python = pathlib.Path(sys.argv[-1], 'bin', 'python')\n"
         "python.parent.mkdir(parents=True, exist_ok=True)\n"
+        "python.unlink(missing_ok=True)\n"  # as --clear does: never write through a symlink
         "python.write_text('#!/bin/sh\\nexit 1\\n')\n"
         "python.chmod(0o755)\n"
         "sys.exit('The virtual environment was not created successfully because ensurepip is "
@@ -238,13 +240,29 @@ def no_ensurepip(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(package.parent), "PYTHON": sys.executable}
 
 
-@pytest.mark.parametrize(
+def run_setup(
+    repo: Path, script: str, env: dict[str, str], python: str = sys.executable
+) -> subprocess.CompletedProcess[str]:
+    """Run the fake repository's demo or test script, as far as its .venv set-up gets."""
+    done = subprocess.run(
+        [python, str(repo / "scripts" / script)]
+        if script == "demo"
+        else ["bash", str(repo / "scripts" / script)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=repo.parent, check=False,
+    )  # fmt: skip
+    return done
+
+
+VENV_SCRIPTS = pytest.mark.parametrize(
     ("script", "message"),
     [
         ("demo", "demo: error: could not create "),
         ("test", "scripts/test: error: could not create .venv with "),
     ],
 )
+
+
+@VENV_SCRIPTS
 def test_a_half_made_venv_is_made_again_and_removed_when_that_fails(
     tmp_path: Path, script: str, message: str
 ) -> None:
@@ -252,17 +270,63 @@ def test_a_half_made_venv_is_made_again_and_removed_when_that_fails(
     env = no_ensurepip(tmp_path)
 
     for _ in range(2):  # the second run finds no leftover either
-        done = subprocess.run(
-            [sys.executable, str(repo / "scripts" / script)]
-            if script == "demo"
-            else ["bash", str(repo / "scripts" / script)],
-            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=False,
-        )  # fmt: skip
+        done = run_setup(repo, script, env)
 
         assert done.returncode == 1
         last = done.stderr.splitlines()[-1]
         assert last.startswith(message) and "apt-get install python3-venv" in last, done.stderr
         assert not (repo / ".venv").exists()
+
+
+def older_python() -> str:
+    """A Python 3.9 or 3.10, which the project does not support (pyenv's, here), or skip."""
+    too_old = "import sys; sys.exit(not (3, 9) <= sys.version_info < (3, 11))"
+    found = [shutil.which(name) for name in ("python3.10", "python3.9")]
+    found += sorted(glob.glob(str(Path.home() / ".pyenv" / "versions" / "3.*" / "bin" / "python3")))
+    for python in filter(None, found):
+        check = subprocess.run([python, "-c", too_old], capture_output=True, timeout=30)
+        if check.returncode == 0:
+            return python
+    pytest.skip("no Python 3.9 or 3.10 here")
+
+
+@VENV_SCRIPTS
+def test_a_venv_of_an_older_python_is_made_again(tmp_path: Path, script: str, message: str) -> None:
+    # A first run under Ubuntu 22.04's python3 (3.10) made a .venv the project cannot be
+    # installed into; its pip ran, so every later run, with python3.11 too, reused it and failed.
+    repo = fake_repo(tmp_path, script)
+    shutil.rmtree(repo / ".venv")
+    # --copies: bin/python is not a link to the real interpreter, whatever happens to it.
+    make = [older_python(), "-m", "venv", "--copies", str(repo / ".venv")]
+    subprocess.run(make, capture_output=True, timeout=120, check=True)
+
+    done = run_setup(repo, script, no_ensurepip(tmp_path))  # made again: fails, as intended
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith(message), done.stderr
+    assert not (repo / ".venv").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ("demo", "demo: error: needs Python 3.11 or newer, and "),
+        ("test", "scripts/test: error: "),
+    ],
+)
+def test_an_older_python_is_refused_before_it_makes_a_venv(
+    tmp_path: Path, script: str, message: str
+) -> None:
+    repo = fake_repo(tmp_path, script)
+    shutil.rmtree(repo / ".venv")
+    python = older_python()
+
+    done = run_setup(repo, script, {**os.environ, "PYTHON": python}, python)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert "3.11 or newer" in done.stderr
+    assert not (repo / ".venv").exists()
 
 
 def test_gen_protos_defaults_to_the_repository_venv(tmp_path: Path) -> None:
