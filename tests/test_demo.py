@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -103,6 +104,19 @@ def test_demo_with_pebble_passes_every_check() -> None:
     assert "issuer CN=Pebble Intermediate CA" in result.stdout
 
 
+def test_a_proxy_in_the_environment_does_not_steer_the_demo() -> None:
+    # gRPC sends even 127.0.0.1 through grpc_proxy/https_proxy/http_proxy, and requests (ACME)
+    # through https_proxy: a user's proxy settings, needed for the first run's pip install,
+    # made the scenario's calls fail. Nothing listens on this proxy's port.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        names = ("grpc_proxy", "https_proxy", "HTTP_PROXY", "ALL_PROXY")
+        result = demo(env=_env(**dict.fromkeys(names, proxy)))
+
+    _assert_passed(result, checks=12)
+
+
 def test_enrolling_mallory_fails_the_demo() -> None:
     result = demo("--sabotage", "enroll-mallory")
 
@@ -177,6 +191,20 @@ def test_keep_refuses_what_it_cannot_empty_safely(tmp_path: Path, kind: str, mes
         assert list(keep.iterdir()) == []
     else:
         assert keep.is_symlink()
+
+
+def test_keep_where_no_directory_can_be_made_is_a_usage_error(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("mine")
+
+    result = demo("--keep", str(not_a_directory / "out"))
+
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"demo: error: cannot make --keep directory {not_a_directory / 'out'}: Not a directory\n"
+    )
+    assert not_a_directory.read_text() == "mine"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
@@ -13,9 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from server.app import start_server
+from server.config import ServerConfig
 from server.devca import DevCA
-from tests.conftest import SERVER_NAME, Connect, MakeClient
+from tests.certs import make_cert, rsa_key, write_pair
+from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, enroll
 from tests.security.attacker import attack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +87,113 @@ def test_attack_on_a_server_whose_certificate_does_not_verify_proves_nothing(
         assert "defence held" in right.out
 
 
+def test_attack_tool_reads_a_certificate_file_with_non_utf8_text(
+    connect: Connect, make_client: MakeClient, tmp_path: Path
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    # Text around a PEM block is legal, in any encoding (openssl's `-text` output, a comment).
+    commented = tmp_path / "alice-commented.crt"
+    commented.write_bytes(b"Subject: caf\xe9\n" + alice.cert_path.read_bytes())
+    target: list[str | Path] = [
+        "--server", connect.target, "--server-name", SERVER_NAME, "--ca", connect.devca.ca_path
+    ]  # fmt: skip
+
+    thief = attack(*target, "--cert", commented)
+    control = attack(*target, "--cert", commented, "--key", alice.key_path)
+
+    assert thief.code == 0, thief.out + thief.err
+    assert "defence held" in thief.out
+    assert control.code == 0, control.out + control.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--timeout", "-1"], "argument --timeout: must be seconds above 0"),
+        (["--timeout", "nan"], "argument --timeout: must be seconds above 0"),
+        (["--timeout", "inf"], "argument --timeout: must be seconds above 0"),
+        (["--cert", "{p521_crt}"], "certificate key type secp521r1 is not supported"),
+        (["--cert", "{k256_crt}"], "certificate key type secp256k1 is not supported"),
+        (["--key", "{rsa_key}"], "key type RSA, the certificate's is P-256"),
+        (["--key", "{k256_key}"], "key type secp256k1, the certificate's is P-256"),
+        (["--ca", "{rsa_key}"], "cannot load --ca "),
+        (["--ca", "{rsa_key}.missing"], "cannot load --ca "),
+    ],
+)
+def test_attack_tool_input_it_cannot_use_is_a_usage_error_not_a_verdict(
+    connect: Connect, make_client: MakeClient, tmp_path: Path, args: list[str], message: str
+) -> None:
+    # Exit 1 is a verdict (the defence failed, or the control was refused). Such input once
+    # crashed the tool with a traceback and exit 1, against a server whose defence holds; an
+    # unreadable --ca was blamed on the server ("no verified pinrpc server refused ...").
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    files: dict[str, Path] = {}
+    keys = {"p521": ec.SECP521R1(), "k256": ec.SECP256K1(), "rsa": None}
+    for stem, curve in keys.items():
+        key = rsa_key(2048) if curve is None else ec.generate_private_key(curve)
+        cert = make_cert(key, stem, key_cert_sign=False)
+        files[f"{stem}_crt"], files[f"{stem}_key"] = write_pair(tmp_path, stem, key, cert)
+
+    run = attack(
+        "--server", connect.target, "--server-name", SERVER_NAME, "--ca", connect.devca.ca_path,
+        "--cert", alice.cert_path, *(arg.format(**files) for arg in args),
+    )  # fmt: skip
+
+    assert run.code == 2, run.out + run.err
+    assert message in run.err.splitlines()[-1], run.err
+
+
+@pytest.mark.parametrize("within", ["nan", "inf", "-1"])
+def test_open_channel_helper_refuses_an_unbounded_wait(
+    connect: Connect, make_client: MakeClient, within: str
+) -> None:
+    # Against a client that is never revoked, `--within nan` once called WhoAmI forever.
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "demo-open-channel"), *connect.cli_flags(alice),
+         "--within", within],
+        input="go\n", capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 2, done.stdout
+    assert "argument --within: " in done.stderr.splitlines()[-1], done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("within", [None, "10"])
+def test_compose_step_after_an_enrollment_waits_for_the_server_to_apply_it(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, within: str | None
+) -> None:
+    # Compose runs `alice` as soon as `enroll` exits; the server applies the change at its next
+    # registry poll (0.2 s). Container start-up hid the race (0.6 s to spare, measured): a
+    # slower poll shows it.
+    config = ServerConfig(
+        listen="127.0.0.1:0", cert=devca.cert, key=devca.key, registry=str(registry),
+        poll_interval=3.0, grace=1.0,
+    )  # fmt: skip
+    alice = make_client("alice")
+    retry = ["--within", within] if within else []
+    with start_server(config) as running:
+        enroll(registry, alice.cert_path, "alice")
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / "demo-compose"), "expect", *retry, "0",
+             str(BIN / "pinrpc"), "whoami", *Connect(running, devca).cli_flags(alice)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    if within is None:  # one attempt, before the server's next poll: refused
+        assert done.returncode == 1, done.stdout
+        assert "✘ exit code 3, expected 0" in done.stdout
+    else:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "(exit code 3: the server may not have polled its registry yet)" in done.stdout
+        assert done.stdout.rstrip().endswith("✔ exit code 0, as expected")
+
+
 @pytest.mark.parametrize("script", ["demo-open-channel", "stolen-cert-attack"])
 def test_scripts_without_their_modules_say_so_in_one_line(script: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -119,6 +231,7 @@ def no_ensurepip(tmp_path: Path) -> dict[str, str]:
         "import pathlib, sys\n"
         "python = pathlib.Path(sys.argv[-1], 'bin', 'python')\n"
         "python.parent.mkdir(parents=True, exist_ok=True)\n"
+        "python.unlink(missing_ok=True)\n"  # as --clear does: never write through a symlink
         "python.write_text('#!/bin/sh\\nexit 1\\n')\n"
         "python.chmod(0o755)\n"
         "sys.exit('The virtual environment was not created successfully because ensurepip is "
@@ -127,13 +240,29 @@ def no_ensurepip(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(package.parent), "PYTHON": sys.executable}
 
 
-@pytest.mark.parametrize(
+def run_setup(
+    repo: Path, script: str, env: dict[str, str], python: str = sys.executable
+) -> subprocess.CompletedProcess[str]:
+    """Run the fake repository's demo or test script, as far as its .venv set-up gets."""
+    done = subprocess.run(
+        [python, str(repo / "scripts" / script)]
+        if script == "demo"
+        else ["bash", str(repo / "scripts" / script)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=repo.parent, check=False,
+    )  # fmt: skip
+    return done
+
+
+VENV_SCRIPTS = pytest.mark.parametrize(
     ("script", "message"),
     [
         ("demo", "demo: error: could not create "),
         ("test", "scripts/test: error: could not create .venv with "),
     ],
 )
+
+
+@VENV_SCRIPTS
 def test_a_half_made_venv_is_made_again_and_removed_when_that_fails(
     tmp_path: Path, script: str, message: str
 ) -> None:
@@ -141,17 +270,63 @@ def test_a_half_made_venv_is_made_again_and_removed_when_that_fails(
     env = no_ensurepip(tmp_path)
 
     for _ in range(2):  # the second run finds no leftover either
-        done = subprocess.run(
-            [sys.executable, str(repo / "scripts" / script)]
-            if script == "demo"
-            else ["bash", str(repo / "scripts" / script)],
-            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=False,
-        )  # fmt: skip
+        done = run_setup(repo, script, env)
 
         assert done.returncode == 1
         last = done.stderr.splitlines()[-1]
         assert last.startswith(message) and "apt-get install python3-venv" in last, done.stderr
         assert not (repo / ".venv").exists()
+
+
+def older_python() -> str:
+    """A Python 3.9 or 3.10, which the project does not support (pyenv's, here), or skip."""
+    too_old = "import sys; sys.exit(not (3, 9) <= sys.version_info < (3, 11))"
+    found = [shutil.which(name) for name in ("python3.10", "python3.9")]
+    found += sorted(glob.glob(str(Path.home() / ".pyenv" / "versions" / "3.*" / "bin" / "python3")))
+    for python in filter(None, found):
+        check = subprocess.run([python, "-c", too_old], capture_output=True, timeout=30)
+        if check.returncode == 0:
+            return python
+    pytest.skip("no Python 3.9 or 3.10 here")
+
+
+@VENV_SCRIPTS
+def test_a_venv_of_an_older_python_is_made_again(tmp_path: Path, script: str, message: str) -> None:
+    # A first run under Ubuntu 22.04's python3 (3.10) made a .venv the project cannot be
+    # installed into; its pip ran, so every later run, with python3.11 too, reused it and failed.
+    repo = fake_repo(tmp_path, script)
+    shutil.rmtree(repo / ".venv")
+    # --copies: bin/python is not a link to the real interpreter, whatever happens to it.
+    make = [older_python(), "-m", "venv", "--copies", str(repo / ".venv")]
+    subprocess.run(make, capture_output=True, timeout=120, check=True)
+
+    done = run_setup(repo, script, no_ensurepip(tmp_path))  # made again: fails, as intended
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith(message), done.stderr
+    assert not (repo / ".venv").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ("demo", "demo: error: needs Python 3.11 or newer, and "),
+        ("test", "scripts/test: error: "),
+    ],
+)
+def test_an_older_python_is_refused_before_it_makes_a_venv(
+    tmp_path: Path, script: str, message: str
+) -> None:
+    repo = fake_repo(tmp_path, script)
+    shutil.rmtree(repo / ".venv")
+    python = older_python()
+
+    done = run_setup(repo, script, {**os.environ, "PYTHON": python}, python)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert "3.11 or newer" in done.stderr
+    assert not (repo / ".venv").exists()
 
 
 def test_gen_protos_defaults_to_the_repository_venv(tmp_path: Path) -> None:
@@ -180,3 +355,28 @@ def test_gen_protos_defaults_to_the_repository_venv(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "pinrpc" / "v1" / "echo_pb2_grpc.pyi").is_file()
+
+
+def test_gen_protos_takes_relative_paths_from_the_callers_directory(tmp_path: Path) -> None:
+    # It changes to the repository before running protoc: relative paths once broke there.
+    env = {**os.environ, "OUT": "out", "PYTHON": os.path.relpath(sys.executable, tmp_path)}
+
+    done = subprocess.run(
+        [str(SCRIPTS / "gen-protos")],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path, env=env,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "pinrpc" / "v1" / "echo_pb2_grpc.pyi").is_file()
+
+
+def test_gen_protos_without_its_python_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": "no-such-python"}
+
+    done = subprocess.run(
+        [str(SCRIPTS / "gen-protos")],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+
+    assert done.returncode == 1
+    assert done.stderr == "gen-protos: error: no-such-python not found\n"
