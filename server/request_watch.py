@@ -53,9 +53,10 @@ class RequestWatch:
     ) -> Any:
         """The call's request; the call is aborted if none comes, or if ``caller`` is held back
         and already waits for ``limit`` of them."""
-        until = self._held_back.get(caller)
-        if until is not None and time.monotonic() < until and self.waiting(caller) >= limit:
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
+        if self._held_back:  # nearly always empty: then no lookup, no hashing of ``caller``
+            until = self._held_back.get(caller)
+            if until is not None and time.monotonic() < until and self.waiting(caller) >= limit:
+                _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
         self._waiting[context] = (caller, time.monotonic(), limit)
         try:
             request = next(requests, None)
