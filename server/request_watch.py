@@ -64,8 +64,9 @@ class RequestWatch:
             del self._waiting[context]
         if request is None:
             code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
-            if code is not None:  # the sweep ended the call
-                _abort(context, code, OVERDUE)
+            if code is not None:  # end_call() ended it, and sent the status already
+                details: bytes = context.details()  # type: ignore[attr-defined]
+                _abort(context, code, details.decode())
             _abort(context, grpc.StatusCode.UNIMPLEMENTED, NO_REQUEST)
         return request
 
@@ -112,7 +113,10 @@ class RequestWatch:
 
     def _run(self) -> None:
         while not self._stopped.wait(SWEEP_EVERY):
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:  # the next sweep tries again; a dead thread would watch nothing
+                log.exception("sweeping the calls that wait for their request")
 
 
 def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:

@@ -19,8 +19,9 @@ from pinrpc.v1 import echo_pb2
 from server import request_watch
 from server.app import RunningServer
 from server.auth import streams_per_client
-from tests.conftest import ECHO_ALL, Connect, MakeClient, code_of, revoke, whoami
+from tests.conftest import ECHO_ALL, Connect, MakeClient, code_of, eventually, revoke, whoami
 from tests.security.attacker import require_attack_modules
+from tests.security.test_open_streams import counted
 from tests.test_health import check, with_probe  # noqa: F401 (a fixture)
 
 WHOAMI = "/pinrpc.v1.Echo/WhoAmI"
@@ -85,6 +86,9 @@ def test_withheld_requests_cannot_hold_every_worker(
     # The kept calls end without a request: the answer of a unary method given none.
     kept = [c for c in calls if c not in done]
     assert {code(c, timeout=30) for c in kept} == {grpc.StatusCode.UNIMPLEMENTED}
+    # Counted by each call's own thread, which may follow the status the client got.
+    refused = {("mallory", WHOAMI): len(done) + 1}  # and the call refused at once
+    eventually(lambda: counted(connect, "RESOURCE_EXHAUSTED") == refused, timeout=3)
 
 
 def test_a_well_behaved_client_is_never_held_back(
