@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
             else:
                 unknown.append(str(Fingerprint.of(successor)))
             raise
+        except KeyboardInterrupt:  # Ctrl-C while the server decides: as unknown as a timeout
+            unknown.append(str(Fingerprint.of(successor)))
+            raise
         previous = reply.previous
         ends = previous.retire_at if previous.HasField("retire_at") else previous.revoked_at
         until = ends.ToDatetime(dt.UTC)
@@ -107,11 +110,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  files            {cert_path}, {key_path} (old pair kept as *.old until then)")
         return Exit.OK
 
-    code = call(args, rpc)
-    if unknown:
-        say(
-            f"  the outcome is unknown: the server may have enrolled the new pair "
-            f"(fingerprint {unknown[0]}), kept as {keyfiles.new(cert_path)} and "
-            f"{keyfiles.new(key_path)}; {keyfiles.finish_by_hand(cert_path, key_path)}"
-        )
-    return code
+    try:
+        return call(args, rpc)
+    finally:
+        if unknown:
+            say(
+                f"  the outcome is unknown: the server may have enrolled the new pair "
+                f"(fingerprint {unknown[0]}), kept as {keyfiles.new(cert_path)} and "
+                f"{keyfiles.new(key_path)}; {keyfiles.finish_by_hand(cert_path, key_path)}"
+            )

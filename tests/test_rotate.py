@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from pinrpc.cli import Exit
 from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
 from tests.certs import make_cert, p256, write_pair
 from tests.conftest import Connect, MakeClient, registry_dump
+from tests.security.attacker import BIN
 from tests.test_client_cli import run
 
 
@@ -92,6 +95,34 @@ def test_unknown_outcome_keeps_the_new_pair_and_says_how_to_finish(
     assert code == Exit.ERROR and err.count("\n") == 1
     assert "earlier rotation whose outcome was unknown" in err and "pinrpc whoami" in err
     assert registry_dump(connect.server_registry, capsys) == listed
+    assert new(alice.cert_path).exists() and new(alice.key_path).exists()
+
+
+def test_interrupted_rotation_keeps_the_new_pair_and_says_how_to_finish(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """Ctrl-C while the server decides leaves the outcome as unknown as a timeout does."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    before = pair_bytes(alice)
+    released = threading.Event()
+    with registry_write_locked(connect.server_registry, released.is_set):
+        argv = [str(BIN / "pinrpc"), "rotate", *connect.cli_flags(alice), "--timeout", "20"]
+        rotate = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 15
+            while not new(alice.key_path).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # staged: the Rotate call is waiting for the locked registry
+            rotate.send_signal(signal.SIGINT)
+            _, err = rotate.communicate(timeout=15)
+        finally:
+            released.set()
+            if rotate.poll() is None:
+                rotate.kill()
+    assert rotate.returncode == 130
+    assert "outcome is unknown" in err and "Traceback" not in err
+    assert pair_bytes(alice) == before
     assert new(alice.cert_path).exists() and new(alice.key_path).exists()
 
 
