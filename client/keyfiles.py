@@ -39,13 +39,27 @@ def finish_by_hand(cert: Path, key: Path) -> str:
 
 
 def stage_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
-    """Write NAME.crt.new and NAME.key.new together, never over an earlier rotation's pair."""
+    """Write NAME.crt.new and NAME.key.new together, never over an earlier rotation's pair.
+
+    A current key its group may read (a service reading it under --insecure-key-permissions)
+    passes that on to the new one: otherwise the service would lose its key at the swap."""
     try:
+        current = key.stat()
         write_all([(new(key), key_pem, 0o600), (new(cert), cert_pem, 0o644)], overwrite=False)
     except FileExistsError as exc:
         raise unfinished_error(cert, key) from exc
     except OSError as exc:
         raise IdentityError(f"cannot write the new key pair next to {cert}: {exc}") from exc
+    if current.st_mode & stat.S_IRGRP:
+        try:
+            os.chown(new(key), -1, current.st_gid)
+            os.chmod(new(key), 0o640)
+        except OSError as exc:
+            for path in (new(key), new(cert)):
+                path.unlink(missing_ok=True)
+            raise IdentityError(
+                f"cannot give the new key the group of {key} (gid {current.st_gid}): {exc.strerror}"
+            ) from exc
 
 
 def unfinished_error(cert: Path, key: Path) -> IdentityError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import sqlite3
 import subprocess
@@ -124,6 +125,28 @@ def test_interrupted_rotation_keeps_the_new_pair_and_says_how_to_finish(
     assert "outcome is unknown" in err and "Traceback" not in err
     assert pair_bytes(alice) == before
     assert new(alice.cert_path).exists() and new(alice.key_path).exists()
+
+
+def test_a_key_shared_with_its_group_stays_shared(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alice's key is readable by a service's group: the rotated key is too (it was 0600 and
+    the service lost its key at the swap); bob's private key stays private."""
+    alice, bob = make_client("alice"), make_client("bob")
+    # Any group but the user's own: root may pick nogroup; others one they belong to.
+    others = [g for g in os.getgroups() if g != os.getgid()]
+    shared_group = 65534 if os.geteuid() == 0 else (others or [os.getgid()])[0]
+    os.chown(alice.key_path, -1, shared_group)
+    alice.key_path.chmod(0o640)
+    for client in (alice, bob):
+        connect.enroll(client, client.cert_path.stem)
+        flags = [*connect.cli_flags(client), "--insecure-key-permissions"]
+        code, _, err = run(["rotate", *flags], capsys)
+        assert code == Exit.OK, err
+    assert alice.key_path.stat().st_mode & 0o777 == 0o640
+    assert alice.key_path.stat().st_gid == shared_group
+    assert bob.key_path.stat().st_mode & 0o777 == 0o600
+    assert bob.key_path.stat().st_gid == os.getgid()
 
 
 def test_definite_refusal_removes_the_new_pair(
