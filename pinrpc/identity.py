@@ -208,13 +208,15 @@ def _write_temp(path: Path, data: bytes, mode: int) -> Path:
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temporary file in the same directory so readers never see half a file."""
+    """Write via a temporary file in the same directory so readers never see half a file,
+    and sync the directory so that the rename survives a crash."""
     tmp = _write_temp(path, data, mode)
     try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_directories([path])
 
 
 def write_all(files: Sequence[tuple[Path, bytes, int]], *, overwrite: bool) -> None:

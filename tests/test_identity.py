@@ -21,6 +21,7 @@ from pinrpc.identity import (
     load_certificate,
     load_private_key,
     same_public_key,
+    write_atomic,
 )
 from tests.certs import make_cert, p256
 
@@ -195,10 +196,9 @@ def test_dir_that_is_a_file_is_named_as_such(
     assert cli.main(["keygen", "alice", "--dir", str(tmp_path / "new" / "keys")]) == 0
 
 
-def test_keygen_syncs_the_directory_after_placing_the_pair(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A rename reaches the disk with its directory: fsync it once both names are there."""
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """Each directory fsync()ed, with the names in it then (the real fsync runs too)."""
     synced: list[tuple[str, list[str]]] = []
     real_fsync = os.fsync
 
@@ -209,11 +209,26 @@ def test_keygen_syncs_the_directory_after_placing_the_pair(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+def test_keygen_syncs_the_directory_after_placing_the_pair(
+    tmp_path: Path, synced: list[tuple[str, list[str]]]
+) -> None:
+    """A rename reaches the disk with its directory: fsync it once both names are there."""
     create_identity("alice", tmp_path / "keys")
     assert (str(tmp_path / "keys"), ["alice.crt", "alice.key"]) in synced
     synced.clear()
     create_identity("alice", tmp_path / "keys", force=True)  # replacing, too
     assert (str(tmp_path / "keys"), ["alice.crt", "alice.key"]) in synced
+
+
+def test_a_file_written_atomically_is_synced_with_its_directory(
+    tmp_path: Path, synced: list[tuple[str, list[str]]]
+) -> None:
+    """The server's warm-start file, obtain-cert's account key and the dev CA's files."""
+    write_atomic(tmp_path / "warm", b"x", 0o600)
+    assert synced == [(str(tmp_path), ["warm"])]
 
 
 def test_failed_keygen_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
