@@ -270,7 +270,7 @@ def _status(client: Client) -> str:
         return f"revoked {client.revoked_at:%Y-%m-%d}"
     if client.retire_at is not None:
         verb = "retiring" if client.active else "retired"
-        return f"{verb} {client.retire_at:%m-%d %H:%M}"
+        return f"{verb} {client.retire_at:%Y-%m-%d %H:%M}"  # an overlap may last years
     return "active"
 
 

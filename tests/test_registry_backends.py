@@ -285,7 +285,9 @@ def test_cli_migrate(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "newer than this pinrpc supports" in err
 
 
-def test_rotation_overlap(spec: str, make_client: MakeClient) -> None:
+def test_rotation_overlap(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
     registry = open_registry(spec)
     try:
         old = registry.enroll(candidate(make_client, "alice"), "alice", [ECHO_ALL])
@@ -296,6 +298,11 @@ def test_rotation_overlap(spec: str, make_client: MakeClient) -> None:
         retiring = registry.find(old.fingerprint.hex)
         assert retiring.active and not retiring.current and retiring.retire_at is not None
         assert registry.find("alice").fingerprint == new.fingerprint  # the name means the newest
+        listed = server_cli.main(["list", "--registry", spec])
+        assert (
+            listed == 0
+            and f"retiring {retiring.retire_at:%Y-%m-%d %H:%M}" in capsys.readouterr().out
+        )
         with pytest.raises(ConflictError, match="already being retired"):
             registry.rotate(old.fingerprint, candidate(make_client, "alice3"), dt.timedelta(0))
         registry.revoke("alice")  # by name: every usable certificate of the client
