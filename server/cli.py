@@ -255,14 +255,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     with registry_of(args, create=True) as registry:
         # With --replace and no --allow the registry keeps the replaced certificate's.
         client = registry.enroll(candidate, args.name, allowed, replace=args.replace)
-    print(f"enrolled {client.name}")
-    print(f"  fingerprint  {client.fingerprint}")
-    kept = args.replace and not allowed and client.allowed_methods
-    note = "  (kept from the replaced certificate)" if kept else ""
-    print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}{note}")
-    print(f"  expires      {client.not_after:%Y-%m-%d %H:%M} UTC")
+    _show_enrolled(f"enrolled {client.name}", client, kept=args.replace and not allowed)
     print("Compare the fingerprint with the one `pinrpc keygen` showed the client.")
     return Exit.OK
+
+
+def _show_enrolled(headline: str, client: Client, kept: bool) -> None:
+    """What enroll and approve print; ``kept``: a re-key without --allow kept the permissions."""
+    print(headline)
+    print(f"  fingerprint  {client.fingerprint}")
+    note = "  (kept from the replaced certificate)" if kept and client.allowed_methods else ""
+    print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}{note}")
+    print(f"  expires      {client.not_after:%Y-%m-%d %H:%M} UTC")
 
 
 def _status(client: Client) -> str:
@@ -332,9 +336,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     name = check_name(args.name) if args.name else None
     with registry_of(args) as registry:
         client = registry.approve(args.fingerprint, name, allowed, replace=args.replace)
-    print(f"approved: enrolled {client.name}")
-    print(f"  fingerprint  {client.fingerprint}")
-    print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}")
+    _show_enrolled(f"approved: enrolled {client.name}", client, kept=args.replace and not allowed)
     return Exit.OK
 
 

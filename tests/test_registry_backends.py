@@ -389,12 +389,14 @@ def test_approve_enrolls_and_removes_the_request_or_leaves_it_waiting(
     spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first, second = _request(spec, make_client, "carol"), _request(spec, make_client, "carol2")
-    assert cli("approve", first, "--registry", spec) == 0
+    assert cli("approve", first, "--allow", ECHO_ALL, "--registry", spec) == 0
     # The name is taken: refused with a hint approve can follow, and the request stays.
     assert cli("approve", second, "--name", "carol", "--registry", spec) == 1
     assert "pass --replace" in capsys.readouterr().err
     assert cli("approve", second, "--name", "carol", "--replace", "--registry", spec) == 0
-    capsys.readouterr()
+    said = capsys.readouterr().out  # as enroll says it: the kept permissions, the expiry
+    assert f"allowed      {ECHO_ALL}  (kept from the replaced certificate)" in said
+    assert "expires" in said
     assert cli("pending", "--json", "--registry", spec) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert _names(spec, capsys) == ["carol"]
