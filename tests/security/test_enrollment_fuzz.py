@@ -35,8 +35,10 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")
+        # Not the CLI's: the collector may finalise an earlier test's socket or file here.
+        warnings.simplefilter("ignore", ResourceWarning)
         code = cli.main(list(argv))
-    assert not caught, [str(w.message) for w in caught]
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
     return code, out.getvalue(), err.getvalue()
 
 
