@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--max-connection-age",
         default="120",
-        type=at_least(float, 1.0),
+        # gRPC takes milliseconds as a C int: 24 days is the largest whole number of days.
+        type=at_least(float, 1.0, 24 * 86400),
         help="with --tls-reload handover: seconds after which a connection is rotated "
-        "gracefully, so an old listener empties without failing calls",
+        "gracefully, so an old listener empties without failing calls (at most 24 days)",
     )
     add_flag(
         serve,

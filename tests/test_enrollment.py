@@ -357,6 +357,7 @@ SERVE = ["serve", "--cert", "c.pem", "--key", "k.pem", "--registry", "r.db"]
         # Tracebacks at start (timedelta) or at each Rotate (the date past year 9999).
         ("--rotation-overlap", "1e18", "must be at most 3.1536e+08, got 1e18"),
         ("--enrollment-ttl", "3e11", "must be at most 3.1536e+08, got 3e11"),
+        ("--max-connection-age", "3e6", "must be at most 2.0736e+06, got 3e6"),  # gRPC's int
         ("--tls-reload", "sideways", "invalid choice: 'sideways'"),
     ],
 )
