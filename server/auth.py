@@ -30,7 +30,14 @@ except ImportError:  # pragma: no cover - another grpcio build: leaf_pem() falls
 
 from pinrpc.identity import Fingerprint
 from server.registry import Client
-from server.request_watch import RequestWatch, end_call, non_blocking
+from server.request_watch import (
+    UNDECODABLE,
+    RequestWatch,
+    end_call,
+    non_blocking,
+    tolerant,
+    undecodable,
+)
 from server.trust import EnrolledSet
 
 # Methods any enrolled client may call: identity, health and the API's own description.
@@ -47,8 +54,6 @@ ALWAYS_ALLOWED: Final = frozenset(
 _PEM_CACHE_LIMIT: Final = 4096
 UNKNOWN_METHOD: Final = "(unknown)"
 ADMIN_PREFIX: Final = "/pinrpc.v1.Admin/"
-# What a request that could not be decoded becomes (see _tolerant): the check runs first.
-_UNDECODABLE: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,28 +328,6 @@ def _deny(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> 
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """``deserializer`` returning _UNDECODABLE instead of raising.
-
-    grpcio deserializes before the behaviour runs: a raising deserializer ended the call with
-    INTERNAL before the check (no audit line, no metric) and logged a traceback per message.
-    """
-    if deserializer is None:
-        return None
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception:  # any failure, as grpcio itself catches
-            return _UNDECODABLE
-
-    return deserialize
-
-
-def _undecodable(context: grpc.ServicerContext) -> NoReturn:
-    _deny(context, grpc.StatusCode.INVALID_ARGUMENT, "request could not be decoded")
-
-
 def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
     code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
@@ -463,8 +446,8 @@ class _Stream:
         for message in messages:
             if enrolled() is not self.snapshot:
                 self.recheck()
-            if message is _UNDECODABLE:
-                _undecodable(self._context)
+            if message is UNDECODABLE:
+                undecodable(self._context)
             yield message
 
     def guarded(self, send: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -505,8 +488,6 @@ def _wrap(
             completed = False
             try:
                 request = read(requests, context, identity)
-                if request is _UNDECODABLE:
-                    _undecodable(context)
                 result = behavior(request, context)
                 completed = True
                 return result
@@ -545,8 +526,6 @@ def _wrap(
                     request: Any = stream.checked(requests)
                 else:
                     request = read(requests, context, stream.identity)
-                    if request is _UNDECODABLE:
-                        _undecodable(context)
                 yield from stream.checked(behavior(request, context))
                 completed = True
             finally:
@@ -572,8 +551,6 @@ def _wrap(
             if not context.add_callback(done):
                 return done()  # the call ended already
             request = read(requests, context, stream.identity)
-            if request is _UNDECODABLE:
-                _undecodable(context)
             stream.hold(streams)
             token = _caller.set(stream.identity)
             try:
@@ -584,7 +561,7 @@ def _wrap(
         return non_blocking(run, behavior)
 
     kwargs = {
-        "request_deserializer": _tolerant(handler.request_deserializer),
+        "request_deserializer": tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:

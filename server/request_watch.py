@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
 
@@ -35,6 +35,8 @@ HOLD_BACK = 10.0  # seconds a held-back caller stays limited after its last over
 SWEEP_EVERY = 0.25
 OVERDUE = "too many calls of this client are waiting for their request; send it with the call"
 NO_REQUEST = "requires exactly one request message"  # grpcio's words for a unary call's
+# What a request that could not be decoded becomes (see tolerant): the check runs first.
+UNDECODABLE: Final = object()
 
 
 class RequestWatch:
@@ -51,8 +53,8 @@ class RequestWatch:
     def first(
         self, requests: Iterator[Any], context: grpc.ServicerContext, caller: Hashable, limit: int
     ) -> Any:
-        """The call's request; the call is aborted if none comes, or if ``caller`` is held back
-        and already waits for ``limit`` of them."""
+        """The call's request; the call is aborted if none comes, if it cannot be decoded, or if
+        ``caller`` is held back and already waits for ``limit`` of them."""
         if self._held_back:  # nearly always empty: then no lookup, no hashing of ``caller``
             until = self._held_back.get(caller)
             if until is not None and time.monotonic() < until and self.waiting(caller) >= limit:
@@ -68,6 +70,8 @@ class RequestWatch:
                 details: bytes = context.details()  # type: ignore[attr-defined]
                 _abort(context, code, details.decode())
             _abort(context, grpc.StatusCode.UNIMPLEMENTED, NO_REQUEST)
+        if request is UNDECODABLE:
+            undecodable(context)
         return request
 
     def waiting(self, caller: Hashable) -> int:
@@ -135,16 +139,38 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning UNDECODABLE instead of raising.
+
+    grpcio deserializes before the behaviour runs: a raising deserializer ended the call with
+    INTERNAL before any check (no audit line, no metric) and logged a traceback per message.
+    """
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # any failure, as grpcio itself catches
+            return UNDECODABLE
+
+    return deserialize
+
+
+def undecodable(context: grpc.ServicerContext) -> NoReturn:
+    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request could not be decoded")
+
+
 Read = Callable[[Iterator[Any], grpc.ServicerContext], Any]
 
 
 def reading_first(
     handler: grpc.RpcMethodHandler[Any, Any], read: Read
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """``handler`` registered as request-streaming, its one request read by ``read``; other
-    handlers as they are."""
+    """``handler`` registered as request-streaming, its one request read (and decoded, see
+    tolerant) by ``read``; other handlers as they are."""
     kwargs: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:

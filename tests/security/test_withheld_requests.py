@@ -4,6 +4,7 @@ thread, so such calls held every worker, on the mTLS port and on the side ports 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import socket
 import threading
 import time
@@ -15,18 +16,32 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from pinrpc.v1 import echo_pb2
+from pinrpc.v1 import echo_pb2, enrollment_pb2, enrollment_pb2_grpc
 from server import request_watch
 from server.app import RunningServer
 from server.auth import streams_per_client
-from tests.conftest import ECHO_ALL, Connect, MakeClient, code_of, eventually, revoke, whoami
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    code_of,
+    eventually,
+    revoke,
+    whoami,
+)
 from tests.security.attacker import require_attack_modules
 from tests.security.test_open_streams import counted
+from tests.test_enrollment_requests import enrolling  # noqa: F401 (a fixture)
 from tests.test_health import check, with_probe  # noqa: F401 (a fixture)
 
 WHOAMI = "/pinrpc.v1.Echo/WhoAmI"
 ECHO = "/pinrpc.v1.Echo/Echo"
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+GARBAGE = b"\xff\xff\xff"  # no valid protobuf message
+SERVER_NAME_OVERRIDE = ("grpc.ssl_target_name_override", SERVER_NAME)
 
 
 @contextmanager
@@ -182,3 +197,32 @@ def test_withheld_health_checks_cannot_starve_the_probes(with_probe: RunningServ
         assert check(probe) == health_pb2.HealthCheckResponse.SERVING
         assert time.monotonic() - started < request_watch.GRACE + 2
     assert attack.result(timeout=10) == [str(EXHAUSTED.value[0])] * 3  # one call kept
+
+
+def test_undecodable_requests_on_the_side_ports_log_no_traceback(
+    with_probe: RunningServer,  # noqa: F811
+    enrolling: RunningServer,  # noqa: F811
+    devca: ServerFiles,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The side ports read their request under watch too, and decode it the same tolerant way:
+    a stranger's garbage is INVALID_ARGUMENT, not INTERNAL with a traceback logged per message
+    (the allow twin: a valid request on the same channel is answered)."""
+    with grpc.insecure_channel(f"127.0.0.1:{with_probe.health_port}") as probe:
+        garbage = probe.unary_unary("/grpc.health.v1.Health/Check", None, None)
+        watch = probe.unary_stream("/grpc.health.v1.Health/Watch", None, None)
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):
+                assert code_of(lambda: garbage(GARBAGE, timeout=5)) == INVALID
+                assert code_of(lambda: list(watch(GARBAGE, timeout=5))) == INVALID
+        assert check(probe) == health_pb2.HealthCheckResponse.SERVING
+    creds = grpc.ssl_channel_credentials(root_certificates=devca.ca_path.read_bytes())
+    target, options = f"127.0.0.1:{enrolling.enrollment_port}", [SERVER_NAME_OVERRIDE]
+    with grpc.secure_channel(target, creds, options=options) as channel:
+        for method in ("Challenge", "Request"):
+            call = channel.unary_unary(f"/pinrpc.v1.Enrollment/{method}", None, None)
+            with caplog.at_level(logging.DEBUG):
+                assert code_of(lambda: call(GARBAGE, timeout=5)) == INVALID  # noqa: B023
+        challenge = enrollment_pb2_grpc.EnrollmentStub(channel).Challenge
+        assert challenge(enrollment_pb2.ChallengeRequest(), timeout=5).nonce
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]
