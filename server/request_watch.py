@@ -14,8 +14,10 @@ runs first, and reads the one request itself, here:
   RESOURCE_EXHAUSTED, and the sweep ends its overdue calls beyond the limit the same way.
 
 A well-behaved client sends a request with its call's headers, so it never waits ``GRACE``
-and is never held back; an attacker gets one ``GRACE`` of the pool before that, then at most
-``limit`` threads until it has behaved for ``HOLD_BACK`` seconds.
+and is never held back, unless its requests take that long to arrive (many large ones at
+once over a slow link: the same thing, seen from here, as requests sent a byte at a time);
+an attacker gets one ``GRACE`` of the pool before that, then at most ``limit`` threads until
+it has behaved for ``HOLD_BACK`` seconds.
 """
 
 from __future__ import annotations
