@@ -31,7 +31,7 @@ from server.metrics import Metrics, serve_metrics
 from server.observe import Observability
 from server.ratelimit import burst_for
 from server.registry import Registry, open_registry
-from server.request_watch import PerHost
+from server.request_watch import PerHost, RequestWatch, queued_in
 from server.requests import EnrollmentService
 from server.services import EchoService
 from server.trust import TrustWatcher
@@ -82,11 +82,13 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             handshakes=handshakes,
         )
         executor = stack.enter_context(ThreadPoolExecutor(config.max_workers))
-        interceptor = AuthInterceptor(lambda: trust.enrolled, observe, config.max_workers)
+        interceptor = AuthInterceptor(
+            lambda: trust.enrolled, observe, config.max_workers, queued_in(executor)
+        )
         trust.subscribe(interceptor.sweep)  # a revoked client's idle streams end at once
         interceptor.requests.start()  # and no caller holds the workers by withholding requests
         stack.callback(interceptor.requests.stop)
-        per_host = PerHost(interceptor.requests)  # the same for the listeners without certificates
+        watch = interceptor.requests  # the side ports' callers too, by peer host
 
         def build(options: Options) -> grpc.Server:
             # One per listener (handover builds more); all share the pool and the check.
@@ -109,14 +111,14 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         log.info("listening on %s (port %d)", config.listen, port)
         health_port = enrollment_port = None
         if config.health_listen:
-            probe = _side_server(stack, 2, per_host)
+            probe = _side_server(stack, 2, watch)
             health.add_to(probe)  # and nothing else: probes carry no client certificate
             health_port = _start_side(
                 stack, probe, probe.add_insecure_port, config.health_listen,
                 "--health-listen", "plaintext health probes",
             )  # fmt: skip
         if config.enrollment_listen:
-            requests = _side_server(stack, 4, per_host)
+            requests = _side_server(stack, 4, watch)
             enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
                 EnrollmentService(registry, audit, request_ttl=config.enrollment_ttl,
                                   max_pending=config.max_pending),
@@ -164,10 +166,11 @@ def _add_services(
     reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
 
 
-def _side_server(stack: ExitStack, workers: int, per_host: PerHost) -> grpc.Server:
+def _side_server(stack: ExitStack, workers: int, watch: RequestWatch) -> grpc.Server:
     # gRPC binds with SO_REUSEPORT by default; without it, a busy port (the mTLS one too)
     # fails to bind instead of silently taking a share of that port's connections.
     executor = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+    per_host = PerHost(watch, queued_in(executor))
     return grpc.server(executor, interceptors=[per_host], options=[("grpc.so_reuseport", 0)])
 
 

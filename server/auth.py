@@ -32,6 +32,7 @@ from pinrpc.identity import Fingerprint
 from server.registry import Client
 from server.request_watch import (
     UNDECODABLE,
+    Queued,
     RequestWatch,
     end_call,
     non_blocking,
@@ -194,12 +195,14 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         enrolled: Callable[[], EnrolledSet],
         observer: Observer | None = None,
         max_workers: int = 32,  # the server's thread pool: ServerConfig.max_workers
+        queued: Queued = lambda: True,  # whether calls wait for one of its threads
     ) -> None:
         self._enrolled = enrolled
         self._observer: Observer = observer or NullObserver()
         self._streams = StreamCap(streams_per_client(max_workers))
         # Calls waiting for their request; its sweep runs from start_server (server/app.py).
         self.requests = RequestWatch()
+        self._queued = queued
         # For the uncached path (a new snapshot, refused leaves): base64 + SHA-256 once per PEM.
         self._fingerprints: dict[bytes, Fingerprint] = {}
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -310,7 +313,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
     def _read(self, requests: Iterator[Any], context: grpc.ServicerContext, who: Identity) -> Any:
         """The call's one request, read after the check (server/request_watch.py)."""
-        return self.requests.first(requests, context, who.fingerprint, self._streams.limit)
+        return self.requests.first(
+            requests, context, who.fingerprint, self._streams.limit, self._queued
+        )
 
     def _unimplemented(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         # Registered as request-streaming (intercept_service): answered without reading.

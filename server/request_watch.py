@@ -10,14 +10,15 @@ runs first, and reads the one request itself, here:
 
 - every call waiting for its request is registered with its caller and the time it began;
 - a caller with a request overdue (``GRACE``) is *held back* for ``HOLD_BACK`` seconds:
-  meanwhile it may have at most ``limit`` calls waiting, further ones are refused at once with
-  RESOURCE_EXHAUSTED, and the sweep ends its overdue calls beyond the limit the same way.
+  meanwhile, whenever other calls are queued for a thread, it may have at most ``limit``
+  calls waiting; further ones are refused at once with RESOURCE_EXHAUSTED, and the sweep
+  ends its overdue calls beyond the limit the same way.
 
-A well-behaved client sends a request with its call's headers, so it never waits ``GRACE``
-and is never held back, unless its requests take that long to arrive (many large ones at
-once over a slow link: the same thing, seen from here, as requests sent a byte at a time);
-an attacker gets one ``GRACE`` of the pool before that, then at most ``limit`` threads until
-it has behaved for ``HOLD_BACK`` seconds.
+A well-behaved client sends a request with its call's headers, so it never waits ``GRACE``.
+Large requests over a slow link can (seen from here they are requests sent a byte at a time),
+and they are left alone as long as no call waits for a thread. An attacker gets one ``GRACE``
+of the pool, then at most ``limit`` threads while anyone else needs one, until it has
+behaved for ``HOLD_BACK`` seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, NoReturn
 
 import grpc
@@ -45,23 +47,34 @@ class RequestWatch:
     """Calls waiting for their one request, by caller; ``sweep()`` ends the overdue ones."""
 
     def __init__(self) -> None:
-        # context -> (caller, since, limit); one dict operation each way, no lock: atomic
-        # under the GIL, and the sweep reads a copy.
-        self._waiting: dict[grpc.ServicerContext, tuple[Hashable, float, int]] = {}
+        # context -> (caller, since, limit, queued); one dict operation each way, no lock:
+        # atomic under the GIL, and the sweep reads a copy.
+        self._waiting: dict[grpc.ServicerContext, tuple[Hashable, float, int, Queued]] = {}
         self._held_back: dict[Hashable, float] = {}  # caller -> until (time.monotonic)
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
     def first(
-        self, requests: Iterator[Any], context: grpc.ServicerContext, caller: Hashable, limit: int
+        self,
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        caller: Hashable,
+        limit: int,
+        queued: Queued,
     ) -> Any:
         """The call's request; the call is aborted if none comes, if it cannot be decoded, or if
-        ``caller`` is held back and already waits for ``limit`` of them."""
+        ``caller`` is held back and already waits for ``limit`` of them while calls are
+        ``queued`` for a thread of its pool."""
         if self._held_back:  # nearly always empty: then no lookup, no hashing of ``caller``
             until = self._held_back.get(caller)
-            if until is not None and time.monotonic() < until and self.waiting(caller) >= limit:
+            if (
+                until is not None
+                and time.monotonic() < until
+                and queued()
+                and self.waiting(caller) >= limit
+            ):
                 _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
-        self._waiting[context] = (caller, time.monotonic(), limit)
+        self._waiting[context] = (caller, time.monotonic(), limit, queued)
         try:
             request = next(requests, None)
         finally:
@@ -77,24 +90,26 @@ class RequestWatch:
         return request
 
     def waiting(self, caller: Hashable) -> int:
-        return sum(1 for who, _, _ in self._waiting.copy().values() if who == caller)
+        return sum(1 for who, *_ in self._waiting.copy().values() if who == caller)
 
     def sweep(self) -> int:
-        """Hold back the callers with an overdue request and end their overdue calls beyond
-        the limit; return how many calls were ended."""
+        """Hold back the callers with an overdue request and, while calls are queued for a
+        thread, end their overdue calls beyond the limit; return how many calls were ended."""
         now = time.monotonic()
-        overdue: dict[Hashable, list[tuple[float, grpc.ServicerContext, int]]] = {}
-        for context, (caller, since, limit) in self._waiting.copy().items():
+        overdue: dict[Hashable, list[tuple[float, grpc.ServicerContext, int, Queued]]] = {}
+        for context, (caller, since, limit, queued) in self._waiting.copy().items():
             if now - since >= GRACE:
-                overdue.setdefault(caller, []).append((since, context, limit))
+                overdue.setdefault(caller, []).append((since, context, limit, queued))
         ended = 0
         for caller, calls in overdue.items():
             if caller not in self._held_back:
                 log.warning("holding back %s: its calls' requests are overdue", caller)
             self._held_back[caller] = now + HOLD_BACK
+            _, _, limit, queued = calls[0]  # one pool per caller: one limit, one queue
+            if not queued():
+                continue  # nobody waits for a thread: slow, but harmless
             calls.sort(key=lambda call: call[0])  # the oldest keep their threads
-            limit = calls[0][2]
-            for _, context, _ in calls[limit:]:
+            for _, context, _, _ in calls[limit:]:
                 end_call(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
                 ended += 1
         for caller, until in list(self._held_back.items()):
@@ -104,7 +119,7 @@ class RequestWatch:
 
     def end_callers(self, gone: Callable[[Hashable], bool], details: str) -> None:
         """End the waiting calls of the callers ``gone`` names (PERMISSION_DENIED)."""
-        for context, (caller, _, _) in self._waiting.copy().items():
+        for context, (caller, *_) in self._waiting.copy().items():
             if gone(caller):
                 end_call(context, grpc.StatusCode.PERMISSION_DENIED, details)
 
@@ -123,6 +138,16 @@ class RequestWatch:
                 self.sweep()
             except Exception:  # the next sweep tries again; a dead thread would watch nothing
                 log.exception("sweeping the calls that wait for their request")
+
+
+Queued = Callable[[], bool]  # whether calls wait for a thread of the pool a call runs in
+
+
+def queued_in(executor: ThreadPoolExecutor) -> Queued:
+    """Whether calls wait for one of ``executor``'s threads: its work queue is the only place
+    that knows (a private attribute of ThreadPoolExecutor since Python 3.2)."""
+    work = executor._work_queue
+    return lambda: not work.empty()
 
 
 def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
@@ -216,12 +241,12 @@ class PerHost(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """For listeners without client certificates (health, enrollment requests): each peer
     host is a caller of ``watch``, with ``limit`` calls while held back."""
 
-    def __init__(self, watch: RequestWatch, limit: int = 1) -> None:
-        self._watch, self._limit = watch, limit
+    def __init__(self, watch: RequestWatch, queued: Queued, limit: int = 1) -> None:
+        self._watch, self._queued, self._limit = watch, queued, limit
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def _read(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return self._watch.first(requests, context, peer_host(context), self._limit)
+        return self._watch.first(requests, context, peer_host(context), self._limit, self._queued)
 
     def intercept_service(
         self,

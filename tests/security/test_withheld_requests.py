@@ -81,29 +81,50 @@ def test_withheld_requests_cannot_hold_every_worker(
     connect: Connect, make_client: MakeClient
 ) -> None:
     """mallory, enrolled with no permissions, withholds the request of as many WhoAmI calls as
-    the server has workers: after GRACE she keeps a quarter of them, the rest are ended, her
-    next call is refused at once, and alice is served."""
+    the server has workers: once alice's call waits for a thread, mallory keeps a quarter of
+    them and the rest are ended. Held back, her next wave is refused or ended while alice's
+    calls keep the pool busy, and alice is served throughout."""
     mallory, alice = make_client("mallory"), make_client("alice")
     connect.enroll(mallory, "mallory")
     connect.enroll(alice, "alice")
     workers = connect.server.config.max_workers
     share = streams_per_client(workers)
-    stub = connect.stub(mallory.cert_path, mallory.key_path)
     channel = connect.channel(mallory.cert_path, mallory.key_path)
+    alice_stub = connect.stub(alice.cert_path, alice.key_path)
     with withheld(channel, WHOAMI, workers) as calls:
-        assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+        assert whoami(alice_stub).name == "alice"
         done = ended(calls, timeout=request_watch.GRACE + 3)
         assert len(done) == workers - share
         assert {code(c) for c in done} == {EXHAUSTED}
-        started = time.monotonic()
-        assert code_of(lambda: whoami(stub)) == EXHAUSTED  # held back: refused at once
-        assert time.monotonic() - started < request_watch.GRACE
+        with withheld(channel, WHOAMI, workers) as wave:
+            busy_until = time.monotonic() + request_watch.GRACE + 1.5
+            while time.monotonic() < busy_until:  # 64 calls of alice's in flight
+                flight = [alice_stub.WhoAmI.future(echo_pb2.WhoAmIRequest(), timeout=10)
+                          for _ in range(64)]  # fmt: skip
+                assert {f.result().name for f in flight} == {"alice"}
+            assert {code(c) for c in wave} == {EXHAUSTED}
     # The kept calls end without a request: the answer of a unary method given none.
     kept = [c for c in calls if c not in done]
     assert {code(c, timeout=30) for c in kept} == {grpc.StatusCode.UNIMPLEMENTED}
     # Counted by each call's own thread, which may follow the status the client got.
-    refused = {("mallory", WHOAMI): len(done) + 1}  # and the call refused at once
+    refused = {("mallory", WHOAMI): len(done) + workers}
     eventually(lambda: counted(connect, "RESOURCE_EXHAUSTED") == refused, timeout=3)
+
+
+def test_slow_requests_are_left_alone_while_no_call_waits_for_a_thread(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """The allow twin: more overdue requests than the limit (as many large requests over a
+    slow link look from the server) hold threads nobody else needs, and end no call."""
+    mallory, alice = make_client("mallory"), make_client("alice")
+    connect.enroll(mallory, "mallory")
+    connect.enroll(alice, "alice")
+    share = streams_per_client(connect.server.config.max_workers)
+    channel = connect.channel(mallory.cert_path, mallory.key_path)
+    with withheld(channel, WHOAMI, 2 * share) as calls:
+        time.sleep(request_watch.GRACE + 3 * request_watch.SWEEP_EVERY)
+        assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
+        assert not ended(calls, timeout=request_watch.SWEEP_EVERY * 2)
 
 
 def test_a_well_behaved_client_is_never_held_back(
