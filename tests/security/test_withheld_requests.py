@@ -69,11 +69,14 @@ def code(call: Any, timeout: float = 3) -> grpc.StatusCode:
     return call.exception(timeout=timeout).code()  # type: ignore[no-any-return]
 
 
-def ended(calls: list[Any], timeout: float) -> list[Any]:
+def ended(calls: list[Any], timeout: float, expected: int | None = None) -> list[Any]:
+    """The calls that have ended, once ``expected`` of them have (any, if None) or after
+    ``timeout``, and two more sweeps: those must end nothing further."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not any(c.done() for c in calls):
+    want = 1 if expected is None else expected
+    while time.monotonic() < deadline and sum(c.done() for c in calls) < want:
         time.sleep(0.05)
-    time.sleep(request_watch.SWEEP_EVERY * 2)  # the rest of the same sweep
+    time.sleep(request_watch.SWEEP_EVERY * 2)
     return [c for c in calls if c.done()]
 
 
@@ -93,7 +96,7 @@ def test_withheld_requests_cannot_hold_every_worker(
     alice_stub = connect.stub(alice.cert_path, alice.key_path)
     with withheld(channel, WHOAMI, workers) as calls:
         assert whoami(alice_stub).name == "alice"
-        done = ended(calls, timeout=request_watch.GRACE + 3)
+        done = ended(calls, timeout=request_watch.GRACE + 5, expected=workers - share)
         assert len(done) == workers - share
         assert {code(c) for c in done} == {EXHAUSTED}
         with withheld(channel, WHOAMI, workers) as wave:
@@ -173,7 +176,7 @@ def test_revocation_ends_a_withheld_call(connect: Connect, make_client: MakeClie
 
 def withheld_raw(address: tuple[str, int], source: str, method: str, n: int) -> list[str]:
     """``n`` calls in plaintext h2 frames from ``source``, headers only; the grpc-status of
-    those the server ends within 3 s."""
+    those the server ends within GRACE + 4 s."""
     require_attack_modules()
     import h2.config
     import h2.connection
@@ -190,7 +193,7 @@ def withheld_raw(address: tuple[str, int], source: str, method: str, n: int) -> 
     statuses: list[str] = []
     with socket.create_connection(address, timeout=0.2, source_address=(source, 0)) as sock:
         sock.sendall(conn.data_to_send())
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + request_watch.GRACE + 4
         while time.monotonic() < deadline:
             try:
                 data = sock.recv(65536)
