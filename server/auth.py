@@ -17,7 +17,7 @@ import fnmatch
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import grpc
 
@@ -34,6 +34,7 @@ from server.request_watch import (
     UNDECODABLE,
     Queued,
     RequestWatch,
+    deny,
     end_call,
     non_blocking,
     tolerant,
@@ -228,7 +229,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         pem = leaf_pem(context)
         if pem is None:
             self._observer.denied(context, method, None, None, "no_certificate", remember)
-            _deny(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
+            deny(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
         enrolled = self._enrolled()
         known = enrolled.admitted.get(pem)
         if known is None or method not in known.methods:
@@ -249,14 +250,14 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         client = enrolled.lookup(fp)
         if client is None:
             self._observer.denied(context, method, fp, None, "not_enrolled", remember)
-            _deny(
+            deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client certificate {fp} is not enrolled or was revoked",
             )
         if not method_allowed(client, method):
             self._observer.denied(context, method, fp, client, "method_not_allowed", remember)
-            _deny(
+            deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client {client.name!r} ({fp}) may not call {method}",
@@ -328,11 +329,6 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         return behavior
 
 
-def _deny(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> NoReturn:
-    context.abort(code, detail)
-    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
-
-
 def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
     code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
@@ -389,7 +385,7 @@ class _Stream:
     def hold(self, cap: StreamCap) -> None:
         """Count this stream against its client's cap, or refuse it."""
         if not cap.acquire(self):
-            _deny(
+            deny(
                 self._context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"client {self.identity.name!r} already has {cap.limit} streams open, the most "
@@ -430,7 +426,7 @@ class _Stream:
                 self.snapshot = current
                 return
         # The sweep refused it already, and reported it: end the handler without a second line.
-        _deny(self._context, grpc.StatusCode.PERMISSION_DENIED, "no longer admitted")
+        deny(self._context, grpc.StatusCode.PERMISSION_DENIED, "no longer admitted")
 
     def revisit(self, enrolled: EnrolledSet) -> None:
         """From the trust watcher: end the call now if ``enrolled`` no longer admits it."""

@@ -73,7 +73,7 @@ class RequestWatch:
                 and queued()
                 and self.waiting(caller) >= limit
             ):
-                _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
+                deny(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
         self._waiting[context] = (caller, time.monotonic(), limit, queued)
         try:
             request = next(requests, None)
@@ -83,8 +83,8 @@ class RequestWatch:
             code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
             if code is not None:  # end_call() ended it, and sent the status already
                 details: bytes = context.details()  # type: ignore[attr-defined]
-                _abort(context, code, details.decode())
-            _abort(context, grpc.StatusCode.UNIMPLEMENTED, NO_REQUEST)
+                deny(context, code, details.decode())
+            deny(context, grpc.StatusCode.UNIMPLEMENTED, NO_REQUEST)
         if request is UNDECODABLE:
             undecodable(context)
         return request
@@ -161,7 +161,8 @@ def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str)
         context.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+def deny(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """End the call with ``code`` from inside its handler (context.abort raises)."""
     context.abort(code, details)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
@@ -185,7 +186,7 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def undecodable(context: grpc.ServicerContext) -> NoReturn:
-    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request could not be decoded")
+    deny(context, grpc.StatusCode.INVALID_ARGUMENT, "request could not be decoded")
 
 
 Read = Callable[[Iterator[Any], grpc.ServicerContext], Any]
