@@ -404,12 +404,12 @@ class _Stream:
             return
         name, method, context = self.identity.name, self._method, self._context
         code = _final_code(context, completed)
-        if code is grpc.StatusCode.OK and context.time_remaining() <= 0:
-            code = grpc.StatusCode.DEADLINE_EXCEEDED  # the deadline ended the requests
+        if code is grpc.StatusCode.OK:
+            code = _ended_as(context)  # a deadline or a cancel may have ended the requests
         if code is not grpc.StatusCode.OK:
             finished(name, method, code)
-        # A cancel or the deadline can end the requests (the handler sees their end and
-        # returns) before gRPC reports the call cancelled: only the call's end tells.
+        # gRPC may report a cancel only after the handler saw the requests end and returned:
+        # only the call's end tells.
         elif not context.add_callback(lambda: finished(name, method, _ended_as(context))):
             finished(name, method, _ended_as(context))  # it has ended already
 
