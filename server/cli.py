@@ -1,4 +1,4 @@
-"""pinrpc-server: serve, and enroll / list / revoke clients in the registry."""
+"""pinrpc-server: serve, and enroll / list / permit / revoke clients in the registry."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pinrpc.cli import (
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
-from server.enrollment import check_certificate, check_patterns
+from server.enrollment import check_certificate, check_patterns, new_permissions
 from server.gc_tuning import settle
 from server.logs import configure_logging
 from server.registry import Client, Registry, migrate_registry, open_registry
@@ -225,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     registry_flag(migrate)
 
+    permit = commands.add_parser(
+        "permit", help="replace a client's permissions, by name or fingerprint (no new key pair)"
+    )
+    permit.add_argument("client", type=utf8, help="client name or certificate fingerprint")
+    add_allow_flag(permit)
+    permit.add_argument(
+        "--none",
+        action="store_true",
+        help="take every permission away (WhoAmI, health and reflection stay); instead of --allow",
+    )
+    registry_flag(permit)
+
     revoke = commands.add_parser("revoke", help="revoke a client, by name or fingerprint")
     # utf8: the registry cannot be asked about argv bytes that are not UTF-8 (a traceback).
     revoke.add_argument("client", type=utf8, help="client name or certificate fingerprint")
@@ -266,8 +278,12 @@ def _show_enrolled(headline: str, client: Client, kept: bool) -> None:
     print(headline)
     print(f"  fingerprint  {client.fingerprint}")
     note = "  (kept from the replaced certificate)" if kept and client.allowed_methods else ""
-    print(f"  allowed      {', '.join(client.allowed_methods) or '(WhoAmI only)'}{note}")
+    print(f"  allowed      {_allowed(client)}{note}")
     print(f"  expires      {client.not_after:%Y-%m-%d %H:%M} UTC")
+
+
+def _allowed(client: Client) -> str:
+    return ", ".join(client.allowed_methods) or "(WhoAmI only)"
 
 
 def _status(client: Client) -> str:
@@ -317,6 +333,17 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     with registry_of(args) as registry:
         client = registry.revoke(args.client)
     print(f"revoked {client.name} ({client.fingerprint})")
+    return Exit.OK
+
+
+def cmd_permit(args: argparse.Namespace) -> int:
+    # --none outranks PINRPC_ALLOW, as any flag outranks its environment fallback.
+    patterns = [] if args.none and args.allow is None else allow_patterns(args)
+    allowed = new_permissions(patterns, args.none)
+    with registry_of(args) as registry:
+        client = registry.permit(args.client, allowed)
+    print(f"permitted {client.name} ({client.fingerprint})")
+    print(f"  allowed      {_allowed(client)}")
     return Exit.OK
 
 
@@ -409,6 +436,7 @@ COMMANDS = {
     "enroll": cmd_enroll,
     "list": cmd_list,
     "revoke": cmd_revoke,
+    "permit": cmd_permit,
     "migrate": cmd_migrate,
     "pending": cmd_pending,
     "approve": cmd_approve,

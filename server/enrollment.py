@@ -187,3 +187,16 @@ def check_patterns(patterns: list[str]) -> list[str]:
                 "(like '/pinrpc.v1.Echo/*') or be '*'"
             )
     return list(dict.fromkeys(patterns))
+
+
+def new_permissions(patterns: list[str], none: bool) -> list[str]:
+    """The patterns `permit` sets: given, or none at all only when asked for by name, since no
+    patterns is also what a forgotten --allow (or an unset PINRPC_ALLOW) looks like."""
+    if none and patterns:
+        raise EnrollmentError("give method patterns or --none, not both")
+    if not none and not patterns:
+        raise EnrollmentError(
+            "no method patterns given: pass --allow PATTERN (repeatable), or --none to leave "
+            "the client only WhoAmI, health and reflection"
+        )
+    return check_patterns(patterns)

@@ -88,6 +88,10 @@ class Registry(Protocol):
 
     def revoke(self, ref: str) -> Client: ...
 
+    def permit(self, ref: str, allowed: Sequence[str]) -> Client:
+        """Replace the allowed method patterns of every usable certificate of a client."""
+        ...
+
     def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:
         """Enroll ``successor`` with ``current``'s name and permissions; retire ``current``
         after ``overlap`` (at once if zero)."""

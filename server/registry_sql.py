@@ -435,20 +435,25 @@ class SqlRegistry(ABC):
         self._change(body)
         return self.find(successor.fingerprint.hex)
 
+    def _named(self, q: Query, ref: str) -> tuple[Client, list[Client]]:
+        """The client ``ref`` names (revoked ones too, so callers can say so), and every
+        certificate carrying ``ref`` as its name."""
+        rows = self._matching(q, ref)
+        named = [c for c in rows if c.name == ref]
+        try:
+            return self._find(rows, ref), named
+        except NotFoundError:
+            # Revoked by name: say so, as naming a revoked fingerprint does.
+            if not named or named[-1].revoked_at is None:
+                raise
+            return named[-1], named
+
     def revoke(self, ref: str) -> Client:
         """Revoke one certificate by fingerprint, or by name every usable one of that client."""
         found: list[Client] = []
 
         def body(q: Query) -> None:
-            rows = self._matching(q, ref)
-            named = [c for c in rows if c.name == ref]
-            try:
-                client = self._find(rows, ref)
-            except NotFoundError:
-                # Revoked twice by name: say so, as revoking twice by fingerprint does.
-                if not named or named[-1].revoked_at is None:
-                    raise
-                client = named[-1]
+            client, named = self._named(q, ref)
             if client.revoked_at is not None:
                 raise ConflictError(
                     f"client {client.name!r} ({client.fingerprint}) was already revoked on "
@@ -463,6 +468,34 @@ class SqlRegistry(ABC):
                     "UPDATE clients SET revoked_at = ? "
                     "WHERE fingerprint = ? AND revoked_at IS NULL",
                     (self.dialect.encode_time(now_utc()), target.fingerprint.hex),
+                )
+            found.append(client)
+
+        self._change(body)
+        return self.find(found[0].fingerprint.hex)
+
+    def permit(self, ref: str, allowed: Sequence[str]) -> Client:
+        """Replace the permissions of the client ``ref`` names (by name or by the fingerprint
+        of any of its certificates) on every certificate it may use: during a rotation's
+        overlap the retiring one too, which would otherwise keep what was taken away."""
+        found: list[Client] = []
+
+        def body(q: Query) -> None:
+            client, _ = self._named(q, ref)
+            if not client.active:
+                how = "revoked" if client.revoked_at is not None else "retired"
+                when = client.revoked_at or client.retire_at
+                raise ConflictError(
+                    f"client {client.name!r} ({client.fingerprint}) was {how} on "
+                    f"{when:%Y-%m-%d %H:%M} UTC; its permissions can no longer change"
+                )
+            # By name, not by ``named``: a fingerprint names a client, whose name may differ.
+            usable = [c for c in self._matching(q, client.name) if c.name == client.name]
+            for target in (c for c in usable if c.active):
+                q(
+                    "UPDATE clients SET allowed_methods = ? "
+                    "WHERE fingerprint = ? AND revoked_at IS NULL",
+                    (json.dumps(list(allowed)), target.fingerprint.hex),
                 )
             found.append(client)
 

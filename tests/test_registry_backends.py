@@ -509,3 +509,74 @@ def test_a_request_does_not_read_every_client(tmp_path: Path, make_client: MakeC
         assert pending.fingerprint == stranger.fingerprint
     finally:
         registry.close()
+
+
+def test_permit_replaces_the_permissions_of_every_usable_certificate_of_the_client(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """During a rotation's overlap the client has two certificates: both get the new set,
+    whichever one names it; its revoked history and other clients keep theirs."""
+    registry = open_registry(spec)
+    try:
+        revoked = registry.enroll(candidate(make_client, "a0"), "alice", [ECHO_ALL])
+        retiring = registry.enroll(candidate(make_client, "a1"), "alice", [], replace=True)
+        current = registry.rotate(
+            retiring.fingerprint, candidate(make_client, "a2"), dt.timedelta(hours=1)
+        )
+        bob = registry.enroll(candidate(make_client, "bob"), "bob", [ECHO_ALL])
+        before = registry.generation()
+        changed = registry.permit(str(retiring.fingerprint), ["/x/*"])
+        assert (changed.fingerprint, changed.allowed_methods) == (retiring.fingerprint, ("/x/*",))
+        assert registry.generation() != before
+    finally:
+        registry.close()
+    assert cli("permit", "alice", "--allow", "/y/*", "--allow", "/z/A", "--registry", spec) == 0
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    listed = {c["fingerprint"]: c["allowed_methods"] for c in json.loads(capsys.readouterr().out)}
+    assert listed == {
+        str(revoked.fingerprint): [ECHO_ALL],
+        str(retiring.fingerprint): ["/y/*", "/z/A"],
+        str(current.fingerprint): ["/y/*", "/z/A"],
+        str(bob.fingerprint): [ECHO_ALL],
+    }
+    assert cli("permit", "bob", "--none", "--registry", spec) == 0
+    capsys.readouterr()
+    assert cli("list", "--registry", spec) == 0
+    bob_line = next(line for line in capsys.readouterr().out.splitlines() if "bob" in line)
+    assert bob_line.endswith("  -")
+
+
+def test_permit_refuses_unknown_revoked_retired_clients_and_bad_patterns(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = open_registry(spec)
+    try:
+        gone = registry.enroll(candidate(make_client, "gone"), "gone", [ECHO_ALL])
+        registry.revoke("gone")
+        old = registry.enroll(candidate(make_client, "old"), "carol", [ECHO_ALL])
+        registry.rotate(old.fingerprint, candidate(make_client, "new"), dt.timedelta(0))
+        registry.enroll(candidate(make_client, "dave"), "dave", [ECHO_ALL])
+    finally:
+        registry.close()
+    # A retired certificate: the end of an overlap, not a revocation.
+    retired = f"WHERE fingerprint = '{old.fingerprint.hex}'"
+    sql(spec, f"UPDATE clients SET revoked_at = NULL, retire_at = enrolled_at {retired}")  # noqa: S608
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    before = capsys.readouterr().out
+    for argv, expected in [
+        (["nobody", "--none"], "no enrolled client named or with fingerprint 'nobody'"),
+        (["gone", "--allow", ECHO_ALL], "'gone' (" + str(gone.fingerprint) + ") was revoked on"),
+        ([str(gone.fingerprint), "--none"], "was revoked on"),
+        ([str(old.fingerprint), "--none"], "was retired on"),
+        (["dave", "--allow", "/a b"], "holds characters no method name has"),
+        (["dave", "--allow", "Echo"], "must start with '/'"),
+        (["dave"], "pass --allow PATTERN (repeatable), or --none"),
+        (["dave", "--none", "--allow", ECHO_ALL], "not both"),
+    ]:
+        assert cli("permit", *argv, "--registry", spec) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert cli("list", "--json", "--registry", spec) == 0
+    assert capsys.readouterr().out == before
