@@ -1,4 +1,4 @@
-"""`pinrpc admin enroll|revoke|list|get`: administer the server remotely with your own key pair.
+"""`pinrpc admin enroll|revoke|permit|list|get`: administer the server remotely as yourself.
 
 Your certificate's permissions must name the Admin service (enrolled with
 `--allow '/pinrpc.v1.Admin/*'`); the server applies the same checks as its local CLI.
@@ -27,7 +27,8 @@ MAX_REPLY = 256 * 1024 * 1024
 
 def add_parser(commands: Any) -> None:
     admin = commands.add_parser(
-        "admin", help="enroll, revoke and list clients remotely (needs Admin permission)"
+        "admin",
+        help="enroll, revoke, permit and list clients remotely (needs Admin permission)",
     )
     actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -39,10 +40,20 @@ def add_parser(commands: Any) -> None:
 
     revoke = actions.add_parser("revoke", help="revoke a client by name or fingerprint")
     revoke.add_argument("client", type=utf8, help="the client's name or fingerprint")
+    permit = actions.add_parser(
+        "permit", help="replace a client's permissions, by name or fingerprint"
+    )
+    permit.add_argument("client", type=utf8, help="the client's name or fingerprint")
+    add_allow_flag(permit)
+    permit.add_argument(
+        "--none",
+        action="store_true",
+        help="take every permission away (WhoAmI, health and reflection stay); instead of --allow",
+    )
     listing = actions.add_parser("list", help="all clients, revoked ones included")
     get = actions.add_parser("get", help="one client by name or fingerprint")
     get.add_argument("client", type=utf8, help="the client's name or fingerprint")
-    for parser in (enroll, revoke, listing, get):
+    for parser in (enroll, revoke, permit, listing, get):
         connection_flags(parser)
         parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -79,6 +90,14 @@ def _revoke(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _permit(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    # --none outranks PINRPC_ALLOW; the server checks the rest, as `pinrpc-server permit` does.
+    patterns = [] if args.none and args.allow is None else allow_patterns(args)
+    request = admin_pb2.PermitRequest(client=args.client, allowed_methods=patterns, none=args.none)
+    _show([stub.Permit(request, timeout=args.timeout)], args.json)
+    return Exit.OK
+
+
 def _list(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     reply = stub.List(admin_pb2.ListRequest(), timeout=args.timeout)
     _show(list(reply.clients), args.json)
@@ -90,7 +109,13 @@ def _get(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-ACTIONS: dict[str, Rpc] = {"enroll": _enroll, "revoke": _revoke, "list": _list, "get": _get}
+ACTIONS: dict[str, Rpc] = {
+    "enroll": _enroll,
+    "revoke": _revoke,
+    "permit": _permit,
+    "list": _list,
+    "get": _get,
+}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from pinrpc.identity import check_name
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
 from server.audit import Audit
 from server.auth import caller
-from server.enrollment import check_certificate, check_patterns
+from server.enrollment import check_certificate, check_patterns, new_permissions
 from server.registry import Client, Registry
 
 MAX_CERT_BYTES = 64 * 1024
@@ -82,12 +82,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(self, registry: Registry, audit: Audit, refresh: Callable[[], None]) -> None:
         self._registry, self._audit, self._refresh = registry, audit, refresh
 
-    def _changed(self, action: str, client: Client) -> None:
+    def _changed(self, action: str, client: Client, **fields: object) -> None:
         self._refresh()  # effective for the next connection, not after the next poll
         who = caller()
         self._audit.event(
             "admin", action=action, by=who.name, by_fingerprint=str(who.fingerprint),
-            client=client.name, fingerprint=str(client.fingerprint),
+            client=client.name, fingerprint=str(client.fingerprint), **fields,
         )  # fmt: skip
 
     def Enroll(
@@ -112,6 +112,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         except PinrpcError as exc:
             abort_with(context, exc)
         self._changed("revoke", client)
+        return to_proto(client)
+
+    def Permit(
+        self, request: admin_pb2.PermitRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.Client:
+        try:
+            allowed = new_permissions(list(request.allowed_methods), request.none)
+            client = self._registry.permit(request.client, allowed)
+        except PinrpcError as exc:
+            abort_with(context, exc)
+        self._changed("permit", client, allowed_methods=list(client.allowed_methods))
         return to_proto(client)
 
     def List(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pinrpc/v1/admin.proto\x12\tpinrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x02\n\x06\x43lient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tretire_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\"`\n\rEnrollRequest\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"\x1f\n\rRevokeRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\"\r\n\x0bListRequest\"2\n\x0cListResponse\x12\"\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x11.pinrpc.v1.Client\"\x1c\n\nGetRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t2\xdf\x01\n\x05\x41\x64min\x12\x35\n\x06\x45nroll\x12\x18.pinrpc.v1.EnrollRequest\x1a\x11.pinrpc.v1.Client\x12\x35\n\x06Revoke\x12\x18.pinrpc.v1.RevokeRequest\x1a\x11.pinrpc.v1.Client\x12\x37\n\x04List\x12\x16.pinrpc.v1.ListRequest\x1a\x17.pinrpc.v1.ListResponse\x12/\n\x03Get\x12\x15.pinrpc.v1.GetRequest\x1a\x11.pinrpc.v1.Clientb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pinrpc/v1/admin.proto\x12\tpinrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x02\n\x06\x43lient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tretire_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\"`\n\rEnrollRequest\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"\x1f\n\rRevokeRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\"F\n\rPermitRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x02 \x03(\t\x12\x0c\n\x04none\x18\x03 \x01(\x08\"\r\n\x0bListRequest\"2\n\x0cListResponse\x12\"\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x11.pinrpc.v1.Client\"\x1c\n\nGetRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t2\x96\x02\n\x05\x41\x64min\x12\x35\n\x06\x45nroll\x12\x18.pinrpc.v1.EnrollRequest\x1a\x11.pinrpc.v1.Client\x12\x35\n\x06Revoke\x12\x18.pinrpc.v1.RevokeRequest\x1a\x11.pinrpc.v1.Client\x12\x35\n\x06Permit\x12\x18.pinrpc.v1.PermitRequest\x1a\x11.pinrpc.v1.Client\x12\x37\n\x04List\x12\x16.pinrpc.v1.ListRequest\x1a\x17.pinrpc.v1.ListResponse\x12/\n\x03Get\x12\x15.pinrpc.v1.GetRequest\x1a\x11.pinrpc.v1.Clientb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,12 +38,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST']._serialized_end=460
   _globals['_REVOKEREQUEST']._serialized_start=462
   _globals['_REVOKEREQUEST']._serialized_end=493
-  _globals['_LISTREQUEST']._serialized_start=495
-  _globals['_LISTREQUEST']._serialized_end=508
-  _globals['_LISTRESPONSE']._serialized_start=510
-  _globals['_LISTRESPONSE']._serialized_end=560
-  _globals['_GETREQUEST']._serialized_start=562
-  _globals['_GETREQUEST']._serialized_end=590
-  _globals['_ADMIN']._serialized_start=593
-  _globals['_ADMIN']._serialized_end=816
+  _globals['_PERMITREQUEST']._serialized_start=495
+  _globals['_PERMITREQUEST']._serialized_end=565
+  _globals['_LISTREQUEST']._serialized_start=567
+  _globals['_LISTREQUEST']._serialized_end=580
+  _globals['_LISTRESPONSE']._serialized_start=582
+  _globals['_LISTRESPONSE']._serialized_end=632
+  _globals['_GETREQUEST']._serialized_start=634
+  _globals['_GETREQUEST']._serialized_end=662
+  _globals['_ADMIN']._serialized_start=665
+  _globals['_ADMIN']._serialized_end=943
 # @@protoc_insertion_point(module_scope)

@@ -130,6 +130,38 @@ class RevokeRequest(_message.Message):
 Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
 
 @_typing.final
+class PermitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_FIELD_NUMBER: _builtins.int
+    ALLOWED_METHODS_FIELD_NUMBER: _builtins.int
+    NONE_FIELD_NUMBER: _builtins.int
+    client: _builtins.str
+    """A client name or a certificate fingerprint (any common spelling)."""
+    none: _builtins.bool
+    """Take every permission away: required for an empty set, so that a request that merely
+    forgot allowed_methods changes nothing.
+    """
+    @_builtins.property
+    def allowed_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The new set; it replaces the old one whole."""
+
+    def __init__(
+        self,
+        *,
+        client: _builtins.str = ...,
+        allowed_methods: _abc.Iterable[_builtins.str] | None = ...,
+        none: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_methods", b"allowed_methods", "client", b"client", "none", b"none"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermitRequest: _TypeAlias = PermitRequest  # noqa: Y015
+
+@_typing.final
 class ListRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -44,6 +44,11 @@ class AdminStub:
                 request_serializer=pinrpc_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=pinrpc_dot_v1_dot_admin__pb2.Client.FromString,
                 _registered_method=True)
+        self.Permit = channel.unary_unary(
+                '/pinrpc.v1.Admin/Permit',
+                request_serializer=pinrpc_dot_v1_dot_admin__pb2.PermitRequest.SerializeToString,
+                response_deserializer=pinrpc_dot_v1_dot_admin__pb2.Client.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/pinrpc.v1.Admin/List',
                 request_serializer=pinrpc_dot_v1_dot_admin__pb2.ListRequest.SerializeToString,
@@ -68,6 +73,15 @@ class AdminServicer:
 
     def Revoke(self, request, context):
         """Revokes a client by name (every usable certificate of it) or by fingerprint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Permit(self, request, context):
+        """Replaces a client's permissions (by name, or by the fingerprint of any of its
+        certificates) on every certificate it may use, with the same checks as
+        `pinrpc-server permit`; returns the named certificate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +112,11 @@ def add_AdminServicer_to_server(servicer, server):
             'Revoke': grpc.unary_unary_rpc_method_handler(
                     servicer.Revoke,
                     request_deserializer=pinrpc_dot_v1_dot_admin__pb2.RevokeRequest.FromString,
+                    response_serializer=pinrpc_dot_v1_dot_admin__pb2.Client.SerializeToString,
+            ),
+            'Permit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Permit,
+                    request_deserializer=pinrpc_dot_v1_dot_admin__pb2.PermitRequest.FromString,
                     response_serializer=pinrpc_dot_v1_dot_admin__pb2.Client.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
@@ -164,6 +183,33 @@ class Admin:
             target,
             '/pinrpc.v1.Admin/Revoke',
             pinrpc_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
+            pinrpc_dot_v1_dot_admin__pb2.Client.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Permit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pinrpc.v1.Admin/Permit',
+            pinrpc_dot_v1_dot_admin__pb2.PermitRequest.SerializeToString,
             pinrpc_dot_v1_dot_admin__pb2.Client.FromString,
             options,
             channel_credentials,

@@ -38,6 +38,11 @@ class AdminStub:
     """Enrolls a client certificate, with the same checks as `pinrpc-server enroll`."""
     Revoke: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.Client]
     """Revokes a client by name (every usable certificate of it) or by fingerprint."""
+    Permit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PermitRequest, _admin_pb2.Client]
+    """Replaces a client's permissions (by name, or by the fingerprint of any of its
+    certificates) on every certificate it may use, with the same checks as
+    `pinrpc-server permit`; returns the named certificate.
+    """
     List: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRequest, _admin_pb2.ListResponse]
     """Every client, revoked ones included."""
     Get: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetRequest, _admin_pb2.Client]
@@ -50,6 +55,11 @@ class AdminAsyncStub(AdminStub):
     """Enrolls a client certificate, with the same checks as `pinrpc-server enroll`."""
     Revoke: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.Client]  # type: ignore[assignment]
     """Revokes a client by name (every usable certificate of it) or by fingerprint."""
+    Permit: _aio.UnaryUnaryMultiCallable[_admin_pb2.PermitRequest, _admin_pb2.Client]  # type: ignore[assignment]
+    """Replaces a client's permissions (by name, or by the fingerprint of any of its
+    certificates) on every certificate it may use, with the same checks as
+    `pinrpc-server permit`; returns the named certificate.
+    """
     List: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRequest, _admin_pb2.ListResponse]  # type: ignore[assignment]
     """Every client, revoked ones included."""
     Get: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetRequest, _admin_pb2.Client]  # type: ignore[assignment]
@@ -71,6 +81,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Client, _abc.Awaitable[_admin_pb2.Client]]:
         """Revokes a client by name (every usable certificate of it) or by fingerprint."""
+
+    @_abc_1.abstractmethod
+    def Permit(
+        self,
+        request: _admin_pb2.PermitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Client, _abc.Awaitable[_admin_pb2.Client]]:
+        """Replaces a client's permissions (by name, or by the fingerprint of any of its
+        certificates) on every certificate it may use, with the same checks as
+        `pinrpc-server permit`; returns the named certificate.
+        """
 
     @_abc_1.abstractmethod
     def List(
