@@ -1,0 +1,171 @@
+"""Changing an enrolled client's permissions without a new key pair, against real servers:
+`pinrpc-server permit` (SQLite and PostgreSQL registries) and `pinrpc admin permit`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pinrpc.cli import Exit
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server import cli as server_cli
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
+from tests.conftest import (
+    ECHO_ALL,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    eventually,
+    registry_dump,
+    revoke,
+    whoami,
+)
+from tests.postgres import Postgres, running_postgres
+from tests.test_lifecycle import ADMIN, run
+
+STREAM_ONLY = "/pinrpc.v1.Echo/EchoStream"
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Postgres]:
+    with running_postgres() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.db")
+    cluster: Postgres = request.getfixturevalue("pg")
+    return cluster.create_database(f"permit{next(_databases)}")
+
+
+@contextmanager
+def serving(devca: ServerFiles, spec: str) -> Iterator[RunningServer]:
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        cert=devca.cert,
+        key=devca.key,
+        registry=spec,
+        poll_interval=0.2,
+        grace=1.0,
+    )
+    with start_server(config) as running:
+        yield running
+
+
+def echo(stub: echo_pb2_grpc.EchoStub) -> grpc.StatusCode:
+    """OK if Echo answered, else the code it failed with."""
+    try:
+        stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=5)
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        return code
+    return grpc.StatusCode.OK
+
+
+def server_cli_ok(*argv: str) -> None:
+    assert server_cli.main(list(argv)) == Exit.OK
+
+
+def test_permit_reaches_an_open_channel_within_the_poll(
+    spec: str, devca: ServerFiles, make_client: MakeClient
+) -> None:
+    alice = make_client("alice")
+    server_cli_ok("enroll", str(alice.cert_path), "--name", "alice", "--allow", ECHO_ALL,
+                  "--registry", spec)  # fmt: skip
+    with serving(devca, spec) as server:
+        connect = Connect(server, devca)
+        stub = connect.stub(alice.cert_path, alice.key_path)
+        assert echo(stub) == grpc.StatusCode.OK
+        # Taken away, on the connection that is already open: refused within a poll (0.2 s).
+        server_cli_ok("permit", "alice", "--allow", STREAM_ONLY, "--registry", spec)
+        assert eventually(lambda: echo(stub) == DENIED, timeout=1.0) < 1.0
+        assert whoami(stub).name == "alice"  # the same connection, still admitted
+        # Given back.
+        server_cli_ok("permit", "alice", "--allow", ECHO_ALL, "--registry", spec)
+        assert eventually(lambda: echo(stub) == grpc.StatusCode.OK, timeout=1.0) < 1.0
+
+
+def test_admin_permit_takes_effect_at_once_and_is_audited(
+    connect: Connect,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root, bob = make_client("root"), make_client("bob")
+    connect.enroll(root, "root", ADMIN)
+    connect.enroll(bob, "bob", ECHO_ALL)
+    stub = connect.stub(bob.cert_path, bob.key_path)
+    assert echo(stub) == grpc.StatusCode.OK
+    flags = connect.cli_flags(root)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        code, out, err = run(["admin", "permit", "bob", "--none", "--json", *flags], capsys)
+        assert code == Exit.OK, err
+        assert json.loads(out)[0].get("allowed_methods", []) == []
+        assert echo(stub) == DENIED  # the admin call refreshed the server's trust: no poll
+        # By fingerprint, in another spelling.
+        ref = str(bob.fingerprint).replace(":", "").lower()
+        code, out, err = run(["admin", "permit", ref, "--allow", ECHO_ALL, *flags], capsys)
+        assert code == Exit.OK, err
+        assert out.split() == ["bob", str(bob.fingerprint), "active", ECHO_ALL]
+        assert echo(stub) == grpc.StatusCode.OK
+        connect.server.audit.flush()
+    permits = [
+        (r["by"], r["client"], r["fingerprint"], r["allowed_methods"])
+        for r in (json.loads(x.getMessage()) for x in caplog.records if x.name == "pinrpc.audit")
+        if r["event"] == "admin" and r["action"] == "permit"
+    ]
+    assert permits == [
+        ("root", "bob", str(bob.fingerprint), []),
+        ("root", "bob", str(bob.fingerprint), [ECHO_ALL]),
+    ]
+
+
+@pytest.mark.parametrize("allow", ["*", ECHO_ALL, "/pinrpc.v1.*"])
+def test_admin_permit_needs_explicit_admin_permission(
+    allow: str, connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not even for oneself: a bare '*' must not be a way to grant oneself administration."""
+    mallory = make_client("mallory")
+    connect.enroll(mallory, "mallory", allow)
+    before = registry_dump(connect.server_registry, capsys)
+    argv = ["admin", "permit", "mallory", "--allow", ADMIN, *connect.cli_flags(mallory)]
+    code, _, err = run(argv, capsys)
+    assert code == Exit.DENIED
+    assert "may not call /pinrpc.v1.Admin/Permit" in err
+    assert registry_dump(connect.server_registry, capsys) == before
+
+
+def test_admin_permit_bad_input_is_refused_with_the_local_checks(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, gone = make_client("root"), make_client("gone")
+    connect.enroll(root, "root", ADMIN)
+    connect.enroll(gone, "gone", ECHO_ALL)
+    revoke(connect.server_registry, "gone")
+    before = registry_dump(connect.server_registry, capsys)
+    flags = connect.cli_flags(root)
+    for argv, expected in [
+        (["admin", "permit", "nobody", "--none"], "no enrolled client"),
+        (["admin", "permit", "gone", "--none"], "was revoked on"),
+        (["admin", "permit", "root", "--allow", "Echo"], "must start with '/'"),
+        (["admin", "permit", "root"], "pass --allow PATTERN (repeatable), or --none"),
+        (["admin", "permit", "root", "--none", "--allow", ECHO_ALL], "not both"),
+    ]:
+        code, _, err = run([*argv, *flags], capsys)
+        assert code == Exit.ERROR, err
+        assert err.startswith("pinrpc: error: the server refused: ") and expected in err
+        assert err.count("\n") == 1
+    assert registry_dump(connect.server_registry, capsys) == before
+    assert echo(connect.stub(root.cert_path, root.key_path)) == DENIED  # root kept ADMIN only
