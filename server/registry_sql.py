@@ -127,6 +127,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    # Lookups by name or fingerprint (find, revoke, permit) are "fingerprint = ? OR name = ?":
+    # without an index on every name (clients_current_name covers current ones only) both
+    # backends scanned the table: 2 ms on SQLite, 0.7 ms on PostgreSQL at 10,000 clients, and
+    # 0.02 and 0.06 ms with it (bench/registry_lookup.py).
+    Migration(
+        5,
+        "index on client names",
+        ("CREATE INDEX IF NOT EXISTS clients_name ON clients(name)",),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -580,3 +580,33 @@ def test_permit_refuses_unknown_revoked_retired_clients_and_bad_patterns(
         assert err.count("\n") == 1 and expected in err, err
     assert cli("list", "--json", "--registry", spec) == 0
     assert capsys.readouterr().out == before
+
+
+def _has_name_index(spec: str) -> bool:
+    if is_postgres(spec):
+        with psycopg.connect(spec) as conn:
+            rows = conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'clients_name'")
+            return rows.fetchone() is not None
+    with sqlite3.connect(spec) as db:
+        found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'clients_name'").fetchone()
+    db.close()
+    return found is not None
+
+
+def test_a_version_4_registry_gets_its_name_index_from_migrate(
+    spec: str, make_client: MakeClient
+) -> None:
+    registry = open_registry(spec)
+    alice = registry.enroll(candidate(make_client, "alice"), "alice", [])
+    registry.close()
+    assert _has_name_index(spec)
+    sql(spec, "DELETE FROM schema_version WHERE version = 5; DROP INDEX clients_name;")
+    with pytest.raises(RegistryError, match=f"schema version 4, this pinrpc needs {LATEST}"):
+        open_registry(spec)
+    assert [m.description for m in migrate_registry(spec).applied] == ["index on client names"]
+    assert _has_name_index(spec)
+    registry = open_registry(spec, create=False)
+    try:
+        assert registry.find("alice").fingerprint == alice.fingerprint
+    finally:
+        registry.close()
