@@ -184,6 +184,17 @@ def check_enrollment(
             f"a client named {name!r} is already enrolled ({retired.fingerprint}); "
             "pass --replace to re-key it (the old certificate is revoked)"
         )
+    # "Alice" and "alice" read the same in logs and audit lines. Only a new name is checked:
+    # registries that already hold such a pair keep re-keying and rotating both.
+    if not any(row.name == name for row in active):
+        folded = name.casefold()
+        alike = next((row for row in active if row.name.casefold() == folded), None)
+        if alike is not None:
+            raise ConflictError(
+                f"a client named {alike.name!r} is already enrolled ({alike.fingerprint}); "
+                f"{name!r} differs from it only in case and would read the same in logs; "
+                f"choose another name (or re-key {alike.name!r} with --replace)"
+            )
     trusted = active if retired_stays else [row for row in active if row is not retired]
     clash = subject_clash(candidate, trusted)
     if clash is not None:

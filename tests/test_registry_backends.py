@@ -610,3 +610,57 @@ def test_a_version_4_registry_gets_its_name_index_from_migrate(
         assert registry.find("alice").fingerprint == alice.fingerprint
     finally:
         registry.close()
+
+
+def test_a_new_name_equal_to_an_active_one_but_for_case_is_refused(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = open_registry(spec)
+    try:
+        registry.enroll(candidate(make_client, "gone"), "Gone", [])
+        registry.revoke("Gone")
+        # Allowed: a revoked client's name in another case, and names that differ otherwise.
+        registry.enroll(candidate(make_client, "gone2"), "gone", [])
+        alice = registry.enroll(candidate(make_client, "alice"), "Alice", [ECHO_ALL])
+        registry.enroll(candidate(make_client, "alice2"), "Alice2", [])
+    finally:
+        registry.close()
+    assert cli("list", "--json", "--registry", spec) == 0
+    before = capsys.readouterr().out
+    for name in ("alice", "ALICE", "GONE"):
+        files = make_client(f"new-{name}")
+        for replace in ([], ["--replace"]):
+            argv = ["enroll", str(files.cert_path), "--name", name, *replace, "--registry", spec]
+            assert cli(*argv) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "differs from it only in case" in err, err
+    request = _request(spec, make_client, "ALICE")
+    assert cli("approve", request, "--registry", spec) == 1
+    assert f"'Alice' is already enrolled ({alice.fingerprint})" in capsys.readouterr().err
+    assert cli("list", "--json", "--registry", spec) == 0
+    assert capsys.readouterr().out == before
+    assert cli("pending", "--json", "--registry", spec) == 0  # the request still waits
+    assert [p["name"] for p in json.loads(capsys.readouterr().out)] == ["ALICE"]
+
+
+def test_a_registry_that_already_holds_names_differing_in_case_keeps_working(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = open_registry(spec)
+    try:
+        registry.enroll(candidate(make_client, "upper"), "Alice", [])
+        lower = registry.enroll(candidate(make_client, "lower"), "lower", [])
+    finally:
+        registry.close()
+    sql(spec, "UPDATE clients SET name = 'alice' WHERE name = 'lower'")  # an older pinrpc's pair
+    registry = open_registry(spec)
+    try:
+        new = registry.rotate(lower.fingerprint, candidate(make_client, "l2"), dt.timedelta(0))
+        assert new.name == "alice"
+        rekeyed = registry.enroll(candidate(make_client, "l3"), "alice", [ECHO_ALL], replace=True)
+        assert registry.permit("alice", ["/x/*"]).fingerprint == rekeyed.fingerprint
+        assert registry.find("Alice").allowed_methods == ()
+        registry.revoke("alice")
+        assert [c.name for c in registry.clients() if c.active] == ["Alice"]
+    finally:
+        registry.close()
