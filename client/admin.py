@@ -15,7 +15,15 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from client.connect import call, connection_flags
-from pinrpc.cli import Exit, add_allow_flag, add_flag, allow_patterns, utf8
+from pinrpc.cli import (
+    Exit,
+    add_allow_flag,
+    add_flag,
+    add_permit_flags,
+    allow_patterns,
+    permit_patterns,
+    utf8,
+)
 from pinrpc.identity import read_file
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
@@ -44,12 +52,7 @@ def add_parser(commands: Any) -> None:
         "permit", help="replace a client's permissions, by name or fingerprint"
     )
     permit.add_argument("client", type=utf8, help="the client's name or fingerprint")
-    add_allow_flag(permit)
-    permit.add_argument(
-        "--none",
-        action="store_true",
-        help="take every permission away (WhoAmI, health and reflection stay); instead of --allow",
-    )
+    add_permit_flags(permit)
     listing = actions.add_parser("list", help="all clients, revoked ones included")
     get = actions.add_parser("get", help="one client by name or fingerprint")
     get.add_argument("client", type=utf8, help="the client's name or fingerprint")
@@ -91,8 +94,7 @@ def _revoke(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
 
 
 def _permit(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
-    # --none outranks PINRPC_ALLOW; the server checks the rest, as `pinrpc-server permit` does.
-    patterns = [] if args.none and args.allow is None else allow_patterns(args)
+    patterns = permit_patterns(args)
     request = admin_pb2.PermitRequest(client=args.client, allowed_methods=patterns, none=args.none)
     _show([stub.Permit(request, timeout=args.timeout)], args.json)
     return Exit.OK

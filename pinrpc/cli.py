@@ -147,6 +147,22 @@ def add_allow_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_permit_flags(parser: argparse.ArgumentParser) -> None:
+    """`permit`'s flags: --allow, or --none to take every permission away."""
+    add_allow_flag(parser)
+    parser.add_argument(
+        "--none",
+        action="store_true",
+        help="take every permission away (WhoAmI, health and reflection stay); instead of --allow",
+    )
+
+
+def permit_patterns(args: argparse.Namespace) -> list[str]:
+    # --none outranks PINRPC_ALLOW, as any flag outranks its environment fallback; the server
+    # checks the rest (server/enrollment.py's new_permissions).
+    return [] if args.none and args.allow is None else allow_patterns(args)
+
+
 def allow_patterns(args: argparse.Namespace) -> list[str]:
     if args.allow is not None:
         return list(args.allow)

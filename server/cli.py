@@ -17,10 +17,12 @@ from pinrpc.cli import (
     Exit,
     add_allow_flag,
     add_flag,
+    add_permit_flags,
     allow_patterns,
     at_least,
     host_port,
     path_text,
+    permit_patterns,
     run,
     utf8,
 )
@@ -229,12 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "permit", help="replace a client's permissions, by name or fingerprint (no new key pair)"
     )
     permit.add_argument("client", type=utf8, help="client name or certificate fingerprint")
-    add_allow_flag(permit)
-    permit.add_argument(
-        "--none",
-        action="store_true",
-        help="take every permission away (WhoAmI, health and reflection stay); instead of --allow",
-    )
+    add_permit_flags(permit)
     registry_flag(permit)
 
     revoke = commands.add_parser("revoke", help="revoke a client, by name or fingerprint")
@@ -337,8 +334,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_permit(args: argparse.Namespace) -> int:
-    # --none outranks PINRPC_ALLOW, as any flag outranks its environment fallback.
-    patterns = [] if args.none and args.allow is None else allow_patterns(args)
+    patterns = permit_patterns(args)
     allowed = new_permissions(patterns, args.none)
     with registry_of(args) as registry:
         client = registry.permit(args.client, allowed)

@@ -127,6 +127,9 @@ class Observability:
             if fp not in known:
                 self.audit.event("enroll", client=client.name, fingerprint=str(fp),
                                  allowed_methods=list(client.allowed_methods))  # fmt: skip
+            elif client.allowed_methods != known[fp].allowed_methods:  # `permit`, from anywhere
+                self.audit.event("permit", client=client.name, fingerprint=str(fp),
+                                 allowed_methods=list(client.allowed_methods))  # fmt: skip
         latest = {c.fingerprint: c for c in clients}
         for fp, client in known.items():
             if fp not in active:

