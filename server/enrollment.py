@@ -157,6 +157,9 @@ def _canonical_value(value: str | bytes) -> str:
 
 MAX_PATTERNS = 100  # --allow patterns per client
 MAX_PATTERN_LENGTH = 256  # characters each; method names are far shorter
+# All of a client's together: the audit's enroll line carries them, JSON-escaped (at most twice
+# as long), and must stay under the 16 KiB at which collectors (Docker's log drivers) split lines.
+MAX_PATTERNS_TOTAL = 4096
 _PATTERN_CHARS = re.compile("[!-~]+")  # visible ASCII
 
 
@@ -167,6 +170,12 @@ def check_patterns(patterns: list[str]) -> list[str]:
         raise EnrollmentError(
             f"{len(patterns)} method patterns: at most {MAX_PATTERNS} (use globs like "
             "'/pinrpc.v1.Echo/*')"
+        )
+    total = sum(map(len, patterns))
+    if total > MAX_PATTERNS_TOTAL:
+        raise EnrollmentError(
+            f"method patterns of {total} characters in all: at most {MAX_PATTERNS_TOTAL} (use "
+            "globs like '/pinrpc.v1.Echo/*')"
         )
     for pattern in patterns:
         if len(pattern) > MAX_PATTERN_LENGTH:

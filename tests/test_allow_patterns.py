@@ -1,20 +1,28 @@
 """--allow patterns are bounded in count and length: they are kept with every identity and
-written whole in the audit's enroll line (one of 1.1 MB once silenced the server's log)."""
+written whole in the audit's enroll line (one of 1.1 MB once silenced the server's log; one
+over 16 KiB is split by collectors such as Docker's log drivers)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from client import cli as client_cli
 from server import cli as server_cli
-from server.enrollment import MAX_PATTERN_LENGTH, MAX_PATTERNS
+from server.enrollment import MAX_PATTERN_LENGTH, MAX_PATTERNS, MAX_PATTERNS_TOTAL
 from tests.conftest import Connect, MakeClient, enroll, registry_dump
 
 
-def patterns(count: int, length: int = MAX_PATTERN_LENGTH) -> list[str]:
-    return [f"/p{i:04d}/".ljust(length, "a") for i in range(count)]
+def patterns(count: int, length: int = MAX_PATTERN_LENGTH, fill: str = "a") -> list[str]:
+    return [f"/p{i:04d}/".ljust(length, fill) for i in range(count)]
+
+
+# As many as allowed (100 of 40 characters), and as long as allowed (16 of 256).
+MOST = patterns(MAX_PATTERNS, MAX_PATTERNS_TOTAL // MAX_PATTERNS)
+LONGEST = patterns(MAX_PATTERNS_TOTAL // MAX_PATTERN_LENGTH)
 
 
 def allow_flags(allowed: list[str]) -> list[str]:
@@ -26,6 +34,7 @@ def allow_flags(allowed: list[str]) -> list[str]:
     [
         (patterns(MAX_PATTERNS + 1), "101 method patterns: at most 100"),
         (patterns(1, MAX_PATTERN_LENGTH + 1), "is 257 characters long: at most 256"),
+        (patterns(17), "method patterns of 4352 characters in all: at most 4096"),
     ],
 )
 def test_enroll_refuses_too_many_or_too_long_patterns(
@@ -49,10 +58,25 @@ def test_enroll_refuses_too_many_or_too_long_patterns(
 def test_enroll_takes_as_many_patterns_as_long_as_allowed(
     registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    enroll(registry, make_client("carol").cert_path, "carol", *patterns(MAX_PATTERNS))
+    enroll(registry, make_client("carol").cert_path, "carol", *MOST)
+    enroll(registry, make_client("dave").cert_path, "dave", *LONGEST)
     clients = registry_dump(registry, capsys)
     assert isinstance(clients, list)
-    assert [c["allowed_methods"] for c in clients] == [patterns(MAX_PATTERNS)]
+    assert [c["allowed_methods"] for c in clients] == [MOST, LONGEST]
+
+
+def test_the_longest_enroll_audit_line_stays_under_16_kib(
+    connect: Connect, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Patterns of JSON's escaped characters, as many as allowed: each doubles when written."""
+    escaped = patterns(MAX_PATTERNS_TOTAL // MAX_PATTERN_LENGTH, fill='"')
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        connect.enroll(make_client("carol"), "carol", *escaped)
+        connect.server.audit.flush()
+    (line,) = [r.getMessage() for r in caplog.records if '"event": "enroll"' in r.getMessage()]
+    assert json.loads(line)["allowed_methods"] == escaped
+    assert len(line.encode()) > 2 * MAX_PATTERNS_TOTAL  # the escapes: the worst case
+    assert len(line.encode()) < 16 * 1024
 
 
 def test_remote_enroll_has_the_same_bounds(
@@ -72,7 +96,7 @@ def test_remote_enroll_has_the_same_bounds(
     code, err = admin_enroll(carol.cert_path, "carol", patterns(MAX_PATTERNS + 1))
     assert code == 1 and err.count("\n") == 1  # bad input, one line
     assert "the server refused: 101 method patterns: at most 100" in err
-    assert admin_enroll(carol.cert_path, "carol", patterns(MAX_PATTERNS)) == (0, "")
+    assert admin_enroll(carol.cert_path, "carol", MOST) == (0, "")
     code, err = admin_enroll(dave.cert_path, "dave", patterns(1, MAX_PATTERN_LENGTH + 1))
     assert code == 1 and "is 257 characters long: at most 256" in err
 
