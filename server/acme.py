@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
 import http.server
 import ipaddress
 import logging
@@ -17,7 +16,6 @@ import os
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -39,7 +37,7 @@ from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
 from pinrpc.errors import IdentityError, PinrpcError
-from pinrpc.identity import PrivateKey, generate_key, key_to_pem, write_atomic
+from pinrpc.identity import PrivateKey, generate_key, key_to_pem, write_all, write_atomic
 
 # What an RFC 8555 directory must name for obtain-cert to work.
 _DIRECTORY_KEYS = ("newNonce", "newAccount", "newOrder")
@@ -403,13 +401,15 @@ def obtain_certificate(
     key_mode, key_gid = _key_access(result.privkey)
     try:
         # Key first and fullchain.pem last: a watcher keyed on fullchain.pem sees a full set.
-        _write_all(
+        write_all(
             [
-                (result.privkey, key_to_pem(server_key), key_mode, key_gid),
-                (result.cert, pem([leaf]), 0o644, -1),
-                (result.chain, pem(intermediates), 0o644, -1),
-                (result.fullchain, pem(certs), 0o644, -1),
-            ]
+                (result.privkey, key_to_pem(server_key), key_mode),
+                (result.cert, pem([leaf]), 0o644),
+                (result.chain, pem(intermediates), 0o644),
+                (result.fullchain, pem(certs), 0o644),
+            ],
+            overwrite=True,
+            groups={result.privkey: key_gid},
         )
     except OSError as exc:
         where = Path(exc.filename).resolve() if exc.filename else out_dir.resolve()
@@ -437,34 +437,6 @@ def _key_access(path: Path) -> tuple[int, int]:
     except FileNotFoundError:
         return 0o600, -1
     return 0o600 | (old.st_mode & stat.S_IRGRP), old.st_gid
-
-
-def _write_all(files: list[tuple[Path, bytes, int, int]]) -> None:
-    """Write (path, data, mode, gid) files under temporary names, then rename them all.
-
-    A failed write removes the temporary files and leaves every old file as it was; renames
-    within one directory need no space, and targets that are directories are refused first.
-    """
-    temps: list[tuple[str, Path]] = []
-    try:
-        for path, data, mode, gid in files:
-            if path.is_dir():
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                if gid != -1:
-                    os.fchown(f.fileno(), -1, gid)
-                os.fchmod(f.fileno(), mode)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _UsageError(Exception):
