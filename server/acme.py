@@ -64,6 +64,7 @@ class ObtainResult:
     fullchain: Path
     serial: int
     not_after: datetime.datetime  # timezone-aware (UTC)
+    contact_updated: tuple[str, ...] | None = None  # an existing account's new contact
 
 
 def _one_line(text: object) -> str:
@@ -221,13 +222,25 @@ def _http01_responder(host: str, port: int, answers: Mapping[str, bytes]) -> Ite
         server.server_close()
 
 
-def _register(acme: client.ClientV2, net: client.ClientNetwork, email: str | None) -> None:
+def _register(
+    acme: client.ClientV2, net: client.ClientNetwork, email: str | None
+) -> tuple[str, ...] | None:
+    """Register, or reuse the account of the stored key; returns the contact it set on an
+    existing account (None: unchanged), so a new --email reaches the CA's expiry mails."""
     registration = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
     try:
         acme.new_account(registration)
     except errors.ConflictError as exc:
         # The stored account key is already registered: reuse that account.
-        net.account = messages.RegistrationResource(body=messages.Registration(), uri=exc.location)
+        account = messages.RegistrationResource(body=messages.Registration(), uri=exc.location)
+        net.account = account
+        if email is None:  # no --email: keep whatever contact the account has
+            return None
+        wanted = messages.Registration.from_data(email=email)
+        if acme.query_registration(account).body.contact == wanted.contact:
+            return None
+        return tuple(acme.update_registration(net.account, wanted).body.contact)
+    return None
 
 
 def _account_key(path: Path) -> tuple[ec.EllipticCurvePrivateKey, bool]:
@@ -336,8 +349,8 @@ def obtain_certificate(
         # Before registering: an account the CA may have made must have its key on disk.
         if new_account:
             _save_account(out_dir, account_private)
-        with _step("registering the ACME account", directory_url):
-            _register(acme, net, email)
+        with _step("registering the ACME account or updating its contact", directory_url):
+            contact = _register(acme, net, email)
         with _step("creating the order", directory_url):
             order = acme.new_order(csr)
 
@@ -397,6 +410,7 @@ def obtain_certificate(
         fullchain=out_dir / "fullchain.pem",
         serial=leaf.serial_number,
         not_after=leaf.not_valid_after_utc,
+        contact_updated=contact,
     )
     key_mode, key_gid = _key_access(result.privkey)
     try:
@@ -538,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("obtain-cert: error: interrupted", file=sys.stderr)
         return 130
+    if result.contact_updated is not None:
+        print(f"updated the ACME account's contact to {', '.join(result.contact_updated)}")
     print(
         f"wrote {result.fullchain} and {result.privkey} (serial {result.serial:x}, "
         f"expires {result.not_after:%Y-%m-%d %H:%M} UTC)"

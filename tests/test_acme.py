@@ -13,12 +13,16 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
+from acme import client, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
+from josepy.jwa import ES256
+from josepy.jwk import JWKEC
 
 from pinrpc.identity import key_to_pem
 from server.acme import AcmeError, ObtainResult, main, obtain_certificate
@@ -557,3 +561,63 @@ def test_unusable_account_key_is_one_line(
     argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "a.test"]
     assert main([*argv, "--out", str(tmp_path)]) == 1
     _assert_one_line_error(capsys.readouterr().err, str(path), "delete it")
+
+
+def _account_contact(pebble: Pebble, out: Path) -> tuple[str, ...]:
+    """The contact the CA holds for the account of out/account.key, as the CA reports it."""
+    key = serialization.load_pem_private_key((out / "account.key").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    net = client.ClientNetwork(
+        JWKEC(key=key), alg=ES256, verify_ssl=cast(bool, str(pebble.acme_ca_bundle))
+    )
+    net.session.trust_env = False
+    try:
+        acme = client.ClientV2(client.ClientV2.get_directory(pebble.directory_url, net), net)
+        existing = messages.NewRegistration(only_return_existing=True)
+        with pytest.raises(errors.ConflictError) as found:
+            acme.new_account(existing)
+        account = messages.RegistrationResource(
+            body=messages.Registration(), uri=found.value.location
+        )
+        return tuple(acme.query_registration(account).body.contact)
+    finally:
+        net.session.close()
+
+
+def test_a_new_email_updates_the_existing_accounts_contact(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _issue(pebble, tmp_path, email="old@pinrpc.test")
+    account_key = (tmp_path / "account.key").read_bytes()
+    assert _account_contact(pebble, tmp_path) == ("mailto:old@pinrpc.test",)
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    assert main([*argv, "--email", "new@pinrpc.test"]) == 0
+    assert "contact to mailto:new@pinrpc.test" in capsys.readouterr().out
+    assert _account_contact(pebble, tmp_path) == ("mailto:new@pinrpc.test",)
+    assert (tmp_path / "account.key").read_bytes() == account_key  # the same account
+
+
+def test_the_same_or_no_email_leaves_the_accounts_contact(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _issue(pebble, tmp_path, email="ops@pinrpc.test")
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    assert main([*argv, "--email", "ops@pinrpc.test"]) == 0
+    assert main(argv) == 0  # no --email: not a request to remove the contact
+    assert "contact" not in capsys.readouterr().out
+    assert _account_contact(pebble, tmp_path) == ("mailto:ops@pinrpc.test",)
+
+
+def test_a_contact_the_ca_refuses_is_one_line(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _issue(pebble, tmp_path, email="ops@pinrpc.test")
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main([*argv, "--email", "not an address"]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "contact")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert _account_contact(pebble, tmp_path) == ("mailto:ops@pinrpc.test",)
