@@ -5,13 +5,16 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import signal
 import socket
 import ssl
 import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -203,6 +206,7 @@ def test_cli_writes_certbot_files(
     assert captured.err == ""
     assert "fullchain.pem" in captured.out
     names = {"privkey.pem", "cert.pem", "chain.pem", "fullchain.pem", "account.key"}
+    names.add(".obtain-cert.lock")  # empty; runs lock it one at a time
     assert {p.name for p in out.iterdir()} == names
 
 
@@ -621,3 +625,85 @@ def test_a_contact_the_ca_refuses_is_one_line(
     _assert_one_line_error(capsys.readouterr().err, "contact")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert _account_contact(pebble, tmp_path) == ("mailto:ops@pinrpc.test",)
+
+
+def _obtain_cert_process(pebble: Pebble, out: Path) -> subprocess.Popen[str]:
+    """scripts/obtain-cert as an operator (or a cron job) runs it: a process of its own."""
+    script = Path(__file__).parent.parent / "scripts" / "obtain-cert"
+    argv = [sys.executable, str(script), "--directory", pebble.directory_url]
+    argv += ["--domain", "server.test", "--out", str(out), "--http-port", str(_free_port())]
+    argv += ["--ca-bundle", str(pebble.acme_ca_bundle)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _locks_held_by(pid: int, path: Path) -> bool:
+    """Whether ``pid`` holds a flock on ``path``, as /proc/locks lists it (no probe of ours
+    takes the lock, so the runs meet only each other)."""
+    try:
+        inode = path.stat().st_ino
+    except FileNotFoundError:
+        return False
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "FLOCK" in fields and "->" not in fields:  # "->": waiting, not holding
+            at = fields.index("FLOCK")
+            if fields[at + 3] == str(pid) and fields[at + 4].endswith(f":{inode}"):
+                return True
+    return False
+
+
+@contextmanager
+def _run_holding_the_lock(pebble: Pebble, out: Path) -> Iterator[subprocess.Popen[str]]:
+    """A real obtain-cert run, stopped (SIGSTOP) while it holds --out's lock mid-run."""
+    first = _obtain_cert_process(pebble, out)
+    try:
+        deadline = time.monotonic() + 30
+        while not _locks_held_by(first.pid, out / ".obtain-cert.lock"):
+            assert first.poll() is None, f"it ended without locking {out}: {first.communicate()[1]}"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        yield first
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+        first.communicate(timeout=30)
+
+
+def _matching_pair(out: Path) -> bool:
+    key = serialization.load_pem_private_key((out / "privkey.pem").read_bytes(), password=None)
+    leaf = x509.load_pem_x509_certificates((out / "fullchain.pem").read_bytes())[0]
+    return key.public_key() == leaf.public_key()
+
+
+def test_a_second_concurrent_run_fails_at_once_and_changes_nothing(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    _issue(pebble, tmp_path)
+    with _run_holding_the_lock(pebble, tmp_path) as first:
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        second = _obtain_cert_process(pebble, tmp_path)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 1
+        _assert_one_line_error(err, f"another obtain-cert run is using {tmp_path}")
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 0, err
+    assert _matching_pair(tmp_path)
+    assert (tmp_path / "fullchain.pem").read_bytes() != before["fullchain.pem"]
+
+
+def test_a_killed_run_leaves_no_lock_behind(pebble: Pebble, tmp_path: Path) -> None:
+    _issue(pebble, tmp_path)
+    with _run_holding_the_lock(pebble, tmp_path) as first:
+        first.kill()
+        first.wait(timeout=30)
+    second = _obtain_cert_process(pebble, tmp_path)
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert _matching_pair(tmp_path)
