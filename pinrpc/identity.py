@@ -18,7 +18,7 @@ import secrets
 import stat
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, get_args
@@ -191,11 +191,13 @@ def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """A temporary file next to ``path``, created with ``mode`` from the start: a private key
-    is never readable by others, not even for a moment."""
+def _write_temp(path: Path, data: bytes, mode: int, gid: int = -1) -> Path:
+    """A temporary file next to ``path``, created with ``mode`` (and group ``gid``, -1: ours)
+    from the start: a private key is never readable by others, not even for a moment."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if gid != -1:  # before fchmod: a chown may clear mode bits
+            os.fchown(fd, -1, gid)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -219,12 +221,25 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
     _sync_directories([path])
 
 
-def write_all(files: Sequence[tuple[Path, bytes, int]], *, overwrite: bool) -> None:
-    """Write each (path, data, mode), all or nothing (see ``move_all``)."""
+def write_all(
+    files: Sequence[tuple[Path, bytes, int]],
+    *,
+    overwrite: bool,
+    groups: Mapping[Path, int] | None = None,
+) -> None:
+    """Write each (path, data, mode), all or nothing (see ``move_all``); ``groups`` gives
+    some of them a group (a renewed server key keeps the one its server reads it with).
+
+    With ``overwrite``, a target that is a directory is refused before anything is written
+    (renaming over it would fail only halfway, with a less clear error)."""
+    if overwrite:
+        for path, _, _ in files:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     temps: list[Path] = []
     try:
         for path, data, mode in files:
-            temps.append(_write_temp(path, data, mode))
+            temps.append(_write_temp(path, data, mode, (groups or {}).get(path, -1)))
         move_all(list(zip(temps, (f[0] for f in files), strict=True)), overwrite=overwrite)
     finally:
         for tmp in temps:

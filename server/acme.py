@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
+import fcntl
 import http.server
 import ipaddress
 import logging
@@ -17,11 +17,10 @@ import os
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, cast
@@ -39,7 +38,7 @@ from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
 from pinrpc.errors import IdentityError, PinrpcError
-from pinrpc.identity import PrivateKey, generate_key, key_to_pem, write_atomic
+from pinrpc.identity import PrivateKey, generate_key, key_to_pem, write_all
 
 # What an RFC 8555 directory must name for obtain-cert to work.
 _DIRECTORY_KEYS = ("newNonce", "newAccount", "newOrder")
@@ -51,6 +50,7 @@ log = logging.getLogger(__name__)
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 # Polling budget for validation + issuance; Let's Encrypt normally needs a few seconds.
 _ORDER_TIMEOUT = datetime.timedelta(seconds=90)
+LOCK_NAME = ".obtain-cert.lock"  # in --out, held while a run uses it
 _NETWORK_TIMEOUT_S = 30
 
 
@@ -66,6 +66,7 @@ class ObtainResult:
     fullchain: Path
     serial: int
     not_after: datetime.datetime  # timezone-aware (UTC)
+    contact_updated: tuple[str, ...] | None = None  # an existing account's new contact
 
 
 def _one_line(text: object) -> str:
@@ -223,13 +224,25 @@ def _http01_responder(host: str, port: int, answers: Mapping[str, bytes]) -> Ite
         server.server_close()
 
 
-def _register(acme: client.ClientV2, net: client.ClientNetwork, email: str | None) -> None:
+def _register(
+    acme: client.ClientV2, net: client.ClientNetwork, email: str | None
+) -> tuple[str, ...] | None:
+    """Register, or reuse the account of the stored key; returns the contact it set on an
+    existing account (None: unchanged), so a new --email reaches the CA's expiry mails."""
     registration = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
     try:
         acme.new_account(registration)
     except errors.ConflictError as exc:
         # The stored account key is already registered: reuse that account.
-        net.account = messages.RegistrationResource(body=messages.Registration(), uri=exc.location)
+        account = messages.RegistrationResource(body=messages.Registration(), uri=exc.location)
+        net.account = account
+        if email is None:  # no --email: keep whatever contact the account has
+            return None
+        wanted = messages.Registration.from_data(email=email)
+        if acme.query_registration(account).body.contact == wanted.contact:
+            return None
+        return tuple(acme.update_registration(net.account, wanted).body.contact)
+    return None
 
 
 def _account_key(path: Path) -> tuple[ec.EllipticCurvePrivateKey, bool]:
@@ -267,13 +280,47 @@ def _check_out_dir(out_dir: Path) -> None:
         raise AcmeError(f"output directory {existing} is not writable; choose another --out")
 
 
-def _save_account(out_dir: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _save_account(out_dir: Path, key: ec.EllipticCurvePrivateKey, lock: ExitStack | None) -> None:
+    """Make --out if need be and write the new account key; ``lock``: take the lock first."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "account.key", key_to_pem(key), 0o600)
+        if lock is not None:
+            lock.enter_context(_lock(out_dir))
+        # Never over a key another run saved while this one was not yet locked.
+        write_all([(out_dir / "account.key", key_to_pem(key), 0o600)], overwrite=False)
+    except FileExistsError as exc:
+        raise AcmeError(
+            f"{(out_dir / 'account.key').resolve()} appeared meanwhile (another obtain-cert "
+            f"run?); run again to use it"
+        ) from exc
     except OSError as exc:
         where = Path(exc.filename).resolve() if exc.filename else out_dir.resolve()
         raise AcmeError(f"cannot write {where}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
+def _lock(out_dir: Path) -> Iterator[None]:
+    """One run per --out at a time: two would interleave their renames (one run's key beside
+    the other's certificate) and spend two issuances of the CA's weekly limit, so the second
+    fails at once instead of waiting. The kernel drops the lock when its holder exits, so a
+    killed run leaves nothing to clean up; the empty lock file stays (removing it would let
+    two runs lock two different files)."""
+    path = out_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AcmeError(f"cannot open the lock file {path.resolve()}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AcmeError(
+                f"another obtain-cert run is using {out_dir.resolve()} (it holds {path.name}); "
+                f"let it finish, then run again if its certificate is not what you need"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def obtain_certificate(
@@ -304,119 +351,128 @@ def obtain_certificate(
         _check_ca_bundle(acme_ca_bundle)
     _check_out_dir(out_dir)
 
-    server_key = _new_key(key_type)
-    csr = make_csr(key_to_pem(server_key), names)
-    account_private, new_account = _account_key(out_dir / "account.key")
-    account_key = JWKEC(key=account_private)
-    # acme types verify_ssl as bool but hands it to requests' verify=, which also takes a CA
-    # bundle path. Passing the path explicitly also beats REQUESTS_CA_BUNDLE, which requests
-    # otherwise prefers over verify=True.
-    verify = cast(bool, str(acme_ca_bundle)) if acme_ca_bundle is not None else True
-    net = client.ClientNetwork(
-        account_key,
-        alg=ES256,
-        verify_ssl=verify,
-        user_agent="pinrpc-obtain-cert",
-        timeout=_NETWORK_TIMEOUT_S,
-    )
-    if _is_loopback(hostname):
-        # A local CA (pebble) must never go through an *_proxy from the environment.
-        net.session.trust_env = False
-    try:
-        with _step("fetching the ACME directory", directory_url):
-            directory = client.ClientV2.get_directory(directory_url, net)
-            missing = [k for k in _DIRECTORY_KEYS if k not in directory.to_partial_json()]
-            if missing:
-                raise ValueError(f"no {', '.join(missing)} in it")
-            acme = client.ClientV2(directory, net)
-            eab = acme.external_account_required()
-        if eab:
-            raise AcmeError(
-                f"the CA at {directory_url} requires external account binding, "
-                f"which obtain-cert does not support; use certbot for this CA"
-            )
-        # Before registering: an account the CA may have made must have its key on disk.
-        if new_account:
-            _save_account(out_dir, account_private)
-        with _step("registering the ACME account", directory_url):
-            _register(acme, net, email)
-        with _step("creating the order", directory_url):
-            order = acme.new_order(csr)
-
-        answers: dict[str, bytes] = {}
-        to_answer: list[tuple[messages.ChallengeBody, challenges.ChallengeResponse]] = []
-        for authz in order.authorizations:
-            if authz.body.status == messages.STATUS_VALID:
-                continue  # the CA reused an earlier validation of this name
-            name = authz.body.identifier.value
-            challb = next(
-                (c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)), None
-            )
-            if challb is None:
-                raise AcmeError(f"the CA offers no HTTP-01 challenge for {name}; use certbot")
-            response, validation = challb.response_and_validation(account_key)
-            answers[challb.chall.path] = validation.encode("ascii")
-            to_answer.append((challb, response))
-
-        # acme's polling compares against naive datetime.now(), so the deadline must be naive.
-        deadline = datetime.datetime.now() + _ORDER_TIMEOUT
-        if to_answer:
-            with _http01_responder(http_host, http_port, answers):
-                with _step("answering the HTTP-01 challenges", directory_url):
-                    for challb, response in to_answer:
-                        acme.answer_challenge(challb, response)
-                with _step("validating the domains", directory_url):
-                    try:
-                        order = acme.poll_authorizations(order, deadline)
-                    except errors.ValidationError as exc:
-                        raise AcmeError(
-                            f"HTTP-01 validation failed ({_one_line(exc)}); make http://<domain>"
-                            f"/.well-known/acme-challenge/ reach {http_host}:{http_port}"
-                        ) from exc
-        with _step("finalizing the order", directory_url):
-            order = acme.finalize_order(order, deadline)
-    finally:
-        # Close now rather than in ClientNetwork.__del__, so no ResourceWarning escapes.
-        net.session.close()
-
-    try:
-        certs = x509.load_pem_x509_certificates(order.fullchain_pem.encode("ascii"))
-    except ValueError as exc:
-        raise AcmeError(
-            f"the CA at {directory_url} returned an unreadable certificate chain"
-        ) from exc
-    leaf, intermediates = certs[0], certs[1:]
-    if leaf.public_key() != server_key.public_key():
-        raise AcmeError(f"the CA at {directory_url} returned a certificate for a different key")
-
-    def pem(cs: list[x509.Certificate]) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cs)
-
-    result = ObtainResult(
-        privkey=out_dir / "privkey.pem",
-        cert=out_dir / "cert.pem",
-        chain=out_dir / "chain.pem",
-        fullchain=out_dir / "fullchain.pem",
-        serial=leaf.serial_number,
-        not_after=leaf.not_valid_after_utc,
-    )
-    key_mode, key_gid = _key_access(result.privkey)
-    try:
-        # Key first and fullchain.pem last: a watcher keyed on fullchain.pem sees a full set.
-        _write_all(
-            [
-                (result.privkey, key_to_pem(server_key), key_mode, key_gid),
-                (result.cert, pem([leaf]), 0o644, -1),
-                (result.chain, pem(intermediates), 0o644, -1),
-                (result.fullchain, pem(certs), 0o644, -1),
-            ]
+    with ExitStack() as held:
+        # Locked from the start when --out exists; otherwise once it is made (_save_account).
+        locked = out_dir.is_dir()
+        if locked:
+            held.enter_context(_lock(out_dir))
+        server_key = _new_key(key_type)
+        csr = make_csr(key_to_pem(server_key), names)
+        account_private, new_account = _account_key(out_dir / "account.key")
+        account_key = JWKEC(key=account_private)
+        # acme types verify_ssl as bool but hands it to requests' verify=, which also takes a CA
+        # bundle path. Passing the path explicitly also beats REQUESTS_CA_BUNDLE, which requests
+        # otherwise prefers over verify=True.
+        verify = cast(bool, str(acme_ca_bundle)) if acme_ca_bundle is not None else True
+        net = client.ClientNetwork(
+            account_key,
+            alg=ES256,
+            verify_ssl=verify,
+            user_agent="pinrpc-obtain-cert",
+            timeout=_NETWORK_TIMEOUT_S,
         )
-    except OSError as exc:
-        where = Path(exc.filename).resolve() if exc.filename else out_dir.resolve()
-        raise AcmeError(
-            f"cannot write {where}: {exc.strerror or exc}; the previous files are unchanged"
-        ) from exc
-    return result
+        if _is_loopback(hostname):
+            # A local CA (pebble) must never go through an *_proxy from the environment.
+            net.session.trust_env = False
+        try:
+            with _step("fetching the ACME directory", directory_url):
+                directory = client.ClientV2.get_directory(directory_url, net)
+                missing = [k for k in _DIRECTORY_KEYS if k not in directory.to_partial_json()]
+                if missing:
+                    raise ValueError(f"no {', '.join(missing)} in it")
+                acme = client.ClientV2(directory, net)
+                eab = acme.external_account_required()
+            if eab:
+                raise AcmeError(
+                    f"the CA at {directory_url} requires external account binding, "
+                    f"which obtain-cert does not support; use certbot for this CA"
+                )
+            # Before registering: an account the CA may have made must have its key on disk.
+            if new_account:
+                _save_account(out_dir, account_private, None if locked else held)
+            with _step("registering the ACME account or updating its contact", directory_url):
+                contact = _register(acme, net, email)
+            with _step("creating the order", directory_url):
+                order = acme.new_order(csr)
+
+            answers: dict[str, bytes] = {}
+            to_answer: list[tuple[messages.ChallengeBody, challenges.ChallengeResponse]] = []
+            for authz in order.authorizations:
+                if authz.body.status == messages.STATUS_VALID:
+                    continue  # the CA reused an earlier validation of this name
+                name = authz.body.identifier.value
+                challb = next(
+                    (c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)),
+                    None,
+                )
+                if challb is None:
+                    raise AcmeError(f"the CA offers no HTTP-01 challenge for {name}; use certbot")
+                response, validation = challb.response_and_validation(account_key)
+                answers[challb.chall.path] = validation.encode("ascii")
+                to_answer.append((challb, response))
+
+            # acme's polling compares against naive datetime.now(), so the deadline must be naive.
+            deadline = datetime.datetime.now() + _ORDER_TIMEOUT
+            if to_answer:
+                with _http01_responder(http_host, http_port, answers):
+                    with _step("answering the HTTP-01 challenges", directory_url):
+                        for challb, response in to_answer:
+                            acme.answer_challenge(challb, response)
+                    with _step("validating the domains", directory_url):
+                        try:
+                            order = acme.poll_authorizations(order, deadline)
+                        except errors.ValidationError as exc:
+                            raise AcmeError(
+                                f"HTTP-01 validation failed ({_one_line(exc)}); make http://<domain>"
+                                f"/.well-known/acme-challenge/ reach {http_host}:{http_port}"
+                            ) from exc
+            with _step("finalizing the order", directory_url):
+                order = acme.finalize_order(order, deadline)
+        finally:
+            # Close now rather than in ClientNetwork.__del__, so no ResourceWarning escapes.
+            net.session.close()
+
+        try:
+            certs = x509.load_pem_x509_certificates(order.fullchain_pem.encode("ascii"))
+        except ValueError as exc:
+            raise AcmeError(
+                f"the CA at {directory_url} returned an unreadable certificate chain"
+            ) from exc
+        leaf, intermediates = certs[0], certs[1:]
+        if leaf.public_key() != server_key.public_key():
+            raise AcmeError(f"the CA at {directory_url} returned a certificate for a different key")
+
+        def pem(cs: list[x509.Certificate]) -> bytes:
+            return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cs)
+
+        result = ObtainResult(
+            privkey=out_dir / "privkey.pem",
+            cert=out_dir / "cert.pem",
+            chain=out_dir / "chain.pem",
+            fullchain=out_dir / "fullchain.pem",
+            serial=leaf.serial_number,
+            not_after=leaf.not_valid_after_utc,
+            contact_updated=contact,
+        )
+        key_mode, key_gid = _key_access(result.privkey)
+        try:
+            # Key first and fullchain.pem last: a watcher keyed on fullchain.pem sees a full set.
+            write_all(
+                [
+                    (result.privkey, key_to_pem(server_key), key_mode),
+                    (result.cert, pem([leaf]), 0o644),
+                    (result.chain, pem(intermediates), 0o644),
+                    (result.fullchain, pem(certs), 0o644),
+                ],
+                overwrite=True,
+                groups={result.privkey: key_gid},
+            )
+        except OSError as exc:
+            where = Path(exc.filename).resolve() if exc.filename else out_dir.resolve()
+            raise AcmeError(
+                f"cannot write {where}: {exc.strerror or exc}; the previous files are unchanged"
+            ) from exc
+        return result
 
 
 def _check_ca_bundle(path: Path) -> None:
@@ -437,34 +493,6 @@ def _key_access(path: Path) -> tuple[int, int]:
     except FileNotFoundError:
         return 0o600, -1
     return 0o600 | (old.st_mode & stat.S_IRGRP), old.st_gid
-
-
-def _write_all(files: list[tuple[Path, bytes, int, int]]) -> None:
-    """Write (path, data, mode, gid) files under temporary names, then rename them all.
-
-    A failed write removes the temporary files and leaves every old file as it was; renames
-    within one directory need no space, and targets that are directories are refused first.
-    """
-    temps: list[tuple[str, Path]] = []
-    try:
-        for path, data, mode, gid in files:
-            if path.is_dir():
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                if gid != -1:
-                    os.fchown(f.fileno(), -1, gid)
-                os.fchmod(f.fileno(), mode)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _UsageError(Exception):
@@ -566,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("obtain-cert: error: interrupted", file=sys.stderr)
         return 130
+    if result.contact_updated is not None:
+        print(f"updated the ACME account's contact to {', '.join(result.contact_updated)}")
     print(
         f"wrote {result.fullchain} and {result.privkey} (serial {result.serial:x}, "
         f"expires {result.not_after:%Y-%m-%d %H:%M} UTC)"

@@ -129,13 +129,15 @@ def _valid_now(leaf: x509.Certificate) -> bool:
     return leaf.not_valid_before_utc <= dt.datetime.now(dt.UTC) < leaf.not_valid_after_utc
 
 
-def file_signature(*paths: Path) -> tuple[tuple[int, int, int], ...] | None:
-    """What changes when a file is rewritten or a symlink (certbot's live/) is re-pointed."""
+def file_signature(*paths: Path) -> tuple[tuple[int, ...], ...] | None:
+    """What changes when a file is rewritten, a symlink (certbot's live/) is re-pointed, or
+    its mode or owner changes: a chmod that makes the key unreadable must show now, not at
+    the next restart (which would then fail)."""
     try:
         stats = [os.stat(p) for p in paths]
     except OSError:
         return None
-    return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
+    return tuple((s.st_ino, s.st_mtime_ns, s.st_size, s.st_mode, s.st_uid, s.st_gid) for s in stats)
 
 
 def nobody_root() -> bytes:
@@ -263,6 +265,7 @@ class TrustWatcher:
         self._registry_failing = False
         # Not None: file_signature() returns None for a missing file, which must count as new.
         self._bad_cert_signature: object = object()
+        self._cert_problem: str | None = None  # why the files are refused, as last logged
         self._next_cert_check = 0.0
         self._cert_warned: float | None = None  # monotonic time of the last expiry warning
         self._cert_expired_logged = False
@@ -446,20 +449,41 @@ class TrustWatcher:
 
     def _poll_server_cert(self) -> None:
         signature = file_signature(self._cert_path, self._key_path)
-        if signature == self._cert_signature or signature == self._bad_cert_signature:
+        if signature == self._bad_cert_signature:
+            return
+        if signature == self._cert_signature:  # e.g. chmod back: the served files as they were
+            self._cert_files_usable()
             return
         try:
             cert = load_server_cert(self._cert_path, self._key_path)
         except ServerCertError as exc:
-            # Mid-renewal states look like this; the next complete write fixes it.
-            log.error("server certificate not reloaded, still serving the previous one: %s", exc)
+            # Mid-renewal states look like this; the next complete write fixes it. Logged once
+            # per reason: not at every poll, nor again at the hourly retry.
+            if str(exc) != self._cert_problem:
+                self._cert_problem = str(exc)
+                log.error(
+                    "server certificate not reloaded, still serving the previous one: %s", exc
+                )
             self._bad_cert_signature = signature
+            return
+        self._cert_files_usable()
+        if cert == self.server_cert:  # the same files (a chmod back, a touch): nothing to hand over
+            self._cert_signature = signature
             return
         with self._lock:
             self.server_cert, self._cert_signature = cert, signature
         self._hand_over()
         self.changed.set()
         self._announce_cert("reloaded")
+
+    def _cert_files_usable(self) -> None:
+        if self._cert_problem is not None:
+            self._cert_problem = None
+            log.warning(
+                "server certificate files usable again: %s, %s",
+                self._cert_path.absolute(),
+                self._key_path.absolute(),
+            )
 
     # -- logging ---------------------------------------------------------------------------
 

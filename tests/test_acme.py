@@ -5,20 +5,27 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import signal
 import socket
 import ssl
 import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
+from acme import client, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
+from josepy.jwa import ES256
+from josepy.jwk import JWKEC
 
 from pinrpc.identity import key_to_pem
 from server.acme import AcmeError, ObtainResult, main, obtain_certificate
@@ -199,6 +206,7 @@ def test_cli_writes_certbot_files(
     assert captured.err == ""
     assert "fullchain.pem" in captured.out
     names = {"privkey.pem", "cert.pem", "chain.pem", "fullchain.pem", "account.key"}
+    names.add(".obtain-cert.lock")  # empty; runs lock it one at a time
     assert {p.name for p in out.iterdir()} == names
 
 
@@ -557,3 +565,145 @@ def test_unusable_account_key_is_one_line(
     argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "a.test"]
     assert main([*argv, "--out", str(tmp_path)]) == 1
     _assert_one_line_error(capsys.readouterr().err, str(path), "delete it")
+
+
+def _account_contact(pebble: Pebble, out: Path) -> tuple[str, ...]:
+    """The contact the CA holds for the account of out/account.key, as the CA reports it."""
+    key = serialization.load_pem_private_key((out / "account.key").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    net = client.ClientNetwork(
+        JWKEC(key=key), alg=ES256, verify_ssl=cast(bool, str(pebble.acme_ca_bundle))
+    )
+    net.session.trust_env = False
+    try:
+        acme = client.ClientV2(client.ClientV2.get_directory(pebble.directory_url, net), net)
+        existing = messages.NewRegistration(only_return_existing=True)
+        with pytest.raises(errors.ConflictError) as found:
+            acme.new_account(existing)
+        account = messages.RegistrationResource(
+            body=messages.Registration(), uri=found.value.location
+        )
+        return tuple(acme.query_registration(account).body.contact)
+    finally:
+        net.session.close()
+
+
+def test_a_new_email_updates_the_existing_accounts_contact(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _issue(pebble, tmp_path, email="old@pinrpc.test")
+    account_key = (tmp_path / "account.key").read_bytes()
+    assert _account_contact(pebble, tmp_path) == ("mailto:old@pinrpc.test",)
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    assert main([*argv, "--email", "new@pinrpc.test"]) == 0
+    assert "contact to mailto:new@pinrpc.test" in capsys.readouterr().out
+    assert _account_contact(pebble, tmp_path) == ("mailto:new@pinrpc.test",)
+    assert (tmp_path / "account.key").read_bytes() == account_key  # the same account
+
+
+def test_the_same_or_no_email_leaves_the_accounts_contact(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _issue(pebble, tmp_path, email="ops@pinrpc.test")
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    assert main([*argv, "--email", "ops@pinrpc.test"]) == 0
+    assert main(argv) == 0  # no --email: not a request to remove the contact
+    assert "contact" not in capsys.readouterr().out
+    assert _account_contact(pebble, tmp_path) == ("mailto:ops@pinrpc.test",)
+
+
+def test_a_contact_the_ca_refuses_is_one_line(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _issue(pebble, tmp_path, email="ops@pinrpc.test")
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main([*argv, "--email", "not an address"]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "contact")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert _account_contact(pebble, tmp_path) == ("mailto:ops@pinrpc.test",)
+
+
+def _obtain_cert_process(pebble: Pebble, out: Path) -> subprocess.Popen[str]:
+    """scripts/obtain-cert as an operator (or a cron job) runs it: a process of its own."""
+    script = Path(__file__).parent.parent / "scripts" / "obtain-cert"
+    argv = [sys.executable, str(script), "--directory", pebble.directory_url]
+    argv += ["--domain", "server.test", "--out", str(out), "--http-port", str(_free_port())]
+    argv += ["--ca-bundle", str(pebble.acme_ca_bundle)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _locks_held_by(pid: int, path: Path) -> bool:
+    """Whether ``pid`` holds a flock on ``path``, as /proc/locks lists it (no probe of ours
+    takes the lock, so the runs meet only each other)."""
+    try:
+        inode = path.stat().st_ino
+    except FileNotFoundError:
+        return False
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "FLOCK" in fields and "->" not in fields:  # "->": waiting, not holding
+            at = fields.index("FLOCK")
+            if fields[at + 3] == str(pid) and fields[at + 4].endswith(f":{inode}"):
+                return True
+    return False
+
+
+@contextmanager
+def _run_holding_the_lock(pebble: Pebble, out: Path) -> Iterator[subprocess.Popen[str]]:
+    """A real obtain-cert run, stopped (SIGSTOP) while it holds --out's lock mid-run."""
+    first = _obtain_cert_process(pebble, out)
+    try:
+        deadline = time.monotonic() + 30
+        while not _locks_held_by(first.pid, out / ".obtain-cert.lock"):
+            assert first.poll() is None, f"it ended without locking {out}: {first.communicate()[1]}"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        yield first
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+        first.communicate(timeout=30)
+
+
+def _matching_pair(out: Path) -> bool:
+    key = serialization.load_pem_private_key((out / "privkey.pem").read_bytes(), password=None)
+    leaf = x509.load_pem_x509_certificates((out / "fullchain.pem").read_bytes())[0]
+    return key.public_key() == leaf.public_key()
+
+
+def test_a_second_concurrent_run_fails_at_once_and_changes_nothing(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    _issue(pebble, tmp_path)
+    with _run_holding_the_lock(pebble, tmp_path) as first:
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        second = _obtain_cert_process(pebble, tmp_path)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 1
+        _assert_one_line_error(err, f"another obtain-cert run is using {tmp_path}")
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 0, err
+    assert _matching_pair(tmp_path)
+    assert (tmp_path / "fullchain.pem").read_bytes() != before["fullchain.pem"]
+
+
+def test_a_killed_run_leaves_no_lock_behind(pebble: Pebble, tmp_path: Path) -> None:
+    _issue(pebble, tmp_path)
+    with _run_holding_the_lock(pebble, tmp_path) as first:
+        first.kill()
+        first.wait(timeout=30)
+    second = _obtain_cert_process(pebble, tmp_path)
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert _matching_pair(tmp_path)

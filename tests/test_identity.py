@@ -21,6 +21,7 @@ from pinrpc.identity import (
     load_certificate,
     load_private_key,
     same_public_key,
+    write_all,
     write_atomic,
 )
 from tests.certs import make_cert, p256
@@ -229,6 +230,25 @@ def test_a_file_written_atomically_is_synced_with_its_directory(
     """The server's warm-start file, obtain-cert's account key and the dev CA's files."""
     write_atomic(tmp_path / "warm", b"x", 0o600)
     assert synced == [(str(tmp_path), ["warm"])]
+
+
+def test_write_all_gives_the_named_files_their_group_from_the_start(tmp_path: Path) -> None:
+    """obtain-cert's renewed privkey.pem keeps the group a non-root server reads it with."""
+    key, cert = tmp_path / "privkey.pem", tmp_path / "fullchain.pem"
+    write_all([(key, b"k", 0o640), (cert, b"c", 0o644)], overwrite=True, groups={key: 4242})
+    assert (key.stat().st_gid, stat.S_IMODE(key.stat().st_mode)) == (4242, 0o640)
+    assert (cert.stat().st_gid, stat.S_IMODE(cert.stat().st_mode)) == (os.getgid(), 0o644)
+
+
+def test_write_all_refuses_a_directory_target_before_writing_anything(tmp_path: Path) -> None:
+    key, cert = tmp_path / "privkey.pem", tmp_path / "fullchain.pem"
+    key.write_bytes(b"old")
+    cert.mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        write_all([(key, b"new", 0o600), (cert, b"c", 0o644)], overwrite=True)
+    assert caught.value.filename == str(cert)
+    assert key.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fullchain.pem", "privkey.pem"]
 
 
 def test_failed_keygen_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

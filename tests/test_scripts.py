@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import http.server
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from server.config import ServerConfig
 from server.devca import DevCA
 from tests.certs import make_cert, rsa_key, write_pair
 from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, enroll
+from tests.pebble import Pebble
 from tests.security.attacker import attack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +31,7 @@ SCRIPTS = REPO / "scripts"
 BIN = Path(sys.executable).parent
 
 
-@contextmanager
+@contextlib.contextmanager
 def hang_up_listener() -> Iterator[int]:
     """A loopback TCP port that accepts every connection and closes it at once."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -380,3 +383,92 @@ def test_gen_protos_without_its_python_is_one_line(tmp_path: Path) -> None:
 
     assert done.returncode == 1
     assert done.stderr == "gen-protos: error: no-such-python not found\n"
+
+
+@contextlib.contextmanager
+def pebble_management(root_pem: bytes, tmp: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTPS server in place of pebble's management port, serving root_pem at /roots/0:
+    (URL, its CA). demo-compose trusts one CA file for both of pebble's ports."""
+    ca = DevCA("pinrpc test management CA")
+    cert, key = ca.issue(["127.0.0.1"], days=1).write(tmp / "management")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/roots/0":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(root_pem)))
+            self.end_headers()
+            self.wfile.write(root_pem)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    (tmp / "management-ca.pem").write_bytes(ca.root_pem)
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", tmp / "management-ca.pem"
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+        server.server_close()
+
+
+def demo_compose_certs(
+    pebble: Pebble, management: str, tls_ca: Path, tmp: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / "demo-compose"), "certs",
+         "--directory", pebble.directory_url, "--management", management,
+         "--tls-ca", str(tls_ca), "--domain", "server.test", "--out", str(tmp / "out"),
+         "--root-out", str(tmp / "root.pem")],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("management", ["closed port", "hangs up", "no root there"])
+def test_demo_compose_certs_without_pebbles_root_is_one_line(
+    pebble: Pebble, tmp_path: Path, management: str
+) -> None:
+    # pebble's directory answers; only the root fetch fails (the compose demo's `certs` step).
+    with contextlib.ExitStack() as stack:
+        url, ca = stack.enter_context(pebble_management(b"", tmp_path))
+        if management == "closed port":
+            closed = stack.enter_context(socket.socket())  # bound, not listening: refuses
+            closed.bind(("127.0.0.1", 0))
+            url = f"https://127.0.0.1:{closed.getsockname()[1]}"
+        elif management == "hangs up":
+            url = f"https://127.0.0.1:{stack.enter_context(hang_up_listener())}"
+        else:
+            url += "/elsewhere"  # 404
+        done = demo_compose_certs(pebble, url, both_cas(pebble, ca, tmp_path), tmp_path)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"demo-compose: error: cannot fetch pebble's root from {url}")
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "root.pem").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def both_cas(pebble: Pebble, management_ca: Path, tmp: Path) -> Path:
+    bundle = tmp / "both-cas.pem"
+    bundle.write_bytes(pebble.acme_ca_bundle.read_bytes() + management_ca.read_bytes())
+    return bundle
+
+
+def test_demo_compose_certs_fetches_the_root_and_the_certificate(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    with pebble_management(pebble.root_pem, tmp_path) as (url, ca):
+        done = demo_compose_certs(pebble, url, both_cas(pebble, ca, tmp_path), tmp_path)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "root.pem").read_bytes() == pebble.root_pem
+    assert (tmp_path / "out" / "fullchain.pem").is_file()

@@ -9,6 +9,8 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from tests.conftest import (
     Connect,
     MakeClient,
     ServerFiles,
+    enroll,
     eventually,
     revoke,
     whoami,
@@ -314,3 +317,109 @@ def test_expiry_while_running_is_logged_once_and_unhealthy(
         time.sleep(0.5)
     assert caplog.text.count("expired at") == 1
     assert "expires in" not in caplog.text
+
+
+@pytest.mark.parametrize("breakage", ["key replaced by a directory", "key deleted"])
+def test_a_refused_file_is_logged_once_per_state_and_its_recovery_too(
+    breakage: str,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(trust, "EXPIRY_SCAN_SECONDS", 0.1)  # the hourly retry, every 0.1 s
+    first = devca.ca.issue(NAMES)
+    cert, key = first.write(tmp_path / "srv")
+    key_pem = key.read_bytes()
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=0.05)
+    alice = make_client("alice")
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        Connect(running, devca).enroll(alice, "alice")
+        key.unlink()
+        if breakage == "key replaced by a directory":
+            key.mkdir()
+        eventually(lambda: "not reloaded" in caplog.text, 2.0)
+        time.sleep(1.0)  # 20 polls and 10 retries
+        (refused,) = [r.getMessage() for r in caplog.records if "not reloaded" in r.getMessage()]
+        assert str(key.absolute()) in refused
+        assert ("not a regular file" if key.is_dir() else "No such file") in refused
+        assert served_serial(running.port, alice) == first.leaf.serial_number  # still serving
+
+        if key.is_dir():
+            key.rmdir()
+        key.write_bytes(key_pem)
+        key.chmod(0o600)
+        eventually(lambda: "usable again" in caplog.text, 2.0)
+        time.sleep(0.5)
+        assert caplog.text.count("usable again") == 1
+        assert caplog.text.count("not reloaded") == 1
+        assert f"usable again: {cert.absolute()}, {key.absolute()}" in caplog.text
+        assert served_serial(running.port, alice) == first.leaf.serial_number
+
+
+def test_a_key_made_unreadable_while_serving_is_logged_and_so_is_its_repair(
+    devca: ServerFiles, make_client: MakeClient
+) -> None:
+    """chmod 000 on the key of a server that runs as a non-root user (root reads it anyway):
+    unnoticed until the next restart, which then failed. A real `pinrpc-server serve`."""
+    nobody = 65534
+    first = devca.ca.issue(NAMES)
+    alice = make_client("alice")
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pinrpc-nobody-") as tmp:
+        srv = Path(tmp)
+        srv.chmod(0o755)  # pytest's own directories are root's only
+        cert, key = first.write(srv)
+        registry = srv / "registry.db"
+        enroll(registry, alice.cert_path, "alice")
+        for path in srv.iterdir():
+            os.chown(path, nobody, nobody)
+        os.chown(srv, nobody, nobody)
+        argv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+                sys.executable, "-m", "server.cli", "serve", "--listen", "127.0.0.1:0",
+                "--cert", str(cert), "--key", str(key), "--registry", str(registry)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+        server = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(server.stderr or []), daemon=True)
+        reader.start()
+        try:
+            eventually(lambda: any("(port " in line for line in lines), 20.0)
+            (listening,) = [line for line in lines if "(port " in line]
+            port = int(listening.rpartition("(port ")[2].rstrip(")\n"))
+
+            key.chmod(0)
+            eventually(lambda: any("not reloaded" in line for line in lines), 5.0)
+            time.sleep(1.0)  # five more polls
+            (refused,) = [line for line in lines if "not reloaded" in line]
+            assert f"{key}: Permission denied" in refused
+            assert served_serial(port, alice) == first.leaf.serial_number  # still serving
+
+            key.chmod(0o600)
+            eventually(lambda: any("usable again" in line for line in lines), 5.0)
+            assert served_serial(port, alice) == first.leaf.serial_number
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            reader.join(timeout=5)
+            if server.stderr is not None:
+                server.stderr.close()
+        assert [line for line in lines if "not reloaded" in line] == [refused]
+
+
+def test_a_chmod_that_leaves_the_files_readable_changes_nothing(
+    devca: ServerFiles, registry: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mode and owner are watched now, but the same certificate is not handed over again
+    (with --tls-reload handover that would build a new listener)."""
+    cert, key = devca.ca.issue(NAMES).write(tmp_path)
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry))
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        served = running.trust.server_cert
+        key.chmod(0o640)
+        running.trust.poll()
+        key.chmod(0o600)
+        running.trust.poll()
+        assert running.trust.server_cert is served
+    assert "reloaded" not in caplog.text
