@@ -45,21 +45,17 @@ def stage_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
     passes that on to the new one: otherwise the service would lose its key at the swap."""
     try:
         current = key.stat()
-        write_all([(new(key), key_pem, 0o600), (new(cert), cert_pem, 0o644)], overwrite=False)
+        shared = bool(current.st_mode & stat.S_IRGRP)
+        mode, groups = (0o640, {new(key): current.st_gid}) if shared else (0o600, None)
+        write_all(
+            [(new(key), key_pem, mode), (new(cert), cert_pem, 0o644)],
+            overwrite=False,
+            groups=groups,
+        )
     except FileExistsError as exc:
         raise unfinished_error(cert, key) from exc
     except OSError as exc:
         raise IdentityError(f"cannot write the new key pair next to {cert}: {exc}") from exc
-    if current.st_mode & stat.S_IRGRP:
-        try:
-            os.chown(new(key), -1, current.st_gid)
-            os.chmod(new(key), 0o640)
-        except OSError as exc:
-            for path in (new(key), new(cert)):
-                path.unlink(missing_ok=True)
-            raise IdentityError(
-                f"cannot give the new key the group of {key} (gid {current.st_gid}): {exc.strerror}"
-            ) from exc
 
 
 def unfinished_error(cert: Path, key: Path) -> IdentityError:
