@@ -47,10 +47,20 @@ class RequestWatch:
     """Calls waiting for their one request, by caller; ``sweep()`` ends the overdue ones."""
 
     def __init__(self) -> None:
-        # context -> (caller, since, limit, queued); one dict operation each way, no lock:
-        # atomic under the GIL, and the sweep reads a copy.
-        self._waiting: dict[grpc.ServicerContext, tuple[Hashable, float, int, Queued]] = {}
+        # context -> (caller, since, limit, queued, recheck); one dict operation each way, no
+        # lock: atomic under the GIL, and the sweep reads a copy.
+        self._waiting: dict[grpc.ServicerContext, Waiting] = {}
         self._held_back: dict[Hashable, float] = {}  # caller -> until (time.monotonic)
+        # A sweep ends a call by taking its record out of _waiting, under this lock, and leaves
+        # the status here, with whether the call's check refused it (and reported that). The
+        # call's own thread, finding its record gone, must not run: it takes the lock, which
+        # waits for the sweep to end the call (after the report: once ended, the call's peer
+        # reads as '').
+        self._ending: dict[grpc.ServicerContext, tuple[grpc.StatusCode, str, bool]] = {}
+        self._claiming = threading.Lock()
+        # Bumped by end_callers() before it looks: a call checked before that, registered after
+        # it had looked, compares this with the value it read before its check (``seen``).
+        self.generation = 0
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -61,10 +71,14 @@ class RequestWatch:
         caller: Hashable,
         limit: int,
         queued: Queued,
+        seen: int,
+        recheck: Recheck = lambda _: None,
     ) -> Any:
         """The call's request; the call is aborted if none comes, if it cannot be decoded, or if
         ``caller`` is held back and already waits for ``limit`` of them while calls are
-        ``queued`` for a thread of its pool."""
+        ``queued`` for a thread of its pool. ``recheck`` checks the call again (it raises to
+        refuse): here if end_callers() ran since ``generation`` was ``seen``, before the check,
+        and by end_callers() when it ends the call."""
         if self._held_back:  # nearly always empty: then no lookup, no hashing of ``caller``
             until = self._held_back.get(caller)
             if (
@@ -74,20 +88,36 @@ class RequestWatch:
                 and self.waiting(caller) >= limit
             ):
                 deny(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
-        self._waiting[context] = (caller, time.monotonic(), limit, queued)
+        self._waiting[context] = (caller, time.monotonic(), limit, queued, recheck)
         try:
+            if self.generation != seen:  # a revocation's sweep may have missed this call
+                with self._claiming:  # no sweep ends it meanwhile: one check, one report
+                    if context in self._waiting:
+                        recheck(context)
             request = next(requests, None)
         finally:
-            del self._waiting[context]
+            if self._waiting.pop(context, None) is None:  # a sweep ended the call: not ours
+                self._ended(context)
         if request is None:
             code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
-            if code is not None:  # end_call() ended it, and sent the status already
+            if code is not None:  # a stream's re-check ended it, and sent the status already
                 details: bytes = context.details()  # type: ignore[attr-defined]
                 deny(context, code, details.decode())
             deny(context, grpc.StatusCode.UNIMPLEMENTED, NO_REQUEST)
         if request is UNDECODABLE:
             undecodable(context)
         return request
+
+    def _ended(self, context: grpc.ServicerContext) -> NoReturn:
+        """Abort the handler of a call a sweep has ended, once the sweep is done with it."""
+        with self._claiming:
+            code, details, refused = self._ending.pop(context)
+        try:
+            deny(context, code, details)
+        except Exception as exc:
+            if refused:
+                raise Refused from exc
+            raise
 
     def waiting(self, caller: Hashable) -> int:
         return sum(1 for who, *_ in self._waiting.copy().values() if who == caller)
@@ -97,7 +127,7 @@ class RequestWatch:
         thread, end their overdue calls beyond the limit; return how many calls were ended."""
         now = time.monotonic()
         overdue: dict[Hashable, list[tuple[float, grpc.ServicerContext, int, Queued]]] = {}
-        for context, (caller, since, limit, queued) in self._waiting.copy().items():
+        for context, (caller, since, limit, queued, _) in self._waiting.copy().items():
             if now - since >= GRACE:
                 overdue.setdefault(caller, []).append((since, context, limit, queued))
         ended = 0
@@ -110,18 +140,40 @@ class RequestWatch:
                 continue  # nobody waits for a thread: slow, but harmless
             calls.sort(key=lambda call: call[0])  # the oldest keep their threads
             for _, context, _, _ in calls[limit:]:
-                end_call(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
-                ended += 1
+                ended += self._end(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
         for caller, until in list(self._held_back.items()):
             if until <= now:
                 del self._held_back[caller]
         return ended
 
     def end_callers(self, gone: Callable[[Hashable], bool], details: str) -> None:
-        """End the waiting calls of the callers ``gone`` names (PERMISSION_DENIED)."""
-        for context, (caller, *_) in self._waiting.copy().items():
+        """End the waiting calls of the callers ``gone`` names (PERMISSION_DENIED), each
+        checked again first, so that the refusal is reported like any other."""
+        self.generation += 1
+        for context, (caller, *_, recheck) in self._waiting.copy().items():
             if gone(caller):
-                end_call(context, grpc.StatusCode.PERMISSION_DENIED, details)
+                self._end(context, grpc.StatusCode.PERMISSION_DENIED, details, recheck)
+
+    def _end(
+        self,
+        context: grpc.ServicerContext,
+        code: grpc.StatusCode,
+        details: str,
+        recheck: Recheck | None = None,
+    ) -> bool:
+        """End a waiting call, unless its request came first (then it runs)."""
+        with self._claiming:
+            if self._waiting.pop(context, None) is None:
+                return False  # its request came, or another sweep ended it
+            refused = False
+            if recheck is not None:
+                try:
+                    recheck(context)
+                except Exception:  # abort() recorded the status, and the check reported it
+                    refused = True
+            self._ending[context] = (code, details, refused)
+            end_call(context, code, details)
+        return True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pinrpc-requests", daemon=True)
@@ -141,6 +193,12 @@ class RequestWatch:
 
 
 Queued = Callable[[], bool]  # whether calls wait for a thread of the pool a call runs in
+Recheck = Callable[[grpc.ServicerContext], object]  # the check again; raises to refuse
+Waiting = tuple[Hashable, float, int, Queued, Recheck]
+
+
+class Refused(Exception):
+    """A re-check refused the call and reported it: its end counts nothing more."""
 
 
 def queued_in(executor: ThreadPoolExecutor) -> Queued:
@@ -247,7 +305,10 @@ class PerHost(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def _read(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return self._watch.first(requests, context, peer_host(context), self._limit, self._queued)
+        watch = self._watch  # no check to repeat: seen is now
+        return watch.first(
+            requests, context, peer_host(context), self._limit, self._queued, watch.generation
+        )
 
     def intercept_service(
         self,
