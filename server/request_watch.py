@@ -23,9 +23,11 @@ behaved for ``HOLD_BACK`` seconds.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, NoReturn
@@ -291,9 +293,20 @@ def non_blocking(behavior: Callable[..., None], like: object) -> Any:
 
 
 def peer_host(context: grpc.ServicerContext) -> str:
-    """The peer's address without its port: what a listener without client certificates
-    knows of its caller."""
-    return context.peer().rpartition(":")[0]
+    """What a listener without client certificates knows of its caller: the peer's address
+    without its port, and for IPv6 its /64, which one host commonly holds whole (a new address
+    per call would otherwise be a new caller each time)."""
+    host = context.peer().rpartition(":")[0]  # "ipv4:1.2.3.4", "ipv6:%5B2001:db8::1%5D"
+    if not host.startswith("ipv6:"):
+        return host
+    address = urllib.parse.unquote(host[5:]).strip("[]").partition("%")[0]  # no zone
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:  # gRPC names these ipv4: already; in case it does not
+        return f"ipv4:{ip.ipv4_mapped}"
+    return f"ipv6:{ipaddress.IPv6Network((ip, 64), strict=False)}"
 
 
 class PerHost(grpc.ServerInterceptor):  # type: ignore[type-arg]
