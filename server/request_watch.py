@@ -253,10 +253,13 @@ Read = Callable[[Iterator[Any], grpc.ServicerContext], Any]
 
 
 def reading_first(
-    handler: grpc.RpcMethodHandler[Any, Any], read: Read
+    handler: grpc.RpcMethodHandler[Any, Any],
+    read: Read,
+    hold: Callable[[grpc.ServicerContext], None],
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """``handler`` registered as request-streaming, its one request read (and decoded, see
-    tolerant) by ``read``; other handlers as they are."""
+    tolerant) by ``read``; other handlers as they are. A stream that answers without a thread
+    (health's Watch) is ``hold``-ed once its request has come, for as long as it stays open."""
     kwargs: dict[str, Any] = {
         "request_deserializer": tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
@@ -276,7 +279,9 @@ def reading_first(
         def answer_later(
             requests: Iterator[Any], context: grpc.ServicerContext, send: Callable[[Any], None]
         ) -> None:
-            stream(read(requests, context), context, send)  # type: ignore[call-arg]
+            request = read(requests, context)
+            hold(context)
+            stream(request, context, send)  # type: ignore[call-arg]
 
         return grpc.stream_stream_rpc_method_handler(non_blocking(answer_later, stream), **kwargs)
     return handler
@@ -309,13 +314,44 @@ def peer_host(context: grpc.ServicerContext) -> str:
     return f"ipv6:{ipaddress.IPv6Network((ip, 64), strict=False)}"
 
 
+# Streams that hold no thread (health's Watch) cost the server about 20 KB each for as long as
+# their caller keeps them open, and the side ports ask for no certificate: at most this many
+# per peer host, and in all, per listener.
+OPEN_PER_HOST = 8
+OPEN_IN_ALL = 1024
+TOO_MANY_OPEN = "too many streams of this host are open; close one first"
+
+
 class PerHost(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """For listeners without client certificates (health, enrollment requests): each peer
-    host is a caller of ``watch``, with ``limit`` calls while held back."""
+    host is a caller of ``watch``, with ``limit`` calls while held back, and may keep
+    OPEN_PER_HOST threadless streams open."""
 
     def __init__(self, watch: RequestWatch, queued: Queued, limit: int = 1) -> None:
         self._watch, self._queued, self._limit = watch, queued, limit
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._open: dict[str, int] = {}  # host -> its open streams; no entry when none
+        self._open_in_all = 0
+        self._lock = threading.Lock()
+
+    def _hold(self, context: grpc.ServicerContext) -> None:
+        host = peer_host(context)
+        with self._lock:
+            held = self._open.get(host, 0)
+            if held >= OPEN_PER_HOST or self._open_in_all >= OPEN_IN_ALL:
+                deny(context, grpc.StatusCode.RESOURCE_EXHAUSTED, TOO_MANY_OPEN)
+            self._open[host] = held + 1
+            self._open_in_all += 1
+        if not context.add_callback(lambda: self._release(host)):
+            self._release(host)  # it has ended already
+
+    def _release(self, host: str) -> None:
+        with self._lock:
+            self._open_in_all -= 1
+            if self._open[host] == 1:
+                del self._open[host]
+            else:
+                self._open[host] -= 1
 
     def _read(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         watch = self._watch  # no check to repeat: seen is now
@@ -335,5 +371,5 @@ class PerHost(grpc.ServerInterceptor):  # type: ignore[type-arg]
             if handler is None:
                 return None
             # The services are fixed once the server starts: wrap each method once.
-            wrapped = self._wrapped[method] = reading_first(handler, self._read)
+            wrapped = self._wrapped[method] = reading_first(handler, self._read, self._hold)
         return wrapped
