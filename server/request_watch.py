@@ -79,7 +79,7 @@ class RequestWatch:
         """The call's request; the call is aborted if none comes, if it cannot be decoded, or if
         ``caller`` is held back and already waits for ``limit`` of them while calls are
         ``queued`` for a thread of its pool. ``recheck`` checks the call again (it raises to
-        refuse): here if end_callers() ran since ``generation`` was ``seen``, before the check,
+        refuse): here if end_callers() ran since ``generation`` was ``seen`` (before the check),
         and by end_callers() when it ends the call."""
         if self._held_back:  # nearly always empty: then no lookup, no hashing of ``caller``
             until = self._held_back.get(caller)
@@ -90,12 +90,14 @@ class RequestWatch:
                 and self.waiting(caller) >= limit
             ):
                 deny(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERDUE)
-        self._waiting[context] = (caller, time.monotonic(), limit, queued, recheck)
+        record = self._waiting[context] = (caller, time.monotonic(), limit, queued, recheck)
+        while self.generation != seen:  # a revocation's sweep may have missed this call
+            seen = self.generation
+            if self._waiting.pop(context, None) is None:
+                self._ended(context)  # or not
+            recheck(context)  # out of the table, so that no sweep reports it too
+            self._waiting[context] = record
         try:
-            if self.generation != seen:  # a revocation's sweep may have missed this call
-                with self._claiming:  # no sweep ends it meanwhile: one check, one report
-                    if context in self._waiting:
-                        recheck(context)
             request = next(requests, None)
         finally:
             if self._waiting.pop(context, None) is None:  # a sweep ended the call: not ours
