@@ -33,6 +33,8 @@ from server.registry import Client
 from server.request_watch import (
     UNDECODABLE,
     Queued,
+    Recheck,
+    Refused,
     RequestWatch,
     deny,
     end_call,
@@ -293,6 +295,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             self.authorize,
             self._observer.finished,
             self._streams,
+            self.requests,
             self._read,
         )
         return wrapped
@@ -312,10 +315,17 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             "client certificate is not enrolled or was revoked",
         )
 
-    def _read(self, requests: Iterator[Any], context: grpc.ServicerContext, who: Identity) -> Any:
+    def _read(
+        self,
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        who: Identity,
+        seen: int,
+        recheck: Recheck,
+    ) -> Any:
         """The call's one request, read after the check (server/request_watch.py)."""
         return self.requests.first(
-            requests, context, who.fingerprint, self._streams.limit, self._queued
+            requests, context, who.fingerprint, self._streams.limit, self._queued, seen, recheck
         )
 
     def _unimplemented(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
@@ -428,6 +438,10 @@ class _Stream:
         # The sweep refused it already, and reported it: end the handler without a second line.
         deny(self._context, grpc.StatusCode.PERMISSION_DENIED, "no longer admitted")
 
+    def recheck_call(self, _context: grpc.ServicerContext) -> None:
+        """recheck(), as the request watch calls it (request_watch.Recheck)."""
+        self.recheck()
+
     def revisit(self, enrolled: EnrolledSet) -> None:
         """From the trust watcher: end the call now if ``enrolled`` no longer admits it."""
         client = enrolled.lookup(self.identity.fingerprint)
@@ -475,26 +489,40 @@ def _wrap(
     check: Callable[[grpc.ServicerContext, str], Identity],
     finished: Callable[[str, str, grpc.StatusCode], None],
     streams: StreamCap,
-    read: Callable[[Iterator[Any], grpc.ServicerContext, Identity], Any],
+    watch: RequestWatch,
+    read: Callable[[Iterator[Any], grpc.ServicerContext, Identity, int, Recheck], Any],
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler, with the check (and the caller's identity) around its behaviour.
 
     Methods that take one request are registered as request-streaming ones, so that the check
-    runs before that request is read (``read``, server/request_watch.py)."""
+    runs before that request is read (``read``, server/request_watch.py). The watch's
+    generation is read before the check: a revocation that comes between the check and the
+    read is then seen, and the call checked again (``recheck``)."""
+
+    def recheck(context: grpc.ServicerContext) -> None:
+        try:
+            check(context, method)
+        except Exception as exc:  # abort() recorded the status, and the check reported it
+            raise Refused from exc
 
     def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            seen = watch.generation
             identity = check(context, method)
             token = _caller.set(identity)
-            completed = False
+            completed = refused = False
             try:
-                request = read(requests, context, identity)
+                request = read(requests, context, identity, seen, recheck)
                 result = behavior(request, context)
                 completed = True
                 return result
+            except Refused:
+                refused = True
+                raise
             finally:
                 _caller.reset(token)
-                finished(identity.name, method, _final_code(context, completed))
+                if not refused:
+                    finished(identity.name, method, _final_code(context, completed))
 
         return run
 
@@ -518,6 +546,7 @@ def _wrap(
         behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], requests_too: bool
     ) -> Any:
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            seen = watch.generation
             stream = _Stream(context, method, enrolled, check)
             token = _caller.set(stream.identity)
             completed = False
@@ -526,7 +555,7 @@ def _wrap(
                 if requests_too:
                     request: Any = stream.checked(requests)
                 else:
-                    request = read(requests, context, stream.identity)
+                    request = read(requests, context, stream.identity, seen, stream.recheck_call)
                 yield from stream.checked(behavior(request, context))
                 completed = True
             finally:
@@ -544,6 +573,7 @@ def _wrap(
         def run(
             requests: Iterator[Any], context: grpc.ServicerContext, send: Callable[[Any], None]
         ) -> None:
+            seen = watch.generation
             stream = _Stream(context, method, enrolled, check)
 
             def done() -> None:
@@ -551,7 +581,7 @@ def _wrap(
 
             if not context.add_callback(done):
                 return done()  # the call ended already
-            request = read(requests, context, stream.identity)
+            request = read(requests, context, stream.identity, seen, stream.recheck_call)
             stream.hold(streams)
             token = _caller.set(stream.identity)
             try:

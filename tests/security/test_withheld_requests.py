@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2
 from pinrpc.v1 import echo_pb2, enrollment_pb2, enrollment_pb2_grpc
 from server import request_watch
 from server.app import RunningServer
-from server.auth import streams_per_client
+from server.auth import UNKNOWN_METHOD, streams_per_client
+from server.request_watch import RequestWatch
 from tests.conftest import (
     ECHO_ALL,
     SERVER_NAME,
@@ -32,13 +33,16 @@ from tests.conftest import (
     whoami,
 )
 from tests.security.attacker import require_attack_modules
-from tests.security.test_open_streams import counted
+from tests.security.conftest import HandlerCalls
+from tests.security.test_open_streams import STREAM, Bidi, counted
 from tests.test_enrollment_requests import enrolling  # noqa: F401 (a fixture)
 from tests.test_health import check, with_probe  # noqa: F401 (a fixture)
+from tests.test_observe import audit_lines, observed, scrape  # noqa: F401 (a fixture)
 
 WHOAMI = "/pinrpc.v1.Echo/WhoAmI"
 ECHO = "/pinrpc.v1.Echo/Echo"
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+DENIED = grpc.StatusCode.PERMISSION_DENIED
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 GARBAGE = b"\xff\xff\xff"  # no valid protobuf message
 SERVER_NAME_OVERRIDE = ("grpc.ssl_target_name_override", SERVER_NAME)
@@ -62,6 +66,23 @@ def withheld(channel: grpc.Channel, method: str, n: int) -> Iterator[list[Any]]:
         release.set()
         for c in calls:
             c.exception(timeout=30)
+
+
+@contextmanager
+def held(channel: grpc.Channel, method: str) -> Iterator[tuple[Any, threading.Event]]:
+    """A call of ``method`` that sends its (empty) request once the event is set."""
+    send = threading.Event()
+
+    def request() -> Iterator[bytes]:
+        if send.wait(30):
+            yield b""
+
+    call: Any = channel.stream_unary(method, None, None).future(request(), timeout=30)
+    try:
+        yield call, send
+    finally:
+        send.set()
+        call.exception(timeout=30)
 
 
 def code(call: Any, timeout: float = 3) -> grpc.StatusCode:
@@ -172,6 +193,140 @@ def test_revocation_ends_a_withheld_call(connect: Connect, make_client: MakeClie
         revoke(connect.server_registry, "mallory")
         connect.server.trust.poll()
         assert code(call) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_revoked_withheld_call_is_reported_like_a_revoked_stream(
+    observed: RunningServer,  # noqa: F811
+    devca: ServerFiles,
+    make_client: MakeClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The revocation ends mallory's withheld call and her open stream alike, and both are
+    counted and audited as any call of a caller no longer enrolled: a denial (reason
+    not_enrolled), a deny line with her fingerprint, the refused caller's labels. The withheld
+    one was counted under her name, with no denial and no audit line."""
+    connect = Connect(observed, devca)
+    mallory = make_client("mallory")
+    connect.enroll(mallory, "mallory", ECHO_ALL)
+    channel = connect.channel(mallory.cert_path, mallory.key_path)
+    stream = Bidi(connect, mallory)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        with withheld(channel, WHOAMI, 1) as (call,):
+            try:
+                assert stream.echo("before") == "before"
+                time.sleep(0.3)  # the call waits for its request
+                revoke(connect.server_registry, "mallory")
+                observed.trust.poll()
+                assert code(call) == DENIED
+                assert code_of(stream.reply) == DENIED
+            finally:
+                stream.close()
+        refused = 'pinrpc_calls_total{client="",code="PERMISSION_DENIED",method="(unknown)"}'
+        eventually(lambda: scrape(observed).get(refused) == 2, timeout=3)
+        lines = [line for line in audit_lines(caplog, observed.audit) if line["event"] == "call"]
+    metrics = scrape(observed)
+    assert metrics['pinrpc_denials_total{reason="not_enrolled"}'] == 2
+    assert counted(connect, "PERMISSION_DENIED") == {("", UNKNOWN_METHOD): 2}
+    denials = sorted(
+        (line for line in lines if line["decision"] == "deny"), key=lambda line: str(line["method"])
+    )
+    assert [line["method"] for line in denials] == sorted((STREAM, WHOAMI))
+    for line in denials:
+        assert line.pop("peer") and line.pop("time") and line.pop("method")
+        assert line == {"event": "call", "decision": "deny", "reason": "not_enrolled",
+                        "client": None, "fingerprint": str(mallory.fingerprint)}  # fmt: skip
+
+
+def test_a_revocation_between_the_check_and_the_read_is_not_missed(
+    connect: Connect,
+    make_client: MakeClient,
+    handler_calls: HandlerCalls,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mallory's call passes the check; the revocation's sweep runs before the call waits for
+    its request (held there by a hook), so the sweep cannot see it: the call is refused at
+    once all the same, and the request it sends later reaches no handler."""
+    mallory = make_client("mallory")
+    connect.enroll(mallory, "mallory")
+    checked, swept = between_check_and_read(monkeypatch)
+    channel = connect.channel(mallory.cert_path, mallory.key_path)
+    with held(channel, WHOAMI) as (call, send):
+        assert checked.wait(10)
+        revoke(connect.server_registry, "mallory")
+        connect.server.trust.poll()
+        swept.set()
+        assert code(call) == DENIED
+        send.set()
+    assert handler_calls.count == 0
+
+
+def test_an_unrelated_change_between_the_check_and_the_read_refuses_nothing(
+    connect: Connect,
+    make_client: MakeClient,
+    handler_calls: HandlerCalls,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The allow twin: the same window with an enrollment of someone else; the call is served
+    when its request comes."""
+    alice, bob = make_client("alice"), make_client("bob")
+    connect.enroll(alice, "alice")
+    checked, swept = between_check_and_read(monkeypatch)
+    channel = connect.channel(alice.cert_path, alice.key_path)
+    with held(channel, WHOAMI) as (call, send):
+        assert checked.wait(10)
+        connect.enroll(bob, "bob")
+        connect.server.trust.poll()
+        swept.set()
+        with pytest.raises(grpc.FutureTimeoutError):
+            call.result(timeout=0.5)  # still waiting for its request
+        send.set()
+        assert echo_pb2.WhoAmIResponse.FromString(call.result(timeout=5)).name == "alice"
+    assert handler_calls.names == ["alice"]
+
+
+def between_check_and_read(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, ...]:
+    """A hook that stops each call after its check, before it waits for its request (sets
+    the first event), until the second is set."""
+    checked, swept = threading.Event(), threading.Event()
+    first = RequestWatch.first
+
+    def late(self: RequestWatch, *args: Any) -> Any:
+        checked.set()
+        swept.wait(10)
+        return first(self, *args)
+
+    monkeypatch.setattr(RequestWatch, "first", late)
+    return checked, swept
+
+
+def test_a_request_that_comes_as_the_revocation_ends_its_call_reaches_no_handler(
+    connect: Connect,
+    make_client: MakeClient,
+    handler_calls: HandlerCalls,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The revocation's sweep has chosen mallory's waiting call, and her request arrives before
+    the sweep ends it (a hook sends it then): the call is refused, its handler never runs."""
+    mallory = make_client("mallory")
+    connect.enroll(mallory, "mallory")
+    channel = connect.channel(mallory.cert_path, mallory.key_path)
+    end_call = request_watch.end_call
+
+    def late(context: grpc.ServicerContext, status: grpc.StatusCode, details: str) -> None:
+        send.set()
+        deadline = time.monotonic() + 1  # time for a handler to run, if the request gets one
+        while not handler_calls.count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        end_call(context, status, details)
+
+    with held(channel, WHOAMI) as (call, send):
+        time.sleep(0.3)  # the call waits for its request
+        monkeypatch.setattr(request_watch, "end_call", late)
+        revoke(connect.server_registry, "mallory")
+        connect.server.trust.poll()
+        assert call.exception(timeout=3) is not None
+        assert code(call) == DENIED
+    assert handler_calls.count == 0
 
 
 def withheld_raw(address: tuple[str, int], source: str, method: str, n: int) -> list[str]:
