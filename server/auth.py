@@ -339,6 +339,16 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         return behavior
 
 
+# A client ends a call at its own deadline with a cancel (RST_STREAM), which can reach us before
+# our copy of the deadline passes: ours starts when the headers arrive, a little later. 0.06-8.4
+# ms early were measured under test load; a cancel this close to the deadline counts as it.
+DEADLINE_SLACK = 0.1  # seconds
+
+
+def _past_deadline(context: grpc.ServicerContext) -> bool:
+    return context.time_remaining() <= DEADLINE_SLACK
+
+
 def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCode:
     # Set by abort() or set_code(); None when the handler just returned. (Missing in grpc-stubs.)
     code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
@@ -348,7 +358,7 @@ def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCo
         if context.is_active():
             return grpc.StatusCode.UNKNOWN  # the handler raised
         # The call ended under the handler: the client cancelled it or its deadline passed.
-        if context.time_remaining() <= 0:
+        if _past_deadline(context):
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return code
@@ -357,7 +367,7 @@ def _final_code(context: grpc.ServicerContext, completed: bool) -> grpc.StatusCo
 def _ended_as(context: grpc.ServicerContext) -> grpc.StatusCode:
     """How a call whose handler returned normally ended for the client: OK, unless its
     deadline passed or gRPC cancelled it (grpcio's call state; the public API cannot tell)."""
-    if context.time_remaining() <= 0:
+    if _past_deadline(context):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if getattr(getattr(context, "_state", None), "client", None) == "cancelled":
         return grpc.StatusCode.CANCELLED
