@@ -35,10 +35,12 @@ def admits(connect: Connect, files: KeyPairFiles) -> bool:
     try:
         whoami(connect.stub(files.cert_path, files.key_path))
     except grpc.RpcError as exc:
-        # Anything else (a handler's failure, a deadline) is no evidence of a refusal.
-        assert exc.code() in REFUSALS, exc
-        return False
-    return True
+        code = exc.code()
+    else:
+        return True
+    # Anything else (a handler's failure, a deadline) is no evidence of a refusal.
+    assert code in REFUSALS, code
+    return False
 
 
 def polls(connect: Connect, n: int = 5) -> None:
