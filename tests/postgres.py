@@ -50,10 +50,14 @@ class Postgres:
         self.data = self.root / "data"
         self.port = free_port()
         self._as_root = os.geteuid() == 0
-        if self._as_root:
-            owner = pwd.getpwnam("postgres")
-            os.chown(self.root, owner.pw_uid, owner.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", USER, "--no-sync")
+        try:
+            if self._as_root:
+                owner = pwd.getpwnam("postgres")
+                os.chown(self.root, owner.pw_uid, owner.pw_gid)
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", USER, "--no-sync")
+        except BaseException:
+            self.remove()  # nobody else holds the object: its directory would be left behind
+            raise
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(PG_BIN / tool), *args]
