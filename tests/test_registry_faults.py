@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import pytest
 
 from pinrpc.errors import RegistryError
@@ -22,25 +21,13 @@ from pinrpc.identity import KeyPairFiles
 from server import cli as server_cli
 from server.enrollment import check_certificate
 from server.registry import SqliteRegistry
-from tests.conftest import Connect, MakeClient, require_tool, whoami
+from tests.conftest import Connect, MakeClient, admitted, require_tool
 
 UNREADABLE = "registry unreadable, keeping the last good enrolled set"
 
 
-# How a client the server does not admit is turned away: at the handshake, or per call.
-REFUSALS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED}
-
-
 def admits(connect: Connect, files: KeyPairFiles) -> bool:
-    try:
-        whoami(connect.stub(files.cert_path, files.key_path))
-    except grpc.RpcError as exc:
-        code = exc.code()
-    else:
-        return True
-    # Anything else (a handler's failure, a deadline) is no evidence of a refusal.
-    assert code in REFUSALS, code
-    return False
+    return admitted(connect.stub(files.cert_path, files.key_path))
 
 
 def polls(connect: Connect, n: int = 5) -> None:
