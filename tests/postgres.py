@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
-import pytest
+
+from tests import conftest
 
 PG_BIN = Path(os.environ.get("PINRPC_PG_BIN", "/usr/lib/postgresql/15/bin"))
 USER = "pinrpc"
@@ -26,12 +27,9 @@ USER = "pinrpc"
 
 def require_tool(path: Path | None, what: str) -> Path:
     """The tool's path; skip (outside CI) or fail (CI=true) when it is missing."""
-    if path is not None and path.exists():
-        return path
-    reason = f"{what} is not installed (.ci/run installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    conftest.require_tool(path is not None and path.exists(), what, ".ci/run installs it")
+    assert path is not None
+    return path
 
 
 def free_port() -> int:
