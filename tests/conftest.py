@@ -183,6 +183,23 @@ def whoami(stub: echo_pb2_grpc.EchoStub) -> echo_pb2.WhoAmIResponse:
     return stub.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=5)
 
 
+# How the server turns a client away: at the TLS handshake, or per call (an open connection).
+REFUSALS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED})
+
+
+def admitted(stub: echo_pb2_grpc.EchoStub) -> bool:
+    """Whether WhoAmI succeeds. Any other failure than a refusal (a handler's error, a missed
+    deadline) fails the test: it is no evidence that the server turned the client away."""
+    try:
+        whoami(stub)
+    except grpc.RpcError as exc:
+        code = exc.code()
+    else:
+        return True
+    assert code in REFUSALS, code
+    return False
+
+
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:
     """The status code a call fails with; fails the test if it succeeds."""
     with pytest.raises(grpc.RpcError) as info:

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
-import pytest
+
+from tests import conftest
 
 PG_BIN = Path(os.environ.get("PINRPC_PG_BIN", "/usr/lib/postgresql/15/bin"))
 USER = "pinrpc"
@@ -26,12 +27,9 @@ USER = "pinrpc"
 
 def require_tool(path: Path | None, what: str) -> Path:
     """The tool's path; skip (outside CI) or fail (CI=true) when it is missing."""
-    if path is not None and path.exists():
-        return path
-    reason = f"{what} is not installed (.ci/run installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    conftest.require_tool(path is not None and path.exists(), what, ".ci/run installs it")
+    assert path is not None
+    return path
 
 
 def free_port() -> int:
@@ -50,10 +48,14 @@ class Postgres:
         self.data = self.root / "data"
         self.port = free_port()
         self._as_root = os.geteuid() == 0
-        if self._as_root:
-            owner = pwd.getpwnam("postgres")
-            os.chown(self.root, owner.pw_uid, owner.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", USER, "--no-sync")
+        try:
+            if self._as_root:
+                owner = pwd.getpwnam("postgres")
+                os.chown(self.root, owner.pw_uid, owner.pw_gid)
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", USER, "--no-sync")
+        except BaseException:
+            self.remove()  # nobody else holds the object: its directory would be left behind
+            raise
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(PG_BIN / tool), *args]

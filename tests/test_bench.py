@@ -25,6 +25,7 @@ from bench import memory  # noqa: E402
 from bench.load import Target  # noqa: E402
 from bench.procs import ALL_CPUS, SERVER_CPUS, launch, split_cpus, unpin  # noqa: E402
 from bench.report import markdown, targets  # noqa: E402
+from tests.conftest import require_tool  # noqa: E402
 
 VARIANTS = {"A", "B", "B+noop", "B+leaf", "B+auth", "B+gc", "C", "C-1k"}
 SCALE_FIELDS = {
@@ -102,10 +103,7 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_store_patch_builds_both_stores_and_checks_them(tmp_path: Path) -> None:
     missing = [tool for tool in ("gcc", "g++", "ar", "patch") if shutil.which(tool) is None]
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"missing {', '.join(missing)}: apt-get install g++ patch")
-        pytest.skip(f"missing {', '.join(missing)}")
+    require_tool(not missing, ", ".join(missing), "apt-get install g++ patch")
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--store-patch", "--quick", "--out", str(tmp_path)],
         capture_output=True,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "scripts" / "demo"
 # Generous: the first run of a fresh checkout installs .venv; a run is about 5 s after that.
@@ -40,10 +42,8 @@ def demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def _require_pebble() -> None:
-    if shutil.which("pebble") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("pebble is required in CI: apt-get install -y pebble")
-        pytest.skip("pebble is not installed (apt-get install -y pebble)")
+    # On PATH, where scripts/demo looks (tests/pebble.py also tries /usr/bin/pebble).
+    require_tool(shutil.which("pebble") is not None, "pebble", "apt-get install -y pebble")
 
 
 # One line per step that must pass; the wording is the demo's contract with docs/DEMO.md.

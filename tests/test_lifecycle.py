@@ -29,6 +29,7 @@ from tests.conftest import (
     Connect,
     MakeClient,
     ServerFiles,
+    admitted,
     code_of,
     eventually,
     registry_dump,
@@ -233,14 +234,7 @@ def test_overlap_end_retires_without_any_registry_change(
     assert code == Exit.OK, err
     assert whoami(old_stub).name == "alice"  # still inside the overlap
 
-    def refused() -> bool:
-        try:
-            whoami(old_stub)
-        except grpc.RpcError:
-            return True
-        return False
-
-    assert eventually(refused, timeout=2.5) < 2.5
+    eventually(lambda: not admitted(old_stub), timeout=2.5)
     assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
 
 

@@ -254,15 +254,17 @@ def test_call_counter_loses_no_increment_across_threads() -> None:
     threads = [threading.Thread(target=count, args=(i,)) for i in range(8)]
     for thread in threads:
         thread.start()
-    mid = metrics.registry.get_sample_value(  # scraped while the threads count
-        "pinrpc_calls_total", {"client": "alice", "method": "/pinrpc.v1.Echo/Echo", "code": "OK"}
-    )
-    for thread in threads:
-        thread.join()
     sample = metrics.registry.get_sample_value
     echo = "/pinrpc.v1.Echo/Echo"
-    assert sample("pinrpc_calls_total", {"client": "alice", "method": echo, "code": "OK"}) == 16000
-    assert 0 <= (mid or 0) <= 16000
+    alice = {"client": "alice", "method": echo, "code": "OK"}
+    scraped: list[float] = []  # scraped while the threads count
+    deadline = time.monotonic() + 30
+    while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
+        scraped.append(sample("pinrpc_calls_total", alice) or 0)
+    for thread in threads:
+        thread.join()
+    assert sample("pinrpc_calls_total", alice) == 16000
+    assert scraped == sorted(scraped), "a counter went down between two scrapes"
     for i in range(8):
         labels = {"client": f"c{i}", "method": echo, "code": "PERMISSION_DENIED"}
         assert sample("pinrpc_calls_total", labels) == 2000

@@ -17,20 +17,17 @@ from pathlib import Path
 import pytest
 
 from pinrpc.errors import RegistryError
+from pinrpc.identity import KeyPairFiles
 from server import cli as server_cli
 from server.enrollment import check_certificate
 from server.registry import SqliteRegistry
-from tests.conftest import Connect, MakeClient, whoami
+from tests.conftest import Connect, MakeClient, admitted, require_tool
 
 UNREADABLE = "registry unreadable, keeping the last good enrolled set"
 
 
-def admits(connect: Connect, files: object) -> bool:
-    try:
-        whoami(connect.stub(files.cert_path, files.key_path))  # type: ignore[attr-defined]
-    except Exception:  # any failure means "not admitted"
-        return False
-    return True
+def admits(connect: Connect, files: KeyPairFiles) -> bool:
+    return admitted(connect.stub(files.cert_path, files.key_path))
 
 
 def polls(connect: Connect, n: int = 5) -> None:
@@ -48,8 +45,8 @@ def copy_of(registry: Path, to: Path) -> Path:
     return to
 
 
-def enroll_cli(registry: Path, files: object, name: str) -> int:
-    cert = str(files.cert_path)  # type: ignore[attr-defined]
+def enroll_cli(registry: Path, files: KeyPairFiles, name: str) -> int:
+    cert = str(files.cert_path)
     return server_cli.main(["enroll", cert, "--name", name, "--registry", str(registry)])
 
 
@@ -177,15 +174,18 @@ def read_only(path: Path) -> Iterator[None]:
         finally:
             path.chmod(0o644)
         return
-    if shutil.which("chattr") is None:
-        pytest.skip("chattr is needed to make a file read-only for root")
-    result = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"this filesystem has no immutable flag: {result.stderr!r}")
+    chattr = shutil.which("chattr")
+    require_tool(chattr is not None, "chattr", "apt-get install -y e2fsprogs")
+    result = subprocess.run([str(chattr), "+i", str(path)], capture_output=True, check=False)
+    require_tool(
+        result.returncode == 0,
+        f"a filesystem with the immutable flag (chattr +i said {result.stderr!r})",
+        "run the tests on ext4, xfs or btrfs",
+    )
     try:
         yield
     finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
+        subprocess.run([str(chattr), "-i", str(path)], check=True)
 
 
 def test_read_only_registry_refuses_changes_with_one_line(

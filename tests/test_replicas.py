@@ -24,7 +24,15 @@ from pinrpc.v1 import echo_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
-from tests.conftest import SERVER_NAME, MakeClient, ServerFiles, code_of, eventually, whoami
+from tests.conftest import (
+    SERVER_NAME,
+    MakeClient,
+    ServerFiles,
+    admitted,
+    code_of,
+    eventually,
+    whoami,
+)
 from tests.postgres import Postgres, free_port, require_tool, running_postgres
 
 DENIED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
@@ -72,14 +80,6 @@ def stub(
     return echo_pb2_grpc.EchoStub(channel)
 
 
-def admits(stub_: echo_pb2_grpc.EchoStub) -> bool:
-    try:
-        whoami(stub_)
-    except grpc.RpcError:
-        return False
-    return True
-
-
 _dbs = itertools.count()
 
 
@@ -121,23 +121,23 @@ def test_enroll_reaches_both_replicas_and_revoke_closes_the_other(
 ) -> None:
     a, b = replicas
     alice, eve = make_client("alice"), make_client("eve")
-    assert not admits(a.stub(alice))
-    assert not admits(b.stub(alice))
+    assert not admitted(a.stub(alice))
+    assert not admitted(b.stub(alice))
     enroll(url, alice, "alice")
-    took = eventually(lambda: admits(a.stub(alice)) and admits(b.stub(alice)), timeout=1.0)
+    took = eventually(lambda: admitted(a.stub(alice)) and admitted(b.stub(alice)), timeout=1.0)
     print(f"measured enroll_propagation_s {took:.3f}")
     # Nobody else got in.
-    assert not admits(a.stub(eve))
-    assert not admits(b.stub(eve))
+    assert not admitted(a.stub(eve))
+    assert not admitted(b.stub(eve))
     # Open channels to both replicas, then revoke through the admin CLI.
     open_a, open_b = a.stub(alice), b.stub(alice)
     assert whoami(open_a).name == whoami(open_b).name == "alice"
     assert cli("revoke", "alice", "--registry", url) == 0
-    took = eventually(lambda: not admits(open_b), timeout=1.0)
+    took = eventually(lambda: not admitted(open_b), timeout=1.0)
     print(f"measured revoke_propagation_s {took:.3f}")
     assert code_of(lambda: whoami(open_b)) in DENIED
-    eventually(lambda: not admits(open_a), timeout=1.0)
-    assert not admits(b.stub(alice))
+    eventually(lambda: not admitted(open_a), timeout=1.0)
+    assert not admitted(b.stub(alice))
 
 
 def test_outage_keeps_last_known_set_refuses_changes_and_catches_up(
@@ -151,17 +151,17 @@ def test_outage_keeps_last_known_set_refuses_changes_and_catches_up(
     alice, bob, carol = make_client("alice"), make_client("bob"), make_client("carol")
     enroll(url, alice, "alice")
     enroll(url, bob, "bob")
-    eventually(lambda: admits(a.stub(bob)) and admits(b.stub(bob)), timeout=1.0)
+    eventually(lambda: admitted(a.stub(bob)) and admitted(b.stub(bob)), timeout=1.0)
     assert cli("revoke", "bob", "--registry", url) == 0
-    eventually(lambda: admits(a.stub(alice)) and admits(b.stub(alice)), timeout=1.0)
-    eventually(lambda: not admits(a.stub(bob)) and not admits(b.stub(bob)), timeout=1.0)
+    eventually(lambda: admitted(a.stub(alice)) and admitted(b.stub(alice)), timeout=1.0)
+    eventually(lambda: not admitted(a.stub(bob)) and not admitted(b.stub(bob)), timeout=1.0)
 
     pg.stop()
     deadline = time.monotonic() + 1.5  # several polls of every replica's watcher
     while time.monotonic() < deadline:
         for replica in replicas:
-            assert admits(replica.stub(alice)), "a known client was refused during the outage"
-            assert not admits(replica.stub(bob)), "a revoked client got in during the outage"
+            assert admitted(replica.stub(alice)), "a known client was refused during the outage"
+            assert not admitted(replica.stub(bob)), "a revoked client got in during the outage"
     capsys.readouterr()
     assert cli("enroll", str(carol.cert_path), "--name", "carol", "--registry", url) == 1
     assert cli("revoke", "alice", "--registry", url) == 1
@@ -171,11 +171,11 @@ def test_outage_keeps_last_known_set_refuses_changes_and_catches_up(
 
     pg.start()
     enroll(url, carol, "carol")
-    took = eventually(lambda: admits(a.stub(carol)) and admits(b.stub(carol)), timeout=3.0)
+    took = eventually(lambda: admitted(a.stub(carol)) and admitted(b.stub(carol)), timeout=3.0)
     print(f"measured catch_up_after_restart_s {took:.3f}")
     for replica in replicas:
-        assert not admits(replica.stub(bob)), "a revoked client got in through the reconnect"
-        assert admits(replica.stub(alice))
+        assert not admitted(replica.stub(bob)), "a revoked client got in through the reconnect"
+        assert admitted(replica.stub(alice))
 
 
 def test_registry_rolled_back_cannot_readmit_a_revoked_client(
@@ -186,19 +186,19 @@ def test_registry_rolled_back_cannot_readmit_a_revoked_client(
     enroll(url, alice, "alice")
     enroll(url, bob, "bob")
     for replica in replicas:
-        eventually(lambda r=replica: admits(r.stub(bob)), timeout=1.0)  # type: ignore[misc]
+        eventually(lambda r=replica: admitted(r.stub(bob)), timeout=1.0)  # type: ignore[misc]
     assert cli("revoke", "bob", "--registry", url) == 0
     for replica in replicas:  # a replica that never saw the revocation cannot remember it
-        eventually(lambda r=replica: not admits(r.stub(bob)), timeout=1.0)  # type: ignore[misc]
+        eventually(lambda r=replica: not admitted(r.stub(bob)), timeout=1.0)  # type: ignore[misc]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("UPDATE clients SET revoked_at = NULL")  # what the old copy says
         conn.execute("UPDATE meta SET value = value - 1 WHERE key = 'generation'")
     carol = make_client("carol")
     enroll(url, carol, "carol")  # and the registry moves on from there
     for replica in replicas:
-        eventually(lambda r=replica: admits(r.stub(carol)), timeout=1.0)  # type: ignore[misc]
-        assert admits(replica.stub(alice))
-        assert not admits(replica.stub(bob))
+        eventually(lambda r=replica: admitted(r.stub(carol)), timeout=1.0)  # type: ignore[misc]
+        assert admitted(replica.stub(alice))
+        assert not admitted(replica.stub(bob))
 
 
 RETRY = json.dumps(
@@ -260,9 +260,9 @@ def test_balancer_hides_a_rolling_restart(
         target = f"127.0.0.1:{port}"
         options: list[tuple[str, object]] = [("grpc.service_config", RETRY)]
         client = stub(target, alice, devca, options)
-        eventually(lambda: admits(client), timeout=2.0)
+        eventually(lambda: admitted(client), timeout=2.0)
         # TLS passes through: the balancer holds no key, an unenrolled client stays out.
-        assert not admits(stub(target, eve, devca, options))
+        assert not admitted(stub(target, eve, devca, options))
 
         ok, failed = 0, []
         stop = threading.Event()

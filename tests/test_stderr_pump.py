@@ -14,11 +14,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import server.stderr_pump as pump
 from server.stderr_helper import CUT, GRPC_LINE, MARK, Buffer, Lines
+from tests.conftest import eventually
 
 LINES = [f"line {i:04d} ".encode().ljust(99, b"x") + b"\n" for i in range(300)]
 LAST = b"no newline at the end"
@@ -31,6 +33,15 @@ def own(lines: list[bytes]) -> Fed:
 
 
 OWN_LINES = own(LINES)
+
+
+def ignores(pid: int, *signums: signal.Signals) -> bool:
+    """Whether process ``pid`` ignores all of ``signums`` (its SigIgn mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^SigIgn:\s+([0-9a-f]+)$", status, re.MULTILINE)
+    assert found, status
+    mask = int(found.group(1), 16)
+    return all(mask >> (signum - 1) & 1 for signum in signums)
 
 
 def run_helper(
@@ -49,8 +60,9 @@ def run_helper(
     channels = {False: helper.stdin, True: os.fdopen(log_write, "wb")}
     out, deadline = b"", time.monotonic() + 20
     try:
-        # Ctrl-C and SIGTERM reach the whole process group; the helper stays for the lines.
-        time.sleep(0.3)
+        # Ctrl-C and SIGTERM reach the whole process group; the helper stays for the lines,
+        # once it has started ignoring them (a slow start would otherwise be killed here).
+        eventually(lambda: ignores(helper.pid, signal.SIGINT, signal.SIGTERM), timeout=10)
         helper.send_signal(signal.SIGINT)
         helper.send_signal(signal.SIGTERM)
         for trusted, line in fed:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from pinrpc.identity import KeyPairFiles
+from tests import conftest
 from tests.conftest import SERVER_NAME, Connect
 
 TIMEOUT = 60  # seconds for one tool run; they take well under one
@@ -18,12 +16,8 @@ TIMEOUT = 60  # seconds for one tool run; they take well under one
 def require_tool(path: Path | str | None, what: str) -> str:
     """The tool's path; under CI=true a missing tool fails the test, elsewhere it skips."""
     found = shutil.which(str(path)) if path is not None else None
-    if found:
-        return found
-    message = f"{what} is not installed"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI must install it: see .ci/run)")
-    pytest.skip(message)
+    conftest.require_tool(found is not None, what, ".ci/run installs it")
+    return str(found)
 
 
 def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import re
 import signal
 import socket
@@ -21,6 +20,8 @@ from typing import Protocol
 
 import pytest
 
+from tests.conftest import require_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 ATTACK_TOOL = ROOT / "scripts" / "stolen-cert-attack"
 BIN = Path(sys.executable).parent
@@ -29,10 +30,8 @@ BIN = Path(sys.executable).parent
 def require_attack_modules() -> None:
     """tlslite-ng and h2 are dev dependencies; outside CI a missing one skips."""
     for module in ("tlslite", "h2"):
-        if importlib.util.find_spec(module) is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{module} is required in CI (pip install tlslite-ng h2)")
-            pytest.skip(f"{module} is not installed (pip install tlslite-ng h2)")
+        found = importlib.util.find_spec(module) is not None
+        require_tool(found, module, "pip install tlslite-ng h2")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,15 @@ import grpc
 
 from pinrpc.channel import secure_channel
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
-from tests.conftest import ECHO_ALL, SERVER_NAME, MakeClient, ServerFiles, code_of, enroll, whoami
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    MakeClient,
+    ServerFiles,
+    enroll,
+    eventually,
+    whoami,
+)
 from tests.security.attacker import BIN, serve_process
 
 GRACE = 5.0  # ServerConfig.grace, which `pinrpc-server serve` uses
@@ -55,18 +63,24 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_calls(
             outbox.put("before")
             assert next(replies).message == "before"
             # The audit's writer thread runs: the stream's line is out before any shutdown.
-            deadline = time.monotonic() + 10
-            while "first call on this connection" not in server.log.read_text():
-                assert time.monotonic() < deadline, "no audit line while serving"
-                time.sleep(0.05)
+            eventually(lambda: "first call on this connection" in server.log.read_text(), 10)
 
             server.process.send_signal(signal.SIGTERM)
             terminated = time.monotonic()
-            time.sleep(0.5)
+
+            def fresh_call_refused() -> bool:
+                with channel() as fresh:
+                    try:
+                        whoami(echo_pb2_grpc.EchoStub(fresh))
+                    except grpc.RpcError as exc:
+                        code = exc.code()
+                    else:
+                        return False  # the signal is not handled yet
+                assert code == grpc.StatusCode.UNAVAILABLE, code
+                return True
+
             # New connections are refused while the stream is still open.
-            with channel() as fresh:
-                stub = echo_pb2_grpc.EchoStub(fresh)
-                assert code_of(lambda: whoami(stub)) == grpc.StatusCode.UNAVAILABLE
+            eventually(fresh_call_refused, timeout=GRACE / 2)
             # The in-flight stream keeps working, slowly, within the grace period.
             for message in ("during-1", "during-2"):
                 time.sleep(0.5)
