@@ -390,3 +390,15 @@ def test_grpcio_compare_refuses_an_unusable_interpreter(
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "grpcio-compare.json").exists()
+
+
+def test_registry_lookup_finds_clients_by_name_and_fingerprint() -> None:
+    """bench/registry_lookup.py on a small SQLite registry: every lookup it times finds a
+    client (registry.find raises for an unknown one), and it prints both rows."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.registry_lookup", "--clients", "50", "--lookups", "10"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()
+    assert [row.split()[5] for row in rows] == ["name", "fingerprint"], rows
