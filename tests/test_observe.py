@@ -21,6 +21,7 @@ from pinrpc.cli import Exit
 from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import audit as audit_module
+from server import cli as server_cli
 from server import handshakes, observe
 from server.app import RunningServer, start_server
 from server.audit import Audit
@@ -474,7 +475,8 @@ def test_trust_rebuilds_count_client_authenticated_configurations_only(
 ) -> None:
     """A revocation rebuilds the mTLS port's configuration (inline) or nothing (handover:
     the per-call check refuses, no new listener); the enrollment port's server-only TLS is
-    no trust rebuild. An enrollment (the twin) does count in both modes."""
+    no trust rebuild, and a permit, which changes no certificate, is none either. An
+    enrollment (the twin) does count in both modes."""
     alice, bob = make_client("alice"), make_client("bob")
     enroll(registry, alice.cert_path, "alice")
     config = ServerConfig(
@@ -494,4 +496,10 @@ def test_trust_rebuilds_count_client_authenticated_configurations_only(
         revoke(registry, "bob")
         running.trust.poll()
         time.sleep(0.5)  # a handover build would have started by now
+        assert rebuilds() == before + (1 if tls_reload == "handover" else 2)
+        assert server_cli.main(["permit", "alice", "--none", "--registry", str(registry)]) == 0
+        running.trust.poll()
+        permitted = running.trust.enrolled.lookup(alice.fingerprint)
+        assert permitted is not None and permitted.allowed_methods == ()  # picked up
+        time.sleep(0.5)
         assert rebuilds() == before + (1 if tls_reload == "handover" else 2)
