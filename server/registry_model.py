@@ -179,9 +179,13 @@ def check_enrollment(
         )
     active = [row for row in rows if row.active]
     retired = next((row for row in active if row.name == name and row.current), None)
-    if retired is not None and not replace:
+    # A certificate still in a rotation's overlap holds its name too, even once its successor
+    # was revoked: another key pair under that name would share its permissions (`permit`
+    # changes every certificate of a name) and its lines in the logs.
+    holder = retired or next((row for row in active if row.name == name), None)
+    if holder is not None and not replace:
         raise ConflictError(
-            f"a client named {name!r} is already enrolled ({retired.fingerprint}); "
+            f"a client named {name!r} is already enrolled ({holder.fingerprint}); "
             "pass --replace to re-key it (the old certificate is revoked)"
         )
     # "Alice" and "alice" read the same in logs and audit lines. Only a new name is checked:
