@@ -6,6 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +22,7 @@ from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
+from server.registry import open_registry
 from tests.conftest import (
     ECHO_ALL,
     Connect,
@@ -213,3 +218,79 @@ def test_a_local_permit_is_an_audit_line_per_certificate(
     assert [(r["event"], r["client"], r.get("allowed_methods")) for r in lines] == [
         ("permit", "alice", [])
     ]
+
+
+# One process per kind of change, each a bounded loop against the same registry; a race
+# refusal (the certificate it read was revoked or retired meanwhile) is expected, nothing else.
+_WORKER = """
+import datetime as dt, sys, time
+from pinrpc.errors import ConflictError, NotFoundError
+from pinrpc.identity import cert_to_pem, generate_key, self_signed_certificate
+from server.enrollment import check_certificate
+from server.registry import open_registry
+
+kind, spec, rounds, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+registry, refused = open_registry(spec), 0
+time.sleep(max(0.0, start - time.time()))  # all three at once, whenever each was ready
+deadline = time.monotonic() + 60
+for i in range(rounds):
+    if time.monotonic() > deadline:
+        break
+    try:
+        if kind == "permit":
+            registry.permit("alice" if i % 2 else str(registry.find("alice").fingerprint),
+                            [f"/pinrpc.v1.Echo/P{i}"])
+        elif kind == "rotate":
+            pem = cert_to_pem(self_signed_certificate(generate_key(), "alice"))
+            current = registry.find("alice").fingerprint
+            registry.rotate(current, check_certificate(pem, "new"), dt.timedelta(hours=1))
+        else:
+            retiring = [c for c in registry.clients() if c.active and not c.current]
+            if retiring:
+                registry.revoke(str(retiring[0].fingerprint))
+    except (ConflictError, NotFoundError):
+        refused += 1
+registry.close()
+print(refused)
+"""
+
+
+def test_concurrent_permit_revoke_and_rotate_leave_one_set_on_every_certificate(
+    spec: str, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """Whatever the interleaving, a client's usable certificates never disagree about its
+    permissions (a rotation copies them; a permit changes all of them), and the last
+    permit is what they hold."""
+    alice = make_client("alice")
+    server_cli_ok("enroll", str(alice.cert_path), "--name", "alice", "--allow", ECHO_ALL,
+                  "--registry", spec)  # fmt: skip
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    start = str(time.time() + 3)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(script), kind, spec, "30", start],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind in ("permit", "rotate", "revoke")
+    ]
+    try:
+        outcomes = [w.communicate(timeout=120) for w in workers]
+    finally:
+        for worker in workers:  # only on a timeout: ours, by their own handles
+            worker.kill()
+            worker.wait()
+    assert [w.returncode for w in workers] == [0, 0, 0], [err for _, err in outcomes]
+    registry = open_registry(spec)
+    try:
+        clients = registry.clients()
+        usable = [c for c in clients if c.active]
+    finally:
+        registry.close()
+    assert {c.name for c in usable} == {"alice"} and sum(c.current for c in usable) == 1
+    assert {c.allowed_methods for c in usable} == {("/pinrpc.v1.Echo/P29",)}
+    assert len(clients) == 31  # every rotation happened
