@@ -161,7 +161,9 @@ def test_admin_permit_takes_effect_at_once_and_is_audited(
     ]
 
 
-@pytest.mark.parametrize("allow", ["*", ECHO_ALL, "/pinrpc.v1.*"])
+@pytest.mark.parametrize(
+    "allow", ["*", ECHO_ALL, "/pinrpc.v1.*", "/pinrpc.v1.Admin/List", "/pinrpc.v1.Admin/[GL]*"]
+)
 def test_admin_permit_needs_explicit_admin_permission(
     allow: str, connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
