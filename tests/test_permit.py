@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client import cli as client_cli
 from pinrpc.cli import Exit
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli
@@ -296,3 +297,16 @@ def test_concurrent_permit_revoke_and_rotate_leave_one_set_on_every_certificate(
     assert {c.name for c in usable} == {"alice"} and sum(c.current for c in usable) == 1
     assert {c.allowed_methods for c in usable} == {("/pinrpc.v1.Echo/P29",)}
     assert len(clients) == 31  # every rotation happened
+
+
+@pytest.mark.parametrize("argv", [["pinrpc-server", "permit"], ["pinrpc", "admin", "permit"]])
+def test_permit_help_says_the_set_is_replaced_not_added_to(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    main = server_cli.main if argv[0] == "pinrpc-server" else client_cli.main
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv[1:], "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Replace the client's method patterns whole (they are not added to the old ones)" in text
+    assert "--none take every permission away" in text
