@@ -189,7 +189,9 @@ def check_enrollment(
             "pass --replace to re-key it (the old certificate is revoked)"
         )
     # "Alice" and "alice" read the same in logs and audit lines. Only a new name is checked:
-    # registries that already hold such a pair keep re-keying and rotating both.
+    # registries that already hold such a pair keep re-keying and rotating both. Names are
+    # ASCII (check_name), where casefold() is plain lower-casing: non-ASCII look-alikes (sharp
+    # s, dotless i, combining marks, full-width forms) are refused before they get here.
     if not any(row.name == name for row in active):
         folded = name.casefold()
         alike = next((row for row in active if row.name.casefold() == folded), None)
