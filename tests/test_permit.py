@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import logging
@@ -23,6 +24,7 @@ from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
+from server.enrollment import check_certificate
 from server.registry import open_registry
 from tests.conftest import (
     ECHO_ALL,
@@ -310,3 +312,26 @@ def test_permit_help_says_the_set_is_replaced_not_added_to(
     text = " ".join(capsys.readouterr().out.split())
     assert "Replace the client's method patterns whole (they are not added to the old ones)" in text
     assert "--none take every permission away" in text
+
+
+def test_permit_during_a_rotation_overlap_reaches_the_retiring_key_too(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """Both key pairs are admitted until the overlap ends: what a permit takes away must be
+    gone on the old key's open connection too, not only on the new one's."""
+    old, new = make_client("alice"), make_client("alice-next")
+    connect.enroll(old, "alice", ECHO_ALL)
+    registry = open_registry(str(connect.server_registry))
+    try:
+        successor = check_certificate(new.cert_path.read_bytes(), str(new.cert_path))
+        registry.rotate(old.fingerprint, successor, dt.timedelta(hours=1))
+    finally:
+        registry.close()
+    connect.server.trust.poll()
+    stubs = [connect.stub(pair.cert_path, pair.key_path) for pair in (old, new)]
+    assert [echo(stub) for stub in stubs] == [grpc.StatusCode.OK] * 2
+    server_cli_ok("permit", "alice", "--allow", STREAM_ONLY, "--registry",
+                  str(connect.server_registry))  # fmt: skip
+    connect.server.trust.poll()
+    assert [echo(stub) for stub in stubs] == [DENIED] * 2
+    assert [whoami(stub).name for stub in stubs] == ["alice"] * 2  # still admitted, both
