@@ -149,6 +149,11 @@ def add_allow_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_permit_flags(parser: argparse.ArgumentParser) -> None:
     """`permit`'s flags: --allow, or --none to take every permission away."""
+    parser.description = (
+        "Replace the client's method patterns whole (they are not added to the old ones) on "
+        "every certificate it may use, during a rotation's overlap the retiring one too. "
+        "Running servers apply it within a poll, to open connections too."
+    )
     add_allow_flag(parser)
     parser.add_argument(
         "--none",

@@ -179,14 +179,27 @@ def check_enrollment(
         )
     active = [row for row in rows if row.active]
     retired = next((row for row in active if row.name == name and row.current), None)
-    if retired is not None and not replace:
+    # A certificate still in a rotation's overlap holds its name too, even once its successor
+    # was revoked: another key pair under that name would share its permissions (`permit`
+    # changes every certificate of a name) and its lines in the logs.
+    holder = retired or next((row for row in active if row.name == name), None)
+    if holder is not None and not replace:
         raise ConflictError(
-            f"a client named {name!r} is already enrolled ({retired.fingerprint}); "
+            f"a client named {name!r} is already enrolled ({holder.fingerprint}); "
             "pass --replace to re-key it (the old certificate is revoked)"
         )
     # "Alice" and "alice" read the same in logs and audit lines. Only a new name is checked:
-    # registries that already hold such a pair keep re-keying and rotating both.
+    # registries that already hold such a pair keep re-keying and rotating both. Names are
+    # ASCII (check_name), where casefold() is plain lower-casing: non-ASCII look-alikes (sharp
+    # s, dotless i, combining marks, full-width forms) are refused before they get here.
     if not any(row.name == name for row in active):
+        if Fingerprint.looks_like(name):
+            # A stranger could ask for a victim's fingerprint as its name: revoke and permit
+            # by that name would then reach the victim, whose fingerprint they match first.
+            raise ConflictError(
+                f"client name {name!r} reads as a certificate fingerprint, which `revoke` and "
+                "`permit` would match before the name; choose another name"
+            )
         folded = name.casefold()
         alike = next((row for row in active if row.name.casefold() == folded), None)
         if alike is not None:

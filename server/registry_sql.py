@@ -451,11 +451,20 @@ class SqlRegistry(ABC):
         named = [c for c in rows if c.name == ref]
         try:
             return self._find(rows, ref), named
-        except NotFoundError:
+        except NotFoundError as exc:
             # Revoked by name: say so, as naming a revoked fingerprint does.
-            if not named or named[-1].revoked_at is None:
+            if named and named[-1].revoked_at is not None:
+                return named[-1], named
+            # A request's fingerprint, copied from `pending`: point at its own commands.
+            if not Fingerprint.looks_like(ref):
                 raise
-            return named[-1], named
+            fp, now = Fingerprint.parse(ref), self.dialect.encode_time(now_utc())
+            if any(p.fingerprint == fp for p in self._waiting(q, now)):
+                raise NotFoundError(
+                    f"{fp} is a pending enrollment request, not an enrolled client: "
+                    "`pinrpc-server approve` it (with --allow) or `reject` it"
+                ) from exc
+            raise
 
     def revoke(self, ref: str) -> Client:
         """Revoke one certificate by fingerprint, or by name every usable one of that client."""

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,11 +18,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client import cli as client_cli
 from pinrpc.cli import Exit
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
+from server.enrollment import check_certificate
+from server.registry import open_registry
 from tests.conftest import (
     ECHO_ALL,
     Connect,
@@ -156,7 +164,9 @@ def test_admin_permit_takes_effect_at_once_and_is_audited(
     ]
 
 
-@pytest.mark.parametrize("allow", ["*", ECHO_ALL, "/pinrpc.v1.*"])
+@pytest.mark.parametrize(
+    "allow", ["*", ECHO_ALL, "/pinrpc.v1.*", "/pinrpc.v1.Admin/List", "/pinrpc.v1.Admin/[GL]*"]
+)
 def test_admin_permit_needs_explicit_admin_permission(
     allow: str, connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -213,3 +223,115 @@ def test_a_local_permit_is_an_audit_line_per_certificate(
     assert [(r["event"], r["client"], r.get("allowed_methods")) for r in lines] == [
         ("permit", "alice", [])
     ]
+
+
+# One process per kind of change, each a bounded loop against the same registry; a race
+# refusal (the certificate it read was revoked or retired meanwhile) is expected, nothing else.
+_WORKER = """
+import datetime as dt, sys, time
+from pinrpc.errors import ConflictError, NotFoundError
+from pinrpc.identity import cert_to_pem, generate_key, self_signed_certificate
+from server.enrollment import check_certificate
+from server.registry import open_registry
+
+kind, spec, rounds, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+registry, refused = open_registry(spec), 0
+time.sleep(max(0.0, start - time.time()))  # all three at once, whenever each was ready
+deadline = time.monotonic() + 60
+for i in range(rounds):
+    if time.monotonic() > deadline:
+        break
+    try:
+        if kind == "permit":
+            registry.permit("alice" if i % 2 else str(registry.find("alice").fingerprint),
+                            [f"/pinrpc.v1.Echo/P{i}"])
+        elif kind == "rotate":
+            pem = cert_to_pem(self_signed_certificate(generate_key(), "alice"))
+            current = registry.find("alice").fingerprint
+            registry.rotate(current, check_certificate(pem, "new"), dt.timedelta(hours=1))
+        else:
+            retiring = [c for c in registry.clients() if c.active and not c.current]
+            if retiring:
+                registry.revoke(str(retiring[0].fingerprint))
+    except (ConflictError, NotFoundError):
+        refused += 1
+registry.close()
+print(refused)
+"""
+
+
+def test_concurrent_permit_revoke_and_rotate_leave_one_set_on_every_certificate(
+    spec: str, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """Whatever the interleaving, a client's usable certificates never disagree about its
+    permissions (a rotation copies them; a permit changes all of them), and the last
+    permit is what they hold."""
+    alice = make_client("alice")
+    server_cli_ok("enroll", str(alice.cert_path), "--name", "alice", "--allow", ECHO_ALL,
+                  "--registry", spec)  # fmt: skip
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    start = str(time.time() + 3)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(script), kind, spec, "30", start],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind in ("permit", "rotate", "revoke")
+    ]
+    try:
+        outcomes = [w.communicate(timeout=120) for w in workers]
+    finally:
+        for worker in workers:  # only on a timeout: ours, by their own handles
+            worker.kill()
+            worker.wait()
+    assert [w.returncode for w in workers] == [0, 0, 0], [err for _, err in outcomes]
+    registry = open_registry(spec)
+    try:
+        clients = registry.clients()
+        usable = [c for c in clients if c.active]
+    finally:
+        registry.close()
+    assert {c.name for c in usable} == {"alice"} and sum(c.current for c in usable) == 1
+    assert {c.allowed_methods for c in usable} == {("/pinrpc.v1.Echo/P29",)}
+    assert len(clients) == 31  # every rotation happened
+
+
+@pytest.mark.parametrize("argv", [["pinrpc-server", "permit"], ["pinrpc", "admin", "permit"]])
+def test_permit_help_says_the_set_is_replaced_not_added_to(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    main = server_cli.main if argv[0] == "pinrpc-server" else client_cli.main
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv[1:], "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Replace the client's method patterns whole (they are not added to the old ones)" in text
+    assert "--none take every permission away" in text
+
+
+def test_permit_during_a_rotation_overlap_reaches_the_retiring_key_too(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """Both key pairs are admitted until the overlap ends: what a permit takes away must be
+    gone on the old key's open connection too, not only on the new one's."""
+    old, new = make_client("alice"), make_client("alice-next")
+    connect.enroll(old, "alice", ECHO_ALL)
+    registry = open_registry(str(connect.server_registry))
+    try:
+        successor = check_certificate(new.cert_path.read_bytes(), str(new.cert_path))
+        registry.rotate(old.fingerprint, successor, dt.timedelta(hours=1))
+    finally:
+        registry.close()
+    connect.server.trust.poll()
+    stubs = [connect.stub(pair.cert_path, pair.key_path) for pair in (old, new)]
+    assert [echo(stub) for stub in stubs] == [grpc.StatusCode.OK] * 2
+    server_cli_ok("permit", "alice", "--allow", STREAM_ONLY, "--registry",
+                  str(connect.server_registry))  # fmt: skip
+    connect.server.trust.poll()
+    assert [echo(stub) for stub in stubs] == [DENIED] * 2
+    assert [whoami(stub).name for stub in stubs] == ["alice"] * 2  # still admitted, both

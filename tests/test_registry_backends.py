@@ -348,11 +348,16 @@ def test_rotation_overlap_keeps_the_retiring_certificate_in_the_look_alike_check
 def test_revoke_by_a_fingerprint_shaped_name_revokes_every_certificate_of_it(
     spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = "ab" * 32  # a valid name that parses as a fingerprint
+    name = "ab" * 32  # a valid name that parses as a fingerprint (older pinrpc enrolled it)
     registry = open_registry(spec)
     try:
         old = candidate(make_client, "old")
-        registry.enroll(old, name, [])
+        registry.enroll(old, "legacy", [])
+    finally:
+        registry.close()
+    sql(spec, f"UPDATE clients SET name = '{name}'")  # noqa: S608
+    registry = open_registry(spec)
+    try:
         registry.rotate(old.fingerprint, candidate(make_client, "new"), dt.timedelta(hours=1))
     finally:
         registry.close()
@@ -664,3 +669,92 @@ def test_a_registry_that_already_holds_names_differing_in_case_keeps_working(
         assert [c.name for c in registry.clients() if c.active] == ["Alice"]
     finally:
         registry.close()
+
+
+def test_a_name_held_only_by_a_retiring_certificate_is_not_given_to_another_key_pair(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alice rotated, then her new certificate was revoked: her old one stays trusted until
+    the overlap ends. A stranger enrolled as 'alice' meanwhile would share its name, and
+    `permit alice` (or by the stranger's fingerprint) would change both."""
+    registry = open_registry(spec)
+    try:
+        old = registry.enroll(candidate(make_client, "a1"), "alice", [ECHO_ALL])
+        new = registry.rotate(old.fingerprint, candidate(make_client, "a2"), dt.timedelta(hours=1))
+        registry.revoke(str(new.fingerprint))
+        assert registry.find("alice").fingerprint == old.fingerprint  # retiring, still trusted
+    finally:
+        registry.close()
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    before = capsys.readouterr().out
+    stranger = make_client("stranger")
+    argv = ["enroll", str(stranger.cert_path), "--name", "alice", "--registry", spec]
+    assert cli(*argv, "--allow", "/x/*") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'alice' is already enrolled ({old.fingerprint})" in err
+    assert "pass --replace" in err
+    assert cli("list", "--json", "--registry", spec) == 0
+    assert capsys.readouterr().out == before
+    # A re-key may take the name: the retiring certificate is revoked with it.
+    assert cli(*argv, "--replace") == 0
+    registry = open_registry(spec)
+    try:
+        assert [c.fingerprint for c in registry.clients() if c.active] == [stranger.fingerprint]
+        assert registry.find("alice").allowed_methods == (ECHO_ALL,)  # kept, as re-keys do
+    finally:
+        registry.close()
+
+
+def test_permit_or_revoke_of_a_pending_request_changes_nothing_and_says_what_it_is(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = open_registry(spec)
+    try:
+        registry.enroll(candidate(make_client, "alice"), "alice", [ECHO_ALL])
+    finally:
+        registry.close()
+    waiting = _request(spec, make_client, "carol")
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    before = capsys.readouterr().out
+    ref = waiting.replace(":", "").lower()  # any spelling
+    for argv in (["permit", ref, "--allow", ECHO_ALL], ["revoke", ref]):
+        assert cli(*argv, "--registry", spec) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"{waiting} is a pending enrollment request, not an enrolled client" in err
+    assert cli("list", "--json", "--registry", spec) == 0
+    assert capsys.readouterr().out == before
+    assert cli("pending", "--json", "--registry", spec) == 0
+    assert [p["fingerprint"] for p in json.loads(capsys.readouterr().out)] == [waiting]
+    assert cli("approve", waiting, "--allow", ECHO_ALL, "--registry", spec) == 0
+
+
+def test_a_new_name_that_reads_as_a_fingerprint_is_refused(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stranger asks to join under alice's fingerprint as its name: once approved, `revoke`
+    or `permit` by that name would have reached alice, whose fingerprint matches first."""
+    registry = open_registry(spec)
+    try:
+        alice = registry.enroll(candidate(make_client, "alice"), "alice", [ECHO_ALL])
+    finally:
+        registry.close()
+    name = alice.fingerprint.hex
+    request = _request(spec, make_client, name)
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    before = capsys.readouterr().out
+    stranger = make_client("stranger")
+    for argv in (
+        ["approve", request],
+        ["enroll", str(stranger.cert_path), "--name", name],
+        ["enroll", str(stranger.cert_path), "--name", name.upper()[:64]],
+    ):
+        assert cli(*argv, "--registry", spec) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "reads as a certificate fingerprint" in err, err
+    assert cli("list", "--json", "--registry", spec) == 0
+    assert capsys.readouterr().out == before
+    assert cli("approve", request, "--name", "stranger", "--registry", spec) == 0
