@@ -104,7 +104,7 @@ def check_name(name: str) -> str:
     """A client name doubles as a file name, so keep it to a safe alphabet."""
     if not NAME_RE.fullmatch(name):
         raise IdentityError(
-            f"invalid client name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            f"invalid client name {name!r}: use 1-64 ASCII letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
