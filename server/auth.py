@@ -375,6 +375,25 @@ def _ended_as(context: grpc.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def _count_at_end(
+    context: grpc.ServicerContext,
+    name: str,
+    method: str,
+    finished: Callable[[str, str, grpc.StatusCode], None],
+) -> None:
+    """Count a call that found no request (UNIMPLEMENTED) once it has ended: a client's cancel
+    (RST_STREAM) ends the requests too, before gRPC reports the cancel, and then the client got
+    CANCELLED or DEADLINE_EXCEEDED, not our answer."""
+
+    def count() -> None:
+        ended = _ended_as(context)
+        ok = ended is grpc.StatusCode.OK
+        finished(name, method, grpc.StatusCode.UNIMPLEMENTED if ok else ended)
+
+    if not context.add_callback(count):
+        count()  # it has ended already
+
+
 class _Stream:
     """One streaming call's admission, kept current for as long as the call is open.
 
@@ -544,7 +563,11 @@ def _wrap(
             finally:
                 _caller.reset(token)
                 if not refused:
-                    finished(identity.name, method, _final_code(context, completed))
+                    code = _final_code(context, completed)
+                    if not completed and code is grpc.StatusCode.UNIMPLEMENTED:
+                        _count_at_end(context, identity.name, method, finished)
+                    else:
+                        finished(identity.name, method, code)
 
         return run
 

@@ -169,6 +169,7 @@ def test_withheld_requests_cannot_hold_every_worker(
     # Counted by each call's own thread, which may follow the status the client got.
     refused = {("mallory", WHOAMI): len(done) + workers}
     eventually(lambda: counted(connect, "RESOURCE_EXHAUSTED") == refused, timeout=3)
+    eventually(lambda: counted(connect, "UNIMPLEMENTED") == {("mallory", WHOAMI): share}, 3)
 
 
 def test_slow_requests_are_left_alone_while_no_call_waits_for_a_thread(
@@ -461,3 +462,102 @@ def test_undecodable_requests_on_the_side_ports_log_no_traceback(
         challenge = enrollment_pb2_grpc.EnrollmentStub(channel).Challenge
         assert challenge(enrollment_pb2.ChallengeRequest(), timeout=5).nonce
     assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+def test_calls_under_a_stream_of_changes_end_once_and_leave_nothing_behind(
+    connect: Connect,
+    make_client: MakeClient,
+    watched: Watched,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """mallory's calls send their request at once, a little later, never, or are cancelled,
+    while the registry changes again and again (each change bumps the watch's generation and
+    re-checks her waiting calls); then she is revoked. Every call ends as it should and is
+    counted once, nothing logs a traceback, and the watch keeps no record of any of them."""
+    mallory = make_client("mallory")
+    connect.enroll(mallory, "mallory")
+    others = [make_client(f"other{i}") for i in range(6)]
+    send_late, release = threading.Event(), threading.Event()
+
+    def requests(kind: int) -> Iterator[bytes]:
+        if kind == 1:
+            send_late.wait(30)
+        elif kind >= 2:  # withheld (2), or cancelled while it waits (3)
+            release.wait(30)
+            return
+        yield b""
+
+    call = connect.channel(mallory.cert_path, mallory.key_path).stream_unary(WHOAMI, None, None)
+    kinds = [0, 1, 2, 3] * 3
+    calls: list[Any] = [call.future(requests(kind), timeout=30) for kind in kinds]
+    with caplog.at_level(logging.DEBUG):
+        try:
+            watched.waiting(mallory.fingerprint, kinds.count(1) + kinds.count(2) + 3)
+            for i, other in enumerate(others):
+                connect.enroll(other, f"other{i}")
+                if i == 1:
+                    send_late.set()
+                if i == 3:
+                    for c, kind in zip(calls, kinds, strict=True):
+                        if kind == 3:
+                            c.cancel()
+            watched.waiting(mallory.fingerprint, kinds.count(2))
+            revoke(connect.server_registry, "mallory")
+            connect.server.trust.poll()
+            # The client's own cancels end as CANCELLED for it: only the server's count tells.
+            got = [outcome(c) for c, kind in zip(calls, kinds, strict=True) if kind != 3]
+        finally:
+            send_late.set()
+            release.set()
+        assert got == ["mallory" if kind < 2 else DENIED for kind in kinds if kind != 3]
+        total = {"OK": 6, "CANCELLED": 3, "PERMISSION_DENIED": 3}
+        # A cancel ends the requests first: it was counted UNIMPLEMENTED (no request) at times.
+        eventually(lambda: {k: sum(counted(connect, k).values()) for k in total} == total, 5)
+        assert sum(v for f in ("UNKNOWN", "INTERNAL") for v in counted(connect, f).values()) == 0
+        watch = watched.watch
+        assert watch is not None and watch.waiting(mallory.fingerprint) == 0
+        eventually(lambda: not watch._ending, timeout=3)  # each call took what a sweep left
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+def outcome(call: Any) -> str | grpc.StatusCode:
+    """The name WhoAmI answered, or the status the call ended with."""
+    error = call.exception(timeout=10)
+    return error.code() if error else echo_pb2.WhoAmIResponse.FromString(call.result()).name
+
+
+def test_calls_cancelled_while_they_wait_for_their_request_are_counted_as_cancelled(
+    connect: Connect, make_client: MakeClient, watched: Watched
+) -> None:
+    """A cancel (RST_STREAM) ends a call's requests before gRPC reports the cancel: each call
+    read 'no request' and about one in four was counted UNIMPLEMENTED, an answer its client
+    never got. (The allow twin, a call that really ends without its request, is counted
+    UNIMPLEMENTED in test_withheld_requests_cannot_hold_every_worker.)"""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    n, rounds = 24, 6  # within the pool, so that no call waits for a thread or is held back
+    channel = connect.channel(alice.cert_path, alice.key_path)
+    release = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        release.wait(30)
+        yield from ()
+
+    try:
+        for done in range(0, n * rounds, n):
+            call = channel.stream_unary(WHOAMI, None, None)
+            calls: list[Any] = [call.future(nothing()) for _ in range(n)]
+            watched.waiting(alice.fingerprint, n)
+            for call in calls:
+                call.cancel()
+            watched.waiting(alice.fingerprint, 0)
+            ends = {"CANCELLED": done + n}  # and nothing else
+            eventually(lambda: {k: v for k, v in ended_as(connect).items() if v} == ends, 5)  # noqa: B023
+    finally:
+        release.set()
+
+
+def ended_as(connect: Connect) -> dict[str, float]:
+    """alice's WhoAmI calls by the status they were counted with."""
+    codes = ("OK", "CANCELLED", "UNIMPLEMENTED", "DEADLINE_EXCEEDED", "UNKNOWN")
+    return {code: counted(connect, code).get(("alice", WHOAMI), 0) for code in codes}
