@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - another grpcio build: leaf_pem() falls
 from pinrpc.identity import Fingerprint
 from server.registry import Client
 from server.request_watch import (
+    ENDED,
     UNDECODABLE,
     Queued,
     Recheck,
@@ -374,6 +375,25 @@ def _ended_as(context: grpc.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def _count_at_end(
+    context: grpc.ServicerContext,
+    name: str,
+    method: str,
+    finished: Callable[[str, str, grpc.StatusCode], None],
+) -> None:
+    """Count a call that found no request (UNIMPLEMENTED) once it has ended: a client's cancel
+    (RST_STREAM) ends the requests too, before gRPC reports the cancel, and then the client got
+    CANCELLED or DEADLINE_EXCEEDED, not our answer."""
+
+    def count() -> None:
+        ended = _ended_as(context)
+        ok = ended is grpc.StatusCode.OK
+        finished(name, method, grpc.StatusCode.UNIMPLEMENTED if ok else ended)
+
+    if not context.add_callback(count):
+        count()  # it has ended already
+
+
 class _Stream:
     """One streaming call's admission, kept current for as long as the call is open.
 
@@ -383,8 +403,8 @@ class _Stream:
     """
 
     __slots__ = (
-        "_cap", "_check", "_context", "_enrolled", "_lock", "_method", "identity", "refused",
-        "snapshot",
+        "_cap", "_check", "_context", "_ended", "_enrolled", "_lock", "_method", "identity",
+        "refused", "snapshot",
     )  # fmt: skip
 
     def __init__(
@@ -399,7 +419,10 @@ class _Stream:
         self.snapshot = enrolled()
         self.identity = check(context, method)
         self._cap: StreamCap | None = None
-        self._lock = threading.Lock()  # the stream's own thread and StreamCap's sweep re-check
+        self._ended = False  # end() ran: a later hold() must not keep a place under the cap
+        # The stream's own thread and StreamCap's sweep re-check; hold() and end(), which for a
+        # non-blocking stream run on different threads (end() on grpcio's, at the call's end).
+        self._lock = threading.Lock()
         self.refused = False  # by a re-check, which reported (and counted) the refusal itself
 
     def hold(self, cap: StreamCap) -> None:
@@ -411,15 +434,23 @@ class _Stream:
                 f"client {self.identity.name!r} already has {cap.limit} streams open, the most "
                 "one client may hold at once; close one first",
             )
-        self._cap = cap
+        with self._lock:
+            ended = self._ended
+            if not ended:
+                self._cap = cap
+        if ended:  # a cancel or reset after its request came: end() found no place to give back
+            cap.release(self)
+            deny(self._context, grpc.StatusCode.CANCELLED, ENDED)  # and no behaviour runs
         if self._enrolled() is not self.snapshot:
             self.recheck()  # a change between the check and now, which no sweep saw
 
     def end(self, finished: Callable[[str, str, grpc.StatusCode], None], completed: bool) -> None:
         """Give back the stream's place under the cap and count the call, once."""
-        if self._cap is not None:
-            self._cap.release(self)
-            self._cap = None
+        with self._lock:
+            self._ended = True
+            cap, self._cap = self._cap, None
+        if cap is not None:
+            cap.release(self)
         if self.refused:
             return
         name, method, context = self.identity.name, self._method, self._context
@@ -532,7 +563,11 @@ def _wrap(
             finally:
                 _caller.reset(token)
                 if not refused:
-                    finished(identity.name, method, _final_code(context, completed))
+                    code = _final_code(context, completed)
+                    if not completed and code is grpc.StatusCode.UNIMPLEMENTED:
+                        _count_at_end(context, identity.name, method, finished)
+                    else:
+                        finished(identity.name, method, code)
 
         return run
 

@@ -322,6 +322,7 @@ def peer_host(context: grpc.ServicerContext) -> str:
 OPEN_PER_HOST = 8
 OPEN_IN_ALL = 1024
 TOO_MANY_OPEN = "too many streams of this host are open; close one first"
+ENDED = "the call ended before it was answered"  # nobody reads it: the client has gone
 
 
 class PerHost(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -345,7 +346,8 @@ class PerHost(grpc.ServerInterceptor):  # type: ignore[type-arg]
             self._open[host] = held + 1
             self._open_in_all += 1
         if not context.add_callback(lambda: self._release(host)):
-            self._release(host)  # it has ended already
+            self._release(host)  # it has ended already: no behaviour may subscribe it
+            deny(context, grpc.StatusCode.CANCELLED, ENDED)
 
     def _release(self, host: str) -> None:
         with self._lock:

@@ -10,16 +10,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2
-from server.auth import UNKNOWN_METHOD, streams_per_client
+from server.auth import UNKNOWN_METHOD, StreamCap, streams_per_client
 from tests.conftest import ECHO_ALL, Connect, MakeClient, code_of, eventually, revoke, whoami
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 STREAM = "/pinrpc.v1.Echo/EchoStream"
+WATCH = "/grpc.health.v1.Health/Watch"
 
 
 class Bidi:
@@ -258,3 +260,42 @@ def test_a_client_may_not_hold_more_streams_than_its_share(
     finally:
         release.set()
     eventually(lambda: opened() == grpc.StatusCode.OK, timeout=3)
+
+
+def test_a_watch_that_ends_as_its_request_comes_gives_its_place_back(
+    connect: Connect, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice cancels a Watch after its request came but before it took its place under her
+    cap (a hook holds it there until the cancel has been counted): it keeps no place, so she
+    may still open her whole share. Before, each such race cost her one place for good."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    share = streams_per_client(connect.server.config.max_workers)
+    arrived, counted_end, held = threading.Event(), threading.Event(), threading.Event()
+    acquire = StreamCap.acquire
+
+    def late(self: StreamCap, stream: Any) -> bool:
+        if arrived.is_set():
+            return acquire(self, stream)
+        arrived.set()
+        counted_end.wait(10)
+        try:
+            return acquire(self, stream)
+        finally:
+            held.set()
+
+    monkeypatch.setattr(StreamCap, "acquire", late)
+    health = health_pb2_grpc.HealthStub(connect.channel(alice.cert_path, alice.key_path))
+    request = health_pb2.HealthCheckRequest()
+    raced = health.Watch(request, timeout=10)
+    assert arrived.wait(10)
+    raced.cancel()
+    eventually(lambda: counted(connect, "CANCELLED") == {("alice", WATCH): 1}, timeout=5)
+    counted_end.set()
+    assert held.wait(10)
+    watches = [health.Watch(request, timeout=10) for _ in range(share)]
+    try:
+        assert {next(w).status for w in watches} == {health_pb2.HealthCheckResponse.SERVING}
+    finally:
+        for watch in watches:
+            watch.cancel()
