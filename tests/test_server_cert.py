@@ -101,10 +101,7 @@ def test_certbot_renewal_is_picked_up_without_restart(
 
         second = devca.ca.issue(NAMES)
         certbot_install(live, second, 2)
-        took = eventually(
-            lambda: served_serial(running.port, alice) == second.leaf.serial_number, 1.0
-        )
-        assert took < 1.0
+        eventually(lambda: served_serial(running.port, alice) == second.leaf.serial_number, 1.0)
         assert whoami(old_channel).name == "alice"  # open connections keep working
         assert whoami(connect.stub(alice.cert_path, alice.key_path)).name == "alice"
 
