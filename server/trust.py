@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
@@ -86,7 +87,7 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
         ) from exc
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. a curve not offered
         raise ServerCertError(
             f"{key_path.absolute()} is not an unencrypted PEM private key: {exc}"
         ) from exc
@@ -99,8 +100,8 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
     leaf = chain[0]
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ServerCertError(f"{key_path.absolute()} is not an ECDSA or RSA key")
-    if not same_public_key(key, leaf):
-        if any(same_public_key(key, c) for c in chain[1:]):
+    if not _same_key(key, leaf):
+        if any(_same_key(key, c) for c in chain[1:]):
             raise ServerCertError(
                 f"{cert_path.absolute()} lists an intermediate first; the server's own "
                 f"certificate (the leaf) must come first"
@@ -115,6 +116,15 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
         )
     return ServerCert(chain_pem, key_pem, leaf)
+
+
+def _same_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, cert: x509.Certificate) -> bool:
+    """A certificate whose key cryptography cannot read is no match (and no exception that
+    would end the poll thread)."""
+    try:
+        return same_public_key(key, cert)
+    except (ValueError, UnsupportedAlgorithm):
+        return False
 
 
 def _require_regular(path: Path, what: str) -> None:

@@ -183,6 +183,47 @@ def test_a_fifo_in_place_of_a_file_stops_neither_reloads_nor_revocations(
             _unblock(fifo)  # old code waits in open(): let it go, so that the server can stop
 
 
+def _unsupported_curve(tmp: Path, what: str) -> bytes:
+    """A key on secp112r1 (which cryptography cannot use) or a certificate for one, from
+    openssl: cryptography raises UnsupportedAlgorithm for it, no ValueError."""
+    key = tmp / "secp112r1.key"
+    argv = ["openssl", "ecparam", "-name", "secp112r1", "-genkey", "-noout", "-out", str(key)]
+    subprocess.run(argv, check=True, capture_output=True, timeout=10)
+    if what == "key":
+        return key.read_bytes()
+    argv = ["openssl", "req", "-x509", "-key", str(key), "-subj", "/CN=x", "-days", "1"]
+    return subprocess.run(argv, check=True, capture_output=True, timeout=10).stdout
+
+
+@pytest.mark.parametrize("swapped", ["cert", "key"])
+def test_an_unsupported_key_type_stops_neither_reloads_nor_revocations(
+    swapped: str,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It escaped the poll as UnsupportedAlgorithm and ended the poll thread: no revocation
+    took effect any more, and no later renewal."""
+    cert, key = devca.ca.issue(NAMES).write(tmp_path / "srv")
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=0.05)
+    alice = make_client("alice")
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        connect = Connect(running, devca)
+        connect.enroll(alice, "alice")
+        stub = connect.stub(alice.cert_path, alice.key_path)
+        assert whoami(stub).name == "alice"
+        (cert if swapped == "cert" else key).write_bytes(_unsupported_curve(tmp_path, swapped))
+        eventually(lambda: "not reloaded" in caplog.text, 2.0)
+        revoke(registry, "alice")
+        eventually(lambda: _refused(stub), 2.0)
+        third = devca.ca.issue(NAMES)
+        third.write(tmp_path / "srv")
+        eventually(lambda: "reloaded server certificate" in caplog.text, 2.0)
+        assert running.trust.server_cert.leaf == third.leaf
+
+
 def test_server_refuses_to_start_with_a_fifo(
     devca: ServerFiles, registry: Path, tmp_path: Path
 ) -> None:
