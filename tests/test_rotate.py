@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import sqlite3
-import shutil
 import subprocess
 import sys
 import tempfile
