@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
@@ -658,16 +658,20 @@ def test_a_deactivated_account_says_to_move_its_key_away(
     assert account_key.read_bytes() != before["account.key"]
 
 
-def test_a_lock_file_of_another_user_says_to_chown_it(pebble: Pebble) -> None:
-    """root ran obtain-cert once, then handed --out to the user of the cron job with
-    `chown nobody OUT/*`, which skips .obtain-cert.lock: the error said only EACCES."""
+Run = Callable[[], subprocess.CompletedProcess[str]]
+
+
+@contextmanager
+def _out_handed_to_nobody(pebble: Pebble) -> Iterator[tuple[Path, Run]]:
+    """--out as root's first run left it, handed to the user of the cron job (nobody) with
+    `chown nobody OUT/*`, which skips dot files; and a real obtain-cert run as that user."""
     nobody = 65534
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="pinrpc-nobody-") as tmp:
         out = Path(tmp) / "out"
         _issue(pebble, out)
         ca_bundle = Path(tmp) / "pebble-tls.pem"  # pytest's own directories are root's only
         shutil.copy(pebble.acme_ca_bundle, ca_bundle)
-        visible = [p for p in out.iterdir() if not p.name.startswith(".")]  # as OUT/* is
+        visible = [p for p in out.iterdir() if not p.name.startswith(".")]
         for path in [Path(tmp), out, ca_bundle, *visible]:
             os.chown(path, nobody, nobody)
         argv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
@@ -681,16 +685,37 @@ def test_a_lock_file_of_another_user_says_to_chown_it(pebble: Pebble) -> None:
             return subprocess.run([*argv, *port], capture_output=True, text=True, env=env,
                                   timeout=60)  # fmt: skip
 
+        yield out, run
+
+
+def test_a_lock_file_of_another_user_says_to_chown_it(pebble: Pebble) -> None:
+    """The lock file stays root's: the error said only EACCES."""
+    with _out_handed_to_nobody(pebble) as (out, run):
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         done = run()
         assert done.returncode == 1
         lock = out / ".obtain-cert.lock"
         _assert_one_line_error(done.stderr, str(lock), "Permission denied", "chown it")
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-        os.chown(lock, nobody, nobody)  # as the error says
+        os.chown(lock, 65534, 65534)  # as the error says
         done = run()
         assert done.returncode == 0, done.stderr
         assert (out / "fullchain.pem").read_bytes() != before["fullchain.pem"]
+
+
+def test_a_key_group_the_user_may_not_give_is_named_and_changes_nothing(pebble: Pebble) -> None:
+    """privkey.pem is shared with root's group, which nobody may not give the renewed key:
+    the error was 'cannot write OUT: Operation not permitted'."""
+    with _out_handed_to_nobody(pebble) as (out, run):
+        os.chown(out / ".obtain-cert.lock", 65534, 65534)
+        os.chown(out / "privkey.pem", -1, 0)
+        (out / "privkey.pem").chmod(0o640)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        done = run()
+        assert done.returncode == 1
+        key = out / "privkey.pem"
+        _assert_one_line_error(done.stderr, f"{key}: cannot give it group 0", "unchanged")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary left
 
 
 def _obtain_cert_process(pebble: Pebble, out: Path) -> subprocess.Popen[str]:
