@@ -317,7 +317,8 @@ def _lock(out_dir: Path) -> Iterator[None]:
     two runs lock two different files)."""
     path = out_dir / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # Read-only: flock needs no write access, so a lock file of ours made read-only works.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         # EACCES: another user's run made it; `chown USER OUT/*` skips dot files.
         hint = "; chown it to the user that runs obtain-cert" if exc.errno == errno.EACCES else ""

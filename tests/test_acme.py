@@ -698,6 +698,7 @@ def test_a_lock_file_of_another_user_says_to_chown_it(pebble: Pebble) -> None:
         _assert_one_line_error(done.stderr, str(lock), "Permission denied", "chown it")
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         os.chown(lock, 65534, 65534)  # as the error says
+        lock.chmod(0o400)  # flock needs only read access
         done = run()
         assert done.returncode == 0, done.stderr
         assert (out / "fullchain.pem").read_bytes() != before["fullchain.pem"]
