@@ -141,13 +141,14 @@ def _valid_now(leaf: x509.Certificate) -> bool:
 
 def file_signature(*paths: Path) -> tuple[tuple[int, ...], ...] | None:
     """What changes when a file is rewritten, a symlink (certbot's live/) is re-pointed, or
-    its mode or owner changes: a chmod that makes the key unreadable must show now, not at
-    the next restart (which would then fail)."""
+    who may read it changes: a chmod, chown or ACL change (ctime; an ACL may leave the mode
+    as it was) that makes the key unreadable must show now, not at the next restart (which
+    would then fail)."""
     try:
         stats = [os.stat(p) for p in paths]
     except OSError:
         return None
-    return tuple((s.st_ino, s.st_mtime_ns, s.st_size, s.st_mode, s.st_uid, s.st_gid) for s in stats)
+    return tuple((s.st_ino, s.st_mtime_ns, s.st_size, s.st_ctime_ns) for s in stats)
 
 
 def nobody_root() -> bytes:
@@ -461,7 +462,7 @@ class TrustWatcher:
         signature = file_signature(self._cert_path, self._key_path)
         if signature == self._bad_cert_signature:
             return
-        if signature == self._cert_signature:  # e.g. chmod back: the served files as they were
+        if signature == self._cert_signature:  # untouched, e.g. its directory searchable again
             self._cert_files_usable()
             return
         try:
