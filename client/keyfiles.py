@@ -55,7 +55,9 @@ def stage_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
     except FileExistsError as exc:
         raise unfinished_error(cert, key) from exc
     except OSError as exc:
-        raise IdentityError(f"cannot write the new key pair next to {cert}: {exc}") from exc
+        raise IdentityError(
+            f"cannot write the new key pair next to {cert}: {exc.strerror or exc}"
+        ) from exc
 
 
 def unfinished_error(cert: Path, key: Path) -> IdentityError:

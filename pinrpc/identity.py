@@ -197,7 +197,11 @@ def _write_temp(path: Path, data: bytes, mode: int, gid: int = -1) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if gid != -1:  # before fchmod: a chown may clear mode bits
-            os.fchown(fd, -1, gid)
+            try:
+                os.fchown(fd, -1, gid)
+            except OSError as exc:  # a bare EPERM names neither the file nor the group
+                why = f"cannot give it group {gid} ({exc.strerror}; only root or a member may)"
+                raise OSError(exc.errno, why, str(path)) from exc
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import fcntl
 import http.server
 import ipaddress
@@ -225,13 +226,22 @@ def _http01_responder(host: str, port: int, answers: Mapping[str, bytes]) -> Ite
 
 
 def _register(
-    acme: client.ClientV2, net: client.ClientNetwork, email: str | None
+    acme: client.ClientV2, net: client.ClientNetwork, email: str | None, stored: Path | None
 ) -> tuple[str, ...] | None:
-    """Register, or reuse the account of the stored key; returns the contact it set on an
-    existing account (None: unchanged), so a new --email reaches the CA's expiry mails."""
+    """Register, or reuse the account of the stored key (``stored``: its file, None for a key
+    made by this run); returns the contact it set on an existing account (None: unchanged),
+    so a new --email reaches the CA's expiry mails."""
     registration = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
     try:
         acme.new_account(registration)
+    except messages.Error as exc:
+        # A deactivated account stays so (RFC 8555 7.3.6): only a new key makes a new one.
+        if stored is None or exc.code != "unauthorized":
+            raise
+        raise AcmeError(
+            f"the CA refuses the account of {stored.resolve()} ({_one_line(exc.detail or exc)}); "
+            f"if it was deactivated, move that file away to register a new account"
+        ) from exc
     except errors.ConflictError as exc:
         # The stored account key is already registered: reuse that account.
         account = messages.RegistrationResource(body=messages.Registration(), uri=exc.location)
@@ -307,9 +317,14 @@ def _lock(out_dir: Path) -> Iterator[None]:
     two runs lock two different files)."""
     path = out_dir / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # Read-only: flock needs no write access, so a lock file of ours made read-only works.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise AcmeError(f"cannot open the lock file {path.resolve()}: {exc.strerror}") from exc
+        # EACCES: another user's run made it; `chown USER OUT/*` skips dot files.
+        hint = "; chown it to the user that runs obtain-cert" if exc.errno == errno.EACCES else ""
+        raise AcmeError(
+            f"cannot open the lock file {path.resolve()}: {exc.strerror}{hint}"
+        ) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -391,7 +406,8 @@ def obtain_certificate(
             if new_account:
                 _save_account(out_dir, account_private, None if locked else held)
             with _step("registering the ACME account or updating its contact", directory_url):
-                contact = _register(acme, net, email)
+                stored = None if new_account else out_dir / "account.key"
+                contact = _register(acme, net, email, stored)
             with _step("creating the order", directory_url):
                 order = acme.new_order(csr)
 

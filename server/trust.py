@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
@@ -86,7 +87,7 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
         ) from exc
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. a curve not offered
         raise ServerCertError(
             f"{key_path.absolute()} is not an unencrypted PEM private key: {exc}"
         ) from exc
@@ -99,8 +100,8 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
     leaf = chain[0]
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ServerCertError(f"{key_path.absolute()} is not an ECDSA or RSA key")
-    if not same_public_key(key, leaf):
-        if any(same_public_key(key, c) for c in chain[1:]):
+    if not _same_key(key, leaf):
+        if any(_same_key(key, c) for c in chain[1:]):
             raise ServerCertError(
                 f"{cert_path.absolute()} lists an intermediate first; the server's own "
                 f"certificate (the leaf) must come first"
@@ -117,6 +118,15 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
     return ServerCert(chain_pem, key_pem, leaf)
 
 
+def _same_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, cert: x509.Certificate) -> bool:
+    """A certificate whose key cryptography cannot read is no match (and no exception that
+    would end the poll thread)."""
+    try:
+        return same_public_key(key, cert)
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+
+
 def _require_regular(path: Path, what: str) -> None:
     """Refuse a FIFO or device: opening a FIFO waits for a writer, and a reload stuck there
     would stop the poll thread, revocations included, and the server's shutdown."""
@@ -131,13 +141,14 @@ def _valid_now(leaf: x509.Certificate) -> bool:
 
 def file_signature(*paths: Path) -> tuple[tuple[int, ...], ...] | None:
     """What changes when a file is rewritten, a symlink (certbot's live/) is re-pointed, or
-    its mode or owner changes: a chmod that makes the key unreadable must show now, not at
-    the next restart (which would then fail)."""
+    who may read it changes: a chmod, chown or ACL change (ctime; an ACL may leave the mode
+    as it was) that makes the key unreadable must show now, not at the next restart (which
+    would then fail)."""
     try:
         stats = [os.stat(p) for p in paths]
     except OSError:
         return None
-    return tuple((s.st_ino, s.st_mtime_ns, s.st_size, s.st_mode, s.st_uid, s.st_gid) for s in stats)
+    return tuple((s.st_ino, s.st_mtime_ns, s.st_size, s.st_ctime_ns) for s in stats)
 
 
 def nobody_root() -> bytes:
@@ -454,7 +465,7 @@ class TrustWatcher:
         signature = file_signature(self._cert_path, self._key_path)
         if signature == self._bad_cert_signature:
             return
-        if signature == self._cert_signature:  # e.g. chmod back: the served files as they were
+        if signature == self._cert_signature:  # untouched, e.g. its directory searchable again
             self._cert_files_usable()
             return
         try:

@@ -11,9 +11,10 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
@@ -567,8 +568,11 @@ def test_unusable_account_key_is_one_line(
     _assert_one_line_error(capsys.readouterr().err, str(path), "delete it")
 
 
-def _account_contact(pebble: Pebble, out: Path) -> tuple[str, ...]:
-    """The contact the CA holds for the account of out/account.key, as the CA reports it."""
+@contextmanager
+def _account(
+    pebble: Pebble, out: Path
+) -> Iterator[tuple[client.ClientV2, messages.RegistrationResource]]:
+    """An ACME client for the account of out/account.key, and that account."""
     key = serialization.load_pem_private_key((out / "account.key").read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     net = client.ClientNetwork(
@@ -580,12 +584,18 @@ def _account_contact(pebble: Pebble, out: Path) -> tuple[str, ...]:
         existing = messages.NewRegistration(only_return_existing=True)
         with pytest.raises(errors.ConflictError) as found:
             acme.new_account(existing)
-        account = messages.RegistrationResource(
-            body=messages.Registration(), uri=found.value.location
+        yield (
+            acme,
+            messages.RegistrationResource(body=messages.Registration(), uri=found.value.location),
         )
-        return tuple(acme.query_registration(account).body.contact)
     finally:
         net.session.close()
+
+
+def _account_contact(pebble: Pebble, out: Path) -> tuple[str, ...]:
+    """The contact the CA holds for the account of out/account.key, as the CA reports it."""
+    with _account(pebble, out) as (acme, account):
+        return tuple(acme.query_registration(account).body.contact)
 
 
 def test_a_new_email_updates_the_existing_accounts_contact(
@@ -625,6 +635,88 @@ def test_a_contact_the_ca_refuses_is_one_line(
     _assert_one_line_error(capsys.readouterr().err, "contact")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert _account_contact(pebble, tmp_path) == ("mailto:ops@pinrpc.test",)
+
+
+@pytest.mark.parametrize("email", [None, "ops@pinrpc.test"])
+def test_a_deactivated_account_says_to_move_its_key_away(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str], email: str | None
+) -> None:
+    """The CA refuses a deactivated account for good; the error only quoted the CA."""
+    _issue(pebble, tmp_path)
+    with _account(pebble, tmp_path) as (acme, account):
+        acme.deactivate_registration(account)
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    argv += ["--email", email] if email else []
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(argv) == 1
+    account_key = tmp_path / "account.key"
+    _assert_one_line_error(capsys.readouterr().err, str(account_key), "deactivated", "move")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    account_key.rename(tmp_path / "deactivated-account.key")
+    assert main(argv) == 0  # as the error says: a new account
+    assert account_key.read_bytes() != before["account.key"]
+
+
+Run = Callable[[], subprocess.CompletedProcess[str]]
+
+
+@contextmanager
+def _out_handed_to_nobody(pebble: Pebble) -> Iterator[tuple[Path, Run]]:
+    """--out as root's first run left it, handed to the user of the cron job (nobody) with
+    `chown nobody OUT/*`, which skips dot files; and a real obtain-cert run as that user."""
+    nobody = 65534
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pinrpc-nobody-") as tmp:
+        out = Path(tmp) / "out"
+        _issue(pebble, out)
+        ca_bundle = Path(tmp) / "pebble-tls.pem"  # pytest's own directories are root's only
+        shutil.copy(pebble.acme_ca_bundle, ca_bundle)
+        visible = [p for p in out.iterdir() if not p.name.startswith(".")]
+        for path in [Path(tmp), out, ca_bundle, *visible]:
+            os.chown(path, nobody, nobody)
+        argv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+                sys.executable, str(Path(__file__).parent.parent / "scripts" / "obtain-cert"),
+                "--directory", pebble.directory_url, "--domain", "server.test",
+                "--out", str(out), "--ca-bundle", str(ca_bundle)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+
+        def run() -> subprocess.CompletedProcess[str]:
+            port = ["--http-port", str(_free_port())]
+            return subprocess.run([*argv, *port], capture_output=True, text=True, env=env,
+                                  timeout=60)  # fmt: skip
+
+        yield out, run
+
+
+def test_a_lock_file_of_another_user_says_to_chown_it(pebble: Pebble) -> None:
+    """The lock file stays root's: the error said only EACCES."""
+    with _out_handed_to_nobody(pebble) as (out, run):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        done = run()
+        assert done.returncode == 1
+        lock = out / ".obtain-cert.lock"
+        _assert_one_line_error(done.stderr, str(lock), "Permission denied", "chown it")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        os.chown(lock, 65534, 65534)  # as the error says
+        lock.chmod(0o400)  # flock needs only read access
+        done = run()
+        assert done.returncode == 0, done.stderr
+        assert (out / "fullchain.pem").read_bytes() != before["fullchain.pem"]
+
+
+def test_a_key_group_the_user_may_not_give_is_named_and_changes_nothing(pebble: Pebble) -> None:
+    """privkey.pem is shared with root's group, which nobody may not give the renewed key:
+    the error was 'cannot write OUT: Operation not permitted'."""
+    with _out_handed_to_nobody(pebble) as (out, run):
+        os.chown(out / ".obtain-cert.lock", 65534, 65534)
+        os.chown(out / "privkey.pem", -1, 0)
+        (out / "privkey.pem").chmod(0o640)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        done = run()
+        assert done.returncode == 1
+        key = out / "privkey.pem"
+        _assert_one_line_error(done.stderr, f"{key}: cannot give it group 0", "unchanged")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary left
 
 
 def _obtain_cert_process(pebble: Pebble, out: Path) -> subprocess.Popen[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -238,6 +240,37 @@ def test_write_all_gives_the_named_files_their_group_from_the_start(tmp_path: Pa
     write_all([(key, b"k", 0o640), (cert, b"c", 0o644)], overwrite=True, groups={key: 4242})
     assert (key.stat().st_gid, stat.S_IMODE(key.stat().st_mode)) == (4242, 0o640)
     assert (cert.stat().st_gid, stat.S_IMODE(cert.stat().st_mode)) == (os.getgid(), 0o644)
+
+
+NOBODY = 65534
+
+
+def test_write_all_that_may_not_give_a_group_names_it_and_changes_nothing() -> None:
+    """As nobody, the second of three files asks for root's group: the chown fails after the
+    first temporary file is written. The bare EPERM named neither the file nor the group."""
+    script = (
+        "import sys; from pathlib import Path; from pinrpc.identity import write_all\n"
+        "d = Path(sys.argv[1]); files = [d / n for n in ('privkey.pem', 'chain.pem', 'x.pem')]\n"
+        "try:\n"
+        "    write_all([(f, b'new', 0o640) for f in files], overwrite=True, groups={files[1]: 0})\n"
+        "except OSError as exc:\n"
+        "    sys.exit(f'{exc.filename}: {exc.strerror}')\n"
+    )
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pinrpc-nobody-") as tmp:
+        out = Path(tmp)
+        for name in ("privkey.pem", "chain.pem", "x.pem"):
+            (out / name).write_bytes(b"old " + name.encode())
+            os.chown(out / name, NOBODY, NOBODY)
+        os.chown(out, NOBODY, NOBODY)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                sys.executable, "-c", script, str(out)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+        assert done.returncode == 1
+        assert done.stderr == f"{out / 'chain.pem'}: cannot give it group 0 (Operation not " \
+            "permitted; only root or a member may)\n"  # fmt: skip
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary left
 
 
 def test_write_all_refuses_a_directory_target_before_writing_anything(tmp_path: Path) -> None:

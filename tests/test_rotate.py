@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from client import keyfiles
 from client.keyfiles import old
 from pinrpc.cli import Exit
-from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
+from pinrpc.identity import Fingerprint, KeyPairFiles, create_identity, load_certificate
 from tests.certs import make_cert, p256, write_pair
 from tests.conftest import Connect, MakeClient, registry_dump
 from tests.security.attacker import BIN
@@ -147,6 +150,35 @@ def test_a_key_shared_with_its_group_stays_shared(
     assert alice.key_path.stat().st_gid == shared_group
     assert bob.key_path.stat().st_mode & 0o777 == 0o600
     assert bob.key_path.stat().st_gid == os.getgid()
+
+
+def test_a_group_the_user_may_not_give_fails_before_the_server_is_asked(
+    connect: Connect, registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nobody's key is shared with root's group (as root set it up): the new key cannot get
+    that group. The error named neither the group nor the file (a bare EPERM)."""
+    nobody = 65534
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pinrpc-nobody-") as tmp:
+        keys = Path(tmp)
+        alice = create_identity("alice", keys)
+        shutil.copy(connect.devca.ca_path, keys / "ca.pem")
+        for path in [keys, *keys.iterdir()]:
+            os.chown(path, nobody, nobody)
+        os.chown(alice.key_path, -1, 0)
+        alice.key_path.chmod(0o640)
+        connect.enroll(alice, "alice")
+        before = registry_dump(registry, capsys)
+        flags = [*connect.cli_flags(alice), "--ca", str(keys / "ca.pem")]
+        argv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+                sys.executable, "-m", "client.cli", "rotate", *flags,
+                "--insecure-key-permissions"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == Exit.ERROR, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert f"next to {alice.cert_path}: cannot give it group 0" in done.stderr
+        assert sorted(p.name for p in keys.iterdir()) == ["alice.crt", "alice.key", "ca.pem"]
+        assert registry_dump(registry, capsys) == before
 
 
 def test_definite_refusal_removes_the_new_pair(

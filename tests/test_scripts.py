@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -428,14 +429,14 @@ def pebble_management(root_pem: bytes, tmp: Path) -> Iterator[tuple[str, Path]]:
 
 
 def demo_compose_certs(
-    pebble: Pebble, management: str, tls_ca: Path, tmp: Path
+    pebble: Pebble, management: str, tls_ca: Path, tmp: Path, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(SCRIPTS / "demo-compose"), "certs",
          "--directory", pebble.directory_url, "--management", management,
          "--tls-ca", str(tls_ca), "--domain", "server.test", "--out", str(tmp / "out"),
          "--root-out", str(tmp / "root.pem")],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=timeout, check=False,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
 
@@ -459,6 +460,24 @@ def test_demo_compose_certs_without_pebbles_root_is_one_line(
 
     assert done.returncode == 1
     assert done.stderr.startswith(f"demo-compose: error: cannot fetch pebble's root from {url}")
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "root.pem").exists()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tls_ca", ["missing", "not PEM"])
+def test_demo_compose_certs_with_an_unusable_tls_ca_fails_at_once(
+    pebble: Pebble, tmp_path: Path, tls_ca: str
+) -> None:
+    """It waited the full 60 s for pebble, then blamed pebble without naming the file."""
+    ca = tmp_path / "tls-ca.pem"
+    if tls_ca == "not PEM":
+        ca.write_bytes(b"not a certificate\n")
+    start = time.monotonic()
+    done = demo_compose_certs(pebble, "https://127.0.0.1:1", ca, tmp_path, timeout=20)
+    assert time.monotonic() - start < 20
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"demo-compose: error: cannot use --tls-ca {ca}: ")
     assert done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "root.pem").exists()
     assert not (tmp_path / "out").exists()
