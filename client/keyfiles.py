@@ -46,11 +46,11 @@ def stage_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
     try:
         current = key.stat()
         shared = bool(current.st_mode & stat.S_IRGRP)
-        mode, groups = (0o640, {new(key): current.st_gid}) if shared else (0o600, None)
+        mode, owners = (0o640, {new(key): (-1, current.st_gid)}) if shared else (0o600, None)
         write_all(
             [(new(key), key_pem, mode), (new(cert), cert_pem, 0o644)],
             overwrite=False,
-            groups=groups,
+            owners=owners,
         )
     except FileExistsError as exc:
         raise unfinished_error(cert, key) from exc

@@ -191,16 +191,18 @@ def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _write_temp(path: Path, data: bytes, mode: int, gid: int = -1) -> Path:
-    """A temporary file next to ``path``, created with ``mode`` (and group ``gid``, -1: ours)
-    from the start: a private key is never readable by others, not even for a moment."""
+def _write_temp(path: Path, data: bytes, mode: int, owner: tuple[int, int] = (-1, -1)) -> Path:
+    """A temporary file next to ``path``, created with ``mode`` (and ``owner``, a uid and a gid,
+    -1: ours) from the start: a private key is never readable by others, not even for a moment."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if gid != -1:  # before fchmod: a chown may clear mode bits
+        if owner != (-1, -1):  # before fchmod: a chown may clear mode bits
             try:
-                os.fchown(fd, -1, gid)
-            except OSError as exc:  # a bare EPERM names neither the file nor the group
-                why = f"cannot give it group {gid} ({exc.strerror}; only root or a member may)"
+                os.fchown(fd, *owner)
+            except OSError as exc:  # a bare EPERM names neither the file nor the owner
+                named = zip(("owner", "group"), owner, strict=True)
+                whom = " and ".join(f"{what} {n}" for what, n in named if n != -1)
+                why = f"cannot give it {whom} ({exc.strerror}; only root or a member may)"
                 raise OSError(exc.errno, why, str(path)) from exc
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -229,10 +231,11 @@ def write_all(
     files: Sequence[tuple[Path, bytes, int]],
     *,
     overwrite: bool,
-    groups: Mapping[Path, int] | None = None,
+    owners: Mapping[Path, tuple[int, int]] | None = None,
 ) -> None:
-    """Write each (path, data, mode), all or nothing (see ``move_all``); ``groups`` gives
-    some of them a group (a renewed server key keeps the one its server reads it with).
+    """Write each (path, data, mode), all or nothing (see ``move_all``); ``owners`` gives
+    some of them a uid and a gid, -1 for ours (a renewed server key keeps the ones its server
+    reads it with).
 
     With ``overwrite``, a target that is a directory is refused before anything is written
     (renaming over it would fail only halfway, with a less clear error)."""
@@ -243,7 +246,7 @@ def write_all(
     temps: list[Path] = []
     try:
         for path, data, mode in files:
-            temps.append(_write_temp(path, data, mode, (groups or {}).get(path, -1)))
+            temps.append(_write_temp(path, data, mode, (owners or {}).get(path, (-1, -1))))
         move_all(list(zip(temps, (f[0] for f in files), strict=True)), overwrite=overwrite)
     finally:
         for tmp in temps:

@@ -470,7 +470,7 @@ def obtain_certificate(
             not_after=leaf.not_valid_after_utc,
             contact_updated=contact,
         )
-        key_mode, key_gid = _key_access(result.privkey)
+        key_mode, key_owner = _key_access(result.privkey)
         try:
             # Key first and fullchain.pem last: a watcher keyed on fullchain.pem sees a full set.
             write_all(
@@ -481,7 +481,7 @@ def obtain_certificate(
                     (result.fullchain, pem(certs), 0o644),
                 ],
                 overwrite=True,
-                groups={result.privkey: key_gid},
+                owners={result.privkey: key_owner},
             )
         except OSError as exc:
             where = Path(exc.filename).resolve() if exc.filename else out_dir.resolve()
@@ -501,14 +501,17 @@ def _check_ca_bundle(path: Path) -> None:
         ) from exc
 
 
-def _key_access(path: Path) -> tuple[int, int]:
-    """Mode and group for a new privkey.pem: keep the old one's group read access, as certbot
-    does, so a non-root server given that group can still read it; never other-read."""
+def _key_access(path: Path) -> tuple[int, tuple[int, int]]:
+    """Mode and owner for a new privkey.pem: keep the old one's group read access, as certbot
+    does, so a non-root server given that group can still read it; never other-read. Run as
+    root (a cron job), keep its owner too: a server that owns its key must still read the
+    renewed one, or it keeps serving the old certificate until that expires."""
     try:
         old = path.stat()
     except FileNotFoundError:
-        return 0o600, -1
-    return 0o600 | (old.st_mode & stat.S_IRGRP), old.st_gid
+        return 0o600, (-1, -1)
+    uid = old.st_uid if os.geteuid() == 0 else -1  # only root may give a file away
+    return 0o600 | (old.st_mode & stat.S_IRGRP), (uid, old.st_gid)
 
 
 class _UsageError(Exception):

@@ -377,6 +377,18 @@ def test_failed_write_leaves_every_previous_file(
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_root_renewal_keeps_the_key_owner(pebble: Pebble, tmp_path: Path) -> None:
+    """A server that owns its key (0600, user nobody) must read the renewed one too, or it
+    serves the old certificate until it expires. Only root may give a file away (the tests run
+    as root, as the chown tests here need)."""
+    first = _issue(pebble, tmp_path)
+    os.chown(first.privkey, 65534, -1)
+    second = _issue(pebble, tmp_path)
+    st = second.privkey.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, os.getgid(), 0o600)
+    assert second.privkey.read_bytes() != b""
+
+
 def test_renewal_keeps_the_key_group_but_never_other_read(pebble: Pebble, tmp_path: Path) -> None:
     first = _issue(pebble, tmp_path)
     os.chown(first.privkey, -1, 4242)  # as an operator's chgrp for a non-root server

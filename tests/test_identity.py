@@ -237,7 +237,7 @@ def test_a_file_written_atomically_is_synced_with_its_directory(
 def test_write_all_gives_the_named_files_their_group_from_the_start(tmp_path: Path) -> None:
     """obtain-cert's renewed privkey.pem keeps the group a non-root server reads it with."""
     key, cert = tmp_path / "privkey.pem", tmp_path / "fullchain.pem"
-    write_all([(key, b"k", 0o640), (cert, b"c", 0o644)], overwrite=True, groups={key: 4242})
+    write_all([(key, b"k", 0o640), (cert, b"c", 0o644)], overwrite=True, owners={key: (-1, 4242)})
     assert (key.stat().st_gid, stat.S_IMODE(key.stat().st_mode)) == (4242, 0o640)
     assert (cert.stat().st_gid, stat.S_IMODE(cert.stat().st_mode)) == (os.getgid(), 0o644)
 
@@ -252,7 +252,8 @@ def test_write_all_that_may_not_give_a_group_names_it_and_changes_nothing() -> N
         "import sys; from pathlib import Path; from pinrpc.identity import write_all\n"
         "d = Path(sys.argv[1]); files = [d / n for n in ('privkey.pem', 'chain.pem', 'x.pem')]\n"
         "try:\n"
-        "    write_all([(f, b'new', 0o640) for f in files], overwrite=True, groups={files[1]: 0})\n"
+        "    root = {files[1]: (-1, 0)}\n"
+        "    write_all([(f, b'new', 0o640) for f in files], overwrite=True, owners=root)\n"
         "except OSError as exc:\n"
         "    sys.exit(f'{exc.filename}: {exc.strerror}')\n"
     )
