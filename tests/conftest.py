@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -23,6 +25,9 @@ from server.devca import DevCA
 from server.enrollment import Candidate
 from server.registry import open_registry
 from tests.pebble import Pebble, pebble_binary, start_pebble
+
+if TYPE_CHECKING:
+    from tests.postgres import Postgres
 
 SERVER_NAME = "server.test"
 ECHO_ALL = "/pinrpc.v1.Echo/*"
@@ -84,6 +89,27 @@ def devca(tmp_path_factory: pytest.TempPathFactory) -> ServerFiles:
 @pytest.fixture
 def registry(tmp_path: Path) -> Path:
     return tmp_path / "registry.db"
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Postgres]:
+    """One real PostgreSQL cluster per test module that asks for it."""
+    from tests.postgres import running_postgres  # it imports this module
+
+    with running_postgres() as cluster:
+        yield cluster
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty registry of each kind."""
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.db")
+    cluster: Postgres = request.getfixturevalue("pg")
+    return cluster.create_database(f"reg{next(_databases)}")
 
 
 MakeClient = Callable[..., KeyPairFiles]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import logging
 import os
@@ -37,27 +36,11 @@ from tests.conftest import (
     revoke,
     whoami,
 )
-from tests.postgres import Postgres, running_postgres
 from tests.security.test_open_streams import Bidi
 from tests.test_lifecycle import ADMIN, run
 
 STREAM_ONLY = "/pinrpc.v1.Echo/EchoStream"
 DENIED = grpc.StatusCode.PERMISSION_DENIED
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    with running_postgres() as cluster:
-        yield cluster
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "registry.db")
-    cluster: Postgres = request.getfixturevalue("pg")
-    return cluster.create_database(f"permit{next(_databases)}")
 
 
 @contextmanager

@@ -4,12 +4,10 @@ same schema versions, same migrations."""
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -23,24 +21,7 @@ from server.registry import LATEST, Registry, is_postgres, migrate_registry, ope
 from server.registry_sql import COLUMNS
 from tests.certs import make_cert, p256
 from tests.conftest import ECHO_ALL, MakeClient
-from tests.postgres import Postgres, free_port, running_postgres
-
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    with running_postgres() as cluster:
-        yield cluster
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A new, empty registry of each kind."""
-    if request.param == "sqlite":
-        return str(tmp_path / "registry.db")
-    cluster: Postgres = request.getfixturevalue("pg")
-    return cluster.create_database(f"reg{next(_databases)}")
+from tests.postgres import Postgres, free_port
 
 
 def sql(spec: str, statement: str) -> None:
@@ -415,7 +396,7 @@ def test_a_request_rejected_during_approval_is_not_enrolled(
     pg: Postgres, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Reject holds the request's row; approve waits for it, then finds it gone."""
-    spec = pg.create_database(f"reg{next(_databases)}")
+    spec = pg.create_database("rejected_during_approval")
     fingerprint = _request(spec, make_client, "erin")
     codes: list[int] = []
     with psycopg.connect(spec) as rejecting:
