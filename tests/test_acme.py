@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import http.server
 import os
 import shutil
 import signal
 import socket
-import ssl
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,8 +27,8 @@ from josepy.jwk import JWKEC
 
 from pinrpc.identity import key_to_pem
 from server.acme import AcmeError, ObtainResult, main, obtain_certificate
-from server.devca import DevCA
 from tests.conftest import require_pebble
+from tests.https import serving_pages
 from tests.pebble import Pebble, start_pebble
 
 
@@ -438,10 +435,6 @@ def test_http01_responder_on_ipv6(pebble: Pebble, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def fake_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """An HTTPS server that answers JSON which is not an ACME directory: (base URL, CA file)."""
-    tmp = tmp_path_factory.mktemp("fake-directory")
-    ca = DevCA("pinrpc test fake directory CA")
-    cert, key = ca.issue(["127.0.0.1"], days=1).write(tmp)
-    (tmp / "ca.pem").write_bytes(ca.root_pem)
     bodies = {
         "/empty": b"{}",
         "/list": b"[]",
@@ -449,31 +442,8 @@ def fake_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
         "/eab": b'{"newNonce": "https://127.0.0.1:1/n", "newAccount": "https://127.0.0.1:1/a",'
         b' "newOrder": "https://127.0.0.1:1/o", "meta": {"externalAccountRequired": true}}',
     }
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = bodies[self.path]
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}", tmp / "ca.pem"
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
-        server.server_close()
+    with serving_pages(bodies, tmp_path_factory.mktemp("fake-directory")) as served:
+        yield served
 
 
 @pytest.mark.parametrize(

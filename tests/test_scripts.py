@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import http.server
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -23,6 +21,7 @@ from server.config import ServerConfig
 from server.devca import DevCA
 from tests.certs import make_cert, rsa_key, write_pair
 from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, enroll
+from tests.https import serving_pages
 from tests.pebble import Pebble
 from tests.security.attacker import attack
 
@@ -397,35 +396,11 @@ def test_gen_protos_without_its_python_is_one_line(tmp_path: Path) -> None:
 def pebble_management(root_pem: bytes, tmp: Path) -> Iterator[tuple[str, Path]]:
     """A real HTTPS server in place of pebble's management port, serving root_pem at /roots/0:
     (URL, its CA). demo-compose trusts one CA file for both of pebble's ports."""
-    ca = DevCA("pinrpc test management CA")
-    cert, key = ca.issue(["127.0.0.1"], days=1).write(tmp / "management")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path != "/roots/0":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(root_pem)))
-            self.end_headers()
-            self.wfile.write(root_pem)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    (tmp / "management-ca.pem").write_bytes(ca.root_pem)
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}", tmp / "management-ca.pem"
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
-        server.server_close()
+    (tmp / "management").mkdir(exist_ok=True)
+    with serving_pages(
+        {"/roots/0": root_pem}, tmp / "management", "application/pem-certificate-chain"
+    ) as served:
+        yield served
 
 
 def demo_compose_certs(
