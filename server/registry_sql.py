@@ -307,7 +307,14 @@ class SqlRegistry(ABC):
 
     def find(self, ref: str) -> Client:
         """The client with this fingerprint (any form), else the active client with this name."""
-        return self._read(lambda q: self._find(self._matching(q, ref), ref))
+        return self._read(lambda q: self._found(q, self._matching(q, ref), ref))
+
+    def _found(self, q: Query, rows: Sequence[Client], ref: str) -> Client:
+        """_find(); a miss by a name that differs from an active one only in case says so."""
+        try:
+            return self._find(rows, ref)
+        except NotFoundError as exc:
+            raise self._missing(q, ref) from exc
 
     def _find(self, clients: Sequence[Client], ref: str) -> Client:
         if Fingerprint.looks_like(ref):
@@ -318,9 +325,24 @@ class SqlRegistry(ABC):
         named = [c for c in clients if c.name == ref and c.active]
         for client in sorted(named, key=lambda c: not c.current):  # the current one first
             return client
-        raise NotFoundError(
-            f"no enrolled client named or with fingerprint {ref!r} in {self.where}; "
+        raise self._not_enrolled(ref)
+
+    def _not_enrolled(self, ref: str, hint: str = "") -> NotFoundError:
+        return NotFoundError(
+            f"no enrolled client named or with fingerprint {ref!r} in {self.where}{hint}; "
             "see `pinrpc-server list`"
+        )
+
+    def _missing(self, q: Query, ref: str) -> NotFoundError:
+        """The not-found error for ``ref``, naming the active client whose name differs only in
+        case (names are case-sensitive, and a new name may not be such a variant)."""
+        rows = q(
+            "SELECT name FROM clients WHERE lower(name) = ? AND revoked_at IS NULL "
+            "AND (retire_at IS NULL OR retire_at > ?) ORDER BY id LIMIT 1",
+            (ref.lower(), self.dialect.encode_time(now_utc())),
+        )
+        return self._not_enrolled(
+            ref, f"; did you mean {rows[0][0]!r}? (names are case-sensitive)" if rows else ""
         )
 
     def generation(self) -> int:
@@ -457,7 +479,7 @@ class SqlRegistry(ABC):
                 return named[-1], named
             # A request's fingerprint, copied from `pending`: point at its own commands.
             if not Fingerprint.looks_like(ref):
-                raise
+                raise self._missing(q, ref) from exc
             fp, now = Fingerprint.parse(ref), self.dialect.encode_time(now_utc())
             if any(p.fingerprint == fp for p in self._waiting(q, now)):
                 raise NotFoundError(

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pinrpc.errors import ConflictError, RegistryError
+from pinrpc.errors import ConflictError, NotFoundError, RegistryError
 from pinrpc.identity import cert_to_pem
 from server import cli as server_cli
 from server.enrollment import Candidate, check_certificate
@@ -564,6 +564,35 @@ def test_permit_refuses_unknown_revoked_retired_clients_and_bad_patterns(
         assert cli("permit", *argv, "--registry", spec) == 1, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
+    assert cli("list", "--json", "--registry", spec) == 0
+    assert capsys.readouterr().out == before
+
+
+def test_a_name_that_differs_only_in_case_is_suggested_when_nothing_matches(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = open_registry(spec)
+    try:
+        registry.enroll(candidate(make_client, "dave"), "dave", [ECHO_ALL])
+        registry.enroll(candidate(make_client, "gone"), "gone", [ECHO_ALL])
+        registry.revoke("gone")
+        with pytest.raises(NotFoundError, match=r"'Dave' .*; did you mean 'dave'\?"):
+            registry.find("Dave")
+    finally:
+        registry.close()
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    before = capsys.readouterr().out
+    for argv, hint in [
+        (["permit", "DAVE", "--none"], "did you mean 'dave'? (names are case-sensitive)"),
+        (["revoke", "Dave"], "did you mean 'dave'?"),
+        (["permit", "Gone", "--none"], None),  # revoked: nothing to suggest
+        (["revoke", "davey"], None),
+    ]:
+        assert cli(*argv, "--registry", spec) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no enrolled client named" in err, err
+        assert (hint in err) if hint else ("did you mean" not in err), err
     assert cli("list", "--json", "--registry", spec) == 0
     assert capsys.readouterr().out == before
 
