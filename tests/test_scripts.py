@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.app import start_server
@@ -404,11 +405,11 @@ def pebble_management(root_pem: bytes, tmp: Path) -> Iterator[tuple[str, Path]]:
 
 
 def demo_compose_certs(
-    pebble: Pebble, management: str, tls_ca: Path, tmp: Path, timeout: float = 120
+    directory: str, management: str, tls_ca: Path, tmp: Path, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(SCRIPTS / "demo-compose"), "certs",
-         "--directory", pebble.directory_url, "--management", management,
+         "--directory", directory, "--management", management,
          "--tls-ca", str(tls_ca), "--domain", "server.test", "--out", str(tmp / "out"),
          "--root-out", str(tmp / "root.pem")],
         capture_output=True, text=True, timeout=timeout, check=False,
@@ -431,7 +432,9 @@ def test_demo_compose_certs_without_pebbles_root_is_one_line(
             url = f"https://127.0.0.1:{stack.enter_context(hang_up_listener())}"
         else:
             url += "/elsewhere"  # 404
-        done = demo_compose_certs(pebble, url, both_cas(pebble, ca, tmp_path), tmp_path)
+        done = demo_compose_certs(
+            pebble.directory_url, url, both_cas(pebble, ca, tmp_path), tmp_path
+        )
 
     assert done.returncode == 1
     assert done.stderr.startswith(f"demo-compose: error: cannot fetch pebble's root from {url}")
@@ -449,13 +452,39 @@ def test_demo_compose_certs_with_an_unusable_tls_ca_fails_at_once(
     if tls_ca == "not PEM":
         ca.write_bytes(b"not a certificate\n")
     start = time.monotonic()
-    done = demo_compose_certs(pebble, "https://127.0.0.1:1", ca, tmp_path, timeout=20)
+    done = demo_compose_certs(pebble.directory_url, "https://127.0.0.1:1", ca, tmp_path, timeout=20)
     assert time.monotonic() - start < 20
     assert done.returncode == 1
     assert done.stderr.startswith(f"demo-compose: error: cannot use --tls-ca {ca}: ")
     assert done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "root.pem").exists()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "url", "problem"),
+    [
+        ("--directory", "pebble:14000/dir", "must be https://HOST[:PORT]/..."),
+        ("--directory", "http://127.0.0.1:14000/dir", "must be https://HOST[:PORT]/..."),
+        ("--directory", "https:///dir", "must be https://HOST[:PORT]/..."),
+        ("--directory", "https://pebble:140000/dir", "is malformed: Port out of range"),
+        ("--management", "https://[::1/roots", "is malformed: Invalid IPv6 URL"),
+    ],
+)
+def test_demo_compose_certs_with_a_malformed_url_fails_at_once(
+    tmp_path: Path, flag: str, url: str, problem: str
+) -> None:
+    """A URL that can never answer was fetched again for 60 s, then blamed on pebble."""
+    ca = tmp_path / "tls-ca.pem"
+    ca.write_bytes(make_cert(ec.generate_private_key(ec.SECP256R1()), "ca", ca=True)
+                   .public_bytes(serialization.Encoding.PEM))  # fmt: skip
+    urls = {"--directory": "https://127.0.0.1:1/dir", "--management": "https://127.0.0.1:1"}
+    urls[flag] = url
+    done = demo_compose_certs(urls["--directory"], urls["--management"], ca, tmp_path, 20)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"demo-compose: error: {flag} {url!r} {problem}"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tls-ca.pem"]
 
 
 def both_cas(pebble: Pebble, management_ca: Path, tmp: Path) -> Path:
@@ -468,7 +497,9 @@ def test_demo_compose_certs_fetches_the_root_and_the_certificate(
     pebble: Pebble, tmp_path: Path
 ) -> None:
     with pebble_management(pebble.root_pem, tmp_path) as (url, ca):
-        done = demo_compose_certs(pebble, url, both_cas(pebble, ca, tmp_path), tmp_path)
+        done = demo_compose_certs(
+            pebble.directory_url, url, both_cas(pebble, ca, tmp_path), tmp_path
+        )
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "root.pem").read_bytes() == pebble.root_pem
