@@ -152,6 +152,16 @@ def subject_clash(candidate: Candidate, active: Sequence[Client]) -> Client | No
     return None
 
 
+def refuse_fingerprint_name(name: str) -> None:
+    """A stranger could ask for a victim's fingerprint as its name: revoke and permit by that
+    name would then reach the victim, whose fingerprint they match first."""
+    if Fingerprint.looks_like(name):
+        raise ConflictError(
+            f"client name {name!r} reads as a certificate fingerprint, which `revoke` and "
+            "`permit` would match before the name; choose another name"
+        )
+
+
 def check_enrollment(
     candidate: Candidate,
     name: str,
@@ -193,13 +203,7 @@ def check_enrollment(
     # ASCII (check_name), where casefold() is plain lower-casing: non-ASCII look-alikes (sharp
     # s, dotless i, combining marks, full-width forms) are refused before they get here.
     if not any(row.name == name for row in active):
-        if Fingerprint.looks_like(name):
-            # A stranger could ask for a victim's fingerprint as its name: revoke and permit
-            # by that name would then reach the victim, whose fingerprint they match first.
-            raise ConflictError(
-                f"client name {name!r} reads as a certificate fingerprint, which `revoke` and "
-                "`permit` would match before the name; choose another name"
-            )
+        refuse_fingerprint_name(name)
         folded = name.casefold()
         alike = next((row for row in active if row.name.casefold() == folded), None)
         if alike is not None:

@@ -22,6 +22,7 @@ from server.admin import abort_with, timestamp
 from server.audit import Audit
 from server.enrollment import check_certificate
 from server.registry import Registry
+from server.registry_model import refuse_fingerprint_name
 
 
 class NonceBook:
@@ -81,6 +82,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 raise EnrollmentError("the certificate is larger than 65536 bytes")
             candidate = check_certificate(data, "the submitted certificate")
             name = check_name(request.name)
+            refuse_fingerprint_name(name)  # approve refuses it as a new name: say so now
             # Redeem only after the cheap checks, but always before trusting the signature.
             if not self._nonces.redeem(request.nonce):
                 raise EnrollmentError("unknown, used or expired nonce; ask for a new Challenge")

@@ -171,6 +171,37 @@ def test_proof_of_possession_is_required(
     assert pending(registry, capsys) == []
 
 
+def test_a_name_that_reads_as_a_fingerprint_is_refused_at_request(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Approve refuses such a name (revoke and permit would match the victim's fingerprint
+    first); the stranger is told at once instead of after waiting for an operator."""
+    victim, stranger = make_client("victim"), make_client("stranger")
+    stub = enrollment_stub(enrolling, devca)
+    cert, key = load_certificate(stranger.cert_path), load_private_key(stranger.key_path)
+
+    def submit(name: str) -> enrollment_pb2.EnrollmentTicket:
+        nonce = stub.Challenge(enrollment_pb2.ChallengeRequest(), timeout=5).nonce
+        request = enrollment_pb2.EnrollmentRequest(
+            certificate_pem=stranger.cert_path.read_text(), name=name, nonce=nonce,
+            signature=proof.sign(key, nonce, cert),
+        )  # fmt: skip
+        return stub.Request(request, timeout=5)
+
+    for shaped in (victim.fingerprint.hex, victim.fingerprint.hex.upper()):
+        with pytest.raises(grpc.RpcError) as info:
+            submit(shaped)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "reads as a certificate fingerprint" in (info.value.details() or "")
+    assert pending(registry, capsys) == []
+    assert submit("stranger").fingerprint == str(stranger.fingerprint)
+    assert [p["name"] for p in pending(registry, capsys)] == ["stranger"]
+
+
 def test_requests_are_bounded_and_expire(
     enrolling: RunningServer,
     devca: ServerFiles,
