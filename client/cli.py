@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from client import admin, doctor, request, rotate
-from client.connect import DAYS, PROG, call, connection_flags
+from client.connect import DAYS, PROG, call, connection_flags, file_path
 from pinrpc.channel import passphrase_from_env
 from pinrpc.cli import Exit, add_flag, run, utf8
 from pinrpc.identity import DEFAULT_DAYS, KEY_TYPES, Fingerprint, create_identity, load_certificate
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--force", action="store_true", help="overwrite existing files")
 
     fingerprint = commands.add_parser("fingerprint", help="print a certificate's fingerprint")
-    fingerprint.add_argument("certificate", type=Path, help="a PEM certificate file")
+    fingerprint.add_argument("certificate", type=file_path, help="a PEM certificate file")
 
     whoami = commands.add_parser("whoami", help="ask the server who it thinks you are")
     connection_flags(whoami)
@@ -75,7 +75,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    print(Fingerprint.of(load_certificate(args.certificate)))
+    print(Fingerprint.of(load_certificate(Path(args.certificate))))
     return Exit.OK
 
 

@@ -27,10 +27,23 @@ REENROLL_HINT = (
 DAYS = at_least(int, 1, 36500)
 
 
+def file_path(text: str) -> str:
+    """An argparse ``type``: a file name that is not empty ("" would name the current
+    directory, and the error would be about that). Any bytes: file names need not be UTF-8."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def server_flags(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
     """The flags doctor shares with the commands that call: where, how long, which names."""
     add_flag(p, "--server", required=True, type=host_port(), help="server address HOST:PORT")
-    add_flag(p, "--ca", help="PEM roots to verify the server with (default: system/gRPC roots)")
+    add_flag(
+        p,
+        "--ca",
+        type=file_path,
+        help="PEM roots to verify the server with (default: system/gRPC roots)",
+    )
     add_flag(
         p, "--server-name", type=utf8, help="name to expect in the server certificate (tests/dev)"
     )
@@ -46,8 +59,8 @@ def server_flags(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
 
 def connection_flags(p: argparse.ArgumentParser) -> None:
     server_flags(p, timeout_help="seconds to wait for the call")
-    add_flag(p, "--cert", required=True, help="your certificate (NAME.crt)")
-    add_flag(p, "--key", required=True, help="your private key (NAME.key)")
+    add_flag(p, "--cert", required=True, type=file_path, help="your certificate (NAME.crt)")
+    add_flag(p, "--key", required=True, type=file_path, help="your private key (NAME.key)")
     p.add_argument(
         "--insecure-key-permissions",
         action="store_true",
