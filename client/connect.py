@@ -143,6 +143,16 @@ def explain(
         say("  (pass --ca with its root), or its names do not include the name you dialled")
         say("  (pass --server-name with the name in the certificate).")
         return Exit.CONNECT
+    if "endpoint closing" in lowered:
+        # gRPC shut its own end when the server had not finished the handshake in time (its
+        # 20 s connect timeout): nothing was refused, so the certificate is not to blame.
+        say(
+            f"{PROG}: error: {args.server} accepted the connection but never completed the "
+            f"TLS handshake: {details}"
+        )
+        say("  is it the right port, and does nothing in between (a firewall, a proxy) hold")
+        say("  the connection open? `pinrpc doctor` (same flags) checks step by step.")
+        return Exit.CONNECT
     if "socket closed" in lowered or "handshake" in lowered or "connection reset" in lowered:
         say(
             f"{PROG}: error: the server at {args.server} closed the connection "

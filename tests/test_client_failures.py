@@ -2,12 +2,75 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import grpc
 import pytest
 
 from client import cli
+from client.connect import call
 from pinrpc.cli import Exit
-from tests.conftest import MakeClient
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from tests.conftest import Connect, MakeClient
 from tests.test_client_cli import run
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A real TCP port that accepts connections and never says a word (a wrong port, a
+    firewall that holds connections open)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.1)
+        stop, held = threading.Event(), []
+
+        def accept() -> None:
+            for _ in range(600):  # bounded: at most a minute
+                if stop.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    held.append(listener.accept()[0])
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            stop.set()
+            thread.join(5)
+            for conn in held:
+                conn.close()
+
+
+def test_a_handshake_the_server_never_answers_is_not_blamed_on_the_certificate(
+    connect: Connect,
+    make_client: MakeClient,
+    silent_port: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    alice = make_client("alice")
+    flags = connect.cli_flags(alice)
+    flags[flags.index("--server") + 1] = f"127.0.0.1:{silent_port}"
+    args = cli.build_parser().parse_args(["whoami", *flags, "--timeout", "30"])
+
+    def rpc(channel: grpc.Channel) -> int:
+        echo_pb2_grpc.EchoStub(channel).WhoAmI(echo_pb2.WhoAmIRequest(), timeout=args.timeout)
+        return Exit.OK
+
+    # gRPC gives up on a handshake after its connect timeout (20 s unless set; 1 s here), long
+    # before a generous --timeout, and reports it as UNAVAILABLE, like a refused certificate.
+    capsys.readouterr()
+    code = call(args, rpc, [("grpc.min_reconnect_backoff_ms", 1000)])
+    err = capsys.readouterr().err
+    assert code == Exit.CONNECT
+    assert f"127.0.0.1:{silent_port} accepted the connection but never completed" in err
+    assert "not enrolled" not in err and "closed the connection" not in err
+    # The control: a server that does refuse the certificate is still explained as such.
+    code, _, err = run(["whoami", *connect.cli_flags(alice)], capsys)
+    assert code == Exit.CONNECT
+    assert "closed the connection during the TLS handshake" in err and "not enrolled" in err
 
 
 @pytest.mark.parametrize(
