@@ -39,6 +39,7 @@ NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PEM_CERT_RE: Final = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
+OPENSSL_PREFIX_RE: Final = re.compile(r"^sha256(?:fingerprint=|:)", re.IGNORECASE)
 ED25519_REASON: Final = (
     "Ed25519 keys fail the TLS handshake with grpcio (the server offers no Ed25519 signature "
     "algorithm); use P-256 (the default), P-384 or RSA >= 2048"
@@ -52,7 +53,8 @@ class Fingerprint:
     """SHA-256 of a certificate's DER encoding.
 
     ``str()`` gives the form ``openssl x509 -noout -fingerprint -sha256`` prints (upper-case hex
-    pairs joined by colons); ``parse`` accepts that, bare hex, any case and a ``sha256:`` prefix.
+    pairs joined by colons); ``parse`` accepts that, bare hex, any case, a ``sha256:`` prefix
+    and openssl's whole output line.
     """
 
     digest: bytes
@@ -71,10 +73,10 @@ class Fingerprint:
 
     @classmethod
     def parse(cls, text: str) -> Fingerprint:
-        cleaned = text.strip()
-        if cleaned.lower().startswith("sha256:"):
-            cleaned = cleaned[len("sha256:") :]
-        cleaned = cleaned.replace(":", "").replace(" ", "")
+        # Any whitespace goes (a fingerprint wrapped or tab-separated when pasted); so does
+        # openssl's whole line, "sha256 Fingerprint=AB:..." (OpenSSL 1.1: "SHA256 ...").
+        cleaned = "".join(text.split())
+        cleaned = OPENSSL_PREFIX_RE.sub("", cleaned, count=1).replace(":", "")
         if not re.fullmatch(r"[0-9A-Fa-f]{64}", cleaned):
             raise ValueError(
                 f"not a SHA-256 fingerprint: {text!r} "

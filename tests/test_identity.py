@@ -53,6 +53,7 @@ def test_fingerprint_matches_openssl(tmp_path: Path, capsys: pytest.CaptureFixtu
         text=True,
     ).stdout.strip()
     assert openssl.split("=", 1)[1] == ours
+    assert Fingerprint.parse(openssl) == files.fingerprint  # the whole line, pasted
 
 
 def test_certificate_cannot_mint_other_certificates(tmp_path: Path) -> None:
@@ -119,6 +120,12 @@ def test_days_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "sha256:" + "Ab" * 32,
         "SHA256:" + "ab:" * 31 + "ab",
         "  " + "ab" * 32 + "\n",
+        # Pasted: wrapped, tab- or no-break-space-separated, or openssl's whole line.
+        "AB:" * 16 + "\n  " + "AB:" * 15 + "AB",
+        "\t".join(["ab"] * 32),
+        "\u00a0".join(["AB"] * 32),
+        "sha256 Fingerprint=" + "AB:" * 31 + "AB",
+        "SHA256 Fingerprint=" + "AB:" * 31 + "AB\n",
     ],
 )
 def test_fingerprint_parsing_is_tolerant(text: str) -> None:
@@ -127,7 +134,20 @@ def test_fingerprint_parsing_is_tolerant(text: str) -> None:
     assert fp.hex == "ab" * 32
 
 
-@pytest.mark.parametrize("text", ["", "ab" * 31, "zz" * 32, "ab" * 33, "md5:" + "ab" * 32])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ab" * 31,
+        "zz" * 32,
+        "ab" * 33,
+        "md5:" + "ab" * 32,
+        "sha1 Fingerprint=" + "AB:" * 31 + "AB",
+        "sha256 Fingerprint=" + "AB:" * 30 + "AB",
+        "Fingerprint=" + "ab" * 32,
+        "sha256:sha256:" + "ab" * 32,
+    ],
+)
 def test_fingerprint_parsing_rejects_non_fingerprints(text: str) -> None:
     with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
         Fingerprint.parse(text)
