@@ -370,7 +370,11 @@ def _exists_error(path: Path) -> IdentityError:
 def read_file(path: Path, what: str, limit: int = 1 << 20) -> bytes:
     """Read a small file, with a one-line error that names the absolute path."""
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK: opening a FIFO that nobody writes to would wait forever; without a
+        # writer it now reads as empty, while a pipe that has one (--key <(...)) still works.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        with open(fd, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
         raise IdentityError(f"cannot read {what} {path.absolute()}: {exc.strerror}") from exc

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +19,7 @@ from pinrpc.cli import Exit
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from tests.conftest import Connect, MakeClient
 from tests.test_client_cli import run
+from tests.test_scripts import BIN
 
 
 @pytest.fixture
@@ -114,4 +118,40 @@ def test_a_file_name_that_is_not_utf8_still_works(
     odd = alice.cert_path.with_name("caf\udce9.crt")  # the byte 0xE9: Latin-1, not UTF-8
     odd.write_bytes(alice.cert_path.read_bytes())
     code, out, _ = run(["fingerprint", str(odd)], capsys)
+    assert (code, out) == (Exit.OK, f"{alice.fingerprint}\n")
+
+
+def pinrpc(*argv: str, pass_fds: tuple[int, ...] = ()) -> tuple[int, str, str]:
+    """The real `pinrpc` program, bounded in time: a hang fails the test."""
+    done = subprocess.run(
+        [str(BIN / "pinrpc"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        pass_fds=pass_fds,
+    )
+    assert "Traceback" not in done.stderr
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_a_fifo_without_a_writer_is_one_line_not_a_hang(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    alice = make_client("alice")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = pinrpc("fingerprint", str(fifo))
+    assert code == Exit.ERROR and err.count("\n") == 1 and str(fifo) in err
+    code, _, err = pinrpc(
+        "whoami", "--server", "127.0.0.1:1", "--cert", str(alice.cert_path), "--key", str(fifo)
+    )
+    assert code == Exit.ERROR and err.count("\n") == 1 and str(fifo) in err
+    # A pipe with a writer, as `--key <(command)` gives, is still read.
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, alice.cert_path.read_bytes())
+        os.close(write_end)
+        code, out, _ = pinrpc("fingerprint", f"/dev/fd/{read_end}", pass_fds=(read_end,))
+    finally:
+        os.close(read_end)
     assert (code, out) == (Exit.OK, f"{alice.fingerprint}\n")
