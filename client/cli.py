@@ -60,15 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    passphrase = passphrase_from_env()
     files = create_identity(
         args.name,
         args.dir,
         key_type=args.key_type,
         days=args.days,
         force=args.force,
-        passphrase=passphrase_from_env(),
+        passphrase=passphrase,
     )
-    print(f"private key  {files.key_path}  (mode 0600; never share it)")
+    # Said either way: an empty PINRPC_KEY_PASSPHRASE counts as unset, as every PINRPC_* does.
+    sealed = "encrypted with PINRPC_KEY_PASSPHRASE" if passphrase else "not encrypted"
+    print(f"private key  {files.key_path}  (mode 0600, {sealed}; never share it)")
     print(f"certificate  {files.cert_path}  (give this to the server operator)")
     print(f"fingerprint  {files.fingerprint}")
     return Exit.OK

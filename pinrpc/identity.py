@@ -480,13 +480,17 @@ def load_private_key(
                 f"private key {where} is encrypted; set PINRPC_KEY_PASSPHRASE"
             ) from exc
         raise IdentityError(
-            f"private key {where} is not encrypted but a passphrase was given"
+            f"private key {where} is not encrypted, but a passphrase was given "
+            "(PINRPC_KEY_PASSPHRASE): unset it to use this key"
         ) from exc
     except ValueError as exc:
-        reason = "wrong passphrase or " if passphrase else ""
-        raise IdentityError(
-            f"cannot load private key {where}: {reason}not a PEM private key"
-        ) from exc
+        # An encrypted PEM says so in its header (PKCS#8 or OpenSSL's Proc-Type): then the
+        # passphrase is what is wrong, not the file.
+        if passphrase and b"ENCRYPTED" in data:
+            raise IdentityError(
+                f"cannot decrypt private key {where}: wrong passphrase (PINRPC_KEY_PASSPHRASE)"
+            ) from exc
+        raise IdentityError(f"cannot load private key {where}: not a PEM private key") from exc
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         raise IdentityError(f"private key {where} is EdDSA: {ED25519_REASON}")
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
