@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 
-from pinrpc.channel import client_credentials
+from pinrpc.channel import load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
-from pinrpc.identity import Fingerprint, load_certificate
+from pinrpc.identity import Fingerprint
 
 PROG = "pinrpc"
 ROTATE_HINT = "rotate it now: `pinrpc rotate` (same connection flags)"
@@ -75,10 +75,11 @@ def call(
 ) -> int:
     """Run ``rpc`` on a channel made from the connection flags and ``options``; explain
     failures."""
-    creds, fingerprint = client_credentials(
-        args.cert, args.key, args.ca, insecure_key_permissions=args.insecure_key_permissions
+    certificate, private_key = load_pair(
+        args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
-    not_after = load_certificate(Path(args.cert)).not_valid_after_utc
+    creds = pair_credentials(certificate, private_key, args.ca)
+    fingerprint, not_after = Fingerprint.of(certificate), certificate.not_valid_after_utc
     left = not_after - dt.datetime.now(dt.UTC)
     if dt.timedelta(0) < left < dt.timedelta(days=args.warn_days):
         say(

@@ -155,3 +155,25 @@ def test_a_fifo_without_a_writer_is_one_line_not_a_hang(
     finally:
         os.close(read_end)
     assert (code, out) == (Exit.OK, f"{alice.fingerprint}\n")
+
+
+def test_a_certificate_from_a_pipe_is_read_once(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--cert <(command)`: the second read of a pipe finds it empty ("is empty; expected one
+    PEM certificate"), so every file is read once."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    flags = connect.cli_flags(alice)
+    for flag, path in (("--cert", alice.cert_path), ("--key", alice.key_path)):
+        read_end, write_end = os.pipe()
+        os.write(write_end, path.read_bytes())  # small: fits in the pipe's buffer
+        os.close(write_end)
+        flags[flags.index(flag) + 1] = f"/dev/fd/{read_end}"
+    try:
+        code, out, err = run(["whoami", *flags], capsys)
+    finally:
+        for fd in (int(flags[flags.index(f) + 1].rsplit("/", 1)[1]) for f in ("--cert", "--key")):
+            os.close(fd)
+    assert (code, err) == (Exit.OK, "")
+    assert "name         alice" in out
