@@ -140,6 +140,10 @@ def explain(
         return Exit.CONNECT
     if "certificate_verify_failed" in lowered or "peer name" in lowered or "verif" in lowered:
         say(f"{PROG}: error: could not verify the server at {args.server}: {details}")
+        if "has expired" in lowered or "not yet valid" in lowered:  # BoringSSL's wording
+            say("  the server's certificate is outside its validity period: the operator must")
+            say("  renew it (or a clock is wrong); `pinrpc doctor` (same flags) shows its dates.")
+            return Exit.CONNECT
         say("  likely causes: the server certificate is not signed by a root you trust")
         say("  (pass --ca with its root), or its names do not include the name you dialled")
         say("  (pass --server-name with the name in the certificate).")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from client import cli
 from client.connect import call
 from pinrpc.cli import Exit
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
-from tests.conftest import Connect, MakeClient
+from server.app import start_server
+from server.config import ServerConfig
+from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, enroll
 from tests.test_client_cli import run
 from tests.test_scripts import BIN
 
@@ -177,3 +181,27 @@ def test_a_certificate_from_a_pipe_is_read_once(
             os.close(fd)
     assert (code, err) == (Exit.OK, "")
     assert "name         alice" in out
+
+
+def test_an_expired_server_certificate_is_named_as_such(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A renewal that did not happen: the running server keeps its certificate past expiry."""
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice")
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+    cert, key = devca.ca.issue([SERVER_NAME], not_after=expires).write(tmp_path / "tls")
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), grace=1.0)
+    with start_server(config) as running:
+        flags = Connect(running, devca).cli_flags(alice)
+        code, _, _ = run(["whoami", *flags], capsys)
+        assert code == Exit.OK  # the control: the same flags get in while it is valid
+        time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1.1)
+        code, _, err = run(["whoami", *flags], capsys)
+    assert code == Exit.CONNECT
+    assert "certificate has expired" in err and "the operator must" in err
+    assert "not signed by a root you trust" not in err and "--server-name" not in err
