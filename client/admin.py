@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from client.connect import call, connection_flags
+from client.connect import call, connection_flags, file_path
 from pinrpc.cli import (
     Exit,
     add_allow_flag,
@@ -41,7 +41,7 @@ def add_parser(commands: Any) -> None:
     actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     enroll = actions.add_parser("enroll", help="admit a client certificate")
-    enroll.add_argument("certificate", type=Path, help="the new client's certificate (PEM)")
+    enroll.add_argument("certificate", type=file_path, help="the new client's certificate (PEM)")
     add_flag(enroll, "--name", required=True, type=utf8, help="unique client name")
     add_allow_flag(enroll)
     enroll.add_argument("--replace", action="store_true", help="re-key an existing client")
@@ -76,7 +76,9 @@ def _show(clients: list[admin_pb2.Client], as_json: bool) -> None:
 
 
 def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
-    pem = read_file(args.certificate, "certificate", limit=64 * 1024).decode("utf-8", "replace")
+    pem = read_file(Path(args.certificate), "certificate", limit=64 * 1024).decode(
+        "utf-8", "replace"
+    )
     request = admin_pb2.EnrollRequest(
         certificate_pem=pem,
         name=args.name,

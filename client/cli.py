@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from client import admin, doctor, request, rotate
-from client.connect import DAYS, PROG, call, connection_flags
+from client.connect import DAYS, PROG, call, connection_flags, file_path
 from pinrpc.channel import passphrase_from_env
 from pinrpc.cli import Exit, add_flag, run, utf8
 from pinrpc.identity import DEFAULT_DAYS, KEY_TYPES, Fingerprint, create_identity, load_certificate
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--force", action="store_true", help="overwrite existing files")
 
     fingerprint = commands.add_parser("fingerprint", help="print a certificate's fingerprint")
-    fingerprint.add_argument("certificate", type=Path, help="a PEM certificate file")
+    fingerprint.add_argument("certificate", type=file_path, help="a PEM certificate file")
 
     whoami = commands.add_parser("whoami", help="ask the server who it thinks you are")
     connection_flags(whoami)
@@ -60,22 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    passphrase = passphrase_from_env()
     files = create_identity(
         args.name,
         args.dir,
         key_type=args.key_type,
         days=args.days,
         force=args.force,
-        passphrase=passphrase_from_env(),
+        passphrase=passphrase,
     )
-    print(f"private key  {files.key_path}  (mode 0600; never share it)")
+    # Said either way: an empty PINRPC_KEY_PASSPHRASE counts as unset, as every PINRPC_* does.
+    sealed = "encrypted with PINRPC_KEY_PASSPHRASE" if passphrase else "not encrypted"
+    print(f"private key  {files.key_path}  (mode 0600, {sealed}; never share it)")
     print(f"certificate  {files.cert_path}  (give this to the server operator)")
     print(f"fingerprint  {files.fingerprint}")
     return Exit.OK
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    print(Fingerprint.of(load_certificate(args.certificate)))
+    print(Fingerprint.of(load_certificate(Path(args.certificate))))
     return Exit.OK
 
 

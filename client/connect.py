@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 
-from pinrpc.channel import client_credentials
+from pinrpc.channel import load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
-from pinrpc.identity import Fingerprint, load_certificate
+from pinrpc.identity import Fingerprint
 
 PROG = "pinrpc"
 ROTATE_HINT = "rotate it now: `pinrpc rotate` (same connection flags)"
@@ -27,10 +27,23 @@ REENROLL_HINT = (
 DAYS = at_least(int, 1, 36500)
 
 
+def file_path(text: str) -> str:
+    """An argparse ``type``: a file name that is not empty ("" would name the current
+    directory, and the error would be about that). Any bytes: file names need not be UTF-8."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def server_flags(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
     """The flags doctor shares with the commands that call: where, how long, which names."""
     add_flag(p, "--server", required=True, type=host_port(), help="server address HOST:PORT")
-    add_flag(p, "--ca", help="PEM roots to verify the server with (default: system/gRPC roots)")
+    add_flag(
+        p,
+        "--ca",
+        type=file_path,
+        help="PEM roots to verify the server with (default: system/gRPC roots)",
+    )
     add_flag(
         p, "--server-name", type=utf8, help="name to expect in the server certificate (tests/dev)"
     )
@@ -46,8 +59,8 @@ def server_flags(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
 
 def connection_flags(p: argparse.ArgumentParser) -> None:
     server_flags(p, timeout_help="seconds to wait for the call")
-    add_flag(p, "--cert", required=True, help="your certificate (NAME.crt)")
-    add_flag(p, "--key", required=True, help="your private key (NAME.key)")
+    add_flag(p, "--cert", required=True, type=file_path, help="your certificate (NAME.crt)")
+    add_flag(p, "--key", required=True, type=file_path, help="your private key (NAME.key)")
     p.add_argument(
         "--insecure-key-permissions",
         action="store_true",
@@ -62,10 +75,11 @@ def call(
 ) -> int:
     """Run ``rpc`` on a channel made from the connection flags and ``options``; explain
     failures."""
-    creds, fingerprint = client_credentials(
-        args.cert, args.key, args.ca, insecure_key_permissions=args.insecure_key_permissions
+    certificate, private_key = load_pair(
+        args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
-    not_after = load_certificate(Path(args.cert)).not_valid_after_utc
+    creds = pair_credentials(certificate, private_key, args.ca)
+    fingerprint, not_after = Fingerprint.of(certificate), certificate.not_valid_after_utc
     left = not_after - dt.datetime.now(dt.UTC)
     if dt.timedelta(0) < left < dt.timedelta(days=args.warn_days):
         say(
@@ -126,9 +140,23 @@ def explain(
         return Exit.CONNECT
     if "certificate_verify_failed" in lowered or "peer name" in lowered or "verif" in lowered:
         say(f"{PROG}: error: could not verify the server at {args.server}: {details}")
+        if "has expired" in lowered or "not yet valid" in lowered:  # BoringSSL's wording
+            say("  the server's certificate is outside its validity period: the operator must")
+            say("  renew it (or a clock is wrong); `pinrpc doctor` (same flags) shows its dates.")
+            return Exit.CONNECT
         say("  likely causes: the server certificate is not signed by a root you trust")
         say("  (pass --ca with its root), or its names do not include the name you dialled")
         say("  (pass --server-name with the name in the certificate).")
+        return Exit.CONNECT
+    if "endpoint closing" in lowered:
+        # gRPC shut its own end when the server had not finished the handshake in time (its
+        # 20 s connect timeout): nothing was refused, so the certificate is not to blame.
+        say(
+            f"{PROG}: error: {args.server} accepted the connection but never completed the "
+            f"TLS handshake: {details}"
+        )
+        say("  is it the right port, and does nothing in between (a firewall, a proxy) hold")
+        say("  the connection open? `pinrpc doctor` (same flags) checks step by step.")
         return Exit.CONNECT
     if "socket closed" in lowered or "handshake" in lowered or "connection reset" in lowered:
         say(

@@ -31,7 +31,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509 import verification
 
-from client.connect import server_flags
+from client.connect import file_path, server_flags
 from pinrpc.channel import client_credentials, passphrase_from_env, secure_channel
 from pinrpc.cli import Exit, add_flag
 from pinrpc.errors import PinrpcError
@@ -49,8 +49,13 @@ ENROLL_FIX = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     server_flags(p, timeout_help="seconds to wait at each step")
-    add_flag(p, "--cert", help="your certificate (NAME.crt); without it only the server is checked")
-    add_flag(p, "--key", help="your private key (NAME.key)")
+    add_flag(
+        p,
+        "--cert",
+        type=file_path,
+        help="your certificate (NAME.crt); without it only the server is checked",
+    )
+    add_flag(p, "--key", type=file_path, help="your private key (NAME.key)")
     p.add_argument(
         "--insecure-key-permissions",
         action="store_true",

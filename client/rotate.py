@@ -97,16 +97,25 @@ def run(args: argparse.Namespace) -> int:
         previous = reply.previous
         ends = previous.retire_at if previous.HasField("retire_at") else previous.revoked_at
         until = ends.ToDatetime(dt.UTC)
-        print(f"rotated {reply.client.name}")
-        print(f"  new fingerprint  {reply.client.fingerprint}")
-        print(f"  old fingerprint  {previous.fingerprint} (works until {until:%Y-%m-%d %H:%M} UTC)")
+        # The server already trusts the staged pair: keep it whatever happens here, and swap
+        # it in before printing, which fails on a closed stdout (BrokenPipeError, exit 0).
+        kept = (
+            f"it is {new_cert} and {new_key} (fingerprint {reply.client.fingerprint}); "
+            f"{keyfiles.finish_by_hand(cert_path, key_path)}"
+        )
         try:
             keyfiles.swap_in(cert_path, key_path, new_cert, new_key, until)
         except IdentityError as exc:
-            # The server already trusts the staged pair: keep it whatever happens here.
             say(f"{PROG}: error: the server enrolled the new pair, but {exc}")
-            say(f"  it is {new_cert} and {new_key}; {keyfiles.finish_by_hand(cert_path, key_path)}")
+            say(f"  {kept}")
             return Exit.ERROR
+        except KeyboardInterrupt:
+            if new_key.exists():  # swap_in put everything back
+                say(f"{PROG}: interrupted after the server enrolled the new pair; {kept}")
+            raise
+        print(f"rotated {reply.client.name}")
+        print(f"  new fingerprint  {reply.client.fingerprint}")
+        print(f"  old fingerprint  {previous.fingerprint} (works until {until:%Y-%m-%d %H:%M} UTC)")
         print(f"  files            {cert_path}, {key_path} (old pair kept as *.old until then)")
         return Exit.OK
 

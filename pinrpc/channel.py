@@ -66,14 +66,21 @@ def client_credentials(
     certificate, private_key = load_pair(
         cert, key, passphrase=passphrase, insecure_key_permissions=insecure_key_permissions
     )
+    return pair_credentials(certificate, private_key, ca), Fingerprint.of(certificate)
+
+
+def pair_credentials(
+    certificate: x509.Certificate, private_key: PrivateKey, ca: Path | str | None = None
+) -> grpc.ChannelCredentials:
+    """Credentials for a pair ``load_pair`` returned: each file is read once, so a pipe
+    (``--cert <(command)``) works."""
     root_pem = load_ca_bundle(Path(ca)) if ca is not None else None
     # grpcio wants an unencrypted PEM; it only ever lives in this process's memory.
-    creds = grpc.ssl_channel_credentials(
+    return grpc.ssl_channel_credentials(
         root_certificates=root_pem,
         private_key=key_to_pem(private_key),
         certificate_chain=cert_to_pem(certificate),
     )
-    return creds, Fingerprint.of(certificate)
 
 
 def secure_channel(

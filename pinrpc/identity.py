@@ -39,6 +39,7 @@ NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PEM_CERT_RE: Final = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
+OPENSSL_PREFIX_RE: Final = re.compile(r"^sha256(?:fingerprint=|:)", re.IGNORECASE)
 ED25519_REASON: Final = (
     "Ed25519 keys fail the TLS handshake with grpcio (the server offers no Ed25519 signature "
     "algorithm); use P-256 (the default), P-384 or RSA >= 2048"
@@ -52,7 +53,8 @@ class Fingerprint:
     """SHA-256 of a certificate's DER encoding.
 
     ``str()`` gives the form ``openssl x509 -noout -fingerprint -sha256`` prints (upper-case hex
-    pairs joined by colons); ``parse`` accepts that, bare hex, any case and a ``sha256:`` prefix.
+    pairs joined by colons); ``parse`` accepts that, bare hex, any case, a ``sha256:`` prefix
+    and openssl's whole output line.
     """
 
     digest: bytes
@@ -71,10 +73,10 @@ class Fingerprint:
 
     @classmethod
     def parse(cls, text: str) -> Fingerprint:
-        cleaned = text.strip()
-        if cleaned.lower().startswith("sha256:"):
-            cleaned = cleaned[len("sha256:") :]
-        cleaned = cleaned.replace(":", "").replace(" ", "")
+        # Any whitespace goes (a fingerprint wrapped or tab-separated when pasted); so does
+        # openssl's whole line, "sha256 Fingerprint=AB:..." (OpenSSL 1.1: "SHA256 ...").
+        cleaned = "".join(text.split())
+        cleaned = OPENSSL_PREFIX_RE.sub("", cleaned, count=1).replace(":", "")
         if not re.fullmatch(r"[0-9A-Fa-f]{64}", cleaned):
             raise ValueError(
                 f"not a SHA-256 fingerprint: {text!r} "
@@ -368,7 +370,11 @@ def _exists_error(path: Path) -> IdentityError:
 def read_file(path: Path, what: str, limit: int = 1 << 20) -> bytes:
     """Read a small file, with a one-line error that names the absolute path."""
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK: opening a FIFO that nobody writes to would wait forever; without a
+        # writer it now reads as empty, while a pipe that has one (--key <(...)) still works.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        with open(fd, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
         raise IdentityError(f"cannot read {what} {path.absolute()}: {exc.strerror}") from exc
@@ -474,13 +480,17 @@ def load_private_key(
                 f"private key {where} is encrypted; set PINRPC_KEY_PASSPHRASE"
             ) from exc
         raise IdentityError(
-            f"private key {where} is not encrypted but a passphrase was given"
+            f"private key {where} is not encrypted, but a passphrase was given "
+            "(PINRPC_KEY_PASSPHRASE): unset it to use this key"
         ) from exc
     except ValueError as exc:
-        reason = "wrong passphrase or " if passphrase else ""
-        raise IdentityError(
-            f"cannot load private key {where}: {reason}not a PEM private key"
-        ) from exc
+        # An encrypted PEM says so in its header (PKCS#8 or OpenSSL's Proc-Type): then the
+        # passphrase is what is wrong, not the file.
+        if passphrase and b"ENCRYPTED" in data:
+            raise IdentityError(
+                f"cannot decrypt private key {where}: wrong passphrase (PINRPC_KEY_PASSPHRASE)"
+            ) from exc
+        raise IdentityError(f"cannot load private key {where}: not a PEM private key") from exc
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         raise IdentityError(f"private key {where} is EdDSA: {ED25519_REASON}")
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):

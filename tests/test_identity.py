@@ -53,6 +53,7 @@ def test_fingerprint_matches_openssl(tmp_path: Path, capsys: pytest.CaptureFixtu
         text=True,
     ).stdout.strip()
     assert openssl.split("=", 1)[1] == ours
+    assert Fingerprint.parse(openssl) == files.fingerprint  # the whole line, pasted
 
 
 def test_certificate_cannot_mint_other_certificates(tmp_path: Path) -> None:
@@ -119,6 +120,12 @@ def test_days_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "sha256:" + "Ab" * 32,
         "SHA256:" + "ab:" * 31 + "ab",
         "  " + "ab" * 32 + "\n",
+        # Pasted: wrapped, tab- or no-break-space-separated, or openssl's whole line.
+        "AB:" * 16 + "\n  " + "AB:" * 15 + "AB",
+        "\t".join(["ab"] * 32),
+        "\u00a0".join(["AB"] * 32),
+        "sha256 Fingerprint=" + "AB:" * 31 + "AB",
+        "SHA256 Fingerprint=" + "AB:" * 31 + "AB\n",
     ],
 )
 def test_fingerprint_parsing_is_tolerant(text: str) -> None:
@@ -127,7 +134,20 @@ def test_fingerprint_parsing_is_tolerant(text: str) -> None:
     assert fp.hex == "ab" * 32
 
 
-@pytest.mark.parametrize("text", ["", "ab" * 31, "zz" * 32, "ab" * 33, "md5:" + "ab" * 32])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ab" * 31,
+        "zz" * 32,
+        "ab" * 33,
+        "md5:" + "ab" * 32,
+        "sha1 Fingerprint=" + "AB:" * 31 + "AB",
+        "sha256 Fingerprint=" + "AB:" * 30 + "AB",
+        "Fingerprint=" + "ab" * 32,
+        "sha256:sha256:" + "ab" * 32,
+    ],
+)
 def test_fingerprint_parsing_rejects_non_fingerprints(text: str) -> None:
     with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
         Fingerprint.parse(text)
@@ -146,10 +166,23 @@ def test_encrypted_key_needs_its_passphrase(tmp_path: Path) -> None:
     assert b"ENCRYPTED" in files.key_path.read_bytes()
     with pytest.raises(IdentityError, match="PINRPC_KEY_PASSPHRASE"):
         load_private_key(files.key_path)
-    with pytest.raises(IdentityError, match="wrong passphrase"):
+    with pytest.raises(IdentityError) as wrong:
         load_private_key(files.key_path, passphrase=b"nope")
+    assert "wrong passphrase (PINRPC_KEY_PASSPHRASE)" in str(wrong.value)
+    assert "not a PEM private key" not in str(wrong.value)  # the file is fine
     key = load_private_key(files.key_path, passphrase=b"s3cret")
     assert same_public_key(key, load_certificate(files.cert_path))
+    # The other way round: each message names the one thing to fix.
+    plain = create_identity("bob", tmp_path)
+    with pytest.raises(IdentityError, match=r"not encrypted, .*unset it to use this key"):
+        load_private_key(plain.key_path, passphrase=b"s3cret")
+    broken = tmp_path / "broken.key"
+    broken.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    broken.chmod(0o600)
+    with pytest.raises(IdentityError) as garbage:
+        load_private_key(broken, passphrase=b"s3cret")
+    assert "not a PEM private key" in str(garbage.value)
+    assert "passphrase" not in str(garbage.value)
 
 
 def race_keygen(directory: Path) -> list[str]:
@@ -297,10 +330,11 @@ def test_failed_keygen_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_keygen_encrypts_with_the_passphrase_variable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "caf\udce9")  # any bytes, UTF-8 or not
     assert cli.main(["keygen", "enc", "--dir", str(tmp_path)]) == 0
+    assert "(mode 0600, encrypted with PINRPC_KEY_PASSPHRASE;" in capsys.readouterr().out
     key_path = tmp_path / "enc.key"
     assert b"ENCRYPTED" in key_path.read_bytes()
     with pytest.raises(IdentityError, match="PINRPC_KEY_PASSPHRASE"):
@@ -310,6 +344,12 @@ def test_keygen_encrypts_with_the_passphrase_variable(
     monkeypatch.delenv("PINRPC_KEY_PASSPHRASE")
     assert cli.main(["keygen", "plain", "--dir", str(tmp_path)]) == 0
     assert b"ENCRYPTED" not in (tmp_path / "plain.key").read_bytes()
+    assert "(mode 0600, not encrypted;" in capsys.readouterr().out
+    # Set but empty (PINRPC_KEY_PASSPHRASE="$UNSET_VAR") counts as unset, and keygen says so.
+    monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "")
+    assert cli.main(["keygen", "empty", "--dir", str(tmp_path)]) == 0
+    assert "(mode 0600, not encrypted;" in capsys.readouterr().out
+    assert b"ENCRYPTED" not in (tmp_path / "empty.key").read_bytes()
 
 
 def bad_point_certificate(path: Path) -> Path:

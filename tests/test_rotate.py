@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from client import keyfiles
+from client import cli, keyfiles
 from client.keyfiles import old
 from pinrpc.cli import Exit
 from pinrpc.identity import Fingerprint, KeyPairFiles, create_identity, load_certificate
@@ -245,7 +245,7 @@ def test_swap_failure_after_the_server_said_yes_rolls_back_and_keeps_the_new_pai
     with registry_write_locked(connect.server_registry, staged_then_block):
         code, out, err = run(["rotate", *connect.cli_flags(alice), "--timeout", "10"], capsys)
     assert code == Exit.ERROR
-    assert "new fingerprint" in out
+    assert str(Fingerprint.of(load_certificate(new(alice.cert_path)))) in err
     assert "the server enrolled the new pair, but cannot swap the key pair" in err
     assert f"mv {new(alice.key_path)} {alice.key_path}" in err
     assert pair_bytes(alice) == before  # rolled back: still a matching pair
@@ -254,6 +254,33 @@ def test_swap_failure_after_the_server_said_yes_rolls_back_and_keeps_the_new_pai
     connect.server.trust.poll()
     code, out, _ = run(["whoami", *staged_flags(connect, alice)], capsys)
     assert code == Exit.OK and "name         alice" in out
+
+
+def test_a_closed_stdout_does_not_stop_the_swap(connect: Connect, make_client: MakeClient) -> None:
+    """`pinrpc rotate | true` in the Docker image (PYTHONUNBUFFERED=1): the first print fails
+    with EPIPE. The server has rotated by then, so the files must be swapped all the same."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    before = pair_bytes(alice)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is printed
+    try:
+        done = subprocess.run(
+            [str(BIN / "pinrpc"), "rotate", *connect.cli_flags(alice)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == Exit.OK and "Traceback" not in done.stderr
+    assert not new(alice.cert_path).exists() and not new(alice.key_path).exists()
+    assert (old(alice.cert_path).read_bytes(), old(alice.key_path).read_bytes()) == before
+    connect.server.trust.poll()
+    code = cli.main(["whoami", *connect.cli_flags(alice)])
+    assert code == Exit.OK  # the swapped-in pair is the one the server now names
 
 
 @pytest.mark.parametrize("overlap", ["-1", "4294967296", "5000000000", "x"])
