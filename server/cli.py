@@ -40,6 +40,9 @@ MAX_CERT_BYTES = 64 * 1024
 # Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
 # start, or every Rotate and enrollment request failing).
 TEN_YEARS = 10 * 365 * 86400
+# A century, as for the client's --warn-days: a horizon past year 9999 stopped the trust
+# watcher's thread (OverflowError), and with it every later revocation.
+WARN_DAYS = at_least(int, 0, 36500)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--cert-warn-days",
         default="14",
-        type=at_least(int, 0),
+        type=WARN_DAYS,
         help="warn when the server certificate expires within this many days",
     )
     serve.add_argument(
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--client-warn-days",
         default="14",
-        type=at_least(int, 0),
+        type=WARN_DAYS,
         help="log (daily) clients whose certificate expires within this many days",
     )
     add_flag(
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flag(approve)
 
     reject = commands.add_parser("reject", help="drop a pending request, by fingerprint")
-    reject.add_argument("fingerprint", type=utf8)
+    reject.add_argument("fingerprint", type=utf8, help="as `pinrpc-server pending` shows it")
     registry_flag(reject)
 
     migrate = commands.add_parser(
