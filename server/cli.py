@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pending",
         default="100",
         type=at_least(int, 1),
-        help="most requests waiting at once",
+        help="enrollment requests that may wait for approval at once; more are refused",
     )
     add_flag(
         serve,
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         listing,
         "--warn-days",
         default="30",
-        type=at_least(int, 0),
+        type=WARN_DAYS,
         help="flag active clients whose certificate expires within this many days",
     )
     registry_flag(listing)

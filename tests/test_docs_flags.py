@@ -26,14 +26,17 @@ from tests.conftest import (
 )
 
 SERVE = ["serve", "--cert", "c.pem", "--key", "k.pem", "--registry", "r.db"]
-WARN_FLAGS = ["--cert-warn-days", "--client-warn-days"]
+LIST = ["list", "--registry", "r.db"]
+# (flag, the command line it belongs to): the README gives every --*warn-days 0 to 36500.
+WARN_FLAGS = [("--cert-warn-days", SERVE), ("--client-warn-days", SERVE), ("--warn-days", LIST)]
 
 
-@pytest.mark.parametrize("flag", WARN_FLAGS)
+@pytest.mark.parametrize(("flag", "command"), WARN_FLAGS)
 @pytest.mark.parametrize("value", ["36501", "99999999999"])
 @pytest.mark.parametrize("source", ["flag", "env"])
 def test_warn_days_beyond_a_century_are_a_usage_error(
     flag: str,
+    command: list[str],
     value: str,
     source: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -41,7 +44,7 @@ def test_warn_days_beyond_a_century_are_a_usage_error(
 ) -> None:
     # 99999999999 client days stopped the trust watcher's thread at its first check
     # (OverflowError in the date arithmetic): no revocation applied after that.
-    argv = [*SERVE, flag, value] if source == "flag" else SERVE
+    argv = [*command, flag, value] if source == "flag" else command
     if source == "env":
         monkeypatch.setenv(env_name(flag), value)
     with pytest.raises(SystemExit) as info:
@@ -50,9 +53,9 @@ def test_warn_days_beyond_a_century_are_a_usage_error(
     assert f"argument {flag}: must be at most 36500, got {value}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", WARN_FLAGS)
-def test_warn_days_up_to_a_century_are_taken(flag: str) -> None:
-    args = server_cli.build_parser().parse_args([*SERVE, flag, "36500"])
+@pytest.mark.parametrize(("flag", "command"), WARN_FLAGS)
+def test_warn_days_up_to_a_century_are_taken(flag: str, command: list[str]) -> None:
+    args = server_cli.build_parser().parse_args([*command, flag, "36500"])
     assert getattr(args, flag.lstrip("-").replace("-", "_")) == 36500
 
 
