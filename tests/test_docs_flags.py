@@ -75,7 +75,9 @@ def test_the_largest_client_warn_days_still_lets_revocations_apply(
     )
     with start_server(config) as running:
         target = f"127.0.0.1:{running.port}"
-        channel = secure_channel(target, files.cert_path, files.key_path, devca.ca_path, SERVER_NAME)
+        channel = secure_channel(
+            target, files.cert_path, files.key_path, devca.ca_path, SERVER_NAME
+        )
         stub = echo_pb2_grpc.EchoStub(channel)
         assert admitted(stub)
         revoke(registry, "alice")
