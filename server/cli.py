@@ -63,13 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the server")
     address = host_port(port_zero=True)  # argparse checks the environment's value too
-    add_flag(serve, "--listen", default="127.0.0.1:8443", type=address, help="address to listen on")
-    add_flag(serve, "--cert", required=True, help="server certificate chain (fullchain.pem)")
-    add_flag(serve, "--key", required=True, help="server private key (privkey.pem)")
+    add_flag(
+        serve,
+        "--listen",
+        default="127.0.0.1:8443",
+        type=address,
+        metavar="HOST:PORT",
+        help="mTLS address to listen on (0.0.0.0:8443 or [::]:8443 for every interface; "
+        "port 0: any free one)",
+    )
+    add_flag(
+        serve,
+        "--cert",
+        required=True,
+        metavar="FILE",
+        help="server certificate chain, leaf first (fullchain.pem)",
+    )
+    add_flag(serve, "--key", required=True, metavar="FILE", help="server private key (privkey.pem)")
     registry_flag(serve)
     add_flag(
         serve,
         "--cert-warn-days",
+        metavar="DAYS",
         default="14",
         type=WARN_DAYS,
         help="warn when the server certificate expires within this many days",
@@ -83,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--rotation-overlap",
+        metavar="SECONDS",
         default="86400",
         type=at_least(float, 0.0, float(TEN_YEARS)),
         help="seconds a client's old certificate keeps working after it rotates (0: at once)",
@@ -90,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--enrollment-listen",
+        metavar="HOST:PORT",
         type=address,
         help="accept enrollment requests here (server-only TLS); off if unset",
     )
     add_flag(
         serve,
         "--enrollment-ttl",
+        metavar="SECONDS",
         default="86400",
         type=at_least(float, 1.0, float(TEN_YEARS)),
         help="seconds an enrollment request waits for approval",
@@ -103,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--max-pending",
+        metavar="N",
         default="100",
         type=at_least(int, 1),
         help="enrollment requests that may wait for approval at once; more are refused",
@@ -110,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--max-workers",
+        metavar="N",
         default="32",
         type=at_least(int, 4, 1024),
         help="threads serving calls; one client may hold a quarter of them in open streams",
@@ -117,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--client-warn-days",
+        metavar="DAYS",
         default="14",
         type=WARN_DAYS,
         help="log (daily) clients whose certificate expires within this many days",
@@ -124,14 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--health-listen",
+        metavar="HOST:PORT",
         type=address,
         help="also serve plaintext gRPC health (and nothing else) here, for probes; off if unset",
     )
     add_flag(
         serve,
         "--metrics-listen",
+        metavar="HOST:PORT",
         type=address,
-        help="serve Prometheus metrics here (HOST:PORT); off if unset",
+        help="serve Prometheus metrics here, plain HTTP at /metrics; off if unset",
     )
     add_flag(
         serve,
@@ -146,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--max-connection-age",
+        metavar="SECONDS",
         default="120",
         # gRPC takes milliseconds as a C int: 24 days is the largest whole number of days.
         type=at_least(float, 1.0, 24 * 86400),
@@ -155,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--warm-start",
+        metavar="FILE",
         help="with --tls-reload handover: file where the server records which clients "
         "connected; after a restart it trusts those first and the rest by handover",
     )
@@ -168,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--audit-rate",
+        metavar="LINES",
         default="50",
         type=at_least(float, 0.1, 1e6),
         help="audit lines per second, for calls and again for changes, before the rest are "
@@ -199,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         listing,
         "--warn-days",
+        metavar="DAYS",
         default="30",
         type=WARN_DAYS,
         help="flag active clients whose certificate expires within this many days",
