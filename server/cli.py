@@ -26,13 +26,13 @@ from pinrpc.cli import (
     run,
     utf8,
 )
-from pinrpc.errors import EnrollmentError, IdentityError
+from pinrpc.errors import EnrollmentError, IdentityError, RegistryError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
 from server.enrollment import check_certificate, check_patterns, new_permissions
 from server.gc_tuning import settle
 from server.logs import configure_logging
-from server.registry import Client, Registry, migrate_registry, open_registry
+from server.registry import Client, Registry, is_postgres, migrate_registry, open_registry
 from server.stderr_pump import drained, grpc_line_rate
 
 PROG = "pinrpc-server"
@@ -470,9 +470,18 @@ COMMANDS = {
 }
 
 
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse a --registry path that names a FIFO, a device or a directory: sqlite3 waited
+    forever on a FIFO (list, pending) and said only "disk I/O error" about the rest."""
+    path = Path(args.registry)
+    if not is_postgres(args.registry) and path.exists() and not path.is_file():
+        raise RegistryError(f"registry {path.absolute()} is not a regular file; check --registry")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(PROG, lambda: COMMANDS[args.command](args))
+    return run(PROG, lambda: COMMANDS[args.command](_checked(args)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ keeps applying revocations with any value its flags accept."""
 from __future__ import annotations
 
 import argparse
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +88,42 @@ def test_the_largest_client_warn_days_still_lets_revocations_apply(
         # Only the server's own watcher thread applies it here: nothing polls on its behalf.
         eventually(lambda: not admitted(stub), timeout=3.0)
         channel.close()
+
+
+REGISTRY_COMMANDS = [
+    ["list"],
+    ["pending"],
+    ["migrate"],
+    ["revoke", "x"],
+    ["enroll", "CERT", "--name", "q"],
+    ["serve", "--cert", "c.pem", "--key", "k.pem", "--listen", "127.0.0.1:0"],
+]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("command", REGISTRY_COMMANDS, ids=lambda c: c[0])
+def test_a_registry_that_is_not_a_regular_file_is_one_line(
+    tmp_path: Path, make_client: MakeClient, kind: str, command: list[str]
+) -> None:
+    # `list` and `pending` waited forever on a FIFO; the others said "disk I/O error".
+    # A subprocess, so that the old behaviour fails within the timeout instead of hanging.
+    where = tmp_path / "registry.db"
+    if kind == "fifo":
+        os.mkfifo(where)
+    else:
+        where.mkdir()
+    cert = str(make_client("q").cert_path)
+    argv = [cert if a == "CERT" else a for a in command]
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", *argv, "--registry", str(where)],
+        capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"pinrpc-server: error: registry {where} is not a regular file; check --registry\n"
+    )
+    assert stat.S_ISFIFO(where.stat().st_mode) if kind == "fifo" else list(where.iterdir()) == []
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
