@@ -26,13 +26,13 @@ from pinrpc.cli import (
     run,
     utf8,
 )
-from pinrpc.errors import EnrollmentError, IdentityError
+from pinrpc.errors import EnrollmentError, IdentityError, RegistryError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
 from server.enrollment import check_certificate, check_patterns, new_permissions
 from server.gc_tuning import settle
 from server.logs import configure_logging
-from server.registry import Client, Registry, migrate_registry, open_registry
+from server.registry import Client, Registry, is_postgres, migrate_registry, open_registry
 from server.stderr_pump import drained, grpc_line_rate
 
 PROG = "pinrpc-server"
@@ -40,6 +40,9 @@ MAX_CERT_BYTES = 64 * 1024
 # Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
 # start, or every Rotate and enrollment request failing).
 TEN_YEARS = 10 * 365 * 86400
+# A century, as for the client's --warn-days: a horizon past year 9999 stopped the trust
+# watcher's thread (OverflowError), and with it every later revocation.
+WARN_DAYS = at_least(int, 0, 36500)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,15 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the server")
     address = host_port(port_zero=True)  # argparse checks the environment's value too
-    add_flag(serve, "--listen", default="127.0.0.1:8443", type=address, help="address to listen on")
-    add_flag(serve, "--cert", required=True, help="server certificate chain (fullchain.pem)")
-    add_flag(serve, "--key", required=True, help="server private key (privkey.pem)")
+    add_flag(
+        serve,
+        "--listen",
+        default="127.0.0.1:8443",
+        type=address,
+        metavar="HOST:PORT",
+        help="mTLS address to listen on (0.0.0.0:8443 or [::]:8443 for every interface; "
+        "port 0: any free one)",
+    )
+    add_flag(
+        serve,
+        "--cert",
+        required=True,
+        metavar="FILE",
+        help="server certificate chain, leaf first (fullchain.pem)",
+    )
+    add_flag(serve, "--key", required=True, metavar="FILE", help="server private key (privkey.pem)")
     registry_flag(serve)
     add_flag(
         serve,
         "--cert-warn-days",
+        metavar="DAYS",
         default="14",
-        type=at_least(int, 0),
+        type=WARN_DAYS,
         help="warn when the server certificate expires within this many days",
     )
     serve.add_argument(
@@ -80,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--rotation-overlap",
+        metavar="SECONDS",
         default="86400",
         type=at_least(float, 0.0, float(TEN_YEARS)),
         help="seconds a client's old certificate keeps working after it rotates (0: at once)",
@@ -87,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--enrollment-listen",
+        metavar="HOST:PORT",
         type=address,
         help="accept enrollment requests here (server-only TLS); off if unset",
     )
     add_flag(
         serve,
         "--enrollment-ttl",
+        metavar="SECONDS",
         default="86400",
         type=at_least(float, 1.0, float(TEN_YEARS)),
         help="seconds an enrollment request waits for approval",
@@ -100,13 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--max-pending",
+        metavar="N",
         default="100",
         type=at_least(int, 1),
-        help="most requests waiting at once",
+        help="enrollment requests that may wait for approval at once; more are refused",
     )
     add_flag(
         serve,
         "--max-workers",
+        metavar="N",
         default="32",
         type=at_least(int, 4, 1024),
         help="threads serving calls; one client may hold a quarter of them in open streams",
@@ -114,21 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--client-warn-days",
+        metavar="DAYS",
         default="14",
-        type=at_least(int, 0),
+        type=WARN_DAYS,
         help="log (daily) clients whose certificate expires within this many days",
     )
     add_flag(
         serve,
         "--health-listen",
+        metavar="HOST:PORT",
         type=address,
         help="also serve plaintext gRPC health (and nothing else) here, for probes; off if unset",
     )
     add_flag(
         serve,
         "--metrics-listen",
+        metavar="HOST:PORT",
         type=address,
-        help="serve Prometheus metrics here (HOST:PORT); off if unset",
+        help="serve Prometheus metrics here, plain HTTP at /metrics; off if unset",
     )
     add_flag(
         serve,
@@ -143,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--max-connection-age",
+        metavar="SECONDS",
         default="120",
         # gRPC takes milliseconds as a C int: 24 days is the largest whole number of days.
         type=at_least(float, 1.0, 24 * 86400),
@@ -152,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--warm-start",
+        metavar="FILE",
         help="with --tls-reload handover: file where the server records which clients "
         "connected; after a restart it trusts those first and the rest by handover",
     )
@@ -165,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve,
         "--audit-rate",
+        metavar="LINES",
         default="50",
         type=at_least(float, 0.1, 1e6),
         help="audit lines per second, for calls and again for changes, before the rest are "
@@ -196,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         listing,
         "--warn-days",
+        metavar="DAYS",
         default="30",
-        type=at_least(int, 0),
+        type=WARN_DAYS,
         help="flag active clients whose certificate expires within this many days",
     )
     registry_flag(listing)
@@ -219,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flag(approve)
 
     reject = commands.add_parser("reject", help="drop a pending request, by fingerprint")
-    reject.add_argument("fingerprint", type=utf8)
+    reject.add_argument("fingerprint", type=utf8, help="as `pinrpc-server pending` shows it")
     registry_flag(reject)
 
     migrate = commands.add_parser(
@@ -440,9 +470,18 @@ COMMANDS = {
 }
 
 
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse a --registry path that names a FIFO, a device or a directory: sqlite3 waited
+    forever on a FIFO (list, pending) and said only "disk I/O error" about the rest."""
+    path = Path(args.registry)
+    if not is_postgres(args.registry) and path.exists() and not path.is_file():
+        raise RegistryError(f"registry {path.absolute()} is not a regular file; check --registry")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(PROG, lambda: COMMANDS[args.command](args))
+    return run(PROG, lambda: COMMANDS[args.command](_checked(args)))
 
 
 if __name__ == "__main__":

@@ -318,6 +318,28 @@ def test_a_venv_of_an_older_python_is_made_again(tmp_path: Path, script: str, me
     assert not (repo / ".venv").exists()
 
 
+def test_demo_keep_under_a_file_is_refused_before_the_venv_set_up(tmp_path: Path) -> None:
+    # Found on a fresh checkout: the refusal came after the first run's .venv set-up, so the
+    # user waited for pip (and its output) before learning that --keep could not work.
+    repo = fake_repo(tmp_path, "demo")
+    shutil.rmtree(repo / ".venv")
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("mine")
+    keep = not_a_directory / "out"
+    done = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "demo"), "--keep", str(keep)],
+        capture_output=True, text=True, timeout=120, env=no_ensurepip(tmp_path), check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 2, done.stderr
+    assert (done.stdout, done.stderr) == (
+        "",
+        f"demo: error: cannot make --keep directory {keep}: Not a directory\n",
+    )
+    assert not (repo / ".venv").exists()
+    assert not_a_directory.read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     ("script", "message"),
     [
