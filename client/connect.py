@@ -64,7 +64,7 @@ def connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--insecure-key-permissions",
         action="store_true",
-        help="use a private key even if other users can read it",
+        help="use a private key even if its group or other users can read it",
     )
 
 

@@ -39,7 +39,7 @@ from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
 from pinrpc.errors import IdentityError, PinrpcError
-from pinrpc.identity import PrivateKey, generate_key, key_to_pem, write_all
+from pinrpc.identity import PrivateKey, generate_key, key_to_pem, read_file, write_all
 
 # What an RFC 8555 directory must name for obtain-cert to work.
 _DIRECTORY_KEYS = ("newNonce", "newAccount", "newOrder")
@@ -493,11 +493,15 @@ def obtain_certificate(
 
 def _check_ca_bundle(path: Path) -> None:
     try:
-        x509.load_pem_x509_certificates(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "no PEM certificate in it"
+        data = read_file(path, "CA bundle")  # a FIFO nobody writes to reads as empty, no hang
+    except IdentityError as exc:
+        raise AcmeError(f"{exc}; pass a readable PEM file") from exc
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
         raise AcmeError(
-            f"cannot use CA bundle {path.resolve()}: {reason}; pass a readable PEM file"
+            f"cannot use CA bundle {path.resolve()}: no PEM certificate in it; "
+            "pass a readable PEM file"
         ) from exc
 
 

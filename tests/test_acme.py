@@ -478,19 +478,28 @@ def test_empty_port_variable_counts_as_unset(
     _assert_one_line_error(capsys.readouterr().err, "must start with https://")
 
 
-@pytest.mark.parametrize("bundle", ["garbage", "directory"])
+@pytest.mark.parametrize(
+    ("bundle", "error"),
+    [
+        ("garbage", "cannot use CA bundle"),
+        ("a FIFO nobody writes to", "cannot use CA bundle"),  # read as empty: it hung before
+        ("directory", "cannot read CA bundle"),
+    ],
+)
 def test_unusable_ca_bundle_is_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], bundle: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bundle: str, error: str
 ) -> None:
     path = tmp_path / "bundle.pem"
     if bundle == "garbage":
         path.write_bytes(b"not a certificate")
-    else:
+    elif bundle == "directory":
         path.mkdir()
+    else:
+        os.mkfifo(path)
     # Port 1 refuses connections: reaching it would give a different error.
     argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "a.test", "--out", str(tmp_path)]
     assert main([*argv, "--ca-bundle", str(path)]) == 1
-    _assert_one_line_error(capsys.readouterr().err, f"cannot use CA bundle {path}")
+    _assert_one_line_error(capsys.readouterr().err, f"{error} {path}")
 
 
 @pytest.mark.parametrize("where", ["unreachable", "not a directory"])
