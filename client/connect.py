@@ -61,6 +61,10 @@ def connection_flags(p: argparse.ArgumentParser) -> None:
     server_flags(p, timeout_help="seconds to wait for the call")
     add_flag(p, "--cert", required=True, type=file_path, help="your certificate (NAME.crt)")
     add_flag(p, "--key", required=True, type=file_path, help="your private key (NAME.key)")
+    key_permissions_flag(p)
+
+
+def key_permissions_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--insecure-key-permissions",
         action="store_true",

@@ -31,7 +31,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509 import verification
 
-from client.connect import file_path, server_flags
+from client.connect import file_path, key_permissions_flag, server_flags
 from pinrpc.channel import client_credentials, passphrase_from_env, secure_channel
 from pinrpc.cli import Exit, add_flag
 from pinrpc.errors import PinrpcError
@@ -56,11 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="your certificate (NAME.crt); without it only the server is checked",
     )
     add_flag(p, "--key", type=file_path, help="your private key (NAME.key)")
-    p.add_argument(
-        "--insecure-key-permissions",
-        action="store_true",
-        help="use a private key even if other users can read it",
-    )
+    key_permissions_flag(p)
 
 
 class Failed(Exception):
