@@ -170,7 +170,10 @@ def start_pebble(tmp_dir: Path, *, http01_port: int | None = None) -> Iterator[P
         **os.environ,
         "PEBBLE_VA_NOSLEEP": "1",  # no random 0-15 s delay before validating
         "PEBBLE_WFE_NONCEREJECT": "0",  # no random badNonce rejections (default 5 %)
-        "PEBBLE_AUTHZREUSE": "0",  # every order gets fresh authorizations: deterministic
+        # Fresh authorizations for an account's new order, but not always: pebble still reuses
+        # a valid one 1 % of the time (`rand.Intn(100) > percent`). A test that needs a
+        # challenge answered must order with a new account.
+        "PEBBLE_AUTHZREUSE": "0",
     }
     argv = [binary, "-config", str(config_path)]
     log_path = tmp_dir / "pebble.log"
