@@ -55,7 +55,11 @@ def listening_sockets(port: int) -> dict[int, socket.socket]:
     """This process's listening TCP sockets on ``port`` (0: any), by inode (duplicates: close
     them after use). The inode names a socket exactly, whatever address it is bound to."""
     found: dict[int, socket.socket] = {}
-    for name in os.listdir("/proc/self/fd"):
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc (some containers): a handover then stops the old server
+        return found
+    for name in names:
         try:
             status = os.fstat(int(name))
             if not stat.S_ISSOCK(status.st_mode) or status.st_ino in found:

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import grpc
 
 from server.app import start_server
-from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, code_of, enroll, revoke
-from tests.test_handover import fresh_call, handover_config, settle
+from tests.certs import certbot_link
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    code_of,
+    enroll,
+    eventually,
+    require_tool,
+    revoke,
+)
+from tests.test_handover import MAX_AGE, fresh_call, handover_config, settle
 
 
 def corrupt_certificate(registry: Path, name: str) -> None:
@@ -37,3 +54,79 @@ def test_a_malformed_certificate_in_the_registry_stops_neither_revocations_nor_e
         revoke(registry, "alice")
         running.trust.poll()
         assert code_of(lambda: fresh_call(connect, alice)) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_thirty_handovers_leave_no_server_thread_or_descriptor_behind(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    live = tmp_path / "live" / SERVER_NAME
+    certbot_link(live, *devca.ca.issue([SERVER_NAME]).write(tmp_path / "v0"), 0)
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    config = handover_config(registry, live / "fullchain.pem", live / "privkey.pem")
+    with start_server(config) as running:
+        connect = Connect(running, devca)
+        assert fresh_call(connect, alice).caller == "alice"
+        threads, fds = threading.active_count(), open_fds()
+        for version in range(1, 31):  # a renewal each: every one is a handover
+            certbot_link(
+                live, *devca.ca.issue([SERVER_NAME]).write(tmp_path / f"v{version}"), version
+            )
+            running.trust.poll()
+            settle(connect)
+            assert fresh_call(connect, alice).caller == "alice"
+        assert running.listener.handovers == 30
+        eventually(lambda: running.listener.draining == 0, timeout=1.1 * MAX_AGE + 1.0 + 5)
+        eventually(lambda: threading.active_count() <= threads + 2, timeout=5)
+        eventually(lambda: open_fds() <= fds + 4, timeout=5)
+        print(f"threads {threads} -> {threading.active_count()}, fds {fds} -> {open_fds()}")
+
+
+WITHOUT_PROC = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from server.app import start_server
+from tests.conftest import ECHO_ALL, enroll
+from tests.test_handover import fresh_call, handover_config
+
+assert not Path("/proc/self").exists()
+registry, cert, key, ca, alice_key, alice_cert, bob_key, bob_cert = map(Path, sys.argv[1:])
+alice = SimpleNamespace(key_path=alice_key, cert_path=alice_cert)
+bob = SimpleNamespace(key_path=bob_key, cert_path=bob_cert)
+with start_server(handover_config(registry, cert, key)) as running:
+    target = (f"127.0.0.1:{running.port}", ca)
+    assert fresh_call(target, alice).caller == "alice"
+    enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+    running.trust.poll()
+    running.listener.refresh()  # or waits for the builder thread's
+    assert not running.listener.stale() and running.listener.handovers == 1
+    for _ in range(6):  # the old listener is gone, not left accepting
+        assert fresh_call(target, bob).caller == "bob"
+print("served without /proc")
+"""
+
+
+def test_a_handover_without_proc_stops_the_old_server_instead(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """No /proc (a container without it): the documented fallback, not a crash at start."""
+    require_tool(shutil.which("unshare") is not None and os.geteuid() == 0, "unshare", "root")
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    script = tmp_path / "without_proc.py"
+    script.write_text(WITHOUT_PROC)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    paths = [registry, devca.cert, devca.key, devca.ca_path]
+    paths += [alice.key_path, alice.cert_path, bob.key_path, bob.cert_path]
+    mounted = 'mount -t tmpfs none /proc && exec "$0" "$@"'  # this mount namespace only
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", mounted, sys.executable, script, *map(str, paths)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "served without /proc" in done.stdout, done.stderr[-2000:]
