@@ -8,9 +8,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import pytest
 
 from server.app import start_server
 from tests.certs import certbot_link
@@ -88,6 +90,7 @@ def test_thirty_handovers_leave_no_server_thread_or_descriptor_behind(
 
 WITHOUT_PROC = """
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,3 +133,22 @@ def test_a_handover_without_proc_stops_the_old_server_instead(
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0 and "served without /proc" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("listen", "targets"),
+    [("[::1]:0", ["[::1]"]), ("localhost:0", ["127.0.0.1", "[::1]"])],
+)
+def test_a_handover_keeps_the_port_on_every_address(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, listen: str, targets: list[str]
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    config = replace(handover_config(registry, devca.cert, devca.key), listen=listen)
+    with start_server(config) as running:
+        connect = Connect(running, devca)
+        connect.enroll(bob, "bob", ECHO_ALL)
+        assert settle(connect) == 1
+        for host in targets:  # an old listener left accepting would fail about half of these
+            for _ in range(8):
+                assert fresh_call((f"{host}:{running.port}", devca.ca_path), bob).caller == "bob"
