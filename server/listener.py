@@ -11,8 +11,8 @@ square of their number (docs/PERFORMANCE.md: about 10 s for 10,000 clients here)
   on the same port (gRPC binds with SO_REUSEPORT, and add_secure_port releases the GIL while
   it loads the roots), then closes the old server's listening sockets, told apart from any
   other socket on that port number by their inodes. As SO_REUSEPORT would let a second
-  process share a busy port, start() first checks that it is free; inline mode binds
-  without SO_REUSEPORT. The old server keeps
+  process share a busy port, start() first checks that it is free, and once bound that no
+  other socket joined it meanwhile; inline mode binds without SO_REUSEPORT. The old server keeps
   serving its open connections until they leave by themselves: every server in this mode
   rotates its connections after ``max_age`` with gRPC's graceful GOAWAY, which clients follow
   without failing a call. Stopping the old server at once instead would fail the calls queued
@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import grpc
@@ -105,6 +106,20 @@ def check_free(address: str) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ListenError(f"cannot listen on {address}: address in use") from exc
+
+
+def shared(ours: frozenset[int]) -> bool:
+    """Another listening socket (another process's, say) is bound to the same address and
+    port as one of ``ours`` (inodes): they form one SO_REUSEPORT group. False without /proc."""
+    bound: dict[int, str] = {}  # inode -> local address and port, as the kernel lists them
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):  # no /proc, or no IPv6
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    bound[int(fields[9])] = fields[1]
+    addresses = {bound[ino] for ino in ours if ino in bound}
+    return any(where in addresses for ino, where in bound.items() if ino not in ours)
 
 
 # A classic BPF program for the port's SO_REUSEPORT group: "return 1", i.e. pick the second
@@ -197,6 +212,12 @@ class Listener:
         if port == 0:
             raise ListenError(f"cannot listen on {address}: address in use or invalid")
         self._sockets = socket_ids(port) - before
+        # check_free() ran before the roots loaded (seconds for thousands of clients): a
+        # server started meanwhile on the same port may have joined it too. The later of
+        # two such servers sees the other one here, and gives up.
+        if self.mode == "handover" and shared(self._sockets):
+            server.stop(None)
+            raise ListenError(f"cannot listen on {address}: address in use")
         server.start()
         self._server, self.port, (self._cert, self._trusted) = server, port, state
         if self.mode == "handover":

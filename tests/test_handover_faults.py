@@ -29,6 +29,7 @@ from tests.conftest import (
     revoke,
 )
 from tests.test_handover import MAX_AGE, fresh_call, handover_config, settle
+from tests.test_server import free_port
 
 
 def corrupt_certificate(registry: Path, name: str) -> None:
@@ -152,3 +153,41 @@ def test_a_handover_keeps_the_port_on_every_address(
         for host in targets:  # an old listener left accepting would fail about half of these
             for _ in range(8):
                 assert fresh_call((f"{host}:{running.port}", devca.ca_path), bob).caller == "bob"
+
+
+SLOW_START = """
+import sys, time
+from pathlib import Path
+
+from server.listener import ListenError
+from tests.conftest import ServerFiles
+from tests.test_handover import slow_listener
+
+registry, cert, key, address = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+with slow_listener(ServerFiles(None, cert, cert, key), registry) as (served, _, slow):
+    slow.set()  # a 2 s build, as 10,000 roots take
+    try:
+        served.start(address)
+    except ListenError as exc:
+        print(exc, flush=True)
+        sys.exit(1)
+    print("started", flush=True)
+    time.sleep(3)  # still serving while the other one binds and looks
+"""
+
+
+def test_two_servers_started_together_never_share_a_port(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """Both pass the start-up check while their roots load (seconds at 10,000 clients), then
+    both bind with SO_REUSEPORT: without a second look they would split the connections."""
+    enroll(registry, make_client("alice").cert_path, "alice", ECHO_ALL)
+    address = f"127.0.0.1:{free_port()}"
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_START)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    argv = [sys.executable, str(script), str(registry), str(devca.cert), str(devca.key), address]
+    servers = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) for _ in "12"]
+    outcomes = sorted(server.communicate(timeout=60)[0].strip() for server in servers)
+    assert outcomes[0] == f"cannot listen on {address}: address in use", outcomes
+    assert outcomes[1] == "started", outcomes
