@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pinrpc.trust")
 EXPIRY_SCAN_SECONDS = 3600.0  # scanning every enrolled client is cheap, but not every poll
+SERVED_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})  # what BoringSSL signs with
 _BEGIN, _END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
 
 
@@ -100,6 +101,13 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
     leaf = chain[0]
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ServerCertError(f"{key_path.absolute()} is not an ECDSA or RSA key")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in SERVED_CURVES:
+        # gRPC's BoringSSL refuses it only when the credentials are built: at the next
+        # restart, or at every retried --tls-reload handover build.
+        raise ServerCertError(
+            f"{key_path.absolute()} is an ECDSA key on {key.curve.name}, which gRPC cannot "
+            f"serve; use P-256 or P-384"
+        )
     if not _same_key(key, leaf):
         if any(_same_key(key, c) for c in chain[1:]):
             raise ServerCertError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.app import start_server
 from tests.certs import certbot_link
@@ -191,3 +193,30 @@ def test_two_servers_started_together_never_share_a_port(
     outcomes = sorted(server.communicate(timeout=60)[0].strip() for server in servers)
     assert outcomes[0] == f"cannot listen on {address}: address in use", outcomes
     assert outcomes[1] == "started", outcomes
+
+
+def test_a_renewal_with_a_key_grpc_cannot_serve_is_refused_not_retried(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """cryptography reads a secp256k1 key, BoringSSL refuses it: every handover build failed
+    (a full load of the roots, retried at every poll) while the old listener served on."""
+    live = tmp_path / "live" / SERVER_NAME
+    certbot_link(live, *devca.ca.issue([SERVER_NAME]).write(tmp_path / "v1"), 1)
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    config = handover_config(registry, live / "fullchain.pem", live / "privkey.pem")
+    with caplog.at_level(logging.ERROR), start_server(config) as running:
+        connect = Connect(running, devca)
+        odd = devca.ca.issue([SERVER_NAME], key=ec.generate_private_key(ec.SECP256K1()))
+        certbot_link(live, *odd.write(tmp_path / "v2"), 2)
+        running.trust.poll()
+        assert not running.listener.stale()  # nothing to build: the renewal was refused
+        assert fresh_call(connect, alice).caller == "alice"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    refused = f"{live / 'privkey.pem'} is an ECDSA key on secp256k1, which gRPC cannot serve"
+    assert any(refused in e for e in errors), errors
+    assert not any("handover failed" in e for e in errors), errors
