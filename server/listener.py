@@ -129,6 +129,9 @@ def shared(ours: frozenset[int]) -> bool:
 _PICK_SECOND = struct.pack("HBBI", 0x06, 0, 0, 1)  # BPF_RET | BPF_K, k=1
 _SO_ATTACH_REUSEPORT_CBPF: Final = 51  # Linux; not in Python's socket module
 WARM_SAVE_INTERVAL = 60.0  # seconds between saves of the --warm-start file
+# A failed build is retried at once after a change, otherwise after this many seconds: each
+# attempt loads every root again (about 10 s of a core at 10,000 clients).
+FAILED_BUILD_RETRY = 30.0
 ACCEPT_QUEUE_DRAIN = 0.05  # seconds for the old listener to accept what reached it already
 
 
@@ -193,6 +196,7 @@ class Listener:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self._retry_at = 0.0  # monotonic time; after a failed build, the next try
         self.handovers = 0
         self._warm = warm
         self._next_save = 0.0
@@ -294,7 +298,7 @@ class Listener:
                 return self._failed(f"cannot bind {address} again", old_sockets)
             self._sockets = socket_ids(port) - frozenset(before)
             new.start()
-            old, self._server, self._failing = self._server, new, False
+            old, self._server, self._failing, self._retry_at = self._server, new, False, 0.0
             self.handovers += 1
             self._cert, self._trusted = state
             assert old is not None
@@ -315,17 +319,18 @@ class Listener:
     def _failed(self, reason: str, sockets: list[socket.socket]) -> bool:
         for sock in sockets:
             sock.close()
-        if not self._failing:  # keep serving with the old listener; retried every interval
+        if not self._failing:  # keep serving with the old listener
             log.error("handover failed, keeping the current listener: %s", reason)
-        self._failing = True
+        self._failing, self._retry_at = True, time.monotonic() + FAILED_BUILD_RETRY
         return False
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            # Woken at once by a change; the timeout retries a failed handover and reaps.
-            self._trust.changed.wait(self._interval)
+            # Woken at once by a change; the timeout reaps, and retries a failed handover.
+            changed = self._trust.changed.wait(self._interval)
             self._trust.changed.clear()
-            self.refresh()
+            if changed or time.monotonic() >= self._retry_at:
+                self.refresh()
             now = time.monotonic()
             self._reap(now)
             if self._warm is not None and now >= self._next_save:

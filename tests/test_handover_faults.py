@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
@@ -9,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.app import start_server
+from server.trust import ServerCert
 from tests.certs import certbot_link
 from tests.conftest import (
     ECHO_ALL,
@@ -30,7 +33,7 @@ from tests.conftest import (
     require_tool,
     revoke,
 )
-from tests.test_handover import MAX_AGE, fresh_call, handover_config, settle
+from tests.test_handover import MAX_AGE, fresh_call, handover_config, settle, slow_listener
 from tests.test_server import free_port
 
 
@@ -98,6 +101,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from server.app import start_server
+from server.trust import ServerCert
 from tests.conftest import ECHO_ALL, enroll
 from tests.test_handover import fresh_call, handover_config
 
@@ -220,3 +224,24 @@ def test_a_renewal_with_a_key_grpc_cannot_serve_is_refused_not_retried(
     refused = f"{live / 'privkey.pem'} is an ECDSA key on secp256k1, which gRPC cannot serve"
     assert any(refused in e for e in errors), errors
     assert not any("handover failed" in e for e in errors), errors
+
+
+def test_a_failing_build_is_not_retried_at_every_poll(
+    devca: ServerFiles, registry: Path, make_client: MakeClient
+) -> None:
+    """A server certificate gRPC refuses, however it got past the loader: the old listener
+    serves on, and the build (a full load of the roots) waits for a change or a long pause."""
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    builds = collections.Counter[str]()
+    with slow_listener(devca, registry, builds=builds) as (served, trust, _):
+        served.start("127.0.0.1:0")
+        assert builds["built"] == 1
+        k1 = devca.ca.issue([SERVER_NAME], key=ec.generate_private_key(ec.SECP256K1()))
+        chain, key = k1.write(devca.cert.parent.parent / "secp256k1")  # a fresh directory
+        trust.server_cert = ServerCert(chain.read_bytes(), key.read_bytes(), k1.leaf)
+        trust.changed.set()
+        time.sleep(2.0)  # 10 polls of the builder thread
+        assert builds["built"] == 2, builds  # the one attempt after the change
+        target = (f"127.0.0.1:{served.port}", devca.ca_path)
+        assert fresh_call(target, alice).caller == "alice" and served.handovers == 0
