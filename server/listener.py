@@ -11,8 +11,8 @@ square of their number (docs/PERFORMANCE.md: about 10 s for 10,000 clients here)
   on the same port (gRPC binds with SO_REUSEPORT, and add_secure_port releases the GIL while
   it loads the roots), then closes the old server's listening sockets, told apart from any
   other socket on that port number by their inodes. As SO_REUSEPORT would let a second
-  process share a busy port, start() first checks that it is free; inline mode binds
-  without SO_REUSEPORT. The old server keeps
+  process share a busy port, start() first checks that it is free, and once bound that no
+  other socket joined it meanwhile; inline mode binds without SO_REUSEPORT. The old server keeps
   serving its open connections until they leave by themselves: every server in this mode
   rotates its connections after ``max_age`` with gRPC's graceful GOAWAY, which clients follow
   without failing a call. Stopping the old server at once instead would fail the calls queued
@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import grpc
@@ -55,7 +56,11 @@ def listening_sockets(port: int) -> dict[int, socket.socket]:
     """This process's listening TCP sockets on ``port`` (0: any), by inode (duplicates: close
     them after use). The inode names a socket exactly, whatever address it is bound to."""
     found: dict[int, socket.socket] = {}
-    for name in os.listdir("/proc/self/fd"):
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc (some containers): a handover then stops the old server
+        return found
+    for name in names:
         try:
             status = os.fstat(int(name))
             if not stat.S_ISSOCK(status.st_mode) or status.st_ino in found:
@@ -103,6 +108,20 @@ def check_free(address: str) -> None:
                 raise ListenError(f"cannot listen on {address}: address in use") from exc
 
 
+def shared(ours: frozenset[int]) -> bool:
+    """Another listening socket (another process's, say) is bound to the same address and
+    port as one of ``ours`` (inodes): they form one SO_REUSEPORT group. False without /proc."""
+    bound: dict[int, str] = {}  # inode -> local address and port, as the kernel lists them
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):  # no /proc, or no IPv6
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    bound[int(fields[9])] = fields[1]
+    addresses = {bound[ino] for ino in ours if ino in bound}
+    return any(where in addresses for ino, where in bound.items() if ino not in ours)
+
+
 # A classic BPF program for the port's SO_REUSEPORT group: "return 1", i.e. pick the second
 # socket. During a handover the group is [current, new] (sockets join in listen() order), so
 # new connections stop reaching the old listener; once it has left the group, index 1 does not
@@ -110,6 +129,9 @@ def check_free(address: str) -> None:
 _PICK_SECOND = struct.pack("HBBI", 0x06, 0, 0, 1)  # BPF_RET | BPF_K, k=1
 _SO_ATTACH_REUSEPORT_CBPF: Final = 51  # Linux; not in Python's socket module
 WARM_SAVE_INTERVAL = 60.0  # seconds between saves of the --warm-start file
+# A failed build is retried at once after a change, otherwise after this many seconds: each
+# attempt loads every root again (about 10 s of a core at 10,000 clients).
+FAILED_BUILD_RETRY = 30.0
 ACCEPT_QUEUE_DRAIN = 0.05  # seconds for the old listener to accept what reached it already
 
 
@@ -174,6 +196,7 @@ class Listener:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self._retry_at = 0.0  # monotonic time; after a failed build, the next try
         self.handovers = 0
         self._warm = warm
         self._next_save = 0.0
@@ -193,6 +216,12 @@ class Listener:
         if port == 0:
             raise ListenError(f"cannot listen on {address}: address in use or invalid")
         self._sockets = socket_ids(port) - before
+        # check_free() ran before the roots loaded (seconds for thousands of clients): a
+        # server started meanwhile on the same port may have joined it too. The later of
+        # two such servers sees the other one here, and gives up.
+        if self.mode == "handover" and shared(self._sockets):
+            server.stop(None)
+            raise ListenError(f"cannot listen on {address}: address in use")
         server.start()
         self._server, self.port, (self._cert, self._trusted) = server, port, state
         if self.mode == "handover":
@@ -269,7 +298,7 @@ class Listener:
                 return self._failed(f"cannot bind {address} again", old_sockets)
             self._sockets = socket_ids(port) - frozenset(before)
             new.start()
-            old, self._server, self._failing = self._server, new, False
+            old, self._server, self._failing, self._retry_at = self._server, new, False, 0.0
             self.handovers += 1
             self._cert, self._trusted = state
             assert old is not None
@@ -290,17 +319,18 @@ class Listener:
     def _failed(self, reason: str, sockets: list[socket.socket]) -> bool:
         for sock in sockets:
             sock.close()
-        if not self._failing:  # keep serving with the old listener; retried every interval
+        if not self._failing:  # keep serving with the old listener
             log.error("handover failed, keeping the current listener: %s", reason)
-        self._failing = True
+        self._failing, self._retry_at = True, time.monotonic() + FAILED_BUILD_RETRY
         return False
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            # Woken at once by a change; the timeout retries a failed handover and reaps.
-            self._trust.changed.wait(self._interval)
+            # Woken at once by a change; the timeout reaps, and retries a failed handover.
+            changed = self._trust.changed.wait(self._interval)
             self._trust.changed.clear()
-            self.refresh()
+            if changed or time.monotonic() >= self._retry_at:
+                self.refresh()
             now = time.monotonic()
             self._reap(now)
             if self._warm is not None and now >= self._next_save:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pinrpc.trust")
 EXPIRY_SCAN_SECONDS = 3600.0  # scanning every enrolled client is cheap, but not every poll
+SERVED_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})  # what BoringSSL signs with
 _BEGIN, _END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
 
 
@@ -100,6 +101,13 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
     leaf = chain[0]
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ServerCertError(f"{key_path.absolute()} is not an ECDSA or RSA key")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in SERVED_CURVES:
+        # gRPC's BoringSSL refuses it only when the credentials are built: at the next
+        # restart, or at every retried --tls-reload handover build.
+        raise ServerCertError(
+            f"{key_path.absolute()} is an ECDSA key on {key.curve.name}, which gRPC cannot "
+            f"serve; use P-256 or P-384"
+        )
     if not _same_key(key, leaf):
         if any(_same_key(key, c) for c in chain[1:]):
             raise ServerCertError(
@@ -282,9 +290,10 @@ class TrustWatcher:
         self._cert_expired_logged = False
         # Initial load: failures here are fatal, the caller reports them.
         self._generation = registry.generation()
-        self._orders: dict[bytes, tuple[int, bytes]] = {}  # digest -> subject_order(), cached
+        # digest -> subject_order(), cached; None: the certificate does not parse
+        self._orders: dict[bytes, tuple[int, bytes] | None] = {}
         clients = registry.clients()
-        self.enrolled = EnrolledSet.build(clients, self._root_order)
+        self.enrolled = EnrolledSet.build(self._parsable(clients), self._root_order)
         self._cert_signature = file_signature(cert_path, key_path)
         self.server_cert = load_server_cert(cert_path, key_path)
         self.changed = threading.Event()  # set on every change (server.listener waits on it)
@@ -403,7 +412,7 @@ class TrustWatcher:
                 return
             # A rotation overlap ended or a certificate expired: drop it, registry or not.
             clients = list(self.enrolled.clients)
-        enrolled = EnrolledSet.build(clients, self._root_order)
+        enrolled = EnrolledSet.build(self._parsable(clients), self._root_order)
         with self._lock:
             previous, self.enrolled, self._generation = self.enrolled, enrolled, generation
         # A change of permissions only (permit) leaves the roots as they were: handshakes need
@@ -429,11 +438,26 @@ class TrustWatcher:
             if client_auth:  # the enrollment port's server-only TLS is no trust rebuild
                 self._events.rebuilt(time.perf_counter() - start)
 
+    def _parsable(self, clients: list[Client]) -> list[Client]:
+        """The clients whose certificate parses. One that does not (a damaged or hand-edited
+        row) could never complete a handshake, and would otherwise fail every build and end
+        the poll thread, revocations included. Logged once per certificate."""
+        for client in clients:
+            digest = client.fingerprint.digest
+            if digest not in self._orders:
+                try:
+                    self._orders[digest] = subject_order(client.cert_pem)
+                except ValueError as exc:
+                    self._orders[digest] = None
+                    log.error(
+                        "client %r (%s) is not trusted: its certificate in the registry does "
+                        "not parse (%s); revoke it and enroll its certificate again",
+                        client.name, client.fingerprint, exc,
+                    )  # fmt: skip
+        return [c for c in clients if self._orders[c.fingerprint.digest] is not None]
+
     def _root_order(self, client: Client) -> tuple[int, bytes]:
-        digest = client.fingerprint.digest
-        if digest not in self._orders:
-            self._orders[digest] = subject_order(client.cert_pem)
-        return self._orders[digest]
+        return self._orders.get(client.fingerprint.digest) or (0, b"")
 
     def _warn_expiring_clients(self) -> None:
         """Once a day per client whose certificate ends within ``client_warn_days``."""

@@ -11,6 +11,7 @@ only change who waits, never who gets in.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -23,7 +24,9 @@ from pinrpc.identity import write_atomic
 log = logging.getLogger("pinrpc.server")
 MAX_BYTES = 4 * 1024 * 1024
 MAX_CLIENTS = MAX_BYTES // 65  # 64 hex digits and a newline each: 64,527
-NOT_REGULAR = "not a regular file"  # a FIFO, a device or a directory is neither read nor replaced
+# A FIFO, a device, a directory or a symlink is neither read nor replaced: a symlink planted
+# in a shared directory would have the server read a file of the planter's choosing.
+NOT_REGULAR = "not a regular file"
 
 
 class WarmSet:
@@ -58,7 +61,7 @@ class WarmSet:
             return
         text = "".join(f"{d.hex()}\n" for d in keep)
         try:
-            if self.path.exists() and not self.path.is_file():
+            if _not_regular(self.path):
                 raise OSError(NOT_REGULAR)
             write_atomic(self.path, text.encode(), 0o600)
         except OSError as exc:
@@ -84,7 +87,12 @@ def load(path: Path) -> tuple[bytes, ...]:
 
 def _read_regular(path: Path, limit: int) -> bytes:
     # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, and start-up with it.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise ValueError(NOT_REGULAR) from exc
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(NOT_REGULAR)
@@ -92,6 +100,14 @@ def _read_regular(path: Path, limit: int) -> bytes:
             return f.read(limit)
     finally:
         os.close(fd)
+
+
+def _not_regular(path: Path) -> bool:
+    """Something other than a regular file, a symlink included, is at ``path``."""
+    try:
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _parse(words: Iterable[str]) -> Iterable[bytes]:

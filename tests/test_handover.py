@@ -248,10 +248,13 @@ def test_a_handover_closes_its_own_listener_only(
 
 @contextmanager
 def slow_listener(
-    devca: ServerFiles, registry: Path, warm: WarmSet | None = None
+    devca: ServerFiles,
+    registry: Path,
+    warm: WarmSet | None = None,
+    builds: collections.Counter[str] | None = None,
 ) -> Iterator[tuple[Listener, TrustWatcher, threading.Event]]:
     """A handover Listener started by hand whose builds take 2 s (as 10,000 roots would) once
-    the yielded event is set."""
+    the yielded event is set; ``builds["built"]`` counts them."""
     reg = open_registry(str(registry))
     trust = TrustWatcher(reg, devca.cert, devca.key)
     check = AuthInterceptor(lambda: trust.enrolled)
@@ -260,6 +263,8 @@ def slow_listener(
     def build(options: Options) -> grpc.Server:
         if slow.is_set():
             time.sleep(2.0)
+        if builds is not None:
+            builds["built"] += 1
         server = grpc.server(executor, interceptors=[check], options=options)
         echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
         return server

@@ -33,7 +33,7 @@ def unblock_after(fifo: Path, seconds: float) -> threading.Timer:
     return timer
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
 def test_a_warm_path_that_is_not_a_regular_file_is_ignored_and_left_alone(
     devca: ServerFiles,
     registry: Path,
@@ -45,7 +45,12 @@ def test_a_warm_path_that_is_not_a_regular_file_is_ignored_and_left_alone(
     alice = make_client("alice")
     enroll(registry, alice.cert_path, "alice", ECHO_ALL)
     warm_path = tmp_path / "warm"
-    os.mkfifo(warm_path) if kind == "fifo" else warm_path.mkdir()
+    secret = tmp_path / "shadow"  # say, planted by another user in a shared directory
+    secret.write_text("root:$y$secret-hash:19000::::::\n")
+    if kind == "symlink":
+        warm_path.symlink_to(secret)
+    else:
+        os.mkfifo(warm_path) if kind == "fifo" else warm_path.mkdir()
     config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_path)
     timer = unblock_after(warm_path, 5.0)
     try:
@@ -59,7 +64,11 @@ def test_a_warm_path_that_is_not_a_regular_file_is_ignored_and_left_alone(
     assert f"ignoring the warm-start file {warm_path}: not a regular file" in warnings
     # alice was seen, so stopping tried to save: the path must stay what it was.
     assert f"could not save the warm-start file {warm_path}: not a regular file" in warnings
-    assert warm_path.is_fifo() if kind == "fifo" else warm_path.is_dir()
+    assert not any("secret-hash" in w for w in warnings)  # never read through a link
+    if kind == "symlink":
+        assert warm_path.readlink() == secret and "secret-hash" in secret.read_text()
+    else:
+        assert warm_path.is_fifo() if kind == "fifo" else warm_path.is_dir()
 
 
 def test_the_warm_file_keeps_only_active_clients_most_recent_last(
