@@ -21,6 +21,7 @@ from server.registry_sql import (
     BUMP_GENERATION,
     LATEST,
     Dialect,
+    ForeignDatabase,
     Query,
     Row,
     SqlRegistry,
@@ -34,9 +35,9 @@ SQLITE = Dialect(
     name="sqlite",
     types={"id": "INTEGER PRIMARY KEY", "int": "INTEGER", "ts": "TEXT"},
     placeholder="?",
-    table_exists="SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?",
     tables="SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite~_%' "
     "ESCAPE '~'",
+    columns="SELECT name FROM pragma_table_info(?)",
     change_lock=None,  # BEGIN IMMEDIATE already holds the write lock
     migration_lock=None,
     bump_generation=BUMP_GENERATION.format(
@@ -137,10 +138,15 @@ class SqliteRegistry(SqlRegistry):
             return self._db
         db, inode = self._connect(create=False)
         try:
-            version, _ = schema_version(_query(db), SQLITE)
+            version = schema_version(_query(db), SQLITE)
         except sqlite3.Error as exc:
             db.close()
             raise RegistryError(f"replaced registry {self.path} is unreadable: {exc}") from exc
+        except ForeignDatabase as exc:
+            db.close()
+            raise RegistryError(
+                f"replaced registry {self.path} is not a pinrpc registry (tables {exc})"
+            ) from None
         if version != LATEST:
             db.close()
             raise RegistryError(
