@@ -7,6 +7,7 @@ Your certificate's permissions must name the Admin service (enrolled with
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -61,18 +62,36 @@ def add_parser(commands: Any) -> None:
         parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+# Every field in --json, set or not, so scripts can rely on the keys.
+UNSET_TIMES = ("revoked_at", "retire_at")
+
+
 def _show(clients: list[admin_pb2.Client], as_json: bool) -> None:
     if as_json:
-        print(json.dumps([MessageToDict(c, preserving_proto_field_name=True) for c in clients]))
+        print(json.dumps([_as_json(c) for c in clients]))
         return
     for c in clients:
-        if c.HasField("revoked_at"):
-            status = f"revoked {c.revoked_at.ToDatetime():%Y-%m-%d}"
-        elif c.HasField("retire_at"):
-            status = f"retiring {c.retire_at.ToDatetime():%Y-%m-%d %H:%M}"
-        else:
-            status = "active"
-        print(f"{c.name}  {c.fingerprint}  {status}  {','.join(c.allowed_methods) or '-'}")
+        print(f"{c.name}  {c.fingerprint}  {_status(c)}  {','.join(c.allowed_methods) or '-'}")
+
+
+def _as_json(client: admin_pb2.Client) -> dict[str, Any]:
+    fields = MessageToDict(
+        client, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return {**dict.fromkeys(UNSET_TIMES), **fields}
+
+
+def _status(c: admin_pb2.Client) -> str:
+    """As `pinrpc-server list` says it, from the times: ``active`` is false for all of these."""
+    now = dt.datetime.now(dt.UTC)
+    if c.HasField("revoked_at"):
+        return f"revoked {c.revoked_at.ToDatetime(dt.UTC):%Y-%m-%d}"
+    if c.HasField("retire_at"):
+        retire = c.retire_at.ToDatetime(dt.UTC)
+        return f"{'retiring' if retire > now else 'retired'} {retire:%Y-%m-%d %H:%M}"
+    if c.not_after.ToDatetime(dt.UTC) <= now:
+        return f"expired {c.not_after.ToDatetime(dt.UTC):%Y-%m-%d}"
+    return "active"
 
 
 def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from pinrpc.v1 import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
 from server.audit import Audit
 from server.auth import caller
 from server.enrollment import check_certificate, check_patterns, new_permissions
-from server.registry import Client, Registry
+from server.registry import Client, Registry, now_utc
 
 MAX_CERT_BYTES = 64 * 1024
 
@@ -67,7 +67,8 @@ def to_proto(client: Client) -> admin_pb2.Client:
         not_after=timestamp(client.not_after),
         revoked_at=timestamp(client.revoked_at),
         retire_at=timestamp(client.retire_at),
-        active=client.active,
+        # "Admitted right now": the server refuses an expired certificate too (trust.py).
+        active=client.active and client.not_after > now_utc(),
     )
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import sqlite3
+import time
 
 import psycopg
 import pytest
 
-from server.registry import is_postgres
-from tests.conftest import MakeClient
+from client import cli as client_cli
+from pinrpc.cli import Exit
+from pinrpc.identity import cert_to_pem, generate_key, self_signed_certificate
+from server.enrollment import check_certificate
+from server.registry import is_postgres, open_registry
+from tests.conftest import Connect, MakeClient
+from tests.test_lifecycle import ADMIN
 from tests.test_registry_backends import cli, sql
+
+OVERLAP = dt.timedelta(seconds=0.5)
 
 # Tables another application may well have, under the names pinrpc's own tables have.
 FOREIGN = {
@@ -63,3 +73,44 @@ def test_another_applications_tables_of_the_same_names_are_refused_and_kept(
         with sqlite3.connect(f"file:{spec}?mode=ro", uri=True) as db:
             assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
         db.close()
+
+
+def test_admin_says_what_the_server_admits_in_every_field(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`active` ("admitted right now") was true for an expired certificate the server refuses;
+    --json left out `active: false`, empty permissions and unset times; the text said
+    "retiring" for a certificate already retired and "active" for an expired one."""
+    root, bare, gone = make_client("root"), make_client("bare"), make_client("gone")
+    connect.enroll(root, "root", ADMIN)
+    key, past = generate_key(), dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    old = check_certificate(
+        cert_to_pem(self_signed_certificate(key, "old", days=2, now=past)), "old", now=past
+    )
+    connect.plant(old, "old")
+    connect.enroll(bare, "bare")  # no permissions
+    connect.enroll(gone, "gone")
+    registry = open_registry(str(connect.server_registry))
+    try:  # a rotation whose overlap has ended
+        successor = make_client("gone2").cert_path.read_bytes()
+        registry.rotate(gone.fingerprint, check_certificate(successor, "gone2"), OVERLAP)
+    finally:
+        registry.close()
+    time.sleep(OVERLAP.total_seconds() + 0.1)
+    flags = connect.cli_flags(root)
+    capsys.readouterr()
+    assert client_cli.main(["admin", "list", "--json", *flags]) == Exit.OK
+    rows = {r["fingerprint"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {tuple(sorted(r)) for r in rows.values()} == {
+        ("active", "allowed_methods", "enrolled_at", "fingerprint", "name", "not_after",
+         "retire_at", "revoked_at", "subject")
+    }  # fmt: skip
+    assert rows[str(old.fingerprint)]["active"] is False
+    assert rows[str(bare.fingerprint)]["allowed_methods"] == []
+    assert rows[str(bare.fingerprint)]["active"] is True
+    assert rows[str(gone.fingerprint)]["active"] is False
+    assert rows[str(gone.fingerprint)]["revoked_at"] is None
+    assert client_cli.main(["admin", "list", *flags]) == Exit.OK
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"old  {old.fingerprint}  expired ") for line in lines), lines
+    assert any(line.startswith(f"gone  {gone.fingerprint}  retired ") for line in lines), lines
