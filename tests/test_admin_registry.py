@@ -114,3 +114,24 @@ def test_admin_says_what_the_server_admits_in_every_field(
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith(f"old  {old.fingerprint}  expired ") for line in lines), lines
     assert any(line.startswith(f"gone  {gone.fingerprint}  retired ") for line in lines), lines
+
+
+def test_replace_of_a_name_never_enrolled_is_refused(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Re-keying 'alice' after her key leaked, with a typo in the name, enrolled a new client
+    'alcie' (exit 0) and left alice's leaked certificate trusted."""
+    alice, new = make_client("alice"), make_client("new")
+    assert cli("enroll", str(alice.cert_path), "--name", "alice", "--registry", spec) == 0
+    capsys.readouterr()
+    assert cli("list", "--json", "--registry", spec) == 0
+    before = capsys.readouterr().out
+    argv = ["enroll", str(new.cert_path), "--name", "alcie", "--replace", "--registry", spec]
+    assert cli(*argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no client named 'alcie' was ever enrolled" in err, err
+    assert cli("list", "--json", "--registry", spec) == 0
+    assert capsys.readouterr().out == before
+    # A revoked client may be enrolled again with --replace (as the troubleshooting says).
+    assert cli("revoke", "alice", "--registry", spec) == 0
+    assert cli(*argv[:3], "alice", *argv[4:]) == 0
