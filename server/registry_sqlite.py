@@ -55,12 +55,25 @@ def _query(db: sqlite3.Connection) -> Query:
     return q
 
 
-def _explain(exc: sqlite3.Error, busy_timeout: float) -> str:
+# Below this much free space SQLite's I/O errors are most likely the full disk: the -shm file
+# alone takes 32 KiB, and opening the registry, even to read it, creates it.
+LOW_SPACE = 1 << 20
+
+
+def _explain(exc: sqlite3.Error, busy_timeout: float, path: Path) -> str:
     text = str(exc)
     if "locked" in text or "busy" in text:
         return f"{text} (another process is writing to it; gave up after {busy_timeout:g} s)"
     if "readonly" in text:
         return f"{text} (the file, its -wal/-shm files or its directory are not writable)"
+    if exc.sqlite_errorname.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+        try:
+            space = os.statvfs(path.parent)
+        except OSError:
+            return text
+        free = space.f_bavail * space.f_frsize
+        if free < LOW_SPACE:
+            return f"{text} (its file system is full: {free // 1024} KiB free; free some space)"
     return text
 
 
@@ -168,7 +181,8 @@ class SqliteRegistry(SqlRegistry):
             try:
                 return body(_query(db))
             except sqlite3.Error as exc:
-                raise RegistryError(f"cannot read registry {self.path}: {exc}") from exc
+                why = _explain(exc, self._busy_timeout, self.path)
+                raise RegistryError(f"cannot read registry {self.path}: {why}") from exc
 
     def _transaction(self, body: Callable[[Query], T]) -> T:
         with self._lock:
@@ -183,7 +197,7 @@ class SqliteRegistry(SqlRegistry):
                         db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                why = _explain(exc, self._busy_timeout)
+                why = _explain(exc, self._busy_timeout, self.path)
                 raise RegistryError(f"cannot change registry {self.path}: {why}") from exc
             return result
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -135,3 +139,42 @@ def test_replace_of_a_name_never_enrolled_is_refused(
     # A revoked client may be enrolled again with --replace (as the troubleshooting says).
     assert cli("revoke", "alice", "--registry", spec) == 0
     assert cli(*argv[:3], "alice", *argv[4:]) == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs (needs root, and a kernel that lets us mount: skipped otherwise)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    argv = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)]
+    if os.geteuid() != 0 or subprocess.run(argv, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_is_named_and_the_registry_kept(
+    small_disk: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every command, `list` too, said only "disk I/O error" (SQLite's -shm file)."""
+    spec = str(small_disk / "registry.db")
+    assert (
+        cli("enroll", str(make_client("alice").cert_path), "--name", "alice", "--registry", spec)
+        == 0
+    )
+    before = Path(spec).read_bytes()
+    with open(small_disk / "filler", "wb", buffering=0) as filler:
+        for _ in range(1024):  # 1 MiB at most: four times the disk
+            try:
+                filler.write(b"\0" * 1024)
+            except OSError:
+                break
+    capsys.readouterr()
+    bob = str(make_client("bob").cert_path)
+    for argv in (["list"], ["enroll", bob, "--name", "bob"], ["revoke", "alice"]):
+        assert cli(*argv, "--registry", spec) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "its file system is full: 0 KiB free" in err, err
+    assert Path(spec).read_bytes() == before
