@@ -102,7 +102,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         except PinrpcError as exc:
             abort_with(context, exc)
-        self._changed("enroll", client)
+        # A re-key also revokes the client's old certificates: the server's `revoke` lines for
+        # them name nobody, so this line says who did it.
+        self._changed("enroll", client, replace=request.replace)
         return to_proto(client)
 
     def Revoke(

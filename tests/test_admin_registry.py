@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -178,3 +179,26 @@ def test_a_full_disk_is_named_and_the_registry_kept(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "its file system is full: 0 KiB free" in err, err
     assert Path(spec).read_bytes() == before
+
+
+def test_a_remote_rekey_names_who_revoked_the_old_certificate(
+    connect: Connect,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`admin enroll --replace` revokes the old certificate; the server's `revoke` line for it
+    names nobody, and the `admin` line did not say it was a re-key."""
+    root, bob, bob2 = make_client("root"), make_client("bob"), make_client("bob2")
+    connect.enroll(root, "root", ADMIN)
+    flags = connect.cli_flags(root)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for files, extra in ((bob, []), (bob2, ["--replace"])):
+            argv = ["admin", "enroll", str(files.cert_path), "--name", "bob", *extra, *flags]
+            assert client_cli.main(argv) == Exit.OK
+        connect.server.trust.poll()
+        connect.server.audit.flush()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pinrpc.audit"]
+    admin = [(r["by"], r["fingerprint"], r["replace"]) for r in lines if r["event"] == "admin"]
+    assert admin == [("root", str(bob.fingerprint), False), ("root", str(bob2.fingerprint), True)]
+    assert str(bob.fingerprint) in [r["fingerprint"] for r in lines if r["event"] == "revoke"]
