@@ -202,3 +202,31 @@ def test_a_remote_rekey_names_who_revoked_the_old_certificate(
     admin = [(r["by"], r["fingerprint"], r["replace"]) for r in lines if r["event"] == "admin"]
     assert admin == [("root", str(bob.fingerprint), False), ("root", str(bob2.fingerprint), True)]
     assert str(bob.fingerprint) in [r["fingerprint"] for r in lines if r["event"] == "revoke"]
+
+
+def test_list_says_an_expired_certificate_is_expired(
+    spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`list` called a certificate the server refuses "active" and told the operator to
+    rotate it, which an expired certificate cannot; --json had no field saying either."""
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    pem = cert_to_pem(self_signed_certificate(generate_key(), "old", days=2, now=past))
+    registry = open_registry(spec)
+    try:
+        old = registry.enroll(check_certificate(pem, "old", now=past), "old", [])
+        registry.enroll(
+            check_certificate(make_client("new").cert_path.read_bytes(), "n"), "new", []
+        )
+    finally:
+        registry.close()
+    capsys.readouterr()
+    assert cli("list", "--registry", spec) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("old "))
+    assert f"{old.fingerprint}  expired " in line and "EXPIRED" in line, line
+    assert line.endswith("<- expired: new key pair, then enroll --replace"), line
+    assert cli("list", "--json", "--registry", spec) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["active"], r["expiring"]) for r in rows] == [
+        ("old", False, False),
+        ("new", True, False),
+    ]
