@@ -43,8 +43,14 @@ STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
 )
 
 
+# Marks a status the server gave (client/admin.py reads it): UNAVAILABLE from a registry
+# outage otherwise reads, to a client, like a server it could not reach.
+ERROR_METADATA = "pinrpc-error"
+
+
 def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
     code = next((c for kind, c in STATUS_OF if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+    context.set_trailing_metadata(((ERROR_METADATA, type(exc).__name__),))
     context.abort(code, str(exc))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
