@@ -43,6 +43,9 @@ STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
 )
 
 
+# A status message travels in a header: over 16 KiB the caller got RESOURCE_EXHAUSTED
+# "Stream removed" instead of the answer (a 100 KB name, quoted in the error).
+MAX_MESSAGE = 2000
 # Marks a status the server gave (client/admin.py reads it): UNAVAILABLE from a registry
 # outage otherwise reads, to a client, like a server it could not reach.
 ERROR_METADATA = "pinrpc-error"
@@ -51,7 +54,10 @@ ERROR_METADATA = "pinrpc-error"
 def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
     code = next((c for kind, c in STATUS_OF if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
     context.set_trailing_metadata(((ERROR_METADATA, type(exc).__name__),))
-    context.abort(code, str(exc))
+    message = str(exc)  # it may quote the caller's input: keep it under gRPC's header limits
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters in all)"
+    context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 

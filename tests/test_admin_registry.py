@@ -9,15 +9,17 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 
 from client import cli as client_cli
 from pinrpc.cli import Exit
 from pinrpc.identity import cert_to_pem, generate_key, self_signed_certificate
+from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 from server.enrollment import check_certificate
 from server.registry import is_postgres, open_registry
 from tests.conftest import Connect, MakeClient
@@ -247,3 +249,28 @@ def test_a_registry_outage_on_the_server_is_not_a_connection_failure(
         assert err.count("\n") == 1, err
         assert "the server answered, but could not use its registry: registry " in err
         assert "is gone (deleted or moved)" in err and "cannot reach" not in err
+
+
+def test_a_huge_reference_gets_the_answer_not_a_broken_stream(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """The error quoted the caller's 100 KB input; gRPC refused the header and the caller got
+    RESOURCE_EXHAUSTED "Stream removed" instead of NOT_FOUND or INVALID_ARGUMENT."""
+    root = make_client("root")
+    connect.enroll(root, "root", ADMIN)
+    stub = admin_pb2_grpc.AdminStub(connect.channel(root.cert_path, root.key_path))
+    huge = "x" * 100_000
+    pem = root.cert_path.read_text()
+    calls: list[tuple[Callable[[], object], grpc.StatusCode]] = [
+        (lambda: stub.Get(admin_pb2.GetRequest(client=huge)), grpc.StatusCode.NOT_FOUND),
+        (lambda: stub.Revoke(admin_pb2.RevokeRequest(client=huge)), grpc.StatusCode.NOT_FOUND),
+        (
+            lambda: stub.Enroll(admin_pb2.EnrollRequest(certificate_pem=pem, name=huge)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ]
+    for call, code in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == code, caught.value.details()
+        assert "characters in all)" in (caught.value.details() or "")
