@@ -7,14 +7,16 @@ Your certificate's permissions must name the Admin service (enrolled with
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 
-from client.connect import call, connection_flags, file_path
+from client.connect import PROG, call, connection_flags, file_path, say
 from pinrpc.cli import (
     Exit,
     add_allow_flag,
@@ -61,18 +63,36 @@ def add_parser(commands: Any) -> None:
         parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+# Every field in --json, set or not, so scripts can rely on the keys.
+UNSET_TIMES = ("revoked_at", "retire_at")
+
+
 def _show(clients: list[admin_pb2.Client], as_json: bool) -> None:
     if as_json:
-        print(json.dumps([MessageToDict(c, preserving_proto_field_name=True) for c in clients]))
+        print(json.dumps([_as_json(c) for c in clients]))
         return
     for c in clients:
-        if c.HasField("revoked_at"):
-            status = f"revoked {c.revoked_at.ToDatetime():%Y-%m-%d}"
-        elif c.HasField("retire_at"):
-            status = f"retiring {c.retire_at.ToDatetime():%Y-%m-%d %H:%M}"
-        else:
-            status = "active"
-        print(f"{c.name}  {c.fingerprint}  {status}  {','.join(c.allowed_methods) or '-'}")
+        print(f"{c.name}  {c.fingerprint}  {_status(c)}  {','.join(c.allowed_methods) or '-'}")
+
+
+def _as_json(client: admin_pb2.Client) -> dict[str, Any]:
+    fields = MessageToDict(
+        client, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return {**dict.fromkeys(UNSET_TIMES), **fields}
+
+
+def _status(c: admin_pb2.Client) -> str:
+    """As `pinrpc-server list` says it, from the times: ``active`` is false for all of these."""
+    now = dt.datetime.now(dt.UTC)
+    if c.HasField("revoked_at"):
+        return f"revoked {c.revoked_at.ToDatetime(dt.UTC):%Y-%m-%d}"
+    if c.HasField("retire_at"):
+        retire = c.retire_at.ToDatetime(dt.UTC)
+        return f"{'retiring' if retire > now else 'retired'} {retire:%Y-%m-%d %H:%M}"
+    if c.not_after.ToDatetime(dt.UTC) <= now:
+        return f"expired {c.not_after.ToDatetime(dt.UTC):%Y-%m-%d}"
+    return "active"
 
 
 def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
@@ -122,7 +142,29 @@ ACTIONS: dict[str, Rpc] = {
 }
 
 
+# As server/admin.py names it: the server's own answer, not a failed connection.
+ERROR_METADATA = "pinrpc-error"
+
+
 def run(args: argparse.Namespace) -> int:
     action = ACTIONS[args.action]
     options = [("grpc.max_receive_message_length", MAX_REPLY)]
-    return call(args, lambda channel: action(admin_pb2_grpc.AdminStub(channel), args), options)
+
+    def rpc(channel: grpc.Channel) -> int:
+        try:
+            return action(admin_pb2_grpc.AdminStub(channel), args)
+        except grpc.RpcError as exc:
+            # The server answered; its registry failed (call() would say "cannot reach").
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or not _from_server(exc):
+                raise
+            details = exc.details()
+            say(f"{PROG}: error: the server answered, but could not use its registry: {details}")
+            return Exit.RPC
+
+    return call(args, rpc, options)
+
+
+def _from_server(exc: grpc.RpcError) -> bool:
+    if not isinstance(exc, grpc.Call):
+        return False
+    return any(item[0] == ERROR_METADATA for item in exc.trailing_metadata() or ())

@@ -28,7 +28,7 @@ from pinrpc.v1 import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
 from server.audit import Audit
 from server.auth import caller
 from server.enrollment import check_certificate, check_patterns, new_permissions
-from server.registry import Client, Registry
+from server.registry import Client, Registry, now_utc
 
 MAX_CERT_BYTES = 64 * 1024
 
@@ -43,9 +43,21 @@ STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
 )
 
 
+# A status message travels in a header: over 16 KiB the caller got RESOURCE_EXHAUSTED
+# "Stream removed" instead of the answer (a 100 KB name, quoted in the error).
+MAX_MESSAGE = 2000
+# Marks a status the server gave (client/admin.py reads it): UNAVAILABLE from a registry
+# outage otherwise reads, to a client, like a server it could not reach.
+ERROR_METADATA = "pinrpc-error"
+
+
 def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
     code = next((c for kind, c in STATUS_OF if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-    context.abort(code, str(exc))
+    context.set_trailing_metadata(((ERROR_METADATA, type(exc).__name__),))
+    message = str(exc)  # it may quote the caller's input: keep it under gRPC's header limits
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters in all)"
+    context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
@@ -67,7 +79,8 @@ def to_proto(client: Client) -> admin_pb2.Client:
         not_after=timestamp(client.not_after),
         revoked_at=timestamp(client.revoked_at),
         retire_at=timestamp(client.retire_at),
-        active=client.active,
+        # "Admitted right now": the server refuses an expired certificate too (trust.py).
+        active=client.active and client.not_after > now_utc(),
     )
 
 
@@ -101,7 +114,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         except PinrpcError as exc:
             abort_with(context, exc)
-        self._changed("enroll", client)
+        # A re-key also revokes the client's old certificates: the server's `revoke` lines for
+        # them name nobody, so this line says who did it.
+        self._changed("enroll", client, replace=request.replace)
         return to_proto(client)
 
     def Revoke(

@@ -313,13 +313,20 @@ def _allowed(client: Client) -> str:
     return ", ".join(client.allowed_methods) or "(WhoAmI only)"
 
 
-def _status(client: Client) -> str:
+def _status(client: Client, now: dt.datetime) -> str:
     if client.revoked_at is not None:
         return f"revoked {client.revoked_at:%Y-%m-%d}"
     if client.retire_at is not None:
         verb = "retiring" if client.active else "retired"
         return f"{verb} {client.retire_at:%Y-%m-%d %H:%M}"  # an overlap may last years
+    if _expired(client, now):
+        return f"expired {client.not_after:%Y-%m-%d}"
     return "active"
+
+
+def _expired(client: Client, now: dt.datetime) -> bool:
+    """Usable but for its validity: the server refuses it, and `pinrpc rotate` cannot run."""
+    return client.active and client.not_after <= now
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -328,7 +335,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     now = dt.datetime.now(dt.UTC)
     if args.json:
         rows = [
-            {**c.as_json(), "days_left": _days_left(c, now), "expiring": _expiring(c, now, args)}
+            {
+                **c.as_json(),
+                "active": c.active and not _expired(c, now),  # admitted now, as in `admin`
+                "days_left": _days_left(c, now),
+                "expiring": _expiring(c, now, args),
+            }
             for c in clients
         ]
         print(json.dumps(rows, indent=2))
@@ -342,9 +354,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         days = _days_left(c, now)
         expiry = "EXPIRED" if days < 0 else f"{days} days left"
         flag = "  <- expiring, rotate it" if _expiring(c, now, args) else ""
-        print(
-            f"{c.name:<{width}}  {c.fingerprint}  {_status(c):<18}  {expiry:<15}  {allowed}{flag}"
-        )
+        if _expired(c, now):
+            flag = "  <- expired: new key pair, then enroll --replace"
+        status = _status(c, now)
+        print(f"{c.name:<{width}}  {c.fingerprint}  {status:<18}  {expiry:<15}  {allowed}{flag}")
     return Exit.OK
 
 
@@ -353,7 +366,7 @@ def _days_left(client: Client, now: dt.datetime) -> int:
 
 
 def _expiring(client: Client, now: dt.datetime, args: argparse.Namespace) -> bool:
-    return client.active and _days_left(client, now) < args.warn_days
+    return client.active and not _expired(client, now) and _days_left(client, now) < args.warn_days
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:

@@ -212,6 +212,14 @@ def check_enrollment(
                 f"{name!r} differs from it only in case and would read the same in logs; "
                 f"choose another name (or re-key {alike.name!r} with --replace)"
             )
+    # A re-key of a name never enrolled is a typo, most likely while replacing a lost key: the
+    # old certificate would stay trusted under the right name, and the command succeed.
+    if replace and not any(row.name == name for row in rows):
+        raise ConflictError(
+            f"--replace: no client named {name!r} was ever enrolled, so there is nothing to "
+            "re-key; check the name (see `pinrpc-server list`), or drop --replace to enroll "
+            "a new client"
+        )
     trusted = active if retired_stays else [row for row in active if row is not retired]
     clash = subject_clash(candidate, trusted)
     if clash is not None:

@@ -47,8 +47,9 @@ POSTGRES = Dialect(
         "ts": "TIMESTAMPTZ",
     },
     placeholder="%s",
-    table_exists="SELECT to_regclass(?) IS NOT NULL",
     tables="SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
+    columns="SELECT column_name FROM information_schema.columns "
+    "WHERE table_schema = current_schema() AND table_name = ?",
     change_lock="SELECT value FROM meta WHERE key = 'generation' FOR UPDATE",
     migration_lock=f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})",
     bump_generation=BUMP_GENERATION.format(

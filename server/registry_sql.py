@@ -39,8 +39,8 @@ class Dialect:
     name: str
     types: Mapping[str, str]  # fills {id}, {int}, {ts} in the schema
     placeholder: str
-    table_exists: str  # one parameter, the table name; returns one truthy/falsy value
     tables: str  # no parameters; the names of the tables a new registry would share space with
+    columns: str  # one parameter, a table's name; the names of its columns
     change_lock: str | None  # first statement of every change: serializes writers
     migration_lock: str | None  # first statement of a migration
     bump_generation: str  # the last statement of every change
@@ -151,20 +151,42 @@ BUMP_GENERATION = "UPDATE meta SET value = {max}(value + 1, {now_us}) WHERE key 
 GENERATION_QUERY = "SELECT key, value FROM meta WHERE key IN ('generation', 'registry_id')"
 
 
-def schema_version(q: Query, dialect: Dialect) -> tuple[int, bool]:
-    """(the recorded schema version, whether the database holds any registry table at all)."""
-    if not q(dialect.table_exists, ("schema_version",))[0][0]:
-        return 0, bool(q(dialect.table_exists, ("clients",))[0][0])
-    row = q("SELECT MAX(version) FROM schema_version", ())[0]
-    return int(row[0] or 0), True
+# What the first release's clients table held: a database whose tables lack any of these is
+# another application's, whatever it calls its tables (clients, schema_version, meta are common).
+V1_COLUMNS = frozenset(COLUMNS.replace(",", " ").split()) - {"retire_at"}
+
+
+class ForeignDatabase(Exception):
+    """The database holds tables, and they are not a pinrpc registry's."""
+
+    def __init__(self, tables: Sequence[str]) -> None:
+        super().__init__(", ".join(sorted(tables)[:5]))
+
+
+def schema_version(q: Query, dialect: Dialect) -> int | None:
+    """The recorded schema version (0: the first release's, unversioned), None for a database
+    without tables; ForeignDatabase for one whose tables are another application's."""
+    tables = {row[0] for row in q(dialect.tables, ())}
+    if not tables:
+        return None
+    columns = {row[0] for row in q(dialect.columns, ("clients",))}
+    if not columns >= V1_COLUMNS or "meta" not in tables:
+        raise ForeignDatabase(sorted(tables))
+    if "schema_version" not in tables:
+        return 0
+    value = q("SELECT MAX(version) FROM schema_version", ())[0][0]
+    try:
+        return int(value or 0)
+    except ValueError:  # a text version ("1.2"): another tool's table of that name
+        raise ForeignDatabase(sorted(tables)) from None
 
 
 def apply_migrations(q: Query, dialect: Dialect) -> list[Migration]:
     """Bring the schema to LATEST inside the caller's transaction; return what was applied."""
     if dialect.migration_lock:
         q(dialect.migration_lock, ())
+    current = schema_version(q, dialect) or 0  # before adding a table of our own
     q(dialect.ddl(VERSION_TABLE), ())
-    current, _ = schema_version(q, dialect)
     applied = [m for m in MIGRATIONS if m.version > current]
     for migration in applied:
         for statement in migration.statements:
@@ -209,15 +231,14 @@ class SqlRegistry(ABC):
     # -- schema ----------------------------------------------------------------------------
 
     def _open_schema(self, *, create: bool, migrate: bool) -> None:
-        version, has_tables = self._read(lambda q: schema_version(q, self.dialect))
-        if not has_tables:
-            others = sorted(row[0] for row in self._read(lambda q: q(self.dialect.tables, ())))
-            if others:
-                raise RegistryError(
-                    f"{self.where} is not a pinrpc registry: it holds another application's "
-                    f"tables ({', '.join(others[:5])}); check --registry or give pinrpc a "
-                    "database of its own"
-                )
+        try:
+            found = self._read(lambda q: schema_version(q, self.dialect))
+        except ForeignDatabase as exc:
+            raise RegistryError(
+                f"{self.where} is not a pinrpc registry: it holds another application's "
+                f"tables ({exc}); check --registry or give pinrpc a database of its own"
+            ) from None
+        version, has_tables = found or 0, found is not None
         if version > LATEST:
             raise RegistryError(
                 f"registry {self.where} has schema version {version}, newer than this pinrpc "

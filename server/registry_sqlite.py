@@ -21,6 +21,7 @@ from server.registry_sql import (
     BUMP_GENERATION,
     LATEST,
     Dialect,
+    ForeignDatabase,
     Query,
     Row,
     SqlRegistry,
@@ -34,9 +35,9 @@ SQLITE = Dialect(
     name="sqlite",
     types={"id": "INTEGER PRIMARY KEY", "int": "INTEGER", "ts": "TEXT"},
     placeholder="?",
-    table_exists="SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?",
     tables="SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite~_%' "
     "ESCAPE '~'",
+    columns="SELECT name FROM pragma_table_info(?)",
     change_lock=None,  # BEGIN IMMEDIATE already holds the write lock
     migration_lock=None,
     bump_generation=BUMP_GENERATION.format(
@@ -54,12 +55,25 @@ def _query(db: sqlite3.Connection) -> Query:
     return q
 
 
-def _explain(exc: sqlite3.Error, busy_timeout: float) -> str:
+# Below this much free space SQLite's I/O errors are most likely the full disk: the -shm file
+# alone takes 32 KiB, and opening the registry, even to read it, creates it.
+LOW_SPACE = 1 << 20
+
+
+def _explain(exc: sqlite3.Error, busy_timeout: float, path: Path) -> str:
     text = str(exc)
     if "locked" in text or "busy" in text:
         return f"{text} (another process is writing to it; gave up after {busy_timeout:g} s)"
     if "readonly" in text:
         return f"{text} (the file, its -wal/-shm files or its directory are not writable)"
+    if exc.sqlite_errorname.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+        try:
+            space = os.statvfs(path.parent)
+        except OSError:
+            return text
+        free = space.f_bavail * space.f_frsize
+        if free < LOW_SPACE:
+            return f"{text} (its file system is full: {free // 1024} KiB free; free some space)"
     return text
 
 
@@ -137,10 +151,15 @@ class SqliteRegistry(SqlRegistry):
             return self._db
         db, inode = self._connect(create=False)
         try:
-            version, _ = schema_version(_query(db), SQLITE)
+            version = schema_version(_query(db), SQLITE)
         except sqlite3.Error as exc:
             db.close()
             raise RegistryError(f"replaced registry {self.path} is unreadable: {exc}") from exc
+        except ForeignDatabase as exc:
+            db.close()
+            raise RegistryError(
+                f"replaced registry {self.path} is not a pinrpc registry (tables {exc})"
+            ) from None
         if version != LATEST:
             db.close()
             raise RegistryError(
@@ -162,7 +181,8 @@ class SqliteRegistry(SqlRegistry):
             try:
                 return body(_query(db))
             except sqlite3.Error as exc:
-                raise RegistryError(f"cannot read registry {self.path}: {exc}") from exc
+                why = _explain(exc, self._busy_timeout, self.path)
+                raise RegistryError(f"cannot read registry {self.path}: {why}") from exc
 
     def _transaction(self, body: Callable[[Query], T]) -> T:
         with self._lock:
@@ -177,7 +197,7 @@ class SqliteRegistry(SqlRegistry):
                         db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                why = _explain(exc, self._busy_timeout)
+                why = _explain(exc, self._busy_timeout, self.path)
                 raise RegistryError(f"cannot change registry {self.path}: {why}") from exc
             return result
 
