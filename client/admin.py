@@ -13,10 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 
-from client.connect import PROG, call, connection_flags, file_path, say
+from client.connect import call, connection_flags, file_path
 from pinrpc.cli import (
     Exit,
     add_allow_flag,
@@ -142,29 +141,7 @@ ACTIONS: dict[str, Rpc] = {
 }
 
 
-# As server/admin.py names it: the server's own answer, not a failed connection.
-ERROR_METADATA = "pinrpc-error"
-
-
 def run(args: argparse.Namespace) -> int:
     action = ACTIONS[args.action]
     options = [("grpc.max_receive_message_length", MAX_REPLY)]
-
-    def rpc(channel: grpc.Channel) -> int:
-        try:
-            return action(admin_pb2_grpc.AdminStub(channel), args)
-        except grpc.RpcError as exc:
-            # The server answered; its registry failed (call() would say "cannot reach").
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or not _from_server(exc):
-                raise
-            details = exc.details()
-            say(f"{PROG}: error: the server answered, but could not use its registry: {details}")
-            return Exit.RPC
-
-    return call(args, rpc, options)
-
-
-def _from_server(exc: grpc.RpcError) -> bool:
-    if not isinstance(exc, grpc.Call):
-        return False
-    return any(item[0] == ERROR_METADATA for item in exc.trailing_metadata() or ())
+    return call(args, lambda channel: action(admin_pb2_grpc.AdminStub(channel), args), options)

@@ -13,6 +13,7 @@ import grpc
 
 from pinrpc.channel import load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
+from pinrpc.errors import ERROR_METADATA
 from pinrpc.identity import Fingerprint
 
 PROG = "pinrpc"
@@ -135,6 +136,9 @@ def explain(
     if code != grpc.StatusCode.UNAVAILABLE:
         say(f"{PROG}: error: call failed: {code.name}: {details}")
         return Exit.RPC
+    if _from_server(exc):  # the server answered: its registry failed, the connection did not
+        say(f"{PROG}: error: the server answered, but could not use its registry: {details}")
+        return Exit.RPC
     lowered = details.lower()
     # Checked first: gRPC appends "certificate verification context" to every TLS failure.
     if "wrong_version_number" in lowered or "missing selected alpn" in lowered:
@@ -180,3 +184,11 @@ def explain(
     say(f"{PROG}: error: cannot reach {args.server}: {details}")
     say("  check the address and that the server is running.")
     return Exit.CONNECT
+
+
+def _from_server(exc: grpc.RpcError) -> bool:
+    """The server tagged this status itself (server/admin.py's abort_with)."""
+    trailing: Sequence[tuple[str, str | bytes]] = (
+        (exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else ()
+    )
+    return any(key == ERROR_METADATA for key, _ in trailing)

@@ -6,6 +6,11 @@ at its boundaries (``raise ... from exc``) so the CLIs can print them without a 
 
 from __future__ import annotations
 
+# Trailing metadata on a status the pinrpc server gave for one of these errors (value: the
+# class name). A client tells by it that the server answered: a registry outage is UNAVAILABLE,
+# which otherwise reads like a server it could not reach.
+ERROR_METADATA = "pinrpc-error"
+
 
 class PinrpcError(Exception):
     """Base class: an expected failure with a message fit for a user."""

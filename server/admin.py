@@ -15,6 +15,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pinrpc.errors import (
+    ERROR_METADATA,
     CapacityError,
     ConflictError,
     EnrollmentError,
@@ -46,9 +47,6 @@ STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
 # A status message travels in a header: over 16 KiB the caller got RESOURCE_EXHAUSTED
 # "Stream removed" instead of the answer (a 100 KB name, quoted in the error).
 MAX_MESSAGE = 2000
-# Marks a status the server gave (client/admin.py reads it): UNAVAILABLE from a registry
-# outage otherwise reads, to a client, like a server it could not reach.
-ERROR_METADATA = "pinrpc-error"
 
 
 def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:

@@ -237,11 +237,12 @@ def test_list_says_an_expired_certificate_is_expired(
 def test_a_registry_outage_on_the_server_is_not_a_connection_failure(
     connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The server answered UNAVAILABLE for its registry, and `pinrpc admin` said "cannot reach
-    HOST:PORT ... check that the server is running" (exit 3)."""
+    """The server answered UNAVAILABLE for its registry, and `pinrpc admin` (and `rotate`)
+    said "cannot reach HOST:PORT ... check that the server is running" (exit 3)."""
     root = make_client("root")
     connect.enroll(root, "root", ADMIN)
     connect.server_registry.rename(connect.server_registry.with_name("moved.db"))
+    pair = root.cert_path.read_bytes(), root.key_path.read_bytes()
     for action in (["list"], ["get", "root"], ["revoke", "root"]):
         capsys.readouterr()
         assert client_cli.main(["admin", *action, *connect.cli_flags(root)]) == Exit.RPC
@@ -249,6 +250,12 @@ def test_a_registry_outage_on_the_server_is_not_a_connection_failure(
         assert err.count("\n") == 1, err
         assert "the server answered, but could not use its registry: registry " in err
         assert "is gone (deleted or moved)" in err and "cannot reach" not in err
+    # rotate keeps its new pair aside (the outcome of a failed answer is unknown) and says so.
+    assert client_cli.main(["rotate", *connect.cli_flags(root)]) == Exit.RPC
+    err = capsys.readouterr().err
+    assert err.startswith("pinrpc: error: the server answered, but could not use its registry")
+    assert "cannot reach" not in err and "the outcome is unknown" in err
+    assert (root.cert_path.read_bytes(), root.key_path.read_bytes()) == pair
 
 
 def test_a_huge_reference_gets_the_answer_not_a_broken_stream(
