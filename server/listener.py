@@ -218,7 +218,8 @@ class Listener:
         self._sockets = socket_ids(port) - before
         # check_free() ran before the roots loaded (seconds for thousands of clients): a
         # server started meanwhile on the same port may have joined it too. The later of
-        # two such servers sees the other one here, and gives up.
+        # two such servers sees the other one here, and gives up (both do if both bound
+        # before either looked: never a shared port).
         if self.mode == "handover" and shared(self._sockets):
             server.stop(None)
             raise ListenError(f"cannot listen on {address}: address in use")
