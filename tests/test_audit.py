@@ -236,11 +236,14 @@ def test_an_idle_metrics_connection_is_closed_and_scrapes_still_work(
 ) -> None:
     monkeypatch.setattr(metrics_module, "CONNECTION_TIMEOUT", 1.0)
     assert observed.metrics_port
+    connected = time.monotonic()
     sock = idle(observed.metrics_port)
     assert scrape(observed)["pinrpc_enrolled_clients"] == 0  # beside the idle connection
-    started = time.monotonic()
+    scraped = time.monotonic()
     assert closed_within(sock, 5)
-    assert 0.5 < time.monotonic() - started < 3
+    # Not at once: a full second after the connection; and not after the default 5 s. Each
+    # bound from its own side of the scrape, which a loaded machine can make last a second.
+    assert time.monotonic() - connected >= 1.0 and time.monotonic() - scraped < 3
 
 
 def test_metrics_connections_beyond_the_maximum_are_closed_at_once(
