@@ -151,6 +151,9 @@ def test_withheld_requests_cannot_hold_every_worker(
     channel = connect.channel(mallory.cert_path, mallory.key_path)
     alice_stub = connect.stub(alice.cert_path, alice.key_path)
     with withheld(channel, WHOAMI, workers) as calls:
+        # Her calls hold every worker before alice calls (their connections race otherwise:
+        # served first, alice leaves no call waiting for a thread, and nothing is ended).
+        watched.waiting(mallory.fingerprint, workers)
         assert whoami(alice_stub).name == "alice"
         done = watched.ended(calls, expected=workers - share)
         assert len(done) == workers - share
