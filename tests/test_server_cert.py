@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -495,8 +496,13 @@ def test_a_key_whose_acl_no_longer_lets_the_server_read_it_is_logged(
     first = devca.ca.issue(NAMES)
     alice = make_client("alice")
     with _served_as_nobody(devca, alice, first) as (key, port, lines):
-        os.chown(key, 0, 0)
-        _acl(key, nobody_reads=True)
+        # Root's, read through the ACL: set up on a copy and renamed into place, since a poll
+        # between the steps logs each state (unreadable after chown, readable again after it).
+        staged = key.with_name("privkey.pem.new")
+        shutil.copy2(key, staged)
+        os.chown(staged, 0, 0)
+        _acl(staged, nobody_reads=True)
+        os.replace(staged, key)
         _acl(key, nobody_reads=False)
         assert stat.S_IMODE(key.stat().st_mode) == 0o640
         eventually(lambda: any("not reloaded" in line for line in lines), 5.0)
