@@ -24,7 +24,7 @@ import pytest
 from cryptography import x509
 
 from pinrpc.errors import ServerCertError
-from pinrpc.identity import KeyPairFiles, cert_to_pem
+from pinrpc.identity import KeyPairFiles, cert_to_pem, write_atomic
 from pinrpc.v1 import echo_pb2_grpc
 from server import trust
 from server.app import start_server
@@ -132,17 +132,19 @@ def test_broken_renewal_keeps_the_previous_certificate(
     with caplog.at_level(logging.INFO), start_server(config) as running:
         Connect(running, devca).enroll(alice, "alice")
         other = devca.ca.issue(NAMES)
+        # Each breakage in one rename(2): write_bytes showed a poll an empty file first, a
+        # reason of its own, logged in place of (or besides) the breakage's.
         if breakage == "mismatched key":
             other.write(tmp_path / "other")
-            key.write_bytes((tmp_path / "other" / "privkey.pem").read_bytes())
+            write_atomic(key, (tmp_path / "other" / "privkey.pem").read_bytes(), 0o600)
         elif breakage == "truncated chain":
-            cert.write_bytes(other.fullchain_pem[:200])
+            write_atomic(cert, other.fullchain_pem[:200], 0o644)
         elif breakage == "garbage key":
-            key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n")
+            write_atomic(key, b"-----BEGIN PRIVATE KEY-----\nnot a key\n", 0o600)
         elif breakage == "cert missing":
             cert.rename(tmp_path / "moved-away.pem")
         else:  # a certificate for the same key: only the chain or its dates are wrong
-            cert.write_bytes(_same_key_chain(devca, first, breakage))
+            write_atomic(cert, _same_key_chain(devca, first, breakage), 0o644)
         eventually(lambda: "not reloaded" in caplog.text, 1.0)
         assert caplog.text.count("not reloaded") == 1  # logged once, not per poll
         assert served_serial(running.port, alice) == first.leaf.serial_number
