@@ -11,7 +11,9 @@ would grow the server's memory without bound (the probe port needs no certificat
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -71,7 +73,9 @@ class KnownOnly:
     ) -> Iterator[health_pb2.HealthCheckResponse] | None:
         _known(request, context)
         replies: Iterator[health_pb2.HealthCheckResponse] | None = self._upstream.Watch(
-            request, context, send_response_callback
+            request,
+            cast(grpc.ServicerContext, _CloseOffServeThread(context)),
+            send_response_callback,
         )
         return replies
 
@@ -84,6 +88,28 @@ class KnownOnly:
     ) -> health_pb2.HealthListResponse:
         reply: health_pb2.HealthListResponse = self._upstream.List(request, context)
         return reply
+
+
+class _CloseOffServeThread:
+    """The call's context, whose end-of-call callbacks run on a thread of their own.
+
+    Upstream's Watch and set() send under the servicer's lock, and a send waits for gRPC's
+    serving thread to report it done; upstream's end-of-Watch callback takes that lock, and
+    gRPC runs such callbacks on that same serving thread: a Watch ending while another was
+    sent to blocked both for good, and the server with them (grpc/grpc#43403)."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        def start() -> None:
+            threading.Thread(target=callback, name="pinrpc-health-end", daemon=True).start()
+
+        added: bool = self._context.add_callback(start)
+        return added
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._context, name)
 
 
 def _known(request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
@@ -130,3 +132,51 @@ def test_known_service_names_are_checked_and_watched(
         with_probe.health.set(serving=False, registry_ok=False)  # as an expired certificate does
         assert next(watch).status == NOT_SERVING
         watch.cancel()
+
+
+def test_a_watch_that_ends_while_another_is_sent_to_stops_nothing(
+    with_probe: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpc_health sends under its lock, each send waiting for gRPC's serving thread, and its
+    end-of-Watch callback takes that lock: run on the serving thread, it blocked both for
+    good (a whole-suite run hung in a server's stop). The end here waits for the lock at most
+    5 s, so that the old code fails this test instead of hanging it."""
+    servicer = with_probe.health.servicer
+    ending, stuck = threading.Event(), list[str]()
+    make_end = health.HealthServicer._on_close_callback
+
+    def observed_end(self: health.HealthServicer, send: Any, service: str) -> Callable[[], None]:
+        end = make_end(self, send, service)
+
+        def waiting_end() -> None:
+            ending.set()
+            if not self._lock.acquire(timeout=5):
+                stuck.append(threading.current_thread().name)
+                return
+            try:
+                end()
+            finally:
+                self._lock.release()
+
+        return waiting_end
+
+    monkeypatch.setattr(health.HealthServicer, "_on_close_callback", observed_end)
+    with grpc.insecure_channel(f"127.0.0.1:{with_probe.health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        ended, kept = (stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2))
+        assert next(ended).status == next(kept).status == SERVING
+        seen = []
+
+        def send_while_one_ends() -> None:
+            with servicer._lock:  # as a send holds it
+                ended.cancel()
+                seen.append(ending.wait(10))  # the end waits for the lock
+                with_probe.health.set(serving=False, registry_ok=True)  # sends to kept
+
+        sender = threading.Thread(target=send_while_one_ends)
+        sender.start()
+        sender.join(30)
+        assert seen == [True] and not sender.is_alive()
+        assert stuck == [], "the end of a Watch held gRPC's serving thread"
+        assert next(kept).status == NOT_SERVING
+        kept.cancel()

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -23,7 +24,7 @@ import pytest
 from cryptography import x509
 
 from pinrpc.errors import ServerCertError
-from pinrpc.identity import KeyPairFiles, cert_to_pem
+from pinrpc.identity import KeyPairFiles, cert_to_pem, write_atomic
 from pinrpc.v1 import echo_pb2_grpc
 from server import trust
 from server.app import start_server
@@ -131,17 +132,19 @@ def test_broken_renewal_keeps_the_previous_certificate(
     with caplog.at_level(logging.INFO), start_server(config) as running:
         Connect(running, devca).enroll(alice, "alice")
         other = devca.ca.issue(NAMES)
+        # Each breakage in one rename(2): write_bytes showed a poll an empty file first, a
+        # reason of its own, logged in place of (or besides) the breakage's.
         if breakage == "mismatched key":
             other.write(tmp_path / "other")
-            key.write_bytes((tmp_path / "other" / "privkey.pem").read_bytes())
+            write_atomic(key, (tmp_path / "other" / "privkey.pem").read_bytes(), 0o600)
         elif breakage == "truncated chain":
-            cert.write_bytes(other.fullchain_pem[:200])
+            write_atomic(cert, other.fullchain_pem[:200], 0o644)
         elif breakage == "garbage key":
-            key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n")
+            write_atomic(key, b"-----BEGIN PRIVATE KEY-----\nnot a key\n", 0o600)
         elif breakage == "cert missing":
             cert.rename(tmp_path / "moved-away.pem")
         else:  # a certificate for the same key: only the chain or its dates are wrong
-            cert.write_bytes(_same_key_chain(devca, first, breakage))
+            write_atomic(cert, _same_key_chain(devca, first, breakage), 0o644)
         eventually(lambda: "not reloaded" in caplog.text, 1.0)
         assert caplog.text.count("not reloaded") == 1  # logged once, not per poll
         assert served_serial(running.port, alice) == first.leaf.serial_number
@@ -495,8 +498,13 @@ def test_a_key_whose_acl_no_longer_lets_the_server_read_it_is_logged(
     first = devca.ca.issue(NAMES)
     alice = make_client("alice")
     with _served_as_nobody(devca, alice, first) as (key, port, lines):
-        os.chown(key, 0, 0)
-        _acl(key, nobody_reads=True)
+        # Root's, read through the ACL: set up on a copy and renamed into place, since a poll
+        # between the steps logs each state (unreadable after chown, readable again after it).
+        staged = key.with_name("privkey.pem.new")
+        shutil.copy2(key, staged)
+        os.chown(staged, 0, 0)
+        _acl(staged, nobody_reads=True)
+        os.replace(staged, key)
         _acl(key, nobody_reads=False)
         assert stat.S_IMODE(key.stat().st_mode) == 0o640
         eventually(lambda: any("not reloaded" in line for line in lines), 5.0)

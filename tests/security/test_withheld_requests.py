@@ -151,6 +151,12 @@ def test_withheld_requests_cannot_hold_every_worker(
     channel = connect.channel(mallory.cert_path, mallory.key_path)
     alice_stub = connect.stub(alice.cert_path, alice.key_path)
     with withheld(channel, WHOAMI, workers) as calls:
+        # Her calls hold every worker, and are all overdue, before alice calls. Otherwise: her
+        # connection may come second (alice is served at once, and no call is ended), or the
+        # sweep ends the calls overdue so far, which frees alice a thread, and then leaves the
+        # rest alone (nobody waits any more), as a loaded machine spreads the calls' starts.
+        watched.waiting(mallory.fingerprint, workers)
+        time.sleep(request_watch.GRACE)  # from when the last one began, or later
         assert whoami(alice_stub).name == "alice"
         done = watched.ended(calls, expected=workers - share)
         assert len(done) == workers - share
