@@ -60,6 +60,11 @@ class RunningServer:
 @contextmanager
 def start_server(config: ServerConfig) -> Iterator[RunningServer]:
     """Start serving; stop (with ``config.grace`` for in-flight calls) when the block exits."""
+    taken = {ECHO_SERVICE, ADMIN_SERVICE, IDENTITY_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME}
+    names = [service.name for service in config.services]
+    for name in names:
+        if name in taken or names.count(name) > 1:
+            raise ServeError(f"service {name!r} is served twice (pinrpc serves {sorted(taken)})")
     with ExitStack() as stack:
         registry = open_registry(config.registry)
         stack.callback(registry.close)
@@ -162,8 +167,11 @@ def _add_services(
         IdentityService(registry, audit, trust.poll, config.rotation_overlap), server
     )
     health.add_to(server)
+    for service in config.services:
+        service.add(server)
     services = (ECHO_SERVICE, ADMIN_SERVICE, IDENTITY_SERVICE, HEALTH_SERVICE)
-    reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
+    yours = tuple(service.name for service in config.services)
+    reflection.enable_server_reflection((*services, *yours, reflection.SERVICE_NAME), server)
 
 
 def _side_server(stack: ExitStack, workers: int, watch: RequestWatch) -> grpc.Server:
