@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import socket
 import sys
@@ -106,7 +107,9 @@ class ReadCounter(Collector):
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
-# An idle connection holds a thread until then; beyond MAX_CONNECTIONS, new ones are closed.
+# A connection holds a thread for at most this long, however it trickles its request (the
+# socket timeout alone bounds each read, not their sum); beyond MAX_CONNECTIONS, new ones are
+# closed. One scrape takes milliseconds, and wsgiref serves one request per connection.
 CONNECTION_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
 
@@ -115,6 +118,18 @@ class _Handler(WSGIRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(CONNECTION_TIMEOUT)
+        # Shutting the socket down ends a read or write blocked in this handler's thread.
+        self._deadline = threading.Timer(CONNECTION_TIMEOUT, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):  # already closed: the request finished meanwhile
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a line per scrape would drown the server's own
