@@ -9,7 +9,15 @@ import pytest
 
 from client import cli as client_cli
 from pinrpc.cli import Exit
-from tests.conftest import ECHO_ALL, SERVER_NAME, MakeClient, ServerFiles, enroll, eventually, revoke
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    MakeClient,
+    ServerFiles,
+    enroll,
+    eventually,
+    revoke,
+)
 from tests.security.attacker import serve_process
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -47,10 +48,8 @@ def test_trickled_requests_cannot_hold_the_metrics_port(
         deadline = started + metrics.CONNECTION_TIMEOUT + 10
         while time.monotonic() < deadline:  # bounded: about 14 s of trickling
             for conn in slow:
-                try:
+                with contextlib.suppress(OSError):  # the server closed it: what the fix does
                     conn.send(b"G")
-                except OSError:
-                    pass  # the server closed it: what the fix does
             if scraped(port):
                 break
             time.sleep(1)
@@ -77,10 +76,8 @@ def test_huge_headers_cannot_grow_the_server(
         before = rss_kib(server.pid)
 
         def send(conn: socket.socket) -> None:
-            try:
+            with contextlib.suppress(OSError):  # the server closed it: what the fix does
                 conn.sendall(b"GET /metrics HTTP/1.1\r\n" + header * 99)
-            except OSError:
-                pass  # the server closed it: what the fix does
 
         conns = [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
                  for _ in range(metrics.MAX_CONNECTIONS)]  # fmt: skip
