@@ -175,9 +175,10 @@ def main(argv: list[str]) -> int:
     descriptor of pinrpc's own logging."""
     log_format, limit, linger, grpc_rate = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
     own_logging = int(argv[4])
-    # Ctrl-C reaches the whole process group; the helper leaves when the server has.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C and a closed terminal's hang-up reach the whole process group; the helper leaves
+    # when the server has.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     buffer = Buffer(limit, grpc_rate, log_format)
     for fd, trusted in ((0, False), (own_logging, True)):
         threading.Thread(target=buffer.read, args=(fd, trusted, linger), daemon=True).start()
