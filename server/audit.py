@@ -5,7 +5,7 @@ them: a flood of refused calls cannot fill the disk; what was dropped is counted
 in the next line that gets through, or in an ``audit_suppressed`` line once the drops stop
 (and at stop()), so the count is never lost. Calls and changes (enrollments, revocations,
 rotations, admin actions, enrollment requests) have a bucket each, so that no flood of calls
-can push a change out of the trail.
+can push a change out of the trail; revocations and retirements are never dropped (``ALWAYS``).
 
 A call only queues its event (with the time it happened); a writer thread turns the queue into
 lines every ``FLUSH_INTERVAL``. Built one by one between TLS handshakes, a line cost about
@@ -34,6 +34,10 @@ MAX_QUEUED = 10_000
 # Drops that no line has reported get a line of their own once the count has stood still this
 # long: the flood is over and nothing came after it to carry the count.
 REPORT_AFTER = 1.0
+# Never dropped: any enrolled client can spend the changes' bucket by rotating, and then the
+# trail lost whom the operator revoked. Each certificate leaves the trusted set once, so these
+# are bounded by the registry's rows, as the server's memory already is.
+ALWAYS = frozenset(("revoke", "retire"))
 
 
 class _Line:
@@ -68,9 +72,11 @@ class Audit:
         with self._lock:
             if event == "call":
                 full, bucket = len(self._queue) >= MAX_QUEUED, self._calls
+            elif event in ALWAYS:
+                full, bucket = False, None
             else:
                 full, bucket = len(self._queue) >= 2 * MAX_QUEUED, self._changes
-            if full or not bucket.take():
+            if full or (bucket is not None and not bucket.take()):
                 self.suppressed += 1
                 return
             dropped, self.suppressed = self.suppressed, 0

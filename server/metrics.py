@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import socket
 import sys
 import threading
@@ -106,15 +108,51 @@ class ReadCounter(Collector):
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
-# An idle connection holds a thread until then; beyond MAX_CONNECTIONS, new ones are closed.
+# A connection holds a thread for at most this long, however it trickles its request (the
+# socket timeout alone bounds each read, not their sum); beyond MAX_CONNECTIONS, new ones are
+# closed. One scrape takes milliseconds, and wsgiref serves one request per connection.
 CONNECTION_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
+# Bytes read from a connection: a scrape's request is a few hundred. The standard library alone
+# takes 100 header lines of 64 KiB each, and 16 such requests grew the server by 100 MB.
+MAX_REQUEST = 16 * 1024
+
+
+class _Capped(io.RawIOBase):
+    """The connection's bytes, up to ``MAX_REQUEST``; beyond, OSError ends the connection."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self._connection, self._left = connection, MAX_REQUEST
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            raise OSError(f"request larger than {MAX_REQUEST} bytes")
+        n = self._connection.recv_into(buffer, min(len(buffer), self._left))
+        self._left -= n
+        return n
 
 
 class _Handler(WSGIRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(CONNECTION_TIMEOUT)
+        self.rfile.close()  # the socket stays open: it is closed with the connection
+        self.rfile = io.BufferedReader(_Capped(self.connection))
+        # Shutting the socket down ends a read or write blocked in this handler's thread.
+        self._deadline = threading.Timer(CONNECTION_TIMEOUT, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):  # already closed: the request finished meanwhile
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a line per scrape would drown the server's own

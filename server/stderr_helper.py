@@ -36,6 +36,11 @@ GRPC_LINE = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.+-]+:\d+\] 
 # Before every other line of fd 2: no such line starts with a timestamp or a '{', as pinrpc's do.
 MARK = b"  | "
 CUT = b" [cut: line too long]"
+# Control bytes in fd 2's lines, each passed on as "?": a stranger's GOAWAY text reached the
+# log verbatim, and a carriage return or an ANSI escape rewrote a terminal's view of the line
+# (its MARK included), a NUL ended the line for journald. A line keeps only its final newline.
+CONTROLS = bytes((*range(0x09), *range(0x0B, 0x20), 0x7F))
+NEUTERED = bytes.maketrans(CONTROLS, b"?" * len(CONTROLS))
 
 
 class Lines:
@@ -113,6 +118,7 @@ class Buffer:
 
     def untrusted(self, line: bytes) -> bytes | None:
         """A line of fd 2 as passed on, or None when it is suppressed."""
+        line = line.translate(NEUTERED)
         if not GRPC_LINE.match(line):
             if self.suppressing:  # the rest of a suppressed core message (GOAWAY text can be long)
                 self.suppressed += 1
@@ -175,9 +181,10 @@ def main(argv: list[str]) -> int:
     descriptor of pinrpc's own logging."""
     log_format, limit, linger, grpc_rate = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
     own_logging = int(argv[4])
-    # Ctrl-C reaches the whole process group; the helper leaves when the server has.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C and a closed terminal's hang-up reach the whole process group; the helper leaves
+    # when the server has.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     buffer = Buffer(limit, grpc_rate, log_format)
     for fd, trusted in ((0, False), (own_logging, True)):
         threading.Thread(target=buffer.read, args=(fd, trusted, linger), daemon=True).start()

@@ -89,12 +89,23 @@ def test_calls_and_changes_are_limited_each_by_a_bucket_of_its_own(
         for i in range(5):
             audit.event("call", n=i)
         for i in range(5):
-            audit.event("revoke", n=i)
+            audit.event("enroll", n=i)
         lines = audit_lines(caplog, audit)
     assert [(line["event"], line["n"]) for line in lines] == [
-        ("call", 0), ("call", 1), ("revoke", 0), ("revoke", 1),
+        ("call", 0), ("call", 1), ("enroll", 0), ("enroll", 1),
     ]  # fmt: skip
     assert lines[2]["suppressed_before"] == 3 and audit.suppressed == 3
+
+
+def test_revocations_and_retirements_pass_a_spent_bucket(caplog: pytest.LogCaptureFixture) -> None:
+    # Any enrolled client can spend the changes' bucket by rotating (tests/test_ops_audit.py).
+    audit = Audit(rate=0.001, burst=1)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for event in ("enroll", "rotate", "revoke", "retire", "permit"):
+            audit.event(event)
+        lines = audit_lines(caplog, audit)
+    assert [line["event"] for line in lines] == ["enroll", "revoke", "retire"]
+    assert lines[1]["suppressed_before"] == 1 and audit.suppressed == 1
 
 
 def test_calls_filling_the_queue_leave_room_for_changes(

@@ -1,0 +1,24 @@
+"""Signals to a real `pinrpc-server serve` and to its stderr helper."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.conftest import ServerFiles
+from tests.security.attacker import serve_process
+
+
+def test_a_hang_up_to_the_helper_does_not_lose_the_servers_last_lines(
+    devca: ServerFiles, registry: Path, tmp_path: Path
+) -> None:
+    # A closed terminal sends SIGHUP to the whole process group. The helper ignored SIGINT and
+    # SIGTERM for that reason, but died of SIGHUP, and every later line of the server was lost.
+    log = tmp_path / "server.log"
+    with serve_process(devca.cert, devca.key, registry, log) as server:
+        pid = server.pid
+        (helper,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        os.kill(int(helper), signal.SIGHUP)
+        assert server.terminate() == 0
+    assert "stopping: finishing in-flight calls" in log.read_text()
