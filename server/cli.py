@@ -460,7 +460,9 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import start_server
 
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: a closed terminal's hang-up killed the server with no drain and no last
+    # lines; nothing here needs a reload signal (certificates and the registry reload alone).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     with start_server(config):
         # Here, not in start_server: the tests run servers inside pytest's own process.

@@ -22,3 +22,14 @@ def test_a_hang_up_to_the_helper_does_not_lose_the_servers_last_lines(
         os.kill(int(helper), signal.SIGHUP)
         assert server.terminate() == 0
     assert "stopping: finishing in-flight calls" in log.read_text()
+
+
+def test_a_hang_up_stops_the_server_like_sigterm(
+    devca: ServerFiles, registry: Path, tmp_path: Path
+) -> None:
+    # It killed the server at once (exit -1): no drain, no stopping line, queued audit lines lost.
+    log = tmp_path / "server.log"
+    with serve_process(devca.cert, devca.key, registry, log) as server:
+        server.process.send_signal(signal.SIGHUP)
+        assert server.process.wait(timeout=30) == 0
+    assert "stopping: finishing in-flight calls" in log.read_text()
