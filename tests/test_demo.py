@@ -259,3 +259,82 @@ def test_interrupt_stops_the_server_and_cleans_up(signum: signal.Signals) -> Non
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _start_in_a_terminal_group(
+    argv: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.Popen[str]:
+    """As from a terminal: SIGINT at its default, in a process group that Ctrl-C reaches whole."""
+    default_sigint = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", default_sigint, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def _ctrl_c(process: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        return process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_ctrl_c_while_the_venv_is_made_leaves_no_temp_dir_and_no_traceback(
+    tmp_path: Path,
+) -> None:
+    # A first run spends its first seconds in `python -m venv`; Ctrl-C there printed venv's
+    # traceback and left ensurepip's copy of pip in $TMPDIR (killed before cleaning up).
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(DEMO, repo / "scripts" / "demo")
+    (repo / "pyproject.toml").write_text("")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    process = _start_in_a_terminal_group(
+        [str(repo / "scripts" / "demo")], _env(TMPDIR=str(tmp)), tmp_path
+    )
+    assert process.stdout is not None
+    assert "setting up" in process.stdout.readline()
+    time.sleep(0.7)  # venv takes about 2 s here, most of it in ensurepip
+
+    out, err = _ctrl_c(process)
+
+    assert process.returncode == 130, out + err
+    assert "Traceback" not in err, err
+    assert err.endswith("demo: interrupted\n"), err
+    assert list(tmp.iterdir()) == []
+
+
+def test_ctrl_c_during_the_demos_own_imports_is_one_line(tmp_path: Path) -> None:
+    # The imports take ~0.1 s of every start (two starts on a first run): a Ctrl-C there
+    # printed a KeyboardInterrupt traceback. A stand-in argparse holds the demo there.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    ready = tmp_path / "importing"
+    (shadow / "argparse.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(ready)!r}).touch()\ntime.sleep(30)\n"
+    )
+    process = _start_in_a_terminal_group([str(DEMO)], _env(PYTHONPATH=str(shadow)), tmp_path)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready.exists()
+
+    out, err = _ctrl_c(process)
+
+    assert process.returncode == 130, out + err
+    assert out == ""
+    assert err == "\ndemo: interrupted\n"
