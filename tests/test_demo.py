@@ -338,3 +338,21 @@ def test_ctrl_c_during_the_demos_own_imports_is_one_line(tmp_path: Path) -> None
     assert process.returncode == 130, out + err
     assert out == ""
     assert err == "\ndemo: interrupted\n"
+
+
+def test_keep_relative_to_a_removed_current_directory_is_a_usage_error(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    # The shell enters the directory, which is then removed under it (another terminal's rm).
+    result = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3" --keep out', "sh",
+         str(gone), sys.executable, str(DEMO)],
+        capture_output=True, text=True, encoding="utf-8", timeout=60, env=_env(),
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        "demo: error: --keep out: the current directory no longer exists; give an absolute path\n"
+    )
