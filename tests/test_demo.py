@@ -207,6 +207,14 @@ def test_keep_where_no_directory_can_be_made_is_a_usage_error(tmp_path: Path) ->
     assert not_a_directory.read_text() == "mine"
 
 
+# A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored: give
+# the demo the default disposition it gets from a terminal, then exec it (same PID).
+DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -217,14 +225,8 @@ def _pid_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_the_server_and_cleans_up(signum: signal.Signals) -> None:
-    # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored:
-    # give the demo the default disposition it gets from a terminal, then exec it (same PID).
-    default_sigint = (
-        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-    )
     process = subprocess.Popen(
-        [sys.executable, "-c", default_sigint, str(DEMO)],
+        [sys.executable, "-c", DEFAULT_SIGINT, str(DEMO)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -265,12 +267,8 @@ def _start_in_a_terminal_group(
     argv: list[str], env: dict[str, str], cwd: Path
 ) -> subprocess.Popen[str]:
     """As from a terminal: SIGINT at its default, in a process group that Ctrl-C reaches whole."""
-    default_sigint = (
-        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-    )
     return subprocess.Popen(
-        [sys.executable, "-c", default_sigint, *argv],
+        [sys.executable, "-c", DEFAULT_SIGINT, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
