@@ -280,9 +280,13 @@ def _start_in_a_terminal_group(
     )
 
 
-def _ctrl_c(process: subprocess.Popen[str]) -> tuple[str, str]:
+def _ctrl_c(process: subprocess.Popen[str], signum: int = signal.SIGINT) -> tuple[str, str]:
+    """Ctrl-C reaches the whole group; a SIGTERM (a service manager's, say) the demo alone."""
     try:
-        os.killpg(process.pid, signal.SIGINT)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
         return process.communicate(timeout=60)
     finally:
         if process.poll() is None:
@@ -290,11 +294,13 @@ def _ctrl_c(process: subprocess.Popen[str]) -> tuple[str, str]:
             process.wait()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_while_the_venv_is_made_leaves_no_temp_dir_and_no_traceback(
-    tmp_path: Path,
+    tmp_path: Path, signum: signal.Signals
 ) -> None:
     # A first run spends its first seconds in `python -m venv`; Ctrl-C there printed venv's
-    # traceback and left ensurepip's copy of pip in $TMPDIR (killed before cleaning up).
+    # traceback and left ensurepip's copy of pip in $TMPDIR (killed before cleaning up), and
+    # SIGTERM killed the demo silently (exit -15), leaving venv or pip running on.
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy2(DEMO, repo / "scripts" / "demo")
@@ -308,7 +314,7 @@ def test_ctrl_c_while_the_venv_is_made_leaves_no_temp_dir_and_no_traceback(
     assert "setting up" in process.stdout.readline()
     time.sleep(0.7)  # venv takes about 2 s here, most of it in ensurepip
 
-    out, err = _ctrl_c(process)
+    out, err = _ctrl_c(process, signum)
 
     assert process.returncode == 130, out + err
     assert "Traceback" not in err, err
