@@ -1,9 +1,12 @@
 # The pinrpc image: server, client CLI and the demo's helpers, installed offline from a
 # wheelhouse built beforehand on a Linux host with Python 3.11:
-#   python3 -m pip wheel -w wheelhouse '.[acme]' tlslite-ng h2
+#   rm -rf build && python3 -m pip wheel -w wheelhouse '.[acme]' tlslite-ng h2
+# (rm -rf build: setuptools never empties it, and a stale module there would ship.)
 # BASE_IMAGE: any Debian-like image with python3 and its venv module (CI imports a
-# debootstrapped bookworm, since no image registry is reachable there).
-ARG BASE_IMAGE=python:3.11-slim
+# debootstrapped bookworm, since no image registry is reachable there). Its Python must be
+# the wheelhouse's (3.11); bookworm is the release CI tests. No HEALTHCHECK here: the image
+# also runs the one-shot clients; docs/OPERATIONS.md (Probes) shows the server's.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

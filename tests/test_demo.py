@@ -207,6 +207,14 @@ def test_keep_where_no_directory_can_be_made_is_a_usage_error(tmp_path: Path) ->
     assert not_a_directory.read_text() == "mine"
 
 
+# A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored: give
+# the demo the default disposition it gets from a terminal, then exec it (same PID).
+DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -217,14 +225,8 @@ def _pid_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_the_server_and_cleans_up(signum: signal.Signals) -> None:
-    # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored:
-    # give the demo the default disposition it gets from a terminal, then exec it (same PID).
-    default_sigint = (
-        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-    )
     process = subprocess.Popen(
-        [sys.executable, "-c", default_sigint, str(DEMO)],
+        [sys.executable, "-c", DEFAULT_SIGINT, str(DEMO)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -259,3 +261,102 @@ def test_interrupt_stops_the_server_and_cleans_up(signum: signal.Signals) -> Non
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _start_in_a_terminal_group(
+    argv: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.Popen[str]:
+    """As from a terminal: SIGINT at its default, in a process group that Ctrl-C reaches whole."""
+    return subprocess.Popen(
+        [sys.executable, "-c", DEFAULT_SIGINT, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def _ctrl_c(process: subprocess.Popen[str], signum: int = signal.SIGINT) -> tuple[str, str]:
+    """Ctrl-C reaches the whole group; a SIGTERM (a service manager's, say) the demo alone."""
+    try:
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        return process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_while_the_venv_is_made_leaves_no_temp_dir_and_no_traceback(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    # A first run spends its first seconds in `python -m venv`; Ctrl-C there printed venv's
+    # traceback and left ensurepip's copy of pip in $TMPDIR (killed before cleaning up), and
+    # SIGTERM killed the demo silently (exit -15), leaving venv or pip running on.
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(DEMO, repo / "scripts" / "demo")
+    (repo / "pyproject.toml").write_text("")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    process = _start_in_a_terminal_group(
+        [str(repo / "scripts" / "demo")], _env(TMPDIR=str(tmp)), tmp_path
+    )
+    assert process.stdout is not None
+    assert "setting up" in process.stdout.readline()
+    time.sleep(0.7)  # venv takes about 2 s here, most of it in ensurepip
+
+    out, err = _ctrl_c(process, signum)
+
+    assert process.returncode == 130, out + err
+    assert "Traceback" not in err, err
+    assert err.endswith("demo: interrupted\n"), err
+    assert list(tmp.iterdir()) == []
+
+
+def test_ctrl_c_during_the_demos_own_imports_is_one_line(tmp_path: Path) -> None:
+    # The imports take ~0.1 s of every start (two starts on a first run): a Ctrl-C there
+    # printed a KeyboardInterrupt traceback. A stand-in argparse holds the demo there.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    ready = tmp_path / "importing"
+    (shadow / "argparse.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(ready)!r}).touch()\ntime.sleep(30)\n"
+    )
+    process = _start_in_a_terminal_group([str(DEMO)], _env(PYTHONPATH=str(shadow)), tmp_path)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready.exists()
+
+    out, err = _ctrl_c(process)
+
+    assert process.returncode == 130, out + err
+    assert out == ""
+    assert err == "\ndemo: interrupted\n"
+
+
+def test_keep_relative_to_a_removed_current_directory_is_a_usage_error(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    # The shell enters the directory, which is then removed under it (another terminal's rm).
+    result = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3" --keep out', "sh",
+         str(gone), sys.executable, str(DEMO)],
+        capture_output=True, text=True, encoding="utf-8", timeout=60, env=_env(),
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        "demo: error: --keep out: the current directory no longer exists; give an absolute path\n"
+    )
