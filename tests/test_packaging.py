@@ -17,6 +17,8 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pinrpc", "server", "client")
+# py.typed: the library API (pinrpc, its stubs, and the server side a user serves with).
+MARKERS = ("pinrpc/py.typed", "pinrpc/v1/py.typed", "server/py.typed")
 
 
 def _tracked_files() -> list[str]:
@@ -67,10 +69,10 @@ def test_the_wheel_ships_every_module_with_its_types_and_nothing_else(wheel: Pat
     }
 
     assert {n for n in shipped if n.endswith((".py", ".pyi"))} == tracked
-    assert {"pinrpc/py.typed", "pinrpc/v1/py.typed"} <= shipped
+    assert set(MARKERS) <= shipped
     stubs = {n for n in tracked if re.fullmatch(r"pinrpc/v1/\w+_pb2(_grpc)?\.py", n)}
     assert stubs and {n + "i" for n in stubs} <= shipped  # every generated module's .pyi
-    assert shipped - tracked == {"pinrpc/py.typed", "pinrpc/v1/py.typed"}
+    assert shipped - tracked == set(MARKERS)
     assert not {n for n in names if n.split("/")[0] in ("tests", "bench", "scripts", "protos")}
 
 
