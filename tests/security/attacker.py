@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import re
 import signal
 import socket
@@ -220,6 +221,13 @@ class ServerProcess:
         return self.process.wait(timeout=30)
 
 
+def server_env() -> dict[str, str]:
+    """This environment with gRPC's own verbosity, as a user's server has it: the client CLI,
+    run in this process by other tests, sets GRPC_VERBOSITY=NONE for itself, and a child
+    server would inherit it (and log none of gRPC's lines)."""
+    return {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+
+
 @contextmanager
 def serve_process(
     cert: Path, key: Path, registry: Path, log: Path, *extra: str
@@ -228,7 +236,7 @@ def serve_process(
     argv = [str(BIN / "pinrpc-server"), "serve", "--listen", "127.0.0.1:0", "--cert", str(cert),
             "--key", str(key), "--registry", str(registry), *extra]  # fmt: skip
     with log.open("wb") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=server_env())
     try:
         port = _wait_for_port(process, log)
         yield ServerProcess(process, port, log)

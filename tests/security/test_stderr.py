@@ -43,7 +43,7 @@ from tests.conftest import (
     revoke,
     whoami,
 )
-from tests.security.attacker import BIN
+from tests.security.attacker import BIN, server_env
 
 PAGE = 4096
 GRACE = 5.0  # ServerConfig.grace, which `pinrpc-server serve` uses
@@ -95,10 +95,8 @@ def stalled_server(files: ServerFiles, registry: Path, *extra: str) -> Iterator[
     argv = [str(BIN / "pinrpc-server"), "serve", "--listen", "127.0.0.1:0", "--cert",
             str(files.cert), "--key", str(files.key), "--registry", str(registry),
             *extra]  # fmt: skip
-    # gRPC's default verbosity, which logs each refused handshake (the client CLI, run in this
-    # process by other tests, sets GRPC_VERBOSITY=NONE for itself).
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
-    process = subprocess.Popen(argv, stdout=write_end, stderr=write_end, env=env)
+    # gRPC's default verbosity, which logs each refused handshake.
+    process = subprocess.Popen(argv, stdout=write_end, stderr=write_end, env=server_env())
     os.close(write_end)
     try:
         seen, deadline = b"", time.monotonic() + 20
