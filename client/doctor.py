@@ -45,6 +45,11 @@ ENROLL_FIX = (
     "ask the server operator to run `pinrpc-server list` and look for {fp}; if it is missing "
     "or revoked, enroll it: `pinrpc-server enroll YOUR.crt --name NAME` (--replace to re-key)"
 )
+# The server's --enrollment-listen port speaks TLS and HTTP/2 too, and serves nothing else.
+NOT_PINRPC_FIX = (
+    "this port serves gRPC but not pinrpc's API: dial the server's --listen port (the "
+    "--enrollment-listen port serves `pinrpc request-enrollment` only)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -430,12 +435,16 @@ class Doctor:
                 )
             except grpc.RpcError as exc:
                 code: grpc.StatusCode = exc.code()
+                reason = f"{code.name}: {exc.details()}"
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    # Answered, so not a connection failure: exit 5, as `pinrpc whoami`.
+                    raise Failed(reason, NOT_PINRPC_FIX, Exit.RPC) from exc
                 denied = code in (
                     grpc.StatusCode.PERMISSION_DENIED,
                     grpc.StatusCode.UNAUTHENTICATED,
                 )
                 raise Failed(
-                    f"{code.name}: {exc.details()}",
+                    reason,
                     ENROLL_FIX.format(fp=self.fingerprint)
                     if denied
                     else "see the steps above; run again with GRPC_VERBOSITY=debug "

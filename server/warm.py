@@ -39,6 +39,9 @@ class WarmSet:
         self._saved = load(path)
         self._loaded = frozenset(self._saved)
         self._seen: dict[bytes, None] = {}  # this run's, in the order first seen
+        # Said at start: otherwise the first save (a minute on, or at stop) is the first word.
+        if problem := _unsavable(path):
+            log.warning("the warm-start file %s cannot be saved: %s", path.absolute(), problem)
 
     def loaded(self) -> frozenset[bytes]:
         return self._loaded
@@ -100,6 +103,16 @@ def _read_regular(path: Path, limit: int) -> bytes:
             return f.read(limit)
     finally:
         os.close(fd)
+
+
+def _unsavable(path: Path) -> str | None:
+    """Why ``path`` could not be written (its directory is missing or read-only), or None."""
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"the server may not write to {parent}"
+    return None
 
 
 def _not_regular(path: Path) -> bool:
