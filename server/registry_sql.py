@@ -462,7 +462,8 @@ class SqlRegistry(ABC):
         self._insert(q, candidate, name, allowed, now)
 
     def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:
-        """Enroll ``successor`` under the same name and permissions; retire ``current`` later."""
+        """Enroll ``successor`` under the same name and permissions; retire ``current`` after
+        ``overlap``, and the client's older retiring certificates by then too."""
         now = now_utc()
 
         def body(q: Query) -> None:
@@ -476,12 +477,23 @@ class SqlRegistry(ABC):
             check_enrollment(
                 successor, old.name, rows, replace=True, retired_stays=overlap > dt.timedelta(0)
             )
-            retire = self.dialect.encode_time(now + overlap)
+            end = now + max(overlap, dt.timedelta(0))
+            retire = self.dialect.encode_time(end)
             column = "revoked_at" if overlap <= dt.timedelta(0) else "retire_at"
             q(
                 f"UPDATE clients SET {column} = ? WHERE fingerprint = ?",  # noqa: S608
                 (retire, old.fingerprint.hex),
             )
+            # Older certificates still in an earlier rotation's overlap end no later than this
+            # one: the client asked for its keys to stop working by ``end``, and its `rotate`
+            # already deleted their files.
+            for row in rows:
+                later = row.retire_at is not None and row.retire_at > end
+                if row.name == old.name and row.revoked_at is None and later:
+                    q(
+                        "UPDATE clients SET retire_at = ? WHERE fingerprint = ?",
+                        (retire, row.fingerprint.hex),
+                    )
             self._insert(q, successor, old.name, old.allowed_methods, self.dialect.encode_time(now))
 
         self._change(body)
