@@ -50,6 +50,7 @@ log = logging.getLogger("pinrpc.trust")
 EXPIRY_SCAN_SECONDS = 3600.0  # scanning every enrolled client is cheap, but not every poll
 SERVED_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})  # what BoringSSL signs with
 _BEGIN, _END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+_PRIVATE_KEY = b"PRIVATE KEY-----"  # PKCS#8 and the traditional RSA/EC forms alike
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +84,7 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as exc:
-        raise ServerCertError(
-            f"{cert_path.absolute()} is not a PEM certificate chain: {exc}"
-        ) from exc
+        raise ServerCertError(_not_a_chain(cert_path, chain_pem, key_path, key_pem, exc)) from exc
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. a curve not offered
@@ -124,6 +123,22 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
         )
     return ServerCert(chain_pem, key_pem, leaf)
+
+
+def _not_a_chain(cert_path: Path, chain_pem: bytes, key_path: Path, key_pem: bytes,
+                 exc: ValueError) -> str:  # fmt: skip
+    """Why --cert holds no chain: cryptography's own words only when no likelier cause shows."""
+    if _PRIVATE_KEY not in chain_pem:
+        return f"{cert_path.absolute()} is not a PEM certificate chain: {exc}"
+    if _BEGIN in key_pem:
+        return (
+            f"--cert {cert_path.absolute()} holds a private key and --key "
+            f"{key_path.absolute()} a certificate: swap them"
+        )
+    return (
+        f"--cert {cert_path.absolute()} holds a private key, not the certificate chain; "
+        "give it the full chain (fullchain.pem)"
+    )
 
 
 def _same_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, cert: x509.Certificate) -> bool:
