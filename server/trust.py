@@ -59,6 +59,12 @@ class ServerCert:
     key_pem: bytes
     leaf: x509.Certificate
 
+    @property
+    def leaf_only(self) -> bool:
+        """A CA-issued leaf without its intermediate: clients that verify with ordinary roots
+        (which hold no intermediates) cannot build a path to a root."""
+        return self.chain_pem.count(_BEGIN) == 1 and self.leaf.issuer != self.leaf.subject
+
     def describe(self) -> str:
         try:
             san = self.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -543,6 +549,14 @@ class TrustWatcher:
     def _announce_cert(self, verb: str) -> None:
         cert = self.server_cert
         log.info("%s server certificate: %s", verb, cert.describe())
+        if cert.leaf_only:  # once per certificate loaded: a touched file loads no new one
+            log.warning(
+                "server certificate %s holds no intermediate, only a leaf issued by %s: "
+                "clients that verify with ordinary roots will fail; serve the full chain "
+                "(fullchain.pem, not cert.pem)",
+                self._cert_path.absolute(),
+                cert.leaf.issuer.rfc4514_string(),
+            )
         # A new certificate: check it now, and warn about it afresh.
         self._next_cert_check, self._cert_warned, self._cert_expired_logged = 0.0, None, False
         self._check_server_cert_expiry()

@@ -3,16 +3,69 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from pinrpc.identity import cert_to_pem, generate_key, key_to_pem, self_signed_certificate
+from server.app import start_server
+from server.config import ServerConfig
 from tests.conftest import SERVER_NAME, MakeClient, ServerFiles, enroll, registry_dump
 from tests.security.attacker import BIN
 
 NAMES = [SERVER_NAME, "127.0.0.1"]
+LEAF_ONLY = "holds no intermediate"
+
+
+def leaf_only_warnings(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(LEAF_ONLY in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_a_leaf_without_its_intermediate_is_warned_about_once_per_file_state(
+    devca: ServerFiles, registry: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = devca.ca.issue(NAMES)
+    cert, key = first.write(tmp_path)
+    cert.write_bytes(cert_to_pem(first.leaf))
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=60)
+    with caplog.at_level(logging.INFO, logger="pinrpc.trust"), start_server(config) as running:
+        assert leaf_only_warnings(caplog) == 1
+        assert str(cert.absolute()) in caplog.text and "fullchain.pem" in caplog.text
+        running.trust.poll()
+        cert.write_bytes(cert.read_bytes())  # touched, same certificate: no new warning
+        running.trust.poll()
+        assert leaf_only_warnings(caplog) == 1
+        renewed = devca.ca.issue(NAMES, key=first.key)  # reloaded, still the leaf alone
+        cert.write_bytes(cert_to_pem(renewed.leaf))
+        running.trust.poll()
+        running.trust.poll()
+        assert leaf_only_warnings(caplog) == 2
+        cert.write_bytes(renewed.fullchain_pem)  # fixed: reloaded without a warning
+        running.trust.poll()
+        assert running.trust.server_cert.chain_pem == renewed.fullchain_pem
+        assert leaf_only_warnings(caplog) == 2
+
+
+@pytest.mark.parametrize("kind", ["full chain", "self-signed"])
+def test_a_full_chain_or_a_self_signed_certificate_gets_no_warning(
+    devca: ServerFiles,
+    registry: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    cert, key = devca.ca.issue(NAMES).write(tmp_path)
+    if kind == "self-signed":
+        own = generate_key("p256")
+        key.write_bytes(key_to_pem(own))
+        cert.write_bytes(cert_to_pem(self_signed_certificate(own, "server")))
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry))
+    with caplog.at_level(logging.INFO, logger="pinrpc.trust"), start_server(config):
+        assert "serving server certificate" in caplog.text
+    assert leaf_only_warnings(caplog) == 0
 
 
 def serve(cert: Path, key: Path, registry: Path) -> subprocess.CompletedProcess[str]:
