@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -91,6 +92,7 @@ class SqliteRegistry(SqlRegistry):
     ) -> None:
         self.path = path.absolute()
         super().__init__(str(self.path))
+        self._check_directory()
         if not create and not self.path.exists():
             raise RegistryError(
                 f"registry {self.path} does not exist; enroll a client first or check --registry"
@@ -106,6 +108,18 @@ class SqliteRegistry(SqlRegistry):
         except BaseException:
             self._db.close()
             raise
+
+    def _check_directory(self) -> None:
+        """SQLite says only "unable to open database file" when the directory is missing."""
+        parent = self.path.parent
+        try:
+            is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+        except FileNotFoundError:
+            raise RegistryError(f"directory {parent} does not exist; check --registry") from None
+        except OSError:
+            return  # SQLite's own error says why (a permission, a file as a parent's parent)
+        if not is_dir:
+            raise RegistryError(f"{parent} is not a directory; check --registry")
 
     def _connect(self, create: bool) -> tuple[sqlite3.Connection, int]:
         mode = "ro" if self._readonly else "rwc" if create else "rw"

@@ -1,5 +1,6 @@
-"""The server certificate files an operator can get wrong: a leaf without its intermediate
-(warned about), and --cert and --key swapped (one clear line)."""
+"""Mistakes an operator walkthrough made: a server certificate without its intermediate
+(warned about), --cert and --key swapped, a --registry in a missing directory (one clear line
+each, nothing changed)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from pinrpc.cli import Exit
 from pinrpc.identity import cert_to_pem, generate_key, key_to_pem, self_signed_certificate
+from server import cli as server_cli
 from server.app import start_server
 from server.config import ServerConfig
 from tests.conftest import SERVER_NAME, MakeClient, ServerFiles, enroll, registry_dump
@@ -104,3 +107,30 @@ def test_a_key_given_as_both_files_is_not_called_a_swap(
     assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr
     assert "holds a private key, not the certificate chain" in done.stderr
     assert "swap" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("parent", ["nodir", "a-file"])
+def test_a_registry_in_a_missing_directory_is_named_in_one_line(
+    tmp_path: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str], parent: str
+) -> None:
+    alice = make_client("alice")
+    (tmp_path / "a-file").write_text("not a directory")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    spec = tmp_path / parent / "reg.db"
+    for argv in (
+        ["enroll", str(alice.cert_path), "--name", "alice", "--registry", str(spec)],
+        ["list", "--registry", str(spec)],
+    ):
+        capsys.readouterr()
+        assert server_cli.main(argv) == Exit.ERROR
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        problem = "does not exist" if parent == "nodir" else "is not a directory"
+        assert f"{tmp_path / parent} {problem}; check --registry" in err
+        assert "unable to open" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "a-file").read_text() == "not a directory"
+    # Deny and allow side by side: the same command with the directory there enrolls.
+    (tmp_path / "nodir-made").mkdir()
+    argv = ["enroll", str(alice.cert_path), "--name", "alice"]
+    assert server_cli.main([*argv, "--registry", str(tmp_path / "nodir-made" / "reg.db")]) == 0
