@@ -38,6 +38,7 @@ from josepy.errors import DeserializationError
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
+from pinrpc.cli import add_version_flag
 from pinrpc.errors import IdentityError, PinrpcError
 from pinrpc.identity import PrivateKey, generate_key, key_to_pem, read_file, write_all
 
@@ -543,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="obtain-cert",
         description="Obtain a server certificate from an ACME CA using HTTP-01.",
     )
+    add_version_flag(parser)
     parser.add_argument(
         "--directory",
         default=os.environ.get("PINRPC_ACME_DIRECTORY"),

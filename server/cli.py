@@ -18,6 +18,7 @@ from pinrpc.cli import (
     add_allow_flag,
     add_flag,
     add_permit_flags,
+    add_version_flag,
     allow_patterns,
     at_least,
     host_port,
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Serve pinrpc over mutual TLS and manage the enrolled client certificates.",
     )
+    add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def registry_flag(p: argparse.ArgumentParser) -> None:
