@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pinrpc.cli import (
     Exit,
@@ -35,6 +36,9 @@ from server.gc_tuning import settle
 from server.logs import configure_logging
 from server.registry import Client, Registry, is_postgres, migrate_registry, open_registry
 from server.stderr_pump import drained, grpc_line_rate
+
+if TYPE_CHECKING:
+    from server.listener import Listener
 
 PROG = "pinrpc-server"
 MAX_CERT_BYTES = 64 * 1024
@@ -270,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     # utf8: the registry cannot be asked about argv bytes that are not UTF-8 (a traceback).
     revoke.add_argument("client", type=utf8, help="client name or certificate fingerprint")
     registry_flag(revoke)
+
     return parser
 
 
@@ -461,17 +466,63 @@ def serve(args: argparse.Namespace) -> int:
     # Imported here: grpc and the services are most of the admin commands' start-up otherwise.
     from server.app import start_server
 
-    stop = threading.Event()
+    log = logging.getLogger("pinrpc.server")
+    signals = _Signals()
     # SIGHUP too: a closed terminal's hang-up killed the server with no drain and no last
     # lines; nothing here needs a reload signal (certificates and the registry reload alone).
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: stop.set())
-    with start_server(config):
-        # Here, not in start_server: the tests run servers inside pytest's own process.
-        settle()
-        stop.wait()
-        logging.getLogger("pinrpc.server").info("stopping: finishing in-flight calls")
-    return Exit.OK
+        signal.signal(signum, signals)
+    # A mistyped path serves nobody, silently; first-time operators rely on the creation.
+    created = not is_postgres(args.registry) and not Path(args.registry).exists()
+    cutter: threading.Thread | None = None
+    try:
+        with start_server(config) as running:
+            if created:
+                log.warning(
+                    "registry %s did not exist: created it empty, so no client is enrolled; "
+                    "if you meant another registry, check --registry",
+                    Path(args.registry).absolute(),
+                )
+            # Here, not in start_server: the tests run servers inside pytest's own process.
+            settle()
+            signals.stop.wait()
+            log.info("stopping: finishing in-flight calls")
+            cutter = threading.Thread(
+                target=_cut_short, args=(signals, running.listener), name="pinrpc-second-signal"
+            )
+            cutter.start()
+    finally:
+        signals.wake.set()  # drained: a later signal has nothing left to cut short
+        if cutter is not None:
+            cutter.join()
+    return Exit.OK if signals.forced is None else 128 + signals.forced
+
+
+class _Signals:
+    """serve's stop signals: the first drains in-flight calls for the grace period, a second
+    (an operator pressing Ctrl-C twice) cuts the drain short."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.wake = threading.Event()  # a second signal came, or the drain ended
+        self.forced: int | None = None  # the second signal's number
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.stop.is_set() and self.forced is None:
+            self.forced = signum
+            self.wake.set()
+        self.stop.set()
+
+
+def _cut_short(signals: _Signals, listener: Listener) -> None:
+    """On a second signal, cancel the in-flight calls, so the drain (in the main thread)
+    ends now; the audit and stderr still get their last lines out on the way."""
+    signals.wake.wait()
+    if signals.forced is not None:
+        logging.getLogger("pinrpc.server").warning(
+            "second signal: stopping without waiting for in-flight calls"
+        )
+        listener.stop(None)
 
 
 COMMANDS = {

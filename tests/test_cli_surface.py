@@ -1,16 +1,25 @@
-"""What a careful operator expects of the command lines."""
+"""What a careful operator expects of the command lines: --version, a warning about a registry
+that `serve` had to create, and a second Ctrl-C that stops at once."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from tests.security.attacker import BIN, ROOT
+from pinrpc import secure_channel
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from tests.conftest import ECHO_ALL, SERVER_NAME, MakeClient, ServerFiles, enroll
+from tests.security.attacker import BIN, ROOT, serve_process
 
 VERSION = metadata.version("pinrpc")
 
@@ -43,3 +52,111 @@ def test_version_without_an_installed_distribution_says_so() -> None:
     from pinrpc.cli import installed_version
 
     assert installed_version("pinrpc-never-installed") == "unknown (not installed)"
+
+
+# --- serve and its registry ----------------------------------------------------------------
+
+CREATED = "did not exist: created it empty, so no client is enrolled"
+
+
+def _serve_log(devca: ServerFiles, registry: Path, tmp_path: Path) -> str:
+    log = tmp_path / "server.log"
+    with serve_process(devca.cert, devca.key, registry, log) as server:
+        assert server.terminate() == 0
+    return log.read_text()
+
+
+def test_serve_names_a_registry_it_had_to_create(devca: ServerFiles, tmp_path: Path) -> None:
+    # A mistyped --registry served nobody, and said nothing about why.
+    registry = tmp_path / "mistyped.db"
+    text = _serve_log(devca, registry, tmp_path)
+    (line,) = [line for line in text.splitlines() if CREATED in line]
+    assert f"registry {registry} {CREATED}" in line
+    assert "check --registry" in line
+    assert registry.is_file()  # still created: first-time operators rely on it
+
+
+def test_serve_on_an_existing_registry_does_not_say_created(
+    devca: ServerFiles, registry: Path, tmp_path: Path, make_client: MakeClient
+) -> None:
+    enroll(registry, make_client("alice").cert_path, "alice")
+    text = _serve_log(devca, registry, tmp_path)
+    assert CREATED not in text
+    assert "trusting 1 enrolled client certificate(s)" in text
+
+
+def test_serve_on_an_existing_empty_registry_warns_only_that_nobody_is_enrolled(
+    devca: ServerFiles, registry: Path, tmp_path: Path, make_client: MakeClient
+) -> None:
+    enroll(registry, make_client("alice").cert_path, "alice")
+    assert subprocess.run(
+        [str(BIN / "pinrpc-server"), "revoke", "alice", "--registry", str(registry)],
+        capture_output=True, timeout=60, check=False,
+    ).returncode == 0  # fmt: skip
+    text = _serve_log(devca, registry, tmp_path)
+    assert CREATED not in text
+    assert "no enrolled clients: nobody can connect until one is enrolled" in text
+
+
+# --- a second signal -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def held_stream(
+    devca: ServerFiles, registry: Path, tmp_path: Path, make_client: MakeClient
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A real `serve` with one EchoStream call in flight that the client never ends."""
+    files = make_client("alice")
+    enroll(registry, files.cert_path, "alice", ECHO_ALL)
+    log = tmp_path / "server.log"
+    with serve_process(devca.cert, devca.key, registry, log) as server:
+        target = f"127.0.0.1:{server.port}"
+        channel = secure_channel(target, files.cert_path, files.key_path, devca.ca_path,
+                                 SERVER_NAME)  # fmt: skip
+        requests: queue.Queue[echo_pb2.EchoRequest | None] = queue.Queue()
+        replies = echo_pb2_grpc.EchoStub(channel).EchoStream(iter(requests.get, None))
+        requests.put(echo_pb2.EchoRequest(message="hold"))
+        first = [reply.message for reply in itertools.islice(replies, 1)]
+        assert first == ["hold"]  # in flight, until the server stops it
+        try:
+            yield server.process, log
+        finally:
+            requests.put(None)
+            channel.close()  # cancels the call
+
+
+def _wait_for(log: Path, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in {log.read_text()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_stops_without_waiting_for_in_flight_calls(
+    held_stream: tuple[subprocess.Popen[bytes], Path], signum: signal.Signals
+) -> None:
+    # The second Ctrl-C was ignored: the server waited out the whole grace period (5 s).
+    process, log = held_stream
+    process.send_signal(signum)
+    _wait_for(log, "stopping: finishing in-flight calls")
+    started = time.monotonic()
+    process.send_signal(signum)
+    assert process.wait(timeout=3) == 128 + signum
+    took = time.monotonic() - started
+    text = log.read_text()
+    # One line says so, and the last lines still got out: through the stderr helper, and the
+    # audit's line for the held call.
+    assert text.count("second signal: stopping without waiting for in-flight calls") == 1
+    assert "first call on this connection" in text
+    assert "Traceback" not in text
+    assert took < 3
+
+
+def test_one_signal_still_drains_and_exits_zero(
+    held_stream: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    process, log = held_stream
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0  # after the grace period, as before
+    assert "second signal" not in log.read_text()
