@@ -160,6 +160,14 @@ def add_version_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action=_Version)
 
 
+def missing_extra(command: str, extra: str, exc: ModuleNotFoundError) -> str:
+    """One line for a command whose optional dependencies (pinrpc[extra]) are not installed."""
+    return (
+        f"{command} needs the {extra} extra (Python module {exc.name!r} is missing): "
+        f"pip install 'pinrpc[{extra}]'"
+    )
+
+
 def add_allow_flag(parser: argparse.ArgumentParser) -> None:
     """--allow PATTERN (repeatable); without it, PINRPC_ALLOW (comma-separated)."""
     parser.add_argument(

@@ -23,12 +23,13 @@ from pinrpc.cli import (
     allow_patterns,
     at_least,
     host_port,
+    missing_extra,
     path_text,
     permit_patterns,
     run,
     utf8,
 )
-from pinrpc.errors import EnrollmentError, IdentityError, RegistryError
+from pinrpc.errors import EnrollmentError, IdentityError, PinrpcError, RegistryError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
 from server.enrollment import check_certificate, check_patterns, new_permissions
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from server.listener import Listener
 
 PROG = "pinrpc-server"
+OBTAIN_CERT = "obtain-cert"
 MAX_CERT_BYTES = 64 * 1024
 # Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
 # start, or every Rotate and enrollment request failing).
@@ -275,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("client", type=utf8, help="client name or certificate fingerprint")
     registry_flag(revoke)
 
+    # Listed for --help only: main() hands its arguments to server.acme's own parser.
+    commands.add_parser(
+        OBTAIN_CERT,
+        add_help=False,
+        help="get the server certificate from an ACME CA such as Let's Encrypt (needs the acme "
+        "extra; see its --help)",
+    )
     return parser
 
 
@@ -548,8 +557,20 @@ def _checked(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [OBTAIN_CERT]:
+        return run(PROG, lambda: obtain_cert(argv[1:]))
     args = build_parser().parse_args(argv)
     return run(PROG, lambda: COMMANDS[args.command](_checked(args)))
+
+
+def obtain_cert(argv: list[str]) -> int:
+    """server/acme.py's command, with its own parser: scripts/obtain-cert needs a checkout."""
+    try:
+        from server import acme  # the optional extra: imported only for this command
+    except ModuleNotFoundError as exc:
+        raise PinrpcError(missing_extra(OBTAIN_CERT, "acme", exc)) from exc
+    return acme.main(argv, prog=f"{PROG} {OBTAIN_CERT}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What a careful operator expects of the command lines: --version, a warning about a registry
-that `serve` had to create, and a second Ctrl-C that stops at once."""
+that `serve` had to create, a second Ctrl-C that stops at once, and `pinrpc-server obtain-cert`
+from an installed wheel (and one line when its extra is missing)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import itertools
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,10 +17,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from pinrpc import secure_channel
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from tests.conftest import ECHO_ALL, SERVER_NAME, MakeClient, ServerFiles, enroll
+from tests.pebble import Pebble
 from tests.security.attacker import BIN, ROOT, serve_process
 
 VERSION = metadata.version("pinrpc")
@@ -36,9 +40,10 @@ def _run(argv: list[str], cwd: Path, timeout: float = 60) -> subprocess.Complete
     [
         ([str(BIN / "pinrpc")], "pinrpc"),
         ([str(BIN / "pinrpc-server")], "pinrpc-server"),
+        ([str(BIN / "pinrpc-server"), "obtain-cert"], "pinrpc-server obtain-cert"),
         ([sys.executable, str(ROOT / "scripts" / "obtain-cert")], "obtain-cert"),
     ],
-    ids=["pinrpc", "pinrpc-server", "script"],
+    ids=["pinrpc", "pinrpc-server", "subcommand", "script"],
 )
 def test_version_is_the_installed_distributions_from_any_directory(
     argv: list[str], prog: str, tmp_path: Path
@@ -160,3 +165,69 @@ def test_one_signal_still_drains_and_exits_zero(
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0  # after the grace period, as before
     assert "second signal" not in log.read_text()
+
+
+# --- pinrpc-server obtain-cert ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_obtain_cert_subcommand_issues_from_pebble(pebble: Pebble, tmp_path: Path) -> None:
+    out = tmp_path / "server"
+    done = _run(
+        [str(BIN / "pinrpc-server"), "obtain-cert", "--directory", pebble.directory_url,
+         "--domain", "server.test", "--out", str(out), "--http-port", str(_free_port()),
+         "--http-host", "127.0.0.1", "--ca-bundle", str(pebble.acme_ca_bundle)],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote {out / 'fullchain.pem'} and {out / 'privkey.pem'}")
+    leaf = x509.load_pem_x509_certificates((out / "fullchain.pem").read_bytes())[0]
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["server.test"]
+
+
+def test_obtain_cert_subcommand_usage_errors_name_the_subcommand(tmp_path: Path) -> None:
+    done = _run([str(BIN / "pinrpc-server"), "obtain-cert", "--out", str(tmp_path)], tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("pinrpc-server obtain-cert: error: ")
+    assert done.stderr.count("\n") == 1
+
+
+# The real programs in a Python where the acme extra is genuinely absent: a meta-path finder
+# refuses it before anything is imported.
+WITHOUT_ACME = """
+import sys
+class NoAcme:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("acme", "josepy"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoAcme())
+"""
+HINT = "obtain-cert needs the acme extra (Python module 'acme' is missing): "
+INSTALL = "pip install 'pinrpc[acme]'"
+
+
+@pytest.mark.parametrize(
+    ("call", "prog"),
+    [
+        ("from server.cli import main; sys.exit(main(ARGV))", "pinrpc-server"),
+        ("import runpy; sys.argv[1:] = ARGV; runpy.run_module('server.acme', run_name='__main__')",
+         "obtain-cert"),
+    ],
+    ids=["pinrpc-server obtain-cert", "python -m server.acme"],
+)  # fmt: skip
+def test_a_missing_acme_extra_is_one_line(call: str, prog: str, tmp_path: Path) -> None:
+    argv = ["--domain", "server.test", "--out", str(tmp_path / "out")]
+    argv = ["obtain-cert", *argv] if prog == "pinrpc-server" else argv
+    code = WITHOUT_ACME + call.replace("ARGV", repr(argv))
+    done = _run([sys.executable, "-c", code], cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"{prog}: error: {HINT}{INSTALL}\n"
+    assert not (tmp_path / "out").exists()
