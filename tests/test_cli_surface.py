@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 import pytest
 from cryptography import x509
@@ -23,6 +24,7 @@ from pinrpc import secure_channel
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from tests.conftest import ECHO_ALL, SERVER_NAME, MakeClient, ServerFiles, enroll
 from tests.pebble import Pebble
+from tests.postgres import Postgres
 from tests.security.attacker import BIN, ROOT, serve_process
 
 VERSION = metadata.version("pinrpc")
@@ -64,9 +66,10 @@ def test_version_without_an_installed_distribution_says_so() -> None:
 CREATED = "did not exist: created it empty, so no client is enrolled"
 
 
-def _serve_log(devca: ServerFiles, registry: Path, tmp_path: Path) -> str:
+def _serve_log(devca: ServerFiles, registry: Path | str, tmp_path: Path) -> str:
     log = tmp_path / "server.log"
-    with serve_process(devca.cert, devca.key, registry, log) as server:
+    # serve_process passes the registry on as text: a postgresql:// URL too.
+    with serve_process(devca.cert, devca.key, cast(Path, registry), log) as server:
         assert server.terminate() == 0
     return log.read_text()
 
@@ -99,6 +102,15 @@ def test_serve_on_an_existing_empty_registry_warns_only_that_nobody_is_enrolled(
         capture_output=True, timeout=60, check=False,
     ).returncode == 0  # fmt: skip
     text = _serve_log(devca, registry, tmp_path)
+    assert CREATED not in text
+    assert "no enrolled clients: nobody can connect until one is enrolled" in text
+
+
+def test_serve_on_a_new_postgresql_database_does_not_say_created(
+    devca: ServerFiles, pg: Postgres, tmp_path: Path
+) -> None:
+    # The database must exist (serve only lays out its tables): nothing was created by mistake.
+    text = _serve_log(devca, pg.create_database("cli_surface"), tmp_path)
     assert CREATED not in text
     assert "no enrolled clients: nobody can connect until one is enrolled" in text
 
