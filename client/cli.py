@@ -12,7 +12,7 @@ import grpc
 from client import admin, doctor, request, rotate
 from client.connect import DAYS, PROG, call, connection_flags, file_path
 from pinrpc.channel import passphrase_from_env
-from pinrpc.cli import Exit, add_flag, run, utf8
+from pinrpc.cli import Exit, add_flag, add_version_flag, run, utf8
 from pinrpc.identity import DEFAULT_DAYS, KEY_TYPES, Fingerprint, create_identity, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="A pinrpc client: your own key pair, admitted by its fingerprint."
     )
+    add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     keygen = commands.add_parser(

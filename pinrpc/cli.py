@@ -8,11 +8,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from enum import IntEnum
+from importlib import metadata
 from typing import TypeVar
 
 from pinrpc.errors import PinrpcError
 
 N = TypeVar("N", int, float)
+DIST = "pinrpc"  # the distribution both programs ship in
 
 
 class Exit(IntEnum):
@@ -132,6 +134,38 @@ def _one_of(
         return value
 
     return check
+
+
+def installed_version(dist: str = DIST) -> str:
+    """The installed distribution's version; a checkout run from PYTHONPATH has none."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked: the metadata search costs every start otherwise."""
+
+    def __init__(self, option_strings: list[str], dest: str, **_: object) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and exit")  # fmt: skip
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{parser.prog} {installed_version()}")
+        parser.exit()
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action=_Version)
+
+
+def missing_extra(command: str, extra: str, exc: ModuleNotFoundError) -> str:
+    """One line for a command whose optional dependencies (pinrpc[extra]) are not installed."""
+    return (
+        f"{command} needs the {extra} extra (Python module {exc.name!r} is missing): "
+        f"pip install 'pinrpc[{extra}]'"
+    )
 
 
 def add_allow_flag(parser: argparse.ArgumentParser) -> None:

@@ -26,20 +26,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, cast
 
-import idna
-import requests
-from acme import challenges, client, errors, messages
-from acme.crypto_util import make_csr
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from josepy.errors import DeserializationError
-from josepy.jwa import ES256
-from josepy.jwk import JWKEC
 
+from pinrpc.cli import add_version_flag, missing_extra
 from pinrpc.errors import IdentityError, PinrpcError
 from pinrpc.identity import PrivateKey, generate_key, key_to_pem, read_file, write_all
+
+try:
+    import idna
+    import requests
+    from acme import challenges, client, errors, messages
+    from acme.crypto_util import make_csr
+    from josepy.errors import DeserializationError
+    from josepy.jwa import ES256
+    from josepy.jwk import JWKEC
+except ModuleNotFoundError as exc:  # the optional extra
+    if __name__ != "__main__":
+        raise  # importers (pinrpc-server obtain-cert, scripts/obtain-cert) say it themselves
+    sys.exit(f"obtain-cert: error: {missing_extra('obtain-cert', 'acme', exc)}")
 
 # What an RFC 8555 directory must name for obtain-cert to work.
 _DIRECTORY_KEYS = ("newNonce", "newAccount", "newOrder")
@@ -538,11 +545,13 @@ def _env_port(name: str, default: int) -> int:
         raise _UsageError(f"{name}={value!r} is not a port number") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "obtain-cert") -> int:
+    """scripts/obtain-cert, and `pinrpc-server obtain-cert` with its ``prog``."""
     parser = _Parser(
-        prog="obtain-cert",
+        prog=prog,
         description="Obtain a server certificate from an ACME CA using HTTP-01.",
     )
+    add_version_flag(parser)
     parser.add_argument(
         "--directory",
         default=os.environ.get("PINRPC_ACME_DIRECTORY"),
@@ -598,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.directory:
             raise _UsageError("no ACME directory; pass --directory or set PINRPC_ACME_DIRECTORY")
     except _UsageError as exc:
-        print(f"obtain-cert: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     try:
         result = obtain_certificate(
@@ -612,10 +621,10 @@ def main(argv: list[str] | None = None) -> int:
             key_type=args.key_type,
         )
     except AcmeError as exc:
-        print(f"obtain-cert: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("obtain-cert: error: interrupted", file=sys.stderr)
+        print(f"{prog}: error: interrupted", file=sys.stderr)
         return 130
     if result.contact_updated is not None:
         print(f"updated the ACME account's contact to {', '.join(result.contact_updated)}")

@@ -12,21 +12,24 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pinrpc.cli import (
     Exit,
     add_allow_flag,
     add_flag,
     add_permit_flags,
+    add_version_flag,
     allow_patterns,
     at_least,
     host_port,
+    missing_extra,
     path_text,
     permit_patterns,
     run,
     utf8,
 )
-from pinrpc.errors import EnrollmentError, IdentityError, RegistryError
+from pinrpc.errors import EnrollmentError, IdentityError, PinrpcError, RegistryError
 from pinrpc.identity import check_name, read_file
 from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
 from server.enrollment import check_certificate, check_patterns, new_permissions
@@ -35,7 +38,11 @@ from server.logs import configure_logging
 from server.registry import Client, Registry, is_postgres, migrate_registry, open_registry
 from server.stderr_pump import drained, grpc_line_rate
 
+if TYPE_CHECKING:
+    from server.listener import Listener
+
 PROG = "pinrpc-server"
+OBTAIN_CERT = "obtain-cert"
 MAX_CERT_BYTES = 64 * 1024
 # Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
 # start, or every Rotate and enrollment request failing).
@@ -50,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Serve pinrpc over mutual TLS and manage the enrolled client certificates.",
     )
+    add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def registry_flag(p: argparse.ArgumentParser) -> None:
@@ -268,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     # utf8: the registry cannot be asked about argv bytes that are not UTF-8 (a traceback).
     revoke.add_argument("client", type=utf8, help="client name or certificate fingerprint")
     registry_flag(revoke)
+
+    # Listed for --help only: main() hands its arguments to server.acme's own parser.
+    commands.add_parser(
+        OBTAIN_CERT,
+        add_help=False,
+        help="get the server certificate from an ACME CA such as Let's Encrypt (needs the acme "
+        "extra; see its --help)",
+    )
     return parser
 
 
@@ -459,17 +475,63 @@ def serve(args: argparse.Namespace) -> int:
     # Imported here: grpc and the services are most of the admin commands' start-up otherwise.
     from server.app import start_server
 
-    stop = threading.Event()
+    log = logging.getLogger("pinrpc.server")
+    signals = _Signals()
     # SIGHUP too: a closed terminal's hang-up killed the server with no drain and no last
     # lines; nothing here needs a reload signal (certificates and the registry reload alone).
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: stop.set())
-    with start_server(config):
-        # Here, not in start_server: the tests run servers inside pytest's own process.
-        settle()
-        stop.wait()
-        logging.getLogger("pinrpc.server").info("stopping: finishing in-flight calls")
-    return Exit.OK
+        signal.signal(signum, signals)
+    # A mistyped path serves nobody, silently; first-time operators rely on the creation.
+    created = not is_postgres(args.registry) and not Path(args.registry).exists()
+    cutter: threading.Thread | None = None
+    try:
+        with start_server(config) as running:
+            if created:
+                log.warning(
+                    "registry %s did not exist: created it empty, so no client is enrolled; "
+                    "if you meant another registry, check --registry",
+                    Path(args.registry).absolute(),
+                )
+            # Here, not in start_server: the tests run servers inside pytest's own process.
+            settle()
+            signals.stop.wait()
+            log.info("stopping: finishing in-flight calls")
+            cutter = threading.Thread(
+                target=_cut_short, args=(signals, running.listener), name="pinrpc-second-signal"
+            )
+            cutter.start()
+    finally:
+        signals.wake.set()  # drained: a later signal has nothing left to cut short
+        if cutter is not None:
+            cutter.join()
+    return Exit.OK if signals.forced is None else 128 + signals.forced
+
+
+class _Signals:
+    """serve's stop signals: the first drains in-flight calls for the grace period, a second
+    (an operator pressing Ctrl-C twice) cuts the drain short."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.wake = threading.Event()  # a second signal came, or the drain ended
+        self.forced: int | None = None  # the second signal's number
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.stop.is_set() and self.forced is None:
+            self.forced = signum
+            self.wake.set()
+        self.stop.set()
+
+
+def _cut_short(signals: _Signals, listener: Listener) -> None:
+    """On a second signal, cancel the in-flight calls, so the drain (in the main thread)
+    ends now; the audit and stderr still get their last lines out on the way."""
+    signals.wake.wait()
+    if signals.forced is not None:
+        logging.getLogger("pinrpc.server").warning(
+            "second signal: stopping without waiting for in-flight calls"
+        )
+        listener.stop(None)
 
 
 COMMANDS = {
@@ -495,8 +557,20 @@ def _checked(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [OBTAIN_CERT]:
+        return run(PROG, lambda: obtain_cert(argv[1:]))
     args = build_parser().parse_args(argv)
     return run(PROG, lambda: COMMANDS[args.command](_checked(args)))
+
+
+def obtain_cert(argv: list[str]) -> int:
+    """server/acme.py's command, with its own parser: scripts/obtain-cert needs a checkout."""
+    try:
+        from server import acme  # the optional extra: imported only for this command
+    except ModuleNotFoundError as exc:
+        raise PinrpcError(missing_extra(OBTAIN_CERT, "acme", exc)) from exc
+    return acme.main(argv, prog=f"{PROG} {OBTAIN_CERT}")
 
 
 if __name__ == "__main__":
