@@ -7,10 +7,11 @@ import datetime as dt
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -387,8 +388,14 @@ def _expiring(client: Client, now: dt.datetime, args: argparse.Namespace) -> boo
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     with registry_of(args) as registry:
+        # By name, revoke ends every usable certificate: during a rotation's overlap the
+        # retiring ones too, which the operator must see were cut off as well.
+        usable = [c for c in registry.clients() if c.name == args.client and c.active]
         client = registry.revoke(args.client)
     print(f"revoked {client.name} ({client.fingerprint})")
+    for other in usable:
+        if other.fingerprint != client.fingerprint:
+            print(f"revoked {other.name} ({other.fingerprint}), the certificate it rotated from")
     return Exit.OK
 
 
@@ -484,8 +491,10 @@ def serve(args: argparse.Namespace) -> int:
     # A mistyped path serves nobody, silently; first-time operators rely on the creation.
     created = not is_postgres(args.registry) and not Path(args.registry).exists()
     cutter: threading.Thread | None = None
+    started = False
     try:
         with start_server(config) as running:
+            started = True
             if created:
                 log.warning(
                     "registry %s did not exist: created it empty, so no client is enrolled; "
@@ -500,11 +509,28 @@ def serve(args: argparse.Namespace) -> int:
                 target=_cut_short, args=(signals, running.listener), name="pinrpc-second-signal"
             )
             cutter.start()
+    except BaseException:
+        if created and not started:  # a failed start (a bad --cert, a busy port) leaves no file
+            _remove_unused(Path(args.registry))
+        raise
     finally:
         signals.wake.set()  # drained: a later signal has nothing left to cut short
         if cutter is not None:
             cutter.join()
     return Exit.OK if signals.forced is None else 128 + signals.forced
+
+
+def _remove_unused(path: Path) -> None:
+    """Remove the registry serve created for a start that then failed, unless a client was
+    enrolled into it meanwhile (by another process)."""
+    try:
+        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as db:
+            if db.execute("SELECT COUNT(*) FROM clients").fetchone()[0]:
+                return
+    except sqlite3.Error:
+        pass  # no clients table yet: nothing in it either
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm", f"{path.name}-journal"):
+        path.with_name(name).unlink(missing_ok=True)
 
 
 class _Signals:

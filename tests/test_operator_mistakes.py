@@ -4,6 +4,7 @@ each, nothing changed)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import subprocess
@@ -16,6 +17,8 @@ from pinrpc.identity import cert_to_pem, generate_key, key_to_pem, self_signed_c
 from server import cli as server_cli
 from server.app import start_server
 from server.config import ServerConfig
+from server.enrollment import check_certificate
+from server.registry import open_registry
 from tests.conftest import SERVER_NAME, MakeClient, ServerFiles, enroll, registry_dump
 from tests.security.attacker import BIN
 
@@ -134,3 +137,43 @@ def test_a_registry_in_a_missing_directory_is_named_in_one_line(
     (tmp_path / "nodir-made").mkdir()
     argv = ["enroll", str(alice.cert_path), "--name", "alice"]
     assert server_cli.main([*argv, "--registry", str(tmp_path / "nodir-made" / "reg.db")]) == 0
+
+
+def test_a_failed_start_leaves_no_registry_it_created(
+    devca: ServerFiles, registry: Path, tmp_path: Path, make_client: MakeClient
+) -> None:
+    """serve created a missing --registry before it failed on a bad --cert: a stray empty
+    registry was left behind."""
+    cert, key = devca.ca.issue(NAMES).write(tmp_path)
+    new = tmp_path / "new.db"
+    done = serve(key, cert, new)
+    assert done.returncode != 0 and "swap them" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("new.db")) == []
+    # Beside it: an existing registry is kept, clients and all, when the start fails.
+    enroll(registry, make_client("alice").cert_path, "alice")
+    assert serve(key, cert, registry).returncode != 0
+    assert registry.is_file() and "alice" in registry.read_bytes().decode(errors="replace")
+
+
+def test_revoke_names_every_certificate_it_revoked(
+    registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """During a rotation's overlap, revoke by name also ends the retiring certificate, but
+    said only the newest one's fingerprint."""
+    first, rotated, other = make_client("c1"), make_client("c2"), make_client("o1")
+    enroll(registry, first.cert_path, "carol")
+    enroll(registry, other.cert_path, "olga")
+    successor = check_certificate(rotated.cert_path.read_bytes(), "c2")
+    reg = open_registry(str(registry))
+    try:
+        reg.rotate(first.fingerprint, successor, dt.timedelta(hours=1))
+    finally:
+        reg.close()
+    capsys.readouterr()
+    assert server_cli.main(["revoke", "carol", "--registry", str(registry)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"revoked carol ({rotated.fingerprint})"
+    assert out[1:] == [f"revoked carol ({first.fingerprint}), the certificate it rotated from"]
+    # By fingerprint, only that certificate is revoked, and only it is named.
+    assert server_cli.main(["revoke", str(other.fingerprint), "--registry", str(registry)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"revoked olga ({other.fingerprint})"]
