@@ -135,6 +135,9 @@ def explain(
         return Exit.CONNECT
     if code != grpc.StatusCode.UNAVAILABLE:
         say(f"{PROG}: error: call failed: {code.name}: {details}")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            # A gRPC server that is not pinrpc's API, most often its --enrollment-listen port.
+            say(f"  {args.server} does not serve this call: dial the server's --listen port")
         return Exit.RPC
     if _from_server(exc):  # the server answered: its registry failed, the connection did not
         say(f"{PROG}: error: the server answered, but could not use its registry: {details}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from client import cli as client_cli
 from pinrpc.cli import Exit
 from server.app import start_server
 from tests.conftest import Connect, MakeClient, ServerFiles, enroll
@@ -64,3 +65,28 @@ def test_doctor_on_the_enrollment_port_says_which_port_to_dial(
     assert status(steps["whoami"]) == "FAILED"
     assert "UNIMPLEMENTED" in steps["whoami"]
     assert "dial the server's --listen port" in steps["whoami"]
+
+
+def test_whoami_on_the_enrollment_port_says_which_port_to_dial(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: only "call failed: UNIMPLEMENTED: Method not found!", with no word on why.
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice")
+    config = replace(
+        handover_config(registry, devca.cert, devca.key), enrollment_listen="127.0.0.1:0"
+    )
+    with start_server(config) as running:
+        flags = Connect(running, devca).cli_flags(alice)
+        capsys.readouterr()
+        assert client_cli.main(["whoami", *flags]) == Exit.OK
+        assert "dial the server" not in capsys.readouterr().err
+        at = flags.index("--server") + 1
+        flags[at] = f"127.0.0.1:{running.enrollment_port}"
+        assert client_cli.main(["whoami", *flags]) == Exit.RPC
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("call failed: UNIMPLEMENTED: Method not found!"), err
+    assert err[1:] == [f"  {flags[at]} does not serve this call: dial the server's --listen port"]
