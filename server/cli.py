@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -40,10 +41,12 @@ from server.registry import Client, Registry, is_postgres, migrate_registry, ope
 from server.stderr_pump import drained, grpc_line_rate
 
 if TYPE_CHECKING:
-    from server.listener import Listener
+    from server.app import RunningServer
 
 PROG = "pinrpc-server"
 OBTAIN_CERT = "obtain-cert"
+# After a second signal, how long cancelled handlers may take before serve exits without them.
+FORCED_EXIT_AFTER = 3.0
 MAX_CERT_BYTES = 64 * 1024
 # Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
 # start, or every Rotate and enrollment request failing).
@@ -506,7 +509,7 @@ def serve(args: argparse.Namespace) -> int:
             signals.stop.wait()
             log.info("stopping: finishing in-flight calls")
             cutter = threading.Thread(
-                target=_cut_short, args=(signals, running.listener), name="pinrpc-second-signal"
+                target=_cut_short, args=(signals, running), name="pinrpc-second-signal"
             )
             cutter.start()
     except BaseException:
@@ -514,7 +517,8 @@ def serve(args: argparse.Namespace) -> int:
             _remove_unused(Path(args.registry))
         raise
     finally:
-        signals.wake.set()  # drained: a later signal has nothing left to cut short
+        signals.drained.set()
+        signals.wake.set()  # a later signal has nothing left to cut short
         if cutter is not None:
             cutter.join()
     return Exit.OK if signals.forced is None else 128 + signals.forced
@@ -540,6 +544,7 @@ class _Signals:
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.wake = threading.Event()  # a second signal came, or the drain ended
+        self.drained = threading.Event()
         self.forced: int | None = None  # the second signal's number
 
     def __call__(self, signum: int, _frame: object) -> None:
@@ -549,15 +554,25 @@ class _Signals:
         self.stop.set()
 
 
-def _cut_short(signals: _Signals, listener: Listener) -> None:
+def _cut_short(signals: _Signals, running: RunningServer) -> None:
     """On a second signal, cancel the in-flight calls, so the drain (in the main thread)
-    ends now; the audit and stderr still get their last lines out on the way."""
+    ends now; the audit and stderr still get their last lines out on the way. A handler that
+    ignores the cancellation (stuck on a hung registry, or a user service's own I/O) would
+    still hold the worker pool's shutdown: then exit without it."""
     signals.wake.wait()
-    if signals.forced is not None:
-        logging.getLogger("pinrpc.server").warning(
-            "second signal: stopping without waiting for in-flight calls"
+    if signals.forced is None:
+        return
+    log = logging.getLogger("pinrpc.server")
+    log.warning("second signal: stopping without waiting for in-flight calls")
+    running.listener.stop(None)
+    if not signals.drained.wait(FORCED_EXIT_AFTER):
+        log.error(
+            "in-flight calls still running %g s after the second signal: exiting without them",
+            FORCED_EXIT_AFTER,
         )
-        listener.stop(None)
+        running.audit.stop()  # its last lines, then nothing else can be waited for
+        logging.shutdown()
+        os._exit(128 + signals.forced)
 
 
 COMMANDS = {

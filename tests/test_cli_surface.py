@@ -179,6 +179,47 @@ def test_one_signal_still_drains_and_exits_zero(
     assert "second signal" not in log.read_text()
 
 
+def _cluster(pg: Postgres) -> list[int]:
+    """The cluster's postmaster and the backends it forked (all started by this test)."""
+    main = int((pg.data / "postmaster.pid").read_text().split()[0])
+    return [main, *map(int, Path(f"/proc/{main}/task/{main}/children").read_text().split())]
+
+
+def test_a_second_signal_exits_even_when_a_handler_ignores_the_cancellation(
+    devca: ServerFiles, pg: Postgres, tmp_path: Path, make_client: MakeClient
+) -> None:
+    # An Admin call stuck on a hung registry ignores the cancellation and held the worker
+    # pool's shutdown: Ctrl-C twice did nothing, for as long as the registry hung.
+    url = cast(Path, pg.create_database("stuck_handler"))
+    admin = make_client("admin")
+    enroll(url, admin.cert_path, "admin", "/pinrpc.v1.Admin/*")
+    log = tmp_path / "server.log"
+    with serve_process(devca.cert, devca.key, url, log) as server:
+        flags = ["--server", f"127.0.0.1:{server.port}", "--cert", str(admin.cert_path),
+                 "--key", str(admin.key_path), "--ca", str(devca.ca_path),
+                 "--server-name", SERVER_NAME, "--timeout", "120"]  # fmt: skip
+        hung = _cluster(pg)
+        for pid in hung:
+            os.kill(pid, signal.SIGSTOP)
+        call = subprocess.Popen([str(BIN / "pinrpc"), "admin", "list", *flags],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            _wait_for(log, "first call on this connection")  # the Admin call is in its handler
+            server.process.send_signal(signal.SIGTERM)
+            _wait_for(log, "stopping: finishing in-flight calls")
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            for pid in hung:
+                os.kill(pid, signal.SIGCONT)
+            call.kill()
+            call.wait(timeout=10)
+    text = log.read_text()
+    assert text.count("second signal: stopping without waiting for in-flight calls") == 1
+    assert text.count("in-flight calls still running 3 s after the second signal") == 1
+    assert "Traceback" not in text
+
+
 # --- pinrpc-server obtain-cert ---------------------------------------------------------------
 
 
