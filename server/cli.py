@@ -506,7 +506,11 @@ def serve(args: argparse.Namespace) -> int:
                 )
             # Here, not in start_server: the tests run servers inside pytest's own process.
             settle()
-            signals.stop.wait()
+            # Not a bare wait(): the kernel may hand a signal to any thread (gRPC's, the
+            # pool's), and Python runs its handler only once the main thread runs again;
+            # blocked for good, the server ignored that SIGTERM (a shutdown that never came).
+            while not signals.stop.wait(0.5):
+                pass
             log.info("stopping: finishing in-flight calls")
             cutter = threading.Thread(
                 target=_cut_short, args=(signals, running), name="pinrpc-second-signal"

@@ -33,3 +33,18 @@ def test_a_hang_up_stops_the_server_like_sigterm(
         server.process.send_signal(signal.SIGHUP)
         assert server.process.wait(timeout=30) == 0
     assert "stopping: finishing in-flight calls" in log.read_text()
+
+
+def test_a_signal_caught_by_another_thread_still_stops_the_server(
+    devca: ServerFiles, registry: Path, tmp_path: Path
+) -> None:
+    # The kernel gives a process's signal to any thread that does not block it; Python runs
+    # the handler only in the main thread, which waited with no timeout and never woke: the
+    # server ignored that SIGTERM. kill(2) with a thread's id makes that thread take it.
+    log = tmp_path / "server.log"
+    with serve_process(devca.cert, devca.key, registry, log) as server:
+        pid = server.pid
+        others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+        os.kill(max(others), signal.SIGTERM)
+        assert server.process.wait(timeout=10) == 0
+    assert "stopping: finishing in-flight calls" in log.read_text()
