@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -24,6 +25,8 @@ from client import cli, keyfiles
 from client.keyfiles import old
 from pinrpc.cli import Exit
 from pinrpc.identity import Fingerprint, KeyPairFiles, create_identity, load_certificate
+from server.registry_model import Client
+from server.registry_sqlite import SqliteRegistry
 from tests.certs import make_cert, p256, write_pair
 from tests.conftest import Connect, MakeClient, registry_dump
 from tests.security.attacker import BIN
@@ -103,21 +106,26 @@ def test_unknown_outcome_keeps_the_new_pair_and_says_how_to_finish(
 
 
 def test_interrupted_rotation_keeps_the_new_pair_and_says_how_to_finish(
-    connect: Connect, make_client: MakeClient
+    connect: Connect, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C while the server decides leaves the outcome as unknown as a timeout does."""
     alice = make_client("alice")
     connect.enroll(alice, "alice")
     before = pair_bytes(alice)
-    released = threading.Event()
+    released, deciding = threading.Event(), threading.Event()
+    real_rotate = SqliteRegistry.rotate
+
+    def spied_rotate(self: SqliteRegistry, *args: Any) -> Client:
+        deciding.set()  # the server has the call: the real rotate now waits for the lock
+        return real_rotate(self, *args)
+
+    monkeypatch.setattr(SqliteRegistry, "rotate", spied_rotate)
     with registry_write_locked(connect.server_registry, released.is_set):
         argv = [str(BIN / "pinrpc"), "rotate", *connect.cli_flags(alice), "--timeout", "20"]
         rotate = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
         try:
-            deadline = time.monotonic() + 15
-            while not new(alice.key_path).exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.3)  # staged: the Rotate call is waiting for the locked registry
+            # Not 0.3 s after staging: a client slower to send the call got SIGINT before it.
+            assert deciding.wait(15), "the server never received the Rotate call"
             rotate.send_signal(signal.SIGINT)
             _, err = rotate.communicate(timeout=15)
         finally:
