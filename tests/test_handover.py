@@ -172,22 +172,32 @@ def test_no_call_fails_across_handovers_under_load(
             except grpc.RpcError as exc:
                 outcomes[f"new {exc.code().name} {exc.details()}"] += 1
 
+    def more_load() -> None:
+        # Counted calls, not 0.3 s: a slower machine made too few of them to tell anything.
+        open_ok, new_ok = outcomes["open OK"] + 20, outcomes["new OK"] + 2
+        eventually(
+            lambda: (
+                bool(set(outcomes) - {"open OK", "new OK"})
+                or (outcomes["open OK"] >= open_ok and outcomes["new OK"] >= new_ok)
+            ),
+            timeout=10,
+        )
+
     workers = [threading.Thread(target=open_channel_calls) for _ in range(4)]
     workers.append(threading.Thread(target=new_connections))
     for worker in workers:
         worker.start()
     try:
         for i, newcomer in enumerate(newcomers):
-            time.sleep(0.3)
+            more_load()
             enroll(registry, newcomer.cert_path, f"new{i}", ECHO_ALL)  # the watcher picks it up
             eventually(functools.partial(admitted, handover, newcomer), timeout=5)
-        time.sleep(0.3)
+        more_load()
     finally:
         stop.set()
         for worker in workers:
             worker.join()
     assert set(outcomes) == {"open OK", "new OK"}, outcomes
-    assert outcomes["open OK"] > 100 and outcomes["new OK"] > 10, outcomes
 
 
 def test_server_certificate_renewal_is_handed_over(
