@@ -277,20 +277,24 @@ def test_balancer_hides_a_rolling_restart(
                     failed.append(exc.code())
                 time.sleep(0.01)
 
+        def ten_more() -> None:
+            # Counted calls, not fixed sleeps: a slower machine made too few to tell anything.
+            ended = ok + len(failed)
+            eventually(lambda: ok + len(failed) >= ended + 10, timeout=10)
+
         thread = threading.Thread(target=load)
         thread.start()
         try:
             for replica in replicas:  # one of them carries the client's connection
-                time.sleep(0.5)
+                ten_more()
                 replica.stop()
-                time.sleep(0.3)
+                ten_more()  # while it is down
                 replica.start()
-            time.sleep(0.5)
+            ten_more()
         finally:
             stop.set()
             thread.join(10)
         assert failed == []
-        assert ok > 50
     finally:
         proc.terminate()
         proc.wait(5)
