@@ -349,12 +349,15 @@ class Listener:
         """Stop serving: in-flight calls get ``grace`` seconds; waits until stopped."""
         self._stopped.set()
         self._trust.changed.set()  # wake the builder
-        if self._thread is not None:
-            self._thread.join()  # a build in progress finishes first
+        # Waits in steps, here and below: a signal that another thread took runs its Python
+        # handler only when the main thread wakes (serve's second Ctrl-C came after the drain).
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.5)  # a build in progress finishes first
         servers = [server for _, server in self._draining]
         if self._server is not None:
             servers.append(self._server)
         for event in [server.stop(grace) for server in servers]:
-            event.wait()
+            while not event.wait(0.5):
+                pass
         if self._warm is not None:
             self._warm.save(self._trust.enrolled.by_digest.keys())

@@ -170,6 +170,20 @@ def test_a_second_signal_stops_without_waiting_for_in_flight_calls(
     assert took < 3
 
 
+def test_a_second_signal_taken_by_another_thread_cuts_the_drain_short(
+    held_stream: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    # The kernel hands a process's signal to any thread; its Python handler waited for the
+    # main thread, which slept in the drain's wait until the grace period (5 s) ended.
+    process, log = held_stream
+    process.send_signal(signal.SIGTERM)
+    _wait_for(log, "stopping: finishing in-flight calls")
+    others = [int(t) for t in os.listdir(f"/proc/{process.pid}/task") if int(t) != process.pid]
+    os.kill(max(others), signal.SIGTERM)
+    assert process.wait(timeout=3) == 128 + signal.SIGTERM
+    assert "second signal: stopping without waiting" in log.read_text()
+
+
 def test_one_signal_still_drains_and_exits_zero(
     held_stream: tuple[subprocess.Popen[bytes], Path],
 ) -> None:
