@@ -25,7 +25,7 @@ from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from tests.conftest import ECHO_ALL, SERVER_NAME, MakeClient, ServerFiles, enroll
 from tests.pebble import Pebble
 from tests.postgres import Postgres
-from tests.security.attacker import BIN, ROOT, serve_process
+from tests.security.attacker import BIN, ROOT, other_thread, serve_process
 
 VERSION = metadata.version("pinrpc")
 
@@ -178,8 +178,7 @@ def test_a_second_signal_taken_by_another_thread_cuts_the_drain_short(
     process, log = held_stream
     process.send_signal(signal.SIGTERM)
     _wait_for(log, "stopping: finishing in-flight calls")
-    others = [int(t) for t in os.listdir(f"/proc/{process.pid}/task") if int(t) != process.pid]
-    os.kill(max(others), signal.SIGTERM)
+    os.kill(other_thread(process.pid), signal.SIGTERM)
     assert process.wait(timeout=3) == 128 + signal.SIGTERM
     assert "second signal: stopping without waiting" in log.read_text()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,14 +40,12 @@ def test_a_warm_start_file_that_cannot_be_saved_is_said_at_start(
     assert said == ([] if exists else [expected])
 
 
-def test_doctor_on_the_enrollment_port_says_which_port_to_dial(
-    devca: ServerFiles,
-    registry: Path,
-    make_client: MakeClient,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # Before: "FAILED whoami UNIMPLEMENTED: Method not found!", exit 3 (a connection failure),
-    # and a fix that pointed at the steps above, which had all passed.
+@pytest.fixture
+def two_ports(
+    devca: ServerFiles, registry: Path, make_client: MakeClient
+) -> Iterator[tuple[list[str], list[str]]]:
+    """An enrolled client's CLI flags for the server's --listen port, and the same flags
+    pointed at its --enrollment-listen port, while the server runs."""
     alice = make_client("alice")
     enroll(registry, alice.cert_path, "alice")
     config = replace(
@@ -54,12 +53,20 @@ def test_doctor_on_the_enrollment_port_says_which_port_to_dial(
     )
     with start_server(config) as running:
         flags = Connect(running, devca).cli_flags(alice)
-        code, steps = doctor(flags, capsys)
-        assert code == Exit.OK, steps
-        assert running.enrollment_port is not None
-        at = flags.index("--server") + 1
-        flags[at] = f"127.0.0.1:{running.enrollment_port}"
-        code, steps = doctor(flags, capsys)
+        wrong = list(flags)
+        wrong[flags.index("--server") + 1] = f"127.0.0.1:{running.enrollment_port}"
+        yield flags, wrong
+
+
+def test_doctor_on_the_enrollment_port_says_which_port_to_dial(
+    two_ports: tuple[list[str], list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: "FAILED whoami UNIMPLEMENTED: Method not found!", exit 3 (a connection failure),
+    # and a fix that pointed at the steps above, which had all passed.
+    right, wrong = two_ports
+    code, steps = doctor(right, capsys)
+    assert code == Exit.OK, steps
+    code, steps = doctor(wrong, capsys)
     assert code == Exit.RPC
     assert status(steps["client accepted"]) == "ok"
     assert status(steps["whoami"]) == "FAILED"
@@ -68,25 +75,15 @@ def test_doctor_on_the_enrollment_port_says_which_port_to_dial(
 
 
 def test_whoami_on_the_enrollment_port_says_which_port_to_dial(
-    devca: ServerFiles,
-    registry: Path,
-    make_client: MakeClient,
-    capsys: pytest.CaptureFixture[str],
+    two_ports: tuple[list[str], list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Before: only "call failed: UNIMPLEMENTED: Method not found!", with no word on why.
-    alice = make_client("alice")
-    enroll(registry, alice.cert_path, "alice")
-    config = replace(
-        handover_config(registry, devca.cert, devca.key), enrollment_listen="127.0.0.1:0"
-    )
-    with start_server(config) as running:
-        flags = Connect(running, devca).cli_flags(alice)
-        capsys.readouterr()
-        assert client_cli.main(["whoami", *flags]) == Exit.OK
-        assert "dial the server" not in capsys.readouterr().err
-        at = flags.index("--server") + 1
-        flags[at] = f"127.0.0.1:{running.enrollment_port}"
-        assert client_cli.main(["whoami", *flags]) == Exit.RPC
+    right, wrong = two_ports
+    capsys.readouterr()
+    assert client_cli.main(["whoami", *right]) == Exit.OK
+    assert "dial the server" not in capsys.readouterr().err
+    assert client_cli.main(["whoami", *wrong]) == Exit.RPC
     err = capsys.readouterr().err.splitlines()
+    server = wrong[wrong.index("--server") + 1]
     assert err[0].endswith("call failed: UNIMPLEMENTED: Method not found!"), err
-    assert err[1:] == [f"  {flags[at]} does not serve this call: dial the server's --listen port"]
+    assert err[1:] == [f"  {server} does not serve this call: dial the server's --listen port"]

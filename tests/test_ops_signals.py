@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from tests.conftest import ServerFiles
-from tests.security.attacker import serve_process
+from tests.security.attacker import other_thread, serve_process
 
 
 def test_a_hang_up_to_the_helper_does_not_lose_the_servers_last_lines(
@@ -43,8 +43,6 @@ def test_a_signal_caught_by_another_thread_still_stops_the_server(
     # server ignored that SIGTERM. kill(2) with a thread's id makes that thread take it.
     log = tmp_path / "server.log"
     with serve_process(devca.cert, devca.key, registry, log) as server:
-        pid = server.pid
-        others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
-        os.kill(max(others), signal.SIGTERM)
+        os.kill(other_thread(server.pid), signal.SIGTERM)
         assert server.process.wait(timeout=10) == 0
     assert "stopping: finishing in-flight calls" in log.read_text()

@@ -221,6 +221,12 @@ class ServerProcess:
         return self.process.wait(timeout=30)
 
 
+def other_thread(pid: int) -> int:
+    """The newest thread of ``pid`` that is not its main thread: kill(2) with its id makes
+    that thread take a signal meant for the process, as the kernel may choose to."""
+    return max(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+
+
 def server_env() -> dict[str, str]:
     """This environment with gRPC's own verbosity, as a user's server has it: the client CLI,
     run in this process by other tests, sets GRPC_VERBOSITY=NONE for itself, and a child
