@@ -529,10 +529,15 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _remove_unused(path: Path) -> None:
-    """Remove the registry serve created for a start that then failed, unless a client was
-    enrolled into it meanwhile (by another process)."""
+    """Remove the registry serve created for a start that then failed, unless another process
+    has it open (a server started alongside on the same new path) or enrolled a client."""
+    path = path.resolve()  # SQLite follows a symlink: the file is its target; the link stays
+    # Our connections are closed, and SQLite removes these with the last one: any left belong
+    # to a live user (or a crash whose WAL may hold data).
+    if any(path.with_name(f"{path.name}{end}").exists() for end in ("-wal", "-shm")):
+        return
     try:
-        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as db:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
             if db.execute("SELECT COUNT(*) FROM clients").fetchone()[0]:
                 return
     except sqlite3.Error:
