@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -486,11 +487,9 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import start_server
 
     log = logging.getLogger("pinrpc.server")
-    signals = _Signals()
     # SIGHUP too: a closed terminal's hang-up killed the server with no drain and no last
     # lines; nothing here needs a reload signal (certificates and the registry reload alone).
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signals)
+    signals = _Signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     # A mistyped path serves nobody, silently; first-time operators rely on the creation.
     created = not is_postgres(args.registry) and not Path(args.registry).exists()
     cutter: threading.Thread | None = None
@@ -506,11 +505,7 @@ def serve(args: argparse.Namespace) -> int:
                 )
             # Here, not in start_server: the tests run servers inside pytest's own process.
             settle()
-            # Not a bare wait(): the kernel may hand a signal to any thread (gRPC's, the
-            # pool's), and Python runs its handler only once the main thread runs again;
-            # blocked for good, the server ignored that SIGTERM (a shutdown that never came).
-            while not signals.stop.wait(0.5):
-                pass
+            signals.stop.wait()
             log.info("stopping: finishing in-flight calls")
             cutter = threading.Thread(
                 target=_cut_short, args=(signals, running), name="pinrpc-second-signal"
@@ -525,6 +520,7 @@ def serve(args: argparse.Namespace) -> int:
         signals.wake.set()  # a later signal has nothing left to cut short
         if cutter is not None:
             cutter.join()
+        signals.close()
     return Exit.OK if signals.forced is None else 128 + signals.forced
 
 
@@ -548,19 +544,40 @@ def _remove_unused(path: Path) -> None:
 
 class _Signals:
     """serve's stop signals: the first drains in-flight calls for the grace period, a second
-    (an operator pressing Ctrl-C twice) cuts the drain short."""
+    (an operator pressing Ctrl-C twice) cuts the drain short.
 
-    def __init__(self) -> None:
+    Counted by a thread of their own from the wake-up fd, which the C-level handler writes in
+    whichever thread the kernel gave the signal: Python runs the handler itself only once the
+    main thread runs again, and after the grace period that thread waits, without a timeout,
+    for the worker pool that a handler ignoring the cancellation holds."""
+
+    def __init__(self, signums: tuple[int, ...]) -> None:
         self.stop = threading.Event()
         self.wake = threading.Event()  # a second signal came, or the drain ended
         self.drained = threading.Event()
         self.forced: int | None = None  # the second signal's number
+        self._signums = signums
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)  # the C handler must never block
+        for signum in signums:
+            signal.signal(signum, lambda *_: None)  # not the default: the thread counts them
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._counter = threading.Thread(target=self._count, name="pinrpc-signals", daemon=True)
+        self._counter.start()
 
-    def __call__(self, signum: int, _frame: object) -> None:
-        if self.stop.is_set() and self.forced is None:
-            self.forced = signum
-            self.wake.set()
-        self.stop.set()
+    def _count(self) -> None:
+        while data := self._read.recv(64):  # empty once close() closed the writing end
+            for signum in (n for n in data if n in self._signums):
+                if self.stop.is_set() and self.forced is None:
+                    self.forced = signum
+                    self.wake.set()
+                self.stop.set()
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self._write.close()
+        self._counter.join()
+        self._read.close()
 
 
 def _cut_short(signals: _Signals, running: RunningServer) -> None:
