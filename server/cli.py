@@ -559,9 +559,10 @@ class _Signals:
         self._signums = signums
         self._read, self._write = socket.socketpair()
         self._write.setblocking(False)  # the C handler must never block
-        for signum in signums:
-            signal.signal(signum, lambda *_: None)  # not the default: the thread counts them
-        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        # Not the default handlers: the thread counts them. Put back by close(), for a serve
+        # run inside a longer-lived process (the tests run it in pytest's).
+        self._handlers = {n: signal.signal(n, lambda *_: None) for n in signums}
+        self._wakeup = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
         self._counter = threading.Thread(target=self._count, name="pinrpc-signals", daemon=True)
         self._counter.start()
 
@@ -574,7 +575,10 @@ class _Signals:
                 self.stop.set()
 
     def close(self) -> None:
-        signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(self._wakeup)
+        for signum, handler in self._handlers.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(signum, handler)
         self._write.close()
         self._counter.join()
         self._read.close()

@@ -350,7 +350,7 @@ class Listener:
         self._stopped.set()
         self._trust.changed.set()  # wake the builder
         # Waits in steps, here and below: a signal that another thread took runs its Python
-        # handler only when the main thread wakes (serve's second Ctrl-C came after the drain).
+        # handler only when the main thread wakes (a library user's handler included).
         while self._thread is not None and self._thread.is_alive():
             self._thread.join(0.5)  # a build in progress finishes first
         servers = [server for _, server in self._draining]

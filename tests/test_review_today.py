@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import cast
 
-from server.cli import _remove_unused
+from server.cli import _remove_unused, _Signals
 from tests.conftest import (
     ECHO_ALL,
     SERVER_NAME,
@@ -117,3 +117,20 @@ def test_a_second_signal_taken_by_another_thread_after_the_grace_period_still_ex
     assert text.count("second signal: stopping without waiting for in-flight calls") == 1
     assert text.count("in-flight calls still running 3 s after the second signal") == 1
     assert "Traceback" not in text
+
+
+def test_serve_puts_back_the_signal_handlers_and_wakeup_fd_it_replaced() -> None:
+    # serve runs inside longer-lived processes too (the tests run it in pytest's): it left its
+    # do-nothing handlers and its own wake-up fd behind, so Ctrl-C did nothing afterwards.
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    before = {n: signal.getsignal(n) for n in signums}
+    theirs, ours = socket.socketpair()
+    ours.setblocking(False)
+    previous = signal.set_wakeup_fd(ours.fileno())
+    try:
+        _Signals(signums).close()
+        assert {n: signal.getsignal(n) for n in signums} == before
+        assert signal.set_wakeup_fd(previous) == ours.fileno()
+    finally:
+        theirs.close()
+        ours.close()
