@@ -28,6 +28,7 @@ from tests.postgres import Postgres
 from tests.security.attacker import BIN, ROOT, other_thread, serve_process
 
 VERSION = metadata.version("pinrpc")
+GRACE = 5.0  # ServerConfig.grace: serve has no flag for it
 
 
 def _run(argv: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -192,18 +193,22 @@ def test_one_signal_still_drains_and_exits_zero(
     assert "second signal" not in log.read_text()
 
 
+_DATABASES = itertools.count()  # the cluster is the module's: a database for each test
+
+
 def _cluster(pg: Postgres) -> list[int]:
     """The cluster's postmaster and the backends it forked (all started by this test)."""
     main = int((pg.data / "postmaster.pid").read_text().split()[0])
     return [main, *map(int, Path(f"/proc/{main}/task/{main}/children").read_text().split())]
 
 
-def test_a_second_signal_exits_even_when_a_handler_ignores_the_cancellation(
+@pytest.fixture
+def stuck_call(
     devca: ServerFiles, pg: Postgres, tmp_path: Path, make_client: MakeClient
-) -> None:
-    # An Admin call stuck on a hung registry ignores the cancellation and held the worker
-    # pool's shutdown: Ctrl-C twice did nothing, for as long as the registry hung.
-    url = cast(Path, pg.create_database("stuck_handler"))
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A real `serve` on PostgreSQL with an Admin call in its handler, stuck on the database
+    (its processes stopped): a handler that ignores gRPC's cancellation."""
+    url = cast(Path, pg.create_database(f"stuck_handler_{next(_DATABASES)}"))
     admin = make_client("admin")
     enroll(url, admin.cert_path, "admin", "/pinrpc.v1.Admin/*")
     log = tmp_path / "server.log"
@@ -218,15 +223,31 @@ def test_a_second_signal_exits_even_when_a_handler_ignores_the_cancellation(
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             _wait_for(log, "first call on this connection")  # the Admin call is in its handler
-            server.process.send_signal(signal.SIGTERM)
-            _wait_for(log, "stopping: finishing in-flight calls")
-            server.process.send_signal(signal.SIGTERM)
-            assert server.process.wait(timeout=30) == 128 + signal.SIGTERM
+            yield server.process, log
         finally:
             for pid in hung:
                 os.kill(pid, signal.SIGCONT)
             call.kill()
             call.wait(timeout=10)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["during-the-drain", "after-the-grace-period"])
+def test_a_second_signal_exits_even_when_a_handler_ignores_the_cancellation(
+    stuck_call: tuple[subprocess.Popen[bytes], Path], late: bool
+) -> None:
+    # The stuck handler held the worker pool's shutdown: Ctrl-C twice did nothing, for as long
+    # as the registry hung. After the grace period the main thread waits for that pool with no
+    # timeout, and a signal the kernel gave another thread ran its Python handler only there.
+    process, log = stuck_call
+    process.send_signal(signal.SIGTERM)
+    _wait_for(log, "stopping: finishing in-flight calls")
+    if late:
+        time.sleep(GRACE + 1.5)  # the drain is over; the pool's shutdown waits for the handler
+        assert process.poll() is None
+        os.kill(other_thread(process.pid), signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
     text = log.read_text()
     assert text.count("second signal: stopping without waiting for in-flight calls") == 1
     assert text.count("in-flight calls still running 3 s after the second signal") == 1
