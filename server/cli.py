@@ -6,16 +6,13 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import signal
-import socket
 import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pinrpc.cli import (
     Exit,
@@ -40,14 +37,10 @@ from server.gc_tuning import settle
 from server.logs import configure_logging
 from server.registry import Client, Registry, is_postgres, migrate_registry, open_registry
 from server.stderr_pump import drained, grpc_line_rate
-
-if TYPE_CHECKING:
-    from server.app import RunningServer
+from server.stop_signals import StopSignals, cut_short
 
 PROG = "pinrpc-server"
 OBTAIN_CERT = "obtain-cert"
-# After a second signal, how long cancelled handlers may take before serve exits without them.
-FORCED_EXIT_AFTER = 3.0
 MAX_CERT_BYTES = 64 * 1024
 # Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
 # start, or every Rotate and enrollment request failing).
@@ -489,7 +482,7 @@ def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("pinrpc.server")
     # SIGHUP too: a closed terminal's hang-up killed the server with no drain and no last
     # lines; nothing here needs a reload signal (certificates and the registry reload alone).
-    signals = _Signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    signals = StopSignals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     # A mistyped path serves nobody, silently; first-time operators rely on the creation.
     created = not is_postgres(args.registry) and not Path(args.registry).exists()
     cutter: threading.Thread | None = None
@@ -508,7 +501,7 @@ def serve(args: argparse.Namespace) -> int:
             signals.stop.wait()
             log.info("stopping: finishing in-flight calls")
             cutter = threading.Thread(
-                target=_cut_short, args=(signals, running), name="pinrpc-second-signal"
+                target=cut_short, args=(signals, running), name="pinrpc-second-signal"
             )
             cutter.start()
     except BaseException:
@@ -540,69 +533,6 @@ def _remove_unused(path: Path) -> None:
         pass  # no clients table yet: nothing in it either
     for name in (path.name, f"{path.name}-wal", f"{path.name}-shm", f"{path.name}-journal"):
         path.with_name(name).unlink(missing_ok=True)
-
-
-class _Signals:
-    """serve's stop signals: the first drains in-flight calls for the grace period, a second
-    (an operator pressing Ctrl-C twice) cuts the drain short.
-
-    Counted by a thread of their own from the wake-up fd, which the C-level handler writes in
-    whichever thread the kernel gave the signal: Python runs the handler itself only once the
-    main thread runs again, and after the grace period that thread waits, without a timeout,
-    for the worker pool that a handler ignoring the cancellation holds."""
-
-    def __init__(self, signums: tuple[int, ...]) -> None:
-        self.stop = threading.Event()
-        self.wake = threading.Event()  # a second signal came, or the drain ended
-        self.drained = threading.Event()
-        self.forced: int | None = None  # the second signal's number
-        self._signums = signums
-        self._read, self._write = socket.socketpair()
-        self._write.setblocking(False)  # the C handler must never block
-        # Not the default handlers: the thread counts them. Put back by close(), for a serve
-        # run inside a longer-lived process (the tests run it in pytest's).
-        self._handlers = {n: signal.signal(n, lambda *_: None) for n in signums}
-        self._wakeup = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
-        self._counter = threading.Thread(target=self._count, name="pinrpc-signals", daemon=True)
-        self._counter.start()
-
-    def _count(self) -> None:
-        while data := self._read.recv(64):  # empty once close() closed the writing end
-            for signum in (n for n in data if n in self._signums):
-                if self.stop.is_set() and self.forced is None:
-                    self.forced = signum
-                    self.wake.set()
-                self.stop.set()
-
-    def close(self) -> None:
-        signal.set_wakeup_fd(self._wakeup)
-        for signum, handler in self._handlers.items():
-            if handler is not None:  # None: set outside Python, nothing to put back
-                signal.signal(signum, handler)
-        self._write.close()
-        self._counter.join()
-        self._read.close()
-
-
-def _cut_short(signals: _Signals, running: RunningServer) -> None:
-    """On a second signal, cancel the in-flight calls, so the drain (in the main thread)
-    ends now; the audit and stderr still get their last lines out on the way. A handler that
-    ignores the cancellation (stuck on a hung registry, or a user service's own I/O) would
-    still hold the worker pool's shutdown: then exit without it."""
-    signals.wake.wait()
-    if signals.forced is None:
-        return
-    log = logging.getLogger("pinrpc.server")
-    log.warning("second signal: stopping without waiting for in-flight calls")
-    running.listener.stop(None)
-    if not signals.drained.wait(FORCED_EXIT_AFTER):
-        log.error(
-            "in-flight calls still running %g s after the second signal: exiting without them",
-            FORCED_EXIT_AFTER,
-        )
-        running.audit.stop()  # its last lines, then nothing else can be waited for
-        logging.shutdown()
-        os._exit(128 + signals.forced)
 
 
 COMMANDS = {

@@ -7,7 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from server.cli import _remove_unused, _Signals
+from server.cli import _remove_unused
+from server.stop_signals import StopSignals
 from tests.conftest import (
     ECHO_ALL,
     Connect,
@@ -65,7 +66,7 @@ def test_serve_puts_back_the_signal_handlers_and_wakeup_fd_it_replaced() -> None
     ours.setblocking(False)
     previous = signal.set_wakeup_fd(ours.fileno())
     try:
-        _Signals(signums).close()
+        StopSignals(signums).close()
         assert {n: signal.getsignal(n) for n in signums} == before
         assert signal.set_wakeup_fd(previous) == ours.fileno()
     finally:
