@@ -9,6 +9,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
@@ -65,6 +66,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
     for name in names:
         if name in taken or names.count(name) > 1:
             raise ServeError(f"service {name!r} is served twice (pinrpc serves {sorted(taken)})")
+        _warn_undescribed(name)
     with ExitStack() as stack:
         registry = open_registry(config.registry)
         stack.callback(registry.close)
@@ -150,6 +152,19 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             config, port, listener, trust, health, health_port, metrics, metrics_port,
             enrollment_port, audit,
         )  # fmt: skip
+
+
+def _warn_undescribed(name: str) -> None:
+    # Reflection lists the name anyway, and a name it cannot describe fails a client's
+    # whole-server describe (grpcurl describe), not only this service's.
+    try:
+        descriptor_pool.Default().FindServiceByName(name)
+    except KeyError:
+        log.warning(
+            "service %r is not in the protobuf descriptor pool: reflection lists it but cannot "
+            "describe it; give the full name (my_pb2.DESCRIPTOR.services_by_name[...].full_name)",
+            name,
+        )
 
 
 def _add_services(
