@@ -58,15 +58,18 @@ class RunningServer:
     audit: Audit
 
 
+PINRPC_SERVICES = (ECHO_SERVICE, ADMIN_SERVICE, IDENTITY_SERVICE, HEALTH_SERVICE)
+
+
 @contextmanager
 def start_server(config: ServerConfig) -> Iterator[RunningServer]:
     """Start serving; stop (with ``config.grace`` for in-flight calls) when the block exits."""
-    taken = {ECHO_SERVICE, ADMIN_SERVICE, IDENTITY_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME}
+    taken = {*PINRPC_SERVICES, reflection.SERVICE_NAME}
     names = [service.name for service in config.services]
     for name in names:
         if name in taken or names.count(name) > 1:
             raise ServeError(f"service {name!r} is served twice (pinrpc serves {sorted(taken)})")
-        _warn_undescribed(name)
+    reflected = (*PINRPC_SERVICES, *filter(_describable, names), reflection.SERVICE_NAME)
     with ExitStack() as stack:
         registry = open_registry(config.registry)
         stack.callback(registry.close)
@@ -101,6 +104,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             # One per listener (handover builds more); all share the pool and the check.
             server = grpc.server(executor, interceptors=[interceptor], options=options)
             _add_services(server, config, registry, audit, trust, health)
+            reflection.enable_server_reflection(reflected, server)
             return server
 
         listener = Listener(
@@ -154,17 +158,19 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         )  # fmt: skip
 
 
-def _warn_undescribed(name: str) -> None:
-    # Reflection lists the name anyway, and a name it cannot describe fails a client's
-    # whole-server describe (grpcurl describe), not only this service's.
+def _describable(name: str) -> bool:
+    # A name reflection lists but cannot describe fails a client's whole-server describe
+    # (grpcurl describe), every other service's included: leave it out of the list.
     try:
         descriptor_pool.Default().FindServiceByName(name)
     except KeyError:
         log.warning(
-            "service %r is not in the protobuf descriptor pool: reflection lists it but cannot "
-            "describe it; give the full name (my_pb2.DESCRIPTOR.services_by_name[...].full_name)",
+            "service %r is not in the protobuf descriptor pool, so reflection does not list it; "
+            "give the full name (my_pb2.DESCRIPTOR.services_by_name[...].full_name)",
             name,
         )
+        return False
+    return True
 
 
 def _add_services(
@@ -175,7 +181,7 @@ def _add_services(
     trust: TrustWatcher,
     health: Health,
 ) -> None:
-    """The API behind client authentication, with health and reflection beside it."""
+    """The API behind client authentication, with health beside it."""
     echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(registry, audit, trust.poll), server)
     identity_pb2_grpc.add_IdentityServicer_to_server(
@@ -184,9 +190,6 @@ def _add_services(
     health.add_to(server)
     for service in config.services:
         service.add(server)
-    services = (ECHO_SERVICE, ADMIN_SERVICE, IDENTITY_SERVICE, HEALTH_SERVICE)
-    yours = tuple(service.name for service in config.services)
-    reflection.enable_server_reflection((*services, *yours, reflection.SERVICE_NAME), server)
 
 
 def _side_server(stack: ExitStack, workers: int, watch: RequestWatch) -> grpc.Server:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pinrpc.identity import KeyPairFiles
 from server.app import start_server
@@ -93,18 +92,6 @@ def test_a_user_service_gets_the_check_and_the_caller(
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.PERMISSION_DENIED,
     )
-
-
-def test_reflection_lists_a_user_service(greeting: Connect, make_client: MakeClient) -> None:
-    alice = make_client("alice")
-    _enroll(greeting, alice, "alice", "/grpc.reflection.v1alpha.ServerReflection/*")
-    stub = reflection_pb2_grpc.ServerReflectionStub(
-        greeting.channel(alice.cert_path, alice.key_path)
-    )
-    request = reflection_pb2.ServerReflectionRequest(list_services="")
-    (reply,) = stub.ServerReflectionInfo(iter([request]), timeout=5)
-    names = {service.name for service in reply.list_services_response.service}
-    assert GREETER in names and "pinrpc.v1.Echo" in names
 
 
 @pytest.mark.parametrize("name", ["pinrpc.v1.Echo", "grpc.health.v1.Health", GREETER])
