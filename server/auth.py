@@ -78,7 +78,10 @@ def caller() -> Identity:
     try:
         return _caller.get()
     except LookupError:
-        raise RuntimeError("caller() used outside a call checked by AuthInterceptor") from None
+        raise RuntimeError(
+            "caller() used outside a call checked by AuthInterceptor (from a thread of your "
+            "own, run the work in contextvars.copy_context() taken in the handler)"
+        ) from None
 
 
 def method_allowed(client: Client, method: str) -> bool:
