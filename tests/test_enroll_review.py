@@ -1,22 +1,26 @@
-"""Enrollment requests under attack: one host must not lock everyone else out of the port."""
+"""Enrollment requests under attack: one host must not lock everyone else out of the port,
+and the requester passes on only its own fingerprint."""
 
 from __future__ import annotations
 
 import datetime as dt
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 
+from client import cli as client_cli
 from pinrpc import proof
+from pinrpc.cli import Exit
 from pinrpc.identity import KeyPairFiles, load_certificate, load_private_key
 from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
 from server.requests import NONCES_PER_HOST, PENDING_PER_HOST, NonceBook
-from tests.conftest import MakeClient, ServerFiles
+from tests.conftest import SERVER_NAME, MakeClient, ServerFiles
 from tests.test_enrollment_requests import enrollment_stub, pending
 
 
@@ -105,3 +109,47 @@ def test_one_host_cannot_fill_the_pending_list(
     )
     names = [p["name"] for p in pending(registry, capsys)]
     assert len(names) == PENDING_PER_HOST and "one-more" not in names
+
+
+class QueuesAnother(enrollment_pb2_grpc.EnrollmentServicer):
+    """A server that answers a request with someone else's fingerprint (a bug, or hostile)."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+
+    def Challenge(
+        self, request: enrollment_pb2.ChallengeRequest, context: grpc.ServicerContext
+    ) -> enrollment_pb2.ChallengeResponse:
+        return enrollment_pb2.ChallengeResponse(nonce=b"n" * 32)
+
+    def Request(
+        self, request: enrollment_pb2.EnrollmentRequest, context: grpc.ServicerContext
+    ) -> enrollment_pb2.EnrollmentTicket:
+        return enrollment_pb2.EnrollmentTicket(fingerprint=self.fingerprint)
+
+
+def test_the_client_never_passes_on_a_fingerprint_the_server_chose(
+    devca: ServerFiles, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`request-enrollment` printed the ticket's fingerprint as the one to approve: the
+    operator, comparing it with what the requester relays, would approve another key."""
+    carol, mallory = make_client("carol"), make_client("mallory")
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
+        QueuesAnother(str(mallory.fingerprint)), server
+    )
+    pair = (devca.key.read_bytes(), devca.cert.read_bytes())
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([pair]))
+    server.start()
+    try:
+        capsys.readouterr()
+        argv = ["request-enrollment", "--name", "carol", "--server", f"127.0.0.1:{port}",
+                "--cert", str(carol.cert_path), "--key", str(carol.key_path),
+                "--ca", str(devca.ca_path), "--server-name", SERVER_NAME]  # fmt: skip
+        assert client_cli.main(argv) == Exit.ERROR
+    finally:
+        server.stop(None).wait()
+    out, err = capsys.readouterr()
+    assert str(mallory.fingerprint) not in out and "approve" not in out
+    assert err.count("\n") == 1
+    assert f"not for your certificate {carol.fingerprint}" in err
