@@ -50,11 +50,20 @@ def run(args: argparse.Namespace) -> int:
             ticket = stub.Request(request, timeout=args.timeout)
         except grpc.RpcError as exc:
             return _explain(exc, args.server)
+    # What the operator is told to approve is computed here, never taken from the answer: a
+    # server that queued another certificate must not have its fingerprint passed on.
+    mine = Fingerprint.of(cert)
+    if ticket.fingerprint != str(mine):
+        say(
+            f"{PROG}: error: the server queued a request for {ticket.fingerprint[:100]!r}, not "
+            f"for your certificate {mine}: do not pass that on; tell the operator"
+        )
+        return Exit.ERROR
     print(f"requested enrollment as {args.name!r}; nothing is trusted until the operator approves")
-    print(f"  fingerprint  {Fingerprint.of(cert)}")
+    print(f"  fingerprint  {mine}")
     print(f"  waits until  {ticket.expires_at.ToDatetime():%Y-%m-%d %H:%M} UTC")
     print("Tell the operator this fingerprint through another channel; they run")
-    print(f"  pinrpc-server approve {ticket.fingerprint}")
+    print(f"  pinrpc-server approve {mine}")
     return Exit.OK
 
 

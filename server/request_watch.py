@@ -303,7 +303,12 @@ def peer_host(context: grpc.ServicerContext) -> str:
     """What a listener without client certificates knows of its caller: the peer's address
     without its port, and for IPv6 its /64, which one host commonly holds whole (a new address
     per call would otherwise be a new caller each time)."""
-    host = context.peer().rpartition(":")[0]  # "ipv4:1.2.3.4", "ipv6:%5B2001:db8::1%5D"
+    return host_of(context.peer())
+
+
+def host_of(peer: str) -> str:
+    """peer_host() of a peer address as context.peer() gives it (and pending requests keep)."""
+    host = peer.rpartition(":")[0]  # "ipv4:1.2.3.4", "ipv6:%5B2001:db8::1%5D"
     if not host.startswith("ipv6:"):
         return host
     address = urllib.parse.unquote(host[5:]).strip("[]").partition("%")[0]  # no zone

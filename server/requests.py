@@ -3,7 +3,9 @@
 Server-only TLS: the caller has no admitted certificate yet. It asks for a nonce, signs it
 with its key (proof of possession), and submits its certificate; the request waits in the
 registry for an operator. Nonces are single-use and short-lived, and both nonces and pending
-requests are bounded in number, so the port cannot be used to fill memory or the registry.
+requests are bounded in number, so the port cannot be used to fill memory or the registry; and
+per peer host (request_watch.peer_host), so that one host cannot use up either bound alone and
+lock everyone else out (for a nonce's 5 minutes, or a request's --enrollment-ttl).
 """
 
 from __future__ import annotations
@@ -23,30 +25,40 @@ from server.audit import Audit
 from server.enrollment import check_certificate
 from server.registry import Registry
 from server.registry_model import refuse_fingerprint_name
+from server.request_watch import host_of, peer_host
+
+NONCES_PER_HOST = 16  # outstanding; a client needs one, a few behind one NAT a few more
+PENDING_PER_HOST = 10  # waiting requests; the operator approving some makes room again
 
 
 class NonceBook:
-    """Issued nonces until used or expired; at most ``limit`` outstanding."""
+    """Issued nonces until used or expired; at most ``limit`` outstanding, ``per_host`` of
+    them for one peer host."""
 
-    def __init__(self, ttl: dt.timedelta, limit: int) -> None:
-        self._ttl, self._limit = ttl, limit
-        self._issued: dict[bytes, dt.datetime] = {}
+    def __init__(self, ttl: dt.timedelta, limit: int, per_host: int = NONCES_PER_HOST) -> None:
+        self._ttl, self._limit, self._per_host = ttl, limit, per_host
+        self._issued: dict[bytes, tuple[dt.datetime, str]] = {}  # nonce -> (expires, host)
         self._lock = threading.Lock()
 
-    def issue(self) -> tuple[bytes, dt.datetime]:
+    def issue(self, host: str) -> tuple[bytes, dt.datetime]:
         now = dt.datetime.now(dt.UTC)
         with self._lock:
-            self._issued = {n: t for n, t in self._issued.items() if t > now}
+            self._issued = {n: (t, h) for n, (t, h) in self._issued.items() if t > now}
             if len(self._issued) >= self._limit:
                 raise CapacityError("too many outstanding challenges; try again in a minute")
+            if sum(h == host for _, h in self._issued.values()) >= self._per_host:
+                raise CapacityError(
+                    f"{self._per_host} challenges issued to {host} are still unused; use them "
+                    f"or try again in {self._ttl.total_seconds() / 60:g} minutes"
+                )
             nonce, expires = secrets.token_bytes(32), now + self._ttl
-            self._issued[nonce] = expires
+            self._issued[nonce] = (expires, host)
         return nonce, expires
 
     def redeem(self, nonce: bytes) -> bool:
         """True once per issued, unexpired nonce."""
         with self._lock:
-            expires = self._issued.pop(nonce, None)
+            expires, _ = self._issued.pop(nonce, (None, ""))
         return expires is not None and expires > dt.datetime.now(dt.UTC)
 
 
@@ -63,12 +75,15 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._registry, self._audit = registry, audit
         self._ttl, self._max_pending = request_ttl, max_pending
         self._nonces = nonces or NonceBook(dt.timedelta(minutes=5), limit=1000)
+        # Counting a host's requests and adding one are two registry calls: one at a time here
+        # (replicas sharing a registry may each let one more through; --max-pending holds).
+        self._requesting = threading.Lock()
 
     def Challenge(
         self, request: enrollment_pb2.ChallengeRequest, context: grpc.ServicerContext
     ) -> enrollment_pb2.ChallengeResponse:
         try:
-            nonce, expires = self._nonces.issue()
+            nonce, expires = self._nonces.issue(peer_host(context))
         except PinrpcError as exc:
             abort_with(context, exc)
         return enrollment_pb2.ChallengeResponse(nonce=nonce, expires_at=timestamp(expires))
@@ -91,9 +106,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                     "the signature does not verify with the certificate's key (proof of "
                     "possession failed)"
                 )
-            pending = self._registry.request_enrollment(
-                candidate, name, context.peer(), self._ttl, self._max_pending
-            )
+            with self._requesting:
+                self._refuse_crowded_host(peer_host(context))
+                pending = self._registry.request_enrollment(
+                    candidate, name, context.peer(), self._ttl, self._max_pending
+                )
         except PinrpcError as exc:
             abort_with(context, exc)
         self._audit.event(
@@ -103,3 +120,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         return enrollment_pb2.EnrollmentTicket(
             fingerprint=str(pending.fingerprint), expires_at=timestamp(pending.expires_at)
         )
+
+    def _refuse_crowded_host(self, host: str) -> None:
+        waiting = sum(host_of(p.peer) == host for p in self._registry.pending())
+        if waiting >= PENDING_PER_HOST:
+            raise CapacityError(
+                f"{waiting} enrollment requests from {host} are already waiting for the "
+                "operator; try again once they are handled or expired"
+            )
