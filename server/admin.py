@@ -121,7 +121,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RevokeRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Client:
         try:
-            client = self._registry.revoke(request.client)
+            client = self._registry.revoke(request.client)[0]
         except PinrpcError as exc:
             abort_with(context, exc)
         self._changed("revoke", client)

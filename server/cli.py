@@ -387,12 +387,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     with registry_of(args) as registry:
         # By name, revoke ends every usable certificate: during a rotation's overlap the
         # retiring ones too, which the operator must see were cut off as well.
-        usable = [c for c in registry.clients() if c.name == args.client and c.active]
-        client = registry.revoke(args.client)
+        client, *others = registry.revoke(args.client)
     print(f"revoked {client.name} ({client.fingerprint})")
-    for other in usable:
-        if other.fingerprint != client.fingerprint:
-            print(f"revoked {other.name} ({other.fingerprint}), the certificate it rotated from")
+    for other in others:
+        print(f"revoked {other.name} ({other.fingerprint}), the certificate it rotated from")
     return Exit.OK
 
 
