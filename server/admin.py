@@ -174,14 +174,24 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
             overlap = min(overlap, dt.timedelta(seconds=request.overlap_seconds))
         try:
             successor = check_certificate(*_candidate_from(request.certificate_pem))
-            client = self._registry.rotate(who.fingerprint, successor, overlap)
-            previous = self._registry.find(who.fingerprint.hex)
+            retired: list[Client] = []
+            client = self._registry.rotate(who.fingerprint, successor, overlap, retired)
         except PinrpcError as exc:
             abort_with(context, exc)
         # The caller swaps its files as soon as we answer: trust the successor first.
         self._refresh()
+        previous, *older = retired
+        # Older keys this rotation cut short: their own `retire` lines come only when they end.
+        early = [
+            {
+                "fingerprint": str(c.fingerprint),
+                "retire_at": c.retire_at and c.retire_at.isoformat(),
+            }
+            for c in older
+        ]
         self._audit.event(
             "rotate", client=client.name, fingerprint=str(client.fingerprint),
             previous=str(who.fingerprint), overlap_seconds=overlap.total_seconds(),
+            retired_early=early,
         )  # fmt: skip
         return identity_pb2.RotateResponse(client=to_proto(client), previous=to_proto(previous))

@@ -1,21 +1,106 @@
-"""Small defects left over from earlier work: `revoke` reports what it ended from inside its
-own transaction."""
+"""Small defects left over from earlier work: a rotation's audit line names the older
+certificates it cut short; `revoke` reports what it ended from inside its own transaction."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pinrpc.identity import Fingerprint
+from pinrpc.cli import Exit
+from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
 from server import cli as server_cli
-from server.registry import Client, open_registry
+from server.logs import JsonFormatter, TextFormatter
+from server.registry import Client, now_utc, open_registry
 from server.registry_sql import SqlRegistry
-from tests.conftest import MakeClient
+from tests.conftest import Connect, MakeClient
+from tests.test_client_cli import run
 from tests.test_registry_backends import candidate
 
 HOUR = dt.timedelta(hours=1)
+
+
+# -- 1. the rotate audit line names the older certificates it retired early ------------------
+
+
+Line = dict[str, Any]
+
+
+def rotate_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[Line, Line]]:
+    """Each `rotate` record as both --log-format text and json write it."""
+    text, as_json = TextFormatter(), JsonFormatter()
+    lines: list[tuple[Line, Line]] = []
+    for record in caplog.records:
+        if record.name != "pinrpc.audit" or getattr(record, "audit", {}).get("event") != "rotate":
+            continue
+        _, _, message = text.format(record).partition("pinrpc.audit: ")
+        lines.append((json.loads(message), json.loads(as_json.format(record))))
+    return lines
+
+
+def test_a_rotation_audit_line_names_the_older_certificates_it_retired_early(
+    connect: Connect,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bob, carol = make_client("bob"), make_client("carol")
+    connect.enroll(bob, "bob")
+    connect.enroll(carol, "carol")
+
+    def rotate(files: KeyPairFiles, *overlap: str) -> Fingerprint:
+        """`pinrpc rotate`; the fingerprint it rotated from."""
+        before = Fingerprint.of(load_certificate(files.cert_path))
+        code, _, err = run(["rotate", *overlap, *connect.cli_flags(files)], capsys)
+        assert code == Exit.OK, err
+        return before
+
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        rotate(carol)  # another client's overlap (24 h): never bob's to cut short
+        a = rotate(bob)  # A retiring for 24 h
+        start = now_utc()
+        b = rotate(bob, "--overlap", "3600")  # brings A forward to now + 1 h
+        end = now_utc()
+        c = rotate(bob, "--overlap", "7200")  # A and B already end sooner: nothing cut short
+        d = rotate(bob, "--overlap", "0")  # A, B and C end now
+        connect.server.audit.flush()
+        lines = rotate_lines(caplog)
+    assert len(lines) == 5
+    registry = open_registry(str(connect.server_registry), readonly=True)
+    try:
+        rows = {c.fingerprint: c for c in registry.clients()}
+    finally:
+        registry.close()
+
+    def named(line: Line) -> list[str]:
+        return [e["fingerprint"] for e in line["retired_early"]]
+
+    for (text, as_json), previous in zip(lines, [None, a, b, c, d], strict=True):
+        assert text["retired_early"] == as_json["retired_early"]
+        # The fields tests and docs already rely on are all still there.
+        for field in ("client", "fingerprint", "previous", "overlap_seconds"):
+            assert text[field] == as_json[field]
+        if previous is not None:
+            assert text["client"] == "bob" and text["previous"] == str(previous)
+    # Deny: nothing cut short when there was nothing older (nor another client's), or when the
+    # older ones already ended sooner.
+    assert [named(text) for text, _ in lines] == [
+        [], [], [str(a)], [], [str(a), str(b), str(c)]
+    ]  # fmt: skip
+    # The end named is A's new one, this rotation's now + 1 h...
+    (cut,) = lines[2][0]["retired_early"]
+    assert start + HOUR <= dt.datetime.fromisoformat(cut["retire_at"]) <= end + HOUR
+    # ... and, for the last rotation, exactly what the registry holds.
+    for entry in lines[4][1]["retired_early"]:
+        row = rows[Fingerprint.parse(entry["fingerprint"])]
+        assert row.retire_at is not None and entry["retire_at"] == row.retire_at.isoformat()
+    # Carol's retiring certificate keeps its own end.
+    carol_ends = [c.retire_at for c in rows.values() if c.name == "carol" and c.retire_at]
+    assert len(carol_ends) == 1 and carol_ends[0] > now_utc() + 23 * HOUR
 
 
 # -- 2. revoke reports what it ended, read in its own transaction ----------------------------
