@@ -1,11 +1,17 @@
-"""Small defects left over from earlier work: a rotation's audit line names the older
-certificates it cut short; `revoke` reports what it ended from inside its own transaction."""
+"""Three small defects: a rotation's audit line names the older certificates it cut short;
+`revoke` reports what it ended from inside its own transaction; Ctrl-C while the programs
+import exits 130 without a traceback."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import logging
+import os
+import select
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,8 @@ from tests.test_client_cli import run
 from tests.test_registry_backends import candidate
 
 HOUR = dt.timedelta(hours=1)
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 # -- 1. the rotate audit line names the older certificates it retired early ------------------
@@ -177,3 +185,63 @@ def test_revoke_returns_exactly_what_it_ended(spec: str, make_client: MakeClient
         assert sum(c.active for c in registry.clients() if c.name == "carol") == 2
     finally:
         registry.close()
+
+
+# -- 3. Ctrl-C while the programs import ------------------------------------------------------
+
+# Loaded by the child at start-up (PYTHONPATH): the first import of the named module signals
+# the parent and waits there, so that SIGINT provably arrives while the import is running.
+SLOW_IMPORT = """\
+import os, sys, time
+
+class _Slow:
+    def find_spec(self, name, path=None, target=None):
+        if name != os.environ["SLOW_IMPORT"]:
+            return None
+        sys.meta_path.remove(self)
+        os.write(int(os.environ["SLOW_IMPORT_FD"]), b"x")
+        time.sleep(30)  # SIGINT raises KeyboardInterrupt here, inside the import
+        return None
+
+sys.meta_path.insert(0, _Slow())
+"""
+
+
+@pytest.mark.parametrize(
+    ("program", "module"),
+    [
+        ("pinrpc", "cryptography"),
+        ("pinrpc", "grpc"),
+        ("pinrpc-server", "cryptography"),
+        ("pinrpc-server", "sqlite3"),
+    ],
+)
+def test_ctrl_c_while_importing_exits_130_quietly(
+    program: str, module: str, tmp_path: Path
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT)
+    ready, signal_fd = os.pipe()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join((str(tmp_path), str(REPO))),
+        "SLOW_IMPORT": module,
+        "SLOW_IMPORT_FD": str(signal_fd),
+    }
+    argv = [str(BIN / program), "--version"]
+    child = subprocess.Popen(
+        argv, env=env, pass_fds=(signal_fd,), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    os.close(signal_fd)
+    try:
+        assert select.select([ready], [], [], 30)[0], f"{program} never imported {module}"
+        assert os.read(ready, 1) == b"x"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        os.close(ready)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130, err
+    assert b"Traceback" not in err and err.count(b"\n") <= 1, err
+    assert out == b""
