@@ -174,13 +174,11 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
             overlap = min(overlap, dt.timedelta(seconds=request.overlap_seconds))
         try:
             successor = check_certificate(*_candidate_from(request.certificate_pem))
-            retired: list[Client] = []
-            client = self._registry.rotate(who.fingerprint, successor, overlap, retired)
+            client, previous, *older = self._registry.rotate(who.fingerprint, successor, overlap)
         except PinrpcError as exc:
             abort_with(context, exc)
         # The caller swaps its files as soon as we answer: trust the successor first.
         self._refresh()
-        previous, *older = retired
         # Older keys this rotation cut short: their own `retire` lines come only when they end.
         early = [
             {

@@ -96,15 +96,11 @@ class Registry(Protocol):
         ...
 
     def rotate(
-        self,
-        current: Fingerprint,
-        successor: Candidate,
-        overlap: dt.timedelta,
-        retired: list[Client] | None = None,
-    ) -> Client:
+        self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta
+    ) -> list[Client]:
         """Enroll ``successor`` with ``current``'s name and permissions; retire ``current``
         after ``overlap`` (at once if zero), and the client's older retiring certificates no
-        later. ``retired`` (when given) receives what it retired, ``current`` first, as the
+        later. Return the successor, ``current`` and those older ones, in that order, as the
         rotation's own transaction left them."""
         ...
 

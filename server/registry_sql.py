@@ -469,18 +469,14 @@ class SqlRegistry(ABC):
         self._insert(q, candidate, name, allowed, now)
 
     def rotate(
-        self,
-        current: Fingerprint,
-        successor: Candidate,
-        overlap: dt.timedelta,
-        retired: list[Client] | None = None,
-    ) -> Client:
+        self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta
+    ) -> list[Client]:
         """Enroll ``successor`` under the same name and permissions; retire ``current`` after
-        ``overlap``, and the client's older retiring certificates by then too (into
-        ``retired``, ``current`` first, as the transaction left them)."""
+        ``overlap``, and the client's older retiring certificates by then too. Returns the
+        successor, ``current`` and those older ones, as the transaction left them."""
         now = now_utc()
 
-        def body(q: Query) -> Client:
+        def body(q: Query) -> list[Client]:
             rows = self._all(q)
             old = self._find(rows, current.hex)
             if not old.current:
@@ -516,10 +512,7 @@ class SqlRegistry(ABC):
                 )
             self._insert(q, successor, old.name, old.allowed_methods, self.dialect.encode_time(now))
             wanted = [successor.fingerprint, old.fingerprint, *(row.fingerprint for row in early)]
-            new, *ended = self._as_now(q, old.name, wanted)
-            if retired is not None:
-                retired[:] = ended
-            return new
+            return self._as_now(q, old.name, wanted)
 
         return self._change(body)
 

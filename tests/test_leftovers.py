@@ -144,8 +144,8 @@ def test_revoke_prints_a_rotation_that_landed_just_before_it(
         # before the revoke's transaction starts: what a concurrent `pinrpc rotate` does.
         other = open_registry(spec)
         try:
-            b = other.rotate(a.fingerprint, candidate(make_client, "bob2"), 24 * HOUR)
-            c = other.rotate(b.fingerprint, candidate(make_client, "bob3"), 24 * HOUR)
+            b, _ = other.rotate(a.fingerprint, candidate(make_client, "bob2"), 24 * HOUR)
+            c, *_ = other.rotate(b.fingerprint, candidate(make_client, "bob3"), 24 * HOUR)
         finally:
             other.close()
         made.extend((b.fingerprint, c.fingerprint))
@@ -171,7 +171,7 @@ def test_revoke_returns_exactly_what_it_ended(spec: str, make_client: MakeClient
     registry = open_registry(spec)
     try:
         a = registry.enroll(candidate(make_client, "a1"), "alice", [])
-        b = registry.rotate(a.fingerprint, candidate(make_client, "a2"), 24 * HOUR)
+        b, _ = registry.rotate(a.fingerprint, candidate(make_client, "a2"), 24 * HOUR)
         carol = registry.enroll(candidate(make_client, "c1"), "carol", [])
         registry.rotate(carol.fingerprint, candidate(make_client, "c2"), 24 * HOUR)
         # By fingerprint: that certificate alone; the retiring one stays trusted.
