@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+# Ctrl-C while grpc and cryptography load (0.1 s or more): exit as run() does, not with a
+# traceback. The console script imports this module before anything of ours can catch it.
+try:
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
 
-import grpc
+    import grpc
 
-from client import admin, doctor, request, rotate
-from client.connect import DAYS, PROG, call, connection_flags, file_path
-from pinrpc.channel import passphrase_from_env
-from pinrpc.cli import Exit, add_flag, add_version_flag, run, utf8
-from pinrpc.identity import DEFAULT_DAYS, KEY_TYPES, Fingerprint, create_identity, load_certificate
-from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+    from client import admin, doctor, request, rotate
+    from client.connect import DAYS, PROG, call, connection_flags, file_path
+    from pinrpc.channel import passphrase_from_env
+    from pinrpc.cli import Exit, add_flag, add_version_flag, run, utf8
+    from pinrpc.identity import (
+        DEFAULT_DAYS,
+        KEY_TYPES,
+        Fingerprint,
+        create_identity,
+        load_certificate,
+    )
+    from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +142,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run(PROG, lambda: COMMANDS[args.command](args))
+    return run(PROG, lambda: _command(build_parser().parse_args(argv)))
+
+
+def _command(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RevokeRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Client:
         try:
-            client = self._registry.revoke(request.client)
+            client = self._registry.revoke(request.client)[0]
         except PinrpcError as exc:
             abort_with(context, exc)
         self._changed("revoke", client)
@@ -174,14 +174,22 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
             overlap = min(overlap, dt.timedelta(seconds=request.overlap_seconds))
         try:
             successor = check_certificate(*_candidate_from(request.certificate_pem))
-            client = self._registry.rotate(who.fingerprint, successor, overlap)
-            previous = self._registry.find(who.fingerprint.hex)
+            client, previous, *older = self._registry.rotate(who.fingerprint, successor, overlap)
         except PinrpcError as exc:
             abort_with(context, exc)
         # The caller swaps its files as soon as we answer: trust the successor first.
         self._refresh()
+        # Older keys this rotation cut short: their own `retire` lines come only when they end.
+        early = [
+            {
+                "fingerprint": str(c.fingerprint),
+                "retire_at": c.retire_at and c.retire_at.isoformat(),
+            }
+            for c in older
+        ]
         self._audit.event(
             "rotate", client=client.name, fingerprint=str(client.fingerprint),
             previous=str(who.fingerprint), overlap_seconds=overlap.total_seconds(),
+            retired_early=early,
         )  # fmt: skip
         return identity_pb2.RotateResponse(client=to_proto(client), previous=to_proto(previous))

@@ -2,42 +2,47 @@
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import logging
-import signal
-import sqlite3
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
-from pathlib import Path
+# Ctrl-C while cryptography loads: exit as run() does, not with a traceback (client/cli.py).
+try:
+    import argparse
+    import datetime as dt
+    import json
+    import logging
+    import signal
+    import sqlite3
+    import sys
+    import threading
+    from collections.abc import Iterator
+    from contextlib import closing, contextmanager
+    from pathlib import Path
 
-from pinrpc.cli import (
-    Exit,
-    add_allow_flag,
-    add_flag,
-    add_permit_flags,
-    add_version_flag,
-    allow_patterns,
-    at_least,
-    host_port,
-    missing_extra,
-    path_text,
-    permit_patterns,
-    run,
-    utf8,
-)
-from pinrpc.errors import EnrollmentError, IdentityError, PinrpcError, RegistryError
-from pinrpc.identity import check_name, read_file
-from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
-from server.enrollment import check_certificate, check_patterns, new_permissions
-from server.gc_tuning import settle
-from server.logs import configure_logging
-from server.registry import Client, Registry, is_postgres, migrate_registry, open_registry
-from server.stderr_pump import drained, grpc_line_rate
-from server.stop_signals import StopSignals, cut_short
+    from pinrpc.cli import (
+        Exit,
+        add_allow_flag,
+        add_flag,
+        add_permit_flags,
+        add_version_flag,
+        allow_patterns,
+        at_least,
+        host_port,
+        missing_extra,
+        path_text,
+        permit_patterns,
+        run,
+        utf8,
+    )
+    from pinrpc.errors import EnrollmentError, IdentityError, PinrpcError, RegistryError
+    from pinrpc.identity import check_name, read_file
+    from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
+    from server.enrollment import check_certificate, check_patterns, new_permissions
+    from server.gc_tuning import settle
+    from server.logs import configure_logging
+    from server.registry import Client, Registry, is_postgres, migrate_registry, open_registry
+    from server.stderr_pump import drained, grpc_line_rate
+    from server.stop_signals import StopSignals, cut_short
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
+
 
 PROG = "pinrpc-server"
 OBTAIN_CERT = "obtain-cert"
@@ -387,12 +392,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     with registry_of(args) as registry:
         # By name, revoke ends every usable certificate: during a rotation's overlap the
         # retiring ones too, which the operator must see were cut off as well.
-        usable = [c for c in registry.clients() if c.name == args.client and c.active]
-        client = registry.revoke(args.client)
+        client, *others = registry.revoke(args.client)
     print(f"revoked {client.name} ({client.fingerprint})")
-    for other in usable:
-        if other.fingerprint != client.fingerprint:
-            print(f"revoked {other.name} ({other.fingerprint}), the certificate it rotated from")
+    for other in others:
+        print(f"revoked {other.name} ({other.fingerprint}), the certificate it rotated from")
     return Exit.OK
 
 

@@ -86,15 +86,22 @@ class Registry(Protocol):
         self, candidate: Candidate, name: str, allowed: Sequence[str], *, replace: bool = False
     ) -> Client: ...
 
-    def revoke(self, ref: str) -> Client: ...
+    def revoke(self, ref: str) -> list[Client]:
+        """Revoke one certificate by fingerprint, or by name every usable one of the client;
+        return what it ended (the certificate ``ref`` names first) as its transaction left it."""
+        ...
 
     def permit(self, ref: str, allowed: Sequence[str]) -> Client:
         """Replace the allowed method patterns of every usable certificate of a client."""
         ...
 
-    def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:
+    def rotate(
+        self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta
+    ) -> list[Client]:
         """Enroll ``successor`` with ``current``'s name and permissions; retire ``current``
-        after ``overlap`` (at once if zero)."""
+        after ``overlap`` (at once if zero), and the client's older retiring certificates no
+        later. Return the successor, ``current`` and those older ones, in that order, as the
+        rotation's own transaction left them."""
         ...
 
     def find(self, ref: str) -> Client: ...

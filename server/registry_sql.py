@@ -403,16 +403,23 @@ class SqlRegistry(ABC):
 
     # -- changing --------------------------------------------------------------------------
 
-    def _change(self, body: Callable[[Query], None]) -> None:
-        def run(q: Query) -> None:
+    def _change(self, body: Callable[[Query], T]) -> T:
+        def run(q: Query) -> T:
             if self.dialect.change_lock:
                 q(self.dialect.change_lock, ())
-            body(q)
+            result = body(q)
             q(self.dialect.bump_generation, ())
             generation = q("SELECT value FROM meta WHERE key = 'generation'", ())[0][0]
             self._announce(q, int(generation))
+            return result
 
-        self._transaction(run)
+        return self._transaction(run)
+
+    def _as_now(self, q: Query, name: str, wanted: Sequence[Fingerprint]) -> list[Client]:
+        """The certificates of ``name`` with these fingerprints, in this order, as the
+        caller's transaction left them: a read after the commit could include later changes."""
+        rows = {c.fingerprint: c for c in self._matching(q, name)}
+        return [rows[fp] for fp in wanted]
 
     def _insert(
         self, q: Query, candidate: Candidate, name: str, allowed: Sequence[str], now: object
@@ -461,12 +468,15 @@ class SqlRegistry(ABC):
             allowed = allowed or replaced[0].allowed_methods
         self._insert(q, candidate, name, allowed, now)
 
-    def rotate(self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta) -> Client:
+    def rotate(
+        self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta
+    ) -> list[Client]:
         """Enroll ``successor`` under the same name and permissions; retire ``current`` after
-        ``overlap``, and the client's older retiring certificates by then too."""
+        ``overlap``, and the client's older retiring certificates by then too. Returns the
+        successor, ``current`` and those older ones, as the transaction left them."""
         now = now_utc()
 
-        def body(q: Query) -> None:
+        def body(q: Query) -> list[Client]:
             rows = self._all(q)
             old = self._find(rows, current.hex)
             if not old.current:
@@ -487,17 +497,24 @@ class SqlRegistry(ABC):
             # Older certificates still in an earlier rotation's overlap end no later than this
             # one: the client asked for its keys to stop working by ``end``, and its `rotate`
             # already deleted their files.
-            for row in rows:
-                later = row.retire_at is not None and row.retire_at > end
-                if row.name == old.name and row.revoked_at is None and later:
-                    q(
-                        "UPDATE clients SET retire_at = ? WHERE fingerprint = ?",
-                        (retire, row.fingerprint.hex),
-                    )
+            early = [
+                row
+                for row in rows
+                if row.name == old.name
+                and row.revoked_at is None
+                and row.retire_at is not None
+                and row.retire_at > end
+            ]
+            for row in early:
+                q(
+                    "UPDATE clients SET retire_at = ? WHERE fingerprint = ?",
+                    (retire, row.fingerprint.hex),
+                )
             self._insert(q, successor, old.name, old.allowed_methods, self.dialect.encode_time(now))
+            wanted = [successor.fingerprint, old.fingerprint, *(row.fingerprint for row in early)]
+            return self._as_now(q, old.name, wanted)
 
-        self._change(body)
-        return self.find(successor.fingerprint.hex)
+        return self._change(body)
 
     def _named(self, q: Query, ref: str) -> tuple[Client, list[Client]]:
         """The client ``ref`` names (revoked ones too, so callers can say so), and every
@@ -521,11 +538,11 @@ class SqlRegistry(ABC):
                 ) from exc
             raise
 
-    def revoke(self, ref: str) -> Client:
-        """Revoke one certificate by fingerprint, or by name every usable one of that client."""
-        found: list[Client] = []
+    def revoke(self, ref: str) -> list[Client]:
+        """Revoke one certificate by fingerprint, or by name every usable one of that client;
+        return the certificates it ended, the one ``ref`` names first."""
 
-        def body(q: Query) -> None:
+        def body(q: Query) -> list[Client]:
             client, named = self._named(q, ref)
             if client.revoked_at is not None:
                 raise ConflictError(
@@ -535,17 +552,19 @@ class SqlRegistry(ABC):
             # By name, every usable certificate of the client; a name may look like a
             # fingerprint (64 hex digits), so go by what matched, not by the spelling.
             by_name = client.name == ref
-            targets = [c for c in named if c.active] if by_name else []
-            for target in targets or [client]:
+            targets = [c.fingerprint for c in named if c.active] if by_name else []
+            ended = [client.fingerprint, *(fp for fp in targets if fp != client.fingerprint)]
+            for fp in ended:
                 q(
                     "UPDATE clients SET revoked_at = ? "
                     "WHERE fingerprint = ? AND revoked_at IS NULL",
-                    (self.dialect.encode_time(now_utc()), target.fingerprint.hex),
+                    (self.dialect.encode_time(now_utc()), fp.hex),
                 )
-            found.append(client)
+            # Read here, not after the commit: a rotation landing just before this revoke is
+            # in the list, and nothing that comes after it is.
+            return self._as_now(q, client.name, ended)
 
-        self._change(body)
-        return self.find(found[0].fingerprint.hex)
+        return self._change(body)
 
     def permit(self, ref: str, allowed: Sequence[str]) -> Client:
         """Replace the permissions of the client ``ref`` names (by name or by the fingerprint

@@ -272,7 +272,7 @@ def test_rotation_overlap(
     registry = open_registry(spec)
     try:
         old = registry.enroll(candidate(make_client, "alice"), "alice", [ECHO_ALL])
-        new = registry.rotate(
+        new, _ = registry.rotate(
             old.fingerprint, candidate(make_client, "alice2"), dt.timedelta(hours=1)
         )
         assert (new.name, new.allowed_methods, new.current) == ("alice", (ECHO_ALL,), True)
@@ -506,7 +506,7 @@ def test_permit_replaces_the_permissions_of_every_usable_certificate_of_the_clie
     try:
         revoked = registry.enroll(candidate(make_client, "a0"), "alice", [ECHO_ALL])
         retiring = registry.enroll(candidate(make_client, "a1"), "alice", [], replace=True)
-        current = registry.rotate(
+        current, _ = registry.rotate(
             retiring.fingerprint, candidate(make_client, "a2"), dt.timedelta(hours=1)
         )
         bob = registry.enroll(candidate(make_client, "bob"), "bob", [ECHO_ALL])
@@ -670,7 +670,7 @@ def test_a_registry_that_already_holds_names_differing_in_case_keeps_working(
     sql(spec, "UPDATE clients SET name = 'alice' WHERE name = 'lower'")  # an older pinrpc's pair
     registry = open_registry(spec)
     try:
-        new = registry.rotate(lower.fingerprint, candidate(make_client, "l2"), dt.timedelta(0))
+        new, _ = registry.rotate(lower.fingerprint, candidate(make_client, "l2"), dt.timedelta(0))
         assert new.name == "alice"
         rekeyed = registry.enroll(candidate(make_client, "l3"), "alice", [ECHO_ALL], replace=True)
         assert registry.permit("alice", ["/x/*"]).fingerprint == rekeyed.fingerprint
@@ -690,7 +690,9 @@ def test_a_name_held_only_by_a_retiring_certificate_is_not_given_to_another_key_
     registry = open_registry(spec)
     try:
         old = registry.enroll(candidate(make_client, "a1"), "alice", [ECHO_ALL])
-        new = registry.rotate(old.fingerprint, candidate(make_client, "a2"), dt.timedelta(hours=1))
+        new, _ = registry.rotate(
+            old.fingerprint, candidate(make_client, "a2"), dt.timedelta(hours=1)
+        )
         registry.revoke(str(new.fingerprint))
         assert registry.find("alice").fingerprint == old.fingerprint  # retiring, still trusted
     finally:

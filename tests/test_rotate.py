@@ -115,7 +115,7 @@ def test_interrupted_rotation_keeps_the_new_pair_and_says_how_to_finish(
     released, deciding = threading.Event(), threading.Event()
     real_rotate = SqliteRegistry.rotate
 
-    def spied_rotate(self: SqliteRegistry, *args: Any) -> Client:
+    def spied_rotate(self: SqliteRegistry, *args: Any) -> list[Client]:
         deciding.set()  # the server has the call: the real rotate now waits for the lock
         return real_rotate(self, *args)
 

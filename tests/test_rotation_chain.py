@@ -25,7 +25,7 @@ HOUR = dt.timedelta(hours=1)
 
 def rotated(registry: Registry, make_client: MakeClient, old: Client, name: str,
             overlap: dt.timedelta) -> Client:  # fmt: skip
-    return registry.rotate(old.fingerprint, candidate(make_client, name), overlap)
+    return registry.rotate(old.fingerprint, candidate(make_client, name), overlap)[0]
 
 
 def row(registry: Registry, client: Client) -> Client:
