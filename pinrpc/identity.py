@@ -105,8 +105,10 @@ class Fingerprint:
 def check_name(name: str) -> str:
     """A client name doubles as a file name, so keep it to a safe alphabet."""
     if not NAME_RE.fullmatch(name):
+        # Names reach here from strangers too (the enrollment port): quote a long one in part.
+        shown = f"{name!r}" if len(name) <= 80 else f"{name[:64]!r}... ({len(name)} characters)"
         raise IdentityError(
-            f"invalid client name {name!r}: use 1-64 ASCII letters, digits, '.', '_' or '-', "
+            f"invalid client name {shown}: use 1-64 ASCII letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name

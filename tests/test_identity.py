@@ -19,6 +19,7 @@ from client import cli
 from pinrpc.errors import IdentityError, KeyPermissionError
 from pinrpc.identity import (
     Fingerprint,
+    check_name,
     create_identity,
     load_certificate,
     load_private_key,
@@ -110,6 +111,17 @@ def test_days_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             cli.main(["keygen", "zero", "--dir", str(tmp_path), "--days", days])
         assert info.value.code == 2
     assert not (tmp_path / "zero.key").exists()
+
+
+def test_a_long_bad_name_is_quoted_in_part() -> None:
+    # Strangers send names too (the enrollment port): the error must not echo 100,000 bytes.
+    with pytest.raises(IdentityError) as long:
+        check_name("x" * 99_999 + "/")
+    assert "'" + "x" * 64 + "'... (100000 characters)" in str(long.value)
+    assert len(str(long.value)) < 200
+    with pytest.raises(IdentityError) as short:
+        check_name("a/b")
+    assert "invalid client name 'a/b': use" in str(short.value)
 
 
 @pytest.mark.parametrize(
