@@ -564,8 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [OBTAIN_CERT]:
         return run(PROG, lambda: obtain_cert(argv[1:]))
-    args = build_parser().parse_args(argv)
-    return run(PROG, lambda: COMMANDS[args.command](_checked(args)))
+    return run(PROG, lambda: _command(build_parser().parse_args(argv)))
+
+
+def _command(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](_checked(args))
 
 
 def obtain_cert(argv: list[str]) -> int:
