@@ -185,9 +185,10 @@ def refuse_shared_key(candidate: Candidate, rows: Sequence[Client]) -> None:
     # Active, in a rotation's overlap, or retired by one: any certificate the key ever had.
     if same:
         raise ConflictError(
-            f"the key of certificate {candidate.fingerprint} is that of {same[0].name!r}'s "
-            f"certificate {same[0].fingerprint}, enrolled on {same[0].enrolled_at:%Y-%m-%d %H:%M} "
-            f"UTC, and one key pair is one client (a re-key too needs a new key); {REKEY_HINT}"
+            f"the key of certificate {candidate.fingerprint} is that of certificate "
+            f"{same[0].fingerprint} of client {same[0].name!r} (enrolled on "
+            f"{same[0].enrolled_at:%Y-%m-%d %H:%M} UTC), and one key pair is one client, a "
+            f"re-key included; {REKEY_HINT}"
         )
 
 

@@ -117,7 +117,7 @@ def test_a_key_is_one_client(spec: str, make_client: MakeClient) -> None:
         ):
             with pytest.raises(ConflictError, match="one key pair is one client") as info:
                 attempt()
-            assert f"'alice''s certificate {current.fingerprint}" in str(info.value)
+            assert f"certificate {current.fingerprint} of client 'alice'" in str(info.value)
         with pytest.raises(ConflictError, match="already enrolled or was revoked"):
             registry.request_enrollment(again, "alice2", "peer", HOUR, 10)
         assert snapshot(registry) == before
