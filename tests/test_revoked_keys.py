@@ -5,18 +5,16 @@ by every way into the registry, on SQLite and a real PostgreSQL alike."""
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
 
 from client import cli as client_cli
 from pinrpc import proof
 from pinrpc.cli import Exit
-from pinrpc.errors import ConflictError, RegistryError
+from pinrpc.errors import ConflictError
 from pinrpc.identity import (
     KeyPairFiles,
     cert_to_pem,
@@ -28,11 +26,11 @@ from pinrpc.v1 import enrollment_pb2, identity_pb2, identity_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer
 from server.enrollment import Candidate, check_certificate
-from server.registry import LATEST, Registry, is_postgres, migrate_registry, open_registry
+from server.registry import Registry, open_registry
 from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, registry_dump
 from tests.test_enrollment_requests import enrolling, enrollment_stub, pending, request_flags
 from tests.test_lifecycle import ADMIN
-from tests.test_registry_backends import candidate, sql
+from tests.test_registry_backends import candidate
 
 __all__ = ["enrolling"]  # a fixture, imported for its name
 
@@ -130,48 +128,6 @@ def test_a_key_is_one_client(spec: str, make_client: MakeClient) -> None:
         assert [c.name for c in registry.clients() if c.active] == ["alice", "carol", "alice"]
     finally:
         registry.close()
-
-
-def _has_key_index(spec: str) -> bool:
-    if is_postgres(spec):
-        with psycopg.connect(spec) as conn:
-            rows = conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'clients_spki'")
-            return rows.fetchone() is not None
-    with sqlite3.connect(spec) as db:
-        found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'clients_spki'").fetchone()
-    db.close()
-    return found is not None
-
-
-def test_a_version_5_registry_gets_its_key_index_from_migrate(
-    spec: str, make_client: MakeClient
-) -> None:
-    registry = open_registry(spec)
-    alice = registry.enroll(candidate(make_client, "alice"), "alice", [])
-    registry.close()
-    assert LATEST == 6 and _has_key_index(spec)
-    # As the previous release left it (its schema was version 5, without the index).
-    sql(spec, "DELETE FROM schema_version WHERE version = 6; DROP INDEX clients_spki;")
-    with pytest.raises(RegistryError, match="schema version 5, this pinrpc needs 6"):
-        open_registry(spec)
-    assert [m.description for m in migrate_registry(spec).applied] == ["index on client keys"]
-    assert _has_key_index(spec)
-    registry = open_registry(spec, create=False)
-    try:
-        assert registry.find("alice").fingerprint == alice.fingerprint
-    finally:
-        registry.close()
-
-
-def test_the_key_lookup_uses_the_index(tmp_path: Path) -> None:
-    spec = str(tmp_path / "registry.db")
-    open_registry(spec).close()
-    with sqlite3.connect(spec) as db:
-        plan = db.execute(
-            "EXPLAIN QUERY PLAN SELECT 1 FROM clients WHERE spki_sha256 = ? LIMIT 1", ("x",)
-        ).fetchall()
-    db.close()
-    assert "USING COVERING INDEX clients_spki" in str(plan)
 
 
 # -- the commands and the server's ports ----------------------------------------------------
