@@ -169,6 +169,29 @@ def refuse_fingerprint_name(name: str) -> None:
         )
 
 
+def refuse_shared_key(candidate: Candidate, rows: Sequence[Client]) -> None:
+    """A revoked certificate's key counts as stolen: a new certificate made with it (under any
+    name) would let the thief back in. And one key pair is one client: its certificates would
+    otherwise carry two names and two sets of permissions. Called once the candidate's own
+    fingerprint was looked for in ``rows`` (refused with its own message)."""
+    same = [row for row in rows if row.spki_sha256 == candidate.spki_sha256]
+    revoked = next((row for row in same if row.revoked_at is not None), None)
+    if revoked is not None:
+        raise ConflictError(
+            f"the key of certificate {candidate.fingerprint} is that of certificate "
+            f"{revoked.fingerprint}, revoked on {revoked.revoked_at:%Y-%m-%d %H:%M} UTC (as "
+            f"{revoked.name!r}): a revoked certificate's key counts as compromised; {REKEY_HINT}"
+        )
+    # Active, in a rotation's overlap, or retired by one: any certificate the key ever had.
+    if same:
+        raise ConflictError(
+            f"the key of certificate {candidate.fingerprint} is that of certificate "
+            f"{same[0].fingerprint} of client {same[0].name!r} (enrolled on "
+            f"{same[0].enrolled_at:%Y-%m-%d %H:%M} UTC), and one key pair is one client, a "
+            f"re-key included; {REKEY_HINT}"
+        )
+
+
 def check_enrollment(
     candidate: Candidate,
     name: str,
@@ -194,6 +217,7 @@ def check_enrollment(
         raise ConflictError(
             f"certificate {candidate.fingerprint} is already enrolled as {row.name!r}"
         )
+    refuse_shared_key(candidate, rows)
     active = [row for row in rows if row.active]
     retired = next((row for row in active if row.name == name and row.current), None)
     # A certificate still in a rotation's overlap holds its name too, even once its successor
