@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.x509.oid import NameOID
 
 from pinrpc.errors import IdentityError, PinrpcError, RegistryError, ServerCertError
@@ -63,7 +64,7 @@ class ServerCert:
     def leaf_only(self) -> bool:
         """A CA-issued leaf without its intermediate: clients that verify with ordinary roots
         (which hold no intermediates) cannot build a path to a root."""
-        return self.chain_pem.count(_BEGIN) == 1 and self.leaf.issuer != self.leaf.subject
+        return self.chain_pem.count(_BEGIN) == 1 and not _self_signed(self.leaf)
 
     def describe(self) -> str:
         try:
@@ -154,6 +155,24 @@ def _same_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, cert: x509.Ce
         return same_public_key(key, cert)
     except (ValueError, UnsupportedAlgorithm):
         return False
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    """Whether the certificate's own key made its signature. Not by comparing issuer and
+    subject: names that differ only in case would read as CA-issued to that test, and a
+    CA may issue a leaf under its own name."""
+    public, params = cert.public_key(), cert.signature_algorithm_parameters
+    tbs, hash_alg = cert.tbs_certificate_bytes, cert.signature_hash_algorithm
+    try:
+        if isinstance(public, rsa.RSAPublicKey) and isinstance(params, PKCS1v15 | PSS):
+            public.verify(cert.signature, tbs, params, cast(hashes.HashAlgorithm, hash_alg))
+        elif isinstance(public, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+            public.verify(cert.signature, tbs, params)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def _require_regular(path: Path, what: str) -> None:
