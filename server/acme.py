@@ -21,7 +21,7 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, cast
@@ -478,13 +478,17 @@ def obtain_certificate(
             contact_updated=contact,
         )
         key_mode, key_owner = _key_access(result.privkey)
+        _remove_leftovers((result.privkey, result.cert, result.chain, result.fullchain,
+                           out_dir / "account.key"))  # fmt: skip
         try:
-            # Key first and fullchain.pem last: a watcher keyed on fullchain.pem sees a full set.
+            # The server's pair, privkey.pem and fullchain.pem, last and one right after the
+            # other: a run killed between two renames leaves them mismatched only between
+            # these two (the server keeps its previous pair meanwhile; a restart would fail).
             write_all(
                 [
-                    (result.privkey, key_to_pem(server_key), key_mode),
                     (result.cert, pem([leaf]), 0o644),
                     (result.chain, pem(intermediates), 0o644),
+                    (result.privkey, key_to_pem(server_key), key_mode),
                     (result.fullchain, pem(certs), 0o644),
                 ],
                 overwrite=True,
@@ -496,6 +500,16 @@ def obtain_certificate(
                 f"cannot write {where}: {exc.strerror or exc}; the previous files are unchanged"
             ) from exc
         return result
+
+
+def _remove_leftovers(paths: tuple[Path, ...]) -> None:
+    """Delete what killed runs left beside ``paths`` (we hold --out's lock: no run is writing
+    there): write_all's temporary files and backups, copies of old and new keys among them."""
+    for path in paths:
+        for pattern in (f".{path.name}.*.tmp", f".{path.name}.*.bak"):
+            for leftover in path.parent.glob(pattern):
+                with suppress(OSError):  # best effort: never fail a renewal over litter
+                    leftover.unlink()
 
 
 def _check_ca_bundle(path: Path) -> None:

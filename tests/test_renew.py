@@ -4,18 +4,42 @@ certificates written into place, all against a real pebble and a real server."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from pinrpc.identity import PrivateKey, cert_to_pem, key_to_pem, write_all
+from pinrpc.channel import secure_channel
+from pinrpc.identity import (
+    KeyPairFiles,
+    PrivateKey,
+    cert_to_pem,
+    key_to_pem,
+    load_private_key,
+    same_public_key,
+    write_all,
+)
+from pinrpc.v1 import echo_pb2_grpc
+from server.acme import LOCK_NAME
 from server.app import start_server
 from server.config import ServerConfig
 from tests.certs import make_cert, name, p256, rsa_key
+from tests.conftest import MakeClient, admitted, enroll, eventually, require_tool
+from tests.pebble import Pebble
+from tests.test_server_cert import served_serial
 
 LEAF_ONLY = "holds no intermediate"
+NAME = "server.test"
+ROOT = Path(__file__).parent.parent
 
 
 def _warned_leaf_only(
@@ -58,3 +82,82 @@ def test_a_ca_issued_leaf_under_its_own_name_alone_is_warned_about(
     key, ca_key = p256(), p256()
     cert = make_cert(key, "server.test", issuer=name("server.test"), signer=ca_key)
     assert _warned_leaf_only(cert, key, tmp_path, caplog) is True
+
+
+# -- a renewal killed while it writes its files -------------------------------------------
+
+
+def _stub(port: int, client: KeyPairFiles, pebble: Pebble) -> echo_pb2_grpc.EchoStub:
+    target = f"127.0.0.1:{port}"
+    channel = secure_channel(target, client.cert_path, client.key_path, pebble.root_path, NAME)
+    return echo_pb2_grpc.EchoStub(channel)
+
+
+def _obtain_cert_argv(pebble: Pebble, out: Path) -> list[str]:
+    """obtain-cert as a cron job runs it, in a process of its own."""
+    argv = [sys.executable, "-m", "server.acme", "--directory", pebble.directory_url]
+    argv += ["--domain", NAME, "--out", str(out), "--http-port", str(_free_port())]
+    return [*argv, "--ca-bundle", str(pebble.acme_ca_bundle)]
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pair_matches(out: Path) -> bool:
+    key = load_private_key(out / "privkey.pem")
+    return same_public_key(key, x509.load_pem_x509_certificates(_chain(out))[0])
+
+
+def _chain(out: Path) -> bytes:
+    return (out / "fullchain.pem").read_bytes()
+
+
+def _hidden(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME)
+
+
+@pytest.mark.parametrize("rename", [1, 2, 3, 4])
+def test_a_renewal_killed_at_each_rename_never_breaks_the_server_and_the_next_one_cleans_up(
+    pebble: Pebble, registry: Path, make_client: MakeClient, tmp_path: Path, rename: int
+) -> None:
+    """SIGKILL (strace delivers it as the run enters its Nth rename(2)) leaves at most the
+    last rename undone: privkey.pem and fullchain.pem still match unless it stopped right
+    between them. The running server keeps a matching pair throughout; the next run writes
+    a full set and deletes the killed run's temporary files and key backups."""
+    require_tool(shutil.which("strace") is not None, "strace", "apt-get install -y strace")
+    out = tmp_path / "tls"
+    assert _run(_obtain_cert_argv(pebble, out)).returncode == 0
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice")
+    config = ServerConfig("127.0.0.1:0", out / "fullchain.pem", out / "privkey.pem",
+                          str(registry), poll_interval=0.05)  # fmt: skip
+    with start_server(config) as running:
+        first = running.trust.server_cert.leaf.serial_number
+        inject = ["strace", "-f", "-qq", "-o", "/dev/null", "-e",
+                  f"inject=rename:signal=SIGKILL:when={rename}"]  # fmt: skip
+        killed = _run([*inject, *_obtain_cert_argv(pebble, out)])
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert _hidden(out), "the kill left no temporary file: it hit no rename"
+        assert _pair_matches(out) is (rename != 4)
+        time.sleep(0.3)  # several polls over the killed run's files
+        running.trust.poll()
+        # A handshake proves the served pair matches; a call proves the server still serves.
+        assert served_serial(running.port, alice) == first
+        assert admitted(_stub(running.port, alice, pebble))
+
+        renewed = _run(_obtain_cert_argv(pebble, out))
+        assert renewed.returncode == 0, renewed.stderr
+        assert _pair_matches(out)
+        assert _hidden(out) == []
+        assert stat.S_IMODE((out / "privkey.pem").stat().st_mode) == 0o600
+        second = x509.load_pem_x509_certificates(_chain(out))[0].serial_number
+        eventually(lambda: served_serial(running.port, alice) == second, timeout=5)
