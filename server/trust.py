@@ -534,6 +534,13 @@ class TrustWatcher:
             return
         try:
             cert = load_server_cert(self._cert_path, self._key_path)
+            if cert.leaf_only and not self.server_cert.leaf_only:
+                # `cat cert.pem chain.pem > fullchain.pem` shows a poll the leaf alone, whole.
+                raise ServerCertError(
+                    f"{self._cert_path.absolute()} holds a leaf without the intermediate "
+                    f"that the certificate served now has (half-written, or cert.pem in "
+                    f"place of fullchain.pem?); restart the server to serve a leaf alone"
+                )
         except ServerCertError as exc:
             # Mid-renewal states look like this; the next complete write fixes it. Logged once
             # per reason: not at every poll, nor again at the hourly retry.

@@ -27,18 +27,30 @@ from pinrpc.identity import (
     load_private_key,
     same_public_key,
     write_all,
+    write_atomic,
 )
 from pinrpc.v1 import echo_pb2_grpc
 from server.acme import LOCK_NAME
 from server.app import start_server
 from server.config import ServerConfig
 from tests.certs import make_cert, name, p256, rsa_key
-from tests.conftest import MakeClient, admitted, enroll, eventually, require_tool
+from tests.conftest import (
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    admitted,
+    enroll,
+    eventually,
+    require_tool,
+    whoami,
+)
 from tests.pebble import Pebble
-from tests.test_server_cert import served_serial
+from tests.test_server_cert import served_chain, served_serial
 
 LEAF_ONLY = "holds no intermediate"
-NAME = "server.test"
+NAME = SERVER_NAME
+NAMES = [SERVER_NAME, "127.0.0.1"]
 ROOT = Path(__file__).parent.parent
 
 
@@ -161,3 +173,42 @@ def test_a_renewal_killed_at_each_rename_never_breaks_the_server_and_the_next_on
         assert stat.S_IMODE((out / "privkey.pem").stat().st_mode) == 0o600
         second = x509.load_pem_x509_certificates(_chain(out))[0].serial_number
         eventually(lambda: served_serial(running.port, alice) == second, timeout=5)
+
+
+# -- a chain rewritten in place ------------------------------------------------------------
+
+
+def test_a_chain_caught_between_its_leaf_and_its_intermediate_is_not_served(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A deploy hook's `cat cert.pem chain.pem > fullchain.pem` writes the leaf, then the
+    intermediate: a poll between the two reads a whole certificate that matches the key, but
+    clients that verify with ordinary roots cannot verify it without its intermediate."""
+    first = devca.ca.issue(NAMES)
+    cert, key = first.write(tmp_path / "srv")
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=60)
+    alice = make_client("alice")
+    with caplog.at_level(logging.INFO, logger="pinrpc.trust"), start_server(config) as running:
+        Connect(running, devca).enroll(alice, "alice")
+        second = devca.ca.issue(NAMES)
+        write_atomic(key, key_to_pem(second.key), 0o600)
+        with cert.open("wb") as chain:  # truncated, as the shell's > does
+            chain.write(cert_to_pem(second.leaf))
+            chain.flush()
+            running.trust.poll()
+            assert "not reloaded" in caplog.text and "without the intermediate" in caplog.text
+            assert [c.serial_number for c in served_chain(running.port, alice)] == [
+                first.leaf.serial_number, devca.ca.intermediate.serial_number
+            ]  # fmt: skip
+            chain.write(cert_to_pem(devca.ca.intermediate))
+        running.trust.poll()
+        assert [c.serial_number for c in served_chain(running.port, alice)] == [
+            second.leaf.serial_number, devca.ca.intermediate.serial_number
+        ]  # fmt: skip
+        stub = Connect(running, devca).stub(alice.cert_path, alice.key_path)
+        assert whoami(stub).name == "alice"
+        assert LEAF_ONLY not in caplog.text
