@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from pinrpc.channel import secure_channel
@@ -30,7 +31,7 @@ from pinrpc.identity import (
     write_atomic,
 )
 from pinrpc.v1 import echo_pb2_grpc
-from server.acme import LOCK_NAME
+from server.acme import LOCK_NAME, obtain_certificate
 from server.app import start_server
 from server.config import ServerConfig
 from tests.certs import make_cert, name, p256, rsa_key
@@ -212,3 +213,68 @@ def test_a_chain_caught_between_its_leaf_and_its_intermediate_is_not_served(
         stub = Connect(running, devca).stub(alice.cert_path, alice.key_path)
         assert whoami(stub).name == "alice"
         assert LEAF_ONLY not in caplog.text
+
+
+# -- renewals that change what is served ----------------------------------------------------
+
+
+def _obtain(pebble: Pebble, out: Path, key_type: str = "ec256") -> int:
+    ca = pebble.acme_ca_bundle
+    result = obtain_certificate(pebble.directory_url, [NAME], out, http_port=_free_port(),
+                                acme_ca_bundle=ca, key_type=key_type)  # fmt: skip
+    return result.serial
+
+
+def test_a_renewal_that_changes_the_key_type_is_served_both_ways(
+    pebble: Pebble, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    out = tmp_path / "tls"
+    _obtain(pebble, out, "ec256")
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice")
+    config = ServerConfig("127.0.0.1:0", out / "fullchain.pem", out / "privkey.pem",
+                          str(registry), poll_interval=0.05)  # fmt: skip
+    with start_server(config) as running:
+        stub = _stub(running.port, alice, pebble)  # opened before the switches
+        assert admitted(stub)
+        kinds = (("rsa2048", rsa.RSAPublicKey), ("ec384", ec.EllipticCurvePublicKey))
+        for key_type, kind in kinds:
+            serial = _obtain(pebble, out, key_type)
+            eventually(lambda: served_serial(running.port, alice) == serial, timeout=5)  # noqa: B023
+            assert isinstance(served_chain(running.port, alice)[0].public_key(), kind)
+            assert admitted(_stub(running.port, alice, pebble))
+            assert admitted(stub)
+
+
+def test_a_directory_swapped_by_symlink_is_picked_up_whole(
+    pebble: Pebble, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """--cert and --key under current/, a symlink re-pointed (rename(2)) from one complete
+    directory to the next: the pair switches together, and a directory swapped back to an
+    older, mismatched or expired state is handled like any other file change."""
+    _obtain(pebble, tmp_path / "v1")
+    second = _obtain(pebble, tmp_path / "v2")
+    current = tmp_path / "current"
+    current.symlink_to("v1")
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice")
+    config = ServerConfig("127.0.0.1:0", current / "fullchain.pem", current / "privkey.pem",
+                          str(registry), poll_interval=0.05)  # fmt: skip
+    with start_server(config) as running:
+        first = served_serial(running.port, alice)
+        staging = tmp_path / "current.new"
+        staging.symlink_to("v2")
+        staging.replace(current)
+        eventually(lambda: served_serial(running.port, alice) == second, timeout=5)
+        # A directory whose key is not the certificate's: the pair served stays.
+        (tmp_path / "v3").mkdir()
+        shutil.copy(tmp_path / "v1" / "fullchain.pem", tmp_path / "v3")
+        shutil.copy(tmp_path / "v2" / "privkey.pem", tmp_path / "v3")
+        staging.symlink_to("v3")
+        staging.replace(current)
+        time.sleep(0.3)
+        assert served_serial(running.port, alice) == second
+        staging.symlink_to("v1")
+        staging.replace(current)
+        eventually(lambda: served_serial(running.port, alice) == first, timeout=5)
+        assert admitted(_stub(running.port, alice, pebble))
