@@ -28,7 +28,7 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.x509.oid import NameOID
 
@@ -124,6 +124,13 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f"{key_path.absolute()} does not match the first certificate in "
             f"{cert_path.absolute()} (half-finished renewal?)"
         )
+    if len(chain) > 1 and not any(_signed_by(leaf, c) for c in chain[1:]):
+        # e.g. a deploy hook that appends a fixed intermediate: the CA issues from several.
+        raise ServerCertError(
+            f"{cert_path.absolute()}: no certificate after the leaf issued it (issuer "
+            f"{leaf.issuer.rfc4514_string()}); serve the chain the CA sent with it "
+            f"(fullchain.pem)"
+        )
     if not _valid_now(leaf):
         raise ServerCertError(
             f"{cert_path.absolute()} is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
@@ -161,13 +168,21 @@ def _self_signed(cert: x509.Certificate) -> bool:
     """Whether the certificate's own key made its signature. Not by comparing issuer and
     subject: names that differ only in case would read as CA-issued to that test, and a
     CA may issue a leaf under its own name."""
-    public, params = cert.public_key(), cert.signature_algorithm_parameters
-    tbs, hash_alg = cert.tbs_certificate_bytes, cert.signature_hash_algorithm
+    return _signed_by(cert, cert)
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key made ``cert``'s signature (names are not compared)."""
     try:
+        public, params = issuer.public_key(), cert.signature_algorithm_parameters
+        signature, tbs = cert.signature, cert.tbs_certificate_bytes
         if isinstance(public, rsa.RSAPublicKey) and isinstance(params, PKCS1v15 | PSS):
-            public.verify(cert.signature, tbs, params, cast(hashes.HashAlgorithm, hash_alg))
+            hash_alg = cast(hashes.HashAlgorithm, cert.signature_hash_algorithm)
+            public.verify(signature, tbs, params, hash_alg)
         elif isinstance(public, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
-            public.verify(cert.signature, tbs, params)
+            public.verify(signature, tbs, params)
+        elif isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            public.verify(signature, tbs)  # a private CA's intermediate may be EdDSA
         else:
             return False
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from pinrpc.channel import secure_channel
+from pinrpc.errors import ServerCertError
 from pinrpc.identity import (
     KeyPairFiles,
     PrivateKey,
@@ -32,8 +33,10 @@ from pinrpc.identity import (
 )
 from pinrpc.v1 import echo_pb2_grpc
 from server.acme import LOCK_NAME, obtain_certificate
+from server.acme import main as acme_main
 from server.app import start_server
 from server.config import ServerConfig
+from server.devca import DevCA
 from tests.certs import make_cert, name, p256, rsa_key
 from tests.conftest import (
     SERVER_NAME,
@@ -43,10 +46,11 @@ from tests.conftest import (
     admitted,
     enroll,
     eventually,
+    require_pebble,
     require_tool,
     whoami,
 )
-from tests.pebble import Pebble
+from tests.pebble import Pebble, start_pebble
 from tests.test_server_cert import served_chain, served_serial
 
 LEAF_ONLY = "holds no intermediate"
@@ -278,3 +282,61 @@ def test_a_directory_swapped_by_symlink_is_picked_up_whole(
         staging.replace(current)
         eventually(lambda: served_serial(running.port, alice) == first, timeout=5)
         assert admitted(_stub(running.port, alice, pebble))
+
+
+def test_a_renewal_while_the_ca_is_down_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CA answered the first run and is gone at renewal time (stopped, not a bad URL)."""
+    require_pebble()
+    out = tmp_path / "tls"
+    with start_pebble(tmp_path / "pebble") as gone:
+        _obtain(gone, out)
+        argv = _obtain_cert_argv(gone, out)[3:]  # the same flags, in-process
+    before = {p.name: (p.read_bytes(), p.stat().st_mode) for p in out.iterdir()}
+    capsys.readouterr()
+    assert acme_main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("obtain-cert: error: cannot reach the ACME server") and err.count("\n") == 1
+    )
+    assert {p.name: (p.read_bytes(), p.stat().st_mode) for p in out.iterdir()} == before
+
+
+def test_a_chain_whose_intermediate_did_not_issue_the_leaf_is_refused(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The CA issues from several intermediates (Let's Encrypt's R10 and R11), and a hook that
+    appends a fixed one gets it wrong half the time: no client could verify such a chain."""
+    other_ca = DevCA("another CA")
+    first = devca.ca.issue(NAMES)
+    cert, key = first.write(tmp_path / "srv")
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=60)
+    alice = make_client("alice")
+    with caplog.at_level(logging.INFO, logger="pinrpc.trust"), start_server(config) as running:
+        Connect(running, devca).enroll(alice, "alice")
+        second = devca.ca.issue(NAMES)
+        wrong = cert_to_pem(second.leaf) + cert_to_pem(other_ca.intermediate)
+        write_all([(key, key_to_pem(second.key), 0o600), (cert, wrong, 0o644)], overwrite=True)
+        running.trust.poll()
+        assert (
+            "not reloaded" in caplog.text
+            and "no certificate after the leaf issued it" in caplog.text
+        )
+        assert served_serial(running.port, alice) == first.leaf.serial_number
+        # The right intermediate, with another CA's certificate after it: served as given.
+        third = devca.ca.issue(NAMES)
+        extra = b"".join(cert_to_pem(c) for c in (third.leaf, *third.chain, other_ca.intermediate))
+        write_all([(key, key_to_pem(third.key), 0o600), (cert, extra, 0o644)], overwrite=True)
+        running.trust.poll()
+        assert served_serial(running.port, alice) == third.leaf.serial_number
+        assert whoami(Connect(running, devca).stub(alice.cert_path, alice.key_path)).name == "alice"
+    cert.write_bytes(wrong)
+    key.write_bytes(key_to_pem(second.key))
+    refused = pytest.raises(ServerCertError, match="no certificate after the leaf issued it")
+    with refused, start_server(config):
+        pass
