@@ -549,7 +549,7 @@ class TrustWatcher:
             return
         try:
             cert = load_server_cert(self._cert_path, self._key_path)
-            if cert.leaf_only and not self.server_cert.leaf_only:
+            if cert.leaf_only and self.server_cert.chain_pem.count(_BEGIN) > 1:
                 # `cat cert.pem chain.pem > fullchain.pem` shows a poll the leaf alone, whole.
                 raise ServerCertError(
                     f"{self._cert_path.absolute()} holds a leaf without the intermediate "

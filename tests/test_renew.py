@@ -219,6 +219,25 @@ def test_a_chain_caught_between_its_leaf_and_its_intermediate_is_not_served(
         assert LEAF_ONLY not in caplog.text
 
 
+def test_a_leaf_alone_after_a_self_signed_certificate_is_served_with_the_warning(
+    devca: ServerFiles, registry: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a chain that loses an intermediate is held back: a self-signed certificate has
+    none, so its CA-issued successor loads (warned about, as at start)."""
+    own = p256()
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    write_all([(key, key_to_pem(own), 0o600), (cert, cert_to_pem(make_cert(own, NAME)), 0o644)],
+              overwrite=True)  # fmt: skip
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=60)
+    with caplog.at_level(logging.INFO, logger="pinrpc.trust"), start_server(config) as running:
+        issued = devca.ca.issue(NAMES)
+        write_all([(key, key_to_pem(issued.key), 0o600), (cert, cert_to_pem(issued.leaf), 0o644)],
+                  overwrite=True)  # fmt: skip
+        running.trust.poll()
+        assert running.trust.server_cert.leaf == issued.leaf
+        assert LEAF_ONLY in caplog.text and "not reloaded" not in caplog.text
+
+
 # -- renewals that change what is served ----------------------------------------------------
 
 
