@@ -33,7 +33,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from pinrpc.cli import add_version_flag, missing_extra
 from pinrpc.errors import IdentityError, PinrpcError
-from pinrpc.identity import PrivateKey, generate_key, key_to_pem, read_file, write_all
+from pinrpc.identity import (
+    PrivateKey,
+    generate_key,
+    key_to_pem,
+    read_file,
+    same_public_key,
+    write_all,
+    write_atomic,
+)
 
 try:
     import idna
@@ -378,6 +386,7 @@ def obtain_certificate(
         locked = out_dir.is_dir()
         if locked:
             held.enter_context(_lock(out_dir))
+            _complete_killed_run(out_dir)
         server_key = _new_key(key_type)
         csr = make_csr(key_to_pem(server_key), names)
         account_private, new_account = _account_key(out_dir / "account.key")
@@ -500,6 +509,25 @@ def obtain_certificate(
                 f"cannot write {where}: {exc.strerror or exc}; the previous files are unchanged"
             ) from exc
         return result
+
+
+def _complete_killed_run(out_dir: Path) -> None:
+    """A run killed between its last two renames left privkey.pem, cert.pem and chain.pem
+    renewed beside the previous fullchain.pem, a pair the server would not start with. Put
+    fullchain.pem together from the other two first: this run may not reach the CA."""
+    names = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem")
+    try:
+        key_pem, cert_pem, chain_pem, full_pem = (read_file(out_dir / n, n) for n in names)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        leaf = x509.load_pem_x509_certificate(cert_pem)
+        served = x509.load_pem_x509_certificates(full_pem)[0]
+    except (IdentityError, ValueError, TypeError, UnsupportedAlgorithm):
+        return  # not the state a killed run leaves: not ours to change
+    if not isinstance(key, PrivateKey) or same_public_key(key, served):
+        return
+    if same_public_key(key, leaf):
+        with suppress(OSError):  # this run's own write reports a directory it cannot write
+            write_atomic(out_dir / "fullchain.pem", cert_pem + chain_pem, 0o644)
 
 
 def _remove_leftovers(paths: tuple[Path, ...]) -> None:

@@ -180,6 +180,34 @@ def test_a_renewal_killed_at_each_rename_never_breaks_the_server_and_the_next_on
         eventually(lambda: served_serial(running.port, alice) == second, timeout=5)
 
 
+def test_a_renewal_killed_between_key_and_chain_is_completed_even_when_the_ca_is_down(
+    pebble: Pebble, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """Killed as it renames fullchain.pem, after privkey.pem: the next run puts the chain
+    together from cert.pem and chain.pem before it needs the CA, so a restart meanwhile
+    would work and the running server moves on to the renewed pair."""
+    require_tool(shutil.which("strace") is not None, "strace", "apt-get install -y strace")
+    out = tmp_path / "tls"
+    assert _run(_obtain_cert_argv(pebble, out)).returncode == 0
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice")
+    config = ServerConfig("127.0.0.1:0", out / "fullchain.pem", out / "privkey.pem",
+                          str(registry), poll_interval=0.05)  # fmt: skip
+    with start_server(config) as running:
+        inject = ["strace", "-f", "-qq", "-o", "/dev/null", "-e",
+                  "inject=rename:signal=SIGKILL:when=4"]  # fmt: skip
+        assert _run([*inject, *_obtain_cert_argv(pebble, out)]).returncode == -signal.SIGKILL
+        assert not _pair_matches(out)
+        renewed = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number
+        down = _obtain_cert_argv(pebble, out)
+        down[down.index("--directory") + 1] = f"https://127.0.0.1:{_free_port()}/dir"
+        failed = _run(down)
+        assert failed.returncode == 1 and "cannot reach the ACME server" in failed.stderr
+        assert _pair_matches(out)
+        eventually(lambda: served_serial(running.port, alice) == renewed, timeout=5)
+        assert admitted(_stub(running.port, alice, pebble))
+
+
 # -- a chain rewritten in place ------------------------------------------------------------
 
 
