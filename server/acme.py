@@ -492,7 +492,8 @@ def obtain_certificate(
         try:
             # The server's pair, privkey.pem and fullchain.pem, last and one right after the
             # other: a run killed between two renames leaves them mismatched only between
-            # these two (the server keeps its previous pair meanwhile; a restart would fail).
+            # these two, with cert.pem and chain.pem already renewed for the next run to
+            # complete fullchain.pem from (_complete_killed_run).
             write_all(
                 [
                     (result.cert, pem([leaf]), 0o644),
