@@ -47,7 +47,6 @@ from tests.conftest import (
     enroll,
     eventually,
     require_pebble,
-    require_tool,
     whoami,
 )
 from tests.pebble import Pebble, start_pebble
@@ -117,6 +116,28 @@ def _obtain_cert_argv(pebble: Pebble, out: Path) -> list[str]:
     return [*argv, "--ca-bundle", str(pebble.acme_ca_bundle)]
 
 
+# Python raises the audit event "os.rename" as os.replace is about to call rename(2): the
+# process SIGKILLs itself there, as the OOM killer or a reboot would.
+_KILL_AT_RENAME = """
+import os, signal, sys
+count, renames = int(sys.argv.pop(1)), []
+def hook(event, args):
+    if event == "os.rename":
+        renames.append(args)
+        if len(renames) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+from server.acme import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed_at_rename(count: int, pebble: Pebble, out: Path) -> None:
+    argv = _obtain_cert_argv(pebble, out)
+    killed = _run([sys.executable, "-c", _KILL_AT_RENAME, str(count), *argv[3:]])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
@@ -146,11 +167,10 @@ def _hidden(out: Path) -> list[str]:
 def test_a_renewal_killed_at_each_rename_never_breaks_the_server_and_the_next_one_cleans_up(
     pebble: Pebble, registry: Path, make_client: MakeClient, tmp_path: Path, rename: int
 ) -> None:
-    """SIGKILL (strace delivers it as the run enters its Nth rename(2)) leaves at most the
+    """SIGKILL as the run enters its Nth rename(2) leaves at most the
     last rename undone: privkey.pem and fullchain.pem still match unless it stopped right
     between them. The running server keeps a matching pair throughout; the next run writes
     a full set and deletes the killed run's temporary files and key backups."""
-    require_tool(shutil.which("strace") is not None, "strace", "apt-get install -y strace")
     out = tmp_path / "tls"
     assert _run(_obtain_cert_argv(pebble, out)).returncode == 0
     alice = make_client("alice")
@@ -159,10 +179,7 @@ def test_a_renewal_killed_at_each_rename_never_breaks_the_server_and_the_next_on
                           str(registry), poll_interval=0.05)  # fmt: skip
     with start_server(config) as running:
         first = running.trust.server_cert.leaf.serial_number
-        inject = ["strace", "-f", "-qq", "-o", "/dev/null", "-e",
-                  f"inject=rename:signal=SIGKILL:when={rename}"]  # fmt: skip
-        killed = _run([*inject, *_obtain_cert_argv(pebble, out)])
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        _killed_at_rename(rename, pebble, out)
         assert _hidden(out), "the kill left no temporary file: it hit no rename"
         assert _pair_matches(out) is (rename != 4)
         time.sleep(0.3)  # several polls over the killed run's files
@@ -186,7 +203,6 @@ def test_a_renewal_killed_between_key_and_chain_is_completed_even_when_the_ca_is
     """Killed as it renames fullchain.pem, after privkey.pem: the next run puts the chain
     together from cert.pem and chain.pem before it needs the CA, so a restart meanwhile
     would work and the running server moves on to the renewed pair."""
-    require_tool(shutil.which("strace") is not None, "strace", "apt-get install -y strace")
     out = tmp_path / "tls"
     assert _run(_obtain_cert_argv(pebble, out)).returncode == 0
     alice = make_client("alice")
@@ -194,9 +210,7 @@ def test_a_renewal_killed_between_key_and_chain_is_completed_even_when_the_ca_is
     config = ServerConfig("127.0.0.1:0", out / "fullchain.pem", out / "privkey.pem",
                           str(registry), poll_interval=0.05)  # fmt: skip
     with start_server(config) as running:
-        inject = ["strace", "-f", "-qq", "-o", "/dev/null", "-e",
-                  "inject=rename:signal=SIGKILL:when=4"]  # fmt: skip
-        assert _run([*inject, *_obtain_cert_argv(pebble, out)]).returncode == -signal.SIGKILL
+        _killed_at_rename(4, pebble, out)
         assert not _pair_matches(out)
         renewed = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number
         down = _obtain_cert_argv(pebble, out)
