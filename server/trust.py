@@ -105,6 +105,12 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f"{cert_path.absolute()} holds an incomplete certificate chain (half-written?)"
         )
     leaf = chain[0]
+    try:  # parsed lazily: a damaged name or extension would raise later, ending the poll thread
+        ServerCert(chain_pem, key_pem, leaf).describe()
+    except ValueError as exc:
+        raise ServerCertError(
+            f"{cert_path.absolute()} holds a certificate that cannot be read: {exc}"
+        ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ServerCertError(f"{key_path.absolute()} is not an ECDSA or RSA key")
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in SERVED_CURVES:

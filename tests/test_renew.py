@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
@@ -36,7 +37,7 @@ from server.acme import LOCK_NAME, obtain_certificate
 from server.acme import main as acme_main
 from server.app import start_server
 from server.config import ServerConfig
-from server.devca import DevCA
+from server.devca import DevCA, Issued
 from tests.certs import make_cert, name, p256, rsa_key
 from tests.conftest import (
     SERVER_NAME,
@@ -47,6 +48,7 @@ from tests.conftest import (
     enroll,
     eventually,
     require_pebble,
+    revoke,
     whoami,
 )
 from tests.pebble import Pebble, start_pebble
@@ -399,5 +401,42 @@ def test_a_chain_whose_intermediate_did_not_issue_the_leaf_is_refused(
     cert.write_bytes(wrong)
     key.write_bytes(key_to_pem(second.key))
     refused = pytest.raises(ServerCertError, match="no certificate after the leaf issued it")
+    with refused, start_server(config):
+        pass
+
+
+def _damaged_issuer(issued: Issued) -> bytes:
+    """The chain with one byte of the leaf's issuer name flipped to invalid UTF-8, as a bad
+    disk or copy would: it loads, and the name raises only when read."""
+    der = bytearray(issued.leaf.public_bytes(serialization.Encoding.DER))
+    at = der.find(b"pinrpc dev CA intermediate")
+    der[at] = 0xFF
+    leaf = x509.load_der_x509_certificate(bytes(der))
+    return b"".join(cert_to_pem(c) for c in (leaf, *issued.chain))
+
+
+def test_a_certificate_with_a_damaged_name_stops_neither_the_server_nor_revocations(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = devca.ca.issue(NAMES)
+    cert, key = first.write(tmp_path / "srv")
+    config = ServerConfig("127.0.0.1:0", cert, key, str(registry), poll_interval=0.05)
+    alice = make_client("alice")
+    with caplog.at_level(logging.INFO, logger="pinrpc.trust"), start_server(config) as running:
+        connect = Connect(running, devca)
+        connect.enroll(alice, "alice")
+        second = devca.ca.issue(NAMES)
+        damaged = _damaged_issuer(second)
+        write_all([(key, key_to_pem(second.key), 0o600), (cert, damaged, 0o644)], overwrite=True)
+        running.trust.poll()  # never raises: the poll thread would end with it
+        assert "not reloaded" in caplog.text and "cannot be read" in caplog.text
+        assert served_serial(running.port, alice) == first.leaf.serial_number
+        revoke(registry, "alice")  # picked up by the poll thread, which is still running
+        eventually(lambda: not admitted(connect.stub(alice.cert_path, alice.key_path)), 5)
+    refused = pytest.raises(ServerCertError, match="cannot be read")
     with refused, start_server(config):
         pass
