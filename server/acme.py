@@ -21,7 +21,7 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, cast
@@ -33,7 +33,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from pinrpc.cli import add_version_flag, missing_extra
 from pinrpc.errors import IdentityError, PinrpcError
-from pinrpc.identity import PrivateKey, generate_key, key_to_pem, read_file, write_all
+from pinrpc.identity import (
+    PrivateKey,
+    generate_key,
+    key_to_pem,
+    read_file,
+    same_public_key,
+    write_all,
+    write_atomic,
+)
 
 try:
     import idna
@@ -378,6 +386,7 @@ def obtain_certificate(
         locked = out_dir.is_dir()
         if locked:
             held.enter_context(_lock(out_dir))
+            _complete_killed_run(out_dir)
         server_key = _new_key(key_type)
         csr = make_csr(key_to_pem(server_key), names)
         account_private, new_account = _account_key(out_dir / "account.key")
@@ -478,13 +487,18 @@ def obtain_certificate(
             contact_updated=contact,
         )
         key_mode, key_owner = _key_access(result.privkey)
+        _remove_leftovers((result.privkey, result.cert, result.chain, result.fullchain,
+                           out_dir / "account.key"))  # fmt: skip
         try:
-            # Key first and fullchain.pem last: a watcher keyed on fullchain.pem sees a full set.
+            # The server's pair, privkey.pem and fullchain.pem, last and one right after the
+            # other: a run killed between two renames leaves them mismatched only between
+            # these two, with cert.pem and chain.pem already renewed for the next run to
+            # complete fullchain.pem from (_complete_killed_run).
             write_all(
                 [
-                    (result.privkey, key_to_pem(server_key), key_mode),
                     (result.cert, pem([leaf]), 0o644),
                     (result.chain, pem(intermediates), 0o644),
+                    (result.privkey, key_to_pem(server_key), key_mode),
                     (result.fullchain, pem(certs), 0o644),
                 ],
                 overwrite=True,
@@ -496,6 +510,35 @@ def obtain_certificate(
                 f"cannot write {where}: {exc.strerror or exc}; the previous files are unchanged"
             ) from exc
         return result
+
+
+def _complete_killed_run(out_dir: Path) -> None:
+    """A run killed between its last two renames left privkey.pem, cert.pem and chain.pem
+    renewed beside the previous fullchain.pem, a pair the server would not start with. Put
+    fullchain.pem together from the other two first: this run may not reach the CA."""
+    names = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem")
+    try:
+        key_pem, cert_pem, chain_pem, full_pem = (read_file(out_dir / n, n) for n in names)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        leaf = x509.load_pem_x509_certificate(cert_pem)
+        served = x509.load_pem_x509_certificates(full_pem)[0]
+    except (IdentityError, ValueError, TypeError, UnsupportedAlgorithm):
+        return  # not the state a killed run leaves: not ours to change
+    if not isinstance(key, PrivateKey) or same_public_key(key, served):
+        return
+    if same_public_key(key, leaf):
+        with suppress(OSError):  # this run's own write reports a directory it cannot write
+            write_atomic(out_dir / "fullchain.pem", cert_pem + chain_pem, 0o644)
+
+
+def _remove_leftovers(paths: tuple[Path, ...]) -> None:
+    """Delete what killed runs left beside ``paths`` (we hold --out's lock: no run is writing
+    there): write_all's temporary files and backups, copies of old and new keys among them."""
+    for path in paths:
+        for pattern in (f".{path.name}.*.tmp", f".{path.name}.*.bak"):
+            for leftover in path.parent.glob(pattern):
+                with suppress(OSError):  # best effort: never fail a renewal over litter
+                    leftover.unlink()
 
 
 def _check_ca_bundle(path: Path) -> None:

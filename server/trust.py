@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.x509.oid import NameOID
 
 from pinrpc.errors import IdentityError, PinrpcError, RegistryError, ServerCertError
@@ -63,7 +64,7 @@ class ServerCert:
     def leaf_only(self) -> bool:
         """A CA-issued leaf without its intermediate: clients that verify with ordinary roots
         (which hold no intermediates) cannot build a path to a root."""
-        return self.chain_pem.count(_BEGIN) == 1 and self.leaf.issuer != self.leaf.subject
+        return self.chain_pem.count(_BEGIN) == 1 and not _self_signed(self.leaf)
 
     def describe(self) -> str:
         try:
@@ -104,6 +105,12 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f"{cert_path.absolute()} holds an incomplete certificate chain (half-written?)"
         )
     leaf = chain[0]
+    try:  # parsed lazily: a damaged name or extension would raise later, ending the poll thread
+        ServerCert(chain_pem, key_pem, leaf).describe()
+    except ValueError as exc:
+        raise ServerCertError(
+            f"{cert_path.absolute()} holds a certificate that cannot be read: {exc}"
+        ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ServerCertError(f"{key_path.absolute()} is not an ECDSA or RSA key")
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in SERVED_CURVES:
@@ -122,6 +129,13 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
         raise ServerCertError(
             f"{key_path.absolute()} does not match the first certificate in "
             f"{cert_path.absolute()} (half-finished renewal?)"
+        )
+    if len(chain) > 1 and not any(_signed_by(leaf, c) for c in chain[1:]):
+        # e.g. a deploy hook that appends a fixed intermediate: the CA issues from several.
+        raise ServerCertError(
+            f"{cert_path.absolute()}: no certificate after the leaf issued it (issuer "
+            f"{leaf.issuer.rfc4514_string()}); serve the chain the CA sent with it "
+            f"(fullchain.pem)"
         )
     if not _valid_now(leaf):
         raise ServerCertError(
@@ -154,6 +168,32 @@ def _same_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, cert: x509.Ce
         return same_public_key(key, cert)
     except (ValueError, UnsupportedAlgorithm):
         return False
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    """Whether the certificate's own key made its signature. Not by comparing issuer and
+    subject: names that differ only in case would read as CA-issued to that test, and a
+    CA may issue a leaf under its own name."""
+    return _signed_by(cert, cert)
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key made ``cert``'s signature (names are not compared)."""
+    try:
+        public, params = issuer.public_key(), cert.signature_algorithm_parameters
+        signature, tbs = cert.signature, cert.tbs_certificate_bytes
+        if isinstance(public, rsa.RSAPublicKey) and isinstance(params, PKCS1v15 | PSS):
+            hash_alg = cast(hashes.HashAlgorithm, cert.signature_hash_algorithm)
+            public.verify(signature, tbs, params, hash_alg)
+        elif isinstance(public, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+            public.verify(signature, tbs, params)
+        elif isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            public.verify(signature, tbs)  # a private CA's intermediate may be EdDSA
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def _require_regular(path: Path, what: str) -> None:
@@ -515,6 +555,13 @@ class TrustWatcher:
             return
         try:
             cert = load_server_cert(self._cert_path, self._key_path)
+            if cert.leaf_only and self.server_cert.chain_pem.count(_BEGIN) > 1:
+                # `cat cert.pem chain.pem > fullchain.pem` shows a poll the leaf alone, whole.
+                raise ServerCertError(
+                    f"{self._cert_path.absolute()} holds a leaf without the intermediate "
+                    f"that the certificate served now has (half-written, or cert.pem in "
+                    f"place of fullchain.pem?); restart the server to serve a leaf alone"
+                )
         except ServerCertError as exc:
             # Mid-renewal states look like this; the next complete write fixes it. Logged once
             # per reason: not at every poll, nor again at the hourly retry.
