@@ -38,6 +38,13 @@ CONNECT_OPTIONS: dict[str, Any] = {
     "tcp_user_timeout": 5000,
     "options": "-c statement_timeout=5000 -c lock_timeout=5000",
 }
+# What to fix, by SQLSTATE, for the errors a misconfigured role meets.
+HINTS = {
+    "42501": "grant the role SELECT, INSERT and UPDATE on the registry's tables (SELECT is "
+    "enough to read; migrate also needs CREATE on the schema)",
+    "25006": "the role's transactions are read-only (default_transaction_read_only, or a "
+    "standby): point --registry at the primary, with a role that may write",
+}
 
 POSTGRES = Dialect(
     name="postgresql",
@@ -48,8 +55,10 @@ POSTGRES = Dialect(
     },
     placeholder="%s",
     tables="SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
-    columns="SELECT column_name FROM information_schema.columns "
-    "WHERE table_schema = current_schema() AND table_name = ?",
+    # pg_attribute, not information_schema: that lists only the columns the role may use, so
+    # a role without privileges took its registry for another application's tables.
+    columns="SELECT attname FROM pg_attribute WHERE attnum > 0 AND NOT attisdropped "
+    "AND attrelid = to_regclass(quote_ident(current_schema()) || '.' || quote_ident(?))",
     change_lock="SELECT value FROM meta WHERE key = 'generation' FOR UPDATE",
     migration_lock=f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})",
     bump_generation=BUMP_GENERATION.format(
@@ -75,6 +84,13 @@ def describe(url: str) -> str:
 
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def explain(exc: psycopg.Error) -> str:
+    """The server's message without its CONTEXT and LINE parts, and what to fix if we know."""
+    text = exc.diag.message_primary or one_line(exc)
+    hint = HINTS.get(exc.sqlstate or "")
+    return f"{text}; {hint}" if hint else text
 
 
 class Backoff:
@@ -174,7 +190,7 @@ class PostgresRegistry(SqlRegistry):
                 return body(_query(conn))
             except psycopg.Error as exc:
                 self._lost(exc)
-                raise RegistryError(f"cannot read registry {self.where}: {one_line(exc)}") from exc
+                raise RegistryError(f"cannot read registry {self.where}: {explain(exc)}") from exc
 
     def _transaction(self, body: Callable[[Query], T]) -> T:
         with self._lock:
@@ -185,14 +201,12 @@ class PostgresRegistry(SqlRegistry):
             except psycopg.OperationalError as exc:
                 self._lost(exc)
                 raise RegistryError(
-                    f"cannot change registry {self.where}: {one_line(exc)} (if the connection "
+                    f"cannot change registry {self.where}: {explain(exc)} (if the connection "
                     "broke while committing, check with `pinrpc-server list`)"
                 ) from exc
             except psycopg.Error as exc:
                 self._lost(exc)
-                raise RegistryError(
-                    f"cannot change registry {self.where}: {one_line(exc)}"
-                ) from exc
+                raise RegistryError(f"cannot change registry {self.where}: {explain(exc)}") from exc
 
     def _announce(self, q: Query, generation: int) -> None:
         q("SELECT pg_notify(?, ?)", (CHANNEL, str(generation)))
