@@ -167,7 +167,7 @@ class PostgresRegistry(SqlRegistry):
         self._connected_once = True
         if self._down:
             self._down = False
-            log.warning("PostgreSQL %s reachable again", self.where)
+            log.info("PostgreSQL %s reachable again", self.where)
         return self._conn
 
     def _lost(self, exc: psycopg.Error) -> None:
@@ -181,7 +181,9 @@ class PostgresRegistry(SqlRegistry):
             # Only a server that was connected has something to report; the CLI reports itself.
             if self._connected_once and not self._down:
                 self._down = True
-                log.warning("PostgreSQL %s unreachable: %s", self.where, self._last_error)
+                # INFO: the server's watcher logs the outage itself; a CLI (no logging set
+                # up, WARNING goes to stderr) must print its one error line only.
+                log.info("PostgreSQL %s unreachable: %s", self.where, self._last_error)
 
     def _read(self, body: Callable[[Query], T]) -> T:
         with self._lock:
@@ -195,18 +197,25 @@ class PostgresRegistry(SqlRegistry):
     def _transaction(self, body: Callable[[Query], T]) -> T:
         with self._lock:
             conn = self._connection()
+            committing = False
             try:
                 with conn.transaction():
-                    return body(_query(conn))
-            except psycopg.OperationalError as exc:
-                self._lost(exc)
-                raise RegistryError(
-                    f"cannot change registry {self.where}: {explain(exc)} (if the connection "
-                    "broke while committing, check with `pinrpc-server list`)"
-                ) from exc
+                    result = body(_query(conn))
+                    committing = True
+                return result
             except psycopg.Error as exc:
                 self._lost(exc)
-                raise RegistryError(f"cannot change registry {self.where}: {explain(exc)}") from exc
+                # Before COMMIT, PostgreSQL rolls the whole change back, whatever broke; only
+                # a connection lost during COMMIT leaves the outcome unknown here.
+                outcome = (
+                    "the connection broke while committing: check with `pinrpc-server list` "
+                    "whether the change was made"
+                    if committing and isinstance(exc, psycopg.OperationalError)
+                    else "nothing was changed"
+                )
+                raise RegistryError(
+                    f"cannot change registry {self.where}: {explain(exc)}; {outcome}"
+                ) from exc
 
     def _announce(self, q: Query, generation: int) -> None:
         q("SELECT pg_notify(?, ?)", (CHANNEL, str(generation)))

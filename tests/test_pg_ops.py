@@ -1,19 +1,32 @@
 """PostgreSQL as the registry in operation, against a real cluster: roles that may not read or
-write are told what to grant."""
+write are told what to grant, and a change whose backend is terminated part-way changes
+nothing and says so in one line."""
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
 
-from pinrpc.identity import KeyPairFiles
+from pinrpc.errors import RegistryError
+from pinrpc.identity import Fingerprint, KeyPairFiles
 from server import cli as server_cli
 from server.app import start_server
 from server.config import ServerConfig
-from tests.conftest import MakeClient, ServerFiles, admitted
+from server.enrollment import Candidate, check_certificate
+from server.registry import open_registry
+from server.registry_pg import PostgresRegistry
+from tests.conftest import MakeClient, ServerFiles, admitted, eventually
 from tests.postgres import Postgres
+from tests.security.attacker import BIN, ROOT
 from tests.test_replicas import stub
 
 _dbs = itertools.count()
@@ -72,6 +85,7 @@ def test_a_role_without_privileges_is_told_what_to_grant(
     assert code == 1
     assert len(err) == 1
     assert "permission denied for table meta; grant the role" in err[0]
+    assert err[0].endswith("nothing was changed")
     assert snapshot(url) == before
 
 
@@ -96,3 +110,116 @@ def test_a_read_only_role_serves_but_changes_are_sent_to_the_primary(
     assert "read-only transaction" in err[0]
     assert "point --registry at the primary" in err[0]
     assert snapshot(url) == before
+
+
+@contextmanager
+def blocked_then_terminated(url: str, lock: str) -> Iterator[list[int]]:
+    """Hold a row lock the change needs part-way through; terminate the change's backend
+    once it waits for it. Yields the list that receives the terminated backend's pid."""
+    killed: list[int] = []
+    holder = psycopg.connect(url)
+    assert holder.execute(lock).fetchall(), "nothing to lock"
+
+    def terminate() -> None:
+        deadline = time.monotonic() + 10
+        with psycopg.connect(url, autocommit=True) as admin:
+            while not killed and time.monotonic() < deadline:
+                rows = admin.execute(
+                    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'pinrpc-server' AND wait_event_type = 'Lock'"
+                ).fetchall()
+                killed.extend(pid for pid, _ in rows)
+                time.sleep(0.05)
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        killer.join()
+        holder.rollback()
+        holder.close()
+
+
+ALICE_ROW = "SELECT 1 FROM clients WHERE name = 'alice' FOR UPDATE"
+# change -> (the row lock it waits for part-way, its command line given the URL and new key)
+CHANGES: dict[str, tuple[str, Callable[[str, KeyPairFiles], list[str]]]] = {
+    "revoke": (ALICE_ROW, lambda url, new: ["revoke", "alice", "--registry", url]),
+    "re-key": (
+        ALICE_ROW,
+        lambda url, new: [
+            "enroll",
+            str(new.cert_path),
+            "--name=alice",
+            "--replace",
+            "--registry",
+            url,
+        ],
+    ),
+    "approve": (
+        "SELECT 1 FROM pending FOR UPDATE",
+        lambda url, new: ["approve", candidate(new).fingerprint.hex, "--registry", url],
+    ),
+}
+
+
+def candidate(files: KeyPairFiles) -> Candidate:
+    return check_certificate(files.cert_path.read_bytes(), str(files.cert_path))
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_change_whose_backend_is_terminated_changes_nothing_and_says_so_in_one_line(
+    change: str, url: str, make_client: MakeClient
+) -> None:
+    enroll(url, make_client("alice"), "alice")
+    new = make_client("newkey")
+    registry = open_registry(url)
+    try:
+        registry.request_enrollment(candidate(new), "carol", "ipv4:127.0.0.1:1", dt.timedelta(1), 9)
+    finally:
+        registry.close()
+    before = snapshot(url)
+    lock, argv = CHANGES[change]
+    with blocked_then_terminated(url, lock) as killed:
+        # The real program: pytest's log capture would hide a stray warning on stderr.
+        done = subprocess.run(
+            [str(BIN / "pinrpc-server"), *argv(url, new)],
+            capture_output=True, text=True, timeout=20, check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    assert killed, "the change never waited for the lock"
+    assert done.returncode == 1
+    err = done.stderr.splitlines()
+    assert len(err) == 1, err  # the registry used to log the lost connection there too
+    assert "terminating connection due to administrator command; nothing was changed" in err[0]
+    assert "CONTEXT" not in err[0]
+    assert snapshot(url) == before
+
+
+def test_a_rotation_whose_backend_is_terminated_leaves_the_old_certificate_current(
+    url: str, make_client: MakeClient
+) -> None:
+    alice, new = make_client("alice"), make_client("alice2")
+    enroll(url, alice, "alice")
+    before = snapshot(url)
+    registry = PostgresRegistry(url)
+    try:
+        current, successor = candidate(alice).fingerprint, candidate(new)
+        with (
+            blocked_then_terminated(url, ALICE_ROW),
+            pytest.raises(RegistryError, match="nothing was changed"),
+        ):
+            registry.rotate(current, successor, dt.timedelta(hours=1))
+        assert snapshot(url) == before
+        # The same registry object reconnects for the next change, after its backoff.
+        eventually(lambda: rotated(registry, current, successor), timeout=3.0)
+    finally:
+        registry.close()
+
+
+def rotated(registry: PostgresRegistry, current: Fingerprint, successor: Candidate) -> bool:
+    try:
+        registry.rotate(current, successor, dt.timedelta(hours=1))
+    except RegistryError:  # "unreachable ...; retrying in 0.1 s"
+        return False
+    return True
