@@ -38,6 +38,10 @@ CONNECT_OPTIONS: dict[str, Any] = {
     "tcp_user_timeout": 5000,
     "options": "-c statement_timeout=5000 -c lock_timeout=5000",
 }
+# A PostgreSQL that is slow to answer (a replica started under load) may miss connect_timeout
+# once: a process's first connection is tried this many times, 9 s at most. Only a timeout is
+# retried; a refusal, a wrong password or a missing database fails at once.
+FIRST_CONNECT_ATTEMPTS = 3
 # What to fix, by SQLSTATE, for the errors a misconfigured role meets.
 HINTS = {
     "42501": "grant the role SELECT, INSERT and UPDATE on the registry's tables (SELECT is "
@@ -145,7 +149,15 @@ class PostgresRegistry(SqlRegistry):
 
     # -- connections -----------------------------------------------------------------------
 
-    def _connect(self) -> psycopg.Connection[Row]:
+    def _connect(self, attempts: int = 1) -> psycopg.Connection[Row]:
+        for attempt in range(1, attempts):
+            try:
+                return psycopg.connect(self._url, autocommit=True, **CONNECT_OPTIONS)
+            except psycopg.errors.ConnectionTimeout:
+                log.info(
+                    "PostgreSQL %s did not answer within %d s (attempt %d of %d); trying again",
+                    self.where, CONNECT_OPTIONS["connect_timeout"], attempt, attempts,
+                )  # fmt: skip
         return psycopg.connect(self._url, autocommit=True, **CONNECT_OPTIONS)
 
     def _connection(self) -> psycopg.Connection[Row]:
@@ -156,12 +168,15 @@ class PostgresRegistry(SqlRegistry):
                 f"PostgreSQL {self.where} is unreachable ({self._last_error}); retrying in "
                 f"{self._backoff.wait():.1f} s"
             )
+        attempts = 1 if self._connected_once else FIRST_CONNECT_ATTEMPTS
         try:
-            self._conn = self._connect()
+            self._conn = self._connect(attempts)
         except psycopg.Error as exc:
             self._lost(exc)
+            timeout = isinstance(exc, psycopg.errors.ConnectionTimeout)
+            tried = f" ({attempts} attempts)" if timeout and attempts > 1 else ""
             raise RegistryError(
-                f"cannot connect to PostgreSQL {self.where}: {self._last_error}"
+                f"cannot connect to PostgreSQL {self.where}: {self._last_error}{tried}"
             ) from exc
         self._backoff.succeeded()
         self._connected_once = True

@@ -1,12 +1,13 @@
 """PostgreSQL as the registry in operation, against a real cluster: roles that may not read or
-write are told what to grant, and a change whose backend is terminated part-way changes
-nothing and says so in one line."""
+write are told what to grant; a change whose backend is terminated part-way changes nothing
+and says so in one line; `serve` waits out a database slow to answer, within a bound."""
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -223,3 +224,69 @@ def rotated(registry: PostgresRegistry, current: Fingerprint, successor: Candida
     except RegistryError:  # "unreachable ...; retrying in 0.1 s"
         return False
     return True
+
+
+def cluster_pids(pg: Postgres) -> list[int]:
+    postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(
+        ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return [postmaster, *map(int, children)]
+
+
+def signal_all(pids: list[int], signum: signal.Signals) -> None:
+    for pid in pids:
+        os.kill(pid, signum)
+
+
+@contextmanager
+def stopped(pg: Postgres, seconds: float) -> Iterator[None]:
+    """SIGSTOP every process of the cluster; SIGCONT after ``seconds`` (and always on exit)."""
+    pids = cluster_pids(pg)
+    signal_all(pids, signal.SIGSTOP)
+    resume = threading.Timer(seconds, signal_all, (pids, signal.SIGCONT))
+    resume.start()
+    try:
+        yield
+    finally:
+        resume.cancel()
+        signal_all(pids, signal.SIGCONT)
+
+
+def test_serve_waits_out_a_database_that_answers_after_the_connect_timeout(
+    pg: Postgres, url: str, make_client: MakeClient, devca: ServerFiles
+) -> None:
+    alice = make_client("alice")
+    enroll(url, alice, "alice")
+    config = ServerConfig(listen="127.0.0.1:0", cert=devca.cert, key=devca.key, registry=url)
+    start = time.monotonic()
+    with stopped(pg, 4.0), start_server(config) as running:
+        took = time.monotonic() - start
+        assert admitted(stub(f"127.0.0.1:{running.port}", alice, devca))
+    print(f"measured start_after_stopped_db_s {took:.2f}")
+    assert 4.0 <= took < 7.0
+
+
+def test_a_database_that_never_answers_fails_in_bounded_time_and_a_refusal_at_once(
+    pg: Postgres, url: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    enroll(url, make_client("alice"), "alice")
+    start = time.monotonic()
+    with stopped(pg, 15.0):
+        code, err = cli(capsys, "list", "--registry", url)
+    took = time.monotonic() - start
+    assert code == 1
+    assert len(err) == 1
+    assert "connection timeout expired (3 attempts)" in err[0]
+    assert 8.5 <= took < 12.0
+    pg.stop()
+    try:
+        start = time.monotonic()
+        code, err = cli(capsys, "list", "--registry", url)
+        assert time.monotonic() - start < 1.0
+    finally:
+        pg.start()
+    assert code == 1
+    assert len(err) == 1
+    assert "Connection refused" in err[0]
+    assert "attempts" not in err[0]
