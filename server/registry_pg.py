@@ -4,16 +4,20 @@ Every change sends NOTIFY in its own transaction, so it reaches the other replic
 only if) it commits; a replica's watcher waits on a dedicated LISTEN connection and polls the
 generation counter anyway, so a lost notification delays a change by one poll at most. When
 PostgreSQL goes away, calls fail fast with RegistryError (the watcher keeps the last good set)
-and reconnection is retried with capped exponential backoff.
+and reconnection is retried with capped exponential backoff; one that hangs is cut off after
+ANSWER_LIMIT. A change cut off before its COMMIT is rolled back whole, and says so.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -42,6 +46,10 @@ CONNECT_OPTIONS: dict[str, Any] = {
 # once: a process's first connection is tried this many times, 9 s at most. Only a timeout is
 # retried; a refusal, a wrong password or a missing database fails at once.
 FIRST_CONNECT_ATTEMPTS = 3
+# statement_timeout and lock_timeout are the server's: a PostgreSQL whose processes are stopped
+# (or swapped out) never answers, and its kernel still acknowledges data and keepalives. A read
+# or change still unanswered after this long is cut off here, by shutting its socket down.
+ANSWER_LIMIT = 7.0
 # What to fix, by SQLSTATE, for the errors a misconfigured role meets.
 HINTS = {
     "42501": "grant the role SELECT, INSERT and UPDATE on the registry's tables (SELECT is "
@@ -117,6 +125,45 @@ class Backoff:
 
     def succeeded(self) -> None:
         self.delay, self.next_try = 0.0, 0.0
+
+
+class Deadline:
+    """Cuts a connection off if the operation in the ``with`` block outlives ANSWER_LIMIT."""
+
+    def __init__(self, conn: psycopg.Connection[Row]) -> None:
+        self._conn = conn
+        self._guard = threading.Lock()
+        self._running = True
+        self.cut = False
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        timer = threading.Timer(ANSWER_LIMIT, self._cut_off)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            with self._guard:  # a late timer must not cut the next operation off
+                self._running = False
+            timer.cancel()
+
+    def _cut_off(self) -> None:
+        with self._guard:
+            if not self._running:
+                return
+            try:
+                sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+            except (OSError, psycopg.Error):
+                return
+            with sock:  # the blocked read gets end-of-file and psycopg raises
+                self.cut = True
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def explain(self, exc: psycopg.Error) -> str:
+        if self.cut:
+            return f"no answer within {ANSWER_LIMIT:.0f} s (PostgreSQL overloaded or stopped?)"
+        return explain(exc)
 
 
 def _query(conn: psycopg.Connection[Row]) -> Query:
@@ -203,18 +250,23 @@ class PostgresRegistry(SqlRegistry):
     def _read(self, body: Callable[[Query], T]) -> T:
         with self._lock:
             conn = self._connection()
+            deadline = Deadline(conn)
             try:
-                return body(_query(conn))
+                with deadline.running():
+                    return body(_query(conn))
             except psycopg.Error as exc:
                 self._lost(exc)
-                raise RegistryError(f"cannot read registry {self.where}: {explain(exc)}") from exc
+                raise RegistryError(
+                    f"cannot read registry {self.where}: {deadline.explain(exc)}"
+                ) from exc
 
     def _transaction(self, body: Callable[[Query], T]) -> T:
         with self._lock:
             conn = self._connection()
+            deadline = Deadline(conn)
             committing = False
             try:
-                with conn.transaction():
+                with deadline.running(), conn.transaction():
                     result = body(_query(conn))
                     committing = True
                 return result
@@ -229,7 +281,7 @@ class PostgresRegistry(SqlRegistry):
                     else "nothing was changed"
                 )
                 raise RegistryError(
-                    f"cannot change registry {self.where}: {explain(exc)}; {outcome}"
+                    f"cannot change registry {self.where}: {deadline.explain(exc)}; {outcome}"
                 ) from exc
 
     def _announce(self, q: Query, generation: int) -> None:

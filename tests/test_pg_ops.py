@@ -290,3 +290,35 @@ def test_a_database_that_never_answers_fails_in_bounded_time_and_a_refusal_at_on
     assert len(err) == 1
     assert "Connection refused" in err[0]
     assert "attempts" not in err[0]
+
+
+def test_a_hung_database_is_noticed_while_serve_keeps_the_last_good_set(
+    pg: Postgres,
+    url: str,
+    make_client: MakeClient,
+    devca: ServerFiles,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    alice, bob = make_client("alice"), make_client("bob")
+    enroll(url, alice, "alice")
+    config = ServerConfig(
+        listen="127.0.0.1:0", cert=devca.cert, key=devca.key, registry=url, poll_interval=0.2
+    )
+
+    def noticed() -> bool:
+        return any("registry unreadable" in r.getMessage() for r in caplog.records)
+
+    with start_server(config) as running:
+        target = f"127.0.0.1:{running.port}"
+        with stopped(pg, 20.0):
+            # statement_timeout is the server's: stopped, it never fires, and its kernel
+            # still answers TCP keepalives. The watcher used to wait for it forever, silent.
+            start = time.monotonic()
+            while not noticed() and time.monotonic() - start < 12.0:
+                assert admitted(stub(target, alice, devca))
+                time.sleep(0.2)
+            took = time.monotonic() - start
+        print(f"measured hung_database_noticed_s {took:.2f}")
+        assert noticed()
+        enroll(url, bob, "bob")
+        eventually(lambda: admitted(stub(target, bob, devca)), timeout=5.0)
