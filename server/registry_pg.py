@@ -4,16 +4,20 @@ Every change sends NOTIFY in its own transaction, so it reaches the other replic
 only if) it commits; a replica's watcher waits on a dedicated LISTEN connection and polls the
 generation counter anyway, so a lost notification delays a change by one poll at most. When
 PostgreSQL goes away, calls fail fast with RegistryError (the watcher keeps the last good set)
-and reconnection is retried with capped exponential backoff.
+and reconnection is retried with capped exponential backoff; one that hangs is cut off after
+ANSWER_LIMIT. A change cut off before its COMMIT is rolled back whole, and says so.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -38,6 +42,21 @@ CONNECT_OPTIONS: dict[str, Any] = {
     "tcp_user_timeout": 5000,
     "options": "-c statement_timeout=5000 -c lock_timeout=5000",
 }
+# A PostgreSQL that is slow to answer (a replica started under load) may miss connect_timeout
+# once: a process's first connection is tried this many times, 9 s at most. Only a timeout is
+# retried; a refusal, a wrong password or a missing database fails at once.
+FIRST_CONNECT_ATTEMPTS = 3
+# statement_timeout and lock_timeout are the server's: a PostgreSQL whose processes are stopped
+# (or swapped out) never answers, and its kernel still acknowledges data and keepalives. A read
+# or change still unanswered after this long is cut off here, by shutting its socket down.
+ANSWER_LIMIT = 7.0
+# What to fix, by SQLSTATE, for the errors a misconfigured role meets.
+HINTS = {
+    "42501": "grant the role SELECT, INSERT and UPDATE on the registry's tables (SELECT is "
+    "enough to read; migrate also needs CREATE on the schema)",
+    "25006": "the role's transactions are read-only (default_transaction_read_only, or a "
+    "standby): point --registry at the primary, with a role that may write",
+}
 
 POSTGRES = Dialect(
     name="postgresql",
@@ -48,8 +67,10 @@ POSTGRES = Dialect(
     },
     placeholder="%s",
     tables="SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
-    columns="SELECT column_name FROM information_schema.columns "
-    "WHERE table_schema = current_schema() AND table_name = ?",
+    # pg_attribute, not information_schema: that lists only the columns the role may use, so
+    # a role without privileges took its registry for another application's tables.
+    columns="SELECT attname FROM pg_attribute WHERE attnum > 0 AND NOT attisdropped "
+    "AND attrelid = to_regclass(quote_ident(current_schema()) || '.' || quote_ident(?))",
     change_lock="SELECT value FROM meta WHERE key = 'generation' FOR UPDATE",
     migration_lock=f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})",
     bump_generation=BUMP_GENERATION.format(
@@ -77,6 +98,13 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def explain(exc: psycopg.Error) -> str:
+    """The server's message without its CONTEXT and LINE parts, and what to fix if we know."""
+    text = exc.diag.message_primary or one_line(exc)
+    hint = HINTS.get(exc.sqlstate or "")
+    return f"{text}; {hint}" if hint else text
+
+
 class Backoff:
     """Delay between reconnection attempts: doubles per failure up to ``cap``, resets on success."""
 
@@ -97,6 +125,45 @@ class Backoff:
 
     def succeeded(self) -> None:
         self.delay, self.next_try = 0.0, 0.0
+
+
+class Deadline:
+    """Cuts a connection off if the operation in the ``with`` block outlives ANSWER_LIMIT."""
+
+    def __init__(self, conn: psycopg.Connection[Row]) -> None:
+        self._conn = conn
+        self._guard = threading.Lock()
+        self._running = True
+        self.cut = False
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        timer = threading.Timer(ANSWER_LIMIT, self._cut_off)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            with self._guard:  # a late timer must not cut the next operation off
+                self._running = False
+            timer.cancel()
+
+    def _cut_off(self) -> None:
+        with self._guard:
+            if not self._running:
+                return
+            try:
+                sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+            except (OSError, psycopg.Error):
+                return
+            with sock:  # the blocked read gets end-of-file and psycopg raises
+                self.cut = True
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def explain(self, exc: psycopg.Error) -> str:
+        if self.cut:
+            return f"no answer within {ANSWER_LIMIT:.0f} s (PostgreSQL overloaded or stopped?)"
+        return explain(exc)
 
 
 def _query(conn: psycopg.Connection[Row]) -> Query:
@@ -129,7 +196,15 @@ class PostgresRegistry(SqlRegistry):
 
     # -- connections -----------------------------------------------------------------------
 
-    def _connect(self) -> psycopg.Connection[Row]:
+    def _connect(self, attempts: int = 1) -> psycopg.Connection[Row]:
+        for attempt in range(1, attempts):
+            try:
+                return psycopg.connect(self._url, autocommit=True, **CONNECT_OPTIONS)
+            except psycopg.errors.ConnectionTimeout:
+                log.info(
+                    "PostgreSQL %s did not answer within %d s (attempt %d of %d); trying again",
+                    self.where, CONNECT_OPTIONS["connect_timeout"], attempt, attempts,
+                )  # fmt: skip
         return psycopg.connect(self._url, autocommit=True, **CONNECT_OPTIONS)
 
     def _connection(self) -> psycopg.Connection[Row]:
@@ -140,18 +215,21 @@ class PostgresRegistry(SqlRegistry):
                 f"PostgreSQL {self.where} is unreachable ({self._last_error}); retrying in "
                 f"{self._backoff.wait():.1f} s"
             )
+        attempts = 1 if self._connected_once else FIRST_CONNECT_ATTEMPTS
         try:
-            self._conn = self._connect()
+            self._conn = self._connect(attempts)
         except psycopg.Error as exc:
             self._lost(exc)
+            timeout = isinstance(exc, psycopg.errors.ConnectionTimeout)
+            tried = f" ({attempts} attempts)" if timeout and attempts > 1 else ""
             raise RegistryError(
-                f"cannot connect to PostgreSQL {self.where}: {self._last_error}"
+                f"cannot connect to PostgreSQL {self.where}: {self._last_error}{tried}"
             ) from exc
         self._backoff.succeeded()
         self._connected_once = True
         if self._down:
             self._down = False
-            log.warning("PostgreSQL %s reachable again", self.where)
+            log.info("PostgreSQL %s reachable again", self.where)
         return self._conn
 
     def _lost(self, exc: psycopg.Error) -> None:
@@ -165,33 +243,45 @@ class PostgresRegistry(SqlRegistry):
             # Only a server that was connected has something to report; the CLI reports itself.
             if self._connected_once and not self._down:
                 self._down = True
-                log.warning("PostgreSQL %s unreachable: %s", self.where, self._last_error)
+                # INFO: the server's watcher logs the outage itself; a CLI (no logging set
+                # up, WARNING goes to stderr) must print its one error line only.
+                log.info("PostgreSQL %s unreachable: %s", self.where, self._last_error)
 
     def _read(self, body: Callable[[Query], T]) -> T:
         with self._lock:
             conn = self._connection()
+            deadline = Deadline(conn)
             try:
-                return body(_query(conn))
+                with deadline.running():
+                    return body(_query(conn))
             except psycopg.Error as exc:
                 self._lost(exc)
-                raise RegistryError(f"cannot read registry {self.where}: {one_line(exc)}") from exc
+                raise RegistryError(
+                    f"cannot read registry {self.where}: {deadline.explain(exc)}"
+                ) from exc
 
     def _transaction(self, body: Callable[[Query], T]) -> T:
         with self._lock:
             conn = self._connection()
+            deadline = Deadline(conn)
+            committing = False
             try:
-                with conn.transaction():
-                    return body(_query(conn))
-            except psycopg.OperationalError as exc:
-                self._lost(exc)
-                raise RegistryError(
-                    f"cannot change registry {self.where}: {one_line(exc)} (if the connection "
-                    "broke while committing, check with `pinrpc-server list`)"
-                ) from exc
+                with deadline.running(), conn.transaction():
+                    result = body(_query(conn))
+                    committing = True
+                return result
             except psycopg.Error as exc:
                 self._lost(exc)
+                # Before COMMIT, PostgreSQL rolls the whole change back, whatever broke; only
+                # a connection lost during COMMIT leaves the outcome unknown here.
+                outcome = (
+                    "the connection broke while committing: check with `pinrpc-server list` "
+                    "whether the change was made"
+                    if committing and isinstance(exc, psycopg.OperationalError)
+                    else "nothing was changed"
+                )
                 raise RegistryError(
-                    f"cannot change registry {self.where}: {one_line(exc)}"
+                    f"cannot change registry {self.where}: {deadline.explain(exc)}; {outcome}"
                 ) from exc
 
     def _announce(self, q: Query, generation: int) -> None:
