@@ -3,18 +3,29 @@ unauthenticated scraper that hammers it, measured on the mTLS port it shares the
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from pinrpc.identity import KeyPairFiles
+from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
-from tests.conftest import ECHO_ALL, SERVER_NAME, MakeClient, ServerFiles, enroll
+from tests.conftest import (
+    ECHO_ALL,
+    SERVER_NAME,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    enroll,
+    whoami,
+)
+from tests.test_handover import handover_config
 
 # Unary calls on one channel for SECONDS, from a process of its own; prints calls per second.
 LOAD = """
@@ -120,3 +131,56 @@ def test_a_huge_exposition_is_not_rendered_for_every_scrape(
     share = hammered_share(observed, devca, alice)
     assert share > 0.4, f"hammered, the mTLS port served {share:.0%} of its calls"
     assert 'client="client-09999"' in scrape(observed)
+
+
+# -- the warm-start file ------------------------------------------------------------------------
+
+
+WRITABLE = "owned by another user or writable by others"
+
+
+def test_a_warm_file_others_may_write_is_ignored(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    alice: KeyPairFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bob = make_client("bob")
+    enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+    # Planted by another local user: only alice first, so bob waits for the handover.
+    warm_path = tmp_path / "warm"
+    warm_path.write_text(f"{fingerprint_hex(alice)}\n")
+    warm_path.chmod(0o666)
+    config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_path)
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        assert whoami(Connect(running, devca).stub(bob.cert_path, bob.key_path)).name == "bob"
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"ignoring the warm-start file {warm_path}: {WRITABLE}" in messages, messages
+    assert not any(m.startswith("warm start: trusting") for m in messages)
+
+
+def test_the_servers_own_warm_file_is_read(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    alice: KeyPairFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bob = make_client("bob")
+    enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+    warm_path = tmp_path / "warm"
+    warm_path.write_text(f"{fingerprint_hex(alice)}\n")
+    warm_path.chmod(0o600)
+    config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_path)
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        assert whoami(Connect(running, devca).stub(alice.cert_path, alice.key_path)).name
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("warm start: trusting the 1 client(s)") for m in messages)
+    assert not any(m.startswith("ignoring the warm-start file") for m in messages)
+
+
+def fingerprint_hex(files: KeyPairFiles) -> str:
+    return Fingerprint.of(load_certificate(files.cert_path)).digest.hex()
