@@ -26,6 +26,11 @@ MAX_PEERS = 10_000
 # (gRPC connects on first use), so the peer is only looked up while a recent handshake has not
 # yet been followed by a new connection's first call (server/handshakes.py).
 
+# A refused method name is the caller's to invent, up to gRPC's 16 KiB of metadata: the audit
+# keeps this much of it. Before, each line could be 50 times the usual size, which multiplied
+# what --audit-rate lets onto the disk, and passed the 16 KiB at which collectors split lines.
+MAX_METHOD = 256
+
 
 class Observability:
     """Implements both server.auth.Observer and server.trust.TrustEvents."""
@@ -71,7 +76,7 @@ class Observability:
             client=name or None,
             fingerprint=str(fingerprint) if fingerprint else None,
             peer=context.peer(),
-            method=method,
+            method=_cut(method),
         )
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None:
@@ -144,3 +149,10 @@ class Observability:
     def rebuilt(self, seconds: float) -> None:
         self.metrics.rebuild_seconds.observe(seconds)
         self.metrics.rebuilds.inc()
+
+
+def _cut(method: str) -> str:
+    """``method``, or its first MAX_METHOD characters and how many there were."""
+    if len(method) <= MAX_METHOD:
+        return method
+    return f"{method[:MAX_METHOD]}... ({len(method)} characters)"

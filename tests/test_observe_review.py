@@ -3,6 +3,7 @@ unauthenticated scraper that hammers it, measured on the mTLS port it shares the
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 
 from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
@@ -22,6 +24,7 @@ from tests.conftest import (
     Connect,
     MakeClient,
     ServerFiles,
+    code_of,
     enroll,
     whoami,
 )
@@ -184,3 +187,29 @@ def test_the_servers_own_warm_file_is_read(
 
 def fingerprint_hex(files: KeyPairFiles) -> str:
     return Fingerprint.of(load_certificate(files.cert_path)).digest.hex()
+
+
+# -- the audit trail ----------------------------------------------------------------------------
+
+
+def test_an_invented_method_name_is_cut_short_in_the_audit_line(
+    connect: Connect, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    bob = make_client("bob")
+    connect.enroll(bob, "bob", "/pinrpc.v1.Echo/WhoAmI")
+    channel = connect.channel(bob.cert_path, bob.key_path)
+    invented = "/pinrpc.v1.Echo/" + "\u00e9" * 5_000  # 10 KB of UTF-8, 30 KB of JSON
+    with caplog.at_level(logging.INFO):
+        # The refusal of the invented one names it, and passes the client's own metadata limit.
+        refused = channel.unary_unary(invented)
+        assert code_of(lambda: refused(b"", timeout=5)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        call = channel.unary_unary("/pinrpc.v1.Echo/Echo")
+        assert code_of(lambda: call(b"", timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+        connect.server.audit.flush()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pinrpc.audit"]
+    denied = [json.loads(line) for line in lines if '"decision": "deny"' in line]
+    assert [d["method"][:20] for d in denied] == [invented[:20], "/pinrpc.v1.Echo/Echo"]
+    # Before: a line of 30 KB, past the 16 KiB at which log collectors split lines.
+    assert denied[0]["method"].endswith("... (5016 characters)")
+    assert max(len(line) for line in lines) < 2_000
+    assert denied[1]["method"] == "/pinrpc.v1.Echo/Echo"  # a real name stays whole
