@@ -201,9 +201,9 @@ def test_an_invented_method_name_is_cut_short_in_the_audit_line(
     invented = "/pinrpc.v1.Echo/" + "\u00e9" * 5_000  # 10 KB of UTF-8, 30 KB of JSON
     with caplog.at_level(logging.INFO):
         # The refusal of the invented one names it, and passes the client's own metadata limit.
-        refused = channel.unary_unary(invented)
+        refused = channel.unary_unary(invented, None, None)
         assert code_of(lambda: refused(b"", timeout=5)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        call = channel.unary_unary("/pinrpc.v1.Echo/Echo")
+        call = channel.unary_unary("/pinrpc.v1.Echo/Echo", None, None)
         assert code_of(lambda: call(b"", timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
         connect.server.audit.flush()
     lines = [r.getMessage() for r in caplog.records if r.name == "pinrpc.audit"]
