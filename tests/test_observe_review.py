@@ -3,6 +3,7 @@ unauthenticated scraper that hammers it, measured on the mTLS port it shares the
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import subprocess
@@ -11,11 +12,13 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
+from server import observe
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
 from tests.conftest import (
@@ -213,3 +216,45 @@ def test_an_invented_method_name_is_cut_short_in_the_audit_line(
     assert denied[0]["method"].endswith("... (5016 characters)")
     assert max(len(line) for line in lines) < 2_000
     assert denied[1]["method"] == "/pinrpc.v1.Echo/Echo"  # a real name stays whole
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every peer the server asks gRPC for (context.peer() costs about 10 % of unary calls)."""
+    context_class = importlib.import_module("grpc._server")._Context
+    real_peer = context_class.peer
+    seen: list[str] = []
+
+    def counting_peer(self: Any) -> str:
+        seen.append(real_peer(self))
+        return seen[-1]
+
+    monkeypatch.setattr(context_class, "peer", counting_peer)
+    return seen
+
+
+def test_a_strangers_refused_handshake_buys_a_bounded_number_of_peer_lookups(
+    connect: Connect,
+    make_client: MakeClient,
+    caplog: pytest.LogCaptureFixture,
+    lookups: list[str],
+) -> None:
+    alice, mallory = make_client("alice"), make_client("mallory")
+    connect.enroll(alice, "alice", ECHO_ALL)
+    stub = connect.stub(alice.cert_path, alice.key_path)
+    whoami(stub)  # alice's connection is open and known
+    strangers = connect.stub(mallory.cert_path, mallory.key_path)
+    assert code_of(lambda: whoami(strangers)) == grpc.StatusCode.UNAVAILABLE  # refused
+    assert connect.server.trust.handshakes.pending()  # it never calls: pending for 10 s
+    before = len(lookups)
+    for _ in range(1_000):
+        whoami(stub)
+    # Before: a lookup on each of alice's calls for the whole 10 s.
+    assert len(lookups) - before <= observe.MAX_MISSES
+    # A new connection of alice's still gets its line.
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        fresh = connect.stub(alice.cert_path, alice.key_path)
+        whoami(fresh)
+        connect.server.audit.flush()
+    allowed = [r.getMessage() for r in caplog.records if '"decision": "allow"' in r.getMessage()]
+    assert len(allowed) == 1 and lookups[-1] in allowed[0]
