@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import urllib.request
@@ -258,3 +259,31 @@ def test_a_strangers_refused_handshake_buys_a_bounded_number_of_peer_lookups(
         connect.server.audit.flush()
     allowed = [r.getMessage() for r in caplog.records if '"decision": "allow"' in r.getMessage()]
     assert len(allowed) == 1 and lookups[-1] in allowed[0]
+
+
+TOKEN = "0123abcd" * 5
+
+
+def test_a_warm_file_that_is_a_hard_link_is_not_read(
+    devca: ServerFiles,
+    registry: Path,
+    alice: KeyPairFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Linked by someone who may not read it (where fs.protected_hardlinks is off): the server's.
+    secret = tmp_path / "token"  # a hex token: the one kind of word the warning quoted
+    secret.write_text(f"{TOKEN}\n")
+    secret.chmod(0o600)
+    warm_path = tmp_path / "warm"
+    os.link(secret, warm_path)
+    config = replace(handover_config(registry, devca.cert, devca.key), warm_start=warm_path)
+    with caplog.at_level(logging.INFO), start_server(config) as running:
+        assert whoami(Connect(running, devca).stub(alice.cert_path, alice.key_path)).name
+    messages = [r.getMessage() for r in caplog.records]
+    # Before: "ignoring the warm-start file ...: not a SHA-256 fingerprint: '0123abcd...'"
+    assert not any(TOKEN in m for m in messages)
+    assert f"ignoring the warm-start file {warm_path}: a hard link to another file" in messages
+    # Saving replaced the link with the server's own file, and left the other file alone.
+    assert secret.read_text() == f"{TOKEN}\n"
+    assert warm_path.stat().st_nlink == 1 and len(warm_path.read_text()) == 65
