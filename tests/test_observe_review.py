@@ -1,5 +1,7 @@
-"""An adversarial review of what the server tells the world: the metrics port against an
-unauthenticated scraper that hammers it, measured on the mTLS port it shares the GIL with."""
+"""An adversarial review of what the server tells the world about itself and its clients,
+against real servers: the metrics port hammered by an unauthenticated scraper (measured on the
+mTLS port it shares the GIL with), warm-start files planted by someone else, invented method
+names in the audit trail, and the peer lookups a stranger's refused handshake kept on."""
 
 from __future__ import annotations
 
