@@ -24,7 +24,17 @@ MAX_PEERS = 10_000
 # context.peer() releases and retakes the GIL, which cost about 10 % of unary throughput when
 # done on every call (docs/PERFORMANCE.md). A connection's first call follows its TLS handshake
 # (gRPC connects on first use), so the peer is only looked up while a recent handshake has not
-# yet been followed by a new connection's first call (server/handshakes.py).
+# yet been followed by a new connection's first call (server/handshakes.py). A lookup that
+# finds an open connection is paid for a handshake that may never call: one refused at the
+# handshake (a stranger's) stayed pending for its whole window, so one ClientHello every 10 s
+# put peer() on every call of every client. Each pending handshake now buys this many such
+# lookups, then counts as done: a new connection's first call comes within a few calls.
+MAX_MISSES = 200
+
+# A refused method name is the caller's to invent, up to gRPC's 16 KiB of metadata: the audit
+# keeps this much of it. Before, each line could be 50 times the usual size, which multiplied
+# what --audit-rate lets onto the disk, and passed the 16 KiB at which collectors split lines.
+MAX_METHOD = 256
 
 
 class Observability:
@@ -45,6 +55,7 @@ class Observability:
         self._older: set[str] = set()  # called in the previous one
         self._lock = threading.Lock()
         self._known: dict[Fingerprint, Client] | None = None
+        self._misses = 0  # lookups that found an open connection (approximate: no lock)
 
     # -- per call ----------------------------------------------------------------------------
 
@@ -71,7 +82,7 @@ class Observability:
             client=name or None,
             fingerprint=str(fingerprint) if fingerprint else None,
             peer=context.peer(),
-            method=method,
+            method=_cut(method),
         )
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None:
@@ -80,6 +91,10 @@ class Observability:
             return
         peer = context.peer()
         if peer in self._peers:
+            self._misses += 1
+            if self._misses >= MAX_MISSES:
+                self._misses = 0
+                self.handshakes.claim()  # the oldest pending one: it had its chance
             return
         with self._lock:
             if peer in self._peers:
@@ -144,3 +159,10 @@ class Observability:
     def rebuilt(self, seconds: float) -> None:
         self.metrics.rebuild_seconds.observe(seconds)
         self.metrics.rebuilds.inc()
+
+
+def _cut(method: str) -> str:
+    """``method``, or its first MAX_METHOD characters and how many there were."""
+    if len(method) <= MAX_METHOD:
+        return method
+    return f"{method[:MAX_METHOD]}... ({len(method)} characters)"

@@ -27,6 +27,12 @@ MAX_CLIENTS = MAX_BYTES // 65  # 64 hex digits and a newline each: 64,527
 # A FIFO, a device, a directory or a symlink is neither read nor replaced: a symlink planted
 # in a shared directory would have the server read a file of the planter's choosing.
 NOT_REGULAR = "not a regular file"
+# Nor is a hard link read (the server's own file has one name), for the same reason: it would
+# log the file's first word as a malformed fingerprint. Saving replaces the link, not its file.
+LINKED = "a hard link to another file"
+# The server writes the file mode 0600 as itself; one that someone else owns or may write was
+# put there by them, and could make a restart trust one client first and keep the rest waiting.
+WRITABLE = "owned by another user or writable by others"
 
 
 class WarmSet:
@@ -97,8 +103,13 @@ def _read_regular(path: Path, limit: int) -> bytes:
             raise ValueError(NOT_REGULAR) from exc
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise ValueError(NOT_REGULAR)
+        if status.st_nlink != 1:
+            raise ValueError(LINKED)
+        if status.st_uid != os.geteuid() or status.st_mode & 0o022:
+            raise ValueError(WRITABLE)
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(limit)
     finally:
