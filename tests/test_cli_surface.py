@@ -207,12 +207,19 @@ def stuck_call(
     devca: ServerFiles, pg: Postgres, tmp_path: Path, make_client: MakeClient
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """A real `serve` on PostgreSQL with an Admin call in its handler, stuck on the database
-    (its processes stopped): a handler that ignores gRPC's cancellation."""
+    (its processes stopped): a handler that ignores gRPC's cancellation. pinrpc's own handlers
+    give up on a database after ANSWER_LIMIT (7 s); this server's wait longer than the test."""
     url = cast(Path, pg.create_database(f"stuck_handler_{next(_DATABASES)}"))
     admin = make_client("admin")
     enroll(url, admin.cert_path, "admin", "/pinrpc.v1.Admin/*")
     log = tmp_path / "server.log"
-    with serve_process(devca.cert, devca.key, url, log) as server:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import server.registry_pg\nserver.registry_pg.ANSWER_LIMIT = 300.0\n"
+    )
+    path = os.pathsep.join((str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")))
+    with serve_process(devca.cert, devca.key, url, log, env={"PYTHONPATH": path}) as server:
         flags = ["--server", f"127.0.0.1:{server.port}", "--cert", str(admin.cert_path),
                  "--key", str(admin.key_path), "--ca", str(devca.ca_path),
                  "--server-name", SERVER_NAME, "--timeout", "120"]  # fmt: skip

@@ -236,13 +236,15 @@ def server_env() -> dict[str, str]:
 
 @contextmanager
 def serve_process(
-    cert: Path, key: Path, registry: Path, log: Path, *extra: str
+    cert: Path, key: Path, registry: Path, log: Path, *extra: str, env: dict[str, str] | None = None
 ) -> Iterator[ServerProcess]:
     """`pinrpc-server serve` on a port the kernel picks; killed by PID if still running."""
     argv = [str(BIN / "pinrpc-server"), "serve", "--listen", "127.0.0.1:0", "--cert", str(cert),
             "--key", str(key), "--registry", str(registry), *extra]  # fmt: skip
     with log.open("wb") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=server_env())
+        process = subprocess.Popen(
+            argv, stdout=sink, stderr=subprocess.STDOUT, env={**server_env(), **(env or {})}
+        )
     try:
         port = _wait_for_port(process, log)
         yield ServerProcess(process, port, log)
