@@ -240,7 +240,8 @@ class Doctor:
             data = read_file(path, "CA bundle", limit=16 << 20)
             self.roots = check_ca_bundle(data, str(path.absolute()))
         except PinrpcError as exc:
-            raise Failed(str(exc), "check the --ca path; pass a PEM bundle", Exit.ERROR) from exc
+            fix = f"check {self.roots_from}: it must name a PEM bundle of root certificates"
+            raise Failed(str(exc), fix, Exit.ERROR) from exc
         return f"{len(self.roots)} certificate(s) from {self.roots_from}"
 
     # The network, by hand.
