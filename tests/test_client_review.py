@@ -84,3 +84,28 @@ def test_the_grpc_roots_variable_still_verifies_the_server(
     assert (code, err) == (Exit.OK, "") and "name         alice" in out
     code, _, err = pinrpc({ROOTS_ENV: str(alice.cert_path)}, "whoami", *flags)
     assert code == Exit.CONNECT and "could not verify the server" in err
+
+
+def pair_outside_dates(tmp_path: Path, *, expired: bool) -> tuple[Path, Path]:
+    key = generate_key()
+    shift = dt.timedelta(days=-30 if expired else 30)
+    cert = self_signed_certificate(key, "outside", days=2, now=dt.datetime.now(dt.UTC) + shift)
+    return write_pair(tmp_path / "outside", "outside", key, cert)
+
+
+@pytest.mark.parametrize(
+    ("expired", "says"), [(True, "EXPIRED on"), (False, "is not valid before")]
+)
+def test_a_certificate_outside_its_dates_is_refused_before_the_handshake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], expired: bool, says: str
+) -> None:
+    """No server at all (a closed port): the client says why before trying to connect."""
+    cert, key = pair_outside_dates(tmp_path, expired=expired)
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    flags = ["--server", f"127.0.0.1:{port}", "--cert", str(cert), "--key", str(key)]
+    for command in (["whoami"], ["echo", "hi"]):
+        code, out, err = run([*command, *flags], capsys)
+        assert (code, out) == (Exit.CONNECT, "")
+        assert f"your certificate {says}" in err and str(cert) in err, err
+        assert "cannot reach" not in err
