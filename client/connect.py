@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,7 +115,23 @@ def call(
         try:
             return rpc(channel)
         except grpc.RpcError as exc:
-            return explain(exc, args, fingerprint)
+            code = explain(exc, args, fingerprint)
+            if code == Exit.CONNECT and (hint := proxy_hint()):
+                say(f"  {hint}")
+            return code
+
+
+def proxy_hint() -> str | None:
+    """The HTTP proxy gRPC sends connections through, which its errors never name (it reads
+    these lowercase variables only, in this order)."""
+    for variable in ("grpc_proxy", "https_proxy", "http_proxy"):
+        if value := os.environ.get(variable):
+            where = value.rpartition("@")[2]  # not a password in user:password@host
+            return (
+                f"{variable} is set ({where}): gRPC connects through that proxy unless "
+                "no_grpc_proxy or no_proxy names this server"
+            )
+    return None
 
 
 def say(line: str) -> None:

@@ -31,7 +31,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509 import verification
 
-from client.connect import file_path, key_permissions_flag, server_flags
+from client.connect import file_path, key_permissions_flag, proxy_hint, server_flags
 from pinrpc.channel import client_credentials, passphrase_from_env, secure_channel
 from pinrpc.cli import Exit, add_flag
 from pinrpc.errors import PinrpcError
@@ -270,7 +270,10 @@ class Doctor:
                 errors.append(f"{address[0]}: {exc.strerror or exc}")
                 continue
             self.sock = self.stack.enter_context(sock)
-            return f"connected to {address[0]} port {self.port}"
+            detail = f"connected to {address[0]} port {self.port}"
+            if hint := proxy_hint():  # these steps connect directly; the whoami step may not
+                detail += f"\nwarning: {hint}"
+            return detail
         raise Failed(
             f"cannot connect to port {self.port}: {'; '.join(errors)}",
             "is the server running and listening on this address and port? "
@@ -448,8 +451,9 @@ class Doctor:
                     reason,
                     ENROLL_FIX.format(fp=self.fingerprint)
                     if denied
-                    else "see the steps above; run again with GRPC_VERBOSITY=debug "
-                    "GRPC_TRACE=handshaker,secure_endpoint for gRPC's own account",
+                    else f"{proxy_hint() or 'see the steps above'}; run again with "
+                    "GRPC_VERBOSITY=debug GRPC_TRACE=handshaker,secure_endpoint for gRPC's own "
+                    "account",
                     Exit.DENIED if denied else Exit.CONNECT,
                 ) from exc
         allowed = ", ".join(reply.allowed_methods) or "(WhoAmI, health and reflection only)"

@@ -109,3 +109,93 @@ def test_a_certificate_outside_its_dates_is_refused_before_the_handshake(
         assert (code, out) == (Exit.CONNECT, "")
         assert f"your certificate {says}" in err and str(cert) in err, err
         assert "cannot reach" not in err
+
+
+@contextlib.contextmanager
+def connect_proxy(*, refuse: bool = False) -> Iterator[tuple[int, list[bytes]]]:
+    """A real HTTP CONNECT proxy on 127.0.0.1 that records each request line and relays bytes
+    (or, with ``refuse``, a port with nothing listening)."""
+    seen: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if refuse:
+        listener.close()
+        yield port, seen
+        return
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    open_sockets: list[socket.socket] = []
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        for _ in range(300):  # bounded: at most 30 s
+            if stop.is_set():
+                return
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(10)
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < 4096:
+                request += client.recv(4096) or b"\r\n\r\n"
+            line = request.split(b"\r\n", 1)[0]
+            seen.append(line)
+            host, _, target_port = line.split()[1].rpartition(b":")
+            upstream = socket.create_connection((host.decode(), int(target_port)), timeout=10)
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            open_sockets.extend((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield port, seen
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for sock in open_sockets:
+            sock.close()
+
+
+def test_an_unreachable_proxy_is_named_in_the_error(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    with connect_proxy(refuse=True) as (port, _):
+        env = {"https_proxy": f"http://user:secret@127.0.0.1:{port}"}
+        code, _, err = pinrpc(env, "whoami", *connect.cli_flags(alice), "--timeout", "5")
+        assert code == Exit.CONNECT
+        assert f"https_proxy is set (127.0.0.1:{port})" in err, err
+        assert "secret" not in err  # the proxy's password is not printed
+        code, out, _ = pinrpc(env, "doctor", *connect.cli_flags(alice), "--timeout", "5")
+    assert code == Exit.CONNECT
+    assert out.count(f"https_proxy is set (127.0.0.1:{port})") == 2, out  # tcp step, whoami fix
+
+
+def test_mtls_through_a_proxy_is_end_to_end_and_no_proxy_bypasses_it(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """A CONNECT proxy sees the target's host and port, never the identity: the server still
+    names alice by her certificate; a certificate it does not know is still refused."""
+    alice, mallory = make_client("alice"), make_client("mallory")
+    connect.enroll(alice, "alice")
+    with connect_proxy() as (port, seen):
+        env = {"grpc_proxy": f"http://127.0.0.1:{port}"}
+        code, out, err = pinrpc(env, "whoami", *connect.cli_flags(alice))
+        assert (code, err) == (Exit.OK, "") and "name         alice" in out
+        assert seen == [f"CONNECT {connect.target} HTTP/1.1".encode()]
+        code, _, err = pinrpc(env, "whoami", *connect.cli_flags(mallory))
+        assert code == Exit.CONNECT and "closed the connection during the TLS handshake" in err
+        assert "grpc_proxy is set" in err
+        code, out, _ = pinrpc({**env, "no_proxy": "127.0.0.1"}, "whoami", *connect.cli_flags(alice))
+        assert code == Exit.OK and len(seen) == 2  # the third call went direct
