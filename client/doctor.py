@@ -32,10 +32,17 @@ from cryptography import x509
 from cryptography.x509 import verification
 
 from client.connect import file_path, key_permissions_flag, proxy_hint, server_flags
-from pinrpc.channel import client_credentials, passphrase_from_env, secure_channel
+from pinrpc.channel import load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag
 from pinrpc.errors import PinrpcError
-from pinrpc.identity import Fingerprint, check_ca_bundle, load_certificate, read_file
+from pinrpc.identity import (
+    Fingerprint,
+    PrivateKey,
+    cert_to_pem,
+    check_ca_bundle,
+    key_to_pem,
+    read_file,
+)
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
 WARN_DAYS = 30  # for the server's certificate; the client's own uses --warn-days
@@ -155,6 +162,7 @@ class Doctor:
     host: str = ""
     port: int = 0
     fingerprint: Fingerprint | None = None
+    pair: tuple[x509.Certificate, PrivateKey] | None = None  # read once: --cert <(cmd) works
     roots: list[x509.Certificate] = field(default_factory=list)
     roots_from: str = ""
     addresses: list[Any] = field(default_factory=list)  # getaddrinfo() results
@@ -199,12 +207,15 @@ class Doctor:
         if not cert or not key:
             raise Failed("only one of --cert and --key given", "pass both", Exit.ERROR)
         try:
-            _, fingerprint = client_credentials(
+            certificate, private_key = load_pair(
                 cert, key, insecure_key_permissions=self.args.insecure_key_permissions
             )
-            certificate = load_certificate(Path(cert))
         except PinrpcError as exc:
-            raise Failed(str(exc), "check the --cert and --key paths", Exit.ERROR) from exc
+            raise Failed(
+                str(exc),
+                "check the --cert and --key files (an encrypted key: PINRPC_KEY_PASSPHRASE)",
+                Exit.ERROR,
+            ) from exc
         now = dt.datetime.now(dt.UTC)
         renew = "make a new key pair (pinrpc keygen) and have it enrolled with --replace"
         # The server refuses these at the handshake: exit 3, as `pinrpc whoami` does.
@@ -221,7 +232,8 @@ class Doctor:
                 "check this machine's clock",
                 Exit.CONNECT,
             )
-        self.fingerprint = fingerprint  # only now: later steps present this certificate
+        # Only now: later steps present this pair.
+        self.fingerprint, self.pair = Fingerprint.of(certificate), (certificate, private_key)
         expiry = certificate.not_valid_after_utc
         detail = f"fingerprint {self.fingerprint}, {describe_expiry(expiry)}"
         if days_left(expiry) < self.args.warn_days:
@@ -289,10 +301,19 @@ class Doctor:
         context.verify_mode = ssl.CERT_NONE
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["h2"])
-        presented = "client certificate" in self.passed
-        if presented:
-            passphrase = passphrase_from_env()
-            context.load_cert_chain(self.args.cert, self.args.key, password=passphrase)
+        presented = self.pair is not None
+        if self.pair is not None:
+            # ssl reads only files: hand it the pair through pipes, so the key stays off disk.
+            certificate, private_key = self.pair
+            with ExitStack() as pipes:
+                paths = []
+                for pem in (cert_to_pem(certificate), key_to_pem(private_key)):
+                    read, write = os.pipe()
+                    pipes.callback(os.close, read)
+                    with open(write, "wb") as sink:
+                        sink.write(pem)  # a few KiB: well under a pipe's buffer
+                    paths.append(f"/dev/fd/{read}")
+                context.load_cert_chain(*paths)
         try:
             self.tls = self.stack.enter_context(
                 context.wrap_socket(
@@ -413,7 +434,12 @@ class Doctor:
         if self.fingerprint is None:
             raise Skipped(
                 f"the server closes connections without a client certificate ({closed}), as a "
-                "pinrpc server does: pass --cert/--key to check yours"
+                "pinrpc server does: "
+                + (
+                    "yours could not be presented (see above)"
+                    if self.args.cert or self.args.key
+                    else "pass --cert/--key to check yours"
+                )
             )
         raise Failed(
             f"the server closed the connection right after the TLS handshake ({closed}): it "
@@ -424,15 +450,12 @@ class Doctor:
         )
 
     def whoami(self) -> str:
-        channel = secure_channel(
-            self.args.server,
-            self.args.cert,
-            self.args.key,
-            self.args.ca,
-            self.args.server_name,
-            insecure_key_permissions=self.args.insecure_key_permissions,
-        )
-        with channel:
+        assert self.pair is not None
+        options = []
+        if self.args.server_name:
+            options.append(("grpc.ssl_target_name_override", str(self.args.server_name)))
+        creds = pair_credentials(*self.pair, self.args.ca)
+        with grpc.secure_channel(self.args.server, creds, options=options) as channel:
             try:
                 reply = echo_pb2_grpc.EchoStub(channel).WhoAmI(
                     echo_pb2.WhoAmIRequest(), timeout=self.args.timeout

@@ -199,3 +199,51 @@ def test_mtls_through_a_proxy_is_end_to_end_and_no_proxy_bypasses_it(
         assert "grpc_proxy is set" in err
         code, out, _ = pinrpc({**env, "no_proxy": "127.0.0.1"}, "whoami", *connect.cli_flags(alice))
         assert code == Exit.OK and len(seen) == 2  # the third call went direct
+
+
+def pipe_path(data: bytes, fds: list[int]) -> str:
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)  # small: fits in the pipe's buffer
+    os.close(write_end)
+    fds.append(read_end)
+    return f"/dev/fd/{read_end}"
+
+
+def test_doctor_reads_a_pair_from_pipes_once(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--cert <(command)` works for whoami, so doctor must agree: allowed for alice, and
+    mallory's pair through the same pipes is still refused at the handshake."""
+    alice, mallory = make_client("alice"), make_client("mallory")
+    connect.enroll(alice, "alice")
+    for files, expected in ((alice, Exit.OK), (mallory, Exit.CONNECT)):
+        flags, fds = connect.cli_flags(files), list[int]()
+        for flag, path in (("--cert", files.cert_path), ("--key", files.key_path)):
+            flags[flags.index(flag) + 1] = pipe_path(path.read_bytes(), fds)
+        try:
+            code, out, _ = run(["doctor", "--insecure-key-permissions", *flags], capsys)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert code == expected, out
+        assert f"ok       client certificate  fingerprint {files.fingerprint}" in out
+    assert "FAILED   client accepted" in out
+
+
+def test_doctor_on_a_wrong_passphrase_points_at_the_passphrase(
+    connect: Connect,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    carol = make_client("carol", passphrase=b"right")
+    connect.enroll(carol, "carol")
+    monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "right")
+    code, out, _ = run(["doctor", *connect.cli_flags(carol)], capsys)
+    assert code == Exit.OK, out  # allowed: an encrypted key, presented in the handshake step
+    monkeypatch.setenv("PINRPC_KEY_PASSPHRASE", "wrong")
+    code, out, _ = run(["doctor", *connect.cli_flags(carol)], capsys)
+    assert code == Exit.ERROR
+    assert "wrong passphrase" in out and "(an encrypted key: PINRPC_KEY_PASSPHRASE)" in out
+    assert "yours could not be presented (see above)" in out
+    assert "pass --cert/--key" not in out  # they were passed
