@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import _ssl  # the DER constant for chain certificates; private before Python 3.13
 import argparse
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -172,7 +173,12 @@ class Doctor:
 
     @property
     def server_name(self) -> str:
-        return str(self.args.server_name or self.host)
+        name = str(self.args.server_name or self.host)
+        # gRPC takes --server-name [::1] as the address ::1 (but not [127.0.0.1]): so does this.
+        with contextlib.suppress(ValueError):
+            if name.startswith("[") and name.endswith("]"):
+                return str(ipaddress.IPv6Address(name[1:-1]))
+        return name
 
     def step(self, name: str, needs: tuple[str, ...], body: Callable[[], str]) -> None:
         missing = [n for n in needs if n not in self.passed]

@@ -247,3 +247,25 @@ def test_doctor_on_a_wrong_passphrase_points_at_the_passphrase(
     assert "wrong passphrase" in out and "(an encrypted key: PINRPC_KEY_PASSPHRASE)" in out
     assert "yours could not be presented (see above)" in out
     assert "pass --cert/--key" not in out  # they were passed
+
+
+def test_an_ipv6_server_name_in_brackets_reads_as_whoami_reads_it(
+    tmp_path: Path, registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server whose certificate names only the address ::1: `--server-name [::1]` is what
+    gRPC verifies it with, so doctor agrees; `[127.0.0.1]` gRPC refuses, and doctor too."""
+    ca = DevCA()
+    cert, key = ca.issue(["::1"]).write(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca.root_pem)
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice")
+    config = ServerConfig("[::1]:0", cert, key, str(registry), poll_interval=0.1, grace=1.0)
+    with start_server(config) as running:
+        flags = [
+            "--server", f"[::1]:{running.port}", "--ca", str(tmp_path / "ca.pem"),
+            "--cert", str(alice.cert_path), "--key", str(alice.key_path),
+        ]  # fmt: skip
+        for name, expected in (("[::1]", Exit.OK), ("[127.0.0.1]", Exit.CONNECT)):
+            for command in ("whoami", "doctor"):
+                code, out, _ = run([command, *flags, "--server-name", name], capsys)
+                assert code == expected, (command, name, out)
