@@ -71,6 +71,10 @@ def test_a_bad_grpc_roots_variable_is_one_line_naming_it(
     code, out, _ = pinrpc({ROOTS_ENV: str(path)}, "doctor", *flags)
     assert code == Exit.ERROR
     assert f"fix:                check {ROOTS_ENV}={path}" in out, out
+    # So does request-enrollment, which builds its own channel (any port: it never connects).
+    code, out, err = pinrpc({ROOTS_ENV: str(path)}, "request-enrollment", "--name", "al", *flags)
+    assert (code, out) == (Exit.ERROR, "") and err.count("\n") == 1, err
+    assert err.startswith(f"pinrpc: error: {ROOTS_ENV}: "), err
 
 
 def test_the_grpc_roots_variable_still_verifies_the_server(
@@ -178,8 +182,12 @@ def test_an_unreachable_proxy_is_named_in_the_error(
         assert f"https_proxy is set (127.0.0.1:{port})" in err, err
         assert "secret" not in err  # the proxy's password is not printed
         code, out, _ = pinrpc(env, "doctor", *connect.cli_flags(alice), "--timeout", "5")
+        assert code == Exit.CONNECT
+        assert out.count(f"https_proxy is set (127.0.0.1:{port})") == 2, out  # tcp step, fix
+        flags = ("--name", "alice", *connect.cli_flags(alice), "--timeout", "5")
+        code, _, err = pinrpc(env, "request-enrollment", *flags)
     assert code == Exit.CONNECT
-    assert out.count(f"https_proxy is set (127.0.0.1:{port})") == 2, out  # tcp step, whoami fix
+    assert f"https_proxy is set (127.0.0.1:{port})" in err and "secret" not in err, err
 
 
 def test_mtls_through_a_proxy_is_end_to_end_and_no_proxy_bypasses_it(
