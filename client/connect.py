@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,8 +86,25 @@ def call(
     )
     creds = pair_credentials(certificate, private_key, args.ca)
     fingerprint, not_after = Fingerprint.of(certificate), certificate.not_valid_after_utc
-    left = not_after - dt.datetime.now(dt.UTC)
-    if dt.timedelta(0) < left < dt.timedelta(days=args.warn_days):
+    now = dt.datetime.now(dt.UTC)
+    # The server refuses these at the handshake, where gRPC says only "Socket closed".
+    if not_after <= now:
+        say(
+            f"{PROG}: error: your certificate EXPIRED on {not_after:%Y-%m-%d %H:%M} UTC "
+            f"({Path(args.cert).absolute()}); the server refuses it"
+        )
+        say(f"  {REENROLL_HINT}")
+        return Exit.CONNECT
+    if certificate.not_valid_before_utc > now:
+        say(
+            f"{PROG}: error: your certificate is not valid before "
+            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+            f"({Path(args.cert).absolute()}); the server refuses it until then: check this "
+            "machine's clock"
+        )
+        return Exit.CONNECT
+    left = not_after - now
+    if left < dt.timedelta(days=args.warn_days):
         say(
             f"{PROG}: warning: your certificate {Path(args.cert).absolute()} expires in "
             f"{left.days} days ({not_after:%Y-%m-%d %H:%M} UTC); {ROTATE_HINT}"
@@ -97,7 +115,23 @@ def call(
         try:
             return rpc(channel)
         except grpc.RpcError as exc:
-            return explain(exc, args, fingerprint, not_after)
+            code = explain(exc, args, fingerprint)
+            if code == Exit.CONNECT and (hint := proxy_hint()):
+                say(f"  {hint}")
+            return code
+
+
+def proxy_hint() -> str | None:
+    """The HTTP proxy gRPC sends connections through, which its errors never name (it reads
+    these lowercase variables only, in this order)."""
+    for variable in ("grpc_proxy", "https_proxy", "http_proxy"):
+        if value := os.environ.get(variable):
+            where = value.rpartition("@")[2]  # not a password in user:password@host
+            return (
+                f"{variable} is set ({where}): gRPC connects through that proxy unless "
+                "no_grpc_proxy or no_proxy names this server"
+            )
+    return None
 
 
 def say(line: str) -> None:
@@ -113,9 +147,7 @@ REFUSED_INPUT = (
 )
 
 
-def explain(
-    exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerprint, not_after: dt.datetime
-) -> int:
+def explain(exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerprint) -> int:
     """Turn a failed call into sentences; rejected handshakes tell the client almost nothing."""
     code = exc.code()
     details = exc.details() or ""
@@ -175,10 +207,6 @@ def explain(
             "during the TLS handshake"
         )
         say(f"  your certificate's fingerprint: {fingerprint}")
-        if not_after <= dt.datetime.now(dt.UTC):
-            say(f"  your certificate EXPIRED on {not_after:%Y-%m-%d %H:%M} UTC: that is why;")
-            say(f"  {REENROLL_HINT}")
-            return Exit.CONNECT
         say("  likely causes: this certificate is not enrolled, or was revoked, or has expired;")
         say("  or the server is not a pinrpc server. Ask the operator to run")
         say(f"  `pinrpc-server list` and look for {fingerprint}.")

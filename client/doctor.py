@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import _ssl  # the DER constant for chain certificates; private before Python 3.13
 import argparse
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -31,11 +32,18 @@ import grpc
 from cryptography import x509
 from cryptography.x509 import verification
 
-from client.connect import file_path, key_permissions_flag, server_flags
-from pinrpc.channel import client_credentials, passphrase_from_env, secure_channel
+from client.connect import file_path, key_permissions_flag, proxy_hint, server_flags
+from pinrpc.channel import load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag
 from pinrpc.errors import PinrpcError
-from pinrpc.identity import Fingerprint, check_ca_bundle, load_certificate, read_file
+from pinrpc.identity import (
+    Fingerprint,
+    PrivateKey,
+    cert_to_pem,
+    check_ca_bundle,
+    key_to_pem,
+    read_file,
+)
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
 WARN_DAYS = 30  # for the server's certificate; the client's own uses --warn-days
@@ -155,6 +163,7 @@ class Doctor:
     host: str = ""
     port: int = 0
     fingerprint: Fingerprint | None = None
+    pair: tuple[x509.Certificate, PrivateKey] | None = None  # read once: --cert <(cmd) works
     roots: list[x509.Certificate] = field(default_factory=list)
     roots_from: str = ""
     addresses: list[Any] = field(default_factory=list)  # getaddrinfo() results
@@ -164,7 +173,12 @@ class Doctor:
 
     @property
     def server_name(self) -> str:
-        return str(self.args.server_name or self.host)
+        name = str(self.args.server_name or self.host)
+        # gRPC takes --server-name [::1] as the address ::1 (but not [127.0.0.1]): so does this.
+        with contextlib.suppress(ValueError):
+            if name.startswith("[") and name.endswith("]"):
+                return str(ipaddress.IPv6Address(name[1:-1]))
+        return name
 
     def step(self, name: str, needs: tuple[str, ...], body: Callable[[], str]) -> None:
         missing = [n for n in needs if n not in self.passed]
@@ -199,12 +213,15 @@ class Doctor:
         if not cert or not key:
             raise Failed("only one of --cert and --key given", "pass both", Exit.ERROR)
         try:
-            _, fingerprint = client_credentials(
+            certificate, private_key = load_pair(
                 cert, key, insecure_key_permissions=self.args.insecure_key_permissions
             )
-            certificate = load_certificate(Path(cert))
         except PinrpcError as exc:
-            raise Failed(str(exc), "check the --cert and --key paths", Exit.ERROR) from exc
+            raise Failed(
+                str(exc),
+                "check the --cert and --key files (an encrypted key: PINRPC_KEY_PASSPHRASE)",
+                Exit.ERROR,
+            ) from exc
         now = dt.datetime.now(dt.UTC)
         renew = "make a new key pair (pinrpc keygen) and have it enrolled with --replace"
         # The server refuses these at the handshake: exit 3, as `pinrpc whoami` does.
@@ -221,7 +238,8 @@ class Doctor:
                 "check this machine's clock",
                 Exit.CONNECT,
             )
-        self.fingerprint = fingerprint  # only now: later steps present this certificate
+        # Only now: later steps present this pair.
+        self.fingerprint, self.pair = Fingerprint.of(certificate), (certificate, private_key)
         expiry = certificate.not_valid_after_utc
         detail = f"fingerprint {self.fingerprint}, {describe_expiry(expiry)}"
         if days_left(expiry) < self.args.warn_days:
@@ -240,7 +258,8 @@ class Doctor:
             data = read_file(path, "CA bundle", limit=16 << 20)
             self.roots = check_ca_bundle(data, str(path.absolute()))
         except PinrpcError as exc:
-            raise Failed(str(exc), "check the --ca path; pass a PEM bundle", Exit.ERROR) from exc
+            fix = f"check {self.roots_from}: it must name a PEM bundle of root certificates"
+            raise Failed(str(exc), fix, Exit.ERROR) from exc
         return f"{len(self.roots)} certificate(s) from {self.roots_from}"
 
     # The network, by hand.
@@ -269,7 +288,10 @@ class Doctor:
                 errors.append(f"{address[0]}: {exc.strerror or exc}")
                 continue
             self.sock = self.stack.enter_context(sock)
-            return f"connected to {address[0]} port {self.port}"
+            detail = f"connected to {address[0]} port {self.port}"
+            if hint := proxy_hint():  # these steps connect directly; the whoami step may not
+                detail += f"\nwarning: {hint}"
+            return detail
         raise Failed(
             f"cannot connect to port {self.port}: {'; '.join(errors)}",
             "is the server running and listening on this address and port? "
@@ -285,10 +307,19 @@ class Doctor:
         context.verify_mode = ssl.CERT_NONE
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["h2"])
-        presented = "client certificate" in self.passed
-        if presented:
-            passphrase = passphrase_from_env()
-            context.load_cert_chain(self.args.cert, self.args.key, password=passphrase)
+        presented = self.pair is not None
+        if self.pair is not None:
+            # ssl reads only files: hand it the pair through pipes, so the key stays off disk.
+            certificate, private_key = self.pair
+            with ExitStack() as pipes:
+                paths = []
+                for pem in (cert_to_pem(certificate), key_to_pem(private_key)):
+                    read, write = os.pipe()
+                    pipes.callback(os.close, read)
+                    with open(write, "wb") as sink:
+                        sink.write(pem)  # a few KiB: well under a pipe's buffer
+                    paths.append(f"/dev/fd/{read}")
+                context.load_cert_chain(*paths)
         try:
             self.tls = self.stack.enter_context(
                 context.wrap_socket(
@@ -409,7 +440,12 @@ class Doctor:
         if self.fingerprint is None:
             raise Skipped(
                 f"the server closes connections without a client certificate ({closed}), as a "
-                "pinrpc server does: pass --cert/--key to check yours"
+                "pinrpc server does: "
+                + (
+                    "yours could not be presented (see above)"
+                    if self.args.cert or self.args.key
+                    else "pass --cert/--key to check yours"
+                )
             )
         raise Failed(
             f"the server closed the connection right after the TLS handshake ({closed}): it "
@@ -420,15 +456,12 @@ class Doctor:
         )
 
     def whoami(self) -> str:
-        channel = secure_channel(
-            self.args.server,
-            self.args.cert,
-            self.args.key,
-            self.args.ca,
-            self.args.server_name,
-            insecure_key_permissions=self.args.insecure_key_permissions,
-        )
-        with channel:
+        assert self.pair is not None
+        options = []
+        if self.args.server_name:
+            options.append(("grpc.ssl_target_name_override", str(self.args.server_name)))
+        creds = pair_credentials(*self.pair, self.args.ca)
+        with grpc.secure_channel(self.args.server, creds, options=options) as channel:
             try:
                 reply = echo_pb2_grpc.EchoStub(channel).WhoAmI(
                     echo_pb2.WhoAmIRequest(), timeout=self.args.timeout
@@ -447,8 +480,9 @@ class Doctor:
                     reason,
                     ENROLL_FIX.format(fp=self.fingerprint)
                     if denied
-                    else "see the steps above; run again with GRPC_VERBOSITY=debug "
-                    "GRPC_TRACE=handshaker,secure_endpoint for gRPC's own account",
+                    else f"{proxy_hint() or 'see the steps above'}; run again with "
+                    "GRPC_VERBOSITY=debug GRPC_TRACE=handshaker,secure_endpoint for gRPC's own "
+                    "account",
                     Exit.DENIED if denied else Exit.CONNECT,
                 ) from exc
         allowed = ", ".join(reply.allowed_methods) or "(WhoAmI, health and reflection only)"

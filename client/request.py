@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 
-from client.connect import PROG, REFUSED_INPUT, connection_flags, say
+from client.connect import PROG, REFUSED_INPUT, connection_flags, proxy_hint, say
 from pinrpc import proof
-from pinrpc.channel import load_pair
+from pinrpc.channel import load_pair, roots_from_env
 from pinrpc.cli import Exit, add_flag, utf8
 from pinrpc.identity import Fingerprint, cert_to_pem, load_ca_bundle
 from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cert, key = load_pair(
         args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
-    roots = load_ca_bundle(Path(args.ca)) if args.ca else None
+    roots = load_ca_bundle(Path(args.ca)) if args.ca else roots_from_env()
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     creds = grpc.ssl_channel_credentials(root_certificates=roots)
     with grpc.secure_channel(args.server, creds, options=options) as channel:
@@ -83,4 +83,6 @@ def _explain(exc: grpc.RpcError, server: str) -> int:
         "  check the address, --ca and --server-name, and that the server runs "
         "with --enrollment-listen."
     )
+    if hint := proxy_hint():
+        say(f"  {hint}")
     return Exit.CONNECT

@@ -23,6 +23,7 @@ from pinrpc.identity import (
 )
 
 PASSPHRASE_ENV = "PINRPC_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
+ROOTS_ENV = "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"  # gRPC's replacement for its default roots
 
 
 def passphrase_from_env() -> bytes | None:
@@ -74,13 +75,26 @@ def pair_credentials(
 ) -> grpc.ChannelCredentials:
     """Credentials for a pair ``load_pair`` returned: each file is read once, so a pipe
     (``--cert <(command)``) works."""
-    root_pem = load_ca_bundle(Path(ca)) if ca is not None else None
+    root_pem = load_ca_bundle(Path(ca)) if ca is not None else roots_from_env()
     # grpcio wants an unencrypted PEM; it only ever lives in this process's memory.
     return grpc.ssl_channel_credentials(
         root_certificates=root_pem,
         private_key=key_to_pem(private_key),
         certificate_chain=cert_to_pem(certificate),
     )
+
+
+def roots_from_env() -> bytes | None:
+    """The roots GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names, checked as --ca is: gRPC itself aborts
+    the process when it names a directory, falls back to other roots when the file is missing,
+    and fails the handshake without a reason when it holds no certificate."""
+    path = os.environ.get(ROOTS_ENV)
+    if not path:
+        return None
+    try:
+        return load_ca_bundle(Path(path))
+    except IdentityError as exc:
+        raise IdentityError(f"{ROOTS_ENV}: {exc} (or unset it, or pass --ca)") from exc
 
 
 def secure_channel(

@@ -345,7 +345,9 @@ def create_identity(
     key = generate_key(key_type)
     cert = self_signed_certificate(key, name, days=days)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        # Whoever may write the directory may replace the pair in it: a new one is the
+        # owner's alone, whatever the umask (an existing one is the user's choice).
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError as exc:  # not the pair: --force would not help
         raise IdentityError(f"{directory} is not a directory; choose another --dir") from exc
     except OSError as exc:

@@ -58,6 +58,11 @@ ALWAYS_ALLOWED: Final = frozenset(
 )
 _PEM_CACHE_LIMIT: Final = 4096
 UNKNOWN_METHOD: Final = "(unknown)"
+# A refused method name is the caller's to invent, up to gRPC's 16 KiB of metadata. An audit
+# line quoting it whole could be 50 times the usual size (multiplying what --audit-rate lets
+# onto the disk, past the 16 KiB at which collectors split lines), and a refusal quoting it
+# whole went over gRPC's metadata limit: the caller got RESOURCE_EXHAUSTED, not the refusal.
+MAX_METHOD: Final = 256
 ADMIN_PREFIX: Final = "/pinrpc.v1.Admin/"
 
 
@@ -82,6 +87,13 @@ def caller() -> Identity:
             "caller() used outside a call checked by AuthInterceptor (from a thread of your "
             "own, run the work in contextvars.copy_context() taken in the handler)"
         ) from None
+
+
+def shown_method(method: str) -> str:
+    """``method`` for a message, or its first MAX_METHOD characters and how many there were."""
+    if len(method) <= MAX_METHOD:
+        return method
+    return f"{method[:MAX_METHOD]}... ({len(method)} characters)"
 
 
 def method_allowed(client: Client, method: str) -> bool:
@@ -266,7 +278,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             deny(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"client {client.name!r} ({fp}) may not call {method}",
+                f"client {client.name!r} ({fp}) may not call {shown_method(method)}",
             )
         known = enrolled.admitted.get(pem)
         if known is None:

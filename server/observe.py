@@ -9,7 +9,7 @@ import grpc
 
 from pinrpc.identity import Fingerprint
 from server.audit import Audit
-from server.auth import UNKNOWN_METHOD
+from server.auth import UNKNOWN_METHOD, shown_method
 from server.handshakes import Handshakes
 from server.health import Health
 from server.metrics import Metrics
@@ -30,11 +30,6 @@ MAX_PEERS = 10_000
 # put peer() on every call of every client. Each pending handshake now buys this many such
 # lookups, then counts as done: a new connection's first call comes within a few calls.
 MAX_MISSES = 200
-
-# A refused method name is the caller's to invent, up to gRPC's 16 KiB of metadata: the audit
-# keeps this much of it. Before, each line could be 50 times the usual size, which multiplied
-# what --audit-rate lets onto the disk, and passed the 16 KiB at which collectors split lines.
-MAX_METHOD = 256
 
 
 class Observability:
@@ -82,7 +77,7 @@ class Observability:
             client=name or None,
             fingerprint=str(fingerprint) if fingerprint else None,
             peer=context.peer(),
-            method=_cut(method),
+            method=shown_method(method),
         )
 
     def admitted(self, context: grpc.ServicerContext, method: str, client: Client) -> None:
@@ -159,10 +154,3 @@ class Observability:
     def rebuilt(self, seconds: float) -> None:
         self.metrics.rebuild_seconds.observe(seconds)
         self.metrics.rebuilds.inc()
-
-
-def _cut(method: str) -> str:
-    """``method``, or its first MAX_METHOD characters and how many there were."""
-    if len(method) <= MAX_METHOD:
-        return method
-    return f"{method[:MAX_METHOD]}... ({len(method)} characters)"

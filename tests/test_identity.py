@@ -113,6 +113,20 @@ def test_days_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert not (tmp_path / "zero.key").exists()
 
 
+def test_keygen_makes_a_new_directory_the_owners_alone_under_any_umask(tmp_path: Path) -> None:
+    pinrpc = Path(sys.executable).parent / "pinrpc"
+    new, existing = tmp_path / "new" / "keys", tmp_path / "shared"
+    existing.mkdir(mode=0o755)
+    for directory in (new, existing):
+        subprocess.run(
+            [str(pinrpc), "keygen", "alice", "--dir", str(directory)],
+            check=True, capture_output=True, timeout=30, preexec_fn=lambda: os.umask(0),
+        )  # fmt: skip
+        assert stat.S_IMODE((directory / "alice.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(new.stat().st_mode) == 0o700  # not 0777: others could swap the pair
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o755  # the user's own choice stays
+
+
 def test_a_long_bad_name_is_quoted_in_part() -> None:
     # Strangers send names too (the enrollment port): the error must not echo 100,000 bytes.
     with pytest.raises(IdentityError) as long:

@@ -204,19 +204,25 @@ def test_an_invented_method_name_is_cut_short_in_the_audit_line(
     bob = make_client("bob")
     connect.enroll(bob, "bob", "/pinrpc.v1.Echo/WhoAmI")
     channel = connect.channel(bob.cert_path, bob.key_path)
-    invented = "/pinrpc.v1.Echo/" + "\u00e9" * 5_000  # 10 KB of UTF-8, 30 KB of JSON
+    # 6 KB of UTF-8: under gRPC's 8 KiB soft limit on the request's metadata, so the server
+    # always gets it; 18 KB of JSON, and of the refusal's percent-encoded grpc-message.
+    invented = "/pinrpc.v1.Echo/" + "\u00e9" * 3_000
     with caplog.at_level(logging.INFO):
-        # The refusal of the invented one names it, and passes the client's own metadata limit.
+        # The refusal names it cut short: whole, it passed gRPC's metadata limit, and the
+        # caller got RESOURCE_EXHAUSTED instead of the refusal.
         refused = channel.unary_unary(invented, None, None)
-        assert code_of(lambda: refused(b"", timeout=5)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as caught:
+            refused(b"", timeout=5)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+        assert "... (3016 characters)" in (caught.value.details() or "")
         call = channel.unary_unary("/pinrpc.v1.Echo/Echo", None, None)
         assert code_of(lambda: call(b"", timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
         connect.server.audit.flush()
     lines = [r.getMessage() for r in caplog.records if r.name == "pinrpc.audit"]
     denied = [json.loads(line) for line in lines if '"decision": "deny"' in line]
     assert [d["method"][:20] for d in denied] == [invented[:20], "/pinrpc.v1.Echo/Echo"]
-    # Before: a line of 30 KB, past the 16 KiB at which log collectors split lines.
-    assert denied[0]["method"].endswith("... (5016 characters)")
+    # Before: a line of 18 KB, past the 16 KiB at which log collectors split lines.
+    assert denied[0]["method"].endswith("... (3016 characters)")
     assert max(len(line) for line in lines) < 2_000
     assert denied[1]["method"] == "/pinrpc.v1.Echo/Echo"  # a real name stays whole
 
