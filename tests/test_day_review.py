@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
+from pinrpc.cli import Exit
+from pinrpc.identity import Fingerprint, KeyPairFiles, cert_to_pem
+from tests.certs import make_cert, p256, write_pair
 from tests.conftest import Connect, MakeClient
+from tests.test_client_review import pinrpc
 
 
 def test_an_allowed_invented_method_gets_unimplemented_not_resource_exhausted(
@@ -26,3 +34,20 @@ def test_an_allowed_invented_method_gets_unimplemented_not_resource_exhausted(
         channel.unary_unary("/pinrpc.v1.Echo/Nope", None, None)(b"", timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert caught.value.details() == "method /pinrpc.v1.Echo/Nope not found"
+
+
+def test_doctor_presents_a_certificate_larger_than_a_pipe_holds(
+    connect: Connect, tmp_path: Path
+) -> None:
+    # doctor handed its pair to ssl through pipes, writing each whole before ssl read it: a
+    # certificate over a pipe's 64 KiB (here many OU names) blocked the write, and doctor hung.
+    key = p256()
+    ou = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "u" * 60)] * 800
+    cert = make_cert(key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "big"), *ou]))
+    assert len(cert_to_pem(cert)) > 65_536
+    cert_path, key_path = write_pair(tmp_path, "big", key, cert)
+    files = KeyPairFiles(key_path, cert_path, Fingerprint.of(cert))
+    # Too large to enroll (8 KiB), so the server refuses it: doctor says so, and ends.
+    code, out, err = pinrpc({}, "doctor", *connect.cli_flags(files), "--timeout", "10")
+    assert code == Exit.CONNECT, out + err
+    assert f"ok       client certificate  fingerprint {files.fingerprint}" in out
