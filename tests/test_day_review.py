@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import grpc
@@ -51,3 +53,23 @@ def test_doctor_presents_a_certificate_larger_than_a_pipe_holds(
     code, out, err = pinrpc({}, "doctor", *connect.cli_flags(files), "--timeout", "10")
     assert code == Exit.CONNECT, out + err
     assert f"ok       client certificate  fingerprint {files.fingerprint}" in out
+
+
+def test_an_invented_first_call_is_cut_short_in_the_allow_line(
+    connect: Connect, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # bd1fbec cut the deny line's method; a connection's first call, allowed by a wildcard and
+    # served by no handler, still wrote the invented name whole into its allow line (18 KB).
+    bob = make_client("bob")
+    connect.enroll(bob, "bob", "/pinrpc.v1.Echo/*")
+    channel = connect.channel(bob.cert_path, bob.key_path)
+    invented = "/pinrpc.v1.Echo/" + "\u00e9" * 3_000
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        with pytest.raises(grpc.RpcError):
+            channel.unary_unary(invented, None, None)(b"", timeout=5)
+        connect.server.audit.flush()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pinrpc.audit"]
+    allowed = [json.loads(line) for line in lines if '"decision": "allow"' in line]
+    assert len(allowed) == 1, lines
+    assert allowed[0]["method"].endswith("\u00e9... (3016 characters)")
+    assert max(len(line) for line in lines) < 2_000
