@@ -309,16 +309,18 @@ class Doctor:
         context.set_alpn_protocols(["h2"])
         presented = self.pair is not None
         if self.pair is not None:
-            # ssl reads only files: hand it the pair through pipes, so the key stays off disk.
+            # ssl reads only files: hand it the pair in files that live in memory, so the key
+            # stays off disk. (Pipes, written whole before ssl read them, hung doctor on a
+            # certificate over their 64 KiB.)
             certificate, private_key = self.pair
-            with ExitStack() as pipes:
+            with ExitStack() as files:
                 paths = []
                 for pem in (cert_to_pem(certificate), key_to_pem(private_key)):
-                    read, write = os.pipe()
-                    pipes.callback(os.close, read)
-                    with open(write, "wb") as sink:
-                        sink.write(pem)  # a few KiB: well under a pipe's buffer
-                    paths.append(f"/dev/fd/{read}")
+                    fd = os.memfd_create("pinrpc-doctor", os.MFD_CLOEXEC)
+                    files.callback(os.close, fd)
+                    with open(fd, "wb", closefd=False) as sink:
+                        sink.write(pem)
+                    paths.append(f"/dev/fd/{fd}")  # opened anew: read from the start
                 context.load_cert_chain(*paths)
         try:
             self.tls = self.stack.enter_context(

@@ -350,7 +350,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             identity = self.authorize(context, method, remember=False)
             # Unknown names are caller-chosen: keep them out of metric labels.
             self._observer.finished(identity.name, UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED)
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"method {method} not found")
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"method {shown_method(method)} not found")
 
         return behavior
 

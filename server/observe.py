@@ -110,7 +110,7 @@ class Observability:
             client=client.name,
             fingerprint=str(client.fingerprint),
             peer=peer,
-            method=method,
+            method=shown_method(method),  # one no handler serves is the caller's to invent
         )
 
     def finished(self, client: str, method: str, code: grpc.StatusCode) -> None:

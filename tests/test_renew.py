@@ -165,6 +165,18 @@ def _hidden(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME)
 
 
+def _obtained(
+    pebble: Pebble, registry: Path, make_client: MakeClient, out: Path
+) -> tuple[KeyPairFiles, ServerConfig]:
+    """A certificate obtained into ``out``, alice enrolled, and a server serving ``out``."""
+    assert _run(_obtain_cert_argv(pebble, out)).returncode == 0
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice")
+    config = ServerConfig("127.0.0.1:0", out / "fullchain.pem", out / "privkey.pem",
+                          str(registry), poll_interval=0.05)  # fmt: skip
+    return alice, config
+
+
 @pytest.mark.parametrize("rename", [1, 2, 3, 4])
 def test_a_renewal_killed_at_each_rename_never_breaks_the_server_and_the_next_one_cleans_up(
     pebble: Pebble, registry: Path, make_client: MakeClient, tmp_path: Path, rename: int
@@ -174,11 +186,7 @@ def test_a_renewal_killed_at_each_rename_never_breaks_the_server_and_the_next_on
     between them. The running server keeps a matching pair throughout; the next run writes
     a full set and deletes the killed run's temporary files and key backups."""
     out = tmp_path / "tls"
-    assert _run(_obtain_cert_argv(pebble, out)).returncode == 0
-    alice = make_client("alice")
-    enroll(registry, alice.cert_path, "alice")
-    config = ServerConfig("127.0.0.1:0", out / "fullchain.pem", out / "privkey.pem",
-                          str(registry), poll_interval=0.05)  # fmt: skip
+    alice, config = _obtained(pebble, registry, make_client, out)
     with start_server(config) as running:
         first = running.trust.server_cert.leaf.serial_number
         _killed_at_rename(rename, pebble, out)
@@ -206,11 +214,7 @@ def test_a_renewal_killed_between_key_and_chain_is_completed_even_when_the_ca_is
     together from cert.pem and chain.pem before it needs the CA, so a restart meanwhile
     would work and the running server moves on to the renewed pair."""
     out = tmp_path / "tls"
-    assert _run(_obtain_cert_argv(pebble, out)).returncode == 0
-    alice = make_client("alice")
-    enroll(registry, alice.cert_path, "alice")
-    config = ServerConfig("127.0.0.1:0", out / "fullchain.pem", out / "privkey.pem",
-                          str(registry), poll_interval=0.05)  # fmt: skip
+    alice, config = _obtained(pebble, registry, make_client, out)
     with start_server(config) as running:
         _killed_at_rename(4, pebble, out)
         assert not _pair_matches(out)
