@@ -121,10 +121,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RevokeRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Client:
         try:
-            client = self._registry.revoke(request.client)[0]
+            client, *others = self._registry.revoke(request.client)
         except PinrpcError as exc:
             abort_with(context, exc)
-        self._changed("revoke", client)
+        # By name, a client in a rotation's overlap loses its retiring certificates too: their
+        # `revoke` lines name nobody, so this line says who ended them.
+        self._changed("revoke", client, also_revoked=[str(c.fingerprint) for c in others])
         return to_proto(client)
 
     def Permit(

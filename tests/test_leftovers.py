@@ -25,6 +25,8 @@ from server.registry import Client, now_utc, open_registry
 from server.registry_sql import SqlRegistry
 from tests.conftest import Connect, MakeClient
 from tests.test_client_cli import run
+from tests.test_lifecycle import ADMIN
+from tests.test_observe import audit_lines
 from tests.test_registry_backends import candidate
 
 HOUR = dt.timedelta(hours=1)
@@ -245,3 +247,31 @@ def test_ctrl_c_while_importing_exits_130_quietly(
     assert child.returncode == 130, err
     assert b"Traceback" not in err and err.count(b"\n") <= 1, err
     assert out == b""
+
+
+def test_a_remote_revoke_by_name_names_every_certificate_it_ended(
+    connect: Connect,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`pinrpc admin revoke bob` during bob's rotation overlap ends both his certificates; the
+    watcher's `revoke` lines name nobody, so the admin line says which it ended besides."""
+    root, bob, carol = make_client("root"), make_client("bob"), make_client("carol")
+    connect.enroll(root, "root", ADMIN)
+    connect.enroll(bob, "bob")
+    connect.enroll(carol, "carol")
+    retiring = Fingerprint.of(load_certificate(bob.cert_path))
+    assert run(["rotate", *connect.cli_flags(bob)], capsys)[0] == Exit.OK  # 24 h overlap
+    current = Fingerprint.of(load_certificate(bob.cert_path))
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for ref in ("bob", "carol"):
+            code, _, err = run(["admin", "revoke", ref, *connect.cli_flags(root)], capsys)
+            assert code == Exit.OK, err
+        lines = audit_lines(caplog, connect.server.audit)
+    revokes = [line for line in lines if line["event"] == "admin"]
+    assert [(line["client"], line["also_revoked"]) for line in revokes] == [
+        ("bob", [str(retiring)]),
+        ("carol", []),  # nothing else to end: carol never rotated
+    ]
+    assert revokes[0]["fingerprint"] == str(current)
