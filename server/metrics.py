@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gzip
 import io
 import socket
 import sys
@@ -184,21 +185,37 @@ class _Exposition:
         self._registry, self._lock = registry, threading.Lock()
         self._budget, self._refilled = RENDER_RESERVE, time.monotonic()  # seconds of rendering
         self._body: bytes | None = None
+        self._gzipped: bytes | None = None  # the same body, compressed once when asked for
 
-    def __call__(self, environ: object, start_response: Callable[..., object]) -> list[bytes]:
-        body = self.render()
-        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+    def __call__(
+        self, environ: dict[str, str], start_response: Callable[..., object]
+    ) -> list[bytes]:
+        # Prometheus asks for gzip: the text of 10,000 clients' calls is about 1.8 MB, 0.15 MB
+        # compressed (10 ms, once per rendering).
+        gzipped = "gzip" in environ.get("HTTP_ACCEPT_ENCODING", "")
+        headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+        if gzipped:
+            headers.append(("Content-Encoding", "gzip"))
+        body = self.render(gzipped)
+        start_response("200 OK", headers)
         return [body]
 
-    def render(self) -> bytes:
+    def render(self, gzipped: bool = False) -> bytes:
         with self._lock:  # scrapes at once share one rendering
             now = time.monotonic()
             self._budget = min(RENDER_RESERVE, self._budget + (now - self._refilled) * RENDER_SHARE)
             self._refilled = now
-            if self._body is None or self._budget > 0:
-                self._body = generate_latest(self._registry)
+            body = self._body
+            if body is None or self._budget > 0:
+                body = self._body = generate_latest(self._registry)
+                self._gzipped = None
+            if not gzipped:
                 self._budget -= time.monotonic() - now
-            return self._body
+                return body
+            if self._gzipped is None:
+                self._gzipped = gzip.compress(body, compresslevel=6)
+            self._budget -= time.monotonic() - now  # compressing spends the budget too
+            return self._gzipped
 
 
 class _Server(ThreadingWSGIServer):

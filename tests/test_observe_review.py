@@ -5,6 +5,7 @@ names in the audit trail, and the peer lookups a stranger's refused handshake ke
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -114,6 +115,24 @@ def scrape(running: RunningServer) -> str:
     url = f"http://127.0.0.1:{running.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())
+
+
+def test_a_scraper_that_asks_for_gzip_gets_the_same_text_compressed(
+    observed: RunningServer,
+) -> None:
+    # Prometheus sends Accept-Encoding: gzip; the exposition that bounds rendering answered
+    # every scrape uncompressed (about 2 MB at 10,000 clients).
+    url = f"http://127.0.0.1:{observed.metrics_port}/metrics"
+    asked = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with (
+        urllib.request.urlopen(url, timeout=10) as plain,
+        urllib.request.urlopen(asked, timeout=10) as compressed,  # noqa: S310 - http://127.0.0.1
+    ):
+        assert plain.headers.get("Content-Encoding") is None  # a scraper that did not ask
+        assert compressed.headers.get("Content-Encoding") == "gzip"
+        text, packed = plain.read(), compressed.read()
+    assert gzip.decompress(packed) == text and b"pinrpc_enrolled_clients 1.0" in text
+    assert len(packed) < len(text) / 3
 
 
 def test_a_hammered_metrics_port_leaves_the_mtls_port_its_calls(
