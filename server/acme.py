@@ -15,15 +15,18 @@ import http.server
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
 import threading
+import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import NoReturn, cast
 
 from cryptography import x509
@@ -67,7 +70,9 @@ KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 # Polling budget for validation + issuance; Let's Encrypt normally needs a few seconds.
 _ORDER_TIMEOUT = datetime.timedelta(seconds=90)
 LOCK_NAME = ".obtain-cert.lock"  # in --out, held while a run uses it
-_NETWORK_TIMEOUT_S = 30
+_NETWORK_TIMEOUT_S = 30  # per socket operation: a CA that trickles bytes never hits it
+DEFAULT_DEADLINE_S = 300.0  # the whole run; see _Deadline
+_MAX_DEADLINE_S = 86400.0
 
 
 class AcmeError(PinrpcError):
@@ -83,6 +88,77 @@ class ObtainResult:
     serial: int
     not_after: datetime.datetime  # timezone-aware (UTC)
     contact_updated: tuple[str, ...] | None = None  # an existing account's new contact
+
+
+# What signal.signal returns: None for a handler not installed from Python.
+_Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+
+
+class _OutOfTime(BaseException):
+    """Raised by SIGALRM wherever the main thread is, a blocked socket read included. Not an
+    Exception, so no ``except Exception`` in requests, urllib3, acme or josepy retries it."""
+
+
+class _Deadline:
+    """Bound a run's talk with the CA, whose 30 s timeouts apply per socket operation: a CA or
+    proxy that trickles bytes would keep the run, and --out's lock, forever. SIGALRM is the
+    only way to interrupt a blocked read in the main thread; elsewhere (no signals) and with
+    ``seconds`` None it does nothing. On leaving, the caller's SIGALRM handler and timer are
+    put back (a timer that came due meanwhile fires at once), so in-process callers keep theirs.
+    """
+
+    def __init__(self, seconds: float | None, directory_url: str) -> None:
+        self._seconds = seconds
+        self._url = directory_url
+        self._saved: tuple[_Handler, float, float, float] | None = None
+        self._held = self._late = False
+
+    def __enter__(self) -> _Deadline:
+        if self._seconds is not None and threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGALRM, self._fire)
+            delay, interval = signal.setitimer(signal.ITIMER_REAL, self._seconds)
+            self._saved = (handler, delay, interval, time.monotonic())
+        return self
+
+    def _fire(self, signum: int, frame: FrameType | None) -> None:
+        if self._held:
+            self._late = True  # raised when the held section ends
+        else:
+            raise _OutOfTime
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """A section the deadline may not cut in two (a file being written)."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+        if self._late:
+            raise _OutOfTime
+
+    def stop(self) -> None:
+        """From here on nothing interrupts the run (the certificate is in hand)."""
+        if self._saved is None:
+            return
+        handler, delay, interval, started = self._saved
+        self._saved = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if handler is None else handler)
+        if delay:
+            signal.setitimer(
+                signal.ITIMER_REAL, max(delay - (time.monotonic() - started), 1e-6), interval
+            )
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        if isinstance(exc, _OutOfTime):
+            raise AcmeError(
+                f"no certificate from {self._url} within the deadline of {self._seconds:g} s "
+                f"(--deadline); the previous files are unchanged, run again later"
+            ) from None
 
 
 def _one_line(text: object) -> str:
@@ -363,11 +439,13 @@ def obtain_certificate(
     acme_ca_bundle: Path | None = None,
     email: str | None = None,
     key_type: str = "ec256",
+    deadline_s: float | None = None,
 ) -> ObtainResult:
     """Order a certificate for `domains` over HTTP-01 and write certbot-named files to out_dir.
 
     Registering means agreeing to the CA's terms of service. A fresh server key is made on
-    every call. Raises AcmeError on any expected failure.
+    every call. Raises AcmeError on any expected failure, and once ``deadline_s`` has passed
+    before the certificate is in hand (enforced only when called in the main thread).
     """
     names = _normalize_domains(domains)
     try:
@@ -387,6 +465,7 @@ def obtain_certificate(
         if locked:
             held.enter_context(_lock(out_dir))
             _complete_killed_run(out_dir)
+        budget = held.enter_context(_Deadline(deadline_s, directory_url))
         server_key = _new_key(key_type)
         csr = make_csr(key_to_pem(server_key), names)
         account_private, new_account = _account_key(out_dir / "account.key")
@@ -420,7 +499,8 @@ def obtain_certificate(
                 )
             # Before registering: an account the CA may have made must have its key on disk.
             if new_account:
-                _save_account(out_dir, account_private, None if locked else held)
+                with budget.hold():
+                    _save_account(out_dir, account_private, None if locked else held)
             with _step("registering the ACME account or updating its contact", directory_url):
                 stored = None if new_account else out_dir / "account.key"
                 contact = _register(acme, net, email, stored)
@@ -463,6 +543,7 @@ def obtain_certificate(
         finally:
             # Close now rather than in ClientNetwork.__del__, so no ResourceWarning escapes.
             net.session.close()
+        budget.stop()  # the certificate is in hand: never cut the writes below short
 
         try:
             certs = x509.load_pem_x509_certificates(order.fullchain_pem.encode("ascii"))
@@ -635,6 +716,15 @@ def main(argv: list[str] | None = None, prog: str = "obtain-cert") -> int:
     parser.add_argument(
         "--key-type", choices=KEY_TYPES, default="ec256", help="server key type (default ec256)"
     )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=DEFAULT_DEADLINE_S,
+        metavar="SECONDS",
+        help=f"give up (exit 1, files unchanged, lock released) when the certificate is not in "
+        f"hand after this long, e.g. from a CA that answers a byte at a time "
+        f"(default {DEFAULT_DEADLINE_S:g})",
+    )
     try:
         try:
             args = parser.parse_args(argv)
@@ -649,6 +739,11 @@ def main(argv: list[str] | None = None, prog: str = "obtain-cert") -> int:
             raise _UsageError("--out is empty; pass the directory for the certificate files")
         if not args.directory:
             raise _UsageError("no ACME directory; pass --directory or set PINRPC_ACME_DIRECTORY")
+        if not 0 < args.deadline <= _MAX_DEADLINE_S:  # NaN too; setitimer overflows beyond
+            raise _UsageError(
+                f"--deadline {args.deadline:g} is out of range; pass seconds, at most "
+                f"{_MAX_DEADLINE_S:g}"
+            )
     except _UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -662,6 +757,7 @@ def main(argv: list[str] | None = None, prog: str = "obtain-cert") -> int:
             acme_ca_bundle=args.ca_bundle,
             email=args.email,
             key_type=args.key_type,
+            deadline_s=args.deadline,
         )
     except AcmeError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
