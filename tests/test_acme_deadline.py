@@ -1,0 +1,187 @@
+"""obtain-cert's --deadline: a CA that trickles its answer cannot keep a run (and --out's lock)
+alive; real pebble and a real HTTPS server that sends a byte every half second."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.acme import main
+from server.devca import DevCA
+from tests.pebble import Pebble
+from tests.test_acme import _assert_one_line_error, _free_port, _matching_pair
+
+_BYTE_EVERY_S = 0.5  # far below requests' 30 s per read: only an overall deadline ends it
+_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"x" * 1000
+
+
+def _trickle(conn: socket.socket, context: ssl.SSLContext, stop: threading.Event) -> None:
+    conn.settimeout(10)
+    try:
+        with context.wrap_socket(conn, server_side=True) as tls:  # owns conn from here
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < 65536:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            for byte in _ANSWER:  # bounded: 1000 bytes, and the test stops it sooner
+                if stop.wait(_BYTE_EVERY_S):
+                    return
+                tls.sendall(bytes([byte]))
+    except OSError:  # the client gave up (what the test wants), or the handshake failed
+        conn.close()
+
+
+@pytest.fixture
+def trickling_ca(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS 'CA' that accepts, reads the request and answers a byte at a time:
+    yields (directory URL, the CA file that verifies its TLS certificate)."""
+    ca = DevCA("pinrpc test trickling CA")
+    cert, key = ca.issue(["127.0.0.1"], days=1).write(tmp_path)
+    ca_file = tmp_path / "trickle-ca.pem"
+    ca_file.write_bytes(ca.root_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    workers: list[threading.Thread] = []
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            worker = threading.Thread(target=_trickle, args=(conn, context, stop), daemon=True)
+            worker.start()
+            workers.append(worker)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}/dir", ca_file
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        listener.close()
+        for worker in workers:
+            worker.join(timeout=5)
+
+
+def _issue(pebble: Pebble, out: Path, *extra: str) -> int:
+    argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(out)]
+    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    return main([*argv, *extra])
+
+
+def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file in --out with its bytes and mode (temporary files would show up too)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mode) for p in out.iterdir()}
+
+
+def _argv(url: str, ca: Path, out: Path, *extra: str) -> list[str]:
+    argv = ["--directory", url, "--domain", "server.test", "--out", str(out)]
+    return [*argv, "--http-port", str(_free_port()), "--ca-bundle", str(ca), *extra]
+
+
+def test_a_trickling_ca_is_given_up_at_the_deadline_and_changes_nothing(
+    pebble: Pebble, trickling_ca: tuple[str, Path], tmp_path: Path
+) -> None:
+    """As cron runs it, a process of its own: before --deadline it ran until the CA stopped."""
+    out = tmp_path / "tls"
+    assert _issue(pebble, out) == 0
+    (out / "privkey.pem").chmod(0o640)  # a mode of the operator's that must survive too
+    before = _snapshot(out)
+    script = Path(__file__).parent.parent / "scripts" / "obtain-cert"
+    url, ca = trickling_ca
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    started = time.monotonic()
+    run = subprocess.Popen(
+        [sys.executable, str(script), *_argv(url, ca, out, "--deadline", "3")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        _, err = run.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        run.communicate()
+        pytest.fail("obtain-cert still ran after 15 s against a trickling CA (no deadline)")
+    took = time.monotonic() - started
+    assert run.returncode == 1, err
+    _assert_one_line_error(err, f"no certificate from {url} within the deadline of 3 s")
+    assert 3 <= took < 8, took
+    assert _snapshot(out) == before
+    # The lock went with the run: the next one (cron's, say) gets a certificate at once.
+    assert _issue(pebble, out) == 0
+    assert _matching_pair(out)
+
+
+def test_in_process_the_deadline_releases_the_lock_and_restores_the_callers_alarm(
+    pebble: Pebble,
+    trickling_ca: tuple[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """main() called in-process (tests, scripts/demo-compose): the lock is released although
+    the process lives on, and the caller's SIGALRM handler and pending timer come back."""
+    out = tmp_path / "tls"
+    assert _issue(pebble, out) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    fired: list[int] = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))
+    signal.setitimer(signal.ITIMER_REAL, 100)
+    try:
+        started = time.monotonic()
+        assert main(_argv(*trickling_ca, out, "--deadline", "2")) == 1
+        assert 2 <= time.monotonic() - started < 6
+        _assert_one_line_error(capsys.readouterr().err, "within the deadline of 2 s")
+        assert _snapshot(out) == before
+        assert _issue(pebble, out) == 0  # not refused by the lock
+        assert _matching_pair(out)
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 80 < remaining < 100  # the caller's timer, counted down meanwhile
+        assert fired == []
+        os.kill(os.getpid(), signal.SIGALRM)
+        assert fired == [signal.SIGALRM]  # and the caller's handler
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_normal_issuance_is_within_the_default_deadline(
+    pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    previous = signal.getsignal(signal.SIGALRM)
+    assert _issue(pebble, tmp_path) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert _matching_pair(tmp_path)
+    assert signal.getsignal(signal.SIGALRM) is previous
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "1e300", "soon"])
+def test_a_bad_deadline_is_a_one_line_usage_error(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--directory", "https://127.0.0.1:1/dir", "--domain", "server.test"]
+    assert main([*argv, "--out", str(tmp_path / "tls"), "--deadline", value]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "--deadline")
+    assert not (tmp_path / "tls").exists()
