@@ -7,7 +7,7 @@ enrollments with exactly the same messages.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -107,8 +107,18 @@ class Registry(Protocol):
     def find(self, ref: str) -> Client: ...
 
     def request_enrollment(
-        self, candidate: Candidate, name: str, peer: str, ttl: dt.timedelta, limit: int
-    ) -> Pending: ...
+        self,
+        candidate: Candidate,
+        name: str,
+        peer: str,
+        ttl: dt.timedelta,
+        limit: int,
+        *,
+        check_waiting: Callable[[Sequence[Pending]], None] | None = None,
+    ) -> Pending:
+        """Queue a request, at most ``limit`` waiting; ``check_waiting`` may refuse it (by
+        raising) on the requests already waiting, read in the same transaction."""
+        ...
 
     def pending(self) -> list[Pending]: ...
 

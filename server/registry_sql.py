@@ -634,7 +634,14 @@ class SqlRegistry(ABC):
         return self._decode_pending(rows)[0]
 
     def request_enrollment(
-        self, candidate: Candidate, name: str, peer: str, ttl: dt.timedelta, limit: int
+        self,
+        candidate: Candidate,
+        name: str,
+        peer: str,
+        ttl: dt.timedelta,
+        limit: int,
+        *,
+        check_waiting: Callable[[Sequence[Pending]], None] | None = None,
     ) -> Pending:
         now = now_utc()
         encode = self.dialect.encode_time
@@ -646,6 +653,8 @@ class SqlRegistry(ABC):
                 q(self.dialect.change_lock, ())
             q("DELETE FROM pending WHERE expires_at <= ?", (encode(now),))
             waiting = self._waiting(q, encode(now))
+            if check_waiting is not None:
+                check_waiting(waiting)
             if any(p.fingerprint == candidate.fingerprint for p in waiting):
                 raise ConflictError(f"certificate {candidate.fingerprint} is already pending")
             # Only this certificate's rows, and whether its key has any: strangers send these,

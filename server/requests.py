@@ -11,8 +11,10 @@ lock everyone else out (for a nonce's 5 minutes, or a request's --enrollment-ttl
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import secrets
 import threading
+from collections.abc import Sequence
 
 import grpc
 
@@ -23,7 +25,7 @@ from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
 from server.admin import abort_with, timestamp
 from server.audit import Audit
 from server.enrollment import check_certificate
-from server.registry import Registry
+from server.registry import Pending, Registry
 from server.registry_model import refuse_fingerprint_name
 from server.request_watch import host_of, peer_host
 
@@ -75,9 +77,6 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self._registry, self._audit = registry, audit
         self._ttl, self._max_pending = request_ttl, max_pending
         self._nonces = nonces or NonceBook(dt.timedelta(minutes=5), limit=1000)
-        # Counting a host's requests and adding one are two registry calls: one at a time here
-        # (replicas sharing a registry may each let one more through; --max-pending holds).
-        self._requesting = threading.Lock()
 
     def Challenge(
         self, request: enrollment_pb2.ChallengeRequest, context: grpc.ServicerContext
@@ -106,11 +105,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                     "the signature does not verify with the certificate's key (proof of "
                     "possession failed)"
                 )
-            with self._requesting:
-                self._refuse_crowded_host(peer_host(context))
-                pending = self._registry.request_enrollment(
-                    candidate, name, context.peer(), self._ttl, self._max_pending
-                )
+            # The host's requests are counted in the registry's transaction that adds this one.
+            pending = self._registry.request_enrollment(
+                candidate, name, context.peer(), self._ttl, self._max_pending,
+                check_waiting=functools.partial(_refuse_crowded_host, peer_host(context)),
+            )  # fmt: skip
         except PinrpcError as exc:
             abort_with(context, exc)
         self._audit.event(
@@ -121,10 +120,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             fingerprint=str(pending.fingerprint), expires_at=timestamp(pending.expires_at)
         )
 
-    def _refuse_crowded_host(self, host: str) -> None:
-        waiting = sum(host_of(p.peer) == host for p in self._registry.pending())
-        if waiting >= PENDING_PER_HOST:
-            raise CapacityError(
-                f"{waiting} enrollment requests from {host} are already waiting for the "
-                "operator; try again once they are handled or expired"
-            )
+
+def _refuse_crowded_host(host: str, waiting: Sequence[Pending]) -> None:
+    from_host = sum(host_of(p.peer) == host for p in waiting)
+    if from_host >= PENDING_PER_HOST:
+        raise CapacityError(
+            f"{from_host} enrollment requests from {host} are already waiting for the "
+            "operator; try again once they are handled or expired"
+        )
