@@ -12,6 +12,7 @@ try:
     import sqlite3
     import sys
     import threading
+    from collections import Counter
     from collections.abc import Iterator
     from contextlib import closing, contextmanager
     from pathlib import Path
@@ -46,6 +47,8 @@ except KeyboardInterrupt:
 
 PROG = "pinrpc-server"
 OBTAIN_CERT = "obtain-cert"
+COPY = "copy-registry"
+REGISTRY_HELP = "registry: a SQLite file path or a postgresql://USER@HOST:PORT/DB URL"
 MAX_CERT_BYTES = 64 * 1024
 # Bounds the durations below: far larger ones overflowed the date arithmetic (a traceback at
 # start, or every Rotate and enrollment request failing).
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--registry",
             required=True,
             type=path_text,
-            help="registry: a SQLite file path or a postgresql://USER@HOST:PORT/DB URL",
+            help=REGISTRY_HELP,
         )
 
     serve = commands.add_parser("serve", help="run the server")
@@ -268,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     registry_flag(migrate)
 
+    copy = commands.add_parser(
+        COPY,
+        help="copy a registry into a new or empty one, SQLite or PostgreSQL either way",
+        description="Copy every client certificate (active, retiring, revoked) with its "
+        "permissions, and every enrollment request, from SOURCE into DEST in one transaction. "
+        "DEST must be a new file, an empty database or an empty registry; SOURCE is only read "
+        "and must be at this version's schema. Stop changes to SOURCE first: later ones are not "
+        "copied.",
+    )
+    copy.add_argument("source", metavar="SOURCE", type=path_text, help=REGISTRY_HELP)
+    copy.add_argument("dest", metavar="DEST", type=path_text, help=REGISTRY_HELP)
+
     permit = commands.add_parser(
         "permit", help="replace a client's permissions, by name or fingerprint (no new key pair)"
     )
@@ -445,6 +460,40 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    # Imported here: only this command needs it.
+    from server.registry_copy import copy_registry
+
+    created = not is_postgres(args.dest) and not Path(args.dest).exists()
+    try:
+        copied = copy_registry(args.source, args.dest)
+    except BaseException:
+        if created:  # a failed copy leaves no new file behind, as a failed `serve` leaves none
+            _remove_unused(Path(args.dest))
+        raise
+    kinds = Counter(_kind(c) for c in copied.clients)
+    expired = copied.requests - len(copied.waiting)
+    print(f"copied registry {copied.source} to {copied.dest}")
+    print(
+        f"  certificates  {len(copied.clients)}: "
+        + ", ".join(f"{kinds[k]} {k}" for k in ("active", "retiring", "retired", "revoked"))
+    )
+    print(f"  requests      {len(copied.waiting)} waiting, {expired} expired")
+    print(
+        f"next: stop every server on {copied.source} and start it with --registry "
+        f"{copied.dest} (or PINRPC_REGISTRY); keep {copied.source} as a backup, unchanged"
+    )
+    return Exit.OK
+
+
+def _kind(client: Client) -> str:
+    if client.revoked_at is not None:
+        return "revoked"
+    if client.retire_at is not None:
+        return "retiring" if client.active else "retired"
+    return "active"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.warm_start and args.tls_reload != "handover":
         raise ServeError("--warm-start needs --tls-reload handover")
@@ -545,6 +594,7 @@ COMMANDS = {
     "revoke": cmd_revoke,
     "permit": cmd_permit,
     "migrate": cmd_migrate,
+    COPY: cmd_copy,
     "pending": cmd_pending,
     "approve": cmd_approve,
     "reject": cmd_reject,
@@ -552,11 +602,14 @@ COMMANDS = {
 
 
 def _checked(args: argparse.Namespace) -> argparse.Namespace:
-    """Refuse a --registry path that names a FIFO, a device or a directory: sqlite3 waited
+    """Refuse a registry path that names a FIFO, a device or a directory: sqlite3 waited
     forever on a FIFO (list, pending) and said only "disk I/O error" about the rest."""
-    path = Path(args.registry)
-    if not is_postgres(args.registry) and path.exists() and not path.is_file():
-        raise RegistryError(f"registry {path.absolute()} is not a regular file; check --registry")
+    named = [("source", "SOURCE"), ("dest", "DEST")] if args.command == COPY else []
+    for attr, what in named or [("registry", "--registry")]:
+        spec = getattr(args, attr)
+        path = Path(spec)
+        if not is_postgres(spec) and path.exists() and not path.is_file():
+            raise RegistryError(f"registry {path.absolute()} is not a regular file; check {what}")
     return args
 
 
