@@ -235,12 +235,13 @@ class Listener:
         if self._warm is None or self.mode != "handover":
             return None
         active = self._trust.enrolled.by_digest.keys()
-        first = self._warm.loaded() & active
+        first, known = self._warm.first(active)
         if not first or len(first) == len(active):
             return None
         log.info(
-            "warm start: trusting the %d client(s) seen before first; all %d follow by handover",
-            len(first), len(active),
+            "warm start: trusting first the %d most recently seen of the %d client(s) seen "
+            "before; all %d follow by handover",
+            len(first), known, len(active),
         )  # fmt: skip
         return first
 
