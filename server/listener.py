@@ -327,6 +327,9 @@ class Listener:
         return False
 
     def _run(self) -> None:
+        # A warm start's full set is built at once, not after the first poll interval: the
+        # clients outside the first listener wait for it.
+        self.refresh()
         while not self._stopped.is_set():
             # Woken at once by a change; the timeout reaps, and retries a failed handover.
             changed = self._trust.changed.wait(self._interval)

@@ -265,6 +265,7 @@ def slow_listener(
     warm: WarmSet | None = None,
     builds: collections.Counter[str] | None = None,
     hold: threading.Event | None = None,
+    interval: float = 0.2,
 ) -> Iterator[tuple[Listener, TrustWatcher, threading.Event]]:
     """A handover Listener started by hand whose builds take 2 s (as 10,000 roots would) once
     the yielded event is set; ``builds["built"]`` counts them. Builds after the first wait
@@ -288,7 +289,7 @@ def slow_listener(
 
     with ThreadPoolExecutor(8) as executor:
         served = Listener(
-            build, trust, mode="handover", grace=1.0, max_age=MAX_AGE,
+            build, trust, mode="handover", grace=1.0, max_age=MAX_AGE, interval=interval,
             warm=warm,
         )  # fmt: skip
         try:
@@ -425,6 +426,21 @@ def test_warm_start_trusts_only_the_most_recently_seen_first(
         eventually(functools.partial(admitted, target, carol), timeout=10)
         assert served.handovers == 1 and not served.stale()
     assert any("the 2 most recently seen of the 3" in r.getMessage() for r in caplog.records)
+
+
+def test_warm_start_builds_the_full_set_at_once(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """The clients outside the warm file wait for the full set only as long as it takes to
+    build, not a poll interval more (here a minute)."""
+    alice, bob = enroll_alice_and_bob(registry, make_client)
+    warm_file = tmp_path / "warm"
+    warm_file.write_text(alice.fingerprint.digest.hex() + "\n")
+    with slow_listener(devca, registry, WarmSet(warm_file), interval=60.0) as (served, _, _):
+        served.start("127.0.0.1:0")
+        target = (f"127.0.0.1:{served.port}", devca.ca_path)
+        eventually(functools.partial(admitted, target, bob), timeout=10)
+        assert served.handovers == 1
 
 
 def test_warm_file_records_who_connected(
