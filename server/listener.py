@@ -239,8 +239,8 @@ class Listener:
         if not first or len(first) == len(active):
             return None
         log.info(
-            "warm start: trusting first the %d most recently seen of the %d client(s) seen "
-            "before; all %d follow by handover",
+            "warm start: trusting the %d client(s) seen most recently first (of %d seen "
+            "before); all %d follow by handover",
             len(first), known, len(active),
         )  # fmt: skip
         return first

@@ -425,7 +425,10 @@ def test_warm_start_trusts_only_the_most_recently_seen_first(
         hold.set()
         eventually(functools.partial(admitted, target, carol), timeout=10)
         assert served.handovers == 1 and not served.stale()
-    assert any("the 2 most recently seen of the 3" in r.getMessage() for r in caplog.records)
+    assert any(
+        "the 2 client(s) seen most recently first (of 3 seen before)" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_warm_start_builds_the_full_set_at_once(
