@@ -183,10 +183,10 @@ async def measure_size(
     """All sweep figures for one server kind with ``n`` enrolled clients (the probe + fillers).
 
     ``warm_fraction``: write a --warm-start file (``warm`` beside the registry) naming that
-    fraction of the fillers, as if they had connected before a restart, between one more
-    client, ``cold``, seen least recently, and the probe, seen most recently. cold's first call
-    tells when all clients are served: outside the file, or beyond the first listener's
-    server.warm.FIRST_MAX most recent, it waits for the full set.
+    fraction of the fillers, as if they had connected before a restart, and the probe, seen
+    most recently. One more client, ``cold``, waits for the full set, and its first call tells
+    when all clients are served: at a fraction of 1 it is in the file, seen least recently
+    (beyond server.warm.FIRST_MAX most recent ones when N is larger), otherwise not in it.
 
     ``cap`` bounds the wait for a new enrollment to become usable (a rebuild inside the
     handshake at N=10,000 takes over a minute on a busy 2-core machine); a capped figure is
