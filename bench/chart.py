@@ -31,7 +31,7 @@ THROUGHPUT = (  # (label, path into results["comparison"], target C/B or None)
 SWEEP_LABELS = {
     "pinrpc": "inline",
     "handover": "handover",
-    "handover-warm": "warm start: a client seen before",
+    "handover-warm": "warm start: a recent client",
 }
 
 

@@ -58,7 +58,7 @@ class Plan:
     conn_rounds: int
     sweep: tuple[int, ...]
     handover: tuple[int, ...]  # sizes for pinrpc-server serve --tls-reload handover
-    warm: tuple[int, ...]  # sizes for handover with a --warm-start file (10 % seen before)
+    warm: tuple[int, ...]  # sizes for handover with a --warm-start file (all seen before)
     fleet: int  # enrolled clients in variant C-1k
     cap: float  # the longest the sweep waits for a new enrollment to become usable
     rootload: tuple[int, ...]  # root counts for the add_secure_port measurement
@@ -74,7 +74,9 @@ FULL = Plan("full", 11, 0.5, 10, 0.6, 8, (1, 100, 1000, 10000), (1000, 10000), (
             40.0, (1000, 2000, 4000), 6, 1.0, 0.6)  # fmt: skip
 QUICK = Plan("quick", 2, 0.15, 2, 0.2, 2, (1, 100), (100,), (100,), 100, 10.0, (300,), 1, 0.2,
              0.2)  # fmt: skip
-WARM_FRACTION = 0.1
+# A steady fleet: every client connected before the restart, the case server.warm.FIRST_MAX
+# is for.
+WARM_FRACTION = 1.0
 # The B+ variants split C's per-call CPU cost; their tails would be noise, so the latency
 # workload leaves them out and spends the time on rounds instead. B-twin, a second server
 # identical to B, runs only there: its p99 ratio to B is each run's own noise floor, since a

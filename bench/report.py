@@ -30,7 +30,7 @@ CONNECTION_KINDS = ("p256", "rsa2048", "p256-sustained")
 SWEEPS = {
     "pinrpc": "pinrpc (inline)",
     "handover": "pinrpc --tls-reload handover",
-    "handover-warm": "pinrpc handover + --warm-start (10 % seen before)",
+    "handover-warm": "pinrpc handover + --warm-start (all seen before)",
 }
 
 

@@ -182,9 +182,11 @@ async def measure_size(
 ) -> dict[str, float | int | str | None]:
     """All sweep figures for one server kind with ``n`` enrolled clients (the probe + fillers).
 
-    ``warm_fraction``: write a --warm-start file (``warm`` beside the registry) naming the
-    probe and that fraction of the fillers, as if they had been connected before a restart,
-    and enroll one more client outside it, whose first call tells when all clients are served.
+    ``warm_fraction``: write a --warm-start file (``warm`` beside the registry) naming that
+    fraction of the fillers, as if they had connected before a restart, and the probe, seen
+    most recently. One more client, ``cold``, waits for the full set, and its first call tells
+    when all clients are served: at a fraction of 1 it is in the file, seen least recently
+    (beyond server.warm.FIRST_MAX most recent ones when N is larger), otherwise not in it.
 
     ``cap`` bounds the wait for a new enrollment to become usable (a rebuild inside the
     handshake at N=10,000 takes over a minute on a busy 2-core machine); a capped figure is
@@ -204,7 +206,9 @@ async def measure_size(
     random.Random(n).shuffle(chosen)
     write_registry(registry, named, chosen)
     if warm_fraction:
-        seen = [probe.fingerprint, *(c.fingerprint for c in chosen[: int(warm_fraction * n)])]
+        seen = [c.fingerprint for c in chosen[: int(warm_fraction * len(chosen))]]
+        oldest = [cold.fingerprint] if warm_fraction >= 1 else []
+        seen = [*oldest, *seen, probe.fingerprint]
         (directory / "warm").write_text("".join(f"{f.digest.hex()}\n" for f in seen))
     result: dict[str, float | int | str | None] = {"server": label, "enrolled": n}
     proc: Proc = launch(f"{label}-{n}", server_argv(registry), directory)

@@ -235,12 +235,13 @@ class Listener:
         if self._warm is None or self.mode != "handover":
             return None
         active = self._trust.enrolled.by_digest.keys()
-        first = self._warm.loaded() & active
+        first, known = self._warm.first(active)
         if not first or len(first) == len(active):
             return None
         log.info(
-            "warm start: trusting the %d client(s) seen before first; all %d follow by handover",
-            len(first), len(active),
+            "warm start: trusting the %d client(s) seen most recently first (of %d seen "
+            "before); all %d follow by handover",
+            len(first), known, len(active),
         )  # fmt: skip
         return first
 
@@ -326,6 +327,9 @@ class Listener:
         return False
 
     def _run(self) -> None:
+        # A warm start's full set is built at once, not after the first poll interval: the
+        # clients outside the first listener wait for it.
+        self.refresh()
         while not self._stopped.is_set():
             # Woken at once by a change; the timeout reaps, and retries a failed handover.
             changed = self._trust.changed.wait(self._interval)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import logging
 import socket
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+import server.warm
 from pinrpc.identity import KeyPairFiles
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.app import start_server
@@ -262,17 +264,23 @@ def slow_listener(
     registry: Path,
     warm: WarmSet | None = None,
     builds: collections.Counter[str] | None = None,
+    hold: threading.Event | None = None,
+    interval: float = 0.2,
 ) -> Iterator[tuple[Listener, TrustWatcher, threading.Event]]:
     """A handover Listener started by hand whose builds take 2 s (as 10,000 roots would) once
-    the yielded event is set; ``builds["built"]`` counts them."""
+    the yielded event is set; ``builds["built"]`` counts them. Builds after the first wait
+    for ``hold``, if given, to be set (at most 10 s, so a regression fails, not hangs)."""
     reg = open_registry(str(registry))
     trust = TrustWatcher(reg, devca.cert, devca.key)
     check = AuthInterceptor(lambda: trust.enrolled)
     slow = threading.Event()
+    count = itertools.count()
 
     def build(options: Options) -> grpc.Server:
         if slow.is_set():
             time.sleep(2.0)
+        if hold is not None and next(count):
+            hold.wait(10.0)
         if builds is not None:
             builds["built"] += 1
         server = grpc.server(executor, interceptors=[check], options=options)
@@ -280,7 +288,10 @@ def slow_listener(
         return server
 
     with ThreadPoolExecutor(8) as executor:
-        served = Listener(build, trust, mode="handover", grace=1.0, max_age=MAX_AGE, warm=warm)
+        served = Listener(
+            build, trust, mode="handover", grace=1.0, max_age=MAX_AGE, interval=interval,
+            warm=warm,
+        )  # fmt: skip
         try:
             yield served, trust, slow
         finally:
@@ -382,6 +393,57 @@ def test_warm_start_serves_the_clients_seen_before_first(
         assert code_of(lambda: fresh_call(target, bob)) == grpc.StatusCode.UNAVAILABLE
         eventually(functools.partial(admitted, target, bob), timeout=10)
         assert served.handovers == 1 and not served.stale()
+
+
+def test_warm_start_trusts_only_the_most_recently_seen_first(
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every enrolled client connected before (a steady fleet): the first listener trusts the
+    FIRST_MAX most recent only, and the older ones get in with the full set."""
+    monkeypatch.setattr(server.warm, "FIRST_MAX", 2)
+    alice, bob = enroll_alice_and_bob(registry, make_client)
+    carol = make_client("carol")
+    enroll(registry, carol.cert_path, "carol", ECHO_ALL)
+    warm_file = tmp_path / "warm"  # the most recently seen last
+    warm_file.write_text("".join(f"{f.fingerprint.digest.hex()}\n" for f in (carol, bob, alice)))
+    hold = threading.Event()
+    with (
+        caplog.at_level(logging.INFO, "pinrpc.server"),
+        slow_listener(devca, registry, WarmSet(warm_file), hold=hold) as (served, _trust, _slow),
+    ):
+        served.start("127.0.0.1:0")
+        target = (f"127.0.0.1:{served.port}", devca.ca_path)
+        assert fresh_call(target, alice).caller == "alice"
+        assert fresh_call(target, bob).caller == "bob"
+        assert code_of(lambda: fresh_call(target, carol)) == grpc.StatusCode.UNAVAILABLE
+        assert served.handovers == 0  # the full set is still held back
+        hold.set()
+        eventually(functools.partial(admitted, target, carol), timeout=10)
+        assert served.handovers == 1 and not served.stale()
+    assert any(
+        "the 2 client(s) seen most recently first (of 3 seen before)" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_warm_start_builds_the_full_set_at_once(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
+) -> None:
+    """The clients outside the warm file wait for the full set only as long as it takes to
+    build, not a poll interval more (here a minute)."""
+    alice, bob = enroll_alice_and_bob(registry, make_client)
+    warm_file = tmp_path / "warm"
+    warm_file.write_text(alice.fingerprint.digest.hex() + "\n")
+    with slow_listener(devca, registry, WarmSet(warm_file), interval=60.0) as (served, _, _):
+        served.start("127.0.0.1:0")
+        target = (f"127.0.0.1:{served.port}", devca.ca_path)
+        eventually(functools.partial(admitted, target, bob), timeout=10)
+        assert served.handovers == 1
 
 
 def test_warm_file_records_who_connected(

@@ -15,7 +15,7 @@ import pytest
 
 from pinrpc.identity import KeyPairFiles
 from server.app import start_server
-from server.warm import MAX_BYTES, MAX_CLIENTS, WarmSet, load
+from server.warm import FIRST_MAX, MAX_BYTES, MAX_CLIENTS, WarmSet, load
 from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, enroll, revoke, whoami
 from tests.test_handover import handover_config, settle
 
@@ -105,7 +105,10 @@ def test_the_warm_file_stays_under_its_cap_keeping_the_most_recent(tmp_path: Pat
     warm_file = tmp_path / "warm"
     warm_file.write_text("".join(f"{d.hex()}\n" for d in digests[:MAX_CLIENTS]))
     warm = WarmSet(warm_file)
-    assert len(warm.loaded()) == MAX_CLIENTS
+    first, named = warm.first(frozenset(digests))
+    assert named == MAX_CLIENTS and first == frozenset(
+        digests[MAX_CLIENTS - FIRST_MAX : MAX_CLIENTS]
+    )
     for digest in digests[MAX_CLIENTS:]:  # 100 new clients (say, rotated keys) connect
         warm.seen(digest)
     warm.save(frozenset(digests))
