@@ -4,7 +4,8 @@ The probe port (opened in server/app.py) carries the health service and nothing 
 Docker or Kubernetes can probe without a client certificate while every other method stays
 behind client authentication.
 
-Both ports answer only the service names below and NOT_FOUND for any other, Watch included:
+Both ports answer the services the server serves (pinrpc's and yours, each as the whole
+server is) and pinrpc.registry, and NOT_FOUND for any other name, Watch included:
 grpc_health's servicer keeps one entry per name ever watched, for good, so invented names
 would grow the server's memory without bound (the probe port needs no certificate).
 """
@@ -12,7 +13,7 @@ would grow the server's memory without bound (the probe port needs no certificat
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import cast
 
 import grpc
@@ -25,7 +26,6 @@ ECHO_SERVICE = echo_pb2.DESCRIPTOR.services_by_name["Echo"].full_name
 SERVICES = ("", ECHO_SERVICE)
 # Always tells whether the registry is readable, whatever the whole server reports.
 REGISTRY_SERVICE = "pinrpc.registry"
-KNOWN = frozenset((*SERVICES, REGISTRY_SERVICE))
 
 
 def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
@@ -35,32 +35,37 @@ def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
 
 
 class Health:
-    def __init__(self) -> None:
+    def __init__(self, served: Iterable[str] = ()) -> None:
+        """``served``: the full names of the services the server serves, yours included (a
+        probe names the service it depends on); fixed here, so the servicer's table is too."""
         self.servicer = health.HealthServicer(experimental_non_blocking=True)
         self.state: tuple[bool, bool] | None = None
+        self.services = tuple(dict.fromkeys((*SERVICES, *served)))
+        self.known = frozenset((*self.services, REGISTRY_SERVICE))
 
     def set(self, serving: bool, registry_ok: bool) -> None:
         if (serving, registry_ok) == self.state:
             return
         self.state = (serving, registry_ok)
-        for service in SERVICES:
+        for service in self.services:
             self.servicer.set(service, _status(serving))
         self.servicer.set(REGISTRY_SERVICE, _status(registry_ok))
 
     def add_to(self, server: grpc.Server) -> None:
-        health_pb2_grpc.add_HealthServicer_to_server(KnownOnly(self.servicer), server)
+        health_pb2_grpc.add_HealthServicer_to_server(KnownOnly(self.servicer, self.known), server)
 
 
 class KnownOnly:
-    """The upstream servicer, asked only about the names in KNOWN (List names no service)."""
+    """The upstream servicer, asked only about the names in ``known`` (List names no service)."""
 
-    def __init__(self, upstream: health.HealthServicer) -> None:
+    def __init__(self, upstream: health.HealthServicer, known: frozenset[str]) -> None:
         self._upstream = upstream
+        self._known = known
 
     def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        _known(request, context)
+        self._refuse_unknown(request, context)
         reply: health_pb2.HealthCheckResponse = self._upstream.Check(request, context)
         return reply
 
@@ -71,7 +76,7 @@ class KnownOnly:
         send_response_callback: Callable[[health_pb2.HealthCheckResponse | None], None]
         | None = None,
     ) -> Iterator[health_pb2.HealthCheckResponse] | None:
-        _known(request, context)
+        self._refuse_unknown(request, context)
         replies: Iterator[health_pb2.HealthCheckResponse] | None = self._upstream.Watch(
             request,
             cast(grpc.ServicerContext, _CloseOffServeThread(context)),
@@ -82,6 +87,12 @@ class KnownOnly:
     # grpcio's non-blocking form, as upstream's Watch has it: grpcio passes a callback and no
     # worker thread waits on the stream (without it, each Watch would hold one for good).
     Watch.__dict__.update(experimental_non_blocking=True, experimental_thread_pool=None)
+
+    def _refuse_unknown(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> None:
+        if request.service not in self._known:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
 
     def List(
         self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
@@ -110,8 +121,3 @@ class _CloseOffServeThread:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._context, name)
-
-
-def _known(request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> None:
-    if request.service not in KNOWN:
-        context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")

@@ -5,7 +5,8 @@ only if) it commits; a replica's watcher waits on a dedicated LISTEN connection 
 generation counter anyway, so a lost notification delays a change by one poll at most. When
 PostgreSQL goes away, calls fail fast with RegistryError (the watcher keeps the last good set)
 and reconnection is retried with capped exponential backoff; one that hangs is cut off after
-ANSWER_LIMIT. A change cut off before its COMMIT is rolled back whole, and says so.
+ANSWER_LIMIT, the watcher's LISTEN included. A change cut off before its COMMIT is rolled
+back whole, and says so.
 """
 
 from __future__ import annotations
@@ -297,10 +298,15 @@ class PostgresRegistry(SqlRegistry):
             if not self._listen_backoff.ready():
                 time.sleep(min(timeout, self._listen_backoff.wait()))
                 return
+            listener = None
             try:
                 listener = self._connect()
-                listener.execute(f"LISTEN {CHANNEL}")
+                # Bounded as every read is: a hung PostgreSQL's kernel still acknowledges.
+                with Deadline(listener).running():
+                    listener.execute(f"LISTEN {CHANNEL}")
             except psycopg.Error:
+                if listener is not None:
+                    listener.close()
                 self._listen_backoff.failed()
                 time.sleep(max(0.0, deadline - time.monotonic()))
                 return

@@ -34,7 +34,8 @@ class StopSignals:
         self._read, self._write = socket.socketpair()
         self._write.setblocking(False)  # the C handler must never block
         # Not the default handlers: the thread counts them. Put back by close(), for a serve
-        # run inside a longer-lived process (the tests run it in pytest's).
+        # run inside a longer-lived process (the tests run it in pytest's) that no signal
+        # stopped.
         self._handlers = {n: signal.signal(n, lambda *_: None) for n in signums}
         self._wakeup = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
         self._counter = threading.Thread(target=self._count, name="pinrpc-signals", daemon=True)
@@ -43,15 +44,21 @@ class StopSignals:
     def _count(self) -> None:
         while data := self._read.recv(64):  # empty once close() closed the writing end
             for signum in (n for n in data if n in self._signums):
-                if self.stop.is_set() and self.forced is None:
+                # Once drained, a later signal has nothing to cut short: serve exits 0.
+                if self.stop.is_set() and self.forced is None and not self.drained.is_set():
                     self.forced = signum
                     self.wake.set()
                 self.stop.set()
 
     def close(self) -> None:
+        """Put back the handlers replaced, unless a signal stopped serve: then the process
+        is on its way out (its stderr helper may take 5 s more), and the default handlers
+        would turn a second Ctrl-C or SIGTERM, after a clean drain, into exit 130 or 143."""
         signal.set_wakeup_fd(self._wakeup)
         for signum, handler in self._handlers.items():
-            if handler is not None:  # None: set outside Python, nothing to put back
+            if self.stop.is_set():
+                signal.signal(signum, signal.SIG_IGN)
+            elif handler is not None:  # None: set outside Python, nothing to put back
                 signal.signal(signum, handler)
         self._write.close()
         self._counter.join()

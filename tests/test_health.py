@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
+from server.health import Health
 from tests.conftest import Connect, MakeClient, ServerFiles, code_of, eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -180,3 +182,55 @@ def test_a_watch_that_ends_while_another_is_sent_to_stops_nothing(
         assert stuck == [], "the end of a Watch held gRPC's serving thread"
         assert next(kept).status == NOT_SERVING
         kept.cancel()
+
+
+INVENTORY = "shop.v1.Inventory"  # a library user's own service
+
+
+@pytest.fixture
+def served_health() -> Iterator[tuple[Health, int]]:
+    """Health as start_server builds it for a server that also serves INVENTORY, on a real
+    plaintext port (as the probe port is; the mTLS port adds the same servicer)."""
+    health = Health(["pinrpc.v1.Admin", INVENTORY])
+    health.set(serving=True, registry_ok=True)
+    with ThreadPoolExecutor(2) as pool:
+        server = grpc.server(pool)
+        health.add_to(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            yield health, port
+        finally:
+            server.stop(None).wait()
+
+
+@pytest.mark.parametrize("service", [INVENTORY, "pinrpc.v1.Admin"])
+def test_every_served_service_is_checked_and_watched_as_the_whole_server(
+    service: str, served_health: tuple[Health, int]
+) -> None:
+    # Only "" and pinrpc.v1.Echo were answered: probing your own service by name, the usual
+    # gRPC practice, was NOT_FOUND.
+    health, port = served_health
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        assert check(channel, service) == SERVING
+        request = health_pb2.HealthCheckRequest(service=service)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=5)
+        assert next(watch).status == SERVING
+        health.set(serving=False, registry_ok=True)
+        assert next(watch).status == NOT_SERVING
+        assert check(channel, service) == check(channel) == NOT_SERVING
+        watch.cancel()
+
+
+@pytest.mark.parametrize("service", ["shop.v1.Invented", "shop.v1.inventory", "shop.v1"])
+def test_a_name_the_server_does_not_serve_is_still_not_found(
+    service: str, served_health: tuple[Health, int]
+) -> None:
+    health, port = served_health
+    request = health_pb2.HealthCheckRequest(service=service)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        assert code_of(lambda: stub.Check(request, timeout=5)) == grpc.StatusCode.NOT_FOUND
+        watch = stub.Watch(request, timeout=5)
+        assert code_of(lambda: next(watch)) == grpc.StatusCode.NOT_FOUND
+    assert service not in health.servicer._send_response_callbacks

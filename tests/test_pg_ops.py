@@ -4,10 +4,12 @@ and says so in one line; `serve` waits out a database slow to answer, within a b
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -20,6 +22,7 @@ import pytest
 from pinrpc.errors import RegistryError
 from pinrpc.identity import Fingerprint, KeyPairFiles
 from server import cli as server_cli
+from server import registry_pg
 from server.app import start_server
 from server.config import ServerConfig
 from server.enrollment import Candidate, check_certificate
@@ -322,3 +325,85 @@ def test_a_hung_database_is_noticed_while_serve_keeps_the_last_good_set(
         assert noticed()
         enroll(url, bob, "bob")
         eventually(lambda: admitted(stub(target, bob, devca)), timeout=5.0)
+
+
+@contextmanager
+def hung_at_listen(
+    pg: Postgres, url: str
+) -> Iterator[tuple[str, threading.Event, Callable[[], None]]]:
+    """``url`` through a relay that stops the whole cluster (SIGSTOP) just before it passes
+    on the first LISTEN: PostgreSQL hangs at that moment, its kernel still acknowledging.
+    Yields the relay's URL, an event set once it has, and what resumes the cluster (SIGCONT,
+    done on exit too)."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    relayed = url.replace(f":{pg.port}/", f":{listening.getsockname()[1]}/")
+    hung = threading.Event()
+    pids: list[int] = []
+    sockets: list[socket.socket] = [listening]
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if b"LISTEN " in data and not hung.is_set():
+                    pids.extend(cluster_pids(pg))
+                    signal_all(pids, signal.SIGSTOP)
+                    hung.set()
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listening.accept()
+                server = socket.create_connection(("127.0.0.1", pg.port))
+                sockets.extend((client, server))
+                for ends in ((client, server), (server, client)):
+                    threading.Thread(target=pump, args=ends, daemon=True).start()
+
+    def resume() -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a backend cut off, then gone
+                os.kill(pid, signal.SIGCONT)
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield relayed, hung, resume
+    finally:
+        resume()
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_database_that_hangs_at_the_listen_does_not_hold_the_watcher(
+    pg: Postgres, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LISTEN had no bound, unlike every read and change: the watcher waited for it for as
+    # long as PostgreSQL hung, and polled nothing meanwhile.
+    monkeypatch.setattr(registry_pg, "ANSWER_LIMIT", 2.0)
+    with hung_at_listen(pg, url) as (relayed, hung, resume):
+        registry = PostgresRegistry(relayed)
+        try:
+            waiter = threading.Thread(target=registry.wait_for_change, args=(0.2,), daemon=True)
+            start = time.monotonic()
+            waiter.start()
+            assert hung.wait(10)
+            waiter.join(timeout=registry_pg.ANSWER_LIMIT + 3.0)
+            took = time.monotonic() - start
+            assert not waiter.is_alive(), "the watcher still waits for its LISTEN"
+        finally:
+            resume()
+            waiter.join(timeout=30)
+        print(f"measured hung_listen_returned_s {took:.2f}")
+        assert registry._listener is None  # cut off, closed, not kept
+        # The allow twin: once PostgreSQL answers, the watcher listens again and is woken.
+        time.sleep(0.3)  # the listener's backoff after one failure
+        registry.wait_for_change(5.0)
+        assert registry._listener is not None
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"NOTIFY {registry_pg.CHANNEL}")
+        start = time.monotonic()
+        registry.wait_for_change(5.0)
+        assert time.monotonic() - start < 2.0
+        registry.close()
