@@ -25,7 +25,7 @@ from server.admin import AdminService, IdentityService
 from server.audit import Audit
 from server.auth import AuthInterceptor
 from server.config import ServeError, ServerConfig
-from server.fdlimit import HANDSHAKE_OPTIONS, raise_open_files
+from server.fdlimit import HANDSHAKE_OPTIONS, SIDE_PORT_OPTIONS, raise_open_files
 from server.handshakes import Handshakes
 from server.health import ECHO_SERVICE, Health
 from server.listener import Listener, ListenError, Options
@@ -201,7 +201,7 @@ def _side_server(stack: ExitStack, workers: int, watch: RequestWatch) -> grpc.Se
     # fails to bind instead of silently taking a share of that port's connections.
     executor = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
     per_host = PerHost(watch, queued_in(executor))
-    options = [("grpc.so_reuseport", 0), *HANDSHAKE_OPTIONS]
+    options = [("grpc.so_reuseport", 0), *SIDE_PORT_OPTIONS]
     return grpc.server(executor, interceptors=[per_host], options=options)
 
 

@@ -6,7 +6,8 @@ RLIMIT_NOFILE of 1,024, systemd's default, about 1,010 connections held by one l
 never sent a byte left an enrolled client's calls waiting until their deadline, with gRPC
 logging "File descriptor limit reached. Retrying." once a second; gRPC waited 120 s for those
 handshakes by default. So ``serve`` raises the soft limit to the hard one (systemd's hard
-default is 524,288), as nginx and others do, and every port ends handshakes after 20 s.
+default is 524,288), as nginx and others do, every port ends handshakes after 20 s, and the
+ports open to strangers close connections idle for as long.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ log = logging.getLogger("pinrpc.server")
 # rebuilds the trust store (8 s at 10,000 clients, docs/PERFORMANCE.md); gRPC's default: 120 s.
 HANDSHAKE_TIMEOUT: Final = 20.0
 HANDSHAKE_OPTIONS: Final = (("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT * 1000)),)
+# Anyone finishes the health and enrollment ports' handshakes, and a gRPC client then holds its
+# idle connection for good (measured: still open after 45 s): close one with no call in flight
+# after as long. Open calls there are bounded per host (request_watch.py, health.py).
+SIDE_PORT_OPTIONS: Final = (
+    *HANDSHAKE_OPTIONS,
+    ("grpc.max_connection_idle_ms", int(HANDSHAKE_TIMEOUT * 1000)),
+)
 # Below this many descriptors, one host can hold them all within a handshake timeout.
 FLOOR: Final = 4096
 UNLIMITED_TARGET: Final = 1 << 20  # Linux's default fs.nr_open, above which setrlimit fails

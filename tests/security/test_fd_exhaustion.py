@@ -4,7 +4,8 @@ Each accepted connection costs the server a file descriptor until its TLS handsh
 Measured before the fix, under a soft RLIMIT_NOFILE of 1,024: from about 1,010 held
 connections on, gRPC's accept failed ("File descriptor limit reached. Retrying.") and an
 enrolled client's call waited until its deadline; gRPC waited 120 s for each handshake. Now
-``serve`` raises the soft limit to the hard one, and handshakes end after HANDSHAKE_TIMEOUT.
+``serve`` raises the soft limit to the hard one, handshakes end after HANDSHAKE_TIMEOUT, and so
+do connections with no call on the ports where anyone finishes the handshake.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import resource
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import grpc
 
 from pinrpc import secure_channel
 from pinrpc.v1 import echo_pb2_grpc
@@ -105,7 +109,20 @@ def wait_closed(sock: socket.socket, until: float) -> bool:
         return True
 
 
-def test_unfinished_handshakes_end_after_the_handshake_timeout(
+def closed_when_idle(channel: grpc.Channel) -> threading.Event:
+    """Connect ``channel``; the event is set when the server closes its connection."""
+    grpc.channel_ready_future(channel).result(timeout=5)
+    closed = threading.Event()
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        if state is not grpc.ChannelConnectivity.READY:
+            closed.set()
+
+    channel.subscribe(seen)
+    return closed
+
+
+def test_unfinished_handshakes_and_idle_side_connections_end_after_the_timeout(
     devca: ServerFiles, registry: Path, handler_calls: HandlerCalls
 ) -> None:
     config = ServerConfig(
@@ -124,7 +141,17 @@ def test_unfinished_handshakes_end_after_the_handshake_timeout(
             sock = held.enter_context(socket.create_connection(("127.0.0.1", port), 5))
             sock.sendall(payload)
             socks.append((sock, time.monotonic()))
-        # Long enough for a slow client: none is closed early. All wait in parallel.
-        assert not any(wait_closed(sock, opened + HANDSHAKE_TIMEOUT - 1) for sock, opened in socks)
+        # And gRPC clients that finish the handshakes anyone can, then hold their connection.
+        creds = grpc.ssl_channel_credentials(devca.ca_path.read_bytes())
+        name = [("grpc.ssl_target_name_override", SERVER_NAME)]
+        channels = [grpc.insecure_channel(f"127.0.0.1:{plain}"),
+                    grpc.secure_channel(f"127.0.0.1:{tls[1]}", creds, options=name)]  # fmt: skip
+        idle = [closed_when_idle(held.enter_context(channel)) for channel in channels]
+        # Long enough for a slow client: none is closed early (gRPC's timers fired up to a
+        # second early under load here). All wait in parallel.
+        early = HANDSHAKE_TIMEOUT - 5
+        assert not any(wait_closed(sock, opened + early) for sock, opened in socks)
+        assert not any(event.is_set() for event in idle)
         assert all(wait_closed(sock, opened + HANDSHAKE_TIMEOUT + 5) for sock, opened in socks)
+        assert all(event.wait(5) for event in idle)  # before: held for good
     assert handler_calls.count == 0
