@@ -25,6 +25,7 @@ from server.admin import AdminService, IdentityService
 from server.audit import Audit
 from server.auth import AuthInterceptor
 from server.config import ServeError, ServerConfig
+from server.fdlimit import HANDSHAKE_OPTIONS, SIDE_PORT_OPTIONS, raise_open_files
 from server.handshakes import Handshakes
 from server.health import ECHO_SERVICE, Health
 from server.listener import Listener, ListenError, Options
@@ -70,6 +71,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         if name in taken or names.count(name) > 1:
             raise ServeError(f"service {name!r} is served twice (pinrpc serves {sorted(taken)})")
     reflected = (*PINRPC_SERVICES, *filter(_describable, names), reflection.SERVICE_NAME)
+    raise_open_files()  # a stranger's unfinished handshakes must not use up the descriptors
     with ExitStack() as stack:
         registry = open_registry(config.registry)
         stack.callback(registry.close)
@@ -102,7 +104,9 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
 
         def build(options: Options) -> grpc.Server:
             # One per listener (handover builds more); all share the pool and the check.
-            server = grpc.server(executor, interceptors=[interceptor], options=options)
+            server = grpc.server(
+                executor, interceptors=[interceptor], options=[*options, *HANDSHAKE_OPTIONS]
+            )
             _add_services(server, config, registry, audit, trust, health)
             reflection.enable_server_reflection(reflected, server)
             return server
@@ -197,7 +201,8 @@ def _side_server(stack: ExitStack, workers: int, watch: RequestWatch) -> grpc.Se
     # fails to bind instead of silently taking a share of that port's connections.
     executor = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
     per_host = PerHost(watch, queued_in(executor))
-    return grpc.server(executor, interceptors=[per_host], options=[("grpc.so_reuseport", 0)])
+    options = [("grpc.so_reuseport", 0), *SIDE_PORT_OPTIONS]
+    return grpc.server(executor, interceptors=[per_host], options=options)
 
 
 def _start_side(

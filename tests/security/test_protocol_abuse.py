@@ -3,8 +3,9 @@
 What happens, measured: plaintext HTTP/2 and random bytes end at the TLS layer. A TLS 1.3
 handshake *without* ALPN "h2" completes at the TLS level (with an enrolled certificate), then
 gRPC closes the connection without answering a single HTTP/2 frame. TLS 1.0/1.1 get no
-handshake. Idle connections are held open (until gRPC's default server handshake timeout, not
-waited for here) but do not get in the way: enrolled clients are served while 200 are open.
+handshake. Idle connections are held open (until the server's handshake timeout, 20 s, not
+waited for here: test_fd_exhaustion.py) but do not get in the way: enrolled clients are served
+while 200 are open.
 """
 
 from __future__ import annotations
