@@ -75,7 +75,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
     with ExitStack() as stack:
         registry = open_registry(config.registry)
         stack.callback(registry.close)
-        health, metrics = Health(), Metrics()
+        health, metrics = Health((*taken, *names)), Metrics()  # health answers each by name
         audit = Audit(rate=config.audit_rate, burst=burst_for(config.audit_rate))
         audit.start()
         stack.callback(audit.stop)  # after the listeners have stopped: their last lines too

@@ -232,7 +232,9 @@ def test_reflection_and_health_as_documented(
         whole = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert whole.status == health_pb2.HealthCheckResponse.SERVING
         named = health_pb2.HealthCheckRequest(service="shop.v1.Inventory")
-        assert code_of(lambda: health.Check(named, timeout=5)) is grpc.StatusCode.NOT_FOUND
+        assert health.Check(named, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        invented = health_pb2.HealthCheckRequest(service="shop.v1.Invented")
+        assert code_of(lambda: health.Check(invented, timeout=5)) is grpc.StatusCode.NOT_FOUND
     with served.channel(mallory.cert_path, mallory.key_path) as channel:
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = reflect.ServerReflectionInfo
