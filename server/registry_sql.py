@@ -151,6 +151,26 @@ BUMP_GENERATION = "UPDATE meta SET value = {max}(value + 1, {now_us}) WHERE key 
 GENERATION_QUERY = "SELECT key, value FROM meta WHERE key IN ('generation', 'registry_id')"
 
 
+# Certificates of one client a rotation may leave in their overlap, trusted side by side.
+# Unbounded, any enrolled client (Rotate needs no permission) could rotate in a loop: 1,500
+# rotations in 110 s left 1,501 of its certificates in the server's TLS roots for 24 h, whose
+# every rebuild costs more with each one (docs/SCALING.md).
+MAX_RETIRING = 3
+
+
+def refuse_more_retiring(current: Client, rows: Sequence[Client]) -> None:
+    """Refuse a rotation with an overlap that would leave more than MAX_RETIRING of the
+    client's certificates in theirs; one without an overlap ends them all, so it may run."""
+    retiring = [r for r in rows if r.name == current.name and r.active and not r.current]
+    if len(retiring) >= MAX_RETIRING:
+        first = min(r.retire_at for r in retiring if r.retire_at is not None)
+        raise CapacityError(
+            f"client {current.name!r} already has {len(retiring)} certificates in a rotation's "
+            f"overlap (the first ends {first:%Y-%m-%d %H:%M} UTC), the most it may have; rotate "
+            "again after that, or now with an overlap of 0 (which ends them all at once)"
+        )
+
+
 # What the first release's clients table held: a database whose tables lack any of these is
 # another application's, whatever it calls its tables (clients, schema_version, meta are common).
 V1_COLUMNS = frozenset(COLUMNS.replace(",", " ").split()) - {"retire_at"}
@@ -484,6 +504,8 @@ class SqlRegistry(ABC):
                     f"certificate {old.fingerprint} of {old.name!r} is revoked or already being "
                     "retired; rotate from the newest certificate"
                 )
+            if overlap > dt.timedelta(0):
+                refuse_more_retiring(old, rows)
             check_enrollment(
                 successor, old.name, rows, replace=True, retired_stays=overlap > dt.timedelta(0)
             )
