@@ -156,6 +156,7 @@ GENERATION_QUERY = "SELECT key, value FROM meta WHERE key IN ('generation', 'reg
 # rotations in 110 s left 1,501 of its certificates in the server's TLS roots for 24 h, whose
 # every rebuild costs more with each one (docs/SCALING.md).
 MAX_RETIRING = 3
+DAY = dt.timedelta(days=1)
 
 
 def refuse_more_retiring(current: Client, rows: Sequence[Client]) -> None:
@@ -168,6 +169,22 @@ def refuse_more_retiring(current: Client, rows: Sequence[Client]) -> None:
             f"client {current.name!r} already has {len(retiring)} certificates in a rotation's "
             f"overlap (the first ends {first:%Y-%m-%d %H:%M} UTC), the most it may have; rotate "
             "again after that, or now with an overlap of 0 (which ends them all at once)"
+        )
+
+
+# Rotations of one client in a day. Each leaves a row for good (nothing is ever deleted), and
+# every server reads every row at each change: unbounded, one client rotating without overlap
+# added 52 rows (1.5 KB each) a second.
+MAX_ROTATIONS_A_DAY = 50
+
+
+def refuse_rotating_too_often(current: Client, rows: Sequence[Client], now: dt.datetime) -> None:
+    recent = [r.enrolled_at for r in rows if r.name == current.name and r.enrolled_at > now - DAY]
+    if len(recent) > MAX_ROTATIONS_A_DAY:  # the client's first certificate is not a rotation
+        raise CapacityError(
+            f"client {current.name!r} got {len(recent)} certificates in the last 24 hours (at "
+            f"most {MAX_ROTATIONS_A_DAY} rotations a day); rotate again after "
+            f"{min(recent) + DAY:%Y-%m-%d %H:%M} UTC"
         )
 
 
@@ -549,6 +566,7 @@ class SqlRegistry(ABC):
                 f"certificate {old.fingerprint} of {old.name!r} is revoked or already being "
                 "retired; rotate from the newest certificate"
             )
+        refuse_rotating_too_often(old, rows, now)
         if overlap > dt.timedelta(0):
             refuse_more_retiring(old, rows)
         check_enrollment(

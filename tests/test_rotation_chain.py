@@ -16,7 +16,7 @@ from pinrpc.errors import CapacityError
 from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
 from server import cli as server_cli
 from server.registry import Client, Registry, now_utc, open_registry
-from server.registry_sql import MAX_RETIRING
+from server.registry_sql import MAX_RETIRING, MAX_ROTATIONS_A_DAY
 from tests.conftest import Connect, MakeClient, admitted, code_of, whoami
 from tests.test_client_cli import run
 from tests.test_observe import audit_lines
@@ -169,5 +169,22 @@ def test_a_rotation_past_the_limit_is_refused_through_a_real_server(
     registry = open_registry(str(connect.server_registry), readonly=True)
     try:
         assert sum(c.active for c in registry.clients()) == MAX_RETIRING + 1
+    finally:
+        registry.close()
+
+
+def test_a_client_may_rotate_only_so_often_in_a_day(spec: str, make_client: MakeClient) -> None:
+    """Without overlap a client could rotate in a loop: 52 rows a second, kept for good."""
+    registry = open_registry(spec)
+    try:
+        current = registry.enroll(candidate(make_client, "bob"), "bob", [])
+        carol = registry.enroll(candidate(make_client, "carol"), "carol", [])
+        for i in range(MAX_ROTATIONS_A_DAY):  # allowed: up to the limit
+            current = rotated(registry, make_client, current, f"b{i}", dt.timedelta(0))
+        before = registry.clients()
+        with pytest.raises(CapacityError, match=r"got 51 certificates in the last 24 hours"):
+            rotated(registry, make_client, current, "bob-more", dt.timedelta(0))
+        assert registry.clients() == before
+        rotated(registry, make_client, carol, "carol2", dt.timedelta(0))  # carol is not held
     finally:
         registry.close()
