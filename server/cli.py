@@ -479,9 +479,11 @@ def cmd_copy(args: argparse.Namespace) -> int:
         + ", ".join(f"{kinds[k]} {k}" for k in ("active", "retiring", "retired", "revoked"))
     )
     print(f"  requests      {len(copied.waiting)} waiting, {expired} expired")
+    # Servers stop before the copy (a SQLite SOURCE in use is refused): what they changed
+    # after it would be missing from DEST.
     print(
-        f"next: stop every server on {copied.source} and start it with --registry "
-        f"{copied.dest} (or PINRPC_REGISTRY); keep {copied.source} as a backup, unchanged"
+        f"next: start the servers with --registry {copied.dest} (or PINRPC_REGISTRY); keep "
+        f"{copied.source} as a backup, unchanged: a change made to it now is not in the copy"
     )
     return Exit.OK
 

@@ -15,9 +15,10 @@ import re
 from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 
 from pinrpc.errors import ConflictError, RegistryError
-from server.registry import _open
+from server.registry import _open, is_postgres
 from server.registry_model import Client, Pending
 from server.registry_sql import (
     GENERATION_QUERY,
@@ -66,7 +67,9 @@ class CopyResult:
 
 def copy_registry(source_spec: str, dest_spec: str) -> CopyResult:
     """Copy SOURCE into DEST, a new or empty registry; RegistryError leaves DEST as it was."""
-    # SOURCE first: a SOURCE refused (old schema, not a registry) creates no DEST.
+    # SOURCE first: a SOURCE refused (old schema, not a registry, in use) creates no DEST.
+    if not is_postgres(source_spec):
+        refuse_open_source(Path(source_spec))
     with (
         closing(_opened("SOURCE", source_spec, create=False, readonly=True)) as source,
         closing(_opened("DEST", dest_spec, create=True)) as dest,
@@ -76,6 +79,22 @@ def copy_registry(source_spec: str, dest_spec: str) -> CopyResult:
         dest._change(lambda q: _fill(q, source, dest, meta, tables))
         requests = sum(len(t.rows) for t in tables if t.name == "pending")
         return CopyResult(source.where, dest.where, dest.clients(), dest.pending(), requests)
+
+
+def refuse_open_source(path: Path) -> None:
+    """A server still running on SOURCE goes on changing it (a client's rotate, enrollment
+    requests, `pinrpc admin`, revocations included) and DEST would never have those changes.
+    SQLite keeps the -wal file while any connection has the file open and removes it with the
+    last one, so its presence means a live user (or one that was killed)."""
+    path = path.resolve()  # SQLite follows a symlink: its -wal file is beside the target
+    wal = path.with_name(f"{path.name}-wal")
+    if wal.exists():
+        raise ConflictError(
+            f"registry {path} is open in another process ({wal} exists): a server running on "
+            "it would go on changing it after the copy, and DEST would miss those changes; "
+            "stop every server on it, then copy (if none runs, one was killed: "
+            f"`pinrpc-server migrate --registry {path}` closes the file cleanly)"
+        )
 
 
 def _opened(what: str, spec: str, *, create: bool, readonly: bool = False) -> SqlRegistry:

@@ -151,6 +151,43 @@ BUMP_GENERATION = "UPDATE meta SET value = {max}(value + 1, {now_us}) WHERE key 
 GENERATION_QUERY = "SELECT key, value FROM meta WHERE key IN ('generation', 'registry_id')"
 
 
+# Certificates of one client a rotation may leave in their overlap, trusted side by side.
+# Unbounded, any enrolled client (Rotate needs no permission) could rotate in a loop: 1,500
+# rotations in 110 s left 1,501 of its certificates in the server's TLS roots for 24 h, whose
+# every rebuild costs more with each one (docs/SCALING.md).
+MAX_RETIRING = 3
+DAY = dt.timedelta(days=1)
+
+
+def refuse_more_retiring(current: Client, rows: Sequence[Client]) -> None:
+    """Refuse a rotation with an overlap that would leave more than MAX_RETIRING of the
+    client's certificates in theirs; one without an overlap ends them all, so it may run."""
+    retiring = [r for r in rows if r.name == current.name and r.active and not r.current]
+    if len(retiring) >= MAX_RETIRING:
+        first = min(r.retire_at for r in retiring if r.retire_at is not None)
+        raise CapacityError(
+            f"client {current.name!r} already has {len(retiring)} certificates in a rotation's "
+            f"overlap (the first ends {first:%Y-%m-%d %H:%M} UTC), the most it may have; rotate "
+            "again after that, or now with an overlap of 0 (which ends them all at once)"
+        )
+
+
+# Rotations of one client in a day. Each leaves a row for good (nothing is ever deleted), and
+# every server reads every row at each change: unbounded, one client rotating without overlap
+# added 52 rows (1.5 KB each) a second.
+MAX_ROTATIONS_A_DAY = 50
+
+
+def refuse_rotating_too_often(current: Client, rows: Sequence[Client], now: dt.datetime) -> None:
+    recent = [r.enrolled_at for r in rows if r.name == current.name and r.enrolled_at > now - DAY]
+    if len(recent) > MAX_ROTATIONS_A_DAY:  # the client's first certificate is not a rotation
+        raise CapacityError(
+            f"client {current.name!r} got {len(recent)} certificates in the last 24 hours (at "
+            f"most {MAX_ROTATIONS_A_DAY} rotations a day); rotate again after "
+            f"{min(recent) + DAY:%Y-%m-%d %H:%M} UTC"
+        )
+
+
 # What the first release's clients table held: a database whose tables lack any of these is
 # another application's, whatever it calls its tables (clients, schema_version, meta are common).
 V1_COLUMNS = frozenset(COLUMNS.replace(",", " ").split()) - {"retire_at"}
@@ -196,6 +233,20 @@ def apply_migrations(q: Query, dialect: Dialect) -> list[Migration]:
             (migration.version, migration.description, dialect.encode_time(now_utc())),
         )
     return applied
+
+
+# Rotations checked outside the write lock, each overtaken by another change, before one
+# checks under it.
+ROTATE_TRIES = 3
+
+
+class _Moved(Exception):
+    """The registry changed between a rotation's checks and its change."""
+
+
+def _raw_generation(q: Query) -> int:
+    """The stored generation: every change moves it, in its own transaction."""
+    return int(q("SELECT value FROM meta WHERE key = 'generation'", ())[0][0])
 
 
 class SqlRegistry(ABC):
@@ -409,8 +460,7 @@ class SqlRegistry(ABC):
                 q(self.dialect.change_lock, ())
             result = body(q)
             q(self.dialect.bump_generation, ())
-            generation = q("SELECT value FROM meta WHERE key = 'generation'", ())[0][0]
-            self._announce(q, int(generation))
+            self._announce(q, _raw_generation(q))
             return result
 
         return self._transaction(run)
@@ -473,48 +523,89 @@ class SqlRegistry(ABC):
     ) -> list[Client]:
         """Enroll ``successor`` under the same name and permissions; retire ``current`` after
         ``overlap``, and the client's older retiring certificates by then too. Returns the
-        successor, ``current`` and those older ones, as the transaction left them."""
+        successor, ``current`` and those older ones, as the transaction left them.
+
+        Any enrolled client may call Rotate, so the checks, which read every row (0.1 s at
+        10,000), run on a read, outside the write lock: inside it, calls in a loop kept
+        `pinrpc-server revoke` of that very client out until it gave up. The change then goes
+        ahead only if the registry's generation has not moved since that read; overtaken
+        ROTATE_TRIES times, the last try checks under the lock."""
         now = now_utc()
-
-        def body(q: Query) -> list[Client]:
-            rows = self._all(q)
-            old = self._find(rows, current.hex)
-            if not old.current:
-                raise ConflictError(
-                    f"certificate {old.fingerprint} of {old.name!r} is revoked or already being "
-                    "retired; rotate from the newest certificate"
-                )
-            check_enrollment(
-                successor, old.name, rows, replace=True, retired_stays=overlap > dt.timedelta(0)
+        for _ in range(ROTATE_TRIES):
+            try:
+                return self._try_rotate(current, successor, overlap, now)
+            except _Moved:
+                continue  # another change landed meanwhile: check again on the new rows
+        # Overtaken every time (admins busy): check under the lock, as every other change does.
+        return self._change(
+            lambda q: self._rotated(
+                q, *self._plan_rotation(q, current, successor, overlap, now), successor, overlap,
+                now,
             )
-            end = now + max(overlap, dt.timedelta(0))
-            retire = self.dialect.encode_time(end)
-            column = "revoked_at" if overlap <= dt.timedelta(0) else "retire_at"
+        )  # fmt: skip
+
+    def _try_rotate(
+        self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta, now: dt.datetime
+    ) -> list[Client]:
+        seen, old, early = self._read(
+            lambda q: self._plan_rotation(q, current, successor, overlap, now)
+        )
+        return self._change(lambda q: self._rotated(q, seen, old, early, successor, overlap, now))
+
+    def _plan_rotation(
+        self, q: Query, current: Fingerprint, successor: Candidate, overlap: dt.timedelta,
+        now: dt.datetime,
+    ) -> tuple[int, Client, list[Client]]:  # fmt: skip
+        """The generation read, the certificate rotated from, and the client's older retiring
+        ones that must end sooner; or the refusal."""
+        seen = _raw_generation(q)  # first: a change after it shows as a moved generation
+        rows = self._all(q)
+        old = self._find(rows, current.hex)
+        if not old.current:
+            raise ConflictError(
+                f"certificate {old.fingerprint} of {old.name!r} is revoked or already being "
+                "retired; rotate from the newest certificate"
+            )
+        refuse_rotating_too_often(old, rows, now)
+        if overlap > dt.timedelta(0):
+            refuse_more_retiring(old, rows)
+        check_enrollment(
+            successor, old.name, rows, replace=True, retired_stays=overlap > dt.timedelta(0)
+        )
+        # Older certificates still in an earlier rotation's overlap end no later than this
+        # one: the client asked for its keys to stop working by then, and its `rotate`
+        # already deleted their files.
+        end = now + max(overlap, dt.timedelta(0))
+        early = [
+            row
+            for row in rows
+            if row.name == old.name
+            and row.revoked_at is None
+            and row.retire_at is not None
+            and row.retire_at > end
+        ]
+        return seen, old, early
+
+    def _rotated(
+        self, q: Query, seen: int, old: Client, early: Sequence[Client], successor: Candidate,
+        overlap: dt.timedelta, now: dt.datetime,
+    ) -> list[Client]:  # fmt: skip
+        if _raw_generation(q) != seen:
+            raise _Moved
+        retire = self.dialect.encode_time(now + max(overlap, dt.timedelta(0)))
+        column = "revoked_at" if overlap <= dt.timedelta(0) else "retire_at"
+        q(
+            f"UPDATE clients SET {column} = ? WHERE fingerprint = ?",  # noqa: S608
+            (retire, old.fingerprint.hex),
+        )
+        for row in early:
             q(
-                f"UPDATE clients SET {column} = ? WHERE fingerprint = ?",  # noqa: S608
-                (retire, old.fingerprint.hex),
+                "UPDATE clients SET retire_at = ? WHERE fingerprint = ?",
+                (retire, row.fingerprint.hex),
             )
-            # Older certificates still in an earlier rotation's overlap end no later than this
-            # one: the client asked for its keys to stop working by ``end``, and its `rotate`
-            # already deleted their files.
-            early = [
-                row
-                for row in rows
-                if row.name == old.name
-                and row.revoked_at is None
-                and row.retire_at is not None
-                and row.retire_at > end
-            ]
-            for row in early:
-                q(
-                    "UPDATE clients SET retire_at = ? WHERE fingerprint = ?",
-                    (retire, row.fingerprint.hex),
-                )
-            self._insert(q, successor, old.name, old.allowed_methods, self.dialect.encode_time(now))
-            wanted = [successor.fingerprint, old.fingerprint, *(row.fingerprint for row in early)]
-            return self._as_now(q, old.name, wanted)
-
-        return self._change(body)
+        self._insert(q, successor, old.name, old.allowed_methods, self.dialect.encode_time(now))
+        wanted = [successor.fingerprint, old.fingerprint, *(row.fingerprint for row in early)]
+        return self._as_now(q, old.name, wanted)
 
     def _named(self, q: Query, ref: str) -> tuple[Client, list[Client]]:
         """The client ``ref`` names (revoked ones too, so callers can say so), and every

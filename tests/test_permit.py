@@ -231,7 +231,9 @@ for i in range(rounds):
         elif kind == "rotate":
             pem = cert_to_pem(self_signed_certificate(generate_key(), "alice"))
             current = registry.find("alice").fingerprint
-            registry.rotate(current, check_certificate(pem, "new"), dt.timedelta(hours=1))
+            # Every third without overlap: at most 3 retiring at once (MAX_RETIRING).
+            overlap = dt.timedelta(hours=0 if i % 3 == 2 else 1)
+            registry.rotate(current, check_certificate(pem, "new"), overlap)
         else:
             retiring = [c for c in registry.clients() if c.active and not c.current]
             if retiring:

@@ -108,8 +108,8 @@ def test_sqlite_to_postgresql_and_back_keeps_everything(
         f"copied registry {source} to {url}",
         "  certificates  4: 2 active, 1 retiring, 0 retired, 1 revoked",
         "  requests      1 waiting, 0 expired",
-        f"next: stop every server on {source} and start it with --registry {url} "
-        f"(or PINRPC_REGISTRY); keep {source} as a backup, unchanged",
+        f"next: start the servers with --registry {url} (or PINRPC_REGISTRY); keep {source} "
+        "as a backup, unchanged: a change made to it now is not in the copy",
     ]
     code, _, err = cli(capsys, "copy-registry", url, back)
     assert (code, err) == (0, [])
@@ -175,6 +175,40 @@ def test_a_copy_into_a_registry_a_server_watches_reaches_it(
         assert not admitted(alice)
         assert cli(capsys, "copy-registry", source, url)[0] == 0
         eventually(lambda: admitted(alice), timeout=3.0)
+
+
+def test_a_source_a_running_server_has_open_is_refused_until_it_stops(
+    tmp_path: Path, devca: ServerFiles, make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Copied under a running server, DEST missed what the server did next: a client that
+    rotated in between was refused by the servers started on DEST (as the old "next" line
+    said: stop the servers after the copy)."""
+    source, dest = tmp_path / "one.db", str(tmp_path / "new.db")
+    populate(str(source), make_client)
+    with serve_process(devca.cert, devca.key, source, tmp_path / "serve.log") as server:
+        code, out, err = cli(capsys, "copy-registry", str(source), dest)
+        assert (code, out, len(err)) == (1, "", 1), err
+        assert "is open in another process" in err[0] and "stop every server on it" in err[0]
+        assert not Path(dest).exists()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+    assert cli(capsys, "copy-registry", str(source), dest)[0] == 0  # allowed once it stopped
+
+
+def test_a_source_a_killed_server_left_open_is_copied_once_migrate_closed_it(
+    tmp_path: Path, devca: ServerFiles, make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    source, dest = tmp_path / "one.db", str(tmp_path / "new.db")
+    populate(str(source), make_client)
+    with serve_process(devca.cert, devca.key, source, tmp_path / "serve.log") as server:
+        server.process.kill()
+        server.process.wait(timeout=10)
+    code, _, err = cli(capsys, "copy-registry", str(source), dest)
+    assert code == 1 and f"`pinrpc-server migrate --registry {source}`" in err[0]
+    assert cli(capsys, "migrate", "--registry", str(source))[0] == 0
+    assert cli(capsys, "copy-registry", str(source), dest)[0] == 0
 
 
 def refused(capsys: pytest.CaptureFixture[str], source: str, dest: str) -> str:

@@ -12,9 +12,11 @@ import grpc
 import pytest
 
 from pinrpc.cli import Exit
+from pinrpc.errors import CapacityError
 from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
 from server import cli as server_cli
 from server.registry import Client, Registry, now_utc, open_registry
+from server.registry_sql import MAX_RETIRING, MAX_ROTATIONS_A_DAY
 from tests.conftest import Connect, MakeClient, admitted, code_of, whoami
 from tests.test_client_cli import run
 from tests.test_observe import audit_lines
@@ -125,3 +127,64 @@ def test_rotating_again_without_overlap_cuts_off_the_first_key_through_a_real_se
     listed = [line for line in capsys.readouterr().out.splitlines() if "bob" in line]
     assert len(listed) == 3 and sum("retiring" in line for line in listed) == 0
     assert sum(" retired " in line for line in listed) == 1
+
+
+def test_a_client_may_keep_only_a_few_certificates_in_their_overlap(
+    spec: str, make_client: MakeClient
+) -> None:
+    """Rotate needs no permission: unbounded, one client rotating in a loop filled the
+    server's TLS roots with its certificates for a day (1,501 after 110 s)."""
+    registry = open_registry(spec)
+    try:
+        current = registry.enroll(candidate(make_client, "bob"), "bob", [])
+        carol = registry.enroll(candidate(make_client, "carol"), "carol", [])
+        for i in range(MAX_RETIRING):  # allowed: up to the limit
+            current = rotated(registry, make_client, current, f"bob{i}", 24 * HOUR)
+        before = registry.clients()
+        with pytest.raises(CapacityError, match=r"already has 3 certificates in a rotation's"):
+            rotated(registry, make_client, current, "bob-more", HOUR)
+        assert registry.clients() == before  # refused: nothing changed
+        # Another client is not held back by bob's overlaps.
+        rotated(registry, make_client, carol, "carol2", 24 * HOUR)
+        # Without an overlap bob may rotate: it ends every older certificate at once.
+        last = rotated(registry, make_client, current, "bob-last", dt.timedelta(0))
+        bobs = [c for c in registry.clients() if c.name == "bob" and c.active]
+        assert [c.fingerprint for c in bobs] == [last.fingerprint]
+    finally:
+        registry.close()
+
+
+def test_a_rotation_past_the_limit_is_refused_through_a_real_server(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bob = make_client("bob")
+    connect.enroll(bob, "bob")
+    for _ in range(MAX_RETIRING):
+        code, _, err = run(["rotate", *connect.cli_flags(bob)], capsys)
+        assert code == Exit.OK, err
+    current = bob.cert_path.read_bytes()
+    code, _, err = run(["rotate", *connect.cli_flags(bob)], capsys)
+    assert code != Exit.OK and "already has 3 certificates in a rotation's overlap" in err
+    assert bob.cert_path.read_bytes() == current  # the refused pair was not swapped in
+    registry = open_registry(str(connect.server_registry), readonly=True)
+    try:
+        assert sum(c.active for c in registry.clients()) == MAX_RETIRING + 1
+    finally:
+        registry.close()
+
+
+def test_a_client_may_rotate_only_so_often_in_a_day(spec: str, make_client: MakeClient) -> None:
+    """Without overlap a client could rotate in a loop: 52 rows a second, kept for good."""
+    registry = open_registry(spec)
+    try:
+        current = registry.enroll(candidate(make_client, "bob"), "bob", [])
+        carol = registry.enroll(candidate(make_client, "carol"), "carol", [])
+        for i in range(MAX_ROTATIONS_A_DAY):  # allowed: up to the limit
+            current = rotated(registry, make_client, current, f"b{i}", dt.timedelta(0))
+        before = registry.clients()
+        with pytest.raises(CapacityError, match=r"got 51 certificates in the last 24 hours"):
+            rotated(registry, make_client, current, "bob-more", dt.timedelta(0))
+        assert registry.clients() == before
+        rotated(registry, make_client, carol, "carol2", dt.timedelta(0))  # carol is not held
+    finally:
+        registry.close()
