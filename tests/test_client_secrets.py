@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import logging
 from pathlib import Path
 
+import grpc
 import pytest
 
+from pinrpc.channel import client_credentials, secure_channel
 from pinrpc.cli import Exit
-from tests.conftest import Connect, MakeClient, registry_dump
+from pinrpc.errors import IdentityError
+from pinrpc.identity import cert_to_pem, load_certificate
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from server.enrollment import check_certificate
+from tests.certs import make_cert, p256, write_pair
+from tests.conftest import SERVER_NAME, Connect, MakeClient, registry_dump, whoami
 from tests.test_lifecycle import ADMIN, run
 
 ENROLL_CALL = "/pinrpc.v1.Admin/Enroll"
@@ -61,3 +70,55 @@ def test_admin_enroll_sends_the_certificate_out_of_a_described_file(
     code, out, err = run(argv, capsys)
     assert code == Exit.OK, err
     assert out.startswith(f"bob  {bob.fingerprint}  active")
+
+
+def pair_dated(tmp_path: Path, name: str, start: dt.datetime, days: float) -> tuple[Path, Path]:
+    key = p256()
+    cert = make_cert(key, name, key_cert_sign=False, not_before=start, days=days)
+    return write_pair(tmp_path, name, key, cert)
+
+
+@pytest.mark.parametrize(("shift", "says"), [(-10, "EXPIRED on"), (10, "is not valid before")])
+def test_the_library_refuses_its_own_certificate_outside_its_dates(
+    connect: Connect, tmp_path: Path, shift: int, says: str
+) -> None:
+    """README's secure_channel() took such a certificate without a word, and every call then
+    failed with UNAVAILABLE "Socket closed" (the server refuses it at the handshake)."""
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(days=shift)
+    cert, key = pair_dated(tmp_path, "dated", start, days=5)
+    planted = check_certificate(cert_to_pem(load_certificate(cert)), "dated", now=start)
+    connect.plant(planted, "dated")  # enrolled: only its dates stand in the way
+    ca = connect.devca.ca_path
+    for make in (
+        lambda: secure_channel(connect.target, cert, key, ca, SERVER_NAME),
+        lambda: client_credentials(cert, key, ca),  # what grpc.aio callers use
+    ):
+        with pytest.raises(IdentityError) as refused:
+            make()
+        assert str(refused.value).startswith(f"client certificate {says} ")
+        assert f"({cert.absolute()})" in str(refused.value)
+        assert ("pinrpc keygen" if shift < 0 else "clock") in str(refused.value)
+
+
+def test_the_library_admits_a_certificate_inside_its_dates_from_sync_and_aio(
+    connect: Connect, tmp_path: Path
+) -> None:
+    """The allow beside the deny above: one that started a minute ago and ends within the
+    hour is used, by secure_channel() and by grpc.aio with client_credentials()."""
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+    cert, key = pair_dated(tmp_path, "brief", start, days=1 / 24)
+    connect.plant(check_certificate(cert_to_pem(load_certificate(cert)), "brief"), "brief")
+    ca = connect.devca.ca_path
+    with secure_channel(connect.target, cert, key, ca, SERVER_NAME) as channel:
+        assert whoami(echo_pb2_grpc.EchoStub(channel)).name == "brief"
+
+    async def aio() -> str:
+        creds, _ = client_credentials(cert, key, ca)
+        override = [("grpc.ssl_target_name_override", SERVER_NAME)]
+        async with grpc.aio.secure_channel(connect.target, creds, options=override) as channel:
+            reply = await echo_pb2_grpc.EchoStub(channel).WhoAmI(
+                echo_pb2.WhoAmIRequest(), timeout=5
+            )
+            return reply.name
+
+    assert asyncio.run(aio()) == "brief"
