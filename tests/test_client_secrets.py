@@ -1,10 +1,12 @@
-"""What the client sends and trusts: no private key leaves the machine, no silent refusals."""
+"""A review of the client: no private key leaves the machine, no silent refusals, and no
+traceback when the output cannot be written."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import logging
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -19,6 +21,7 @@ from server.enrollment import check_certificate
 from tests.certs import make_cert, p256, write_pair
 from tests.conftest import SERVER_NAME, Connect, MakeClient, registry_dump, whoami
 from tests.test_lifecycle import ADMIN, run
+from tests.test_scripts import BIN
 
 ENROLL_CALL = "/pinrpc.v1.Admin/Enroll"
 
@@ -122,3 +125,49 @@ def test_the_library_admits_a_certificate_inside_its_dates_from_sync_and_aio(
             return reply.name
 
     assert asyncio.run(aio()) == "brief"
+
+
+def output_commands(tmp_path: Path, cert: Path) -> list[list[str]]:
+    keys = tmp_path / "keys-out"
+    return [
+        ["pinrpc", "fingerprint", str(cert)],
+        ["pinrpc", "keygen", "bob", "--dir", str(keys)],
+        ["pinrpc", "--version"],
+        ["pinrpc-server", "--version"],  # the same run() as every command of both programs
+    ]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    tmp_path: Path, make_client: MakeClient
+) -> None:
+    """`> out.json` on a full disk: print() raised OSError (ENOSPC) out of every command, a
+    traceback; /dev/full fails every write the same way."""
+    alice = make_client("alice")
+    with Path("/dev/full").open("w") as full:
+        for program, *argv in output_commands(tmp_path, alice.cert_path):
+            done = subprocess.run(
+                [str(BIN / program), *argv], stdout=full, stderr=subprocess.PIPE, text=True,
+                timeout=30, check=False,
+            )  # fmt: skip
+            assert (done.returncode, done.stderr) == (
+                Exit.ERROR,
+                f"{program}: error: cannot write the output: No space left on device\n",
+            )
+    # keygen wrote the pair before it printed: it is there, and the key is the owner's alone.
+    assert (tmp_path / "keys-out" / "bob.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_output_that_can_be_written_is_unchanged(tmp_path: Path, make_client: MakeClient) -> None:
+    """The allow beside the deny above: the same commands into a pipe print and exit 0."""
+    alice = make_client("alice")
+    for program, *argv in output_commands(tmp_path, alice.cert_path):
+        done = subprocess.run(
+            [str(BIN / program), *argv], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert (done.returncode, done.stderr.count("Traceback")) == (Exit.OK, 0), done.stderr
+        assert done.stdout
+    assert str(alice.fingerprint) in subprocess.run(
+        [str(BIN / "pinrpc"), "fingerprint", str(alice.cert_path)],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
