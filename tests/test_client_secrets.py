@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client import cli as client_cli
 from pinrpc.channel import client_credentials, secure_channel
 from pinrpc.cli import Exit
 from pinrpc.errors import IdentityError
-from pinrpc.identity import cert_to_pem, load_certificate
+from pinrpc.identity import cert_to_pem, create_identity, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.enrollment import check_certificate
 from tests.certs import make_cert, p256, write_pair
@@ -171,3 +172,23 @@ def test_output_that_can_be_written_is_unchanged(tmp_path: Path, make_client: Ma
         [str(BIN / "pinrpc"), "fingerprint", str(alice.cert_path)],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
+
+
+def test_keygen_over_an_existing_pair_says_force_deletes_it_and_points_at_rotate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The refusal said the old pair "stops working once the server enrolls the new one",
+    yet --force deletes it at once: a user renewing an enrolled pair locked themselves out
+    until the operator acted, where `pinrpc rotate` needs no one."""
+    first = create_identity("alice", tmp_path)
+    before = first.key_path.read_bytes()
+    capsys.readouterr()
+    assert client_cli.main(["keygen", "alice", "--dir", str(tmp_path)]) == Exit.ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run `pinrpc rotate`" in err
+    assert "--force deletes the old pair now" in err
+    assert first.key_path.read_bytes() == before  # refused: nothing changed
+    # The allow: --force does what the sentence says.
+    assert client_cli.main(["keygen", "alice", "--dir", str(tmp_path), "--force"]) == Exit.OK
+    assert first.key_path.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.crt", "alice.key"]
