@@ -50,6 +50,8 @@ def add_flag(
         # argparse checks choices only on the command line; this checks the variable too,
         # when the flag is not given (argparse converts a string default with ``type``).
         kwargs["type"] = _one_of(choices, kwargs.get("type", str), env)  # type: ignore[arg-type]
+    elif "type" in kwargs and os.environ.get(env):
+        kwargs["type"] = _named_env(kwargs["type"], env, os.environ[env])  # type: ignore[arg-type]
     parser.add_argument(
         flag,
         default=value,
@@ -118,6 +120,24 @@ def host_port(*, port_zero: bool = False) -> Callable[[str], str]:
             )
         return text
 
+    return check
+
+
+def _named_env(
+    convert: Callable[[str], object], env: str, env_value: str
+) -> Callable[[str], object]:
+    """``convert``, whose refusal of the variable's value names the variable: argparse names
+    only the flag, which the user may never have typed."""
+
+    def check(text: str) -> object:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError as exc:
+            if text != env_value:
+                raise
+            raise argparse.ArgumentTypeError(f"{exc} (from {env})") from None
+
+    check.__name__ = getattr(convert, "__name__", "value")  # argparse's "invalid NAME value"
     return check
 
 

@@ -21,6 +21,7 @@ from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.enrollment import check_certificate
 from tests.certs import make_cert, p256, write_pair
 from tests.conftest import SERVER_NAME, Connect, MakeClient, registry_dump, whoami
+from tests.test_client_cli import usage_error
 from tests.test_lifecycle import ADMIN, run
 from tests.test_scripts import BIN
 
@@ -192,3 +193,22 @@ def test_keygen_over_an_existing_pair_says_force_deletes_it_and_points_at_rotate
     assert client_cli.main(["keygen", "alice", "--dir", str(tmp_path), "--force"]) == Exit.OK
     assert first.key_path.read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.crt", "alice.key"]
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse named only the flag ("argument --server: not HOST:PORT ... 'localhost'")
+    when the value came from PINRPC_SERVER, a flag the user never typed."""
+    pair = ["--cert", "a.crt", "--key", "a.key"]
+    monkeypatch.setenv("PINRPC_SERVER", "localhost")
+    monkeypatch.setenv("PINRPC_TIMEOUT", "0")
+    line = usage_error(["whoami", *pair], capsys)
+    assert line.endswith("'localhost' (e.g. api.example.com:8443, [::1]:8443) (from PINRPC_SERVER)")
+    monkeypatch.delenv("PINRPC_SERVER")
+    line = usage_error(["whoami", "--server", "x:1", *pair], capsys)
+    assert line.endswith("must be at least 0.001, got 0 (from PINRPC_TIMEOUT)")
+    # A bad value typed as the flag is the flag's, even with the variable set (to a good one).
+    monkeypatch.setenv("PINRPC_SERVER", "api.example.com:8443")
+    line = usage_error(["whoami", "--server", "localhost", "--timeout", "5", *pair], capsys)
+    assert line.endswith("'localhost' (e.g. api.example.com:8443, [::1]:8443)")
