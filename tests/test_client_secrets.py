@@ -7,22 +7,28 @@ import asyncio
 import datetime as dt
 import logging
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from client import cli as client_cli
+from client.keyfiles import new, old
 from pinrpc.channel import client_credentials, secure_channel
 from pinrpc.cli import Exit
 from pinrpc.errors import IdentityError
 from pinrpc.identity import cert_to_pem, create_identity, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server.enrollment import check_certificate
+from server.registry_model import Client
+from server.registry_sqlite import SqliteRegistry
 from tests.certs import make_cert, p256, write_pair
 from tests.conftest import SERVER_NAME, Connect, MakeClient, registry_dump, whoami
 from tests.test_client_cli import usage_error
 from tests.test_lifecycle import ADMIN, run
+from tests.test_rotate import pair_bytes, registry_write_locked
 from tests.test_scripts import BIN
 
 ENROLL_CALL = "/pinrpc.v1.Admin/Enroll"
@@ -212,3 +218,47 @@ def test_a_bad_value_from_the_environment_names_the_variable(
     monkeypatch.setenv("PINRPC_SERVER", "api.example.com:8443")
     line = usage_error(["whoami", "--server", "localhost", "--timeout", "5", *pair], capsys)
     assert line.endswith("'localhost' (e.g. api.example.com:8443, [::1]:8443)")
+
+
+def test_a_second_rotate_while_one_runs_says_so_and_changes_nothing(
+    connect: Connect,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two rotates of one pair at once (two cron jobs, say): the second found the first's
+    staged *.new pair and called it "an earlier rotation whose outcome was unknown", telling
+    the user to move it into place by hand while the first was about to swap it in."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    before = pair_bytes(alice)
+    released, deciding = threading.Event(), threading.Event()
+    real_rotate = SqliteRegistry.rotate
+
+    def spied_rotate(self: SqliteRegistry, *args: Any) -> list[Client]:
+        deciding.set()  # the first rotate's call is in: it waits for the registry lock
+        return real_rotate(self, *args)
+
+    monkeypatch.setattr(SqliteRegistry, "rotate", spied_rotate)
+    flags = connect.cli_flags(alice)
+    with registry_write_locked(connect.server_registry, released.is_set):
+        argv = [str(BIN / "pinrpc"), "rotate", *flags, "--timeout", "20"]
+        first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert deciding.wait(15), "the server never received the first Rotate call"
+            code, _, err = run(["rotate", *flags], capsys)
+        finally:
+            released.set()
+            out, first_err = first.communicate(timeout=20)
+    assert (code, err.count("\n")) == (Exit.ERROR, 1)
+    assert f"another `pinrpc rotate` of {alice.cert_path} is running" in err
+    assert "outcome was unknown" not in err and "mv " not in err
+    # The first one was left alone: it finished, and its pair is the one in place.
+    assert first.returncode == Exit.OK, first_err
+    assert pair_bytes(alice) != before and old(alice.key_path).read_bytes() == before[1]
+    assert not new(alice.cert_path).exists() and not new(alice.key_path).exists()
+    code, out, _ = run(["whoami", *flags], capsys)
+    assert code == Exit.OK and "name         alice" in out
+    # The allow: with the first done, a rotate runs.
+    code, out, err = run(["rotate", *flags], capsys)
+    assert code == Exit.OK, err
