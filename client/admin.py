@@ -25,7 +25,7 @@ from pinrpc.cli import (
     permit_patterns,
     utf8,
 )
-from pinrpc.identity import read_file
+from pinrpc.identity import cert_to_pem, load_certificate
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
 Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
@@ -95,11 +95,11 @@ def _status(c: admin_pb2.Client) -> str:
 
 
 def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
-    pem = read_file(Path(args.certificate), "certificate", limit=64 * 1024).decode(
-        "utf-8", "replace"
-    )
+    # Parsed here and sent re-encoded: a key file named by mistake, or a PEM that holds the
+    # key too, is refused before anything of it leaves this machine.
+    certificate = load_certificate(Path(args.certificate))
     request = admin_pb2.EnrollRequest(
-        certificate_pem=pem,
+        certificate_pem=cert_to_pem(certificate).decode(),
         name=args.name,
         allowed_methods=allow_patterns(args),
         replace=args.replace,

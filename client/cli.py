@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="key algorithm (ed25519 is refused: grpcio cannot use it for client auth)",
     )
     add_flag(keygen, "--days", default=str(DEFAULT_DAYS), type=DAYS, help="validity in days")
-    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
+    keygen.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing files: the old key is gone at once (renew an enrolled pair with "
+        "rotate)",
+    )
 
     fingerprint = commands.add_parser("fingerprint", help="print a certificate's fingerprint")
     fingerprint.add_argument("certificate", type=file_path, help="a PEM certificate file")

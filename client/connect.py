@@ -12,17 +12,13 @@ from typing import Any
 
 import grpc
 
-from pinrpc.channel import load_pair, pair_credentials
+from pinrpc.channel import dates_problem, load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
 from pinrpc.errors import ERROR_METADATA
 from pinrpc.identity import Fingerprint
 
 PROG = "pinrpc"
 ROTATE_HINT = "rotate it now: `pinrpc rotate` (same connection flags)"
-REENROLL_HINT = (
-    "an expired certificate cannot rotate: make a new key pair (`pinrpc keygen NAME --force`) "
-    "and have the operator enroll it with `pinrpc-server enroll NAME.crt --name NAME --replace`"
-)
 
 
 # Bounded so that a typo is a usage error, not an overflow deep inside datetime or gRPC.
@@ -86,24 +82,12 @@ def call(
     )
     creds = pair_credentials(certificate, private_key, args.ca)
     fingerprint, not_after = Fingerprint.of(certificate), certificate.not_valid_after_utc
-    now = dt.datetime.now(dt.UTC)
-    # The server refuses these at the handshake, where gRPC says only "Socket closed".
-    if not_after <= now:
-        say(
-            f"{PROG}: error: your certificate EXPIRED on {not_after:%Y-%m-%d %H:%M} UTC "
-            f"({Path(args.cert).absolute()}); the server refuses it"
-        )
-        say(f"  {REENROLL_HINT}")
+    if problem := dates_problem(certificate, args.cert):
+        what, fix = problem
+        say(f"{PROG}: error: your {what}; the server refuses it")
+        say(f"  {fix}")
         return Exit.CONNECT
-    if certificate.not_valid_before_utc > now:
-        say(
-            f"{PROG}: error: your certificate is not valid before "
-            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
-            f"({Path(args.cert).absolute()}); the server refuses it until then: check this "
-            "machine's clock"
-        )
-        return Exit.CONNECT
-    left = not_after - now
+    left = not_after - dt.datetime.now(dt.UTC)
     if left < dt.timedelta(days=args.warn_days):
         say(
             f"{PROG}: warning: your certificate {Path(args.cert).absolute()} expires in "

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from pinrpc.errors import IdentityError
@@ -65,6 +67,29 @@ def unfinished_error(cert: Path, key: Path) -> IdentityError:
         f"{new(cert)} or {new(key)} already exists: the new pair of an earlier rotation whose "
         f"outcome was unknown; {finish_by_hand(cert, key)}"
     )
+
+
+@contextlib.contextmanager
+def rotating(cert: Path) -> Iterator[None]:
+    """One rotate of a pair at a time: a second one took the first one's staged *.new pair
+    for an unfinished rotation and told the user to move it by hand while the first ran.
+    Held on the current certificate's inode, which the swap moves to *.old: a rotate that
+    opens the certificate after that rotates the new pair, as it would a moment later."""
+    try:
+        fd = os.open(cert, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise IdentityError(f"cannot read certificate {cert.absolute()}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IdentityError(
+                f"another `pinrpc rotate` of {cert} is running; let it finish, then check "
+                f"which pair is in place with `pinrpc whoami` (same connection flags)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_targets(cert: Path, key: Path) -> None:

@@ -62,6 +62,11 @@ REFUSED = (
 
 def run(args: argparse.Namespace) -> int:
     cert_path, key_path = Path(args.cert), Path(args.key)
+    with keyfiles.rotating(cert_path):
+        return _rotate(args, cert_path, key_path)
+
+
+def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
     keyfiles.check_targets(cert_path, key_path)
     keyfiles.remove_expired_old_pair(cert_path, key_path)
     key = generate_key(args.key_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,10 @@ from pinrpc.identity import (
 
 PASSPHRASE_ENV = "PINRPC_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 ROOTS_ENV = "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"  # gRPC's replacement for its default roots
+REENROLL_HINT = (
+    "an expired certificate cannot rotate: make a new key pair (`pinrpc keygen NAME --force`) "
+    "and have the operator enroll it with `pinrpc-server enroll NAME.crt --name NAME --replace`"
+)
 
 
 def passphrase_from_env() -> bytes | None:
@@ -63,11 +68,32 @@ def client_credentials(
     insecure_key_permissions: bool = False,
 ) -> tuple[grpc.ChannelCredentials, Fingerprint]:
     """Credentials for ``cert``/``key`` (see ``load_pair``) and the fingerprint the server
-    will see."""
+    will see. A certificate outside its dates is refused here, with what to do: the server
+    would refuse it at the handshake, and every call would fail without a reason."""
     certificate, private_key = load_pair(
         cert, key, passphrase=passphrase, insecure_key_permissions=insecure_key_permissions
     )
+    if problem := dates_problem(certificate, cert):
+        what, fix = problem
+        raise IdentityError(f"client {what}: the server refuses it; {fix}")
     return pair_credentials(certificate, private_key, ca), Fingerprint.of(certificate)
+
+
+def dates_problem(certificate: x509.Certificate, path: Path | str) -> tuple[str, str] | None:
+    """What is wrong with the certificate's dates, and what to do; None if nothing. The
+    server refuses such a certificate at the handshake, which gRPC reports on every call as
+    nothing more than UNAVAILABLE "Socket closed"."""
+    now, where = dt.datetime.now(dt.UTC), Path(path).absolute()
+    if certificate.not_valid_after_utc <= now:
+        ended = certificate.not_valid_after_utc
+        return f"certificate EXPIRED on {ended:%Y-%m-%d %H:%M} UTC ({where})", REENROLL_HINT
+    if certificate.not_valid_before_utc > now:
+        start = certificate.not_valid_before_utc
+        return (
+            f"certificate is not valid before {start:%Y-%m-%d %H:%M} UTC ({where})",
+            "check this machine's clock",
+        )
+    return None
 
 
 def pair_credentials(

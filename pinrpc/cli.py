@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from importlib import metadata
-from typing import TypeVar
+from typing import Any, TextIO, TypeVar, cast
 
-from pinrpc.errors import PinrpcError
+from pinrpc.errors import OutputError, PinrpcError
 
 N = TypeVar("N", int, float)
 DIST = "pinrpc"  # the distribution both programs ship in
@@ -50,6 +50,8 @@ def add_flag(
         # argparse checks choices only on the command line; this checks the variable too,
         # when the flag is not given (argparse converts a string default with ``type``).
         kwargs["type"] = _one_of(choices, kwargs.get("type", str), env)  # type: ignore[arg-type]
+    elif "type" in kwargs and os.environ.get(env):
+        kwargs["type"] = _named_env(kwargs["type"], env, os.environ[env])  # type: ignore[arg-type]
     parser.add_argument(
         flag,
         default=value,
@@ -118,6 +120,24 @@ def host_port(*, port_zero: bool = False) -> Callable[[str], str]:
             )
         return text
 
+    return check
+
+
+def _named_env(
+    convert: Callable[[str], object], env: str, env_value: str
+) -> Callable[[str], object]:
+    """``convert``, whose refusal of the variable's value names the variable: argparse names
+    only the flag, which the user may never have typed."""
+
+    def check(text: str) -> object:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError as exc:
+            if text != env_value:
+                raise
+            raise argparse.ArgumentTypeError(f"{exc} (from {env})") from None
+
+    check.__name__ = getattr(convert, "__name__", "value")  # argparse's "invalid NAME value"
     return check
 
 
@@ -211,14 +231,57 @@ def allow_patterns(args: argparse.Namespace) -> list[str]:
 
 def run(program: str, body: Callable[[], int]) -> int:
     """Run a command; expected failures become one line on stderr and an exit code."""
+    stdout = sys.stdout  # None when started with stdout closed
+    if stdout is not None:
+        sys.stdout = cast(TextIO, _CheckedOutput(stdout))
     try:
-        return body()
+        code = body()
+        if stdout is not None:
+            sys.stdout.flush()  # here, where a failure is caught, not at exit
+        return code
     except PinrpcError as exc:
+        if isinstance(exc, OutputError):
+            _drop_stdout()  # what is buffered cannot fail the flush at exit again
         print(f"{program}: error: {exc}", file=sys.stderr)
         return Exit.ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         # `pinrpc-server list | head -1`: the reader left; silence the final flush too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         return Exit.OK
+    finally:
+        if stdout is not None:
+            sys.stdout = stdout
+
+
+class _CheckedOutput:
+    """sys.stdout while a command runs: a failed write is an OutputError, one line, not a
+    traceback (a reader that left, BrokenPipeError, stays as it is)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write the output: {exc.strerror or exc}") from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write the output: {exc.strerror or exc}") from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -46,3 +46,7 @@ class CapacityError(RegistryError):
 
 class ServerCertError(PinrpcError):
     """The server's own certificate or key files are unusable."""
+
+
+class OutputError(PinrpcError):
+    """Standard output could not be written: `> out.json` on a full disk (ENOSPC, EDQUOT, EIO)."""

@@ -366,8 +366,9 @@ def create_identity(
 
 def _exists_error(path: Path) -> IdentityError:
     return IdentityError(
-        f"{path} already exists; pass --force to replace it "
-        "(the old key pair stops working once the server enrolls the new one)"
+        f"{path} already exists; to renew a pair the server admits, run `pinrpc rotate`; "
+        "--force deletes the old pair now, locking its client out until the operator enrolls "
+        "the new one (`pinrpc-server enroll --replace`)"
     )
 
 

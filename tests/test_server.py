@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from pinrpc.channel import load_pair, pair_credentials
 from pinrpc.cli import env_name
 from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate, load_private_key
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
@@ -111,8 +112,12 @@ def test_expired_client_certificate_is_refused(connect: Connect, tmp_path: Path)
     # Enrollment refuses expired certificates, so plant it directly in the registry.
     planted = check_certificate(cert_to_pem(cert), "old", now=past + dt.timedelta(days=1))
     connect.plant(planted, "old")
-    stub = connect.stub(cert_path, key_path)
-    assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+    # Presented on purpose: secure_channel() refuses an expired certificate before any call.
+    creds = pair_credentials(*load_pair(cert_path, key_path), connect.devca.ca_path)
+    override = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    with grpc.secure_channel(connect.target, creds, options=override) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
 
 
 def test_a_certificate_that_expires_is_refused_on_its_open_channel(
