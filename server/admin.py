@@ -48,6 +48,9 @@ STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
 # A status message travels in a header: over 16 KiB the caller got RESOURCE_EXHAUSTED
 # "Stream removed" instead of the answer (a 100 KB name, quoted in the error).
 MAX_MESSAGE = 2000
+# A refusal's audit line quotes its reason, which may quote the caller's input.
+MAX_AUDIT_ERROR = 300
+ROTATE = "/pinrpc.v1.Identity/Rotate"
 
 
 def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
@@ -198,6 +201,14 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
             _check_rotation_proof(successor, request.proof, who.fingerprint)
             client, previous, *older = self._registry.rotate(who.fingerprint, successor, overlap)
         except PinrpcError as exc:
+            # A call line, in the calls' bucket: any client can send refused rotations in a
+            # flood, which must not push real changes out of the trail. A failed proof is how
+            # a squat on someone else's certificate shows.
+            self._audit.event(
+                "call", decision="deny", reason="rotation_refused", client=who.name,
+                fingerprint=str(who.fingerprint), peer=context.peer(), method=ROTATE,
+                error=str(exc)[:MAX_AUDIT_ERROR],
+            )  # fmt: skip
             abort_with(context, exc)
         # The caller swaps its files as soon as we answer: trust the successor first.
         self._refresh()
