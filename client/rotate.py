@@ -11,6 +11,7 @@ import grpc
 
 from client import keyfiles
 from client.connect import DAYS, PROG, call, connection_flags, say
+from pinrpc import proof
 from pinrpc.channel import passphrase_from_env
 from pinrpc.cli import Exit, add_flag, at_least
 from pinrpc.errors import IdentityError
@@ -21,6 +22,7 @@ from pinrpc.identity import (
     cert_to_pem,
     generate_key,
     key_to_pem,
+    load_certificate,
     self_signed_certificate,
 )
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc, identity_pb2, identity_pb2_grpc
@@ -79,7 +81,13 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
         # certificates made by any tool, whose CN need not be a valid client name.
         successor = self_signed_certificate(key, me.name, days=args.days)
         successor_pem = cert_to_pem(successor)
-        request = identity_pb2.RotateRequest(certificate_pem=successor_pem.decode())
+        # Bound to the certificate this channel presents: the server checks it against the TLS
+        # peer, so the proof admits this successor for this caller only (pinrpc/proof.py).
+        current = Fingerprint.of(load_certificate(cert_path))
+        signature = proof.sign(key, proof.rotation_binding(current), successor, proof.ROTATION)
+        request = identity_pb2.RotateRequest(
+            certificate_pem=successor_pem.decode(), proof=signature
+        )
         if args.overlap is not None:
             request.overlap_seconds = args.overlap
         # Staged before the server retires anything: a full disk shows up now.

@@ -14,6 +14,7 @@ from typing import NoReturn
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from pinrpc import proof
 from pinrpc.errors import (
     ERROR_METADATA,
     CapacityError,
@@ -24,11 +25,11 @@ from pinrpc.errors import (
     PinrpcError,
     RegistryError,
 )
-from pinrpc.identity import check_name
+from pinrpc.identity import Fingerprint, check_name
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
 from server.audit import Audit
 from server.auth import caller
-from server.enrollment import check_certificate, check_patterns, new_permissions
+from server.enrollment import Candidate, check_certificate, check_patterns, new_permissions
 from server.registry import Client, Registry, now_utc
 
 MAX_CERT_BYTES = 64 * 1024
@@ -47,6 +48,9 @@ STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
 # A status message travels in a header: over 16 KiB the caller got RESOURCE_EXHAUSTED
 # "Stream removed" instead of the answer (a 100 KB name, quoted in the error).
 MAX_MESSAGE = 2000
+# A refusal's audit line quotes its reason, which may quote the caller's input.
+MAX_AUDIT_ERROR = 300
+ROTATE = "/pinrpc.v1.Identity/Rotate"
 
 
 def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
@@ -87,6 +91,24 @@ def _candidate_from(pem: str) -> tuple[bytes, str]:
     if len(data) > MAX_CERT_BYTES:
         raise EnrollmentError(f"the certificate is larger than {MAX_CERT_BYTES} bytes")
     return data, "the submitted certificate"
+
+
+def _check_rotation_proof(successor: Candidate, signature: bytes, current: Fingerprint) -> None:
+    """Refuse a successor whose key the caller does not hold: a self-signature alone let any
+    client claim another's public certificate (docs/SECURITY.md, findings fixed).
+    INVALID_ARGUMENT (EnrollmentError), as for the enrollment port's failed proof: the request
+    is wrong in itself. PERMISSION_DENIED is the method ACL's answer, which `pinrpc` explains
+    as a permission problem with the caller's certificate."""
+    if not signature:
+        raise EnrollmentError(
+            "the rotation carries no proof that you hold the new certificate's key (an older "
+            "pinrpc client?); update pinrpc and rotate again"
+        )
+    if not proof.verify(successor.cert, proof.rotation_binding(current), signature, proof.ROTATION):
+        raise EnrollmentError(
+            "the proof does not verify with the new certificate's key for this caller's "
+            "certificate (proof of possession failed)"
+        )
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -176,8 +198,17 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
             overlap = min(overlap, dt.timedelta(seconds=request.overlap_seconds))
         try:
             successor = check_certificate(*_candidate_from(request.certificate_pem))
+            _check_rotation_proof(successor, request.proof, who.fingerprint)
             client, previous, *older = self._registry.rotate(who.fingerprint, successor, overlap)
         except PinrpcError as exc:
+            # A call line, in the calls' bucket: any client can send refused rotations in a
+            # flood, which must not push real changes out of the trail. A failed proof is how
+            # a squat on someone else's certificate shows.
+            self._audit.event(
+                "call", decision="deny", reason="rotation_refused", client=who.name,
+                fingerprint=str(who.fingerprint), peer=context.peer(), method=ROTATE,
+                error=str(exc)[:MAX_AUDIT_ERROR],
+            )  # fmt: skip
             abort_with(context, exc)
         # The caller swaps its files as soon as we answer: trust the successor first.
         self._refresh()

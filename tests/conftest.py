@@ -15,9 +15,16 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from pinrpc import secure_channel
-from pinrpc.identity import KeyPairFiles, create_identity
-from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from pinrpc import proof, secure_channel
+from pinrpc.identity import (
+    Fingerprint,
+    KeyPairFiles,
+    PrivateKey,
+    create_identity,
+    load_private_key,
+    parse_single_certificate,
+)
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc, identity_pb2
 from server import cli as server_cli
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
@@ -224,6 +231,23 @@ def admitted(stub: echo_pb2_grpc.EchoStub) -> bool:
         return True
     assert code in REFUSALS, code
     return False
+
+
+def rotate_with_key(caller: Fingerprint, pem: bytes, key: PrivateKey) -> identity_pb2.RotateRequest:
+    """A RotateRequest for the certificate ``pem``, proved with ``key`` for the client whose
+    current certificate is ``caller``."""
+    cert = parse_single_certificate(pem, "the successor")
+    signature = proof.sign(key, proof.rotation_binding(caller), cert, proof.ROTATION)
+    return identity_pb2.RotateRequest(certificate_pem=pem.decode(), proof=signature)
+
+
+def rotate_request(
+    caller: Fingerprint, successor: KeyPairFiles, signer: Path | None = None
+) -> identity_pb2.RotateRequest:
+    """A rotation to ``successor`` from the client whose current certificate is ``caller``,
+    proved with the key at ``signer`` (the successor's own by default)."""
+    pem = successor.cert_path.read_bytes()
+    return rotate_with_key(caller, pem, load_private_key(signer or successor.key_path))
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:

@@ -17,7 +17,7 @@ import pytest
 from client import cli, keyfiles
 from pinrpc.channel import secure_channel
 from pinrpc.cli import Exit
-from pinrpc.identity import Fingerprint, cert_to_pem, load_certificate
+from pinrpc.identity import Fingerprint, KeyPairFiles, cert_to_pem, load_certificate
 from pinrpc.v1 import echo_pb2, identity_pb2, identity_pb2_grpc
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
@@ -34,6 +34,8 @@ from tests.conftest import (
     eventually,
     registry_dump,
     revoke,
+    rotate_request,
+    rotate_with_key,
     whoami,
 )
 
@@ -248,25 +250,23 @@ def test_rotation_refusals(connect: Connect, make_client: MakeClient, registry: 
     channel = connect.channel(alice.cert_path, alice.key_path)
     identity = identity_pb2_grpc.IdentityStub(channel)
 
-    def rotate_with(pem: bytes) -> identity_pb2.RotateResponse:
-        request = identity_pb2.RotateRequest(certificate_pem=pem.decode())
-        return identity.Rotate(request, timeout=5)
+    def rotate_with(successor: KeyPairFiles) -> identity_pb2.RotateResponse:
+        return identity.Rotate(rotate_request(alice.fingerprint, successor), timeout=5)
 
     # A successor that could mint certificates is refused like an enrollment would be.
-    bad = cert_to_pem(make_cert(p256(), "alice", ca=True))
-    assert code_of(lambda: rotate_with(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    key = p256()
+    bad = rotate_with_key(alice.fingerprint, cert_to_pem(make_cert(key, "alice", ca=True)), key)
+    assert code_of(lambda: identity.Rotate(bad, timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
     # Submitting its own certificate again is no rotation.
-    same = alice.cert_path.read_bytes()
-    assert code_of(lambda: rotate_with(same)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: rotate_with(alice)) == grpc.StatusCode.FAILED_PRECONDITION
     # Rotating twice from the same (now retiring) certificate is refused.
-    good = make_client("alice-next")
-    rotate_with(good.cert_path.read_bytes())
-    again = make_client("alice-again").cert_path.read_bytes()
+    rotate_with(make_client("alice-next"))
+    again = make_client("alice-again")
     assert code_of(lambda: rotate_with(again)) == grpc.StatusCode.FAILED_PRECONDITION
     # A revoked client cannot rotate, even on its open channel.
     revoke(registry, "alice")
     connect.server.trust.poll()
-    third = make_client("alice-third").cert_path.read_bytes()
+    third = make_client("alice-third")
     assert code_of(lambda: rotate_with(third)) == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -276,7 +276,7 @@ def test_unknown_client_cannot_rotate(connect: Connect, make_client: MakeClient)
     channel = secure_channel(
         connect.target, mallory.cert_path, mallory.key_path, connect.devca.ca_path, SERVER_NAME
     )
-    request = identity_pb2.RotateRequest(certificate_pem=mallory.cert_path.read_text())
+    request = rotate_request(mallory.fingerprint, make_client("mallory-next"))
     stub = identity_pb2_grpc.IdentityStub(channel)
     assert code_of(lambda: stub.Rotate(request, timeout=5)) == grpc.StatusCode.UNAVAILABLE
 

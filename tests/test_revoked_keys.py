@@ -22,12 +22,20 @@ from pinrpc.identity import (
     load_private_key,
     self_signed_certificate,
 )
-from pinrpc.v1 import enrollment_pb2, identity_pb2, identity_pb2_grpc
+from pinrpc.v1 import enrollment_pb2, identity_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer
 from server.enrollment import Candidate, check_certificate
 from server.registry import Registry, open_registry
-from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, registry_dump
+from tests.conftest import (
+    ECHO_ALL,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    registry_dump,
+    rotate_request,
+    rotate_with_key,
+)
 from tests.test_enrollment_requests import enrolling, enrollment_stub, pending, request_flags
 from tests.test_lifecycle import ADMIN
 from tests.test_registry_backends import candidate
@@ -226,14 +234,19 @@ def test_admin_enroll_and_rotate_refuse_a_revoked_or_enrolled_key(
     # Rotate: bob asks for a successor made with alice's revoked key, then with his own key.
     channel = connect.channel(bob.cert_path, bob.key_path)
     stub = identity_pb2_grpc.IdentityStub(channel)
-    for successor, expected in ((stolen, "revoked on"), (same_key(bob, "bob"), "one key pair")):
-        request = identity_pb2.RotateRequest(certificate_pem=successor.read_text())
+    # Bob holds both keys (the thief of alice's), so his proofs verify: the registry refuses.
+    for successor, owner, expected in (
+        (stolen, alice, "revoked on"),
+        (same_key(bob, "bob"), bob, "one key pair"),
+    ):
+        key = load_private_key(owner.key_path)
+        request = rotate_with_key(bob.fingerprint, successor.read_bytes(), key)
         with pytest.raises(grpc.RpcError) as info:
             stub.Rotate(request, timeout=5)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert expected in (info.value.details() or "")
     assert registry_dump(connect.server_registry, capsys) == before
     fresh = make_client("bob-next")
-    request = identity_pb2.RotateRequest(certificate_pem=fresh.cert_path.read_text())
+    request = rotate_request(bob.fingerprint, fresh)
     assert stub.Rotate(request, timeout=5).client.name == "bob"
     channel.close()

@@ -17,11 +17,11 @@ import pytest
 
 from pinrpc.errors import ConflictError
 from pinrpc.identity import Fingerprint
-from pinrpc.v1 import identity_pb2, identity_pb2_grpc
+from pinrpc.v1 import identity_pb2_grpc
 from server.enrollment import Candidate
 from server.registry import Client, is_postgres, open_registry
 from server.registry_sql import ROTATE_TRIES, Query, SqlRegistry
-from tests.conftest import Connect, MakeClient, code_of
+from tests.conftest import Connect, MakeClient, code_of, rotate_request
 from tests.test_registry_backends import candidate
 
 DAY = dt.timedelta(days=1)
@@ -64,14 +64,14 @@ def test_a_refused_rotation_through_a_real_server_answers_while_another_change_r
     alice = make_client("alice")
     connect.enroll(alice, "alice")
     stub = identity_pb2_grpc.IdentityStub(connect.channel(alice.cert_path, alice.key_path))
-    again = identity_pb2.RotateRequest(certificate_pem=alice.cert_path.read_text())
+    again = rotate_request(alice.fingerprint, alice)
     with write_lock_held(str(connect.server_registry)):
         start = time.monotonic()
         code = code_of(lambda: stub.Rotate(again, timeout=10))
         assert code == grpc.StatusCode.FAILED_PRECONDITION
         assert time.monotonic() - start < 2
     # Allowed: a real successor is enrolled once the lock is free.
-    nxt = identity_pb2.RotateRequest(certificate_pem=make_client("next").cert_path.read_text())
+    nxt = rotate_request(alice.fingerprint, make_client("next"))
     assert stub.Rotate(nxt, timeout=10).client.name == "alice"
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pinrpc.v1 import admin_pb2 as pinrpc_dot_v1_dot_admin__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pinrpc/v1/identity.proto\x12\tpinrpc.v1\x1a\x15pinrpc/v1/admin.proto\"Z\n\rRotateRequest\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x1c\n\x0foverlap_seconds\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_overlap_seconds\"X\n\x0eRotateResponse\x12!\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x11.pinrpc.v1.Client\x12#\n\x08previous\x18\x02 \x01(\x0b\x32\x11.pinrpc.v1.Client2I\n\x08Identity\x12=\n\x06Rotate\x12\x18.pinrpc.v1.RotateRequest\x1a\x19.pinrpc.v1.RotateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pinrpc/v1/identity.proto\x12\tpinrpc.v1\x1a\x15pinrpc/v1/admin.proto\"i\n\rRotateRequest\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x1c\n\x0foverlap_seconds\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05proof\x18\x03 \x01(\x0c\x42\x12\n\x10_overlap_seconds\"X\n\x0eRotateResponse\x12!\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x11.pinrpc.v1.Client\x12#\n\x08previous\x18\x02 \x01(\x0b\x32\x11.pinrpc.v1.Client2I\n\x08Identity\x12=\n\x06Rotate\x12\x18.pinrpc.v1.RotateRequest\x1a\x19.pinrpc.v1.RotateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pinrpc.v1.identity_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROTATEREQUEST']._serialized_start=62
-  _globals['_ROTATEREQUEST']._serialized_end=152
-  _globals['_ROTATERESPONSE']._serialized_start=154
-  _globals['_ROTATERESPONSE']._serialized_end=242
-  _globals['_IDENTITY']._serialized_start=244
-  _globals['_IDENTITY']._serialized_end=317
+  _globals['_ROTATEREQUEST']._serialized_end=167
+  _globals['_ROTATERESPONSE']._serialized_start=169
+  _globals['_ROTATERESPONSE']._serialized_end=257
+  _globals['_IDENTITY']._serialized_start=259
+  _globals['_IDENTITY']._serialized_end=332
 # @@protoc_insertion_point(module_scope)

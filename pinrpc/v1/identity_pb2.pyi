@@ -23,20 +23,28 @@ class RotateRequest(_message.Message):
 
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     OVERLAP_SECONDS_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.str
     overlap_seconds: _builtins.int
     """Seconds the old certificate stays valid; unset means the server's default (24 h unless
     configured). 0 retires it at once. Never longer than the server's default.
+    """
+    proof: _builtins.bytes
+    """Proof that the caller holds the successor's private key: its signature (ECDSA or RSA
+    PKCS#1 v1.5, SHA-256) over "pinrpc-rotate-v1\\0" + SHA-256 of the caller's current
+    certificate (DER, the one this call's TLS handshake presented) + the successor's DER.
+    Required: without it any client could claim someone else's public certificate.
     """
     def __init__(
         self,
         *,
         certificate_pem: _builtins.str = ...,
         overlap_seconds: _builtins.int | None = ...,
+        proof: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_overlap_seconds", b"_overlap_seconds", "overlap_seconds", b"overlap_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_overlap_seconds", b"_overlap_seconds", "certificate_pem", b"certificate_pem", "overlap_seconds", b"overlap_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_overlap_seconds", b"_overlap_seconds", "certificate_pem", b"certificate_pem", "overlap_seconds", b"overlap_seconds", "proof", b"proof"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__overlap_seconds: _TypeAlias = _typing.Literal["overlap_seconds"]  # noqa: Y015
     _WhichOneofArgType__overlap_seconds: _TypeAlias = _typing.Literal["_overlap_seconds", b"_overlap_seconds"]  # noqa: Y015

@@ -45,9 +45,10 @@ class IdentityServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Rotate(self, request, context):
-        """Submit a successor certificate (a new key pair) over the authenticated channel. The server
-        checks it like an enrollment and enrolls it under the caller's name with the caller's
-        permissions (a rotation can neither rename nor widen them); the caller's current
+        """Submit a successor certificate (a new key pair) over the authenticated channel, with proof
+        that the caller holds its key (RotateRequest.proof). The server checks it like an
+        enrollment and enrolls it under the caller's name with the caller's permissions (a
+        rotation can neither rename nor widen them); the caller's current
         certificate keeps working until the overlap ends, so no call fails during the switch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -32,9 +32,10 @@ class IdentityStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IdentityAsyncStub: ...
     Rotate: _grpc.UnaryUnaryMultiCallable[_identity_pb2.RotateRequest, _identity_pb2.RotateResponse]
-    """Submit a successor certificate (a new key pair) over the authenticated channel. The server
-    checks it like an enrollment and enrolls it under the caller's name with the caller's
-    permissions (a rotation can neither rename nor widen them); the caller's current
+    """Submit a successor certificate (a new key pair) over the authenticated channel, with proof
+    that the caller holds its key (RotateRequest.proof). The server checks it like an
+    enrollment and enrolls it under the caller's name with the caller's permissions (a
+    rotation can neither rename nor widen them); the caller's current
     certificate keeps working until the overlap ends, so no call fails during the switch.
     """
 
@@ -42,9 +43,10 @@ class IdentityStub:
 class IdentityAsyncStub(IdentityStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Rotate: _aio.UnaryUnaryMultiCallable[_identity_pb2.RotateRequest, _identity_pb2.RotateResponse]  # type: ignore[assignment]
-    """Submit a successor certificate (a new key pair) over the authenticated channel. The server
-    checks it like an enrollment and enrolls it under the caller's name with the caller's
-    permissions (a rotation can neither rename nor widen them); the caller's current
+    """Submit a successor certificate (a new key pair) over the authenticated channel, with proof
+    that the caller holds its key (RotateRequest.proof). The server checks it like an
+    enrollment and enrolls it under the caller's name with the caller's permissions (a
+    rotation can neither rename nor widen them); the caller's current
     certificate keeps working until the overlap ends, so no call fails during the switch.
     """
 
@@ -55,9 +57,10 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_pb2.RotateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.RotateResponse, _abc.Awaitable[_identity_pb2.RotateResponse]]:
-        """Submit a successor certificate (a new key pair) over the authenticated channel. The server
-        checks it like an enrollment and enrolls it under the caller's name with the caller's
-        permissions (a rotation can neither rename nor widen them); the caller's current
+        """Submit a successor certificate (a new key pair) over the authenticated channel, with proof
+        that the caller holds its key (RotateRequest.proof). The server checks it like an
+        enrollment and enrolls it under the caller's name with the caller's permissions (a
+        rotation can neither rename nor widen them); the caller's current
         certificate keeps working until the overlap ends, so no call fails during the switch.
         """
 
