@@ -2,7 +2,7 @@
 
 Both run the same checks as the local CLI (server/enrollment.py, the registry's rules) and
 record who changed what in the audit log. Expected failures map to gRPC status codes through
-one table.
+one table. An administrator allowed only some Admin methods acts within its own permissions.
 """
 
 from __future__ import annotations
