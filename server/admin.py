@@ -2,13 +2,15 @@
 
 Both run the same checks as the local CLI (server/enrollment.py, the registry's rules) and
 record who changed what in the audit log. Expected failures map to gRPC status codes through
-one table.
+one table. An administrator allowed only some Admin methods acts within its own permissions.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import grpc
@@ -28,7 +30,7 @@ from pinrpc.errors import (
 from pinrpc.identity import Fingerprint, check_name
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
 from server.audit import Audit
-from server.auth import caller
+from server.auth import ADMIN_PREFIX, caller
 from server.enrollment import Candidate, check_certificate, check_patterns, new_permissions
 from server.registry import Client, Registry, now_utc
 
@@ -51,6 +53,8 @@ MAX_MESSAGE = 2000
 # A refusal's audit line quotes its reason, which may quote the caller's input.
 MAX_AUDIT_ERROR = 300
 ROTATE = "/pinrpc.v1.Identity/Rotate"
+ADMIN_ALL = f"{ADMIN_PREFIX}*"
+_GLOB = re.compile(r"[*?[]")  # fnmatch's special characters
 
 
 def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
@@ -111,6 +115,20 @@ def _check_rotation_proof(successor: Candidate, signature: bytes, current: Finge
         )
 
 
+def covers(held: str, granted: str) -> bool:
+    """Whether every method that pattern ``granted`` allows, ``held`` allows too, as
+    server/auth.py's method_allowed reads them (Admin methods only by patterns naming the Admin
+    service). Sound, not complete: what it cannot show covered counts as not covered."""
+    if granted.startswith(ADMIN_PREFIX) and not held.startswith(ADMIN_PREFIX):
+        return False
+    if held in (granted, "*"):
+        return True
+    if not _GLOB.search(granted):  # one method, by name
+        return fnmatch.fnmatchcase(granted, held)
+    stem = held.removesuffix("*")  # a literal prefix and '*' covers any pattern with that prefix
+    return stem != held and not _GLOB.search(stem) and granted.startswith(stem)
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(self, registry: Registry, audit: Audit, refresh: Callable[[], None]) -> None:
         self._registry, self._audit, self._refresh = registry, audit, refresh
@@ -123,15 +141,52 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             client=client.name, fingerprint=str(client.fingerprint), **fields,
         )  # fmt: skip
 
+    def _within_reach(
+        self, context: grpc.ServicerContext, method: str, patterns: Sequence[str], holder: str
+    ) -> None:
+        """A caller not allowed every Admin method may grant only patterns its own cover, and
+        revoke, re-permit or re-key only clients whose patterns its own cover: without this
+        `Permit` alone granted its caller all of Admin, and `Revoke` alone ended the operator's.
+        ``holder``: whose ``patterns`` they are, for the refusal ('' for the requested ones)."""
+        who = caller()
+        held = who.allowed_methods
+        if any(covers(h, ADMIN_ALL) for h in held):
+            return  # a full administrator: it could grant itself anything anyway
+        beyond = [p for p in patterns if not any(covers(h, p) for h in held)]
+        if not beyond:
+            return
+        whose = f"held by {holder!r}" if holder else "requested"
+        error = (
+            f"client {who.name!r} is not allowed all of {ADMIN_ALL}, so it may only grant, and "
+            f"act on clients holding, patterns its own permissions cover: {beyond[0]!r} "
+            f"({whose}) is not"
+        )
+        self._audit.event(
+            "call", decision="deny", reason="beyond_own_permissions", client=who.name,
+            fingerprint=str(who.fingerprint), peer=context.peer(),
+            method=f"{ADMIN_PREFIX}{method}", error=error[:MAX_AUDIT_ERROR],
+        )  # fmt: skip
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, error[:MAX_MESSAGE])
+
+    def _target(self, ref: str) -> Client | None:
+        try:
+            return self._registry.find(ref)
+        except NotFoundError:
+            return None  # the change itself refuses it, with its own message
+
     def Enroll(
         self, request: admin_pb2.EnrollRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Client:
         try:
             candidate = check_certificate(*_candidate_from(request.certificate_pem))
             allowed = check_patterns(list(request.allowed_methods))
-            client = self._registry.enroll(
-                candidate, check_name(request.name), allowed, replace=request.replace
-            )
+            name = check_name(request.name)
+            self._within_reach(context, "Enroll", allowed, "")
+            # A re-key revokes the client's certificates and may keep its permissions.
+            replaced = self._target(name) if request.replace else None
+            if replaced is not None:
+                self._within_reach(context, "Enroll", replaced.allowed_methods, replaced.name)
+            client = self._registry.enroll(candidate, name, allowed, replace=request.replace)
         except PinrpcError as exc:
             abort_with(context, exc)
         # A re-key also revokes the client's old certificates: the server's `revoke` lines for
@@ -143,6 +198,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RevokeRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Client:
         try:
+            target = self._target(request.client)
+            if target is not None:
+                self._within_reach(context, "Revoke", target.allowed_methods, target.name)
             client, *others = self._registry.revoke(request.client)
         except PinrpcError as exc:
             abort_with(context, exc)
@@ -156,6 +214,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.Client:
         try:
             allowed = new_permissions(list(request.allowed_methods), request.none)
+            self._within_reach(context, "Permit", allowed, "")
+            target = self._target(request.client)
+            if target is not None:
+                self._within_reach(context, "Permit", target.allowed_methods, target.name)
             client = self._registry.permit(request.client, allowed)
         except PinrpcError as exc:
             abort_with(context, exc)
