@@ -466,8 +466,12 @@ def check_key_permissions(path: Path) -> None:
         raise KeyPermissionError(
             f"private key {path.absolute()} is accessible by other users "
             f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path.absolute()} "
-            "(or pass --insecure-key-permissions)"
+            "(or pass --insecure-key-permissions; in code, insecure_key_permissions=True)"
         )
+
+
+# Named in messages: the CLIs read the variable, library code may pass ``passphrase=``.
+PASSPHRASE = "PINRPC_KEY_PASSPHRASE, or passphrase= in code"  # noqa: S105 - a hint, no secret
 
 
 def load_private_key(
@@ -481,19 +485,17 @@ def load_private_key(
         key = serialization.load_pem_private_key(data, password=passphrase)
     except TypeError as exc:
         if passphrase is None:
-            raise IdentityError(
-                f"private key {where} is encrypted; set PINRPC_KEY_PASSPHRASE"
-            ) from exc
+            raise IdentityError(f"private key {where} is encrypted; set {PASSPHRASE}") from exc
         raise IdentityError(
             f"private key {where} is not encrypted, but a passphrase was given "
-            "(PINRPC_KEY_PASSPHRASE): unset it to use this key"
+            f"({PASSPHRASE}): unset it to use this key"
         ) from exc
     except ValueError as exc:
         # An encrypted PEM says so in its header (PKCS#8 or OpenSSL's Proc-Type): then the
         # passphrase is what is wrong, not the file.
         if passphrase and b"ENCRYPTED" in data:
             raise IdentityError(
-                f"cannot decrypt private key {where}: wrong passphrase (PINRPC_KEY_PASSPHRASE)"
+                f"cannot decrypt private key {where}: wrong passphrase ({PASSPHRASE})"
             ) from exc
         raise IdentityError(f"cannot load private key {where}: not a PEM private key") from exc
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
