@@ -3,9 +3,10 @@
 Lines go to the ``pinrpc.audit`` logger (so they follow --log-format). Token buckets bound
 them: a flood of refused calls cannot fill the disk; what was dropped is counted and reported
 in the next line that gets through, or in an ``audit_suppressed`` line once the drops stop
-(and at stop()), so the count is never lost. Calls and changes (enrollments, revocations,
-rotations, admin actions, enrollment requests) have a bucket each, so that no flood of calls
-can push a change out of the trail; revocations and retirements are never dropped (``ALWAYS``).
+(and at stop()), so the count is never lost. Calls, the changes clients may make themselves
+(rotations, enrollment requests) and the operator's changes (enrollments, permissions, admin
+actions) have a bucket each, so that no flood of the first two can push the third out of the
+trail; revocations and retirements are never dropped (``ALWAYS``).
 
 A call only queues its event (with the time it happened); a writer thread turns the queue into
 lines every ``FLUSH_INTERVAL``. Built one by one between TLS handshakes, a line cost about
@@ -38,6 +39,9 @@ REPORT_AFTER = 1.0
 # trail lost whom the operator revoked. Each certificate leaves the trusted set once, so these
 # are bounded by the registry's rows, as the server's memory already is.
 ALWAYS = frozenset(("revoke", "retire"))
+# What any enrolled client (Rotate, up to its daily limit) or any host (an enrollment request)
+# can cause at will: a bucket of their own, or a flood of them dropped the operator's changes.
+SELF_SERVICE = frozenset(("rotate", "enrollment_request"))
 
 
 class _Line:
@@ -60,6 +64,7 @@ class Audit:
     def __init__(self, rate: float = 50.0, burst: int = 200) -> None:
         self._calls = TokenBucket(rate, burst)
         self._changes = TokenBucket(rate, burst)
+        self._self_service = TokenBucket(rate, burst)
         self._lock = threading.Lock()
         self._flushing = threading.Lock()  # one flush at a time, so lines stay in order
         self.suppressed = 0  # dropped since the last queued line (calls and changes alike)
@@ -74,6 +79,8 @@ class Audit:
                 full, bucket = len(self._queue) >= MAX_QUEUED, self._calls
             elif event in ALWAYS:
                 full, bucket = False, None
+            elif event in SELF_SERVICE:
+                full, bucket = len(self._queue) >= 2 * MAX_QUEUED, self._self_service
             else:
                 full, bucket = len(self._queue) >= 2 * MAX_QUEUED, self._changes
             if full or (bucket is not None and not bucket.take()):

@@ -104,8 +104,26 @@ def test_revocations_and_retirements_pass_a_spent_bucket(caplog: pytest.LogCaptu
         for event in ("enroll", "rotate", "revoke", "retire", "permit"):
             audit.event(event)
         lines = audit_lines(caplog, audit)
-    assert [line["event"] for line in lines] == ["enroll", "revoke", "retire"]
-    assert lines[1]["suppressed_before"] == 1 and audit.suppressed == 1
+    assert [line["event"] for line in lines] == ["enroll", "rotate", "revoke", "retire"]
+    assert audit.suppressed == 1  # the permit: enroll spent the operator's bucket
+
+
+def test_rotations_and_enrollment_requests_cannot_push_the_operators_changes_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Any enrolled client may rotate and any host may request enrollment: in one bucket with
+    # the operator's changes, a flood of them dropped the admin's enroll and permit lines.
+    audit = Audit(rate=0.001, burst=2)
+    with caplog.at_level(logging.INFO, logger="pinrpc.audit"):
+        for i in range(5):
+            audit.event("rotate", n=i)
+            audit.event("enrollment_request", n=i)
+        for event in ("admin", "enroll", "permit"):
+            audit.event(event)
+        lines = audit_lines(caplog, audit)
+    assert [line["event"] for line in lines][-2:] == ["admin", "enroll"]
+    assert len(lines) == 4 and lines[2]["suppressed_before"] == 8  # 8 of the flood
+    assert audit.suppressed == 1  # the permit: admin and enroll spent the operator's bucket
 
 
 def test_calls_filling_the_queue_leave_room_for_changes(
