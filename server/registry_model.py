@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 
-from pinrpc.errors import ConflictError
+from pinrpc.errors import CapacityError, ConflictError
 from pinrpc.identity import Fingerprint
 from server.enrollment import REKEY_HINT, Candidate, canonical_name
 
@@ -199,6 +199,43 @@ def refuse_shared_key(candidate: Candidate, rows: Sequence[Client]) -> None:
             f"{same[0].fingerprint} of client {same[0].name!r} (enrolled on "
             f"{same[0].enrolled_at:%Y-%m-%d %H:%M} UTC), and one key pair is one client, a "
             f"re-key included; {REKEY_HINT}"
+        )
+
+
+# Certificates of one client a rotation may leave in their overlap, trusted side by side.
+# Unbounded, any enrolled client (Rotate needs no permission) could rotate in a loop: 1,500
+# rotations in 110 s left 1,501 of its certificates in the server's TLS roots for 24 h, whose
+# every rebuild costs more with each one (docs/SCALING.md).
+MAX_RETIRING = 3
+DAY = dt.timedelta(days=1)
+
+
+def refuse_more_retiring(current: Client, rows: Sequence[Client]) -> None:
+    """Refuse a rotation with an overlap that would leave more than MAX_RETIRING of the
+    client's certificates in theirs; one without an overlap ends them all, so it may run."""
+    retiring = [r for r in rows if r.name == current.name and r.active and not r.current]
+    if len(retiring) >= MAX_RETIRING:
+        first = min(r.retire_at for r in retiring if r.retire_at is not None)
+        raise CapacityError(
+            f"client {current.name!r} already has {len(retiring)} certificates in a rotation's "
+            f"overlap (the first ends {first:%Y-%m-%d %H:%M} UTC), the most it may have; rotate "
+            "again after that, or now with an overlap of 0 (which ends them all at once)"
+        )
+
+
+# Rotations of one client in a day. Each leaves a row for good (nothing is ever deleted), and
+# every server reads every row at each change: unbounded, one client rotating without overlap
+# added 52 rows (1.5 KB each) a second.
+MAX_ROTATIONS_A_DAY = 50
+
+
+def refuse_rotating_too_often(current: Client, rows: Sequence[Client], now: dt.datetime) -> None:
+    recent = [r.enrolled_at for r in rows if r.name == current.name and r.enrolled_at > now - DAY]
+    if len(recent) > MAX_ROTATIONS_A_DAY:  # the client's first certificate is not a rotation
+        raise CapacityError(
+            f"client {current.name!r} got {len(recent)} certificates in the last 24 hours (at "
+            f"most {MAX_ROTATIONS_A_DAY} rotations a day); rotate again after "
+            f"{min(recent) + DAY:%Y-%m-%d %H:%M} UTC"
         )
 
 

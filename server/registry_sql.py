@@ -22,7 +22,14 @@ from typing import Any, ClassVar, TypeVar
 from pinrpc.errors import CapacityError, ConflictError, NotFoundError, RegistryError
 from pinrpc.identity import Fingerprint
 from server.enrollment import REKEY_HINT, Candidate, check_certificate
-from server.registry_model import Client, Pending, check_enrollment, now_utc
+from server.registry_model import (
+    Client,
+    Pending,
+    check_enrollment,
+    now_utc,
+    refuse_more_retiring,
+    refuse_rotating_too_often,
+)
 
 log = logging.getLogger("pinrpc.registry")
 
@@ -149,43 +156,6 @@ COLUMNS = (
 # registry restored from an old copy never reuses a number a server saw with other contents.
 BUMP_GENERATION = "UPDATE meta SET value = {max}(value + 1, {now_us}) WHERE key = 'generation'"
 GENERATION_QUERY = "SELECT key, value FROM meta WHERE key IN ('generation', 'registry_id')"
-
-
-# Certificates of one client a rotation may leave in their overlap, trusted side by side.
-# Unbounded, any enrolled client (Rotate needs no permission) could rotate in a loop: 1,500
-# rotations in 110 s left 1,501 of its certificates in the server's TLS roots for 24 h, whose
-# every rebuild costs more with each one (docs/SCALING.md).
-MAX_RETIRING = 3
-DAY = dt.timedelta(days=1)
-
-
-def refuse_more_retiring(current: Client, rows: Sequence[Client]) -> None:
-    """Refuse a rotation with an overlap that would leave more than MAX_RETIRING of the
-    client's certificates in theirs; one without an overlap ends them all, so it may run."""
-    retiring = [r for r in rows if r.name == current.name and r.active and not r.current]
-    if len(retiring) >= MAX_RETIRING:
-        first = min(r.retire_at for r in retiring if r.retire_at is not None)
-        raise CapacityError(
-            f"client {current.name!r} already has {len(retiring)} certificates in a rotation's "
-            f"overlap (the first ends {first:%Y-%m-%d %H:%M} UTC), the most it may have; rotate "
-            "again after that, or now with an overlap of 0 (which ends them all at once)"
-        )
-
-
-# Rotations of one client in a day. Each leaves a row for good (nothing is ever deleted), and
-# every server reads every row at each change: unbounded, one client rotating without overlap
-# added 52 rows (1.5 KB each) a second.
-MAX_ROTATIONS_A_DAY = 50
-
-
-def refuse_rotating_too_often(current: Client, rows: Sequence[Client], now: dt.datetime) -> None:
-    recent = [r.enrolled_at for r in rows if r.name == current.name and r.enrolled_at > now - DAY]
-    if len(recent) > MAX_ROTATIONS_A_DAY:  # the client's first certificate is not a rotation
-        raise CapacityError(
-            f"client {current.name!r} got {len(recent)} certificates in the last 24 hours (at "
-            f"most {MAX_ROTATIONS_A_DAY} rotations a day); rotate again after "
-            f"{min(recent) + DAY:%Y-%m-%d %H:%M} UTC"
-        )
 
 
 # What the first release's clients table held: a database whose tables lack any of these is

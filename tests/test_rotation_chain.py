@@ -16,7 +16,7 @@ from pinrpc.errors import CapacityError
 from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
 from server import cli as server_cli
 from server.registry import Client, Registry, now_utc, open_registry
-from server.registry_sql import MAX_RETIRING, MAX_ROTATIONS_A_DAY
+from server.registry_model import MAX_RETIRING, MAX_ROTATIONS_A_DAY
 from tests.conftest import Connect, MakeClient, admitted, code_of, whoami
 from tests.test_client_cli import run
 from tests.test_observe import audit_lines
