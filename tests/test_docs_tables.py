@@ -46,3 +46,17 @@ def _actual(action: argparse.Action) -> tuple[str, str]:
 def test_the_serve_table_is_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     actions = [a for a in _serve(monkeypatch)._actions if a.option_strings[0] != "-h"]
     assert _documented() == {a.option_strings[0]: _actual(a) for a in actions}
+
+
+def test_the_ports_table_has_every_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The enrollment port was missing here: an operator opening firewall ports from this
+    # table would not have known it exists.
+    section = OPERATIONS.read_text(encoding="utf-8").split("## Ports", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| [^|]* \| `(--[a-z-]+)`", section, re.MULTILINE))
+    listeners = {
+        a.option_strings[0]
+        for a in _serve(monkeypatch)._actions
+        if a.option_strings[0].endswith("-listen")
+    }
+    assert "--listen" in listeners
+    assert listeners <= documented
