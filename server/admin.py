@@ -227,7 +227,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         # By name, a client in a rotation's overlap loses its retiring certificates too: their
         # `revoke` lines name nobody, so this line says who ended them.
         self._changed("revoke", client, also_revoked=[str(c.fingerprint) for c in others])
-        return to_proto(client)
+        answer = to_proto(client)
+        answer.also_revoked.extend(to_proto(c) for c in others)
+        return answer
 
     def Permit(
         self, request: admin_pb2.PermitRequest, context: grpc.ServicerContext

@@ -1,8 +1,10 @@
 """A refused Admin change leaves a deny line in the audit; a remote caller never reads where
-the server keeps its registry, while the local CLI's operator still does."""
+the server keeps its registry, while the local CLI's operator still does; and Revoke answers
+with every certificate it ended."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from pathlib import Path
@@ -16,7 +18,9 @@ from server import cli as server_cli
 from server.admin import MAX_AUDIT_ERROR
 from server.app import start_server
 from server.config import ServerConfig
+from server.enrollment import check_certificate
 from server.ratelimit import burst_for
+from server.registry import open_registry
 from tests.certs import make_cert
 from tests.conftest import ECHO_ALL, Connect, MakeClient, ServerFiles, enroll, registry_dump
 from tests.test_lifecycle import ADMIN, run
@@ -137,3 +141,34 @@ def test_a_registry_outage_does_not_tell_a_remote_admin_the_path(
         code, _, err = run(["admin", *argv, *connect.cli_flags(root)], capsys)
         assert code == Exit.RPC and "is gone (deleted or moved)" in err, err
         assert str(where.parent) not in err, err
+
+
+def test_revoke_by_name_answers_with_every_certificate_it_ended(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client in a rotation's overlap has two usable certificates; revoking it by name ends
+    both, and the answer said so only for the first (the other only in the audit)."""
+    root, bob, bob2 = make_client("root"), make_client("bob"), make_client("bob2")
+    connect.enroll(root, "root", ADMIN)
+    connect.enroll(bob, "bob", ECHO_ALL)
+    registry = open_registry(str(connect.server_registry))
+    try:
+        successor = check_certificate(bob2.cert_path.read_bytes(), "bob2")
+        registry.rotate(bob.fingerprint, successor, dt.timedelta(hours=1))
+    finally:
+        registry.close()
+    code, out, err = run(["admin", "revoke", "bob", "--json", *connect.cli_flags(root)], capsys)
+    assert code == Exit.OK, err
+    ended = json.loads(out)
+    assert [(c["fingerprint"], c["active"]) for c in ended] == [
+        (str(bob2.fingerprint), False),
+        (str(bob.fingerprint), False),
+    ]
+    assert all(c["revoked_at"] and "also_revoked" not in c for c in ended)
+    # Revoking one certificate by fingerprint ends only that one, and says so.
+    carol = make_client("carol")
+    connect.enroll(carol, "carol", ECHO_ALL)
+    code, out, err = run(
+        ["admin", "revoke", str(carol.fingerprint), *connect.cli_flags(root)], capsys
+    )
+    assert code == Exit.OK and out.count("\n") == 1 and " revoked " in out, out
