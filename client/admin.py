@@ -78,6 +78,7 @@ def _as_json(client: admin_pb2.Client) -> dict[str, Any]:
     fields = MessageToDict(
         client, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    fields.pop("also_revoked", None)  # `revoke` lists them as clients of their own
     return {**dict.fromkeys(UNSET_TIMES), **fields}
 
 
@@ -109,8 +110,9 @@ def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
 
 
 def _revoke(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
-    request = admin_pb2.RevokeRequest(client=args.client)
-    _show([stub.Revoke(request, timeout=args.timeout)], args.json)
+    reply = stub.Revoke(admin_pb2.RevokeRequest(client=args.client), timeout=args.timeout)
+    # By name, a client in a rotation's overlap loses its retiring certificates too.
+    _show([reply, *reply.also_revoked], args.json)
     return Exit.OK
 
 

@@ -30,14 +30,21 @@ from pinrpc.errors import (
 from pinrpc.identity import Fingerprint, check_name
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
 from server.audit import Audit
-from server.auth import ADMIN_PREFIX, caller
+from server.auth import ADMIN_PREFIX, Identity, caller
 from server.enrollment import Candidate, check_certificate, check_patterns, new_permissions
 from server.registry import Client, Registry, now_utc
+from server.registry_model import Guard
 
 MAX_CERT_BYTES = 64 * 1024
 
+
+class OutOfReachError(PinrpcError):
+    """A narrow administrator's change reaches beyond its own permissions."""
+
+
 # Most specific first: the first matching class decides.
 STATUS_OF: tuple[tuple[type[PinrpcError], grpc.StatusCode], ...] = (
+    (OutOfReachError, grpc.StatusCode.PERMISSION_DENIED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -55,12 +62,18 @@ MAX_AUDIT_ERROR = 300
 ROTATE = "/pinrpc.v1.Identity/Rotate"
 ADMIN_ALL = f"{ADMIN_PREFIX}*"
 _GLOB = re.compile(r"[*?[]")  # fnmatch's special characters
+# Stands for the registry's path or URL in what a remote caller reads: where the server keeps
+# its files is none of its business (the local CLI's messages name it, for the operator).
+WITHHELD = "[location withheld]"
 
 
-def abort_with(context: grpc.ServicerContext, exc: PinrpcError) -> NoReturn:
+def abort_with(context: grpc.ServicerContext, exc: PinrpcError, hide: str = "") -> NoReturn:
+    """End the call with ``exc``'s status and message, ``hide`` (the registry's ``where``)
+    replaced by WITHHELD."""
     code = next((c for kind, c in STATUS_OF if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
     context.set_trailing_metadata(((ERROR_METADATA, type(exc).__name__),))
-    message = str(exc)  # it may quote the caller's input: keep it under gRPC's header limits
+    message = str(exc).replace(hide, WITHHELD) if hide else str(exc)
+    # It may quote the caller's input: keep it under gRPC's header limits.
     if len(message) > MAX_MESSAGE:
         message = f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters in all)"
     context.abort(code, message)
@@ -129,6 +142,35 @@ def covers(held: str, granted: str) -> bool:
     return stem != held and not _GLOB.search(stem) and granted.startswith(stem)
 
 
+def _reach(who: Identity, patterns: Sequence[str], holder: str) -> None:
+    """A caller not allowed every Admin method may grant only patterns its own cover, and
+    revoke, re-permit or re-key only clients whose patterns its own cover: without this
+    `Permit` alone granted its caller all of Admin, and `Revoke` alone ended the operator's.
+    ``holder``: whose ``patterns`` they are, for the refusal ('' for the requested ones)."""
+    held = who.allowed_methods
+    if any(covers(h, ADMIN_ALL) for h in held):
+        return  # a full administrator: it could grant itself anything anyway
+    beyond = [p for p in patterns if not any(covers(h, p) for h in held)]
+    if beyond:
+        whose = f"held by {holder!r}" if holder else "requested"
+        raise OutOfReachError(
+            f"client {who.name!r} is not allowed all of {ADMIN_ALL}, so it may only grant, and "
+            f"act on clients holding, patterns its own permissions cover: {beyond[0]!r} "
+            f"({whose}) is not"
+        )
+
+
+def _within_reach(who: Identity) -> Guard:
+    """The clients a change acts on, checked inside its transaction: checked on an earlier
+    read, another admin's Permit or re-key could land between the check and the change."""
+
+    def guard(clients: Sequence[Client]) -> None:
+        for client in clients:
+            _reach(who, client.allowed_methods, client.name)
+
+    return guard
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(self, registry: Registry, audit: Audit, refresh: Callable[[], None]) -> None:
         self._registry, self._audit, self._refresh = registry, audit, refresh
@@ -141,54 +183,34 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             client=client.name, fingerprint=str(client.fingerprint), **fields,
         )  # fmt: skip
 
-    def _within_reach(
-        self, context: grpc.ServicerContext, method: str, patterns: Sequence[str], holder: str
-    ) -> None:
-        """A caller not allowed every Admin method may grant only patterns its own cover, and
-        revoke, re-permit or re-key only clients whose patterns its own cover: without this
-        `Permit` alone granted its caller all of Admin, and `Revoke` alone ended the operator's.
-        ``holder``: whose ``patterns`` they are, for the refusal ('' for the requested ones)."""
-        who = caller()
-        held = who.allowed_methods
-        if any(covers(h, ADMIN_ALL) for h in held):
-            return  # a full administrator: it could grant itself anything anyway
-        beyond = [p for p in patterns if not any(covers(h, p) for h in held)]
-        if not beyond:
-            return
-        whose = f"held by {holder!r}" if holder else "requested"
-        error = (
-            f"client {who.name!r} is not allowed all of {ADMIN_ALL}, so it may only grant, and "
-            f"act on clients holding, patterns its own permissions cover: {beyond[0]!r} "
-            f"({whose}) is not"
-        )
+    def _refused(
+        self, context: grpc.ServicerContext, method: str, who: Identity, exc: PinrpcError
+    ) -> NoReturn:
+        """A refused change leaves a deny line, in the calls' bucket: any admin can send
+        refusals in a flood, which must not push real changes out of the trail."""
+        reason = "beyond_own_permissions" if isinstance(exc, OutOfReachError) else "refused"
         self._audit.event(
-            "call", decision="deny", reason="beyond_own_permissions", client=who.name,
+            "call", decision="deny", reason=reason, client=who.name,
             fingerprint=str(who.fingerprint), peer=context.peer(),
-            method=f"{ADMIN_PREFIX}{method}", error=error[:MAX_AUDIT_ERROR],
+            method=f"{ADMIN_PREFIX}{method}", error=str(exc)[:MAX_AUDIT_ERROR],
         )  # fmt: skip
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, error[:MAX_MESSAGE])
-
-    def _target(self, ref: str) -> Client | None:
-        try:
-            return self._registry.find(ref)
-        except NotFoundError:
-            return None  # the change itself refuses it, with its own message
+        abort_with(context, exc, self._registry.where)
 
     def Enroll(
         self, request: admin_pb2.EnrollRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Client:
+        who = caller()
         try:
             candidate = check_certificate(*_candidate_from(request.certificate_pem))
             allowed = check_patterns(list(request.allowed_methods))
             name = check_name(request.name)
-            self._within_reach(context, "Enroll", allowed, "")
-            # A re-key revokes the client's certificates and may keep its permissions.
-            replaced = self._target(name) if request.replace else None
-            if replaced is not None:
-                self._within_reach(context, "Enroll", replaced.allowed_methods, replaced.name)
-            client = self._registry.enroll(candidate, name, allowed, replace=request.replace)
+            _reach(who, allowed, "")
+            # A re-key revokes the client's certificates and may keep their permissions.
+            client = self._registry.enroll(
+                candidate, name, allowed, replace=request.replace, guard=_within_reach(who)
+            )
         except PinrpcError as exc:
-            abort_with(context, exc)
+            self._refused(context, "Enroll", who, exc)
         # A re-key also revokes the client's old certificates: the server's `revoke` lines for
         # them name nobody, so this line says who did it.
         self._changed("enroll", client, replace=request.replace)
@@ -197,30 +219,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     def Revoke(
         self, request: admin_pb2.RevokeRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Client:
+        who = caller()
         try:
-            target = self._target(request.client)
-            if target is not None:
-                self._within_reach(context, "Revoke", target.allowed_methods, target.name)
-            client, *others = self._registry.revoke(request.client)
+            client, *others = self._registry.revoke(request.client, guard=_within_reach(who))
         except PinrpcError as exc:
-            abort_with(context, exc)
+            self._refused(context, "Revoke", who, exc)
         # By name, a client in a rotation's overlap loses its retiring certificates too: their
         # `revoke` lines name nobody, so this line says who ended them.
         self._changed("revoke", client, also_revoked=[str(c.fingerprint) for c in others])
-        return to_proto(client)
+        answer = to_proto(client)
+        answer.also_revoked.extend(to_proto(c) for c in others)
+        return answer
 
     def Permit(
         self, request: admin_pb2.PermitRequest, context: grpc.ServicerContext
     ) -> admin_pb2.Client:
+        who = caller()
         try:
             allowed = new_permissions(list(request.allowed_methods), request.none)
-            self._within_reach(context, "Permit", allowed, "")
-            target = self._target(request.client)
-            if target is not None:
-                self._within_reach(context, "Permit", target.allowed_methods, target.name)
-            client = self._registry.permit(request.client, allowed)
+            _reach(who, allowed, "")
+            client = self._registry.permit(request.client, allowed, guard=_within_reach(who))
         except PinrpcError as exc:
-            abort_with(context, exc)
+            self._refused(context, "Permit", who, exc)
         self._changed("permit", client, allowed_methods=list(client.allowed_methods))
         return to_proto(client)
 
@@ -230,14 +250,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         try:
             clients = self._registry.clients()
         except PinrpcError as exc:
-            abort_with(context, exc)
+            abort_with(context, exc, self._registry.where)
         return admin_pb2.ListResponse(clients=[to_proto(c) for c in clients])
 
     def Get(self, request: admin_pb2.GetRequest, context: grpc.ServicerContext) -> admin_pb2.Client:
         try:
             return to_proto(self._registry.find(request.client))
         except PinrpcError as exc:
-            abort_with(context, exc)
+            abort_with(context, exc, self._registry.where)
 
 
 class IdentityService(identity_pb2_grpc.IdentityServicer):
@@ -271,7 +291,7 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
                 fingerprint=str(who.fingerprint), peer=context.peer(), method=ROTATE,
                 error=str(exc)[:MAX_AUDIT_ERROR],
             )  # fmt: skip
-            abort_with(context, exc)
+            abort_with(context, exc, self._registry.where)
         # The caller swaps its files as soon as we answer: trust the successor first.
         self._refresh()
         # Older keys this rotation cut short: their own `retire` lines come only when they end.

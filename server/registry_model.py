@@ -79,20 +79,38 @@ class Pending:
         }
 
 
+Guard = Callable[[Sequence[Client]], None]
+"""Called by a change inside its write transaction with the certificates it is about to change
+(as that transaction reads them); raising refuses the change, which then changes nothing. A
+check made on an earlier read could be overtaken by another change before this one."""
+
+
 class Registry(Protocol):
     """What the server and the admin CLI need from a registry backend."""
 
-    def enroll(
-        self, candidate: Candidate, name: str, allowed: Sequence[str], *, replace: bool = False
-    ) -> Client: ...
+    where: str  # a path or a URL without its password: for the operator's messages only
 
-    def revoke(self, ref: str) -> list[Client]:
-        """Revoke one certificate by fingerprint, or by name every usable one of the client;
-        return what it ended (the certificate ``ref`` names first) as its transaction left it."""
+    def enroll(
+        self,
+        candidate: Candidate,
+        name: str,
+        allowed: Sequence[str],
+        *,
+        replace: bool = False,
+        guard: Guard | None = None,
+    ) -> Client:
+        """``guard`` sees the certificates a ``replace`` revokes (none for a new name)."""
         ...
 
-    def permit(self, ref: str, allowed: Sequence[str]) -> Client:
-        """Replace the allowed method patterns of every usable certificate of a client."""
+    def revoke(self, ref: str, *, guard: Guard | None = None) -> list[Client]:
+        """Revoke one certificate by fingerprint, or by name every usable one of the client;
+        return what it ended (the certificate ``ref`` names first) as its transaction left it.
+        ``guard`` sees those certificates."""
+        ...
+
+    def permit(self, ref: str, allowed: Sequence[str], *, guard: Guard | None = None) -> Client:
+        """Replace the allowed method patterns of every usable certificate of a client;
+        ``guard`` sees those certificates."""
         ...
 
     def rotate(

@@ -24,6 +24,7 @@ from pinrpc.identity import Fingerprint
 from server.enrollment import REKEY_HINT, Candidate, check_certificate
 from server.registry_model import (
     Client,
+    Guard,
     Pending,
     check_enrollment,
     now_utc,
@@ -460,10 +461,16 @@ class SqlRegistry(ABC):
         )
 
     def enroll(
-        self, candidate: Candidate, name: str, allowed: Sequence[str], *, replace: bool = False
+        self,
+        candidate: Candidate,
+        name: str,
+        allowed: Sequence[str],
+        *,
+        replace: bool = False,
+        guard: Guard | None = None,
     ) -> Client:
         now = self.dialect.encode_time(now_utc())
-        self._change(lambda q: self._enroll(q, candidate, name, allowed, replace, now))
+        self._change(lambda q: self._enroll(q, candidate, name, allowed, replace, now, guard))
         return self.find(candidate.fingerprint.hex)
 
     def _enroll(
@@ -474,6 +481,7 @@ class SqlRegistry(ABC):
         allowed: Sequence[str],
         replace: bool,
         now: object,
+        guard: Guard | None = None,
     ) -> None:
         rows = self._all(q)
         check_enrollment(candidate, name, rows, replace)
@@ -481,6 +489,8 @@ class SqlRegistry(ABC):
         # too: left alone, the key the client rotated away from stayed trusted for the overlap.
         usable = [row for row in rows if replace and row.name == name and row.active]
         replaced = sorted(usable, key=lambda row: not row.current)  # the current one first
+        if guard is not None:
+            guard(replaced)
         for old in replaced:
             q("UPDATE clients SET revoked_at = ? WHERE fingerprint = ?", (now, old.fingerprint.hex))
         if replaced:
@@ -599,9 +609,9 @@ class SqlRegistry(ABC):
                 ) from exc
             raise
 
-    def revoke(self, ref: str) -> list[Client]:
+    def revoke(self, ref: str, *, guard: Guard | None = None) -> list[Client]:
         """Revoke one certificate by fingerprint, or by name every usable one of that client;
-        return the certificates it ended, the one ``ref`` names first."""
+        return the certificates it ended, the one ``ref`` names first. ``guard``: Guard."""
 
         def body(q: Query) -> list[Client]:
             client, named = self._named(q, ref)
@@ -613,8 +623,12 @@ class SqlRegistry(ABC):
             # By name, every usable certificate of the client; a name may look like a
             # fingerprint (64 hex digits), so go by what matched, not by the spelling.
             by_name = client.name == ref
-            targets = [c.fingerprint for c in named if c.active] if by_name else []
-            ended = [client.fingerprint, *(fp for fp in targets if fp != client.fingerprint)]
+            others = [
+                c for c in named if by_name and c.active and c.fingerprint != client.fingerprint
+            ]
+            if guard is not None:
+                guard([client, *others])
+            ended = [client.fingerprint, *(c.fingerprint for c in others)]
             for fp in ended:
                 q(
                     "UPDATE clients SET revoked_at = ? "
@@ -627,10 +641,11 @@ class SqlRegistry(ABC):
 
         return self._change(body)
 
-    def permit(self, ref: str, allowed: Sequence[str]) -> Client:
+    def permit(self, ref: str, allowed: Sequence[str], *, guard: Guard | None = None) -> Client:
         """Replace the permissions of the client ``ref`` names (by name or by the fingerprint
         of any of its certificates) on every certificate it may use: during a rotation's
-        overlap the retiring one too, which would otherwise keep what was taken away."""
+        overlap the retiring one too, which would otherwise keep what was taken away.
+        ``guard``: Guard."""
         found: list[Client] = []
 
         def body(q: Query) -> None:
@@ -644,7 +659,10 @@ class SqlRegistry(ABC):
                 )
             # By name, not by ``named``: a fingerprint names a client, whose name may differ.
             usable = [c for c in self._matching(q, client.name) if c.name == client.name]
-            for target in (c for c in usable if c.active):
+            targets = [c for c in usable if c.active]
+            if guard is not None:
+                guard(targets)
+            for target in targets:
                 q(
                     "UPDATE clients SET allowed_methods = ? "
                     "WHERE fingerprint = ? AND revoked_at IS NULL",

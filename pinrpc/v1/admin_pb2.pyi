@@ -37,6 +37,7 @@ class Client(_message.Message):
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     RETIRE_AT_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
+    ALSO_REVOKED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     fingerprint: _builtins.str
     """SHA-256 of the DER certificate, as openssl prints it (AB:CD:...)."""
@@ -57,6 +58,12 @@ class Client(_message.Message):
     def retire_at(self) -> _timestamp_pb2.Timestamp:
         """Set while a rotation's overlap runs: the certificate stops working then."""
 
+    @_builtins.property
+    def also_revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___Client]:
+        """Set only in Revoke's answer by name: the client's other certificates that call ended too
+        (a rotation's retiring ones), as it left them. Empty everywhere else.
+        """
+
     def __init__(
         self,
         *,
@@ -69,10 +76,11 @@ class Client(_message.Message):
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
         retire_at: _timestamp_pb2.Timestamp | None = ...,
         active: _builtins.bool = ...,
+        also_revoked: _abc.Iterable[Global___Client] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "not_after", b"not_after", "retire_at", b"retire_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "allowed_methods", b"allowed_methods", "enrolled_at", b"enrolled_at", "fingerprint", b"fingerprint", "name", b"name", "not_after", b"not_after", "retire_at", b"retire_at", "revoked_at", b"revoked_at", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "allowed_methods", b"allowed_methods", "also_revoked", b"also_revoked", "enrolled_at", b"enrolled_at", "fingerprint", b"fingerprint", "name", b"name", "not_after", b"not_after", "retire_at", b"retire_at", "revoked_at", b"revoked_at", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,7 +72,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Revoke(self, request, context):
-        """Revokes a client by name (every usable certificate of it) or by fingerprint.
+        """Revokes a client by name (every usable certificate of it) or by fingerprint; answers with
+        the certificate it names, the others it ended in that one's also_revoked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

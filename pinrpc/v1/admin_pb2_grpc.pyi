@@ -37,7 +37,9 @@ class AdminStub:
     Enroll: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EnrollRequest, _admin_pb2.Client]
     """Enrolls a client certificate, with the same checks as `pinrpc-server enroll`."""
     Revoke: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.Client]
-    """Revokes a client by name (every usable certificate of it) or by fingerprint."""
+    """Revokes a client by name (every usable certificate of it) or by fingerprint; answers with
+    the certificate it names, the others it ended in that one's also_revoked.
+    """
     Permit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PermitRequest, _admin_pb2.Client]
     """Replaces a client's permissions (by name, or by the fingerprint of any of its
     certificates) on every certificate it may use, with the same checks as
@@ -54,7 +56,9 @@ class AdminAsyncStub(AdminStub):
     Enroll: _aio.UnaryUnaryMultiCallable[_admin_pb2.EnrollRequest, _admin_pb2.Client]  # type: ignore[assignment]
     """Enrolls a client certificate, with the same checks as `pinrpc-server enroll`."""
     Revoke: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.Client]  # type: ignore[assignment]
-    """Revokes a client by name (every usable certificate of it) or by fingerprint."""
+    """Revokes a client by name (every usable certificate of it) or by fingerprint; answers with
+    the certificate it names, the others it ended in that one's also_revoked.
+    """
     Permit: _aio.UnaryUnaryMultiCallable[_admin_pb2.PermitRequest, _admin_pb2.Client]  # type: ignore[assignment]
     """Replaces a client's permissions (by name, or by the fingerprint of any of its
     certificates) on every certificate it may use, with the same checks as
@@ -80,7 +84,9 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RevokeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Client, _abc.Awaitable[_admin_pb2.Client]]:
-        """Revokes a client by name (every usable certificate of it) or by fingerprint."""
+        """Revokes a client by name (every usable certificate of it) or by fingerprint; answers with
+        the certificate it names, the others it ended in that one's also_revoked.
+        """
 
     @_abc_1.abstractmethod
     def Permit(
