@@ -40,6 +40,9 @@ PEM_CERT_RE: Final = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
 OPENSSL_PREFIX_RE: Final = re.compile(r"^sha256(?:fingerprint=|:)", re.IGNORECASE)
+# Shown for a client without patterns: what every enrolled client may call (server/auth.py
+# ALWAYS_ALLOWED) still works, so "none" alone would mislead.
+NO_PERMISSIONS: Final = "(none beyond every client's: WhoAmI, Rotate, health, reflection)"
 ED25519_REASON: Final = (
     "Ed25519 keys fail the TLS handshake with grpcio (the server offers no Ed25519 signature "
     "algorithm); use P-256 (the default), P-384 or RSA >= 2048"
