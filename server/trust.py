@@ -88,6 +88,7 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
         key_pem = read_file(key_path, "server key")
     except IdentityError as exc:
         raise ServerCertError(str(exc)) from exc
+    _warn_if_others_read(key_path)
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as exc:
@@ -202,6 +203,22 @@ def _require_regular(path: Path, what: str) -> None:
     with contextlib.suppress(OSError):  # read_file reports a missing or unreadable file
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ServerCertError(f"{what} {path.absolute()} is not a regular file")
+
+
+def _warn_if_others_read(key_path: Path) -> None:
+    """Whoever reads the server's key can pose as this server to its clients. Its group may
+    (README: a service group, mode 0640); other users are warned about, not refused: a
+    Kubernetes secret volume mounts its files 0644 unless told otherwise (defaultMode)."""
+    with contextlib.suppress(OSError):  # read_file has just read it; a race is not ours
+        mode = os.stat(key_path).st_mode
+        if mode & stat.S_IROTH:
+            where = key_path.absolute()
+            log.warning(
+                "server key %s is readable by every local user (mode %04o): any of them can "
+                "pose as this server to its clients; run: chmod o-r %s (Kubernetes: give "
+                "the secret volume defaultMode: 0400)",
+                where, stat.S_IMODE(mode), where,
+            )  # fmt: skip
 
 
 def _valid_now(leaf: x509.Certificate) -> bool:
