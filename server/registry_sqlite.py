@@ -8,6 +8,7 @@ complete registry. WAL readers are never blocked by a writer; writers wait ``bus
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -64,12 +65,11 @@ MODE = 0o600
 COMPANIONS = ("", "-wal", "-shm")
 
 
-def _create_private(path: Path) -> None:
+def _create_private(path: str) -> None:
     """Create a new registry file 0600 before SQLite would, 0644 less the umask."""
-    try:
+    # Failing: it exists (kept as it is), or SQLite's own open says why it cannot be made.
+    with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, MODE))
-    except OSError:
-        pass  # it exists (kept as it is), or SQLite's own open says why it cannot be made
 
 
 def _refuse_writable_by_others(path: Path) -> None:
@@ -158,7 +158,7 @@ class SqliteRegistry(SqlRegistry):
     def _connect(self, create: bool) -> tuple[sqlite3.Connection, int]:
         mode = "ro" if self._readonly else "rwc" if create else "rw"
         if mode == "rwc":
-            _create_private(self.path)
+            _create_private(os.path.realpath(self.path))  # SQLite follows a symlink too
         _refuse_writable_by_others(self.path)  # before opening replays a -wal file into it
         uri = f"{self.path.as_uri()}?mode={mode}"
         wal = self.path.with_name(self.path.name + "-wal")

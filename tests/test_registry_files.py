@@ -92,7 +92,7 @@ def test_a_group_readable_registry_keeps_working(
                                    "registry.db-shm": 0o640}  # fmt: skip
 
 
-@pytest.mark.parametrize("wide", [0o660, 0o602, 0o666])
+@pytest.mark.parametrize("wide", [0o660, 0o602, 0o666], ids=oct)
 @pytest.mark.parametrize("command", ["enroll", "list", "revoke"])
 def test_a_registry_others_may_write_is_refused(
     tmp_path: Path,
@@ -143,3 +143,12 @@ def test_a_server_refuses_to_start_on_a_registry_others_may_write(
     assert done.returncode == 1
     assert f"chmod go-w {registry}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_new_registry_made_through_a_symlink_is_owner_only(
+    tmp_path: Path, make_client: MakeClient
+) -> None:
+    link, target = tmp_path / "link.db", tmp_path / "target.db"
+    link.symlink_to(target)  # dangling until the registry is made: SQLite creates the target
+    assert enroll(link, make_client, "alice").returncode == 0
+    assert modes(target) == {"target.db": 0o600}
