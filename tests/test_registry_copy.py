@@ -392,3 +392,31 @@ def test_a_copy_killed_half_way_leaves_dest_as_it_was(
             copy.wait(timeout=10)
     eventually(lambda: not pausing(), timeout=10.0)  # its backend rolled back and ended
     assert (state(url), contents(url)) == before
+
+
+# A row SOURCE holds that DEST's schema refuses, without preparing DEST (a new file or an empty
+# database has no table to prepare): SQLite kept a text in an integer column, or took a second
+# current certificate for a name once the index that forbids it was dropped.
+TEXT_IN_AN_INTEGER = "UPDATE clients SET has_key_ids = 'yes' WHERE name = 'alice'"
+TWO_CURRENT_ALICES = (
+    "DROP INDEX clients_current_name; INSERT INTO clients (name, fingerprint, cert_pem, "
+    "spki_sha256, subject, has_key_ids, allowed_methods, enrolled_at, not_after) SELECT name, "
+    "lower(hex(randomblob(32))), cert_pem, spki_sha256, subject, has_key_ids, allowed_methods, "
+    "enrolled_at, not_after FROM clients WHERE name = 'alice';"
+)
+
+
+def test_a_failed_copy_leaves_an_empty_database_without_a_schema(
+    tmp_path: Path, pg: Postgres, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, url = str(tmp_path / "one.db"), empty_pg(pg)
+    populate(source, make_client)
+    sql(source, TEXT_IN_AN_INTEGER)
+    assert state(url) == {}
+    message = refused(capsys, source, url)  # DEST's state unchanged: no table at all
+    assert "bigint" in message
+    assert "nothing was changed" in message
+    # Still an empty database: a good copy goes in, schema and rows together.
+    sql(source, "UPDATE clients SET has_key_ids = 1 WHERE name = 'alice'")
+    assert cli(capsys, "copy-registry", source, url)[0] == 0
+    assert contents(url)[:2] == contents(source)[:2]
