@@ -420,3 +420,44 @@ def test_a_failed_copy_leaves_an_empty_database_without_a_schema(
     sql(source, "UPDATE clients SET has_key_ids = 1 WHERE name = 'alice'")
     assert cli(capsys, "copy-registry", source, url)[0] == 0
     assert contents(url)[:2] == contents(source)[:2]
+
+
+def companions(path: Path) -> list[str]:
+    """The registry file and the -wal, -shm and -journal files SQLite may make beside it."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+def test_a_failed_copy_into_a_new_file_leaves_no_file_behind(
+    tmp_path: Path, spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, dest = spec, tmp_path / "new.db"
+    populate(source, make_client)
+    sql(source, TWO_CURRENT_ALICES.replace("lower(hex(randomblob(32)))", "md5(random()::text)")
+        if is_postgres(source) else TWO_CURRENT_ALICES)  # fmt: skip
+    message = refused(capsys, source, str(dest))  # DEST's state: no file before, none after
+    assert "clients.name" in message  # refused by DEST's index, while it was being filled
+    assert companions(dest) == []
+
+
+def test_a_failed_copy_never_removes_an_existing_dest_file(
+    tmp_path: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, dest = str(tmp_path / "one.db"), tmp_path / "two.db"
+    populate(source, make_client)
+    sql(source, TWO_CURRENT_ALICES)
+    assert cli(capsys, "migrate", "--registry", str(dest))[0] == 0
+    refused(capsys, source, str(dest))  # the same bytes before and after
+    assert companions(dest) == ["two.db"]
+
+
+def test_a_copy_into_a_new_file_is_owner_only(
+    tmp_path: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, dest = str(tmp_path / "one.db"), tmp_path / "two.db"
+    populate(source, make_client)
+    old = os.umask(0)  # no mode below comes from the umask
+    try:
+        assert cli(capsys, "copy-registry", source, str(dest))[0] == 0
+    finally:
+        os.umask(old)
+    assert dest.stat().st_mode & 0o777 == 0o600
