@@ -1,12 +1,13 @@
 """Copy a registry to another one, SQLite or PostgreSQL either way: `pinrpc-server copy-registry`.
 
 SOURCE is opened as the reading commands open it (read-only where the backend allows) and read
-in one snapshot. DEST gets every row of every table in one change transaction, so a copy that
-fails or is interrupted leaves DEST as it was, and DEST must hold no clients and no requests:
-nothing is ever merged or overwritten. Two tables describe the database rather than what it
-holds and stay DEST's own: ``schema_version`` (its schema's history) and ``meta`` (its identity
-and generation). The generation moves past both sides' numbers, so a server watching DEST
-reloads and no server sees it go back; the change announces itself like any other.
+in one snapshot. DEST gets every row of every table in one change transaction (an empty
+database its schema too), so a copy that fails or is interrupted leaves DEST as it was, and
+DEST must hold no clients and no requests: nothing is ever merged or overwritten. Two tables
+describe the database rather than what it holds and stay DEST's own: ``schema_version`` (its
+schema's history) and ``meta`` (its identity and generation). The generation moves past both
+sides' numbers, so a server watching DEST reloads and no server sees it go back; the change
+announces itself like any other.
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def copy_registry(source_spec: str, dest_spec: str) -> CopyResult:
         closing(_opened("SOURCE", source_spec, create=False, readonly=True)) as source,
         closing(_opened("DEST", dest_spec, create=True)) as dest,
     ):
-        layout = dest._read(lambda q: _layout(q, dest.dialect))
-        meta, tables = source._read(lambda q: _snapshot(q, source.dialect, layout))
+        meta, tables = source._read(lambda q: _snapshot(q, source.dialect))
         dest._change(lambda q: _fill(q, source, dest, meta, tables))
         requests = sum(len(t.rows) for t in tables if t.name == "pending")
         return CopyResult(source.where, dest.where, dest.clients(), dest.pending(), requests)
@@ -100,6 +100,12 @@ def refuse_open_source(path: Path) -> None:
 def _opened(what: str, spec: str, *, create: bool, readonly: bool = False) -> SqlRegistry:
     """The registry layer's own opening and refusals, pointed at the argument to fix."""
     try:
+        if create and is_postgres(spec):
+            # Imported here, as registry._open does: psycopg is needed only for PostgreSQL.
+            from server.registry_pg import PostgresRegistry
+
+            # An empty database's schema goes in with the rows: a failed copy leaves none.
+            return PostgresRegistry(spec, lay_out_late=True)
         return _open(spec, create=create, migrate=False, readonly=readonly)
     except RegistryError as exc:
         raise RegistryError(str(exc).replace("check --registry", f"check {what}")) from exc
@@ -118,12 +124,14 @@ def _layout(q: Query, dialect: Dialect) -> Layout:
     return layout
 
 
-def _snapshot(q: Query, dialect: Dialect, layout: Layout) -> tuple[dict[str, int], list[Table]]:
+def _snapshot(q: Query, dialect: Dialect) -> tuple[dict[str, int], list[Table]]:
     """SOURCE's generation and identity, and the rows of every table, as of one moment."""
     q(SNAPSHOT[dialect.name], ())
     meta = {key: int(value) for key, value in q(GENERATION_QUERY, ())}
     tables = []
-    for name, (columns, ordered) in layout.items():
+    # SOURCE's own tables and columns: both sides are at this version's schema (SOURCE is
+    # refused otherwise, DEST is laid out or migrated), and DEST's may not exist yet.
+    for name, (columns, ordered) in _layout(q, dialect).items():
         order = f" ORDER BY {SURROGATE}" if ordered else ""
         rows = q(f"SELECT {', '.join(columns)} FROM {name}{order}", ())  # noqa: S608
         tables.append(Table(name, columns, rows))

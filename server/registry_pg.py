@@ -25,7 +25,15 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from pinrpc.errors import RegistryError
-from server.registry_sql import BUMP_GENERATION, Dialect, Query, Row, SqlRegistry, T
+from server.registry_sql import (
+    BUMP_GENERATION,
+    Dialect,
+    Query,
+    Row,
+    SqlRegistry,
+    T,
+    apply_migrations,
+)
 
 log = logging.getLogger("pinrpc.registry")
 
@@ -178,7 +186,11 @@ def _query(conn: psycopg.Connection[Row]) -> Query:
 class PostgresRegistry(SqlRegistry):
     dialect = POSTGRES
 
-    def __init__(self, url: str, *, create: bool = True, migrate: bool = False) -> None:
+    def __init__(
+        self, url: str, *, create: bool = True, migrate: bool = False, lay_out_late: bool = False
+    ) -> None:
+        """``lay_out_late``: an empty database gets its schema in the first change's own
+        transaction, so that one failing leaves the database as empty as it was."""
         super().__init__(describe(url))
         self._url = url
         self._lock = threading.Lock()
@@ -189,8 +201,12 @@ class PostgresRegistry(SqlRegistry):
         self._connected_once = False
         self._listener: psycopg.Connection[Row] | None = None
         self._listen_backoff = Backoff()
+        self._lay_out = False
         try:
-            self._open_schema(create=create, migrate=migrate)
+            if lay_out_late and create and not self._read(lambda q: q(POSTGRES.tables, ())):
+                self._lay_out = True
+            else:
+                self._open_schema(create=create, migrate=migrate)
         except BaseException:
             self.close()
             raise
@@ -268,8 +284,11 @@ class PostgresRegistry(SqlRegistry):
             committing = False
             try:
                 with deadline.running(), conn.transaction():
+                    if self._lay_out:
+                        self.applied = apply_migrations(_query(conn), POSTGRES)
                     result = body(_query(conn))
                     committing = True
+                self._lay_out = False
                 return result
             except psycopg.Error as exc:
                 self._lost(exc)

@@ -8,6 +8,7 @@ complete registry. WAL readers are never blocked by a writer; writers wait ``bus
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -54,6 +55,39 @@ def _query(db: sqlite3.Connection) -> Query:
         return db.execute(statement, params).fetchall()
 
     return q
+
+
+# The registry names the whole fleet (permissions, revocations, requesters' hosts): owner only.
+# SQLite gives its -wal, -shm and -journal files the database file's mode.
+MODE = 0o600
+# Whoever may write the file, or a -wal file SQLite would replay into it, admits any
+# certificate: refused, as a private key others may read is (a group may still read it).
+COMPANIONS = ("", "-wal", "-shm")
+
+
+def _create_private(path: str) -> None:
+    """Create a new registry file 0600 before SQLite would, 0644 less the umask."""
+    # Failing: it exists (kept as it is), or SQLite's own open says why it cannot be made.
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, MODE))
+
+
+def _refuse_writable_by_others(path: Path) -> None:
+    target = os.path.realpath(path)  # SQLite follows a symlink: its -wal is beside the target
+    wide = {}
+    for name in (target + end for end in COMPANIONS):
+        try:
+            mode = os.stat(name).st_mode
+        except OSError:
+            continue  # missing; or SQLite's own open says why it cannot be read
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            wide[name] = stat.S_IMODE(mode)
+    if wide:
+        modes = ", ".join(f"{name} {mode:04o}" for name, mode in wide.items())
+        raise RegistryError(
+            f"registry {path.absolute()} may be written by other users ({modes}), who could "
+            f"admit any certificate; run: chmod go-w {' '.join(wide)}"
+        )
 
 
 # Below this much free space SQLite's I/O errors are most likely the full disk: the -shm file
@@ -123,6 +157,9 @@ class SqliteRegistry(SqlRegistry):
 
     def _connect(self, create: bool) -> tuple[sqlite3.Connection, int]:
         mode = "ro" if self._readonly else "rwc" if create else "rw"
+        if mode == "rwc":
+            _create_private(os.path.realpath(self.path))  # SQLite follows a symlink too
+        _refuse_writable_by_others(self.path)  # before opening replays a -wal file into it
         uri = f"{self.path.as_uri()}?mode={mode}"
         wal = self.path.with_name(self.path.name + "-wal")
         if self._readonly and not wal.exists() and not os.access(self.path.parent, os.W_OK):

@@ -392,3 +392,72 @@ def test_a_copy_killed_half_way_leaves_dest_as_it_was(
             copy.wait(timeout=10)
     eventually(lambda: not pausing(), timeout=10.0)  # its backend rolled back and ended
     assert (state(url), contents(url)) == before
+
+
+# A row SOURCE holds that DEST's schema refuses, without preparing DEST (a new file or an empty
+# database has no table to prepare): SQLite kept a text in an integer column, or took a second
+# current certificate for a name once the index that forbids it was dropped.
+TEXT_IN_AN_INTEGER = "UPDATE clients SET has_key_ids = 'yes' WHERE name = 'alice'"
+TWO_CURRENT_ALICES = (
+    "DROP INDEX clients_current_name; INSERT INTO clients (name, fingerprint, cert_pem, "
+    "spki_sha256, subject, has_key_ids, allowed_methods, enrolled_at, not_after) SELECT name, "
+    "lower(hex(randomblob(32))), cert_pem, spki_sha256, subject, has_key_ids, allowed_methods, "
+    "enrolled_at, not_after FROM clients WHERE name = 'alice';"
+)
+
+
+def test_a_failed_copy_leaves_an_empty_database_without_a_schema(
+    tmp_path: Path, pg: Postgres, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, url = str(tmp_path / "one.db"), empty_pg(pg)
+    populate(source, make_client)
+    sql(source, TEXT_IN_AN_INTEGER)
+    assert state(url) == {}
+    message = refused(capsys, source, url)  # DEST's state unchanged: no table at all
+    assert "bigint" in message
+    assert "nothing was changed" in message
+    # Still an empty database: a good copy goes in, schema and rows together.
+    sql(source, "UPDATE clients SET has_key_ids = 1 WHERE name = 'alice'")
+    assert cli(capsys, "copy-registry", source, url)[0] == 0
+    assert contents(url)[:2] == contents(source)[:2]
+
+
+def companions(path: Path) -> list[str]:
+    """The registry file and the -wal, -shm and -journal files SQLite may make beside it."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+def test_a_failed_copy_into_a_new_file_leaves_no_file_behind(
+    tmp_path: Path, spec: str, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, dest = spec, tmp_path / "new.db"
+    populate(source, make_client)
+    sql(source, TWO_CURRENT_ALICES.replace("lower(hex(randomblob(32)))", "md5(random()::text)")
+        if is_postgres(source) else TWO_CURRENT_ALICES)  # fmt: skip
+    message = refused(capsys, source, str(dest))  # DEST's state: no file before, none after
+    assert "clients.name" in message  # refused by DEST's index, while it was being filled
+    assert companions(dest) == []
+
+
+def test_a_failed_copy_never_removes_an_existing_dest_file(
+    tmp_path: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, dest = str(tmp_path / "one.db"), tmp_path / "two.db"
+    populate(source, make_client)
+    sql(source, TWO_CURRENT_ALICES)
+    assert cli(capsys, "migrate", "--registry", str(dest))[0] == 0
+    refused(capsys, source, str(dest))  # the same bytes before and after
+    assert companions(dest) == ["two.db"]
+
+
+def test_a_copy_into_a_new_file_is_owner_only(
+    tmp_path: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, dest = str(tmp_path / "one.db"), tmp_path / "two.db"
+    populate(source, make_client)
+    old = os.umask(0)  # no mode below comes from the umask
+    try:
+        assert cli(capsys, "copy-registry", source, str(dest))[0] == 0
+    finally:
+        os.umask(old)
+    assert dest.stat().st_mode & 0o777 == 0o600
