@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from client import keyfiles
 from pinrpc.channel import dates_problem, load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
 from pinrpc.errors import ERROR_METADATA
@@ -77,6 +78,8 @@ def call(
 ) -> int:
     """Run ``rpc`` on a channel made from the connection flags and ``options``; explain
     failures."""
+    if note := keyfiles.recover(Path(args.cert), Path(args.key)):  # a killed rotate or keygen
+        say(f"{PROG}: {note}")
     certificate, private_key = load_pair(
         args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
