@@ -78,8 +78,16 @@ def call(
 ) -> int:
     """Run ``rpc`` on a channel made from the connection flags and ``options``; explain
     failures."""
-    if note := keyfiles.recover(Path(args.cert), Path(args.key)):  # a killed rotate or keygen
+    cert, key = Path(args.cert), Path(args.key)
+    if note := keyfiles.recover(cert, key):  # a killed rotate or keygen
         say(f"{PROG}: {note}")
+    elif os.path.lexists(keyfiles.new(cert)) and os.path.lexists(keyfiles.new(key)):
+        # The server may have enrolled it, and retired this pair (overlap 0): say where it is.
+        say(
+            f"{PROG}: warning: the new pair of an earlier rotation whose outcome was unknown "
+            f"waits as {keyfiles.new(cert)} and {keyfiles.new(key)}; "
+            f"{keyfiles.finish_by_hand(cert, key)}"
+        )
     certificate, private_key = load_pair(
         args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
