@@ -126,7 +126,12 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
             say(f"  {kept}")
             return Exit.ERROR
         except KeyboardInterrupt:
-            if new_key.exists():  # swap_in put everything back
+            if keyfiles.journal(cert_path).exists():  # moves undone, the journal kept
+                say(
+                    f"{PROG}: interrupted after the server enrolled the new pair; the next "
+                    f"`{PROG}` call with {cert_path} swaps it in"
+                )
+            elif new_key.exists():  # swap_in put everything back
                 say(f"{PROG}: interrupted after the server enrolled the new pair; {kept}")
             raise
         print(f"rotated {reply.client.name}")

@@ -21,8 +21,9 @@ from tests.security.attacker import BIN
 from tests.test_client_cli import run
 
 
-def killed_at(point: str, argv: list[str]) -> None:
-    """Run the real CLI until it reaches the test-only pause ``point``, then SIGKILL it."""
+def killed_at(point: str, argv: list[str], sig: signal.Signals = signal.SIGKILL) -> str:
+    """Run the real CLI until it reaches the test-only pause ``point``, then send ``sig``
+    (SIGKILL: no cleanup runs); what it printed on stderr after that."""
     env = {**os.environ, "PINRPC_TEST_PAUSE_AT": point}
     proc = subprocess.Popen(
         [str(BIN / "pinrpc"), *argv], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -32,7 +33,9 @@ def killed_at(point: str, argv: list[str]) -> None:
         assert proc.stderr is not None
         line = proc.stderr.readline()  # EOF if the process ends without pausing
         assert line == f"paused at {point}\n", line + proc.stderr.read()
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        return proc.stderr.read()
     finally:
         proc.kill()
         proc.wait(timeout=30)
@@ -253,4 +256,21 @@ def test_two_calls_recovering_at_once_leave_one_whole_pair(
     results = [proc.communicate(timeout=60) for proc in procs]
     assert [proc.returncode for proc in procs] == [Exit.OK, Exit.OK], results
     assert sum("finished an interrupted rotation" in err for _, err in results) == 1
+    assert_new_pair_in_place(alice, staged)
+
+
+def test_ctrl_c_during_the_swap_leaves_it_to_the_next_call(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C after the server said yes: the moves are put back, the journal stays, and the
+    message says the next call finishes it (not to move files by hand)."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    flags = connect.cli_flags(alice)
+    err = killed_at("swap", ["rotate", *flags, "--overlap", "0"], signal.SIGINT)
+    assert "the next `pinrpc` call with" in err and "Traceback" not in err
+    staged = str(Fingerprint.of(load_certificate(new(alice.cert_path))))
+    connect.server.trust.poll()
+    code, _, err = run(["whoami", *flags], capsys)
+    assert code == Exit.OK and "finished an interrupted rotation" in err
     assert_new_pair_in_place(alice, staged)
