@@ -102,8 +102,8 @@ def recover(cert: Path, key: Path, *, tidy: bool = False) -> str | None:
             return _recover(cert, key, tidy=tidy)
     except OSError as exc:
         raise IdentityError(
-            f"cannot finish the interrupted swap of {cert} and {key}: {exc}; "
-            f"{journal(cert)} says what was under way"
+            f"cannot check for (or finish) an interrupted rotate or keygen of {cert} and "
+            f"{key}: {exc}; {journal(cert)}, if present, says what was under way"
         ) from exc
 
 
