@@ -12,8 +12,8 @@ try:
 
     import grpc
 
-    from client import admin, doctor, request, rotate
-    from client.connect import DAYS, PROG, call, connection_flags, file_path
+    from client import admin, doctor, keyfiles, request, rotate
+    from client.connect import DAYS, PROG, call, connection_flags, file_path, say
     from pinrpc.channel import passphrase_from_env
     from pinrpc.cli import Exit, add_flag, add_version_flag, run, utf8
     from pinrpc.identity import (
@@ -21,7 +21,6 @@ try:
         KEY_TYPES,
         NO_PERMISSIONS,
         Fingerprint,
-        create_identity,
         load_certificate,
     )
     from pinrpc.v1 import echo_pb2, echo_pb2_grpc
@@ -79,13 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     passphrase = passphrase_from_env()
-    files = create_identity(
+    files = keyfiles.make_pair(
         args.name,
         args.dir,
         key_type=args.key_type,
         days=args.days,
         force=args.force,
         passphrase=passphrase,
+        tell=lambda note: say(f"{PROG}: {note}"),
     )
     # Said either way: an empty PINRPC_KEY_PASSPHRASE counts as unset, as every PINRPC_* does.
     sealed = "encrypted with PINRPC_KEY_PASSPHRASE" if passphrase else "not encrypted"

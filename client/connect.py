@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from client import keyfiles
 from pinrpc.channel import dates_problem, load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
 from pinrpc.errors import ERROR_METADATA
@@ -77,6 +78,16 @@ def call(
 ) -> int:
     """Run ``rpc`` on a channel made from the connection flags and ``options``; explain
     failures."""
+    cert, key = Path(args.cert), Path(args.key)
+    if note := keyfiles.recover(cert, key):  # a killed rotate or keygen
+        say(f"{PROG}: {note}")
+    elif os.path.lexists(keyfiles.new(cert)) and os.path.lexists(keyfiles.new(key)):
+        # The server may have enrolled it, and retired this pair (overlap 0): say where it is.
+        say(
+            f"{PROG}: warning: the new pair of an earlier rotation whose outcome was unknown "
+            f"waits as {keyfiles.new(cert)} and {keyfiles.new(key)}; "
+            f"{keyfiles.finish_by_hand(cert, key)}"
+        )
     certificate, private_key = load_pair(
         args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )

@@ -3,6 +3,14 @@
 The old pair is kept while the server still accepts it (the rotation's overlap); the next
 rotation deletes it once the overlap has ended, or replaces it with the pair it retires. Nothing
 reads *.old: processes that loaded an older pair hold it in memory until they restart.
+
+Crash safety: a new pair is staged as *.new (both files synced), then a journal NAME.crt.swap
+is written before the first rename of the swap: for a rotate, only after the server said yes,
+holding the old pair's end (the *.old-until marker it becomes); for keygen, the word
+"keygen" (no old pair kept). A process killed anywhere leaves either no journal (the current
+pair is untouched; a lone NAME.key.new is a staging that never reached the server) or a
+journal, which ``recover`` rolls forward: every pinrpc call runs it first. All changes hold
+the directory's lock, briefly, so a recovery never meets a live swap half-way.
 """
 
 from __future__ import annotations
@@ -10,13 +18,40 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import glob
 import os
 import stat
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pinrpc.errors import IdentityError
-from pinrpc.identity import move_all, write_all
+from pinrpc.identity import (
+    DEFAULT_DAYS,
+    Fingerprint,
+    KeyPairFiles,
+    _exists_error,
+    _sync_directories,
+    cert_to_pem,
+    check_name,
+    generate_key,
+    key_to_pem,
+    move_all,
+    self_signed_certificate,
+    write_all,
+)
+
+KEYGEN = "keygen"  # a journal naming no end for an old pair: keygen keeps none
+PAUSE = "PINRPC_TEST_PAUSE_AT"
+
+
+def pause(point: str) -> None:
+    """Test-only, off unless PINRPC_TEST_PAUSE_AT names ``point``: say so on stderr and sleep,
+    so that a test can SIGKILL the process exactly there (tests/test_rotate_crash.py)."""
+    if os.environ.get(PAUSE) == point:
+        print(f"paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(60)
 
 
 def old(path: Path) -> Path:
@@ -29,6 +64,157 @@ def new(path: Path) -> Path:
 
 def _until_file(cert: Path) -> Path:
     return cert.with_name(cert.name + ".old-until")
+
+
+def journal(cert: Path) -> Path:
+    return cert.with_name(cert.name + ".swap")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _directory_locked(cert: Path) -> Iterator[None]:
+    """The pair's directory, locked while its files change: held for milliseconds, so waited
+    for (the rotate-wide lock is ``rotating``)."""
+    fd = os.open(cert.absolute().parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def recover(cert: Path, key: Path, *, tidy: bool = False) -> str | None:
+    """Finish or undo what a killed rotate or keygen left; one line saying what, or None.
+
+    Cheap when there is nothing to do (three lstat calls): every pinrpc call runs it. ``tidy``
+    also removes the temporary files a kill can leave (a copy of a private key among them)."""
+    marks = (journal(cert), new(key), new(_until_file(cert)))
+    if not (tidy or any(os.path.lexists(path) for path in marks)):
+        return None
+    try:
+        with _directory_locked(cert):
+            return _recover(cert, key, tidy=tidy)
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot check for (or finish) an interrupted rotate or keygen of {cert} and "
+            f"{key}: {exc}; {journal(cert)}, if present, says what was under way"
+        ) from exc
+
+
+def _recover(cert: Path, key: Path, *, tidy: bool) -> str | None:
+    if tidy:
+        _remove_leftovers(cert, key)
+    if _is_file(new(_until_file(cert))) and not os.path.lexists(journal(cert)):
+        # What older pinrpc wrote before its renames, once the server had said yes: a journal.
+        os.rename(new(_until_file(cert)), journal(cert))
+    staged = [path for path in (new(key), new(cert)) if os.path.lexists(path)]
+    lone_key = staged == [new(key)]  # staging writes the key first; the call sends the cert
+    if not _is_file(journal(cert)):
+        if not lone_key:
+            return None  # no journal: the current pair was never touched
+        new(key).unlink()
+        _sync_directories([key])
+        return f"removed {new(key)}: a rotate or keygen stopped before its new pair was whole"
+    intent = journal(cert).read_text().strip()
+    if intent == KEYGEN and lone_key:  # killed while staging: the old pair, if any, stays
+        new(key).unlink()
+        journal(cert).unlink()
+        _sync_directories([key, cert])
+        return f"removed {new(key)}: an interrupted keygen; the pair in place is unchanged"
+    for path in staged:
+        if not _is_file(path):
+            raise IsADirectoryError(f"{path} is not a regular file; move it away")
+    _roll_forward(cert, key, intent)
+    done = "keygen" if intent == KEYGEN else "rotation (the server had enrolled the new pair)"
+    return f"finished an interrupted {done}: the new pair is in place as {cert} and {key}"
+
+
+def _roll_forward(cert: Path, key: Path, intent: str) -> None:
+    """Each step is one rename that the next recovery sees as done: the journal goes last."""
+    for path in (key, cert):
+        if os.path.lexists(new(path)):
+            if intent != KEYGEN and os.path.lexists(path):
+                os.replace(path, old(path))
+            os.replace(new(path), path)
+    _sync_directories([key, cert])
+    if intent == KEYGEN:
+        journal(cert).unlink()
+    else:
+        os.replace(journal(cert), _until_file(cert))
+    _sync_directories([cert])
+
+
+def _remove_leftovers(cert: Path, key: Path) -> None:
+    """Temporary files of write_all/move_all (pinrpc/identity.py) that a kill left behind."""
+    temps = (new(key), new(cert), journal(cert))
+    backups = (key, cert, old(key), old(cert), _until_file(cert))
+    for name, suffix in [(p.name, "tmp") for p in temps] + [(p.name, "bak") for p in backups]:
+        for leftover in cert.absolute().parent.glob(f".{glob.escape(name)}.*.{suffix}"):
+            leftover.unlink(missing_ok=True)
+
+
+def make_pair(
+    name: str,
+    directory: Path,
+    *,
+    key_type: str = "p256",
+    days: int = DEFAULT_DAYS,
+    force: bool = False,
+    passphrase: bytes | None = None,
+    tell: Callable[[str], None],
+) -> KeyPairFiles:
+    """``pinrpc keygen``: create_identity's pair, placed through the journal so that a kill
+    never leaves a key without its certificate or a mismatched pair; ``tell`` hears what
+    ``recover`` did first."""
+    check_name(name)
+    directory = directory.absolute()
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    # What a killed keygen or rotate left is settled first: the checks below see its outcome.
+    if directory.is_dir() and (note := recover(cert, key, tidy=True)):
+        tell(note)
+    if not force:  # early, before a slow RSA key; checked again under the lock
+        for existing in (p for p in (key, cert) if os.path.lexists(p)):
+            raise _exists_error(existing)
+    private = generate_key(key_type)
+    certificate = self_signed_certificate(private, name, days=days)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # as create_identity
+    except FileExistsError as exc:
+        raise IdentityError(f"{directory} is not a directory; choose another --dir") from exc
+    except OSError as exc:
+        raise IdentityError(f"cannot create the directory {directory}: {exc.strerror}") from exc
+    try:
+        with _directory_locked(cert):
+            if note := _recover(cert, key, tidy=True):
+                tell(note)
+            if not force:
+                for existing in (p for p in (key, cert) if os.path.lexists(p)):
+                    raise _exists_error(existing)
+            if any(os.path.lexists(p) for p in (new(cert), new(key))):
+                raise unfinished_error(cert, key)
+            for path in (key, cert):  # refused before anything is written, as write_all does
+                if path.is_dir():
+                    raise IdentityError(f"{path} is a directory; move it away")
+            write_all([(journal(cert), KEYGEN.encode(), 0o644)], overwrite=False)
+            try:
+                pem = key_to_pem(private, passphrase)
+                files = [(new(key), pem, 0o600), (new(cert), cert_to_pem(certificate), 0o644)]
+                write_all(files, overwrite=False)
+                pause("keygen")
+                _roll_forward(cert, key, KEYGEN)
+            except OSError:
+                with contextlib.suppress(OSError):  # undo (or finish) what the journal says
+                    _recover(cert, key, tidy=True)
+                raise
+    except OSError as exc:
+        raise IdentityError(f"cannot write the key pair in {directory}: {exc}") from exc
+    return KeyPairFiles(key, cert, Fingerprint.of(certificate))
 
 
 def finish_by_hand(cert: Path, key: Path) -> str:
@@ -49,11 +235,12 @@ def stage_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
         current = key.stat()
         shared = bool(current.st_mode & stat.S_IRGRP)
         mode, owners = (0o640, {new(key): (-1, current.st_gid)}) if shared else (0o600, None)
-        write_all(
-            [(new(key), key_pem, mode), (new(cert), cert_pem, 0o644)],
-            overwrite=False,
-            owners=owners,
-        )
+        with _directory_locked(cert):
+            write_all(
+                [(new(key), key_pem, mode), (new(cert), cert_pem, 0o644)],
+                overwrite=False,
+                owners=owners,
+            )
     except FileExistsError as exc:
         raise unfinished_error(cert, key) from exc
     except OSError as exc:
@@ -97,7 +284,7 @@ def check_targets(cert: Path, key: Path) -> None:
     for path in (new(cert), new(key)):
         if os.path.lexists(path):
             raise unfinished_error(cert, key)
-    for path in (old(key), old(cert), _until_file(cert), new(_until_file(cert))):
+    for path in (old(key), old(cert), _until_file(cert), new(_until_file(cert)), journal(cert)):
         try:
             mode = path.lstat().st_mode
         except FileNotFoundError:
@@ -111,15 +298,23 @@ def check_targets(cert: Path, key: Path) -> None:
 
 
 def swap_in(cert: Path, key: Path, new_cert: Path, new_key: Path, until: dt.datetime) -> None:
-    """Move the current pair to *.old and the staged pair into place, all or nothing."""
-    marker = _until_file(cert)
+    """Move the current pair to *.old and the staged pair into place: all or nothing while
+    this process lives (a failure puts everything back), and rolled forward by ``recover``
+    from the journal if it is killed."""
+    journaled = swapped = False
     try:
-        write_all([(new(marker), until.isoformat().encode(), 0o644)], overwrite=True)
-        moves = [(key, old(key)), (new_key, key), (cert, old(cert)), (new_cert, cert)]
-        move_all([*moves, (new(marker), marker)], overwrite=True)
+        with _directory_locked(cert):
+            write_all([(journal(cert), until.isoformat().encode(), 0o644)], overwrite=False)
+            journaled = True
+            pause("swap")
+            moves = [(key, old(key)), (new_key, key), (cert, old(cert)), (new_cert, cert)]
+            move_all(moves, overwrite=True)
+            swapped = True
+            move_all([(journal(cert), _until_file(cert))], overwrite=True)
     except OSError as exc:
-        with contextlib.suppress(OSError):  # the error below matters, not this cleanup's
-            new(marker).unlink(missing_ok=True)
+        if journaled and not swapped:  # the pair is back: nothing may roll it forward
+            with contextlib.suppress(OSError):  # the error below matters, not this cleanup's
+                journal(cert).unlink(missing_ok=True)
         raise IdentityError(f"cannot swap the key pair {cert}, {key}: {exc}") from exc
 
 

@@ -64,6 +64,9 @@ REFUSED = (
 
 def run(args: argparse.Namespace) -> int:
     cert_path, key_path = Path(args.cert), Path(args.key)
+    # First, before the lock on the certificate (a killed swap may have moved it away).
+    if note := keyfiles.recover(cert_path, key_path, tidy=True):
+        say(f"{PROG}: {note}")
     with keyfiles.rotating(cert_path):
         return _rotate(args, cert_path, key_path)
 
@@ -98,9 +101,9 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
         try:
             reply = identity_pb2_grpc.IdentityStub(channel).Rotate(request, timeout=args.timeout)
         except grpc.RpcError as exc:
-            if exc.code() in REFUSED:
-                new_key.unlink(missing_ok=True)
+            if exc.code() in REFUSED:  # the certificate first: a lone key.new is known junk
                 new_cert.unlink(missing_ok=True)
+                new_key.unlink(missing_ok=True)
             else:
                 unknown.append(str(Fingerprint.of(successor)))
             raise
@@ -123,7 +126,12 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
             say(f"  {kept}")
             return Exit.ERROR
         except KeyboardInterrupt:
-            if new_key.exists():  # swap_in put everything back
+            if keyfiles.journal(cert_path).exists():  # moves undone, the journal kept
+                say(
+                    f"{PROG}: interrupted after the server enrolled the new pair; the next "
+                    f"`{PROG}` call with {cert_path} swaps it in"
+                )
+            elif new_key.exists():  # swap_in put everything back
                 say(f"{PROG}: interrupted after the server enrolled the new pair; {kept}")
             raise
         print(f"rotated {reply.client.name}")
