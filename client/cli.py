@@ -19,6 +19,7 @@ try:
     from pinrpc.identity import (
         DEFAULT_DAYS,
         KEY_TYPES,
+        NO_PERMISSIONS,
         Fingerprint,
         load_certificate,
     )
@@ -117,7 +118,7 @@ def cmd_whoami(args: argparse.Namespace) -> int:
         else:
             print(f"name         {reply.name}")
             print(f"fingerprint  {reply.fingerprint}")
-            print(f"allowed      {', '.join(reply.allowed_methods) or '(WhoAmI only)'}")
+            print(f"allowed      {', '.join(reply.allowed_methods) or NO_PERMISSIONS}")
         return Exit.OK
 
     return call(args, rpc)

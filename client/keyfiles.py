@@ -31,14 +31,15 @@ from pinrpc.identity import (
     DEFAULT_DAYS,
     Fingerprint,
     KeyPairFiles,
-    _exists_error,
-    _sync_directories,
     cert_to_pem,
     check_name,
+    exists_error,
     generate_key,
     key_to_pem,
+    make_directory,
     move_all,
     self_signed_certificate,
+    sync_directories,
     write_all,
 )
 
@@ -119,13 +120,13 @@ def _recover(cert: Path, key: Path, *, tidy: bool) -> str | None:
         if not lone_key:
             return None  # no journal: the current pair was never touched
         new(key).unlink()
-        _sync_directories([key])
+        sync_directories([key])
         return f"removed {new(key)}: a rotate or keygen stopped before its new pair was whole"
     intent = journal(cert).read_text().strip()
     if intent == KEYGEN and lone_key:  # killed while staging: the old pair, if any, stays
         new(key).unlink()
         journal(cert).unlink()
-        _sync_directories([key, cert])
+        sync_directories([key, cert])
         return f"removed {new(key)}: an interrupted keygen; the pair in place is unchanged"
     for path in staged:
         if not _is_file(path):
@@ -142,12 +143,12 @@ def _roll_forward(cert: Path, key: Path, intent: str) -> None:
             if intent != KEYGEN and os.path.lexists(path):
                 os.replace(path, old(path))
             os.replace(new(path), path)
-    _sync_directories([key, cert])
+    sync_directories([key, cert])
     if intent == KEYGEN:
         journal(cert).unlink()
     else:
         os.replace(journal(cert), _until_file(cert))
-    _sync_directories([cert])
+    sync_directories([cert])
 
 
 def _remove_leftovers(cert: Path, key: Path) -> None:
@@ -180,22 +181,17 @@ def make_pair(
         tell(note)
     if not force:  # early, before a slow RSA key; checked again under the lock
         for existing in (p for p in (key, cert) if os.path.lexists(p)):
-            raise _exists_error(existing)
+            raise exists_error(existing)
     private = generate_key(key_type)
     certificate = self_signed_certificate(private, name, days=days)
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # as create_identity
-    except FileExistsError as exc:
-        raise IdentityError(f"{directory} is not a directory; choose another --dir") from exc
-    except OSError as exc:
-        raise IdentityError(f"cannot create the directory {directory}: {exc.strerror}") from exc
+    make_directory(directory)
     try:
         with _directory_locked(cert):
             if note := _recover(cert, key, tidy=True):
                 tell(note)
             if not force:
                 for existing in (p for p in (key, cert) if os.path.lexists(p)):
-                    raise _exists_error(existing)
+                    raise exists_error(existing)
             if any(os.path.lexists(p) for p in (new(cert), new(key))):
                 raise unfinished_error(cert, key)
             for path in (key, cert):  # refused before anything is written, as write_all does

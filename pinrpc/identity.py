@@ -40,6 +40,9 @@ PEM_CERT_RE: Final = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
 OPENSSL_PREFIX_RE: Final = re.compile(r"^sha256(?:fingerprint=|:)", re.IGNORECASE)
+# Shown for a client without patterns: what every enrolled client may call (server/auth.py
+# ALWAYS_ALLOWED) still works, so "none" alone would mislead.
+NO_PERMISSIONS: Final = "(none beyond every client's: WhoAmI, Rotate, health, reflection)"
 ED25519_REASON: Final = (
     "Ed25519 keys fail the TLS handshake with grpcio (the server offers no Ed25519 signature "
     "algorithm); use P-256 (the default), P-384 or RSA >= 2048"
@@ -228,7 +231,7 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _sync_directories([path])
+    sync_directories([path])
 
 
 def write_all(
@@ -266,7 +269,7 @@ def move_all(moves: Sequence[tuple[Path, Path]], *, overwrite: bool) -> None:
     try:
         for source, target in moves:
             done.append((source, target, _move(source, target, overwrite=overwrite)))
-        _sync_directories([path for move in moves for path in move])
+        sync_directories([path for move in moves for path in move])
     except BaseException:
         for source, target, backup in reversed(done):
             with contextlib.suppress(OSError):  # best effort; the caller reports the failure
@@ -279,7 +282,7 @@ def move_all(moves: Sequence[tuple[Path, Path]], *, overwrite: bool) -> None:
             backup.unlink(missing_ok=True)
 
 
-def _sync_directories(paths: Sequence[Path]) -> None:
+def sync_directories(paths: Sequence[Path]) -> None:
     """fsync the directories holding ``paths``: a rename is on disk only once its directory
     is, and without this a crash could lose a key pair that was reported as written."""
     for directory in dict.fromkeys(path.absolute().parent for path in paths):
@@ -341,9 +344,24 @@ def create_identity(
     key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
     if not force:  # early, before a slow RSA key; placement below decides for real
         for existing in (p for p in (key_path, cert_path) if os.path.lexists(p)):
-            raise _exists_error(existing)
+            raise exists_error(existing)
     key = generate_key(key_type)
     cert = self_signed_certificate(key, name, days=days)
+    make_directory(directory)
+    try:
+        write_all(
+            [(key_path, key_to_pem(key, passphrase), 0o600), (cert_path, cert_to_pem(cert), 0o644)],
+            overwrite=force,
+        )
+    except FileExistsError as exc:
+        raise exists_error(Path(exc.filename2 or exc.filename)) from exc
+    except OSError as exc:
+        raise IdentityError(f"cannot write the key pair in {directory}: {exc.strerror}") from exc
+    return KeyPairFiles(key_path, cert_path, Fingerprint.of(cert))
+
+
+def make_directory(directory: Path) -> None:
+    """Create a key pair's directory if it is missing."""
     try:
         # Whoever may write the directory may replace the pair in it: a new one is the
         # owner's alone, whatever the umask (an existing one is the user's choice).
@@ -352,19 +370,9 @@ def create_identity(
         raise IdentityError(f"{directory} is not a directory; choose another --dir") from exc
     except OSError as exc:
         raise IdentityError(f"cannot create the directory {directory}: {exc.strerror}") from exc
-    try:
-        write_all(
-            [(key_path, key_to_pem(key, passphrase), 0o600), (cert_path, cert_to_pem(cert), 0o644)],
-            overwrite=force,
-        )
-    except FileExistsError as exc:
-        raise _exists_error(Path(exc.filename2 or exc.filename)) from exc
-    except OSError as exc:
-        raise IdentityError(f"cannot write the key pair in {directory}: {exc.strerror}") from exc
-    return KeyPairFiles(key_path, cert_path, Fingerprint.of(cert))
 
 
-def _exists_error(path: Path) -> IdentityError:
+def exists_error(path: Path) -> IdentityError:
     return IdentityError(
         f"{path} already exists; to renew a pair the server admits, run `pinrpc rotate`; "
         "--force deletes the old pair now, locking its client out until the operator enrolls "

@@ -33,7 +33,7 @@ try:
         utf8,
     )
     from pinrpc.errors import EnrollmentError, IdentityError, PinrpcError, RegistryError
-    from pinrpc.identity import check_name, read_file
+    from pinrpc.identity import NO_PERMISSIONS, check_name, read_file
     from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
     from server.enrollment import check_certificate, check_patterns, new_permissions
     from server.gc_tuning import settle
@@ -344,7 +344,7 @@ def _show_enrolled(headline: str, client: Client, kept: bool) -> None:
 
 
 def _allowed(client: Client) -> str:
-    return ", ".join(client.allowed_methods) or "(WhoAmI only)"
+    return ", ".join(client.allowed_methods) or NO_PERMISSIONS
 
 
 def _status(client: Client, now: dt.datetime) -> str:

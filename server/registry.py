@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pinrpc.errors import RegistryError
 from server.registry_model import (
     ChangeNotifier,
     Client,
@@ -50,7 +51,12 @@ def is_postgres(spec: str) -> bool:
 def _open(spec: str, *, create: bool, migrate: bool, readonly: bool = False) -> SqlRegistry:
     if is_postgres(spec):
         # Imported here: psycopg is needed only by those who use PostgreSQL.
-        from server.registry_pg import PostgresRegistry
+        try:
+            from server.registry_pg import PostgresRegistry
+        except ImportError as exc:
+            raise RegistryError(
+                f"a postgresql:// registry needs psycopg ({exc}): pip install 'pinrpc[postgres]'"
+            ) from exc
 
         return PostgresRegistry(spec, create=create, migrate=migrate)
     return SqliteRegistry(Path(spec), create=create, migrate=migrate, readonly=readonly)

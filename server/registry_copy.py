@@ -12,7 +12,10 @@ announces itself like any other.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import struct
 from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -83,18 +86,40 @@ def copy_registry(source_spec: str, dest_spec: str) -> CopyResult:
 
 def refuse_open_source(path: Path) -> None:
     """A server still running on SOURCE goes on changing it (a client's rotate, enrollment
-    requests, `pinrpc admin`, revocations included) and DEST would never have those changes.
-    SQLite keeps the -wal file while any connection has the file open and removes it with the
-    last one, so its presence means a live user (or one that was killed)."""
-    path = path.resolve()  # SQLite follows a symlink: its -wal file is beside the target
-    wal = path.with_name(f"{path.name}-wal")
-    if wal.exists():
+    requests, `pinrpc admin`, revocations included) and DEST would never have those changes."""
+    path = path.resolve()  # SQLite follows a symlink: its -shm file is beside the target
+    pid = sqlite_user(path)
+    if pid is not None:
+        who = f"process {pid}" if pid > 0 else "another process"
         raise ConflictError(
-            f"registry {path} is open in another process ({wal} exists): a server running on "
-            "it would go on changing it after the copy, and DEST would miss those changes; "
-            "stop every server on it, then copy (if none runs, one was killed: "
-            f"`pinrpc-server migrate --registry {path}` closes the file cleanly)"
+            f"registry {path} is open in {who}: a server running on it would go on changing "
+            "it after the copy, and DEST would miss those changes; stop every server on it, "
+            "then copy"
         )
+
+
+# SQLite's unix VFS: each connection to a WAL database holds a read lock on this byte of the
+# -shm file (its "DMS" byte) for as long as it is open, and a killed one holds nothing. The
+# -wal file says less: a read-only reader (`list`) or a killed server leaves it behind.
+SHM_DMS_BYTE = 128
+FLOCK = "hhqqi"  # Linux's struct flock: type, whence, start, length, pid
+
+
+def sqlite_user(path: Path) -> int | None:
+    """The PID of another process that has the SQLite database ``path`` open (0 when the
+    lock's owner is in another PID namespace), or None. Our own locks never show, so this
+    runs before we open it."""
+    try:
+        fd = os.open(f"{path}-shm", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None  # no -shm file: nobody has it open in WAL mode (else SQLite says why)
+    try:
+        query = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, SHM_DMS_BYTE, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    finally:
+        os.close(fd)
+    kind, _, _, _, pid = struct.unpack(FLOCK, answer[: struct.calcsize(FLOCK)])
+    return None if kind == fcntl.F_UNLCK else max(pid, 0)
 
 
 def _opened(what: str, spec: str, *, create: bool, readonly: bool = False) -> SqlRegistry:

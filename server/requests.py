@@ -111,7 +111,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 check_waiting=functools.partial(_refuse_crowded_host, peer_host(context)),
             )  # fmt: skip
         except PinrpcError as exc:
-            abort_with(context, exc)
+            abort_with(context, exc, self._registry.where)
         self._audit.event(
             "enrollment_request", client=name, fingerprint=str(pending.fingerprint),
             peer=pending.peer,

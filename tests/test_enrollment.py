@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from pinrpc.errors import EnrollmentError
 from pinrpc.identity import (
+    NO_PERMISSIONS,
     Fingerprint,
     cert_to_pem,
     key_to_pem,
@@ -554,7 +555,7 @@ def test_replace_without_allow_keeps_the_permissions(
     assert denied == grpc.StatusCode.PERMISSION_DENIED
     carol_out, dave_out = capsys.readouterr().out.split("enrolled dave")
     assert f"allowed      {ECHO_ALL}  (kept from the replaced certificate)" in carol_out
-    assert "allowed      (WhoAmI only)\n" in dave_out
+    assert f"allowed      {NO_PERMISSIONS}\n" in dave_out
 
 
 @pytest.mark.parametrize("source", ["flag", "environment"])

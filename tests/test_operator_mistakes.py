@@ -177,3 +177,30 @@ def test_revoke_names_every_certificate_it_revoked(
     # By fingerprint, only that certificate is revoked, and only it is named.
     assert server_cli.main(["revoke", str(other.fingerprint), "--registry", str(registry)]) == 0
     assert capsys.readouterr().out.splitlines() == [f"revoked olga ({other.fingerprint})"]
+
+
+# The console script's own entry, with psycopg made unimportable the way a missing package is
+# (sys.modules[name] = None makes its import raise ImportError): the venv here has it installed.
+WITHOUT_PSYCOPG = (
+    "import sys; sys.modules['psycopg'] = None; from server.cli import main; "
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_a_postgresql_registry_without_psycopg_is_one_line(tmp_path: Path) -> None:
+    url = "postgresql://pinrpc@127.0.0.1:1/pinrpc"
+    open_registry(str(tmp_path / "reg.db")).close()
+    for argv in (["list", "--registry", url], ["copy-registry", str(tmp_path / "reg.db"), url]):
+        done = subprocess.run(
+            [str(BIN / "python"), "-c", WITHOUT_PSYCOPG, *argv],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == Exit.ERROR, done
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "needs psycopg" in done.stderr and "pinrpc[postgres]" in done.stderr
+    # Deny and allow side by side: with psycopg, the same URL gets as far as the connection.
+    done = subprocess.run(
+        [str(BIN / "pinrpc-server"), "list", "--registry", url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == Exit.ERROR and "psycopg" not in done.stderr, done.stderr
