@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pinrpc.errors import RegistryError
 from server.registry_model import (
@@ -26,6 +27,9 @@ from server.registry_model import (
 )
 from server.registry_sql import LATEST, Migration, SqlRegistry
 from server.registry_sqlite import SqliteRegistry
+
+if TYPE_CHECKING:
+    from server.registry_pg import PostgresRegistry
 
 __all__ = [
     "LATEST",
@@ -48,17 +52,20 @@ def is_postgres(spec: str) -> bool:
     return spec.startswith(("postgres://", "postgresql://"))
 
 
+def postgres_backend() -> type[PostgresRegistry]:
+    """Imported when asked for: psycopg is needed only by those who use PostgreSQL."""
+    try:
+        from server.registry_pg import PostgresRegistry
+    except ImportError as exc:
+        raise RegistryError(
+            f"a postgresql:// registry needs psycopg ({exc}): pip install 'pinrpc[postgres]'"
+        ) from exc
+    return PostgresRegistry
+
+
 def _open(spec: str, *, create: bool, migrate: bool, readonly: bool = False) -> SqlRegistry:
     if is_postgres(spec):
-        # Imported here: psycopg is needed only by those who use PostgreSQL.
-        try:
-            from server.registry_pg import PostgresRegistry
-        except ImportError as exc:
-            raise RegistryError(
-                f"a postgresql:// registry needs psycopg ({exc}): pip install 'pinrpc[postgres]'"
-            ) from exc
-
-        return PostgresRegistry(spec, create=create, migrate=migrate)
+        return postgres_backend()(spec, create=create, migrate=migrate)
     return SqliteRegistry(Path(spec), create=create, migrate=migrate, readonly=readonly)
 
 

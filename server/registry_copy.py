@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pinrpc.errors import ConflictError, RegistryError
-from server.registry import _open, is_postgres
+from server.registry import _open, is_postgres, postgres_backend
 from server.registry_model import Client, Pending
 from server.registry_sql import (
     GENERATION_QUERY,
@@ -126,11 +126,8 @@ def _opened(what: str, spec: str, *, create: bool, readonly: bool = False) -> Sq
     """The registry layer's own opening and refusals, pointed at the argument to fix."""
     try:
         if create and is_postgres(spec):
-            # Imported here, as registry._open does: psycopg is needed only for PostgreSQL.
-            from server.registry_pg import PostgresRegistry
-
             # An empty database's schema goes in with the rows: a failed copy leaves none.
-            return PostgresRegistry(spec, lay_out_late=True)
+            return postgres_backend()(spec, lay_out_late=True)
         return _open(spec, create=create, migrate=False, readonly=readonly)
     except RegistryError as exc:
         raise RegistryError(str(exc).replace("check --registry", f"check {what}")) from exc

@@ -88,7 +88,6 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
         key_pem = read_file(key_path, "server key")
     except IdentityError as exc:
         raise ServerCertError(str(exc)) from exc
-    _warn_if_others_read(key_path)
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as exc:
@@ -143,6 +142,7 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f"{cert_path.absolute()} is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
             f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
         )
+    _warn_if_others_read(key_path)  # last: a refused file is no server key to warn about
     return ServerCert(chain_pem, key_pem, leaf)
 
 
