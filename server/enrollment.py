@@ -25,6 +25,9 @@ from pinrpc.identity import (
 )
 
 MIN_RSA_BITS = 2048
+# BoringSSL (bundled in grpcio) fails RSA keys with a longer public exponent: measured, a
+# client with e = 2^33 + 17 cannot build its credentials and the server answers BAD_E_VALUE.
+MAX_RSA_EXPONENT_BITS = 33
 # The curves the TLS stack offers for client signatures; others always fail the handshake.
 EC_CURVES = ("secp256r1", "secp384r1")
 REKEY_HINT = "make a new key pair with `pinrpc keygen`"
@@ -103,6 +106,15 @@ def check_certificate(data: bytes, where: str, now: dt.datetime | None = None) -
         raise EnrollmentError(
             f"{where} has a {public.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits are "
             f"required; {REKEY_HINT}"
+        )
+    if (
+        isinstance(public, rsa.RSAPublicKey)
+        and (bits := public.public_numbers().e.bit_length()) > MAX_RSA_EXPONENT_BITS
+    ):
+        raise EnrollmentError(
+            f"{where} has an RSA key whose public exponent is {bits} bits long; gRPC's TLS "
+            f"stack (BoringSSL) refuses exponents over {MAX_RSA_EXPONENT_BITS} bits, so this "
+            f"key could never connect (65537 is the usual exponent); {REKEY_HINT}"
         )
     if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise EnrollmentError(f"{where} has an unsupported key type; {REKEY_HINT}")

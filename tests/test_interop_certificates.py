@@ -21,6 +21,11 @@ from tests.interop.test_node import whoami as node_whoami
 P256 = ["ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
 NO_KEY_IDS = ["subjectKeyIdentifier=none", "authorityKeyIdentifier=none"]
 LEAF = ["keyUsage=critical,digitalSignature", "basicConstraints=critical,CA:FALSE"]
+# gRPC's TLS stack takes RSA public exponents up to 33 bits (server/enrollment.py)
+E33, E34 = (
+    ["-pkeyopt", f"rsa_keygen_pubexp:{2**32 + 15}"],
+    ["-pkeyopt", f"rsa_keygen_pubexp:{2**33 + 17}"],
+)
 # 60 OUs of 64 characters: a certificate of about 8.5 kB, which grpcio's handshake drops.
 LONG = "".join(f"/OU={'u' * 60}{i:04}" for i in range(60))
 
@@ -31,6 +36,7 @@ ACCEPTED: dict[str, tuple[list[str], list[str], str, list[str]]] = {
     "rsa2048": (["rsa:2048"], LEAF, "/CN=rsa2048", []),
     "rsa3072": (["rsa:3072"], LEAF, "/CN=rsa3072", []),
     "rsa4096": (["rsa:4096"], LEAF, "/CN=rsa4096", []),
+    "RSA exponent of 33 bits": (["rsa:2048", *E33], LEAF, "/CN=e33", []),
     "nothing critical, no SKI/AKI": (
         P256,
         ["keyUsage=digitalSignature", "basicConstraints=CA:FALSE", *NO_KEY_IDS],
@@ -69,6 +75,13 @@ REFUSED: dict[str, tuple[list[str], list[str], str, list[str], str]] = {
         "/CN=rsakex",
         [],
         "keyUsage without digitalSignature",
+    ),
+    "RSA exponent of 34 bits": (
+        ["rsa:2048", *E34],
+        LEAF,
+        "/CN=e34",
+        [],
+        "public exponent is 34 bits long",
     ),
     "negative serial": (P256, LEAF, "/CN=neg", ["-set_serial", "-5"], "serial number -5"),
     "zero serial": (P256, LEAF, "/CN=zero", ["-set_serial", "0"], "serial number 0"),
