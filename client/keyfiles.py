@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pinrpc.channel import swap_journal
 from pinrpc.errors import IdentityError
 from pinrpc.identity import (
     DEFAULT_DAYS,
@@ -68,8 +69,7 @@ def _until_file(cert: Path) -> Path:
     return cert.with_name(cert.name + ".old-until")
 
 
-def journal(cert: Path) -> Path:
-    return cert.with_name(cert.name + ".swap")
+journal = swap_journal  # NAME.crt.swap; the library refuses a pair while it exists
 
 
 def _is_file(path: Path) -> bool:

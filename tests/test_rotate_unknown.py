@@ -1,21 +1,28 @@
 """A rotation whose outcome is unknown (both staged files, no journal): the next `pinrpc`
-call asks the server with each pair and settles it, losing no pair the server admits."""
+call asks the server with each pair and settles it, losing no pair the server admits; and
+the library refuses a pair that an interrupted swap left half-way."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from client.keyfiles import new, old
+from pinrpc.channel import secure_channel
 from pinrpc.cli import Exit
+from pinrpc.errors import IdentityError
 from pinrpc.identity import Fingerprint, KeyPairFiles, load_certificate
-from tests.conftest import Connect, MakeClient
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
+from tests.conftest import SERVER_NAME, Connect, MakeClient
 from tests.test_client_cli import run
-from tests.test_rotate_crash import assert_new_pair_in_place, journal, killed_at
+from tests.test_rotate_crash import assert_new_pair_in_place, journal, killed_at, swap_moves
 
 
 def until(files: KeyPairFiles) -> Path:
@@ -161,3 +168,62 @@ def test_an_unreachable_server_changes_nothing(
     assert code == Exit.CONNECT and err.count("\n") == 1
     assert "cannot tell" in err and "nothing changed" in err
     assert staged_bytes(alice) == before
+
+
+def library_channel(connect: Connect, files: KeyPairFiles) -> grpc.Channel:
+    return secure_channel(
+        connect.target, files.cert_path, files.key_path, connect.devca.ca_path, SERVER_NAME
+    )
+
+
+@pytest.mark.parametrize("renames_done", [0, 1, 3])
+def test_the_library_refuses_a_half_swapped_pair_and_names_the_fix(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str],
+    renames_done: int,
+) -> None:  # fmt: skip
+    """A service starting after a killed swap: it got the old pair (the server retired it at
+    the yes: every call UNAVAILABLE, "Socket closed") or a bare key/certificate mismatch.
+    The library renames nothing (a service may only read the files): it says what fixes it."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    killed_at("swap", ["rotate", *connect.cli_flags(alice), "--overlap", "0"])
+    staged = fingerprint(new(alice.cert_path))
+    for source, target in swap_moves(alice)[:renames_done]:
+        os.replace(source, target)
+    connect.server.trust.poll()
+    names = sorted(path.name for path in alice.cert_path.parent.iterdir())
+    with pytest.raises(IdentityError) as refused:
+        library_channel(connect, alice)
+    message = str(refused.value)
+    assert "interrupted" in message and "\n" not in message
+    assert f"pinrpc whoami --server HOST:PORT --cert {alice.cert_path}" in message
+    assert sorted(path.name for path in alice.cert_path.parent.iterdir()) == names
+    # The command it names finishes the swap; then the library gets in with the new pair.
+    assert run(["whoami", *connect.cli_flags(alice)], capsys)[0] == Exit.OK
+    with library_channel(connect, alice) as channel:
+        me = echo_pb2_grpc.EchoStub(channel).WhoAmI(echo_pb2.WhoAmIRequest(), timeout=10)
+    assert me.fingerprint == staged
+
+
+def test_the_library_waits_for_a_live_swap_instead_of_refusing_it(
+    connect: Connect, make_client: MakeClient
+) -> None:
+    """A swap holds the directory's lock for its milliseconds, journal and all: a service
+    starting meanwhile waits for it rather than calling a healthy rotation interrupted."""
+    alice = make_client("alice")
+    connect.enroll(alice, "alice")
+    fd = os.open(alice.cert_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    results: list[object] = []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        journal(alice.cert_path).write_text("2030-01-01T00:00:00+00:00")
+        caller = threading.Thread(target=lambda: results.append(library_channel(connect, alice)))
+        caller.start()
+        time.sleep(0.3)
+        assert results == [] and caller.is_alive()  # waiting, not refused
+        journal(alice.cert_path).unlink()  # the swap is done
+    finally:
+        os.close(fd)
+    caller.join(10)
+    assert len(results) == 1 and isinstance(results[0], grpc.Channel)
+    results[0].close()
