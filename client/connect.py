@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import sys
@@ -11,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.x509.oid import NameOID
 
 from client import keyfiles
 from pinrpc.channel import dates_problem, load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
-from pinrpc.errors import ERROR_METADATA
+from pinrpc.errors import ERROR_METADATA, IdentityError
 from pinrpc.identity import Fingerprint
+from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
 PROG = "pinrpc"
 ROTATE_HINT = "rotate it now: `pinrpc rotate` (same connection flags)"
@@ -81,13 +84,13 @@ def call(
     cert, key = Path(args.cert), Path(args.key)
     if note := keyfiles.recover(cert, key):  # a killed rotate or keygen
         say(f"{PROG}: {note}")
-    elif os.path.lexists(keyfiles.new(cert)) and os.path.lexists(keyfiles.new(key)):
-        # The server may have enrolled it, and retired this pair (overlap 0): say where it is.
-        say(
-            f"{PROG}: warning: the new pair of an earlier rotation whose outcome was unknown "
-            f"waits as {keyfiles.new(cert)} and {keyfiles.new(key)}; "
-            f"{keyfiles.finish_by_hand(cert, key)}"
-        )
+    if keyfiles.unsettled(cert, key):
+        # The server may have enrolled it, and retired this pair (overlap 0): ask it.
+        try:
+            if settled := settle(args, refuse_busy=False):
+                say(f"{PROG}: {'' if settled.code == Exit.OK else 'warning: '}{settled.note}")
+        except IdentityError as exc:  # the call goes on with the pair in place
+            say(f"{PROG}: warning: {exc}")
     certificate, private_key = load_pair(
         args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
@@ -104,9 +107,7 @@ def call(
             f"{PROG}: warning: your certificate {Path(args.cert).absolute()} expires in "
             f"{left.days} days ({not_after:%Y-%m-%d %H:%M} UTC); {ROTATE_HINT}"
         )
-    if args.server_name:
-        options = [*options, ("grpc.ssl_target_name_override", args.server_name)]
-    with grpc.secure_channel(args.server, creds, options=options) as channel:
+    with _channel(args, creds, options) as channel:
         try:
             return rpc(channel)
         except grpc.RpcError as exc:
@@ -114,6 +115,119 @@ def call(
             if code == Exit.CONNECT and (hint := proxy_hint()):
                 say(f"  {hint}")
             return code
+
+
+def _channel(
+    args: argparse.Namespace,
+    creds: grpc.ChannelCredentials,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    if args.server_name:
+        options = [*options, ("grpc.ssl_target_name_override", args.server_name)]
+    return grpc.secure_channel(args.server, creds, options=options)
+
+
+# A rotate staged its pair this recently: the server may still be deciding (its registry
+# waits up to 5 s per try, 3 tries), so a refusal now does not mean it never happens.
+STAGED_GRACE = dt.timedelta(minutes=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settled:
+    code: Exit  # OK when the files changed, else why nothing did
+    note: str  # one line
+    rotated: bool = False  # the staged pair is now in place
+
+
+def settle(args: argparse.Namespace, *, refuse_busy: bool = True) -> Settled | None:
+    """An earlier rotation whose outcome is unknown (``keyfiles.unsettled``): ask the server
+    with each pair, and swap the staged pair in or drop it. None if nothing is staged, or
+    another rotate of the pair runs (``refuse_busy=False``)."""
+    cert, key = Path(args.cert), Path(args.key)
+    staged_cert, staged_key = keyfiles.new(cert), keyfiles.new(key)
+    with keyfiles.rotating(cert, refuse_busy=refuse_busy) as held:
+        if not (held and keyfiles.unsettled(cert, key)):
+            return None
+        staged = load_pair(
+            staged_cert, staged_key, insecure_key_permissions=args.insecure_key_permissions
+        )[0]
+        fingerprint, staged_answer = Fingerprint.of(staged), _whoami(args, staged_cert, staged_key)
+        current_answer = _whoami(args, cert, key)
+        unknown = f"the outcome of an earlier rotation ({staged_cert}, {staged_key})"
+        if isinstance(staged_answer, str):
+            names = staged.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            # The name rotate made it for: the server's name for the current pair then.
+            made_for = str(names[0].value) if names else ""
+            expected = current_answer if isinstance(current_answer, str) else made_for
+            if staged_answer != expected:
+                return Settled(
+                    Exit.ERROR,
+                    f"the server admits {staged_cert} as {staged_answer!r}, not as "
+                    f"{expected!r}; nothing changed: {keyfiles.finish_by_hand(cert, key)}",
+                )
+            # Refused now: it has ended. Admitted: it is in its overlap, whose end only the
+            # server knows; the *.old pair then stays until the next rotate replaces it.
+            ended = not isinstance(current_answer, str) and refused_at_handshake(current_answer)
+            keyfiles.settle_forward(
+                cert, key, fingerprint, dt.datetime.now(dt.UTC) if ended else None
+            )
+            old = (
+                "no longer admitted"
+                if ended
+                else "its end unknown here: the next rotate replaces it"
+            )
+            return Settled(
+                Exit.OK,
+                f"settled {unknown}: the server admits the new pair as {staged_answer}, now "
+                f"in place as {cert} and {key}; the old pair is kept as *.old ({old})",
+                rotated=True,
+            )
+        if isinstance(current_answer, str) and refused_at_handshake(staged_answer):
+            age = dt.datetime.now(dt.UTC).timestamp() - staged_cert.stat().st_mtime
+            if age < STAGED_GRACE.total_seconds():
+                return Settled(
+                    Exit.ERROR,
+                    f"the server refuses {staged_cert}, staged {age:.0f} s ago, and may still "
+                    f"be deciding {unknown}; nothing changed: run this again in "
+                    f"{STAGED_GRACE.seconds // 60} minutes",
+                )
+            keyfiles.drop_staged(cert, key, fingerprint)
+            return Settled(
+                Exit.OK,
+                f"settled {unknown}: the server refuses the new pair and admits this one, so the "
+                f"rotation never happened; removed {staged_cert} and {staged_key}",
+            )
+        failed = staged_answer if isinstance(current_answer, str) else current_answer
+        return Settled(
+            Exit.CONNECT,
+            f"cannot tell {unknown} from {args.server}: {failed.code().name}: "
+            f"{failed.details()}; nothing changed (the next `{PROG}` call asks again)",
+        )
+
+
+def _whoami(args: argparse.Namespace, cert: Path, key: Path) -> str | grpc.RpcError:
+    """The server's name for this pair, or how the call failed."""
+    pair = load_pair(cert, key, insecure_key_permissions=args.insecure_key_permissions)
+    with _channel(args, pair_credentials(*pair, args.ca)) as channel:
+        try:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            return str(stub.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=args.timeout).name)
+        except grpc.RpcError as exc:
+            return exc
+
+
+# How a handshake the server refused (a certificate it does not admit) ends for the client.
+REFUSED_AT_HANDSHAKE = ("socket closed", "handshake", "connection reset")
+
+
+def refused_at_handshake(exc: grpc.RpcError) -> bool:
+    details = (exc.details() or "").lower()
+    return (
+        exc.code() == grpc.StatusCode.UNAVAILABLE
+        and not _from_server(exc)
+        and "verif" not in details  # the server's certificate failed, not ours
+        and any(sign in details for sign in REFUSED_AT_HANDSHAKE)
+    )
 
 
 def proxy_hint() -> str | None:
@@ -196,7 +310,7 @@ def explain(exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerpri
         say("  is it the right port, and does nothing in between (a firewall, a proxy) hold")
         say("  the connection open? `pinrpc doctor` (same flags) checks step by step.")
         return Exit.CONNECT
-    if "socket closed" in lowered or "handshake" in lowered or "connection reset" in lowered:
+    if any(sign in lowered for sign in REFUSED_AT_HANDSHAKE):
         say(
             f"{PROG}: error: the server at {args.server} closed the connection "
             "during the TLS handshake"

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pinrpc.channel import swap_journal
 from pinrpc.errors import IdentityError
 from pinrpc.identity import (
     DEFAULT_DAYS,
@@ -36,6 +37,7 @@ from pinrpc.identity import (
     exists_error,
     generate_key,
     key_to_pem,
+    load_certificate,
     make_directory,
     move_all,
     self_signed_certificate,
@@ -67,8 +69,7 @@ def _until_file(cert: Path) -> Path:
     return cert.with_name(cert.name + ".old-until")
 
 
-def journal(cert: Path) -> Path:
-    return cert.with_name(cert.name + ".swap")
+journal = swap_journal  # NAME.crt.swap; the library refuses a pair while it exists
 
 
 def _is_file(path: Path) -> bool:
@@ -253,11 +254,12 @@ def unfinished_error(cert: Path, key: Path) -> IdentityError:
 
 
 @contextlib.contextmanager
-def rotating(cert: Path) -> Iterator[None]:
+def rotating(cert: Path, *, refuse_busy: bool = True) -> Iterator[bool]:
     """One rotate of a pair at a time: a second one took the first one's staged *.new pair
     for an unfinished rotation and told the user to move it by hand while the first ran.
     Held on the current certificate's inode, which the swap moves to *.old: a rotate that
-    opens the certificate after that rotates the new pair, as it would a moment later."""
+    opens the certificate after that rotates the new pair, as it would a moment later.
+    Yields True once held; False (with ``refuse_busy=False``) while another process holds it."""
     try:
         fd = os.open(cert, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -266,11 +268,14 @@ def rotating(cert: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not refuse_busy:
+                yield False
+                return
             raise IdentityError(
                 f"another `pinrpc rotate` of {cert} is running; let it finish, then check "
                 f"which pair is in place with `pinrpc whoami` (same connection flags)"
             ) from None
-        yield
+        yield True
     finally:
         os.close(fd)
 
@@ -280,6 +285,10 @@ def check_targets(cert: Path, key: Path) -> None:
     for path in (new(cert), new(key)):
         if os.path.lexists(path):
             raise unfinished_error(cert, key)
+    _check_obstacles(cert, key)
+
+
+def _check_obstacles(cert: Path, key: Path) -> None:
     for path in (old(key), old(cert), _until_file(cert), new(_until_file(cert)), journal(cert)):
         try:
             mode = path.lstat().st_mode
@@ -312,6 +321,51 @@ def swap_in(cert: Path, key: Path, new_cert: Path, new_key: Path, until: dt.date
             with contextlib.suppress(OSError):  # the error below matters, not this cleanup's
                 journal(cert).unlink(missing_ok=True)
         raise IdentityError(f"cannot swap the key pair {cert}, {key}: {exc}") from exc
+
+
+UNKNOWN_END = "unknown"  # a marker no date parses from: the next rotate replaces that *.old
+
+
+def unsettled(cert: Path, key: Path) -> bool:
+    """Both staged files and no journal: a rotation whose outcome only the server knows."""
+    marks = (journal(cert), new(_until_file(cert)))
+    return _is_file(new(cert)) and _is_file(new(key)) and not any(map(os.path.lexists, marks))
+
+
+def _still_staged(cert: Path, key: Path, staged: Fingerprint) -> None:
+    """Under the lock: the pair the server was asked about is still the one staged."""
+    if not unsettled(cert, key) or Fingerprint.of(load_certificate(new(cert))) != staged:
+        raise IdentityError(
+            f"{new(cert)} changed while the server was asked about it (another pinrpc call "
+            f"settled it?); nothing changed here: run the command again"
+        )
+
+
+def settle_forward(cert: Path, key: Path, staged: Fingerprint, until: dt.datetime | None) -> None:
+    """The server admits the staged pair as this client: swap it in through the journal, as
+    a rotate that heard the yes does; the old pair's end is ``until``, None if unknown."""
+    try:
+        with _directory_locked(cert):
+            _still_staged(cert, key, staged)
+            _check_obstacles(cert, key)
+            end = until.isoformat() if until else UNKNOWN_END
+            write_all([(journal(cert), end.encode(), 0o644)], overwrite=False)
+            _roll_forward(cert, key, end)
+    except OSError as exc:  # a journal written stays: the next call rolls it forward
+        raise IdentityError(f"cannot swap in {new(cert)} and {new(key)}: {exc}") from exc
+
+
+def drop_staged(cert: Path, key: Path, staged: Fingerprint) -> None:
+    """The server refused the staged pair and admits the current one: the rotation never
+    happened. The certificate goes first: a lone NAME.key.new is known junk to ``recover``."""
+    try:
+        with _directory_locked(cert):
+            _still_staged(cert, key, staged)
+            new(cert).unlink()
+            new(key).unlink()
+            sync_directories([cert, key])
+    except OSError as exc:
+        raise IdentityError(f"cannot remove {new(cert)} and {new(key)}: {exc}") from exc
 
 
 def remove_expired_old_pair(cert: Path, key: Path, now: dt.datetime | None = None) -> bool:

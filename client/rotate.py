@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from client import keyfiles
-from client.connect import DAYS, PROG, call, connection_flags, say
+from client.connect import DAYS, PROG, call, connection_flags, say, settle
 from pinrpc import proof
 from pinrpc.channel import passphrase_from_env
 from pinrpc.cli import Exit, add_flag, at_least
@@ -67,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
     # First, before the lock on the certificate (a killed swap may have moved it away).
     if note := keyfiles.recover(cert_path, key_path, tidy=True):
         say(f"{PROG}: {note}")
+    # An earlier rotation whose outcome is unknown: the server's answer settles it first.
+    if keyfiles.unsettled(cert_path, key_path) and (settled := settle(args)):
+        if settled.code != Exit.OK:
+            say(f"{PROG}: error: {settled.note}")
+            return settled.code
+        say(f"{PROG}: {settled.note}")
+        if settled.rotated:  # that rotation happened: this one's work is done
+            return Exit.OK
     with keyfiles.rotating(cert_path):
         return _rotate(args, cert_path, key_path)
 
@@ -147,5 +155,6 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
             say(
                 f"  the outcome is unknown: the server may have enrolled the new pair "
                 f"(fingerprint {unknown[0]}), kept as {keyfiles.new(cert_path)} and "
-                f"{keyfiles.new(key_path)}; {keyfiles.finish_by_hand(cert_path, key_path)}"
+                f"{keyfiles.new(key_path)}; the next `{PROG}` call with {cert_path} asks the "
+                f"server and swaps it in or removes it"
             )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,40 @@ def load_pair(
     return certificate, private_key
 
 
+def swap_journal(cert: Path) -> Path:
+    """NAME.crt.swap: while it exists, a swap of the pair (`pinrpc rotate` or `keygen`, see
+    client/keyfiles.py) is under way or was killed, and the pair in place may be mismatched,
+    missing, or one the server no longer admits."""
+    return cert.with_name(cert.name + ".swap")
+
+
+@contextlib.contextmanager
+def _no_swap_under_way(cert: Path, key: Path) -> Iterator[None]:
+    """A shared lock on the pair's directory, which a swap holds exclusively for milliseconds,
+    so a live one is waited for rather than read half-way; then refuse a killed one. Only the
+    pinrpc command finishes it: a library call renames nothing, since it may run as a service
+    whose user may only read the files, beside the pinrpc command that owns them."""
+    try:
+        fd = os.open(cert.absolute().parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        fd = -1  # a directory it may not list: read the files unlocked, as before
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        legacy = cert.with_name(cert.name + ".old-until.new")  # what older pinrpc wrote
+        if marks := [p for p in (swap_journal(cert), legacy) if os.path.lexists(p)]:
+            raise IdentityError(
+                f"the key pair {cert.absolute()} is half-way through an interrupted `pinrpc "
+                f"rotate` or `keygen` ({marks[0].absolute()}); finish it with `pinrpc whoami "
+                f"--server HOST:PORT --cert {cert} --key {key}` (your usual connection flags), "
+                f"then start this again"
+            )
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def client_credentials(
     cert: Path | str,
     key: Path | str,
@@ -69,10 +105,12 @@ def client_credentials(
 ) -> tuple[grpc.ChannelCredentials, Fingerprint]:
     """Credentials for ``cert``/``key`` (see ``load_pair``) and the fingerprint the server
     will see. A certificate outside its dates is refused here, with what to do: the server
-    would refuse it at the handshake, and every call would fail without a reason."""
-    certificate, private_key = load_pair(
-        cert, key, passphrase=passphrase, insecure_key_permissions=insecure_key_permissions
-    )
+    would refuse it at the handshake, and every call would fail without a reason. A pair
+    an interrupted swap left is refused, naming the command that finishes it."""
+    with _no_swap_under_way(Path(cert), Path(key)):
+        certificate, private_key = load_pair(
+            cert, key, passphrase=passphrase, insecure_key_permissions=insecure_key_permissions
+        )
     if problem := dates_problem(certificate, cert):
         what, fix = problem
         raise IdentityError(f"client {what}: the server refuses it; {fix}")

@@ -215,30 +215,6 @@ def test_a_symlink_planted_at_the_staged_key_is_removed_not_followed(
     assert mode(alice.key_path) == 0o600 and not alice.key_path.is_symlink()
 
 
-def test_a_rotate_killed_after_the_yes_before_its_journal_points_at_the_kept_pair(
-    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Killed after the server said yes (overlap 0) but before the journal was written: the
-    current pair no longer gets in, and the only copy of the admitted one is the staged pair.
-    Every call says where it is; rotate refuses until it is settled, losing nothing."""
-    alice = make_client("alice")
-    connect.enroll(alice, "alice")
-    flags = connect.cli_flags(alice)
-    killed_at("swap", ["rotate", *flags, "--overlap", "0"])
-    journal(alice.cert_path).unlink()  # as if killed a moment earlier
-    staged = (new(alice.cert_path).read_bytes(), new(alice.key_path).read_bytes())
-    connect.server.trust.poll()
-    code, _, err = run(["whoami", *flags], capsys)
-    assert code == Exit.CONNECT
-    assert err.startswith("pinrpc: warning: the new pair of an earlier rotation")
-    assert f"pinrpc whoami --cert {new(alice.cert_path)} --key {new(alice.key_path)}" in err
-    code, _, err = run(["rotate", *flags], capsys)
-    assert code == Exit.ERROR and err.count("\n") == 1 and "outcome was unknown" in err
-    assert (new(alice.cert_path).read_bytes(), new(alice.key_path).read_bytes()) == staged
-    following = KeyPairFiles(new(alice.key_path), new(alice.cert_path), alice.fingerprint)
-    assert run(["whoami", *connect.cli_flags(following)], capsys)[0] == Exit.OK
-
-
 def test_two_calls_recovering_at_once_leave_one_whole_pair(
     connect: Connect, make_client: MakeClient
 ) -> None:
