@@ -425,11 +425,17 @@ class SqlRegistry(ABC):
 
     # -- changing --------------------------------------------------------------------------
 
-    def _change(self, body: Callable[[Query], T]) -> T:
+    def _change(self, body: Callable[[Query], T], after: Guard | None = None) -> T:
+        """Run ``body`` as one change; ``after`` (Guard) then checks what it left active."""
+
         def run(q: Query) -> T:
             if self.dialect.change_lock:
                 q(self.dialect.change_lock, ())
             result = body(q)
+            if after is not None:
+                # Revoked rows only ever accumulate (rotations leave one each): skip them.
+                rows = q(f"SELECT {COLUMNS} FROM clients WHERE revoked_at IS NULL", ())  # noqa: S608
+                after([c for c in self._decoded(rows) if c.active])
             q(self.dialect.bump_generation, ())
             self._announce(q, _raw_generation(q))
             return result
@@ -468,9 +474,12 @@ class SqlRegistry(ABC):
         *,
         replace: bool = False,
         guard: Guard | None = None,
+        after: Guard | None = None,
     ) -> Client:
         now = self.dialect.encode_time(now_utc())
-        self._change(lambda q: self._enroll(q, candidate, name, allowed, replace, now, guard))
+        self._change(
+            lambda q: self._enroll(q, candidate, name, allowed, replace, now, guard), after
+        )
         return self.find(candidate.fingerprint.hex)
 
     def _enroll(
@@ -609,9 +618,12 @@ class SqlRegistry(ABC):
                 ) from exc
             raise
 
-    def revoke(self, ref: str, *, guard: Guard | None = None) -> list[Client]:
+    def revoke(
+        self, ref: str, *, guard: Guard | None = None, after: Guard | None = None
+    ) -> list[Client]:
         """Revoke one certificate by fingerprint, or by name every usable one of that client;
-        return the certificates it ended, the one ``ref`` names first. ``guard``: Guard."""
+        return the certificates it ended, the one ``ref`` names first. ``guard``, ``after``:
+        Guard."""
 
         def body(q: Query) -> list[Client]:
             client, named = self._named(q, ref)
@@ -639,13 +651,20 @@ class SqlRegistry(ABC):
             # in the list, and nothing that comes after it is.
             return self._as_now(q, client.name, ended)
 
-        return self._change(body)
+        return self._change(body, after)
 
-    def permit(self, ref: str, allowed: Sequence[str], *, guard: Guard | None = None) -> Client:
+    def permit(
+        self,
+        ref: str,
+        allowed: Sequence[str],
+        *,
+        guard: Guard | None = None,
+        after: Guard | None = None,
+    ) -> Client:
         """Replace the permissions of the client ``ref`` names (by name or by the fingerprint
         of any of its certificates) on every certificate it may use: during a rotation's
         overlap the retiring one too, which would otherwise keep what was taken away.
-        ``guard``: Guard."""
+        ``guard``, ``after``: Guard."""
         found: list[Client] = []
 
         def body(q: Query) -> None:
@@ -670,7 +689,7 @@ class SqlRegistry(ABC):
                 )
             found.append(client)
 
-        self._change(body)
+        self._change(body, after)
         return self.find(found[0].fingerprint.hex)
 
     # -- enrollment requests (never trusted until approved) ----------------------------------
