@@ -425,22 +425,25 @@ class SqlRegistry(ABC):
 
     # -- changing --------------------------------------------------------------------------
 
-    def _change(self, body: Callable[[Query], T], after: Guard | None = None) -> T:
-        """Run ``body`` as one change; ``after`` (Guard) then checks what it left active."""
-
+    def _change(self, body: Callable[[Query], T]) -> T:
         def run(q: Query) -> T:
             if self.dialect.change_lock:
                 q(self.dialect.change_lock, ())
             result = body(q)
-            if after is not None:
-                # Revoked rows only ever accumulate (rotations leave one each): skip them.
-                rows = q(f"SELECT {COLUMNS} FROM clients WHERE revoked_at IS NULL", ())  # noqa: S608
-                after([c for c in self._decoded(rows) if c.active])
             q(self.dialect.bump_generation, ())
             self._announce(q, _raw_generation(q))
             return result
 
         return self._transaction(run)
+
+    def _check_after(self, q: Query, after: Guard | None) -> None:
+        """Call ``after`` (Guard) with the active certificates as the change left them. Call
+        it before reading any row the change revoked: a revocation once decoded is held for
+        good (_hold_revocations), and ``after`` may yet roll this one back. Revoked rows are
+        left out of the read for that reason too, and because they only ever accumulate."""
+        if after is not None:
+            rows = q(f"SELECT {COLUMNS} FROM clients WHERE revoked_at IS NULL", ())  # noqa: S608
+            after([c for c in self._decoded(rows) if c.active])
 
     def _as_now(self, q: Query, name: str, wanted: Sequence[Fingerprint]) -> list[Client]:
         """The certificates of ``name`` with these fingerprints, in this order, as the
@@ -478,7 +481,7 @@ class SqlRegistry(ABC):
     ) -> Client:
         now = self.dialect.encode_time(now_utc())
         self._change(
-            lambda q: self._enroll(q, candidate, name, allowed, replace, now, guard), after
+            lambda q: self._enroll(q, candidate, name, allowed, replace, now, guard, after)
         )
         return self.find(candidate.fingerprint.hex)
 
@@ -491,6 +494,7 @@ class SqlRegistry(ABC):
         replace: bool,
         now: object,
         guard: Guard | None = None,
+        after: Guard | None = None,
     ) -> None:
         rows = self._all(q)
         check_enrollment(candidate, name, rows, replace)
@@ -506,6 +510,7 @@ class SqlRegistry(ABC):
             # A re-key that names no permissions keeps them: dropping them would cut it off.
             allowed = allowed or replaced[0].allowed_methods
         self._insert(q, candidate, name, allowed, now)
+        self._check_after(q, after)
 
     def rotate(
         self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta
@@ -647,11 +652,12 @@ class SqlRegistry(ABC):
                     "WHERE fingerprint = ? AND revoked_at IS NULL",
                     (self.dialect.encode_time(now_utc()), fp.hex),
                 )
+            self._check_after(q, after)
             # Read here, not after the commit: a rotation landing just before this revoke is
             # in the list, and nothing that comes after it is.
             return self._as_now(q, client.name, ended)
 
-        return self._change(body, after)
+        return self._change(body)
 
     def permit(
         self,
@@ -687,9 +693,10 @@ class SqlRegistry(ABC):
                     "WHERE fingerprint = ? AND revoked_at IS NULL",
                     (json.dumps(list(allowed)), target.fingerprint.hex),
                 )
+            self._check_after(q, after)
             found.append(client)
 
-        self._change(body, after)
+        self._change(body)
         return self.find(found[0].fingerprint.hex)
 
     # -- enrollment requests (never trusted until approved) ----------------------------------

@@ -4,6 +4,7 @@ change lands just before it; the server's local `pinrpc-server` still makes it."
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
@@ -15,6 +16,7 @@ import pytest
 from pinrpc.cli import Exit
 from pinrpc.identity import KeyPairFiles
 from server import cli as server_cli
+from server.enrollment import check_certificate
 from server.registry import SqliteRegistry, open_registry
 from tests.conftest import ECHO_ALL, Connect, MakeClient, registry_dump, whoami
 from tests.test_lifecycle import ADMIN, run
@@ -68,6 +70,8 @@ def test_the_last_full_admin_cannot_be_ended_remotely(
     assert SAYS in err and "`pinrpc-server`" in err, err
     assert registry_dump(connect.server_registry, capsys) == before
     assert refusals(caplog) == [("root", ADMIN.removesuffix("*") + argv[0].capitalize())]
+    # The server holds no revocation the refusal rolled back, once it reloads (on a change).
+    connect.enroll(make_client("later"), "later", ECHO_ALL)
     assert whoami(connect.stub(root.cert_path, root.key_path)).name == "root"
 
 
@@ -170,3 +174,26 @@ def test_two_full_admins_revoking_each_other_at_once_leave_one(
         other.close()
     assert code == Exit.ERROR and SAYS in err, err
     assert [c["name"] for c in rows(connect, capsys) if c["revoked_at"] is None] == ["ops"]
+
+
+def test_a_retiring_certificate_does_not_count_as_remaining(
+    connect: Connect, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Within a rotation's overlap the old certificate still works, but only until it ends:
+    revoking the new one would lock the server out then. Revoking the old one is fine."""
+    root, root2 = make_client("root"), make_client("root2")
+    connect.enroll(root, "root", ADMIN)
+    other = open_registry(str(connect.server_registry))
+    try:
+        new = check_certificate(root2.cert_path.read_bytes(), str(root2.cert_path))
+        other.rotate(root.fingerprint, new, dt.timedelta(hours=1))
+    finally:
+        other.close()
+    connect.server.trust.poll()
+    before = rows(connect, capsys)
+    code, err = admin(["revoke", str(root2.fingerprint)], root2, connect, capsys)
+    assert code == Exit.ERROR and SAYS in err, err
+    assert rows(connect, capsys) == before
+    connect.server.trust.poll()
+    code, err = admin(["revoke", str(root.fingerprint)], root2, connect, capsys)
+    assert code == Exit.OK, err
