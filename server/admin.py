@@ -33,7 +33,7 @@ from server.audit import Audit
 from server.auth import ADMIN_PREFIX, Identity, caller
 from server.enrollment import Candidate, check_certificate, check_patterns, new_permissions
 from server.registry import Client, Registry, now_utc
-from server.registry_model import Guard
+from server.registry_model import After, Guard
 
 MAX_CERT_BYTES = 64 * 1024
 
@@ -176,7 +176,7 @@ def _within_reach(who: Identity) -> Guard:
     return guard
 
 
-def _guards(who: Identity) -> tuple[Guard, Guard]:
+def _guards(who: Identity) -> tuple[Guard, After]:
     """The change's checks, both inside its transaction: before it, the caller's reach on the
     clients it acts on; after it, if it acted on a full administrator, that one remains.
 
@@ -190,10 +190,11 @@ def _guards(who: Identity) -> tuple[Guard, Guard]:
         within_reach(clients)
         acted_on[:] = clients  # what this transaction acts on
 
-    def after(active: Sequence[Client]) -> None:
+    def after(remaining: Callable[[], Sequence[Client]]) -> None:
         if not any(_full(c.allowed_methods) for c in acted_on):
-            return  # the full administrators are as before
+            return  # the full administrators are as before: spare the read of every row
         now = now_utc()
+        active = remaining()
         if not any(c.current and c.not_after > now and _full(c.allowed_methods) for c in active):
             raise ConflictError(
                 f"this change would leave no client allowed all of {ADMIN_ALL}, and nobody "

@@ -82,11 +82,13 @@ class Pending:
 Guard = Callable[[Sequence[Client]], None]
 """Called by a change inside its write transaction with the certificates it is about to change
 (as that transaction reads them); raising refuses the change, which then changes nothing. A
-check made on an earlier read could be overtaken by another change before this one.
+check made on an earlier read could be overtaken by another change before this one."""
 
-Passed as ``after``, a guard is called instead, in the same transaction once the change is
-made, with every active certificate as the change leaves them (uncommitted): a check of what
-remains, e.g. that some client can still administer the server."""
+After = Callable[[Callable[[], Sequence[Client]]], None]
+"""Called by a change in the same transaction once it is made, with a function that reads
+every active certificate as the change leaves them (uncommitted; a read of every row, so only
+on demand); raising refuses the change. A check of what remains, e.g. that some client can
+still administer the server."""
 
 
 class Registry(Protocol):
@@ -102,14 +104,14 @@ class Registry(Protocol):
         *,
         replace: bool = False,
         guard: Guard | None = None,
-        after: Guard | None = None,
+        after: After | None = None,
     ) -> Client:
         """``guard`` sees the certificates a ``replace`` revokes (none for a new name);
         ``after``, the active ones as the enrollment leaves them."""
         ...
 
     def revoke(
-        self, ref: str, *, guard: Guard | None = None, after: Guard | None = None
+        self, ref: str, *, guard: Guard | None = None, after: After | None = None
     ) -> list[Client]:
         """Revoke one certificate by fingerprint, or by name every usable one of the client;
         return what it ended (the certificate ``ref`` names first) as its transaction left it.
@@ -122,7 +124,7 @@ class Registry(Protocol):
         allowed: Sequence[str],
         *,
         guard: Guard | None = None,
-        after: Guard | None = None,
+        after: After | None = None,
     ) -> Client:
         """Replace the allowed method patterns of every usable certificate of a client;
         ``guard`` sees those certificates, ``after`` the active ones as the change leaves them."""

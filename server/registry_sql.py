@@ -23,6 +23,7 @@ from pinrpc.errors import CapacityError, ConflictError, NotFoundError, RegistryE
 from pinrpc.identity import Fingerprint
 from server.enrollment import REKEY_HINT, Candidate, check_certificate
 from server.registry_model import (
+    After,
     Client,
     Guard,
     Pending,
@@ -436,14 +437,14 @@ class SqlRegistry(ABC):
 
         return self._transaction(run)
 
-    def _check_after(self, q: Query, after: Guard | None) -> None:
-        """Call ``after`` (Guard) with the active certificates as the change left them. Call
-        it before reading any row the change revoked: a revocation once decoded is held for
-        good (_hold_revocations), and ``after`` may yet roll this one back. Revoked rows are
-        left out of the read for that reason too, and because they only ever accumulate."""
+    def _check_after(self, q: Query, after: After | None) -> None:
+        """Call ``after`` (After) with a read of the active certificates as the change left
+        them; before any read of a row the change revoked: a revocation once decoded is held
+        for good (_hold_revocations), and ``after`` may yet roll this one back. The read leaves
+        revoked rows out for that reason too, and because they only ever accumulate."""
         if after is not None:
-            rows = q(f"SELECT {COLUMNS} FROM clients WHERE revoked_at IS NULL", ())  # noqa: S608
-            after([c for c in self._decoded(rows) if c.active])
+            sql = f"SELECT {COLUMNS} FROM clients WHERE revoked_at IS NULL"  # noqa: S608
+            after(lambda: [c for c in self._decoded(q(sql, ())) if c.active])
 
     def _as_now(self, q: Query, name: str, wanted: Sequence[Fingerprint]) -> list[Client]:
         """The certificates of ``name`` with these fingerprints, in this order, as the
@@ -477,7 +478,7 @@ class SqlRegistry(ABC):
         *,
         replace: bool = False,
         guard: Guard | None = None,
-        after: Guard | None = None,
+        after: After | None = None,
     ) -> Client:
         now = self.dialect.encode_time(now_utc())
         self._change(
@@ -494,7 +495,7 @@ class SqlRegistry(ABC):
         replace: bool,
         now: object,
         guard: Guard | None = None,
-        after: Guard | None = None,
+        after: After | None = None,
     ) -> None:
         rows = self._all(q)
         check_enrollment(candidate, name, rows, replace)
@@ -624,11 +625,11 @@ class SqlRegistry(ABC):
             raise
 
     def revoke(
-        self, ref: str, *, guard: Guard | None = None, after: Guard | None = None
+        self, ref: str, *, guard: Guard | None = None, after: After | None = None
     ) -> list[Client]:
         """Revoke one certificate by fingerprint, or by name every usable one of that client;
-        return the certificates it ended, the one ``ref`` names first. ``guard``, ``after``:
-        Guard."""
+        return the certificates it ended, the one ``ref`` names first. ``guard``: Guard;
+        ``after``: After."""
 
         def body(q: Query) -> list[Client]:
             client, named = self._named(q, ref)
@@ -665,12 +666,12 @@ class SqlRegistry(ABC):
         allowed: Sequence[str],
         *,
         guard: Guard | None = None,
-        after: Guard | None = None,
+        after: After | None = None,
     ) -> Client:
         """Replace the permissions of the client ``ref`` names (by name or by the fingerprint
         of any of its certificates) on every certificate it may use: during a rotation's
         overlap the retiring one too, which would otherwise keep what was taken away.
-        ``guard``, ``after``: Guard."""
+        ``guard``: Guard; ``after``: After."""
         found: list[Client] = []
 
         def body(q: Query) -> None:

@@ -4,7 +4,7 @@ PostgreSQL: two full admins ending each other at the same moment leave one."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from server.admin import ADMIN_ALL, _guards
 from server.auth import Identity
 from server.enrollment import Candidate, check_certificate
 from server.registry import Client, open_registry
-from server.registry_model import Guard, Registry
+from server.registry_model import After, Guard, Registry
 from tests.conftest import ECHO_ALL, MakeClient
 
 
@@ -27,7 +27,7 @@ def full_admin(name: str, cert: Path) -> Identity:
 
 
 def end(
-    registry: Registry, change: str, target: str, key: Path, guards: tuple[Guard, Guard]
+    registry: Registry, change: str, target: str, key: Path, guards: tuple[Guard, After]
 ) -> None:
     """Revoke ``target``, strip it to Echo, or re-key it to ``key`` with Echo only."""
     guard, after = guards
@@ -59,11 +59,11 @@ def test_two_full_admins_ending_each_other_at_once_leave_one(
     worker = threading.Thread(target=ops_ends_root)
     guard, after = _guards(full_admin("root", root.cert_path))
 
-    def racing(active: Sequence[Client]) -> None:
+    def racing(remaining: Callable[[], Sequence[Client]]) -> None:
         worker.start()
         worker.join(0.3)  # waits for the write lock root's change holds
         assert worker.is_alive()
-        after(active)
+        after(remaining)
 
     try:
         for files, name in ((root, "root"), (ops, "ops")):
