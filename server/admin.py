@@ -33,7 +33,7 @@ from server.audit import Audit
 from server.auth import ADMIN_PREFIX, Identity, caller
 from server.enrollment import Candidate, check_certificate, check_patterns, new_permissions
 from server.registry import Client, Registry, now_utc
-from server.registry_model import Guard
+from server.registry_model import After, Guard
 
 MAX_CERT_BYTES = 64 * 1024
 
@@ -142,13 +142,18 @@ def covers(held: str, granted: str) -> bool:
     return stem != held and not _GLOB.search(stem) and granted.startswith(stem)
 
 
+def _full(patterns: Sequence[str]) -> bool:
+    """Allowed every Admin method (as far as ``covers`` can show)."""
+    return any(covers(p, ADMIN_ALL) for p in patterns)
+
+
 def _reach(who: Identity, patterns: Sequence[str], holder: str) -> None:
     """A caller not allowed every Admin method may grant only patterns its own cover, and
     revoke, re-permit or re-key only clients whose patterns its own cover: without this
     `Permit` alone granted its caller all of Admin, and `Revoke` alone ended the operator's.
     ``holder``: whose ``patterns`` they are, for the refusal ('' for the requested ones)."""
     held = who.allowed_methods
-    if any(covers(h, ADMIN_ALL) for h in held):
+    if _full(held):
         return  # a full administrator: it could grant itself anything anyway
     beyond = [p for p in patterns if not any(covers(h, p) for h in held)]
     if beyond:
@@ -169,6 +174,35 @@ def _within_reach(who: Identity) -> Guard:
             _reach(who, client.allowed_methods, client.name)
 
     return guard
+
+
+def _guards(who: Identity) -> tuple[Guard, After]:
+    """The change's checks, both inside its transaction: before it, the caller's reach on the
+    clients it acts on; after it, if it acted on a full administrator, that one remains.
+
+    Without the second, one full admin (or a stolen key of one) could revoke, strip or re-key
+    every full admin, itself included, and only a shell on the server could undo it. Remaining
+    means a current (not retiring), unexpired certificate: a retiring one ends on its own."""
+    within_reach = _within_reach(who)
+    acted_on: list[Client] = []
+
+    def guard(clients: Sequence[Client]) -> None:
+        within_reach(clients)
+        acted_on[:] = clients  # what this transaction acts on
+
+    def after(remaining: Callable[[], Sequence[Client]]) -> None:
+        if not any(_full(c.allowed_methods) for c in acted_on):
+            return  # the full administrators are as before: spare the read of every row
+        now = now_utc()
+        active = remaining()
+        if not any(c.current and c.not_after > now and _full(c.allowed_methods) for c in active):
+            raise ConflictError(
+                f"this change would leave no client allowed all of {ADMIN_ALL}, and nobody "
+                "could administer the server remotely; give another client those permissions "
+                "first, or make the change on the server machine with `pinrpc-server`"
+            )
+
+    return guard, after
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -206,8 +240,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             name = check_name(request.name)
             _reach(who, allowed, "")
             # A re-key revokes the client's certificates and may keep their permissions.
+            guard, after = _guards(who)
             client = self._registry.enroll(
-                candidate, name, allowed, replace=request.replace, guard=_within_reach(who)
+                candidate, name, allowed, replace=request.replace, guard=guard, after=after
             )
         except PinrpcError as exc:
             self._refused(context, "Enroll", who, exc)
@@ -221,7 +256,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.Client:
         who = caller()
         try:
-            client, *others = self._registry.revoke(request.client, guard=_within_reach(who))
+            guard, after = _guards(who)
+            client, *others = self._registry.revoke(request.client, guard=guard, after=after)
         except PinrpcError as exc:
             self._refused(context, "Revoke", who, exc)
         # By name, a client in a rotation's overlap loses its retiring certificates too: their
@@ -238,7 +274,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         try:
             allowed = new_permissions(list(request.allowed_methods), request.none)
             _reach(who, allowed, "")
-            client = self._registry.permit(request.client, allowed, guard=_within_reach(who))
+            guard, after = _guards(who)
+            client = self._registry.permit(request.client, allowed, guard=guard, after=after)
         except PinrpcError as exc:
             self._refused(context, "Permit", who, exc)
         self._changed("permit", client, allowed_methods=list(client.allowed_methods))

@@ -84,6 +84,12 @@ Guard = Callable[[Sequence[Client]], None]
 (as that transaction reads them); raising refuses the change, which then changes nothing. A
 check made on an earlier read could be overtaken by another change before this one."""
 
+After = Callable[[Callable[[], Sequence[Client]]], None]
+"""Called by a change in the same transaction once it is made, with a function that reads
+every active certificate as the change leaves them (uncommitted; a read of every row, so only
+on demand); raising refuses the change. A check of what remains, e.g. that some client can
+still administer the server."""
+
 
 class Registry(Protocol):
     """What the server and the admin CLI need from a registry backend."""
@@ -98,19 +104,30 @@ class Registry(Protocol):
         *,
         replace: bool = False,
         guard: Guard | None = None,
+        after: After | None = None,
     ) -> Client:
-        """``guard`` sees the certificates a ``replace`` revokes (none for a new name)."""
+        """``guard`` sees the certificates a ``replace`` revokes (none for a new name);
+        ``after``, the active ones as the enrollment leaves them."""
         ...
 
-    def revoke(self, ref: str, *, guard: Guard | None = None) -> list[Client]:
+    def revoke(
+        self, ref: str, *, guard: Guard | None = None, after: After | None = None
+    ) -> list[Client]:
         """Revoke one certificate by fingerprint, or by name every usable one of the client;
         return what it ended (the certificate ``ref`` names first) as its transaction left it.
-        ``guard`` sees those certificates."""
+        ``guard`` sees those certificates; ``after``, the active ones that remain."""
         ...
 
-    def permit(self, ref: str, allowed: Sequence[str], *, guard: Guard | None = None) -> Client:
+    def permit(
+        self,
+        ref: str,
+        allowed: Sequence[str],
+        *,
+        guard: Guard | None = None,
+        after: After | None = None,
+    ) -> Client:
         """Replace the allowed method patterns of every usable certificate of a client;
-        ``guard`` sees those certificates."""
+        ``guard`` sees those certificates, ``after`` the active ones as the change leaves them."""
         ...
 
     def rotate(

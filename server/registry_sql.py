@@ -23,6 +23,7 @@ from pinrpc.errors import CapacityError, ConflictError, NotFoundError, RegistryE
 from pinrpc.identity import Fingerprint
 from server.enrollment import REKEY_HINT, Candidate, check_certificate
 from server.registry_model import (
+    After,
     Client,
     Guard,
     Pending,
@@ -436,6 +437,15 @@ class SqlRegistry(ABC):
 
         return self._transaction(run)
 
+    def _check_after(self, q: Query, after: After | None) -> None:
+        """Call ``after`` (After) with a read of the active certificates as the change left
+        them; before any read of a row the change revoked: a revocation once decoded is held
+        for good (_hold_revocations), and ``after`` may yet roll this one back. The read leaves
+        revoked rows out for that reason too, and because they only ever accumulate."""
+        if after is not None:
+            sql = f"SELECT {COLUMNS} FROM clients WHERE revoked_at IS NULL"  # noqa: S608
+            after(lambda: [c for c in self._decoded(q(sql, ())) if c.active])
+
     def _as_now(self, q: Query, name: str, wanted: Sequence[Fingerprint]) -> list[Client]:
         """The certificates of ``name`` with these fingerprints, in this order, as the
         caller's transaction left them: a read after the commit could include later changes."""
@@ -468,9 +478,12 @@ class SqlRegistry(ABC):
         *,
         replace: bool = False,
         guard: Guard | None = None,
+        after: After | None = None,
     ) -> Client:
         now = self.dialect.encode_time(now_utc())
-        self._change(lambda q: self._enroll(q, candidate, name, allowed, replace, now, guard))
+        self._change(
+            lambda q: self._enroll(q, candidate, name, allowed, replace, now, guard, after)
+        )
         return self.find(candidate.fingerprint.hex)
 
     def _enroll(
@@ -482,6 +495,7 @@ class SqlRegistry(ABC):
         replace: bool,
         now: object,
         guard: Guard | None = None,
+        after: After | None = None,
     ) -> None:
         rows = self._all(q)
         check_enrollment(candidate, name, rows, replace)
@@ -497,6 +511,7 @@ class SqlRegistry(ABC):
             # A re-key that names no permissions keeps them: dropping them would cut it off.
             allowed = allowed or replaced[0].allowed_methods
         self._insert(q, candidate, name, allowed, now)
+        self._check_after(q, after)
 
     def rotate(
         self, current: Fingerprint, successor: Candidate, overlap: dt.timedelta
@@ -609,9 +624,12 @@ class SqlRegistry(ABC):
                 ) from exc
             raise
 
-    def revoke(self, ref: str, *, guard: Guard | None = None) -> list[Client]:
+    def revoke(
+        self, ref: str, *, guard: Guard | None = None, after: After | None = None
+    ) -> list[Client]:
         """Revoke one certificate by fingerprint, or by name every usable one of that client;
-        return the certificates it ended, the one ``ref`` names first. ``guard``: Guard."""
+        return the certificates it ended, the one ``ref`` names first. ``guard``: Guard;
+        ``after``: After."""
 
         def body(q: Query) -> list[Client]:
             client, named = self._named(q, ref)
@@ -635,17 +653,25 @@ class SqlRegistry(ABC):
                     "WHERE fingerprint = ? AND revoked_at IS NULL",
                     (self.dialect.encode_time(now_utc()), fp.hex),
                 )
+            self._check_after(q, after)
             # Read here, not after the commit: a rotation landing just before this revoke is
             # in the list, and nothing that comes after it is.
             return self._as_now(q, client.name, ended)
 
         return self._change(body)
 
-    def permit(self, ref: str, allowed: Sequence[str], *, guard: Guard | None = None) -> Client:
+    def permit(
+        self,
+        ref: str,
+        allowed: Sequence[str],
+        *,
+        guard: Guard | None = None,
+        after: After | None = None,
+    ) -> Client:
         """Replace the permissions of the client ``ref`` names (by name or by the fingerprint
         of any of its certificates) on every certificate it may use: during a rotation's
         overlap the retiring one too, which would otherwise keep what was taken away.
-        ``guard``: Guard."""
+        ``guard``: Guard; ``after``: After."""
         found: list[Client] = []
 
         def body(q: Query) -> None:
@@ -668,6 +694,7 @@ class SqlRegistry(ABC):
                     "WHERE fingerprint = ? AND revoked_at IS NULL",
                     (json.dumps(list(allowed)), target.fingerprint.hex),
                 )
+            self._check_after(q, after)
             found.append(client)
 
         self._change(body)
