@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, SerializeToJsonError
 
 from client.connect import call, connection_flags, file_path
 from pinrpc.cli import (
@@ -22,9 +22,12 @@ from pinrpc.cli import (
     add_flag,
     add_permit_flags,
     allow_patterns,
+    answer_time,
     permit_patterns,
+    shown,
     utf8,
 )
+from pinrpc.errors import AnswerError
 from pinrpc.identity import cert_to_pem, load_certificate
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
@@ -71,13 +74,18 @@ def _show(clients: list[admin_pb2.Client], as_json: bool) -> None:
         print(json.dumps([_as_json(c) for c in clients]))
         return
     for c in clients:
-        print(f"{c.name}  {c.fingerprint}  {_status(c)}  {','.join(c.allowed_methods) or '-'}")
+        # Server text, and another admin's input: one line per client, whatever it holds.
+        methods = shown(",".join(c.allowed_methods)) or "-"
+        print(f"{shown(c.name)}  {shown(c.fingerprint)}  {_status(c)}  {methods}")
 
 
 def _as_json(client: admin_pb2.Client) -> dict[str, Any]:
-    fields = MessageToDict(
-        client, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    try:
+        fields = MessageToDict(
+            client, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    except SerializeToJsonError as exc:  # a timestamp outside years 1-9999
+        raise AnswerError(f"the server answered with an invalid client record: {exc}") from exc
     fields.pop("also_revoked", None)  # `revoke` lists them as clients of their own
     return {**dict.fromkeys(UNSET_TIMES), **fields}
 
@@ -86,12 +94,12 @@ def _status(c: admin_pb2.Client) -> str:
     """As `pinrpc-server list` says it, from the times: ``active`` is false for all of these."""
     now = dt.datetime.now(dt.UTC)
     if c.HasField("revoked_at"):
-        return f"revoked {c.revoked_at.ToDatetime(dt.UTC):%Y-%m-%d}"
+        return f"revoked {answer_time(c.revoked_at, 'revoked_at'):%Y-%m-%d}"
     if c.HasField("retire_at"):
-        retire = c.retire_at.ToDatetime(dt.UTC)
+        retire = answer_time(c.retire_at, "retire_at")
         return f"{'retiring' if retire > now else 'retired'} {retire:%Y-%m-%d %H:%M}"
-    if c.not_after.ToDatetime(dt.UTC) <= now:
-        return f"expired {c.not_after.ToDatetime(dt.UTC):%Y-%m-%d}"
+    if (not_after := answer_time(c.not_after, "not_after")) <= now:
+        return f"expired {not_after:%Y-%m-%d}"
     return "active"
 
 

@@ -34,7 +34,7 @@ from cryptography.x509 import verification
 
 from client.connect import file_path, key_permissions_flag, proxy_hint, server_flags
 from pinrpc.channel import load_pair, pair_credentials
-from pinrpc.cli import Exit, add_flag
+from pinrpc.cli import Exit, add_flag, shown
 from pinrpc.errors import PinrpcError
 from pinrpc.identity import (
     Fingerprint,
@@ -110,13 +110,20 @@ def default_roots() -> tuple[Path | None, str]:
     return (Path(cafile), f"system roots {cafile}") if cafile else (None, "no roots found")
 
 
+def dn(name: x509.Name) -> str:
+    """A distinguished name as one printable line: RFC 4514 leaves control characters as
+    they are, and the server's certificate is shown before anything about it is trusted."""
+    return shown(name.rfc4514_string())
+
+
 def cert_names(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         common = cert.subject.get_attributes_for_oid(x509.OID_COMMON_NAME)
-        return [f"CN:{a.value!s}" for a in common]  # gRPC falls back to the CN without a SAN
-    return [f"DNS:{n}" for n in san.get_values_for_type(x509.DNSName)] + [
+        # gRPC falls back to the CN without a SAN. Any server's text, before it is verified.
+        return [f"CN:{shown(str(a.value))}" for a in common]
+    return [f"DNS:{shown(n)}" for n in san.get_values_for_type(x509.DNSName)] + [
         f"IP:{ip}" for ip in san.get_values_for_type(x509.IPAddress)
     ]
 
@@ -273,8 +280,8 @@ class Doctor:
                 "check the host name in --server and this machine's DNS",
             ) from exc
         self.addresses = infos
-        shown = ", ".join(dict.fromkeys(str(info[4][0]) for info in infos))
-        return f"{self.host} -> {shown}"
+        addresses = ", ".join(dict.fromkeys(str(info[4][0]) for info in infos))
+        return f"{self.host} -> {addresses}"
 
     def tcp_connect(self) -> str:
         errors = []
@@ -366,21 +373,28 @@ class Doctor:
         leaf, intermediates = chain[0], chain[1:]
         names = cert_names(leaf)
         detail = (
-            f"{leaf.subject.rfc4514_string()}, issued by {leaf.issuer.rfc4514_string()}, "
+            f"{dn(leaf.subject)}, issued by {dn(leaf.issuer)}, "
             f"{describe_expiry(leaf.not_valid_after_utc)}, {len(chain)} certificate(s) sent"
         )
         subject: verification.Subject
         first = names[0].partition(":")[2] if names else ""
-        if names and names[0].startswith("IP:"):
-            subject = x509.IPAddress(ipaddress.ip_address(first))
-        else:
-            subject = x509.DNSName(first)
-        verifier = (
-            verification.PolicyBuilder()
-            .store(verification.Store(self.roots))
-            .time(dt.datetime.now(dt.UTC))
-            .build_server_verifier(subject)
-        )
+        try:  # a CN without a SAN may be any text ("My Server"), which no client can verify
+            if names and names[0].startswith("IP:"):
+                subject = x509.IPAddress(ipaddress.ip_address(first))
+            else:
+                subject = x509.DNSName(first)
+            verifier = (
+                verification.PolicyBuilder()
+                .store(verification.Store(self.roots))
+                .time(dt.datetime.now(dt.UTC))
+                .build_server_verifier(subject)
+            )
+        except ValueError as exc:
+            raise Failed(
+                f"{detail}: names no host a client can verify ({', '.join(names) or 'none'})",
+                "the operator must serve a certificate whose subjectAltName holds the server's "
+                "DNS name or IP address",
+            ) from exc
         try:
             verifier.verify(leaf, intermediates)
         except (verification.VerificationError, ValueError) as exc:
@@ -392,7 +406,7 @@ class Doctor:
                 fix = "the server sends its leaf alone: serve fullchain.pem (leaf + intermediate)"
             why = str(exc)
             if "candidates exhausted" in why:
-                why = f"no path from {leaf.issuer.rfc4514_string()} to a trusted root ({why})"
+                why = f"no path from {dn(leaf.issuer)} to a trusted root ({why})"
             raise Failed(f"{detail}: not trusted: {why}", fix) from exc
         days = days_left(leaf.not_valid_after_utc)
         if days < WARN_DAYS:
@@ -470,7 +484,7 @@ class Doctor:
                 )
             except grpc.RpcError as exc:
                 code: grpc.StatusCode = exc.code()
-                reason = f"{code.name}: {exc.details()}"
+                reason = f"{code.name}: {shown(exc.details() or '')}"
                 if code == grpc.StatusCode.UNIMPLEMENTED:
                     # Answered, so not a connection failure: exit 5, as `pinrpc whoami`.
                     raise Failed(reason, NOT_PINRPC_FIX, Exit.RPC) from exc
@@ -487,7 +501,7 @@ class Doctor:
                     "account",
                     Exit.DENIED if denied else Exit.CONNECT,
                 ) from exc
-        allowed = ", ".join(reply.allowed_methods) or "(WhoAmI, health and reflection only)"
+        allowed = shown(", ".join(reply.allowed_methods)) or "(WhoAmI, health and reflection only)"
         return f"enrolled as {reply.name!r}; allowed: {allowed}"
 
 

@@ -13,10 +13,17 @@ from typing import Any
 
 import grpc
 
-from client.connect import PROG, REFUSED_INPUT, connection_flags, proxy_hint, say
+from client.connect import (
+    PROG,
+    REFUSED_INPUT,
+    _from_server,  # one test of "the server answered", the one connect.py uses
+    connection_flags,
+    proxy_hint,
+    say,
+)
 from pinrpc import proof
 from pinrpc.channel import load_pair, roots_from_env
-from pinrpc.cli import Exit, add_flag, utf8
+from pinrpc.cli import Exit, add_flag, answer_time, shown, utf8
 from pinrpc.identity import Fingerprint, cert_to_pem, load_ca_bundle
 from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
 
@@ -61,14 +68,19 @@ def run(args: argparse.Namespace) -> int:
         return Exit.ERROR
     print(f"requested enrollment as {args.name!r}; nothing is trusted until the operator approves")
     print(f"  fingerprint  {mine}")
-    print(f"  waits until  {ticket.expires_at.ToDatetime():%Y-%m-%d %H:%M} UTC")
+    print(f"  waits until  {answer_time(ticket.expires_at, 'expiry'):%Y-%m-%d %H:%M} UTC")
     print("Tell the operator this fingerprint through another channel; they run")
     print(f"  pinrpc-server approve {mine}")
     return Exit.OK
 
 
 def _explain(exc: grpc.RpcError, server: str) -> int:
-    code, details = exc.code(), exc.details() or ""
+    code, details = exc.code(), shown(exc.details() or "")
+    if code == grpc.StatusCode.UNAVAILABLE and _from_server(exc):
+        # Its registry failed: the address, --ca and --server-name were right.
+        say(f"{PROG}: error: the enrollment port at {server} answered, but the server could not "
+            f"take the request: {details}")  # fmt: skip
+        return Exit.RPC
     if code in (*REFUSED_INPUT, grpc.StatusCode.RESOURCE_EXHAUSTED):
         say(f"{PROG}: error: the server refused the request: {details}")
         return Exit.ERROR
@@ -78,6 +90,11 @@ def _explain(exc: grpc.RpcError, server: str) -> int:
             "(is it the server's --enrollment-listen port?)"
         )
         return Exit.ERROR
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        # Any other status is an answer (UNKNOWN: the server's handler failed): no hint
+        # about the address, which was right.
+        say(f"{PROG}: error: the enrollment port at {server} answered {code.name}: {details}")
+        return Exit.RPC
     say(f"{PROG}: error: cannot reach the enrollment port at {server}: {details}")
     say(
         "  check the address, --ca and --server-name, and that the server runs "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import os
 import sys
@@ -11,7 +12,9 @@ from enum import IntEnum
 from importlib import metadata
 from typing import Any, TextIO, TypeVar, cast
 
-from pinrpc.errors import OutputError, PinrpcError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pinrpc.errors import AnswerError, OutputError, PinrpcError
 
 N = TypeVar("N", int, float)
 DIST = "pinrpc"  # the distribution both programs ship in
@@ -229,11 +232,33 @@ def allow_patterns(args: argparse.Namespace) -> list[str]:
     return [p.strip() for p in os.environ.get("PINRPC_ALLOW", "").split(",") if p.strip()]
 
 
+def shown(text: str, keep: str = "") -> str:
+    """``text`` from elsewhere (a server's answer, a status message) fit to print on one line:
+    each character str.isprintable() refuses but those in ``keep`` is written as repr() writes
+    it (ESC as \\x1b, CR as \\r, a newline as \\n, a bidi override as \\u202e), so that it can
+    neither drive the terminal nor forge a line of output."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
+def answer_time(stamp: Timestamp, what: str) -> dt.datetime:
+    """A timestamp in a server's answer as an aware datetime; one outside what protobuf allows
+    (years 1-9999) is the server's error, not a traceback."""
+    try:
+        return stamp.ToDatetime(dt.UTC)
+    except (ValueError, OverflowError) as exc:
+        raise AnswerError(f"the server answered with an invalid {what}: {exc}") from exc
+
+
 def run(program: str, body: Callable[[], int]) -> int:
-    """Run a command; expected failures become one line on stderr and an exit code."""
-    stdout = sys.stdout  # None when started with stdout closed
+    """Run a command; expected failures become one line on stderr and an exit code. What it
+    prints goes through shown(): text a server sent cannot drive the terminal."""
+    stdout, stderr = sys.stdout, sys.stderr  # None when started with it closed
     if stdout is not None:
         sys.stdout = cast(TextIO, _CheckedOutput(stdout))
+    if stderr is not None:
+        sys.stderr = cast(TextIO, _Escaped(stderr))
     try:
         code = body()
         if stdout is not None:
@@ -243,7 +268,7 @@ def run(program: str, body: Callable[[], int]) -> int:
         if isinstance(exc, OutputError):
             _drop_stdout()  # what is buffered cannot fail the flush at exit again
         print(f"{program}: error: {exc}", file=sys.stderr)
-        return Exit.ERROR
+        return Exit.RPC if isinstance(exc, AnswerError) else Exit.ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -253,18 +278,34 @@ def run(program: str, body: Callable[[], int]) -> int:
     finally:
         if stdout is not None:
             sys.stdout = stdout
+        if stderr is not None:
+            sys.stderr = stderr
 
 
-class _CheckedOutput:
-    """sys.stdout while a command runs: a failed write is an OutputError, one line, not a
-    traceback (a reader that left, BrokenPipeError, stays as it is)."""
+class _Escaped:
+    """A stream whose writes keep newlines and tabs but no other control character: the net
+    under every print of server text (those that print a field escape its newlines too)."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
+        # Most writes are one line, or print()'s end: skip the copy for them.
+        clean = text.rstrip("\n").isprintable()
+        self._stream.write(text if clean else shown(text, keep="\n\t"))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _CheckedOutput(_Escaped):
+    """sys.stdout while a command runs: a failed write is an OutputError, one line, not a
+    traceback (a reader that left, BrokenPipeError, stays as it is)."""
+
+    def write(self, text: str) -> int:
         try:
-            return self._stream.write(text)
+            return super().write(text)
         except BrokenPipeError:
             raise
         except OSError as exc:
@@ -277,9 +318,6 @@ class _CheckedOutput:
             raise
         except OSError as exc:
             raise OutputError(f"cannot write the output: {exc.strerror or exc}") from exc
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 def _drop_stdout() -> None:

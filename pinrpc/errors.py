@@ -48,5 +48,9 @@ class ServerCertError(PinrpcError):
     """The server's own certificate or key files are unusable."""
 
 
+class AnswerError(PinrpcError):
+    """A server answered with what the protocol does not allow (a timestamp out of range)."""
+
+
 class OutputError(PinrpcError):
     """Standard output could not be written: `> out.json` on a full disk (ENOSPC, EDQUOT, EIO)."""
