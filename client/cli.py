@@ -15,7 +15,7 @@ try:
     from client import admin, doctor, keyfiles, request, rotate
     from client.connect import DAYS, PROG, call, connection_flags, file_path, say
     from pinrpc.channel import passphrase_from_env
-    from pinrpc.cli import Exit, add_flag, add_version_flag, run, utf8
+    from pinrpc.cli import Exit, add_flag, add_version_flag, run, shown, utf8
     from pinrpc.identity import (
         DEFAULT_DAYS,
         KEY_TYPES,
@@ -116,9 +116,9 @@ def cmd_whoami(args: argparse.Namespace) -> int:
                 )
             )
         else:
-            print(f"name         {reply.name}")
-            print(f"fingerprint  {reply.fingerprint}")
-            print(f"allowed      {', '.join(reply.allowed_methods) or NO_PERMISSIONS}")
+            print(f"name         {shown(reply.name)}")
+            print(f"fingerprint  {shown(reply.fingerprint)}")
+            print(f"allowed      {shown(', '.join(reply.allowed_methods)) or NO_PERMISSIONS}")
         return Exit.OK
 
     return call(args, rpc)

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from client import keyfiles
 from pinrpc.channel import dates_problem, load_pair, pair_credentials
-from pinrpc.cli import Exit, add_flag, at_least, host_port, utf8
+from pinrpc.cli import Exit, add_flag, at_least, host_port, shown, utf8
 from pinrpc.errors import ERROR_METADATA, IdentityError
 from pinrpc.identity import Fingerprint
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
@@ -201,7 +201,7 @@ def settle(args: argparse.Namespace, *, refuse_busy: bool = True) -> Settled | N
         return Settled(
             Exit.CONNECT,
             f"cannot tell {unknown} from {args.server}: {failed.code().name}: "
-            f"{failed.details()}; nothing changed (the next `{PROG}` call asks again)",
+            f"{shown(failed.details() or '')}; nothing changed (the next `{PROG}` call asks again)",
         )
 
 
@@ -224,7 +224,7 @@ def refused_at_handshake(exc: grpc.RpcError) -> bool:
     details = (exc.details() or "").lower()
     return (
         exc.code() == grpc.StatusCode.UNAVAILABLE
-        and not _from_server(exc)
+        and not from_server(exc)
         and "verif" not in details  # the server's certificate failed, not ours
         and any(sign in details for sign in REFUSED_AT_HANDSHAKE)
     )
@@ -259,7 +259,7 @@ REFUSED_INPUT = (
 def explain(exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerprint) -> int:
     """Turn a failed call into sentences; rejected handshakes tell the client almost nothing."""
     code = exc.code()
-    details = exc.details() or ""
+    details = shown(exc.details() or "")  # the server's text: it may not forge a line
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         say(f"{PROG}: error: the server refused the call: {details}")
         say(f"  your certificate's fingerprint: {fingerprint}")
@@ -280,7 +280,7 @@ def explain(exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerpri
             # A gRPC server that is not pinrpc's API, most often its --enrollment-listen port.
             say(f"  {args.server} does not serve this call: dial the server's --listen port")
         return Exit.RPC
-    if _from_server(exc):  # the server answered: its registry failed, the connection did not
+    if from_server(exc):  # the server answered: its registry failed, the connection did not
         say(f"{PROG}: error: the server answered, but could not use its registry: {details}")
         return Exit.RPC
     lowered = details.lower()
@@ -326,7 +326,7 @@ def explain(exc: grpc.RpcError, args: argparse.Namespace, fingerprint: Fingerpri
     return Exit.CONNECT
 
 
-def _from_server(exc: grpc.RpcError) -> bool:
+def from_server(exc: grpc.RpcError) -> bool:
     """The server tagged this status itself (server/admin.py's abort_with)."""
     trailing: Sequence[tuple[str, str | bytes]] = (
         (exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else ()

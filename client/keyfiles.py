@@ -302,14 +302,20 @@ def _check_obstacles(cert: Path, key: Path) -> None:
             )
 
 
-def swap_in(cert: Path, key: Path, new_cert: Path, new_key: Path, until: dt.datetime) -> None:
+UNKNOWN_END = "unknown"  # a marker no date parses from: the next rotate replaces that *.old
+
+
+def swap_in(
+    cert: Path, key: Path, new_cert: Path, new_key: Path, until: dt.datetime | None
+) -> None:
     """Move the current pair to *.old and the staged pair into place: all or nothing while
     this process lives (a failure puts everything back), and rolled forward by ``recover``
-    from the journal if it is killed."""
+    from the journal if it is killed. The old pair's end is ``until``, None if unknown."""
     journaled = swapped = False
+    end = until.isoformat() if until else UNKNOWN_END
     try:
         with _directory_locked(cert):
-            write_all([(journal(cert), until.isoformat().encode(), 0o644)], overwrite=False)
+            write_all([(journal(cert), end.encode(), 0o644)], overwrite=False)
             journaled = True
             pause("swap")
             moves = [(key, old(key)), (new_key, key), (cert, old(cert)), (new_cert, cert)]
@@ -321,9 +327,6 @@ def swap_in(cert: Path, key: Path, new_cert: Path, new_key: Path, until: dt.date
             with contextlib.suppress(OSError):  # the error below matters, not this cleanup's
                 journal(cert).unlink(missing_ok=True)
         raise IdentityError(f"cannot swap the key pair {cert}, {key}: {exc}") from exc
-
-
-UNKNOWN_END = "unknown"  # a marker no date parses from: the next rotate replaces that *.old
 
 
 def unsettled(cert: Path, key: Path) -> bool:

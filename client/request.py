@@ -16,8 +16,8 @@ import grpc
 from client.connect import (
     PROG,
     REFUSED_INPUT,
-    _from_server,  # one test of "the server answered", the one connect.py uses
     connection_flags,
+    from_server,  # one test of "the server answered", the one connect.py uses
     proxy_hint,
     say,
 )
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _explain(exc: grpc.RpcError, server: str) -> int:
     code, details = exc.code(), shown(exc.details() or "")
-    if code == grpc.StatusCode.UNAVAILABLE and _from_server(exc):
+    if code == grpc.StatusCode.UNAVAILABLE and from_server(exc):
         # Its registry failed: the address, --ca and --server-name were right.
         say(f"{PROG}: error: the enrollment port at {server} answered, but the server could not "
             f"take the request: {details}")  # fmt: skip

@@ -13,8 +13,8 @@ from client import keyfiles
 from client.connect import DAYS, PROG, call, connection_flags, say, settle
 from pinrpc import proof
 from pinrpc.channel import passphrase_from_env
-from pinrpc.cli import Exit, add_flag, at_least
-from pinrpc.errors import IdentityError
+from pinrpc.cli import Exit, add_flag, answer_time, at_least, shown
+from pinrpc.errors import AnswerError, IdentityError
 from pinrpc.identity import (
     DEFAULT_DAYS,
     KEY_TYPES,
@@ -120,11 +120,18 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
             raise
         previous = reply.previous
         ends = previous.retire_at if previous.HasField("retire_at") else previous.revoked_at
-        until = ends.ToDatetime(dt.UTC)
+        until: dt.datetime | None = None
+        odd = ""
+        try:
+            until = answer_time(ends, "end for the old certificate")
+        except AnswerError as exc:
+            odd = str(exc)  # the server trusts the staged pair all the same: swap it in
         # The server already trusts the staged pair: keep it whatever happens here, and swap
         # it in before printing, which fails on a closed stdout (BrokenPipeError, exit 0).
+        # Fingerprints printed are computed here: the server's answer is only its word.
+        staged = Fingerprint.of(successor)
         kept = (
-            f"it is {new_cert} and {new_key} (fingerprint {reply.client.fingerprint}); "
+            f"it is {new_cert} and {new_key} (fingerprint {staged}); "
             f"{keyfiles.finish_by_hand(cert_path, key_path)}"
         )
         try:
@@ -142,9 +149,10 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
             elif new_key.exists():  # swap_in put everything back
                 say(f"{PROG}: interrupted after the server enrolled the new pair; {kept}")
             raise
-        print(f"rotated {reply.client.name}")
-        print(f"  new fingerprint  {reply.client.fingerprint}")
-        print(f"  old fingerprint  {previous.fingerprint} (works until {until:%Y-%m-%d %H:%M} UTC)")
+        works = f"works until {until:%Y-%m-%d %H:%M} UTC" if until else f"until unknown: {odd}"
+        print(f"rotated {shown(reply.client.name)}")
+        print(f"  new fingerprint  {staged}")
+        print(f"  old fingerprint  {current} ({works})")
         print(f"  files            {cert_path}, {key_path} (old pair kept as *.old until then)")
         return Exit.OK
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client import cli as client_cli
 from pinrpc.cli import Exit, shown
 from pinrpc.identity import Fingerprint, KeyPairFiles, cert_to_pem, key_to_pem
-from pinrpc.v1 import admin_pb2, echo_pb2, enrollment_pb2
+from pinrpc.v1 import admin_pb2, echo_pb2, enrollment_pb2, identity_pb2
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
 from tests.certs import make_cert
@@ -282,3 +282,31 @@ def test_doctor_shows_a_hostile_certificate_inertly(
     assert not any(line.startswith("ok       FORGED") for line in out.splitlines()), out
     chain = next(line for line in out.splitlines() if line.startswith("FAILED   server chain"))
     assert "names no host a client can verify (CN:" in chain, out
+
+
+def test_a_rotate_answer_with_an_impossible_end_still_swaps_the_pair_in(
+    hostile: Serve, devca: ServerFiles, make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The server said yes (it trusts the new pair from now on) but its answer is garbage: the
+    pair is swapped in all the same, and what is printed is computed here, not taken from it."""
+
+    def whoami(req: Any, ctx: grpc.ServicerContext) -> echo_pb2.WhoAmIResponse:
+        return echo_pb2.WhoAmIResponse(name="me")
+
+    def rotate(req: Any, ctx: grpc.ServicerContext) -> identity_pb2.RotateResponse:
+        answer = identity_pb2.RotateResponse(client=evil_client(), previous=evil_client())
+        answer.previous.retire_at.seconds = OUT_OF_RANGE
+        return answer
+
+    argv = hostile({"Echo": {"WhoAmI": whoami}, "Identity": {"Rotate": rotate}})
+    me = Path(argv[argv.index("--cert") + 1])
+    old = Fingerprint.of(x509.load_pem_x509_certificate(me.read_bytes()))
+    code, out, err = cli(["rotate", *argv], capsys)
+    assert code == Exit.OK, err
+    assert "Traceback" not in err and not any(c in out + err for c in CONTROLS), out + err
+    new = Fingerprint.of(x509.load_pem_x509_certificate(me.read_bytes()))
+    assert new != old and not me.with_name(me.name + ".new").exists()
+    assert f"new fingerprint  {new}" in out and f"old fingerprint  {old}" in out, out
+    assert "until unknown: the server answered with an invalid" in out, out
+    assert len([line for line in out.splitlines() if "FORGED" in line]) <= 1, out
