@@ -33,6 +33,7 @@ from server.registry_sql import (
     Row,
     SqlRegistry,
 )
+from server.registry_sqlite import SqliteRegistry
 
 KEPT = frozenset({"meta", "schema_version"})
 # Renumbered on DEST, in SOURCE's order (the only order anything relies on): nothing refers to
@@ -146,9 +147,11 @@ def sqlite_user(path: Path) -> int | None:
 def _opened(what: str, spec: str, *, create: bool, readonly: bool = False) -> SqlRegistry:
     """The registry layer's own opening and refusals, pointed at the argument to fix."""
     try:
+        # An empty database's or file's schema goes in with the rows: a failed copy leaves none.
         if create and is_postgres(spec):
-            # An empty database's schema goes in with the rows: a failed copy leaves none.
             return postgres_backend()(spec, lay_out_late=True)
+        if create:
+            return SqliteRegistry(Path(spec), lay_out_late=True)
         return _open(spec, create=create, migrate=False, readonly=readonly)
     except RegistryError as exc:
         raise RegistryError(str(exc).replace("check --registry", f"check {what}")) from exc
