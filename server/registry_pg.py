@@ -6,7 +6,8 @@ generation counter anyway, so a lost notification delays a change by one poll at
 PostgreSQL goes away, calls fail fast with RegistryError (the watcher keeps the last good set)
 and reconnection is retried with capped exponential backoff; one that hangs is cut off after
 ANSWER_LIMIT, the watcher's LISTEN included. A change cut off before its COMMIT is rolled
-back whole, and says so.
+back whole, and says so. A server's LISTEN connection also holds SERVER_LOCK_KEY, shared, so
+that copy-registry sees a registry in use.
 """
 
 from __future__ import annotations
