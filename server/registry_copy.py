@@ -100,10 +100,9 @@ def refuse_served_source(source: SqlRegistry) -> None:
     """A PostgreSQL SOURCE a running server watches: each holds registry_pg.SERVER_LOCK_KEY
     on its LISTEN connection. Servers cut off from PostgreSQL, or older ones, hold nothing."""
     if source.dialect.name != "postgresql":
-        return
-    from server.registry_pg import PostgresRegistry  # psycopg is needed only for PostgreSQL
-
-    if isinstance(source, PostgresRegistry) and (servers := source.servers()):
+        return  # and psycopg, which postgres_backend() imports, may be missing
+    backend = postgres_backend()
+    if isinstance(source, backend) and (servers := source.servers()):
         s = "s" if len(servers) > 1 else ""
         raise ConflictError(
             f"registry {source.where} is in use by {len(servers)} running pinrpc server{s} "
