@@ -33,6 +33,7 @@ from server.registry_sql import (
     Row,
     SqlRegistry,
 )
+from server.registry_sqlite import SqliteRegistry
 
 KEPT = frozenset({"meta", "schema_version"})
 # Renumbered on DEST, in SOURCE's order (the only order anything relies on): nothing refers to
@@ -74,28 +75,48 @@ def copy_registry(source_spec: str, dest_spec: str) -> CopyResult:
     # SOURCE first: a SOURCE refused (old schema, not a registry, in use) creates no DEST.
     if not is_postgres(source_spec):
         refuse_open_source(Path(source_spec))
-    with (
-        closing(_opened("SOURCE", source_spec, create=False, readonly=True)) as source,
-        closing(_opened("DEST", dest_spec, create=True)) as dest,
-    ):
-        meta, tables = source._read(lambda q: _snapshot(q, source.dialect))
-        dest._change(lambda q: _fill(q, source, dest, meta, tables))
-        requests = sum(len(t.rows) for t in tables if t.name == "pending")
-        return CopyResult(source.where, dest.where, dest.clients(), dest.pending(), requests)
+    with closing(_opened("SOURCE", source_spec, create=False, readonly=True)) as source:
+        refuse_served_source(source)
+        with closing(_opened("DEST", dest_spec, create=True)) as dest:
+            return _copy(source, dest)
+
+
+def _copy(source: SqlRegistry, dest: SqlRegistry) -> CopyResult:
+    meta, tables = source._read(lambda q: _snapshot(q, source.dialect))
+    dest._change(lambda q: _fill(q, source, dest, meta, tables))
+    requests = sum(len(t.rows) for t in tables if t.name == "pending")
+    return CopyResult(source.where, dest.where, dest.clients(), dest.pending(), requests)
+
+
+# Why a SOURCE in use is refused, whichever backend: a server running on it goes on changing
+# it (a client's rotate, enrollment requests, `pinrpc admin`, revocations included).
+IN_USE = (
+    "a server running on it would go on changing it after the copy, and DEST would miss "
+    "those changes; stop every server on it, then copy"
+)
+
+
+def refuse_served_source(source: SqlRegistry) -> None:
+    """A PostgreSQL SOURCE a running server watches: each holds registry_pg.SERVER_LOCK_KEY
+    on its LISTEN connection. Servers cut off from PostgreSQL, or older ones, hold nothing."""
+    if source.dialect.name != "postgresql":
+        return  # and psycopg, which postgres_backend() imports, may be missing
+    backend = postgres_backend()
+    if isinstance(source, backend) and (servers := source.servers()):
+        s = "s" if len(servers) > 1 else ""
+        raise ConflictError(
+            f"registry {source.where} is in use by {len(servers)} running pinrpc server{s} "
+            f"(PostgreSQL connection{s} {'; '.join(servers)}): {IN_USE}"
+        )
 
 
 def refuse_open_source(path: Path) -> None:
-    """A server still running on SOURCE goes on changing it (a client's rotate, enrollment
-    requests, `pinrpc admin`, revocations included) and DEST would never have those changes."""
+    """A SQLite SOURCE another process (a server) has open: see IN_USE."""
     path = path.resolve()  # SQLite follows a symlink: its -shm file is beside the target
     pid = sqlite_user(path)
     if pid is not None:
         who = f"process {pid}" if pid > 0 else "another process"
-        raise ConflictError(
-            f"registry {path} is open in {who}: a server running on it would go on changing "
-            "it after the copy, and DEST would miss those changes; stop every server on it, "
-            "then copy"
-        )
+        raise ConflictError(f"registry {path} is open in {who}: {IN_USE}")
 
 
 # SQLite's unix VFS: each connection to a WAL database holds a read lock on this byte of the
@@ -125,9 +146,11 @@ def sqlite_user(path: Path) -> int | None:
 def _opened(what: str, spec: str, *, create: bool, readonly: bool = False) -> SqlRegistry:
     """The registry layer's own opening and refusals, pointed at the argument to fix."""
     try:
+        # An empty database's or file's schema goes in with the rows: a failed copy leaves none.
         if create and is_postgres(spec):
-            # An empty database's schema goes in with the rows: a failed copy leaves none.
             return postgres_backend()(spec, lay_out_late=True)
+        if create:
+            return SqliteRegistry(Path(spec), lay_out_late=True)
         return _open(spec, create=create, migrate=False, readonly=readonly)
     except RegistryError as exc:
         raise RegistryError(str(exc).replace("check --registry", f"check {what}")) from exc

@@ -6,7 +6,8 @@ generation counter anyway, so a lost notification delays a change by one poll at
 PostgreSQL goes away, calls fail fast with RegistryError (the watcher keeps the last good set)
 and reconnection is retried with capped exponential backoff; one that hangs is cut off after
 ANSWER_LIMIT, the watcher's LISTEN included. A change cut off before its COMMIT is rolled
-back whole, and says so.
+back whole, and says so. A server's LISTEN connection also holds SERVER_LOCK_KEY, shared, so
+that copy-registry sees a registry in use.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ log = logging.getLogger("pinrpc.registry")
 CHANNEL = "pinrpc_registry"
 # Held during migrations so replicas started together do not migrate twice.
 MIGRATION_LOCK_KEY = 0x70696E727063  # "pinrpc"
+# Held shared by every running server on its LISTEN connection while that is connected (and
+# taken again when it reconnects), so that copy-registry can see a registry in use in
+# pg_locks. Shared holders never wait on each other; nothing in pinrpc takes it exclusively.
+SERVER_LOCK_KEY = 0x70696E7270637376  # "pinrpcsv"
+# Who holds it in this database: the backend's pid and, where the role may see them, the
+# server's address. Only reads pg_locks, so it can never delay a server taking its lock.
+SERVERS_QUERY = (
+    "SELECT l.pid, a.client_addr, a.client_port FROM pg_locks l "
+    "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND ((l.classid::bigint << 32) | l.objid::bigint) = ? ORDER BY l.pid"
+)
 # Bounded waits: a dead or unreachable PostgreSQL must not stall the watcher for long.
 CONNECT_OPTIONS: dict[str, Any] = {
     "connect_timeout": 3,
@@ -323,6 +337,14 @@ class PostgresRegistry(SqlRegistry):
                 # Bounded as every read is: a hung PostgreSQL's kernel still acknowledges.
                 with Deadline(listener).running():
                     listener.execute(f"LISTEN {CHANNEL}")
+                    # try: never waits, so a session holding it exclusively cannot stop us.
+                    held = listener.execute(
+                        POSTGRES.sql("SELECT pg_try_advisory_lock_shared(?)"), (SERVER_LOCK_KEY,)
+                    ).fetchone()
+                if not (held and held[0]):
+                    log.warning("PostgreSQL %s: another session holds lock %d exclusively; "
+                                "copy-registry will not see this server", self.where,
+                                SERVER_LOCK_KEY)  # fmt: skip
             except psycopg.Error:
                 if listener is not None:
                     listener.close()
@@ -339,6 +361,14 @@ class PostgresRegistry(SqlRegistry):
             listener.close()
             self._listen_backoff.failed()
             time.sleep(max(0.0, deadline - time.monotonic()))
+
+    def servers(self) -> list[str]:
+        """The running servers whose LISTEN connection holds SERVER_LOCK_KEY in this database."""
+        rows = self._read(lambda q: q(SERVERS_QUERY, (SERVER_LOCK_KEY,)))
+        return [
+            f"pid {pid} from {addr}:{port}" if addr is not None else f"pid {pid}"
+            for pid, addr, port in rows
+        ]
 
     def close(self) -> None:
         with self._lock:

@@ -28,6 +28,7 @@ from server.registry_sql import (
     Row,
     SqlRegistry,
     T,
+    apply_migrations,
     schema_version,
 )
 
@@ -123,7 +124,10 @@ class SqliteRegistry(SqlRegistry):
         migrate: bool = False,
         readonly: bool = False,
         busy_timeout: float = 5.0,
+        lay_out_late: bool = False,
     ) -> None:
+        """``lay_out_late``: as PostgresRegistry's, for an existing empty file, so that the
+        first change failing leaves it as empty as it was (0 bytes)."""
         self.path = path.absolute()
         super().__init__(str(self.path))
         self._check_directory()
@@ -134,11 +138,15 @@ class SqliteRegistry(SqlRegistry):
         self._busy_timeout = busy_timeout
         self._readonly = readonly
         self._lock = threading.Lock()
+        self._lay_out = False
         self._db, self._inode = self._connect(create)
         try:
-            self._open_schema(create=create, migrate=migrate)
-            # Only now that it is known to be pinrpc's: WAL rewrites the file's header.
-            self._use_wal(self._db)
+            if lay_out_late and create and not self._read(lambda q: q(SQLITE.tables, ())):
+                self._lay_out = True  # WAL waits too: it would write the empty file's header
+            else:
+                self._open_schema(create=create, migrate=migrate)
+                # Only now that it is known to be pinrpc's: WAL rewrites the file's header.
+                self._use_wal(self._db)
         except BaseException:
             self._db.close()
             raise
@@ -241,6 +249,8 @@ class SqliteRegistry(SqlRegistry):
             try:
                 db.execute("BEGIN IMMEDIATE")  # the write lock before any read
                 try:
+                    if self._lay_out:
+                        self.applied = apply_migrations(_query(db), SQLITE)
                     result = body(_query(db))
                     db.execute("COMMIT")
                 except BaseException:
@@ -250,6 +260,9 @@ class SqliteRegistry(SqlRegistry):
             except sqlite3.Error as exc:
                 why = _explain(exc, self._busy_timeout, self.path)
                 raise RegistryError(f"cannot change registry {self.path}: {why}") from exc
+            if self._lay_out:
+                self._lay_out = False
+                self._use_wal(db)  # only outside a transaction
             return result
 
     def close(self) -> None:

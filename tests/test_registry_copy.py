@@ -9,8 +9,10 @@ import datetime as dt
 import itertools
 import os
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import psycopg
@@ -468,6 +470,26 @@ def test_a_failed_copy_never_removes_an_existing_dest_file(
     assert cli(capsys, "migrate", "--registry", str(dest))[0] == 0
     refused(capsys, source, str(dest))  # the same bytes before and after
     assert companions(dest) == ["two.db"]
+
+
+def test_a_failed_copy_leaves_an_empty_dest_file_empty(
+    tmp_path: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing 0-byte DEST got its schema as it was opened, before the copy's transaction:
+    a failed copy left a registry with no clients in it (the PostgreSQL side's empty database
+    stays empty already)."""
+    source, dest = str(tmp_path / "one.db"), tmp_path / "two.db"
+    populate(source, make_client)
+    sql(source, TWO_CURRENT_ALICES)
+    dest.touch(mode=0o600)
+    assert "clients.name" in refused(capsys, source, str(dest))  # still 0 bytes
+    assert companions(dest) == ["two.db"]
+    # Still an empty file: a good copy goes in, schema and rows together, in WAL mode.
+    sql(source, "DELETE FROM clients WHERE id = (SELECT max(id) FROM clients)")
+    assert cli(capsys, "copy-registry", source, str(dest))[0] == 0
+    assert contents(str(dest))[:2] == contents(source)[:2]
+    with closing(sqlite3.connect(dest)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_a_copy_into_a_new_file_is_owner_only(
