@@ -479,7 +479,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         + ", ".join(f"{kinds[k]} {k}" for k in ("active", "retiring", "retired", "revoked"))
     )
     print(f"  requests      {len(copied.waiting)} waiting, {expired} expired")
-    # Servers stop before the copy (a SQLite SOURCE in use is refused): what they changed
+    # Servers stop before the copy (a SOURCE a running server holds is refused): what they changed
     # after it would be missing from DEST.
     print(
         f"next: start the servers with --registry {copied.dest} (or PINRPC_REGISTRY); keep "
