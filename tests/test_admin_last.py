@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -17,8 +16,9 @@ from pinrpc.cli import Exit
 from pinrpc.identity import KeyPairFiles
 from server import cli as server_cli
 from server.enrollment import check_certificate
-from server.registry import SqliteRegistry, open_registry
+from server.registry import open_registry
 from tests.conftest import ECHO_ALL, Connect, MakeClient, registry_dump, whoami
+from tests.test_admin_tx import meanwhile  # noqa: F401 (a fixture)
 from tests.test_lifecycle import ADMIN, run
 
 NARROW = [ADMIN.removesuffix("*") + m for m in ("Enroll", "Revoke", "Permit", "List")]
@@ -131,30 +131,10 @@ def test_the_local_cli_can_end_the_last_full_admin(
     assert [c["revoked_at"] is not None for c in rows(connect, capsys)] == [True]
 
 
-@pytest.fixture
-def meanwhile(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, Callable[[], None]], None]:
-    """Run ``change`` once when the server enters the registry's ``method``: after the call
-    was admitted and checked, before the change's own transaction (tests/test_admin_tx.py)."""
-
-    def arm(method: str, change: Callable[[], None]) -> None:
-        original = getattr(SqliteRegistry, method)
-        fired = threading.Event()
-
-        def hooked(self: SqliteRegistry, *args: object, **kwargs: object) -> object:
-            if not fired.is_set():
-                fired.set()
-                change()
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(SqliteRegistry, method, hooked)
-
-    return arm
-
-
 def test_two_full_admins_revoking_each_other_at_once_leave_one(
     connect: Connect,
     make_client: MakeClient,
-    meanwhile: Callable[[str, Callable[[], None]], None],
+    meanwhile: Callable[[str, Callable[[], None]], None],  # noqa: F811 (imported above)
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """root asks to revoke ops; ops's revocation of root commits first (through a second real

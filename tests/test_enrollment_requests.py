@@ -235,23 +235,3 @@ def test_enrollment_port_serves_nothing_else(
         code = code_of(lambda: echo.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=5))
         assert code == grpc.StatusCode.UNIMPLEMENTED
     assert connect.server.enrollment_port is None  # off by default
-
-
-def test_a_registry_outage_does_not_tell_a_stranger_the_path(
-    enrolling: RunningServer,
-    devca: ServerFiles,
-    registry: Path,
-    make_client: MakeClient,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    carol = make_client("carol")
-    argv = ["request-enrollment", "--name", "carol", *request_flags(enrolling, devca, carol)]
-    registry.rename(registry.with_name("moved.db"))
-    capsys.readouterr()
-    assert client_cli.main(argv) != Exit.OK
-    err = capsys.readouterr().err
-    assert "is gone (deleted or moved)" in err and "[location withheld]" in err, err
-    assert str(registry.parent) not in err, err
-    # Side by side: with the registry back, the same request is taken.
-    registry.with_name("moved.db").rename(registry)
-    assert client_cli.main(argv) == Exit.OK

@@ -25,10 +25,10 @@ from client import cli as client_cli
 from pinrpc.cli import Exit, shown
 from pinrpc.identity import Fingerprint, KeyPairFiles, cert_to_pem, key_to_pem
 from pinrpc.v1 import admin_pb2, echo_pb2, enrollment_pb2, identity_pb2
-from server.app import RunningServer, start_server
-from server.config import ServerConfig
+from server.app import RunningServer
 from tests.certs import make_cert
 from tests.conftest import SERVER_NAME, MakeClient, ServerFiles
+from tests.test_enrollment_requests import enrolling  # noqa: F401 (a fixture)
 
 # An OSC that retitles the terminal, a colour, a carriage return and a newline that forge a
 # line of their own, and a right-to-left override.
@@ -229,17 +229,8 @@ def test_request_enrollment_refusal_is_one_inert_line(
     assert_inert(err)
 
 
-@pytest.fixture
-def enrolling(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
-    config = ServerConfig(
-        "127.0.0.1:0", devca.cert, devca.key, str(registry), enrollment_listen="127.0.0.1:0"
-    )
-    with start_server(config) as running:
-        yield running
-
-
 def test_an_enrollment_port_whose_registry_failed_is_not_called_unreachable(
-    enrolling: RunningServer,
+    enrolling: RunningServer,  # noqa: F811 (the fixture imported above)
     devca: ServerFiles,
     registry: Path,
     make_client: MakeClient,
@@ -253,6 +244,8 @@ def test_an_enrollment_port_whose_registry_failed_is_not_called_unreachable(
     assert code == Exit.RPC and out == "" and err.count("\n") == 1, err
     assert "answered, but the server could not take the request" in err, err
     assert "is gone (deleted or moved)" in err and "check the address" not in err, err
+    # Nor does a stranger read where the server keeps its registry.
+    assert "[location withheld]" in err and str(registry.parent) not in err, err
     # Beside it: nothing listening is still the address's problem.
     closed = [*argv]
     closed[closed.index("--server") + 1] = "127.0.0.1:1"
