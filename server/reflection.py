@@ -62,11 +62,12 @@ class ScopedReflection:
         if view is None:
             if len(self._views) >= _VIEW_LIMIT:
                 self._views.clear()
-            view = self._views[key] = _view(self._names, client)
+            view = self._views[key] = _build_view(self._names, client)
         return view
 
 
-def _view(names: Sequence[str], client: Client | None) -> reflection.ReflectionServicer:
+def _build_view(names: Sequence[str], client: Client | None) -> reflection.ReflectionServicer:
+    """grpc_reflection's servicer over the services ``client`` may call and what they need."""
     default = descriptor_pool.Default()
     services = [default.FindServiceByName(name) for name in names]
     shown = {
