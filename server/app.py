@@ -32,6 +32,7 @@ from server.listener import Listener, ListenError, Options
 from server.metrics import Metrics, serve_metrics
 from server.observe import Observability
 from server.ratelimit import burst_for
+from server.reflection import ScopedReflection
 from server.registry import Registry, open_registry
 from server.request_watch import PerHost, RequestWatch, queued_in
 from server.requests import EnrollmentService
@@ -101,6 +102,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
         interceptor.requests.start()  # and no caller holds the workers by withholding requests
         stack.callback(interceptor.requests.stop)
         watch = interceptor.requests  # the side ports' callers too, by peer host
+        reflect = ScopedReflection(reflected, lambda: trust.enrolled)  # each caller's own view
 
         def build(options: Options) -> grpc.Server:
             # One per listener (handover builds more); all share the pool and the check.
@@ -108,7 +110,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
                 executor, interceptors=[interceptor], options=[*options, *HANDSHAKE_OPTIONS]
             )
             _add_services(server, config, registry, audit, trust, health)
-            reflection.enable_server_reflection(reflected, server)
+            reflect.add_to(server)
             return server
 
         listener = Listener(
