@@ -222,12 +222,12 @@ def test_reflection_and_health_as_documented(
     served: Connect, shop: tuple[ModuleType, ModuleType], make_client: MakeClient
 ) -> None:
     bob, mallory = make_client("bob"), make_client("mallory")
-    _grant(served, bob, "bob")  # allowed nothing: reflection still describes the service
+    _grant(served, bob, "bob")  # allowed nothing: reflection does not describe the service
     with served.channel(bob.cert_path, bob.key_path) as channel:
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         ask = reflection_pb2.ServerReflectionRequest(file_containing_symbol="shop.v1.Inventory")
         (reply,) = reflect.ServerReflectionInfo(iter([ask]), timeout=5)
-        assert reply.file_descriptor_response.file_descriptor_proto  # every method, described
+        assert reply.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
         health = health_pb2_grpc.HealthStub(channel)
         whole = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert whole.status == health_pb2.HealthCheckResponse.SERVING
@@ -278,7 +278,7 @@ def test_a_service_name_reflection_cannot_describe_is_left_out_with_a_warning(
     alice = make_client("alice")
     with caplog.at_level(logging.WARNING, "pinrpc.server"), start_server(config) as running:
         connect = Connect(running, devca)
-        _grant(connect, alice, "alice")
+        _grant(connect, alice, "alice", f"{INVENTORY}Get")  # reflection shows what she may call
         with connect.channel(alice.cert_path, alice.key_path) as channel:
             reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
             ask = reflection_pb2.ServerReflectionRequest(list_services="")
