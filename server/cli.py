@@ -25,6 +25,7 @@ try:
         add_version_flag,
         allow_patterns,
         at_least,
+        file_path,
         host_port,
         missing_extra,
         path_text,
@@ -90,10 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--cert",
         required=True,
+        type=file_path,
         metavar="FILE",
         help="server certificate chain, leaf first (fullchain.pem)",
     )
-    add_flag(serve, "--key", required=True, metavar="FILE", help="server private key (privkey.pem)")
+    add_flag(
+        serve,
+        "--key",
+        required=True,
+        type=file_path,
+        metavar="FILE",
+        help="server private key (privkey.pem)",
+    )
     registry_flag(serve)
     add_flag(
         serve,
@@ -194,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--warm-start",
         metavar="FILE",
+        type=file_path,
         help="with --tls-reload handover: file where the server records which clients "
         "connected; after a restart it trusts those first and the rest by handover",
     )
@@ -223,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     enroll = commands.add_parser("enroll", help="admit a client certificate")
-    enroll.add_argument("certificate", type=Path, help="the client's certificate (PEM)")
+    enroll.add_argument("certificate", type=file_path, help="the client's certificate (PEM)")
     add_flag(enroll, "--name", required=True, help="unique client name")
     add_allow_flag(enroll)
     enroll.add_argument(
@@ -318,9 +328,10 @@ def registry_of(
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    where = str(args.certificate.absolute())
+    certificate = Path(args.certificate)
+    where = str(certificate.absolute())
     try:
-        data = read_file(args.certificate, "certificate", limit=MAX_CERT_BYTES)
+        data = read_file(certificate, "certificate", limit=MAX_CERT_BYTES)
     except IdentityError as exc:
         raise EnrollmentError(str(exc)) from exc
     check_name(args.name)
