@@ -10,6 +10,7 @@ try:
     import logging
     import signal
     import sqlite3
+    import stat
     import sys
     import threading
     from collections import Counter
@@ -616,12 +617,24 @@ COMMANDS = {
 
 def _checked(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse a registry path that names a FIFO, a device or a directory: sqlite3 waited
-    forever on a FIFO (list, pending) and said only "disk I/O error" about the rest."""
+    forever on a FIFO (list, pending) and said only "disk I/O error" about the rest. One that
+    cannot even be looked up (a name too long, a symlink loop) is refused with the reason:
+    Path.exists() raised the first, and copy-registry's resolve() the second, as tracebacks."""
     named = [("source", "SOURCE"), ("dest", "DEST")] if args.command == COPY else []
     for attr, what in named or [("registry", "--registry")]:
         spec = getattr(args, attr)
+        if is_postgres(spec):
+            continue
         path = Path(spec)
-        if not is_postgres(spec) and path.exists() and not path.is_file():
+        try:
+            mode = path.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # a new registry: each command says whether it may create one
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot use registry {path.absolute()}: {exc.strerror}; check {what}"
+            ) from exc
+        if not stat.S_ISREG(mode):
             raise RegistryError(f"registry {path.absolute()} is not a regular file; check {what}")
     return args
 
