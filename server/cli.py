@@ -450,7 +450,9 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     allowed = check_patterns(allow_patterns(args))
-    name = check_name(args.name) if args.name else None
+    # `--name ""` (an unset shell variable) is checked, not taken for "the requested name";
+    # an empty PINRPC_NAME is unset, as every empty variable is (add_flag gives None).
+    name = check_name(args.name) if args.name is not None else None
     with registry_of(args) as registry:
         client = registry.approve(args.fingerprint, name, allowed, replace=args.replace)
     _show_enrolled(f"approved: enrolled {client.name}", client, kept=args.replace and not allowed)
