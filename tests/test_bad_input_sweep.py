@@ -207,11 +207,11 @@ CASES = {
 KNOWN = {
     "keygen-dir-long": (
         _case(C, "keygen", "k", "--dir", LONG),
-        "client/keyfiles.py: OSError ENAMETOOLONG is a traceback",
+        "client/keyfiles.py make_pair: OSError ENAMETOOLONG is a traceback",
     ),
     "whoami-cert-long": (
         _case(C, "whoami", *DIAL, "--cert", LONG, "--key", "{key}"),
-        "pinrpc/channel.py / client: OSError ENAMETOOLONG is a traceback",
+        "client/keyfiles.py _is_file (via connect.call): OSError ENAMETOOLONG is a traceback",
     ),
     "keygen-dir-empty": (
         _case(C, "keygen", "k", "--dir", ""),
