@@ -589,6 +589,8 @@ def _remove_unused(path: Path) -> None:
     """Remove the registry serve created for a start that then failed, unless another process
     has it open (a server started alongside on the same new path) or enrolled a client."""
     path = path.resolve()  # SQLite follows a symlink: the file is its target; the link stays
+    if not path.is_file():
+        return  # none was made: its directory is missing or a file (unlink raised ENOTDIR)
     # Our connections are closed, and SQLite removes these with the last one: any left belong
     # to a live user (or a crash whose WAL may hold data).
     if any(path.with_name(f"{path.name}{end}").exists() for end in ("-wal", "-shm")):

@@ -81,6 +81,13 @@ CASES = {
     "list-registry-loop": _case(S, "list", "--registry", "{loop}"),
     "list-registry-not-utf8": _case(S, "list", "--registry", "{dir}/" + NOT_UTF8),
     "revoke-registry-missing": _case(S, "revoke", "alice", "--registry", "{dir}/none.db"),
+    # Fixed: the clean-up after the failure unlinked "{crt}/x.db": NotADirectoryError.
+    "copy-dest-under-a-file": _case(
+        S, "copy-registry", "{reg}", "{crt}/x.db", expect="is not a directory"
+    ),
+    "serve-registry-under-a-file": _case(
+        S, *SERVE, *PAIR, "--registry", "{crt}/x.db", expect="is not a directory"
+    ),
     "copy-same": _case(S, "copy-registry", "{reg}", "{reg}"),
     "copy-source-garbage": _case(S, "copy-registry", "{garbage}", "{dir}/new.db"),
     "copy-dest-other-app": _case(S, "copy-registry", "{reg}", "{other}"),
