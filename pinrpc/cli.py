@@ -94,11 +94,20 @@ def utf8(text: str) -> str:
     return text
 
 
+def file_path(text: str) -> str:
+    """An argparse ``type``: a file name that is not empty or blank ("" would name the current
+    directory and "  " a file nobody meant, and the error would be about those). Any bytes:
+    file names need not be UTF-8."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be {'blank' if text else 'empty'}: {text!r}")
+    return text
+
+
 def path_text(text: str) -> str:
-    """An argparse ``type``: a path or URL that is not empty (an empty path would name the
-    current directory, and the error would be about that)."""
-    if not utf8(text):
-        raise argparse.ArgumentTypeError("must not be empty")
+    """An argparse ``type``: a registry path or URL, UTF-8 (it is stored and shown as text),
+    not blank, without spaces around it (a pasted " reg.db" made a new, empty registry)."""
+    if file_path(utf8(text)) != text.strip():
+        raise argparse.ArgumentTypeError(f"has spaces around it: {text!r}")
     return text
 
 

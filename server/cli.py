@@ -10,6 +10,7 @@ try:
     import logging
     import signal
     import sqlite3
+    import stat
     import sys
     import threading
     from collections import Counter
@@ -25,6 +26,7 @@ try:
         add_version_flag,
         allow_patterns,
         at_least,
+        file_path,
         host_port,
         missing_extra,
         path_text,
@@ -90,10 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--cert",
         required=True,
+        type=file_path,
         metavar="FILE",
         help="server certificate chain, leaf first (fullchain.pem)",
     )
-    add_flag(serve, "--key", required=True, metavar="FILE", help="server private key (privkey.pem)")
+    add_flag(
+        serve,
+        "--key",
+        required=True,
+        type=file_path,
+        metavar="FILE",
+        help="server private key (privkey.pem)",
+    )
     registry_flag(serve)
     add_flag(
         serve,
@@ -194,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--warm-start",
         metavar="FILE",
+        type=file_path,
         help="with --tls-reload handover: file where the server records which clients "
         "connected; after a restart it trusts those first and the rest by handover",
     )
@@ -223,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     enroll = commands.add_parser("enroll", help="admit a client certificate")
-    enroll.add_argument("certificate", type=Path, help="the client's certificate (PEM)")
+    enroll.add_argument("certificate", type=file_path, help="the client's certificate (PEM)")
     add_flag(enroll, "--name", required=True, help="unique client name")
     add_allow_flag(enroll)
     enroll.add_argument(
@@ -318,9 +329,10 @@ def registry_of(
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    where = str(args.certificate.absolute())
+    certificate = Path(args.certificate)
+    where = str(certificate.absolute())
     try:
-        data = read_file(args.certificate, "certificate", limit=MAX_CERT_BYTES)
+        data = read_file(certificate, "certificate", limit=MAX_CERT_BYTES)
     except IdentityError as exc:
         raise EnrollmentError(str(exc)) from exc
     check_name(args.name)
@@ -438,7 +450,9 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     allowed = check_patterns(allow_patterns(args))
-    name = check_name(args.name) if args.name else None
+    # `--name ""` (an unset shell variable) is checked, not taken for "the requested name";
+    # an empty PINRPC_NAME is unset, as every empty variable is (add_flag gives None).
+    name = check_name(args.name) if args.name is not None else None
     with registry_of(args) as registry:
         client = registry.approve(args.fingerprint, name, allowed, replace=args.replace)
     _show_enrolled(f"approved: enrolled {client.name}", client, kept=args.replace and not allowed)
@@ -575,6 +589,8 @@ def _remove_unused(path: Path) -> None:
     """Remove the registry serve created for a start that then failed, unless another process
     has it open (a server started alongside on the same new path) or enrolled a client."""
     path = path.resolve()  # SQLite follows a symlink: the file is its target; the link stays
+    if not path.is_file():
+        return  # none was made: its directory is missing or a file (unlink raised ENOTDIR)
     # Our connections are closed, and SQLite removes these with the last one: any left belong
     # to a live user (or a crash whose WAL may hold data).
     if any(path.with_name(f"{path.name}{end}").exists() for end in ("-wal", "-shm")):
@@ -605,12 +621,24 @@ COMMANDS = {
 
 def _checked(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse a registry path that names a FIFO, a device or a directory: sqlite3 waited
-    forever on a FIFO (list, pending) and said only "disk I/O error" about the rest."""
+    forever on a FIFO (list, pending) and said only "disk I/O error" about the rest. One that
+    cannot even be looked up (a name too long, a symlink loop) is refused with the reason:
+    Path.exists() raised the first, and copy-registry's resolve() the second, as tracebacks."""
     named = [("source", "SOURCE"), ("dest", "DEST")] if args.command == COPY else []
     for attr, what in named or [("registry", "--registry")]:
         spec = getattr(args, attr)
+        if is_postgres(spec):
+            continue
         path = Path(spec)
-        if not is_postgres(spec) and path.exists() and not path.is_file():
+        try:
+            mode = path.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # a new registry: each command says whether it may create one
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot use registry {path.absolute()}: {exc.strerror}; check {what}"
+            ) from exc
+        if not stat.S_ISREG(mode):
             raise RegistryError(f"registry {path.absolute()} is not a regular file; check {what}")
     return args
 
