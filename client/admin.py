@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict, SerializeToJsonError
 
-from client.connect import call, connection_flags, file_path
+from client.connect import call, connection_flags
 from pinrpc.cli import (
     Exit,
     add_allow_flag,
@@ -23,6 +23,7 @@ from pinrpc.cli import (
     add_permit_flags,
     allow_patterns,
     answer_time,
+    file_path,
     permit_patterns,
     shown,
     utf8,

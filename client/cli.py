@@ -13,9 +13,9 @@ try:
     import grpc
 
     from client import admin, doctor, keyfiles, request, rotate
-    from client.connect import DAYS, PROG, call, connection_flags, file_path, say
+    from client.connect import DAYS, PROG, call, connection_flags, say
     from pinrpc.channel import passphrase_from_env
-    from pinrpc.cli import Exit, add_flag, add_version_flag, run, shown, utf8
+    from pinrpc.cli import Exit, add_flag, add_version_flag, file_path, run, shown, utf8
     from pinrpc.identity import (
         DEFAULT_DAYS,
         KEY_TYPES,
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PINRPC_KEY_PASSPHRASE when that is set.",
     )
     keygen.add_argument("name", help="client name (also the file names NAME.key / NAME.crt)")
-    add_flag(keygen, "--dir", default=".", type=Path, help="directory for the files")
+    add_flag(keygen, "--dir", default=".", type=file_path, help="directory for the files")
     add_flag(
         keygen,
         "--key-type",
@@ -80,7 +80,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     passphrase = passphrase_from_env()
     files = keyfiles.make_pair(
         args.name,
-        args.dir,
+        Path(args.dir),
         key_type=args.key_type,
         days=args.days,
         force=args.force,

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from client import keyfiles
 from pinrpc.channel import dates_problem, load_pair, pair_credentials
-from pinrpc.cli import Exit, add_flag, at_least, host_port, shown, utf8
+from pinrpc.cli import Exit, add_flag, at_least, file_path, host_port, shown, utf8
 from pinrpc.errors import ERROR_METADATA, IdentityError
 from pinrpc.identity import Fingerprint
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
@@ -27,14 +27,6 @@ ROTATE_HINT = "rotate it now: `pinrpc rotate` (same connection flags)"
 
 # Bounded so that a typo is a usage error, not an overflow deep inside datetime or gRPC.
 DAYS = at_least(int, 1, 36500)
-
-
-def file_path(text: str) -> str:
-    """An argparse ``type``: a file name that is not empty ("" would name the current
-    directory, and the error would be about that). Any bytes: file names need not be UTF-8."""
-    if not text:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
 
 
 def server_flags(p: argparse.ArgumentParser, *, timeout_help: str) -> None:

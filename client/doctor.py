@@ -32,9 +32,9 @@ import grpc
 from cryptography import x509
 from cryptography.x509 import verification
 
-from client.connect import file_path, key_permissions_flag, proxy_hint, server_flags
+from client.connect import key_permissions_flag, proxy_hint, server_flags
 from pinrpc.channel import load_pair, pair_credentials
-from pinrpc.cli import Exit, add_flag, shown
+from pinrpc.cli import Exit, add_flag, file_path, shown
 from pinrpc.errors import PinrpcError
 from pinrpc.identity import (
     Fingerprint,

@@ -77,6 +77,8 @@ def _is_file(path: Path) -> bool:
         return stat.S_ISREG(path.lstat().st_mode)
     except FileNotFoundError:
         return False
+    except OSError as exc:  # a name too long, a parent that is a file: no pair of ours there
+        raise IdentityError(f"cannot use {path}: {exc.strerror}") from exc
 
 
 @contextlib.contextmanager
@@ -178,7 +180,11 @@ def make_pair(
     directory = directory.absolute()
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     # What a killed keygen or rotate left is settled first: the checks below see its outcome.
-    if directory.is_dir() and (note := recover(cert, key, tidy=True)):
+    try:
+        found = directory.is_dir()
+    except OSError as exc:  # a name too long: is_dir() says False only for the usual misses
+        raise IdentityError(f"cannot use the directory {directory}: {exc.strerror}") from exc
+    if found and (note := recover(cert, key, tidy=True)):
         tell(note)
     if not force:  # early, before a slow RSA key; checked again under the lock
         for existing in (p for p in (key, cert) if os.path.lexists(p)):

@@ -249,6 +249,10 @@ class PostgresRegistry(SqlRegistry):
         attempts = 1 if self._connected_once else FIRST_CONNECT_ATTEMPTS
         try:
             self._conn = self._connect(attempts)
+        except UnicodeError as exc:  # libpq's host name lookup: a label over 63 characters
+            raise RegistryError(
+                f"cannot connect to PostgreSQL {self.where}: not a valid host name ({exc})"
+            ) from exc
         except psycopg.Error as exc:
             self._lost(exc)
             timeout = isinstance(exc, psycopg.errors.ConnectionTimeout)

@@ -207,27 +207,10 @@ CASES = {
     "rotate-overlap-inf": _case(C, "rotate", *DIAL, *PAIR, "--overlap", "inf"),
     "request-name-not-utf8": _case(C, "request-enrollment", *DIAL, *PAIR, "--name", NOT_UTF8),
     "admin-get-not-utf8": _case(C, "admin", "get", NOT_UTF8, *DIAL, *PAIR),
-}
-
-# Defects in files outside this sweep's fixes (client/, server/registry_pg.py), kept here so they
-# are seen: each xfail is strict, so the fix turns it into a failure that asks to drop the mark.
-KNOWN = {
-    "keygen-dir-long": (
-        _case(C, "keygen", "k", "--dir", LONG),
-        "client/keyfiles.py make_pair: OSError ENAMETOOLONG is a traceback",
-    ),
-    "whoami-cert-long": (
-        _case(C, "whoami", *DIAL, "--cert", LONG, "--key", "{key}"),
-        "client/keyfiles.py _is_file (via connect.call): OSError ENAMETOOLONG is a traceback",
-    ),
-    "keygen-dir-empty": (
-        _case(C, "keygen", "k", "--dir", ""),
-        "client/cli.py: --dir '' (type=Path) writes the pair into the working directory, exit 0",
-    ),
-    "list-postgres-host-long": (
-        _case(S, "list", "--registry", f"postgresql://u@{'h' * 64}:5432/db"),
-        "server/registry_pg.py: psycopg's getaddrinfo raises UnicodeError (label too long)",
-    ),
+    "keygen-dir-long": _case(C, "keygen", "k", "--dir", LONG),
+    "whoami-cert-long": _case(C, "whoami", *DIAL, "--cert", LONG, "--key", "{key}"),
+    "keygen-dir-empty": _case(C, "keygen", "k", "--dir", ""),
+    "list-postgres-host-long": _case(S, "list", "--registry", f"postgresql://u@{'h' * 64}:5432/db"),
 }
 
 
@@ -320,14 +303,3 @@ def test_bad_input_is_one_line_and_changes_nothing(
     name: str, template: dict[str, bytes], tmp_path: Path
 ) -> None:
     _check(CASES[name], template, tmp_path)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=why))
-        for n, (_, why) in KNOWN.items()
-    ],
-)
-def test_known_defects_elsewhere(name: str, template: dict[str, bytes], tmp_path: Path) -> None:
-    _check(KNOWN[name][0], template, tmp_path)
