@@ -5,9 +5,6 @@ connection (taken again when that reconnects), and the copy counts the holders i
 from __future__ import annotations
 
 import signal
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -16,26 +13,10 @@ import pytest
 from server.registry_pg import SERVER_LOCK_KEY
 from tests.conftest import MakeClient, ServerFiles, admitted, eventually
 from tests.postgres import Postgres
-from tests.security.attacker import BIN, ServerProcess, _wait_for_port, server_env
+from tests.security.attacker import serve_process
 from tests.test_pg_ops import role
 from tests.test_registry_copy import cli, empty_pg, populate, state
 from tests.test_replicas import stub
-
-
-@contextmanager
-def serve_pg(devca: ServerFiles, url: str, log: Path) -> Iterator[ServerProcess]:
-    """`pinrpc-server serve --registry URL` (serve_process takes a Path, which would fold the
-    URL's "//"); killed by PID if still running."""
-    argv = [str(BIN / "pinrpc-server"), "serve", "--listen", "127.0.0.1:0", "--cert",
-            str(devca.cert), "--key", str(devca.key), "--registry", url]  # fmt: skip
-    with log.open("wb") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=server_env())
-    try:
-        yield ServerProcess(process, _wait_for_port(process, log), log)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def holders(url: str) -> list[int]:
@@ -70,8 +51,8 @@ def test_a_postgresql_source_a_running_server_uses_is_refused_until_it_stops(
     url, dest = empty_pg(pg), str(tmp_path / "new.db")
     populate(url, make_client)
     with (
-        serve_pg(devca, url, tmp_path / "a.log") as a,
-        serve_pg(devca, url, tmp_path / "b.log") as b,
+        serve_process(devca.cert, devca.key, url, tmp_path / "a.log") as a,
+        serve_process(devca.cert, devca.key, url, tmp_path / "b.log") as b,
     ):
         eventually(lambda: len(holders(url)) == 2, timeout=5.0)  # each takes it as it starts
         message = refused_in_use(capsys, url, dest, servers=2)
@@ -92,7 +73,7 @@ def test_a_server_that_lost_and_regained_its_database_is_still_seen(
 ) -> None:  # fmt: skip
     url, dest = empty_pg(pg), str(tmp_path / "new.db")
     populate(url, make_client)
-    with serve_pg(devca, url, tmp_path / "serve.log"):
+    with serve_process(devca.cert, devca.key, url, tmp_path / "serve.log"):
         eventually(lambda: len(holders(url)) == 1, timeout=5.0)
         (before,) = holders(url)
         pg.stop()  # every session ends, the lock with it
@@ -112,7 +93,7 @@ def test_a_role_that_may_not_see_the_servers_addresses_is_refused_too(
     url, dest = empty_pg(pg), str(tmp_path / "new.db")
     populate(url, make_client)
     reader = role(url, "copier", "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
-    with serve_pg(devca, url, tmp_path / "serve.log"):
+    with serve_process(devca.cert, devca.key, url, tmp_path / "serve.log"):
         eventually(lambda: len(holders(url)) == 1, timeout=5.0)
         message = refused_in_use(capsys, reader, dest, servers=1)
         assert " from " not in message
@@ -130,7 +111,7 @@ def test_a_session_holding_the_lock_exclusively_never_stops_a_server(
     erin = make_client("erin")
     with psycopg.connect(url, autocommit=True) as squatter:
         squatter.execute("SELECT pg_advisory_lock(%s)", (SERVER_LOCK_KEY,))
-        with serve_pg(devca, url, tmp_path / "serve.log") as server:
+        with serve_process(devca.cert, devca.key, url, tmp_path / "serve.log") as server:
             eventually(lambda: "copy-registry will not see this server" in server.log.read_text(),
                        timeout=5.0)  # fmt: skip
             erin_stub = stub(f"127.0.0.1:{server.port}", erin, devca)

@@ -236,9 +236,15 @@ def server_env() -> dict[str, str]:
 
 @contextmanager
 def serve_process(
-    cert: Path, key: Path, registry: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+    cert: Path,
+    key: Path,
+    registry: Path | str,
+    log: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
-    """`pinrpc-server serve` on a port the kernel picks; killed by PID if still running."""
+    """`pinrpc-server serve` on a port the kernel picks; killed by PID if still running.
+    ``registry``: a path, or a postgresql:// URL as text (a Path would fold its "//")."""
     argv = [str(BIN / "pinrpc-server"), "serve", "--listen", "127.0.0.1:0", "--cert", str(cert),
             "--key", str(key), "--registry", str(registry), *extra]  # fmt: skip
     with log.open("wb") as sink:
