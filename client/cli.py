@@ -13,7 +13,7 @@ try:
     import grpc
 
     from client import admin, doctor, keyfiles, request, rotate
-    from client.connect import DAYS, PROG, call, connection_flags, say
+    from client.connect import DAYS, PROG, admitted_until, call, connection_flags, say
     from pinrpc.channel import passphrase_from_env
     from pinrpc.cli import Exit, add_flag, add_version_flag, file_path, run, shown, utf8
     from pinrpc.identity import (
@@ -105,6 +105,7 @@ def cmd_whoami(args: argparse.Namespace) -> int:
         reply = echo_pb2_grpc.EchoStub(channel).WhoAmI(
             echo_pb2.WhoAmIRequest(), timeout=args.timeout
         )
+        until = admitted_until(reply)  # checked before anything is printed
         if args.json:
             print(
                 json.dumps(
@@ -112,6 +113,8 @@ def cmd_whoami(args: argparse.Namespace) -> int:
                         "name": reply.name,
                         "fingerprint": reply.fingerprint,
                         "allowed_methods": list(reply.allowed_methods),
+                        "admitted_until": until.isoformat() if until else None,
+                        "retiring": reply.retiring,
                     }
                 )
             )
@@ -119,6 +122,9 @@ def cmd_whoami(args: argparse.Namespace) -> int:
             print(f"name         {shown(reply.name)}")
             print(f"fingerprint  {shown(reply.fingerprint)}")
             print(f"allowed      {shown(', '.join(reply.allowed_methods)) or NO_PERMISSIONS}")
+            ends = f"{until:%Y-%m-%d %H:%M} UTC" if until else "not said (an older server)"
+            retiring = " (retiring: a rotation replaced this pair)" if reply.retiring else ""
+            print(f"admitted     until {ends}{retiring}")
         return Exit.OK
 
     return call(args, rpc)

@@ -16,8 +16,8 @@ from cryptography.x509.oid import NameOID
 
 from client import keyfiles
 from pinrpc.channel import dates_problem, load_pair, pair_credentials
-from pinrpc.cli import Exit, add_flag, at_least, file_path, host_port, shown, utf8
-from pinrpc.errors import ERROR_METADATA, IdentityError
+from pinrpc.cli import Exit, add_flag, answer_time, at_least, file_path, host_port, shown, utf8
+from pinrpc.errors import ERROR_METADATA, AnswerError, IdentityError
 from pinrpc.identity import Fingerprint
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
@@ -144,37 +144,36 @@ def settle(args: argparse.Namespace, *, refuse_busy: bool = True) -> Settled | N
             staged_cert, staged_key, insecure_key_permissions=args.insecure_key_permissions
         )[0]
         fingerprint, staged_answer = Fingerprint.of(staged), _whoami(args, staged_cert, staged_key)
+        # Asked with the pair in place, which is the retiring one if the rotation happened:
+        # WhoAmI tells only the caller's own end, and the staged pair's is its notAfter.
         current_answer = _whoami(args, cert, key)
         unknown = f"the outcome of an earlier rotation ({staged_cert}, {staged_key})"
-        if isinstance(staged_answer, str):
+        if isinstance(staged_answer, echo_pb2.WhoAmIResponse):
             names = staged.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             # The name rotate made it for: the server's name for the current pair then.
             made_for = str(names[0].value) if names else ""
-            expected = current_answer if isinstance(current_answer, str) else made_for
-            if staged_answer != expected:
+            expected = (
+                current_answer.name
+                if isinstance(current_answer, echo_pb2.WhoAmIResponse)
+                else made_for
+            )
+            if staged_answer.name != expected:
                 return Settled(
                     Exit.ERROR,
-                    f"the server admits {staged_cert} as {staged_answer!r}, not as "
+                    f"the server admits {staged_cert} as {staged_answer.name!r}, not as "
                     f"{expected!r}; nothing changed: {keyfiles.finish_by_hand(cert, key)}",
                 )
-            # Refused now: it has ended. Admitted: it is in its overlap, whose end only the
-            # server knows; the *.old pair then stays until the next rotate replaces it.
-            ended = not isinstance(current_answer, str) and refused_at_handshake(current_answer)
-            keyfiles.settle_forward(
-                cert, key, fingerprint, dt.datetime.now(dt.UTC) if ended else None
-            )
-            old = (
-                "no longer admitted"
-                if ended
-                else "its end unknown here: the next rotate replaces it"
-            )
+            until, old = _old_end(current_answer)
+            keyfiles.settle_forward(cert, key, fingerprint, until)
             return Settled(
                 Exit.OK,
-                f"settled {unknown}: the server admits the new pair as {staged_answer}, now "
+                f"settled {unknown}: the server admits the new pair as {staged_answer.name}, now "
                 f"in place as {cert} and {key}; the old pair is kept as *.old ({old})",
                 rotated=True,
             )
-        if isinstance(current_answer, str) and refused_at_handshake(staged_answer):
+        if isinstance(current_answer, echo_pb2.WhoAmIResponse) and refused_at_handshake(
+            staged_answer
+        ):
             age = dt.datetime.now(dt.UTC).timestamp() - staged_cert.stat().st_mtime
             if age < STAGED_GRACE.total_seconds():
                 return Settled(
@@ -189,7 +188,9 @@ def settle(args: argparse.Namespace, *, refuse_busy: bool = True) -> Settled | N
                 f"settled {unknown}: the server refuses the new pair and admits this one, so the "
                 f"rotation never happened; removed {staged_cert} and {staged_key}",
             )
-        failed = staged_answer if isinstance(current_answer, str) else current_answer
+        failed = (
+            staged_answer if isinstance(current_answer, echo_pb2.WhoAmIResponse) else current_answer
+        )
         return Settled(
             Exit.CONNECT,
             f"cannot tell {unknown} from {args.server}: {failed.code().name}: "
@@ -197,13 +198,42 @@ def settle(args: argparse.Namespace, *, refuse_busy: bool = True) -> Settled | N
         )
 
 
-def _whoami(args: argparse.Namespace, cert: Path, key: Path) -> str | grpc.RpcError:
-    """The server's name for this pair, or how the call failed."""
+UNKNOWN_OLD_END = "its end unknown here: the next rotate replaces it"
+
+
+def _old_end(answer: echo_pb2.WhoAmIResponse | grpc.RpcError) -> tuple[dt.datetime | None, str]:
+    """The end of the old pair after a settled rotation, from the server's answer to it, and
+    how to say it."""
+    if not isinstance(answer, echo_pb2.WhoAmIResponse):
+        if refused_at_handshake(answer):  # refused now: it has ended
+            return dt.datetime.now(dt.UTC), "no longer admitted"
+        return None, UNKNOWN_OLD_END
+    try:
+        until = admitted_until(answer)
+    except AnswerError as exc:  # the new pair is admitted all the same
+        return None, f"its end unknown: {exc}"
+    if until is None:  # a server that does not say
+        return None, UNKNOWN_OLD_END
+    return until, f"admitted until {until:%Y-%m-%d %H:%M} UTC"
+
+
+def admitted_until(reply: echo_pb2.WhoAmIResponse) -> dt.datetime | None:
+    """When the server stops admitting the certificate that asked; None if it does not say.
+    Raises AnswerError for a date protobuf cannot hold."""
+    if not reply.HasField("admitted_until"):
+        return None
+    return answer_time(reply.admitted_until, "end of admission for your certificate")
+
+
+def _whoami(
+    args: argparse.Namespace, cert: Path, key: Path
+) -> echo_pb2.WhoAmIResponse | grpc.RpcError:
+    """The server's answer to this pair, or how the call failed."""
     pair = load_pair(cert, key, insecure_key_permissions=args.insecure_key_permissions)
     with _channel(args, pair_credentials(*pair, args.ca)) as channel:
         try:
             stub = echo_pb2_grpc.EchoStub(channel)
-            return str(stub.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=args.timeout).name)
+            return stub.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=args.timeout)
         except grpc.RpcError as exc:
             return exc
 

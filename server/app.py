@@ -188,7 +188,7 @@ def _add_services(
     health: Health,
 ) -> None:
     """The API behind client authentication, with health beside it."""
-    echo_pb2_grpc.add_EchoServicer_to_server(EchoService(), server)
+    echo_pb2_grpc.add_EchoServicer_to_server(EchoService(lambda: trust.enrolled), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(registry, audit, trust.poll), server)
     identity_pb2_grpc.add_IdentityServicer_to_server(
         IdentityService(registry, audit, trust.poll, config.rotation_overlap), server

@@ -13,6 +13,7 @@ import pytest
 
 from client import cli
 from pinrpc.cli import Exit, allow_patterns
+from pinrpc.identity import load_certificate
 from server.app import RunningServer
 from server.devca import DevCA
 from tests.conftest import ECHO_ALL, SERVER_NAME, Connect, MakeClient, ServerFiles
@@ -41,6 +42,8 @@ def test_whoami_json_and_echo(
         "name": "alice",
         "fingerprint": str(alice.fingerprint),
         "allowed_methods": [ECHO_ALL],
+        "admitted_until": load_certificate(alice.cert_path).not_valid_after_utc.isoformat(),
+        "retiring": False,
     }
     code, out, _ = run(["echo", "hello there", *connect.cli_flags(alice)], capsys)
     assert (code, out) == (Exit.OK, "hello there\n")

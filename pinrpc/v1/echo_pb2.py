@@ -22,23 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pinrpc/v1/echo.proto\x12\tpinrpc.v1\"\x0f\n\rWhoAmIRequest\"L\n\x0eWhoAmIResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07message\x18\x01 \x01(\t\"/\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t2\xc1\x01\n\x04\x45\x63ho\x12=\n\x06WhoAmI\x12\x18.pinrpc.v1.WhoAmIRequest\x1a\x19.pinrpc.v1.WhoAmIResponse\x12\x37\n\x04\x45\x63ho\x12\x16.pinrpc.v1.EchoRequest\x1a\x17.pinrpc.v1.EchoResponse\x12\x41\n\nEchoStream\x12\x16.pinrpc.v1.EchoRequest\x1a\x17.pinrpc.v1.EchoResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pinrpc/v1/echo.proto\x12\tpinrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0f\n\rWhoAmIRequest\"\x92\x01\n\x0eWhoAmIResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x32\n\x0e\x61\x64mitted_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08retiring\x18\x05 \x01(\x08\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07message\x18\x01 \x01(\t\"/\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t2\xc1\x01\n\x04\x45\x63ho\x12=\n\x06WhoAmI\x12\x18.pinrpc.v1.WhoAmIRequest\x1a\x19.pinrpc.v1.WhoAmIResponse\x12\x37\n\x04\x45\x63ho\x12\x16.pinrpc.v1.EchoRequest\x1a\x17.pinrpc.v1.EchoResponse\x12\x41\n\nEchoStream\x12\x16.pinrpc.v1.EchoRequest\x1a\x17.pinrpc.v1.EchoResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pinrpc.v1.echo_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WHOAMIREQUEST']._serialized_start=35
-  _globals['_WHOAMIREQUEST']._serialized_end=50
-  _globals['_WHOAMIRESPONSE']._serialized_start=52
-  _globals['_WHOAMIRESPONSE']._serialized_end=128
-  _globals['_ECHOREQUEST']._serialized_start=130
-  _globals['_ECHOREQUEST']._serialized_end=160
-  _globals['_ECHORESPONSE']._serialized_start=162
-  _globals['_ECHORESPONSE']._serialized_end=209
-  _globals['_ECHO']._serialized_start=212
-  _globals['_ECHO']._serialized_end=405
+  _globals['_WHOAMIREQUEST']._serialized_start=68
+  _globals['_WHOAMIREQUEST']._serialized_end=83
+  _globals['_WHOAMIRESPONSE']._serialized_start=86
+  _globals['_WHOAMIRESPONSE']._serialized_end=232
+  _globals['_ECHOREQUEST']._serialized_start=234
+  _globals['_ECHOREQUEST']._serialized_end=264
+  _globals['_ECHORESPONSE']._serialized_start=266
+  _globals['_ECHORESPONSE']._serialized_end=313
+  _globals['_ECHO']._serialized_start=316
+  _globals['_ECHO']._serialized_end=509
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ certificate; the server answers with what it knows about the caller.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -42,13 +43,26 @@ class WhoAmIResponse(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     ALLOWED_METHODS_FIELD_NUMBER: _builtins.int
+    ADMITTED_UNTIL_FIELD_NUMBER: _builtins.int
+    RETIRING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name the client was enrolled under."""
     fingerprint: _builtins.str
     """SHA-256 of the client's DER certificate, as openssl prints it (AB:CD:...)."""
+    retiring: _builtins.bool
+    """The client rotated to a newer certificate: this one stops at admitted_until, the end of
+    the overlap the server granted.
+    """
     @_builtins.property
     def allowed_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The method patterns (fnmatch, on the full method name) this client may call."""
+
+    @_builtins.property
+    def admitted_until(self) -> _timestamp_pb2.Timestamp:
+        """When the server stops admitting this certificate: the end the registry holds for it (the
+        certificate's notAfter as enrolled), or the end of a rotation's overlap while it retires.
+        Unset from servers that predate this field.
+        """
 
     def __init__(
         self,
@@ -56,10 +70,12 @@ class WhoAmIResponse(_message.Message):
         name: _builtins.str = ...,
         fingerprint: _builtins.str = ...,
         allowed_methods: _abc.Iterable[_builtins.str] | None = ...,
+        admitted_until: _timestamp_pb2.Timestamp | None = ...,
+        retiring: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admitted_until", b"admitted_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_methods", b"allowed_methods", "fingerprint", b"fingerprint", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_until", b"admitted_until", "allowed_methods", b"allowed_methods", "fingerprint", b"fingerprint", "name", b"name", "retiring", b"retiring"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
