@@ -43,6 +43,7 @@ import grpc
 
 from pinrpc.errors import PinrpcError
 from server.config import TLS_RELOAD_MODES
+from server.stderr_helper import CLOSING
 from server.trust import ServerCert, TrustWatcher
 from server.warm import WarmSet
 
@@ -205,8 +206,10 @@ def close_listening(sockets: list[socket.socket]) -> None:
     to accept what is already queued: closing a listener resets its queued connections
     (measured: 3 failed new connections in 30 handovers without the steering, none in 60
     with it). shutdown(SHUT_RD) then takes it out of the group; gRPC's acceptor logs
-    "Closing acceptor. Failed accept4: Invalid argument" once: expected here.
+    "Closing acceptor. Failed accept4: Invalid argument" once per socket: expected here, and
+    the stderr helper, told by the CLOSING line, turns each into an INFO line.
     """
+    log.info(CLOSING, len(sockets))  # first: the stderr helper then expects gRPC's lines
     if not steer_to_newest(sockets):
         log.warning("could not steer new connections; a few may be reset by this handover")
     time.sleep(ACCEPT_QUEUE_DRAIN)

@@ -1,4 +1,4 @@
-"""`serve`'s listening: who else may hold our port, its start-up failures."""
+"""`serve`'s listening: who else may hold our port, its start-up failures, its handover lines."""
 
 # ruff: noqa: S104  (wildcard addresses are what these tests are about)
 
@@ -18,13 +18,18 @@ from pathlib import Path
 import pytest
 
 from server.listener import Listener, ListenError, shared
+from server.stderr_helper import CLOSING
 from tests.conftest import ECHO_ALL, MakeClient, ServerFiles, enroll
-from tests.security.attacker import BIN, server_env
+from tests.security.attacker import BIN, serve_process, server_env
 from tests.test_handover import fresh_call, slow_listener
 from tests.test_server import free_port
+from tests.test_stderr_pump import core, own, run_helper
 
 UNRESOLVED = "the host does not resolve (Name or service not known)"
 LOW_PORT = "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+ACCEPT4 = (
+    b"E1201 04:52:01.000000   4242 posix_engine_listener.cc:186] Closing acceptor. Failed accept4: "
+)
 
 
 @contextmanager
@@ -165,3 +170,45 @@ def test_a_failed_start_ends_with_one_line_that_says_why(
     assert all(re.match(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING) pinrpc\.", x) for x in before), (
         lines
     )
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_handover_turns_grpcs_acceptor_line_into_an_info_line(
+    devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path, log_format: str
+) -> None:
+    """Before, each handover logged gRPC's "Closing acceptor. Failed accept4: Invalid
+    argument", an error line for what the handover did on purpose."""
+    enroll(registry, make_client("alice").cert_path, "alice", ECHO_ALL)
+    log = tmp_path / "server.log"
+    with serve_process(devca.cert, devca.key, registry, log, "--tls-reload", "handover",
+                       "--log-format", log_format) as server:  # fmt: skip
+        enroll(registry, make_client("bob").cert_path, "bob", ECHO_ALL)
+        deadline = time.monotonic() + 20
+        while b"which the handover closed" not in log.read_bytes():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert server.terminate() == 0
+    written = log.read_text()
+    assert "accept4" not in written and written.count("which the handover closed") == 1, written
+    (line,) = [x for x in written.splitlines() if "which the handover closed" in x]
+    assert '"level": "INFO"' in line if log_format == "json" else " INFO pinrpc.server: " in line
+
+
+CLOSING_TEXT = b"2026-12-01 04:52:00,950 INFO pinrpc.server: " + (CLOSING % 1).encode() + b"\n"
+
+
+@pytest.mark.parametrize(
+    "fed",
+    [
+        core([ACCEPT4 + b"Invalid argument\n"]),  # no handover announced it
+        [*own([CLOSING_TEXT]), *core([ACCEPT4 + b"Too many open files\n"])],  # another failure
+        [*own([CLOSING_TEXT]), *core([ACCEPT4 + b"Invalid argument\n"] * 2)],  # one too many
+        core([CLOSING_TEXT, ACCEPT4 + b"Invalid argument\n"]),  # announced on fd 2: forged
+        [*own([CLOSING_TEXT.replace(b" INFO pinrpc.server: ", b" INFO pinrpc.audit: x ")]),
+         *core([ACCEPT4 + b"Invalid argument\n"])],  # not the listener's own line
+    ],
+)  # fmt: skip
+def test_any_other_accept4_failure_passes_unchanged(fed: list[tuple[bool, bytes]]) -> None:
+    out, code = run_helper("text", 1 << 20, stall=False, fed=fed)
+    failures = [line for line in out.splitlines(keepends=True) if b"Failed accept4" in line]
+    assert code == 0 and failures and failures[-1] == fed[-1][1], out
