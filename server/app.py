@@ -28,7 +28,7 @@ from server.config import ServeError, ServerConfig
 from server.fdlimit import HANDSHAKE_OPTIONS, SIDE_PORT_OPTIONS, raise_open_files
 from server.handshakes import Handshakes
 from server.health import ECHO_SERVICE, Health
-from server.listener import Listener, ListenError, Options
+from server.listener import Listener, ListenError, Options, bind_reason, check_bindable
 from server.metrics import Metrics, serve_metrics
 from server.observe import Observability
 from server.ratelimit import burst_for
@@ -153,7 +153,8 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
                 stop_metrics, metrics_port = serve_metrics(metrics, config.metrics_listen)
             except (OSError, ValueError, OverflowError) as exc:
                 raise ServeError(
-                    f"cannot serve metrics on {config.metrics_listen} (--metrics-listen): {exc}"
+                    f"cannot serve metrics on {config.metrics_listen} (--metrics-listen): "
+                    f"{bind_reason(exc)}"
                 ) from exc
             stack.callback(stop_metrics)
             host = config.metrics_listen.rpartition(":")[0]  # the port may have been 0
@@ -213,8 +214,11 @@ def _start_side(
 ) -> int:  # fmt: skip
     """Bind and start a secondary listener, stopped with the rest; returns its port."""
     try:
+        check_bindable(listen)  # the reason in pinrpc's line, and no gRPC line beside it
         port = bind(listen)
-    except RuntimeError:  # grpc's "Failed to bind", with the reason only in its debug log
+    except ListenError as exc:
+        raise ServeError(f"cannot listen on {listen} ({flag}, {what}): {exc.reason}") from exc
+    except RuntimeError:  # grpc's "Failed to bind", with the reason only in its own line
         port = 0
     if port == 0:
         raise ServeError(f"cannot listen on {listen} ({flag}, {what}): address in use or invalid")

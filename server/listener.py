@@ -12,7 +12,8 @@ square of their number (docs/PERFORMANCE.md: about 10 s for 10,000 clients here)
   it loads the roots), then closes the old server's listening sockets, told apart from any
   other socket on that port number by their inodes. As SO_REUSEPORT would let a second
   process share a busy port, start() first checks that it is free, and once bound that no
-  other socket joined it meanwhile; inline mode binds without SO_REUSEPORT. The old server keeps
+  other socket joined it meanwhile (on our address, or a more specific one on our wildcard's
+  port); inline mode binds without SO_REUSEPORT. The old server keeps
   serving its open connections until they leave by themselves: every server in this mode
   rotates its connections after ``max_age`` with gRPC's graceful GOAWAY, which clients follow
   without failing a call. Stopping the old server at once instead would fail the calls queued
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -41,6 +43,7 @@ import grpc
 
 from pinrpc.errors import PinrpcError
 from server.config import TLS_RELOAD_MODES
+from server.stderr_helper import CLOSING
 from server.trust import ServerCert, TrustWatcher
 from server.warm import WarmSet
 
@@ -49,7 +52,11 @@ Options = Sequence[tuple[str, Any]]
 
 
 class ListenError(PinrpcError):
-    """The mTLS port could not be bound."""
+    """A port could not be bound; ``reason`` says why."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.reason = reason
 
 
 def listening_sockets(port: int) -> dict[int, socket.socket]:
@@ -87,17 +94,22 @@ def socket_ids(port: int) -> frozenset[int]:
     return frozenset(sockets)
 
 
-def check_free(address: str) -> None:
-    """Refuse a port another listener holds, even one bound with SO_REUSEPORT (which gRPC
-    would join silently, splitting the connections). SO_REUSEADDR: TIME_WAIT is no conflict."""
+LOW_PORT_HINT = "ports below 1024 need root or CAP_NET_BIND_SERVICE"
+
+
+def check_bindable(address: str) -> None:
+    """Refuse, with the reason, an address that does not resolve or that none of its
+    addresses can bind, so that gRPC never logs a bind failure of its own beside pinrpc's.
+    It refuses a port another listener holds, even one bound with SO_REUSEPORT (which
+    gRPC would join silently, splitting the connections). SO_REUSEADDR: TIME_WAIT is no
+    conflict."""
     host, _, port = address.rpartition(":")
-    if int(port) == 0:
-        return
     try:
         infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)  # fmt: skip
-    except OSError:
-        return  # gRPC reports an address it cannot resolve itself
+    except (OSError, ValueError) as exc:  # gaierror; ValueError: a port that is no number
+        raise ListenError(address, bind_reason(exc)) from exc
+    failures: list[OSError] = []
     for family, kind, proto, _, where in infos:
         try:
             with socket.socket(family, kind, proto) as probe:
@@ -105,12 +117,51 @@ def check_free(address: str) -> None:
                 probe.bind(where)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ListenError(f"cannot listen on {address}: address in use") from exc
+                raise ListenError(address, "address in use") from exc
+            failures.append(exc)
+    if failures and len(failures) == len(infos):  # gRPC too serves if one address binds
+        raise ListenError(address, bind_reason(failures[0])) from failures[0]
+
+
+def bind_reason(exc: Exception) -> str:
+    """A failed resolve or bind in a sentence: the user's next step where there is one."""
+    if isinstance(exc, socket.gaierror):
+        return f"the host does not resolve ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return "address in use"
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        return f"permission denied ({LOW_PORT_HINT})"
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
+def _address(field: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A /proc/net/tcp{,6} address: 32-bit words in hex, each in host byte order."""
+    raw = b"".join(struct.pack("=I", int(field[i : i + 8], 16)) for i in range(0, len(field), 8))
+    found = ipaddress.ip_address(raw)
+    mapped = found.ipv4_mapped if isinstance(found, ipaddress.IPv6Address) else None
+    return mapped or found
+
+
+def takes_from(other: str, ours: str) -> bool:
+    """A listener on ``other`` gets some of the connections meant for one on ``ours``
+    (/proc/net/tcp's "ADDRESS:PORT", in hex). Measured on Linux 6.18 with SO_REUSEPORT on
+    both: the same address splits them; otherwise the most specific listener takes every
+    connection to its address whichever bound first (127.0.0.1 over 0.0.0.0 and [::],
+    0.0.0.0 over a dual-stack [::]), so a wildcard stranger beside a specific us takes none."""
+    (other_ip, other_port), (our_ip, our_port) = other.split(":"), ours.split(":")
+    if other_port != our_port:
+        return False
+    theirs, mine = _address(other_ip), _address(our_ip)
+    if theirs == mine:
+        return True
+    # Our wildcard covers its family's addresses; [::] (dual-stack, as gRPC binds it) all.
+    return mine.is_unspecified and (mine.version == 6 or theirs.version == 4)
 
 
 def shared(ours: frozenset[int]) -> bool:
-    """Another listening socket (another process's, say) is bound to the same address and
-    port as one of ``ours`` (inodes): they form one SO_REUSEPORT group. False without /proc."""
+    """Another listening socket (another process's, say) takes some of the connections meant
+    for one of ``ours`` (inodes): it shares our address and port, or holds a more specific
+    address on our wildcard's port. False without /proc."""
     bound: dict[int, str] = {}  # inode -> local address and port, as the kernel lists them
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):  # no /proc, or no IPv6
@@ -119,7 +170,8 @@ def shared(ours: frozenset[int]) -> bool:
                 if fields[3] == "0A":  # TCP_LISTEN
                     bound[int(fields[9])] = fields[1]
     addresses = {bound[ino] for ino in ours if ino in bound}
-    return any(where in addresses for ino, where in bound.items() if ino not in ours)
+    others = [where for ino, where in bound.items() if ino not in ours]
+    return any(takes_from(other, mine) for other in others for mine in addresses)
 
 
 # A classic BPF program for the port's SO_REUSEPORT group: "return 1", i.e. pick the second
@@ -154,8 +206,10 @@ def close_listening(sockets: list[socket.socket]) -> None:
     to accept what is already queued: closing a listener resets its queued connections
     (measured: 3 failed new connections in 30 handovers without the steering, none in 60
     with it). shutdown(SHUT_RD) then takes it out of the group; gRPC's acceptor logs
-    "Closing acceptor. Failed accept4: Invalid argument" once: expected here.
+    "Closing acceptor. Failed accept4: Invalid argument" once per socket: expected here, and
+    the stderr helper, told by the CLOSING line, turns each into an INFO line.
     """
+    log.info(CLOSING, len(sockets))  # first: the stderr helper then expects gRPC's lines
     if not steer_to_newest(sockets):
         log.warning("could not steer new connections; a few may be reset by this handover")
     time.sleep(ACCEPT_QUEUE_DRAIN)
@@ -209,20 +263,21 @@ class Listener:
     def start(self, address: str) -> int:
         """Bind ``address`` (HOST:PORT, port 0 picks one) and serve; returns the port."""
         self._host = address.rpartition(":")[0]
-        if self.mode == "handover":
-            check_free(address)  # its listeners share the port with SO_REUSEPORT
+        # Every mode: a bad address gets pinrpc's reason, not gRPC's own line beside it. A busy
+        # port too: handover's listeners share it with SO_REUSEPORT, and inline's bind fails.
+        check_bindable(address)
         before = socket_ids(0)
         server, port, state = self._bind(address, self._warm_start())
         if port == 0:
-            raise ListenError(f"cannot listen on {address}: address in use or invalid")
+            raise ListenError(address, "address in use or invalid")
         self._sockets = socket_ids(port) - before
-        # check_free() ran before the roots loaded (seconds for thousands of clients): a
+        # check_bindable() ran before the roots loaded (seconds for thousands of clients): a
         # server started meanwhile on the same port may have joined it too. The later of
         # two such servers sees the other one here, and gives up (both do if both bound
         # before either looked: never a shared port).
         if self.mode == "handover" and shared(self._sockets):
             server.stop(None)
-            raise ListenError(f"cannot listen on {address}: address in use")
+            raise ListenError(address, "address in use")
         server.start()
         self._server, self.port, (self._cert, self._trusted) = server, port, state
         if self.mode == "handover":
@@ -267,7 +322,7 @@ class Listener:
         try:
             return server, server.add_secure_port(address, creds), state
         except RuntimeError as exc:  # "Failed to bind", the reason only in gRPC's debug log
-            raise ListenError(f"cannot listen on {address}: address in use or invalid") from exc
+            raise ListenError(address, "address in use or invalid") from exc
 
     def stale(self) -> bool:
         """The listener lacks an enrolled client's root or serves an old certificate."""

@@ -41,6 +41,17 @@ CUT = b" [cut: line too long]"
 # (its MARK included), a NUL ended the line for journald. A line keeps only its final newline.
 CONTROLS = bytes((*range(0x09), *range(0x0B, 0x20), 0x7F))
 NEUTERED = bytes.maketrans(CONTROLS, b"?" * len(CONTROLS))
+# A handover closes the previous listener's sockets, and gRPC's acceptor says so, alarmingly,
+# once for each (below). The listener logs CLOSING first (through the trusted channel, 50 ms
+# before): that many such lines within CLOSE_WINDOW seconds become one INFO line each. Any
+# other accept4 failure, or one without the notice (--log-level WARNING), passes unchanged.
+CLOSING = "closing the previous listener's %d listening socket(s)"
+CLOSING_LINE = re.compile(re.escape(CLOSING).replace("%d", r"(\d+)"))
+ACCEPTOR_CLOSED = re.compile(rb"E\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ "
+                             rb"(?:posix_engine_listener|tcp_server_posix)\.cc:\d+\] "
+                             rb"Closing acceptor\. Failed accept4: Invalid argument\n")  # fmt: skip
+TEXT_PREFIX = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO pinrpc\.server: ")
+CLOSE_WINDOW = 2.0
 
 
 class Lines:
@@ -84,6 +95,7 @@ class Buffer:
         self.changed = threading.Condition()
         self.grpc_rate, self.suppressed, self.suppressing = grpc_rate, 0, False
         self.grpc_lines = None
+        self.closing, self.closing_until = 0, 0.0  # acceptor lines a handover announced
         if math.isfinite(grpc_rate):
             self.grpc_lines = TokenBucket(grpc_rate, burst_for(grpc_rate))  # as the audit's
 
@@ -111,6 +123,8 @@ class Buffer:
     def add(self, lines: list[bytes], trusted: bool) -> None:
         with self.changed:
             for line in lines:
+                if trusted and (count := self.closing_notice(line)):
+                    self.closing, self.closing_until = count, time.monotonic() + CLOSE_WINDOW
                 passed = line if trusted else self.untrusted(line)
                 if passed is not None:
                     self.hold(passed)
@@ -124,12 +138,38 @@ class Buffer:
                 self.suppressed += 1
                 return None
             return MARK + line
+        if (
+            self.closing
+            and time.monotonic() < self.closing_until
+            and ACCEPTOR_CLOSED.fullmatch(line)
+        ):
+            self.closing -= 1
+            closed = "gRPC stopped accepting on the previous listener, which the handover closed"
+            return notice(closed, self.log_format, "INFO")
         if self.grpc_lines is not None and not self.grpc_lines.take():
             self.suppressed += 1
             self.suppressing = True
             return None
         self.suppressing = False
         return self.suppressed_notice() + line if self.suppressed else line
+
+    def closing_notice(self, line: bytes) -> int:
+        """The sockets a trusted line's CLOSING notice announces; 0 for any other line."""
+        if CLOSING.split("%")[0].encode() not in line:  # most lines: the audit's
+            return 0
+        text = line.decode(errors="replace").rstrip("\n")
+        if self.log_format == "json":
+            try:
+                fields = json.loads(text)
+            except ValueError:
+                return 0
+            ours = isinstance(fields, dict) and fields.get("logger") == "pinrpc.server"
+            message = fields.get("message") if ours and fields.get("level") == "INFO" else None
+        else:
+            prefix = TEXT_PREFIX.match(text)
+            message = text[prefix.end() :] if prefix else None
+        found = CLOSING_LINE.fullmatch(message) if isinstance(message, str) else None
+        return int(found[1]) if found else 0
 
     def hold(self, line: bytes) -> None:
         # Once one is dropped, so is the rest until the writer takes: the count then stands
@@ -160,14 +200,14 @@ class Buffer:
             return data, dropped
 
 
-def notice(message: str, log_format: str) -> bytes:
-    """A warning line of the helper's, in the server's --log-format."""
+def notice(message: str, log_format: str, level: str = "WARNING") -> bytes:
+    """A line of the helper's, in the server's --log-format."""
     if log_format == "json":
         now = dt.datetime.now(dt.UTC).isoformat()
-        fields = {"time": now, "level": "WARNING", "logger": "pinrpc.server", "message": message}
+        fields = {"time": now, "level": level, "logger": "pinrpc.server", "message": message}
         return (json.dumps(fields) + "\n").encode()
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
-    return f"{now} WARNING pinrpc.server: {message}\n".encode()
+    return f"{now} {level} pinrpc.server: {message}\n".encode()
 
 
 def write_all(fd: int, data: bytes) -> None:
