@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from google.protobuf.json_format import MessageToDict, SerializeToJsonError
+import grpc
 
-from client.connect import call, connection_flags
+from client.connect import call, connection_flags, from_server
 from pinrpc.cli import (
     Exit,
     add_allow_flag,
@@ -30,12 +31,15 @@ from pinrpc.cli import (
 )
 from pinrpc.errors import AnswerError
 from pinrpc.identity import cert_to_pem, load_certificate
+from pinrpc.listing import MAX_PAGE_BYTES, PAGE_SIZE, client_json
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
 Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
-# List answers with every client ever enrolled, revoked ones too, about 210 bytes each: gRPC's
-# default limit on a received message (4 MiB) refused it from about 20,000 of them.
-MAX_REPLY = 256 * 1024 * 1024
+# List comes a page at a time: no answer of a pinrpc server is larger, so a hostile one (or a
+# man in the middle with the server's certificate) cannot make this client hold gigabytes.
+MAX_REPLY = MAX_PAGE_BYTES
+# 10 million clients in full pages: a server whose tokens never end cannot keep us forever.
+MAX_PAGES = 10_000
 
 
 def add_parser(commands: Any) -> None:
@@ -66,29 +70,63 @@ def add_parser(commands: Any) -> None:
         parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-# Every field in --json, set or not, so scripts can rely on the keys.
-UNSET_TIMES = ("revoked_at", "retire_at")
+class Printer:
+    """Prints clients as they come: text lines, or one JSON array opened by the first batch
+    and closed by end(). A batch is checked whole before any of it is printed."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._json, self._warn_days = args.json, args.warn_days
+        self._opened = False
+
+    def batch(self, clients: Sequence[admin_pb2.Client]) -> None:
+        if not self._json:
+            lines = [_line(c) for c in clients]
+            if lines:
+                print("\n".join(lines))
+            return
+        now = dt.datetime.now(dt.UTC)
+        items = [json.dumps(_as_json(c, now, self._warn_days)) for c in clients]
+        if items:
+            print(",\n" if self._opened else "[\n", ",\n".join(items), sep="", end="")
+            self._opened = True
+
+    def end(self) -> None:
+        if self._json:
+            print("\n]" if self._opened else "[]")
 
 
-def _show(clients: list[admin_pb2.Client], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([_as_json(c) for c in clients]))
-        return
-    for c in clients:
-        # Server text, and another admin's input: one line per client, whatever it holds.
-        methods = shown(",".join(c.allowed_methods)) or "-"
-        print(f"{shown(c.name)}  {shown(c.fingerprint)}  {_status(c)}  {methods}")
+def _show(clients: list[admin_pb2.Client], args: argparse.Namespace) -> None:
+    printer = Printer(args)
+    printer.batch(clients)
+    printer.end()
 
 
-def _as_json(client: admin_pb2.Client) -> dict[str, Any]:
-    try:
-        fields = MessageToDict(
-            client, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
-    except SerializeToJsonError as exc:  # a timestamp outside years 1-9999
-        raise AnswerError(f"the server answered with an invalid client record: {exc}") from exc
-    fields.pop("also_revoked", None)  # `revoke` lists them as clients of their own
-    return {**dict.fromkeys(UNSET_TIMES), **fields}
+def _line(c: admin_pb2.Client) -> str:
+    # Server text, and another admin's input: one line per client, whatever it holds.
+    methods = shown(",".join(c.allowed_methods)) or "-"
+    return f"{shown(c.name)}  {shown(c.fingerprint)}  {_status(c)}  {methods}"
+
+
+def _time(c: admin_pb2.Client, field: Literal["revoked_at", "retire_at"]) -> dt.datetime | None:
+    return answer_time(getattr(c, field), field) if c.HasField(field) else None
+
+
+def _as_json(c: admin_pb2.Client, now: dt.datetime, warn_days: int) -> dict[str, object]:
+    """As `pinrpc-server list --json` prints it: every key, times in the same form, and
+    ``active``, ``days_left`` and ``expiring`` reckoned from the times the same way."""
+    return client_json(
+        name=c.name,
+        fingerprint=c.fingerprint,
+        spki_sha256=c.spki_sha256,
+        subject=c.subject,
+        allowed_methods=c.allowed_methods,
+        enrolled_at=answer_time(c.enrolled_at, "enrolled_at"),
+        not_after=answer_time(c.not_after, "not_after"),
+        revoked_at=_time(c, "revoked_at"),
+        retire_at=_time(c, "retire_at"),
+        now=now,
+        warn_days=warn_days,
+    )
 
 
 def _status(c: admin_pb2.Client) -> str:
@@ -114,32 +152,51 @@ def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
         allowed_methods=allow_patterns(args),
         replace=args.replace,
     )
-    _show([stub.Enroll(request, timeout=args.timeout)], args.json)
+    _show([stub.Enroll(request, timeout=args.timeout)], args)
     return Exit.OK
 
 
 def _revoke(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     reply = stub.Revoke(admin_pb2.RevokeRequest(client=args.client), timeout=args.timeout)
     # By name, a client in a rotation's overlap loses its retiring certificates too.
-    _show([reply, *reply.also_revoked], args.json)
+    _show([reply, *reply.also_revoked], args)
     return Exit.OK
 
 
 def _permit(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     patterns = permit_patterns(args)
     request = admin_pb2.PermitRequest(client=args.client, allowed_methods=patterns, none=args.none)
-    _show([stub.Permit(request, timeout=args.timeout)], args.json)
+    _show([stub.Permit(request, timeout=args.timeout)], args)
     return Exit.OK
 
 
 def _list(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
-    reply = stub.List(admin_pb2.ListRequest(), timeout=args.timeout)
-    _show(list(reply.clients), args.json)
-    return Exit.OK
+    printer, token, seen = Printer(args), "", set[bytes]()
+    for _ in range(MAX_PAGES):
+        request = admin_pb2.ListRequest(page_size=PAGE_SIZE, page_token=token)
+        try:
+            reply = stub.List(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not from_server(exc):
+                raise AnswerError(
+                    f"the server answered with more than {MAX_REPLY} bytes, more than a page "
+                    "of clients: not a pinrpc server, or one from before paging (upgrade it)"
+                ) from exc
+            raise
+        printer.batch(reply.clients)
+        token = reply.next_page_token
+        if not token:
+            printer.end()
+            return Exit.OK
+        digest = hashlib.sha256(token.encode()).digest()
+        if not reply.clients or digest in seen:  # a pinrpc server moves on every page
+            raise AnswerError("the server's pages go round in a loop; the listing is incomplete")
+        seen.add(digest)
+    raise AnswerError(f"the server's listing did not end within {MAX_PAGES} pages")
 
 
 def _get(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
-    _show([stub.Get(admin_pb2.GetRequest(client=args.client), timeout=args.timeout)], args.json)
+    _show([stub.Get(admin_pb2.GetRequest(client=args.client), timeout=args.timeout)], args)
     return Exit.OK
 
 

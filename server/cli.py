@@ -36,6 +36,7 @@ try:
     )
     from pinrpc.errors import EnrollmentError, IdentityError, PinrpcError, RegistryError
     from pinrpc.identity import NO_PERMISSIONS, check_name, read_file
+    from pinrpc.listing import days_left
     from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
     from server.enrollment import check_certificate, check_patterns, new_permissions
     from server.gc_tuning import settle
@@ -379,40 +380,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     with registry_of(args, readonly=True) as registry:
         clients = registry.clients()
     now = dt.datetime.now(dt.UTC)
+    rows = [c.listed(now, args.warn_days) for c in clients]
     if args.json:
-        rows = [
-            {
-                **c.as_json(),
-                "active": c.active and not _expired(c, now),  # admitted now, as in `admin`
-                "days_left": _days_left(c, now),
-                "expiring": _expiring(c, now, args),
-            }
-            for c in clients
-        ]
         print(json.dumps(rows, indent=2))
         return Exit.OK
     if not clients:
         print("no clients enrolled")
         return Exit.OK
     width = max(len(c.name) for c in clients)
-    for c in clients:
+    for c, row in zip(clients, rows, strict=True):
         allowed = ",".join(c.allowed_methods) or "-"
-        days = _days_left(c, now)
+        days = days_left(c.not_after, now)
         expiry = "EXPIRED" if days < 0 else f"{days} days left"
-        flag = "  <- expiring, rotate it" if _expiring(c, now, args) else ""
+        flag = "  <- expiring, rotate it" if row["expiring"] else ""
         if _expired(c, now):
             flag = "  <- expired: new key pair, then enroll --replace"
         status = _status(c, now)
         print(f"{c.name:<{width}}  {c.fingerprint}  {status:<18}  {expiry:<15}  {allowed}{flag}")
     return Exit.OK
-
-
-def _days_left(client: Client, now: dt.datetime) -> int:
-    return (client.not_after - now).days
-
-
-def _expiring(client: Client, now: dt.datetime, args: argparse.Namespace) -> bool:
-    return client.active and not _expired(client, now) and _days_left(client, now) < args.warn_days
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:

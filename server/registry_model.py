@@ -15,6 +15,7 @@ from cryptography import x509
 
 from pinrpc.errors import CapacityError, ConflictError
 from pinrpc.identity import Fingerprint
+from pinrpc.listing import TIMELY, client_json, usable
 from server.enrollment import REKEY_HINT, Candidate, canonical_name
 
 
@@ -35,27 +36,33 @@ class Client:
     @property
     def active(self) -> bool:
         """Admitted now: not revoked, and not past the end of a rotation overlap."""
-        if self.revoked_at is not None:
-            return False
-        return self.retire_at is None or self.retire_at > now_utc()
+        return usable(self.revoked_at, self.retire_at, now_utc())
 
     @property
     def current(self) -> bool:
         """The client's newest usable certificate (not revoked, not being retired)."""
         return self.revoked_at is None and self.retire_at is None
 
+    def listed(self, now: dt.datetime, warn_days: int) -> dict[str, object]:
+        """As `pinrpc-server list --json` prints it (and `pinrpc admin list --json`)."""
+        return client_json(
+            name=self.name,
+            fingerprint=str(self.fingerprint),
+            spki_sha256=self.spki_sha256,
+            subject=self.subject,
+            allowed_methods=self.allowed_methods,
+            enrolled_at=self.enrolled_at,
+            not_after=self.not_after,
+            revoked_at=self.revoked_at,
+            retire_at=self.retire_at,
+            now=now,
+            warn_days=warn_days,
+        )
+
     def as_json(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "fingerprint": str(self.fingerprint),
-            "spki_sha256": self.spki_sha256,
-            "subject": self.subject,
-            "allowed_methods": list(self.allowed_methods),
-            "enrolled_at": self.enrolled_at.isoformat(),
-            "not_after": self.not_after.isoformat(),
-            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
-            "retire_at": self.retire_at.isoformat() if self.retire_at else None,
-        }
+        """The stored record, without what depends on the time of asking."""
+        fields = self.listed(now_utc(), 0)
+        return {key: value for key, value in fields.items() if key not in TIMELY}
 
 
 @dataclass(frozen=True, slots=True)

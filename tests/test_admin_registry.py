@@ -109,8 +109,8 @@ def test_admin_says_what_the_server_admits_in_every_field(
     assert client_cli.main(["admin", "list", "--json", *flags]) == Exit.OK
     rows = {r["fingerprint"]: r for r in json.loads(capsys.readouterr().out)}
     assert {tuple(sorted(r)) for r in rows.values()} == {
-        ("active", "allowed_methods", "enrolled_at", "fingerprint", "name", "not_after",
-         "retire_at", "revoked_at", "subject")
+        ("active", "allowed_methods", "days_left", "enrolled_at", "expiring", "fingerprint",
+         "name", "not_after", "retire_at", "revoked_at", "spki_sha256", "subject")
     }  # fmt: skip
     assert rows[str(old.fingerprint)]["active"] is False
     assert rows[str(bare.fingerprint)]["allowed_methods"] == []

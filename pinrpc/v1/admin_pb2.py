@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pinrpc/v1/admin.proto\x12\tpinrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x02\n\x06\x43lient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tretire_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\x12\'\n\x0c\x61lso_revoked\x18\n \x03(\x0b\x32\x11.pinrpc.v1.Client\"`\n\rEnrollRequest\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"\x1f\n\rRevokeRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\"F\n\rPermitRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x02 \x03(\t\x12\x0c\n\x04none\x18\x03 \x01(\x08\"\r\n\x0bListRequest\"2\n\x0cListResponse\x12\"\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x11.pinrpc.v1.Client\"\x1c\n\nGetRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t2\x96\x02\n\x05\x41\x64min\x12\x35\n\x06\x45nroll\x12\x18.pinrpc.v1.EnrollRequest\x1a\x11.pinrpc.v1.Client\x12\x35\n\x06Revoke\x12\x18.pinrpc.v1.RevokeRequest\x1a\x11.pinrpc.v1.Client\x12\x35\n\x06Permit\x12\x18.pinrpc.v1.PermitRequest\x1a\x11.pinrpc.v1.Client\x12\x37\n\x04List\x12\x16.pinrpc.v1.ListRequest\x1a\x17.pinrpc.v1.ListResponse\x12/\n\x03Get\x12\x15.pinrpc.v1.GetRequest\x1a\x11.pinrpc.v1.Clientb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pinrpc/v1/admin.proto\x12\tpinrpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x02\n\x06\x43lient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tretire_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\x12\'\n\x0c\x61lso_revoked\x18\n \x03(\x0b\x32\x11.pinrpc.v1.Client\x12\x13\n\x0bspki_sha256\x18\x0b \x01(\t\"`\n\rEnrollRequest\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"\x1f\n\rRevokeRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\"F\n\rPermitRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x17\n\x0f\x61llowed_methods\x18\x02 \x03(\t\x12\x0c\n\x04none\x18\x03 \x01(\x08\"4\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"K\n\x0cListResponse\x12\"\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x11.pinrpc.v1.Client\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1c\n\nGetRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t2\x96\x02\n\x05\x41\x64min\x12\x35\n\x06\x45nroll\x12\x18.pinrpc.v1.EnrollRequest\x1a\x11.pinrpc.v1.Client\x12\x35\n\x06Revoke\x12\x18.pinrpc.v1.RevokeRequest\x1a\x11.pinrpc.v1.Client\x12\x35\n\x06Permit\x12\x18.pinrpc.v1.PermitRequest\x1a\x11.pinrpc.v1.Client\x12\x37\n\x04List\x12\x16.pinrpc.v1.ListRequest\x1a\x17.pinrpc.v1.ListResponse\x12/\n\x03Get\x12\x15.pinrpc.v1.GetRequest\x1a\x11.pinrpc.v1.Clientb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pinrpc.v1.admin_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLIENT']._serialized_start=70
-  _globals['_CLIENT']._serialized_end=403
-  _globals['_ENROLLREQUEST']._serialized_start=405
-  _globals['_ENROLLREQUEST']._serialized_end=501
-  _globals['_REVOKEREQUEST']._serialized_start=503
-  _globals['_REVOKEREQUEST']._serialized_end=534
-  _globals['_PERMITREQUEST']._serialized_start=536
-  _globals['_PERMITREQUEST']._serialized_end=606
-  _globals['_LISTREQUEST']._serialized_start=608
-  _globals['_LISTREQUEST']._serialized_end=621
-  _globals['_LISTRESPONSE']._serialized_start=623
-  _globals['_LISTRESPONSE']._serialized_end=673
-  _globals['_GETREQUEST']._serialized_start=675
-  _globals['_GETREQUEST']._serialized_end=703
-  _globals['_ADMIN']._serialized_start=706
-  _globals['_ADMIN']._serialized_end=984
+  _globals['_CLIENT']._serialized_end=424
+  _globals['_ENROLLREQUEST']._serialized_start=426
+  _globals['_ENROLLREQUEST']._serialized_end=522
+  _globals['_REVOKEREQUEST']._serialized_start=524
+  _globals['_REVOKEREQUEST']._serialized_end=555
+  _globals['_PERMITREQUEST']._serialized_start=557
+  _globals['_PERMITREQUEST']._serialized_end=627
+  _globals['_LISTREQUEST']._serialized_start=629
+  _globals['_LISTREQUEST']._serialized_end=681
+  _globals['_LISTRESPONSE']._serialized_start=683
+  _globals['_LISTRESPONSE']._serialized_end=758
+  _globals['_GETREQUEST']._serialized_start=760
+  _globals['_GETREQUEST']._serialized_end=788
+  _globals['_ADMIN']._serialized_start=791
+  _globals['_ADMIN']._serialized_end=1069
 # @@protoc_insertion_point(module_scope)

@@ -38,12 +38,15 @@ class Client(_message.Message):
     RETIRE_AT_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
     ALSO_REVOKED_FIELD_NUMBER: _builtins.int
+    SPKI_SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     fingerprint: _builtins.str
     """SHA-256 of the DER certificate, as openssl prints it (AB:CD:...)."""
     subject: _builtins.str
     active: _builtins.bool
     """Admitted right now."""
+    spki_sha256: _builtins.str
+    """SHA-256 of the certificate's SubjectPublicKeyInfo, hex (as `pinrpc-server list --json`)."""
     @_builtins.property
     def allowed_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -77,10 +80,11 @@ class Client(_message.Message):
         retire_at: _timestamp_pb2.Timestamp | None = ...,
         active: _builtins.bool = ...,
         also_revoked: _abc.Iterable[Global___Client] | None = ...,
+        spki_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "not_after", b"not_after", "retire_at", b"retire_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "allowed_methods", b"allowed_methods", "also_revoked", b"also_revoked", "enrolled_at", b"enrolled_at", "fingerprint", b"fingerprint", "name", b"name", "not_after", b"not_after", "retire_at", b"retire_at", "revoked_at", b"revoked_at", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "allowed_methods", b"allowed_methods", "also_revoked", b"also_revoked", "enrolled_at", b"enrolled_at", "fingerprint", b"fingerprint", "name", b"name", "not_after", b"not_after", "retire_at", b"retire_at", "revoked_at", b"revoked_at", "spki_sha256", b"spki_sha256", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -171,14 +175,33 @@ Global___PermitRequest: _TypeAlias = PermitRequest  # noqa: Y015
 
 @_typing.final
 class ListRequest(_message.Message):
+    """Pages come in the registry's order (enrollment order). A certificate enrolled before
+    the first page is listed exactly once, whatever is enrolled, revoked or re-permitted between
+    pages; one enrolled during the listing at most once.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many clients (the server caps it, and may answer fewer to bound the
+    message's size). 0 with no page_token: every client in one answer, as servers answered
+    before paging (what older clients, which send neither field, expect). Negative: refused.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous answer, for the page after it; empty for the first. Valid
+    only for the caller it was issued to, on the server process that issued it, for a while.
+    """
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,16 +212,20 @@ class ListResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLIENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
     @_builtins.property
     def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___Client]: ...
     def __init__(
         self,
         *,
         clients: _abc.Iterable[Global___Client] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

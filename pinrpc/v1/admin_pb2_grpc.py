@@ -89,7 +89,7 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Every client, revoked ones included.
+        """Every client, revoked ones included, a page at a time (see ListRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

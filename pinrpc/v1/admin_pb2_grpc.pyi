@@ -46,7 +46,7 @@ class AdminStub:
     `pinrpc-server permit`; returns the named certificate.
     """
     List: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRequest, _admin_pb2.ListResponse]
-    """Every client, revoked ones included."""
+    """Every client, revoked ones included, a page at a time (see ListRequest)."""
     Get: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetRequest, _admin_pb2.Client]
     """One client by name or fingerprint."""
 
@@ -65,7 +65,7 @@ class AdminAsyncStub(AdminStub):
     `pinrpc-server permit`; returns the named certificate.
     """
     List: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRequest, _admin_pb2.ListResponse]  # type: ignore[assignment]
-    """Every client, revoked ones included."""
+    """Every client, revoked ones included, a page at a time (see ListRequest)."""
     Get: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetRequest, _admin_pb2.Client]  # type: ignore[assignment]
     """One client by name or fingerprint."""
 
@@ -105,7 +105,7 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListResponse, _abc.Awaitable[_admin_pb2.ListResponse]]:
-        """Every client, revoked ones included."""
+        """Every client, revoked ones included, a page at a time (see ListRequest)."""
 
     @_abc_1.abstractmethod
     def Get(

@@ -1,0 +1,62 @@
+"""One enrolled certificate as `pinrpc-server list --json` and `pinrpc admin ... --json` print
+it, and the size of Admin.List's pages: shared, so the local and the remote listing agree."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+# A page of Admin.List holds at most PAGE_SIZE clients (about 210 bytes each) and stops early
+# past PAGE_BYTES, whatever the records hold; the largest record (an 8 KiB certificate's
+# subject, 4096 characters of patterns) is under 16 KiB, so a page fits in MAX_PAGE_BYTES.
+PAGE_SIZE = 1000
+PAGE_BYTES = 1024 * 1024
+MAX_PAGE_BYTES = 2 * PAGE_BYTES
+# What client_json adds to the stored record: it depends on the time of asking.
+TIMELY = ("active", "days_left", "expiring")
+
+
+def usable(revoked_at: dt.datetime | None, retire_at: dt.datetime | None, now: dt.datetime) -> bool:
+    """Admitted but for its validity: not revoked, and not past the end of a rotation overlap."""
+    return revoked_at is None and (retire_at is None or retire_at > now)
+
+
+def days_left(not_after: dt.datetime, now: dt.datetime) -> int:
+    return (not_after - now).days
+
+
+def _iso(when: dt.datetime | None) -> str | None:
+    return when.isoformat() if when else None
+
+
+def client_json(
+    *,
+    name: str,
+    fingerprint: str,
+    spki_sha256: str,
+    subject: str,
+    allowed_methods: Sequence[str],
+    enrolled_at: dt.datetime,
+    not_after: dt.datetime,
+    revoked_at: dt.datetime | None,
+    retire_at: dt.datetime | None,
+    now: dt.datetime,
+    warn_days: int,
+) -> dict[str, object]:
+    """``active``: admitted now (usable and unexpired); ``expiring``: admitted now, but for
+    fewer than ``warn_days`` more days."""
+    active = usable(revoked_at, retire_at, now) and not_after > now
+    return {
+        "name": name,
+        "fingerprint": fingerprint,
+        "spki_sha256": spki_sha256,
+        "subject": subject,
+        "allowed_methods": list(allowed_methods),
+        "enrolled_at": enrolled_at.isoformat(),
+        "not_after": not_after.isoformat(),
+        "revoked_at": _iso(revoked_at),
+        "retire_at": _iso(retire_at),
+        "active": active,
+        "days_left": days_left(not_after, now),
+        "expiring": active and days_left(not_after, now) < warn_days,
+    }

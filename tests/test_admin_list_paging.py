@@ -1,0 +1,313 @@
+"""Admin.List a page at a time: the server's pages and tokens, the client's bounds against a
+hostile server, and one --json record format for the local and the remote listing.
+
+The guarantee: a certificate in the registry when the listing starts is listed exactly once,
+whatever is enrolled, revoked or re-permitted between pages; one enrolled meanwhile at most
+once (rows are never deleted, and new ones come last in the registry's order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from client import admin as client_admin
+from pinrpc.cli import Exit
+from pinrpc.identity import KeyPairFiles
+from pinrpc.listing import PAGE_SIZE
+from pinrpc.v1 import admin_pb2, admin_pb2_grpc
+from server import admin as server_admin
+from server.registry_sql import COLUMNS
+from tests.conftest import Connect, MakeClient, code_of
+from tests.security import test_hostile_server
+from tests.security.test_hostile_server import Serve, cli
+from tests.test_lifecycle import ADMIN
+
+hostile = test_hostile_server.hostile  # a fixture: a real grpcio server with the server's cert
+
+HISTORY = 2500  # revoked certificates planted by SQL: three pages
+
+
+def _plant_history(connect: Connect, count: int = HISTORY) -> None:
+    """``count`` revoked copies of root's row under new names and fingerprints."""
+    with sqlite3.connect(connect.server_registry) as db:
+        db.execute(f"""
+            WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count})
+            INSERT INTO clients ({COLUMNS})
+            SELECT 'h' || i, printf('%064x', i), cert_pem, spki_sha256, subject, has_key_ids,
+                   allowed_methods, enrolled_at, not_after, enrolled_at, NULL
+            FROM n, clients WHERE clients.name = 'root'
+        """)  # noqa: S608  # fmt: skip
+    db.close()
+
+
+@pytest.fixture
+def root(connect: Connect, make_client: MakeClient) -> KeyPairFiles:
+    files = make_client("root")
+    connect.enroll(files, "root", ADMIN)
+    return files
+
+
+@pytest.fixture
+def admin(connect: Connect, root: KeyPairFiles) -> Iterator[admin_pb2_grpc.AdminStub]:
+    with connect.channel(root.cert_path, root.key_path) as channel:
+        yield admin_pb2_grpc.AdminStub(channel)
+
+
+def _pinrpc(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The real program in its own process (PYTHONPATH passes on to it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "client.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_pages_lose_and_repeat_nothing_while_the_registry_changes(
+    connect: Connect, make_client: MakeClient, admin: admin_pb2_grpc.AdminStub
+) -> None:
+    for i in range(6):
+        connect.enroll(make_client(f"c{i}"), f"c{i}", "/pinrpc.v1.Echo/*")
+    before = [c.fingerprint for c in admin.List(admin_pb2.ListRequest()).clients]
+    listed: list[str] = []
+    token, pages, added = "", 0, []
+    while pages < 20:
+        reply = admin.List(admin_pb2.ListRequest(page_size=2, page_token=token))
+        assert 0 < len(reply.clients) <= 2
+        listed += [c.fingerprint for c in reply.clients]
+        pages += 1
+        if not (token := reply.next_page_token):
+            break
+        if pages == 1:  # one listed, one not yet; a re-key, a permit and a new client
+            admin.Revoke(admin_pb2.RevokeRequest(client="c0"))
+            admin.Revoke(admin_pb2.RevokeRequest(client="c4"))
+            admin.Permit(admin_pb2.PermitRequest(client="c3", none=True))
+            new = make_client("new")
+            admin.Enroll(
+                admin_pb2.EnrollRequest(certificate_pem=new.cert_path.read_text(), name="new")
+            )
+            added.append(str(new.fingerprint))
+    assert pages == 4 and len(before) == 7, (pages, before)
+    assert len(listed) == len(set(listed)), listed  # nothing repeated
+    assert listed == before + added  # nothing lost, in the registry's order
+
+
+def test_a_caller_without_a_page_size_gets_everything_and_large_ones_are_capped(
+    connect: Connect, admin: admin_pb2_grpc.AdminStub
+) -> None:
+    _plant_history(connect)
+    old = admin.List(admin_pb2.ListRequest())  # what a client from before paging sends
+    assert len(old.clients) == HISTORY + 1 and not old.next_page_token
+    # Deny: a page size over the cap gets a page of the cap, not everything.
+    first = admin.List(admin_pb2.ListRequest(page_size=10**9))
+    assert len(first.clients) == PAGE_SIZE and first.next_page_token
+    assert [c.name for c in first.clients] == [c.name for c in old.clients[:PAGE_SIZE]]
+
+
+def _refusal(call: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("request_of", "says"),
+    [
+        (lambda token: admin_pb2.ListRequest(page_size=-1), "page_size -1 is negative"),
+        (lambda token: admin_pb2.ListRequest(page_size=2, page_token="garbage"), "not a token"),
+        (lambda token: admin_pb2.ListRequest(page_token="YWJj.YWJj"), "not issued by this server"),
+        (lambda token: admin_pb2.ListRequest(page_token=token[:-3] + "AAA"), "not issued by"),
+        (lambda token: admin_pb2.ListRequest(page_token="x" * 5000), "not a token"),
+        (lambda token: admin_pb2.ListRequest(page_token="\u00e9.\u00e9"), "not a token"),
+    ],
+)
+def test_bad_page_requests_are_one_line_invalid_argument(
+    connect: Connect,
+    make_client: MakeClient,
+    admin: admin_pb2_grpc.AdminStub,
+    request_of: Any,
+    says: str,
+) -> None:
+    for i in range(3):
+        connect.enroll(make_client(f"c{i}"), f"c{i}", "/pinrpc.v1.Echo/*")
+    token = admin.List(admin_pb2.ListRequest(page_size=1)).next_page_token
+    refused = _refusal(lambda: admin.List(request_of(token)))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused
+    details = refused.details() or ""
+    assert says in details and "\n" not in details and "Traceback" not in details, details
+
+
+def test_a_token_serves_only_its_caller_and_only_for_a_while(
+    connect: Connect,
+    make_client: MakeClient,
+    admin: admin_pb2_grpc.AdminStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = make_client("other")
+    connect.enroll(other, "other", ADMIN)
+    token = admin.List(admin_pb2.ListRequest(page_size=1)).next_page_token
+    assert admin.List(admin_pb2.ListRequest(page_size=1, page_token=token)).clients  # allowed
+    with connect.channel(other.cert_path, other.key_path) as channel:
+        theirs = admin_pb2_grpc.AdminStub(channel)
+        refused = _refusal(lambda: theirs.List(admin_pb2.ListRequest(page_token=token)))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "issued to another client" in (refused.details() or "")
+    monkeypatch.setattr(server_admin, "TOKEN_SECONDS", -1)  # every token is too old now
+    refused = _refusal(lambda: admin.List(admin_pb2.ListRequest(page_token=token)))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "seconds old" in (refused.details() or "")
+    # Revoked between pages: the method's permission check refuses its next page.
+    admin.Revoke(admin_pb2.RevokeRequest(client="other"))
+    connect.server.trust.poll()
+    with connect.channel(other.cert_path, other.key_path) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        assert code_of(lambda: stub.List(admin_pb2.ListRequest())) in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+
+
+def test_the_program_lists_every_page_as_text_and_as_one_json_array(
+    connect: Connect, root: KeyPairFiles
+) -> None:
+    _plant_history(connect)
+    flags = connect.cli_flags(root)
+    done = _pinrpc("admin", "list", "--json", *flags)
+    assert done.returncode == 0, done.stderr
+    names = [row["name"] for row in json.loads(done.stdout)]
+    assert names == ["root", *(f"h{i}" for i in range(1, HISTORY + 1))]
+    done = _pinrpc("admin", "list", *flags)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == HISTORY + 1, done.stdout[-300:]
+
+
+def test_remote_json_is_the_local_json(connect: Connect, root: KeyPairFiles) -> None:
+    """Same keys, same time format, same values for the same client."""
+    local = subprocess.run(
+        [sys.executable, "-m", "server.cli", "list", "--json", "--registry",
+         str(connect.server_registry)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    (expected,) = json.loads(local)
+    flags = connect.cli_flags(root)
+    for argv in (["list"], ["get", "root"]):
+        done = _pinrpc("admin", *argv, "--json", *flags)
+        assert done.returncode == 0, done.stderr
+        (row,) = json.loads(done.stdout)
+        assert sorted(row) == sorted(expected), (row, expected)
+        assert row == expected
+        assert row["not_after"].endswith("+00:00") and row["days_left"] > 0
+
+
+# -- a hostile server ------------------------------------------------------------------------
+
+
+def _listing(req: Any) -> admin_pb2.ListRequest:
+    return admin_pb2.ListRequest.FromString(req) if isinstance(req, bytes) else req
+
+
+# The program, with its peak memory written to a file: VmHWM is this process image's own (a
+# child's ru_maxrss counts the forking test process's size too).
+MEASURED = (
+    "import os, re, sys\n"
+    "from client import cli\n"
+    "try:\n"
+    "    code = cli.main(sys.argv[1:])\n"
+    "finally:\n"
+    "    status = open('/proc/self/status').read()\n"
+    "    open(os.environ['PEAK_FILE'], 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status)[1])\n"
+    "sys.exit(code)\n"
+)
+
+
+def test_an_oversized_answer_is_refused_in_one_line_and_bounded_memory(
+    hostile: Serve, tmp_path: Path
+) -> None:
+    # 64 MiB in one client record: far more than a page may hold, far less than 256 MiB.
+    huge = admin_pb2.ListResponse(clients=[admin_pb2.Client(name="x", subject="s" * (64 << 20))])
+    argv = hostile({"Admin": {"List": lambda req, ctx: huge}})
+    peak = tmp_path / "peak"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURED, "admin", "list", "--json", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PEAK_FILE": str(peak)},
+    )
+    took = time.monotonic() - started
+    peak_mb = int(peak.read_text()) / 1024
+    assert done.returncode == Exit.RPC, done.stderr
+    assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert "more than 2097152 bytes" in done.stderr and "Traceback" not in done.stderr
+    # Refused at its length, never held: the peak of any short call (about 56 MB here).
+    assert took < 30 and peak_mb < 100, (took, peak_mb)
+
+
+@pytest.mark.parametrize("kind", ["repeat", "empty"])
+def test_a_looping_token_chain_ends_the_listing_in_one_line(
+    hostile: Serve, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    calls: list[str] = []
+
+    def answer(req: Any, ctx: grpc.ServicerContext) -> admin_pb2.ListResponse:
+        calls.append(_listing(req).page_token)
+        clients = [] if kind == "empty" else [admin_pb2.Client(name=f"c{len(calls)}")]
+        return admin_pb2.ListResponse(clients=clients, next_page_token="again")
+
+    code, _, err = cli(["admin", "list", *hostile({"Admin": {"List": answer}})], capsys)
+    assert code == Exit.RPC and err.count("\n") == 1, err
+    assert "go round in a loop" in err, err
+    assert len(calls) <= 2, calls
+
+
+def test_an_endless_token_chain_ends_after_the_page_bound(
+    hostile: Serve, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def answer(req: Any, ctx: grpc.ServicerContext) -> admin_pb2.ListResponse:
+        calls.append(_listing(req).page_token)
+        n = len(calls)
+        return admin_pb2.ListResponse(
+            clients=[admin_pb2.Client(name=f"c{n}")], next_page_token=f"t{n}"
+        )
+
+    monkeypatch.setattr(client_admin, "MAX_PAGES", 25)
+    argv = hostile({"Admin": {"List": answer}})
+    code, out, err = cli(["admin", "list", "--json", *argv], capsys)
+    assert code == Exit.RPC and err.count("\n") == 1, err
+    assert "did not end within 25 pages" in err, err
+    assert len(calls) == 25 and calls[:3] == ["", "t1", "t2"], calls
+    assert out.startswith("[\n") and not out.rstrip().endswith("]")  # visibly cut short
+
+
+@pytest.mark.slow
+def test_the_real_bound_on_pages_is_reached_in_bounded_time(hostile: Serve) -> None:
+    """MAX_PAGES as shipped, one client a page: how long a server can keep the client."""
+    count = [0]
+
+    def answer(req: Any, ctx: grpc.ServicerContext) -> admin_pb2.ListResponse:
+        count[0] += 1
+        return admin_pb2.ListResponse(
+            clients=[admin_pb2.Client(name="c")], next_page_token=f"t{count[0]}"
+        )
+
+    started = time.monotonic()
+    done = _pinrpc("admin", "list", *hostile({"Admin": {"List": answer}}))
+    took = time.monotonic() - started
+    assert done.returncode == Exit.RPC and "within 10000 pages" in done.stderr, done.stderr
+    print(f"{count[0]} pages in {took:.1f} s")
