@@ -554,6 +554,7 @@ def obtain_certificate(
         leaf, intermediates = certs[0], certs[1:]
         if leaf.public_key() != server_key.public_key():
             raise AcmeError(f"the CA at {directory_url} returned a certificate for a different key")
+        _check_leaf(leaf, names, directory_url)
 
         def pem(cs: list[x509.Certificate]) -> bytes:
             return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cs)
@@ -591,6 +592,31 @@ def obtain_certificate(
                 f"cannot write {where}: {exc.strerror or exc}; the previous files are unchanged"
             ) from exc
         return result
+
+
+def _check_leaf(leaf: x509.Certificate, names: list[str], directory_url: str) -> None:
+    """Refuse a leaf the server must not serve, before anything is written: written, it would
+    replace a good certificate with one every client refuses (another name, an expired one)."""
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        held = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
+    except x509.ExtensionNotFound:
+        held = set()
+    missing = [n for n in names if n not in held]
+    now = datetime.datetime.now(datetime.UTC)
+    if missing:
+        problem = f"not for {', '.join(missing)} (it names {', '.join(sorted(held)) or 'none'})"
+    elif not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+        problem = (
+            f"not valid now (from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)"
+        )
+    else:
+        return
+    raise AcmeError(
+        f"the CA at {directory_url} returned a certificate {problem}; the previous files are "
+        f"unchanged, run again later or ask the CA"
+    )
 
 
 def _complete_killed_run(out_dir: Path) -> None:
