@@ -552,9 +552,7 @@ def obtain_certificate(
                 f"the CA at {directory_url} returned an unreadable certificate chain"
             ) from exc
         leaf, intermediates = certs[0], certs[1:]
-        if leaf.public_key() != server_key.public_key():
-            raise AcmeError(f"the CA at {directory_url} returned a certificate for a different key")
-        _check_leaf(leaf, names, directory_url)
+        _check_leaf(leaf, server_key, names, directory_url)
 
         def pem(cs: list[x509.Certificate]) -> bytes:
             return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cs)
@@ -594,7 +592,9 @@ def obtain_certificate(
         return result
 
 
-def _check_leaf(leaf: x509.Certificate, names: list[str], directory_url: str) -> None:
+def _check_leaf(
+    leaf: x509.Certificate, key: PrivateKey, names: list[str], directory_url: str
+) -> None:
     """Refuse a leaf the server must not serve, before anything is written: written, it would
     replace a good certificate with one every client refuses (another name, an expired one)."""
     try:
@@ -604,8 +604,12 @@ def _check_leaf(leaf: x509.Certificate, names: list[str], directory_url: str) ->
         held = set()
     missing = [n for n in names if n not in held]
     now = datetime.datetime.now(datetime.UTC)
-    if missing:
-        problem = f"not for {', '.join(missing)} (it names {', '.join(sorted(held)) or 'none'})"
+    if leaf.public_key() != key.public_key():
+        problem = "for a different key"
+    elif missing:
+        # ascii(): the names are the CA's, and may hold escape sequences meant for a terminal.
+        shown = ", ".join(map(ascii, sorted(held))) or "none"
+        problem = f"not for {', '.join(missing)} (it names {shown})"
     elif not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
         problem = (
             f"not valid now (from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "

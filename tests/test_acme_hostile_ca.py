@@ -104,6 +104,15 @@ def _obtain(url: str, ca: Path, out: Path) -> int:
     return main([*argv, "--http-port", str(_free_port()), "--ca-bundle", str(ca)])
 
 
+def _other_key(leaf: x509.Certificate) -> x509.Certificate:
+    stranger = x509.CertificateBuilder(
+        leaf.issuer, leaf.subject, ec.generate_private_key(ec.SECP256R1()).public_key(),
+        leaf.serial_number, leaf.not_valid_before_utc, leaf.not_valid_after_utc,
+        list(leaf.extensions),
+    )  # fmt: skip
+    return stranger.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+
+
 def _in_a_year() -> dt.datetime:
     return dt.datetime.now(dt.UTC) + dt.timedelta(days=365)
 
@@ -116,8 +125,10 @@ def _in_a_year() -> dt.datetime:
             lambda leaf: _reissued(leaf, ["server.test"], dt.datetime.now(dt.UTC)),
             "not valid now",
         ),
+        (lambda leaf: _other_key(leaf), "for a different key"),
+        (lambda leaf: _reissued(leaf, ["\x1b[2Jx.test"], _in_a_year()), "'\\x1b[2jx.test'"),
     ],
-    ids=["another-name", "expired"],
+    ids=["another-name", "expired", "another-key", "escape-in-name"],
 )
 def test_a_renewal_that_returns_an_unusable_certificate_changes_nothing(
     pebble: Pebble,
@@ -135,6 +146,7 @@ def test_a_renewal_that_returns_an_unusable_certificate_changes_nothing(
     err = capsys.readouterr().err
     assert code == 1, err
     _assert_one_line_error(err, said, "the previous files are unchanged")
+    assert "\x1b" not in err
     assert _snapshot(out) == before
 
 
