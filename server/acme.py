@@ -49,6 +49,7 @@ from pinrpc.identity import (
 try:
     import idna
     import requests
+    import urllib3
     from acme import challenges, client, errors, messages
     from acme.crypto_util import make_csr
     from josepy.errors import DeserializationError
@@ -102,9 +103,11 @@ class _OutOfTime(BaseException):
 class _Deadline:
     """Bound a run's talk with the CA, whose 30 s timeouts apply per socket operation: a CA or
     proxy that trickles bytes would keep the run, and --out's lock, forever. SIGALRM is the
-    only way to interrupt a blocked read in the main thread; elsewhere (no signals) and with
-    ``seconds`` None it does nothing. On leaving, the caller's SIGALRM handler and timer are
-    put back (a timer that came due meanwhile fires at once), so in-process callers keep theirs.
+    only way to interrupt a blocked read in the main thread. Off it (no signals there), a
+    timer shuts down the sockets ``watch`` saw opened and refuses new ones, which ends a
+    blocked read too. With ``seconds`` None it does nothing. On leaving, the caller's SIGALRM
+    handler and timer are put back (a timer that came due meanwhile fires at once), so
+    in-process callers keep theirs.
     """
 
     def __init__(self, seconds: float | None, directory_url: str) -> None:
@@ -112,13 +115,52 @@ class _Deadline:
         self._url = directory_url
         self._saved: tuple[_Handler, float, float, float] | None = None
         self._held = self._late = False
+        self._timer: threading.Timer | None = None
+        self._sockets: list[socket.socket] = []
+        self._expired = False
 
     def __enter__(self) -> _Deadline:
-        if self._seconds is not None and threading.current_thread() is threading.main_thread():
+        if self._seconds is None:
+            return self
+        if threading.current_thread() is threading.main_thread():
             handler = signal.signal(signal.SIGALRM, self._fire)
             delay, interval = signal.setitimer(signal.ITIMER_REAL, self._seconds)
             self._saved = (handler, delay, interval, time.monotonic())
+        else:
+            self._timer = threading.Timer(self._seconds, self._cut)
+            self._timer.daemon = True
+            self._timer.start()
         return self
+
+    def _cut(self) -> None:
+        self._expired = True
+        for sock in self._sockets:
+            with suppress(OSError):  # closed already
+                # socket's own shutdown: SSLSocket's would drop its TLS state under the reader.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def watch(self, session: requests.Session) -> None:
+        """Let the timer reach the sockets ``session`` opens for https:// (proxied ones too)."""
+        deadline = self
+
+        class Connection(urllib3.connection.HTTPSConnection):
+            def connect(self) -> None:
+                if deadline._expired:
+                    raise _OutOfTime
+                super().connect()
+                deadline._sockets.append(self.sock)
+
+        class Adapter(requests.adapters.HTTPAdapter):
+            def get_connection_with_tls_context(
+                self, *args: object, **kwargs: object
+            ) -> urllib3.connectionpool.ConnectionPool:
+                pool = super().get_connection_with_tls_context(*args, **kwargs)  # type: ignore[arg-type]
+                if isinstance(pool, urllib3.HTTPSConnectionPool):
+                    pool.ConnectionCls = Connection
+                return pool
+
+        if self._seconds is not None:
+            session.mount("https://", Adapter())
 
     def _fire(self, signum: int, frame: FrameType | None) -> None:
         if self._held:
@@ -139,6 +181,8 @@ class _Deadline:
 
     def stop(self) -> None:
         """From here on nothing interrupts the run (the certificate is in hand)."""
+        if self._timer is not None:
+            self._timer.cancel()
         if self._saved is None:
             return
         handler, delay, interval, started = self._saved
@@ -154,7 +198,8 @@ class _Deadline:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-        if isinstance(exc, _OutOfTime):
+        # Off the main thread, a socket cut short surfaces as whatever the libraries make of it.
+        if isinstance(exc, _OutOfTime) or (exc is not None and self._expired):
             raise AcmeError(
                 f"no certificate from {self._url} within the deadline of {self._seconds:g} s "
                 f"(--deadline); the previous files are unchanged, run again later"
@@ -445,7 +490,7 @@ def obtain_certificate(
 
     Registering means agreeing to the CA's terms of service. A fresh server key is made on
     every call. Raises AcmeError on any expected failure, and once ``deadline_s`` has passed
-    before the certificate is in hand (enforced only when called in the main thread).
+    before the certificate is in hand.
     """
     names = _normalize_domains(domains)
     try:
@@ -481,6 +526,7 @@ def obtain_certificate(
             user_agent="pinrpc-obtain-cert",
             timeout=_NETWORK_TIMEOUT_S,
         )
+        budget.watch(net.session)
         if _is_loopback(hostname):
             # A local CA (pebble) must never go through an *_proxy from the environment.
             net.session.trust_env = False
@@ -552,8 +598,7 @@ def obtain_certificate(
                 f"the CA at {directory_url} returned an unreadable certificate chain"
             ) from exc
         leaf, intermediates = certs[0], certs[1:]
-        if leaf.public_key() != server_key.public_key():
-            raise AcmeError(f"the CA at {directory_url} returned a certificate for a different key")
+        _check_leaf(leaf, server_key, names, directory_url)
 
         def pem(cs: list[x509.Certificate]) -> bytes:
             return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cs)
@@ -591,6 +636,37 @@ def obtain_certificate(
                 f"cannot write {where}: {exc.strerror or exc}; the previous files are unchanged"
             ) from exc
         return result
+
+
+def _check_leaf(
+    leaf: x509.Certificate, key: PrivateKey, names: list[str], directory_url: str
+) -> None:
+    """Refuse a leaf the server must not serve, before anything is written: written, it would
+    replace a good certificate with one every client refuses (another name, an expired one)."""
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        held = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
+    except x509.ExtensionNotFound:
+        held = set()
+    missing = [n for n in names if n not in held]
+    now = datetime.datetime.now(datetime.UTC)
+    if leaf.public_key() != key.public_key():
+        problem = "for a different key"
+    elif missing:
+        # ascii(): the names are the CA's, and may hold escape sequences meant for a terminal.
+        shown = ", ".join(map(ascii, sorted(held))) or "none"
+        problem = f"not for {', '.join(missing)} (it names {shown})"
+    elif not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+        problem = (
+            f"not valid now (from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)"
+        )
+    else:
+        return
+    raise AcmeError(
+        f"the CA at {directory_url} returned a certificate {problem}; the previous files are "
+        f"unchanged, run again later or ask the CA"
+    )
 
 
 def _complete_killed_run(out_dir: Path) -> None:

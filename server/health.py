@@ -97,8 +97,9 @@ class KnownOnly:
     def List(
         self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
     ) -> health_pb2.HealthListResponse:
-        reply: health_pb2.HealthListResponse = self._upstream.List(request, context)
-        return reply
+        # Upstream's servicer has no List: its stub raised NotImplementedError, which gRPC logged
+        # as a 14-line traceback per call, so any caller of the probe port could flood the log.
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
 
 
 class _CloseOffServeThread:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from server.acme import main
+from server.acme import AcmeError, main, obtain_certificate
 from server.devca import DevCA
 from tests.pebble import Pebble
 from tests.test_acme import _assert_one_line_error, _free_port, _matching_pair
@@ -164,6 +164,47 @@ def test_in_process_the_deadline_releases_the_lock_and_restores_the_callers_alar
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_trickling_ca_is_given_up_at_the_deadline_in_a_thread(
+    pebble: Pebble, trickling_ca: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A renewal in a caller's thread, where SIGALRM cannot reach: before, it ran on until
+    the CA stopped trickling (500 s here)."""
+    out = tmp_path / "tls"
+    assert _issue(pebble, out) == 0
+    before = _snapshot(out)
+    url, ca = trickling_ca
+    outcome: list[BaseException | None] = []
+
+    def renew() -> None:
+        try:
+            obtain_certificate(url, ["server.test"], out, http_port=_free_port(),
+                               acme_ca_bundle=ca, deadline_s=2)  # fmt: skip
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=renew, daemon=True)
+    worker.start()
+    worker.join(timeout=15)  # before: it ran until the CA stopped trickling (500 s here)
+    assert not worker.is_alive(), "obtain_certificate ignored its deadline off the main thread"
+    assert 2 <= time.monotonic() - started < 8
+    (error,) = outcome
+    assert isinstance(error, AcmeError), repr(error)
+    assert f"no certificate from {url} within the deadline of 2 s" in str(error)
+    assert _snapshot(out) == before
+    # The allow beside it: the lock went with the run, and a thread's renewal from a CA that
+    # answers gets its certificate under the same deadline.
+    worker = threading.Thread(target=lambda: outcome.append(None) if obtain_certificate(
+        pebble.directory_url, ["server.test"], out, http_port=_free_port(),
+        acme_ca_bundle=pebble.acme_ca_bundle, deadline_s=60) else None, daemon=True)  # fmt: skip
+    worker.start()
+    worker.join(timeout=60)
+    assert outcome == [error, None]
+    assert _matching_pair(out)
 
 
 def test_a_normal_issuance_is_within_the_default_deadline(
