@@ -25,9 +25,16 @@ HANDSHAKE_OPTIONS: Final = (("grpc.server_handshake_timeout_ms", int(HANDSHAKE_T
 # Anyone finishes the health and enrollment ports' handshakes, and a gRPC client then holds its
 # idle connection for good (measured: still open after 45 s): close one with no call in flight
 # after as long. Open calls there are bounded per host (request_watch.py, health.py).
+# Their largest legitimate message is an enrollment request (a certificate of up to 64 KiB):
+# refuse a stranger's bigger one before it is buffered. BDP probing off keeps each
+# connection's HTTP/2 window at its small default; grown, it let strangers' 4 MB messages hold
+# memory per connection (measured: 32 connections took the server from 60 to 573 MB).
+SIDE_PORT_MAX_MESSAGE: Final = 128 * 1024
 SIDE_PORT_OPTIONS: Final = (
     *HANDSHAKE_OPTIONS,
     ("grpc.max_connection_idle_ms", int(HANDSHAKE_TIMEOUT * 1000)),
+    ("grpc.max_receive_message_length", SIDE_PORT_MAX_MESSAGE),
+    ("grpc.http2.bdp_probe", 0),
 )
 # Below this many descriptors, one host can hold them all within a handshake timeout.
 FLOOR: Final = 4096
