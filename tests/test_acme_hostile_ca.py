@@ -101,7 +101,9 @@ def _proxy(pebble: Pebble, tamper: Tamper, tmp: Path) -> Iterator[tuple[str, Pat
 
 def _obtain(url: str, ca: Path, out: Path) -> int:
     argv = ["--directory", url, "--domain", "server.test", "--out", str(out)]
-    return main([*argv, "--http-port", str(_free_port()), "--ca-bundle", str(ca)])
+    # Loopback only: 0.0.0.0 would collide with any address's use of the port picked.
+    port = ["--http-host", "127.0.0.1", "--http-port", str(_free_port())]
+    return main([*argv, *port, "--ca-bundle", str(ca)])
 
 
 def _other_key(leaf: x509.Certificate) -> x509.Certificate:
