@@ -36,7 +36,7 @@ try:
     )
     from pinrpc.errors import EnrollmentError, IdentityError, PinrpcError, RegistryError
     from pinrpc.identity import NO_PERMISSIONS, check_name, read_file
-    from pinrpc.listing import days_left
+    from pinrpc.listing import client_line, status
     from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
     from server.enrollment import check_certificate, check_patterns, new_permissions
     from server.gc_tuning import settle
@@ -360,22 +360,6 @@ def _allowed(client: Client) -> str:
     return ", ".join(client.allowed_methods) or NO_PERMISSIONS
 
 
-def _status(client: Client, now: dt.datetime) -> str:
-    if client.revoked_at is not None:
-        return f"revoked {client.revoked_at:%Y-%m-%d}"
-    if client.retire_at is not None:
-        verb = "retiring" if client.active else "retired"
-        return f"{verb} {client.retire_at:%Y-%m-%d %H:%M}"  # an overlap may last years
-    if _expired(client, now):
-        return f"expired {client.not_after:%Y-%m-%d}"
-    return "active"
-
-
-def _expired(client: Client, now: dt.datetime) -> bool:
-    """Usable but for its validity: the server refuses it, and `pinrpc rotate` cannot run."""
-    return client.active and client.not_after <= now
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     with registry_of(args, readonly=True) as registry:
         clients = registry.clients()
@@ -389,14 +373,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return Exit.OK
     width = max(len(c.name) for c in clients)
     for c, row in zip(clients, rows, strict=True):
-        allowed = ",".join(c.allowed_methods) or "-"
-        days = days_left(c.not_after, now)
-        expiry = "EXPIRED" if days < 0 else f"{days} days left"
-        flag = "  <- expiring, rotate it" if row["expiring"] else ""
-        if _expired(c, now):
-            flag = "  <- expired: new key pair, then enroll --replace"
-        status = _status(c, now)
-        print(f"{c.name:<{width}}  {c.fingerprint}  {status:<18}  {expiry:<15}  {allowed}{flag}")
+        print(client_line(row, status(c.revoked_at, c.retire_at, c.not_after, now), width))
     return Exit.OK
 
 
