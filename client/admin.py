@@ -39,6 +39,10 @@ Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
 MAX_REPLY = MAX_PAGE_BYTES
 # 10 million clients in full pages: a server whose tokens never end cannot keep us forever.
 MAX_PAGES = 10_000
+WARN_HELP = (
+    "warn when your certificate expires within this many days, and mark the clients listed "
+    "whose certificates do as expiring"
+)
 
 
 def add_parser(commands: Any) -> None:
@@ -65,7 +69,7 @@ def add_parser(commands: Any) -> None:
     get = actions.add_parser("get", help="one client by name or fingerprint")
     get.add_argument("client", type=utf8, help="the client's name or fingerprint")
     for parser in (enroll, revoke, permit, listing, get):
-        connection_flags(parser)
+        connection_flags(parser, warn_help=WARN_HELP)
         parser.add_argument("--json", action="store_true", help="print JSON")
 
 
