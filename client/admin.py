@@ -26,12 +26,11 @@ from pinrpc.cli import (
     answer_time,
     file_path,
     permit_patterns,
-    shown,
     utf8,
 )
 from pinrpc.errors import AnswerError
 from pinrpc.identity import cert_to_pem, load_certificate
-from pinrpc.listing import MAX_PAGE_BYTES, PAGE_SIZE, client_json
+from pinrpc.listing import MAX_PAGE_BYTES, PAGE_SIZE, client_json, client_line, status
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
 Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
@@ -40,6 +39,10 @@ Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
 MAX_REPLY = MAX_PAGE_BYTES
 # 10 million clients in full pages: a server whose tokens never end cannot keep us forever.
 MAX_PAGES = 10_000
+WARN_HELP = (
+    "warn when your certificate expires within this many days, and mark the clients listed "
+    "whose certificates do as expiring"
+)
 
 
 def add_parser(commands: Any) -> None:
@@ -66,7 +69,7 @@ def add_parser(commands: Any) -> None:
     get = actions.add_parser("get", help="one client by name or fingerprint")
     get.add_argument("client", type=utf8, help="the client's name or fingerprint")
     for parser in (enroll, revoke, permit, listing, get):
-        connection_flags(parser)
+        connection_flags(parser, warn_help=WARN_HELP)
         parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -79,13 +82,18 @@ class Printer:
         self._opened = False
 
     def batch(self, clients: Sequence[admin_pb2.Client]) -> None:
+        now = dt.datetime.now(dt.UTC)
+        rows = [_as_json(c, now, self._warn_days) for c in clients]
         if not self._json:
-            lines = [_line(c) for c in clients]
+            # As `pinrpc-server list` prints them; names padded page by page, as they come.
+            width = max((len(c.name) for c in clients), default=0)
+            lines = [
+                client_line(r, _status(c, now), width) for c, r in zip(clients, rows, strict=True)
+            ]
             if lines:
                 print("\n".join(lines))
             return
-        now = dt.datetime.now(dt.UTC)
-        items = [json.dumps(_as_json(c, now, self._warn_days)) for c in clients]
+        items = [json.dumps(row) for row in rows]
         if items:
             print(",\n" if self._opened else "[\n", ",\n".join(items), sep="", end="")
             self._opened = True
@@ -99,12 +107,6 @@ def _show(clients: list[admin_pb2.Client], args: argparse.Namespace) -> None:
     printer = Printer(args)
     printer.batch(clients)
     printer.end()
-
-
-def _line(c: admin_pb2.Client) -> str:
-    # Server text, and another admin's input: one line per client, whatever it holds.
-    methods = shown(",".join(c.allowed_methods)) or "-"
-    return f"{shown(c.name)}  {shown(c.fingerprint)}  {_status(c)}  {methods}"
 
 
 def _time(c: admin_pb2.Client, field: Literal["revoked_at", "retire_at"]) -> dt.datetime | None:
@@ -129,17 +131,9 @@ def _as_json(c: admin_pb2.Client, now: dt.datetime, warn_days: int) -> dict[str,
     )
 
 
-def _status(c: admin_pb2.Client) -> str:
-    """As `pinrpc-server list` says it, from the times: ``active`` is false for all of these."""
-    now = dt.datetime.now(dt.UTC)
-    if c.HasField("revoked_at"):
-        return f"revoked {answer_time(c.revoked_at, 'revoked_at'):%Y-%m-%d}"
-    if c.HasField("retire_at"):
-        retire = answer_time(c.retire_at, "retire_at")
-        return f"{'retiring' if retire > now else 'retired'} {retire:%Y-%m-%d %H:%M}"
-    if (not_after := answer_time(c.not_after, "not_after")) <= now:
-        return f"expired {not_after:%Y-%m-%d}"
-    return "active"
+def _status(c: admin_pb2.Client, now: dt.datetime) -> str:
+    not_after = answer_time(c.not_after, "not_after")
+    return status(_time(c, "revoked_at"), _time(c, "retire_at"), not_after, now)
 
 
 def _enroll(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:

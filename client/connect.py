@@ -27,9 +27,12 @@ ROTATE_HINT = "rotate it now: `pinrpc rotate` (same connection flags)"
 
 # Bounded so that a typo is a usage error, not an overflow deep inside datetime or gRPC.
 DAYS = at_least(int, 1, 36500)
+OWN_CERT_WARNING = "warn when your certificate expires within this many days"
 
 
-def server_flags(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
+def server_flags(
+    p: argparse.ArgumentParser, *, timeout_help: str, warn_help: str = OWN_CERT_WARNING
+) -> None:
     """The flags doctor shares with the commands that call: where, how long, which names."""
     add_flag(p, "--server", required=True, type=host_port(), help="server address HOST:PORT")
     add_flag(
@@ -47,12 +50,12 @@ def server_flags(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
         "--warn-days",
         default="30",
         type=at_least(int, 0, 36500),
-        help="warn when your certificate expires within this many days",
+        help=warn_help,
     )
 
 
-def connection_flags(p: argparse.ArgumentParser) -> None:
-    server_flags(p, timeout_help="seconds to wait for the call")
+def connection_flags(p: argparse.ArgumentParser, *, warn_help: str = OWN_CERT_WARNING) -> None:
+    server_flags(p, timeout_help="seconds to wait for the call", warn_help=warn_help)
     add_flag(p, "--cert", required=True, type=file_path, help="your certificate (NAME.crt)")
     add_flag(p, "--key", required=True, type=file_path, help="your private key (NAME.key)")
     key_permissions_flag(p)

@@ -4,7 +4,10 @@ it, and the size of Admin.List's pages: shared, so the local and the remote list
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pinrpc.cli import shown
 
 # A page of Admin.List holds at most PAGE_SIZE clients (about 210 bytes each) and stops early
 # past PAGE_BYTES, whatever the records hold; the largest record (an 8 KiB certificate's
@@ -14,6 +17,7 @@ PAGE_BYTES = 1024 * 1024
 MAX_PAGE_BYTES = 2 * PAGE_BYTES
 # What client_json adds to the stored record: it depends on the time of asking.
 TIMELY = ("active", "days_left", "expiring")
+EXPIRED = "expired"
 
 
 def usable(revoked_at: dt.datetime | None, retire_at: dt.datetime | None, now: dt.datetime) -> bool:
@@ -60,3 +64,34 @@ def client_json(
         "days_left": days_left(not_after, now),
         "expiring": active and days_left(not_after, now) < warn_days,
     }
+
+
+def status(
+    revoked_at: dt.datetime | None,
+    retire_at: dt.datetime | None,
+    not_after: dt.datetime,
+    now: dt.datetime,
+) -> str:
+    """A certificate's state in the text listings: ``active`` where ``client_json`` says so,
+    else why the server refuses it."""
+    if revoked_at is not None:
+        return f"revoked {revoked_at:%Y-%m-%d}"
+    if retire_at is not None:  # an overlap may last years: the hour matters
+        return f"{'retiring' if retire_at > now else 'retired'} {retire_at:%Y-%m-%d %H:%M}"
+    if not_after <= now:
+        return f"{EXPIRED} {not_after:%Y-%m-%d}"
+    return "active"
+
+
+def client_line(row: Mapping[str, Any], state: str, width: int) -> str:
+    """One client as `pinrpc-server list` and `pinrpc admin ...` print it: ``row`` from
+    client_json, ``state`` from status(), the name padded to ``width``. Escaped, since a
+    remote listing is another machine's text."""
+    days: int = row["days_left"]
+    expiry = "EXPIRED" if days < 0 else f"{days} days left"
+    flag = "  <- expiring, rotate it" if row["expiring"] else ""
+    if state.startswith(EXPIRED):  # usable but for its dates: rotate cannot run with it
+        flag = "  <- expired: new key pair, then enroll --replace"
+    allowed = ",".join(row["allowed_methods"]) or "-"
+    name, fingerprint = row["name"], row["fingerprint"]
+    return shown(f"{name:<{width}}  {fingerprint}  {state:<18}  {expiry:<15}  {allowed}{flag}")

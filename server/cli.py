@@ -34,9 +34,15 @@ try:
         run,
         utf8,
     )
-    from pinrpc.errors import EnrollmentError, IdentityError, PinrpcError, RegistryError
-    from pinrpc.identity import NO_PERMISSIONS, check_name, read_file
-    from pinrpc.listing import days_left
+    from pinrpc.errors import (
+        ConflictError,
+        EnrollmentError,
+        IdentityError,
+        PinrpcError,
+        RegistryError,
+    )
+    from pinrpc.identity import NO_PERMISSIONS, Fingerprint, check_name, read_file
+    from pinrpc.listing import client_line, status
     from server.config import TLS_RELOAD_MODES, ServeError, ServerConfig
     from server.enrollment import check_certificate, check_patterns, new_permissions
     from server.gc_tuning import settle
@@ -59,6 +65,7 @@ TEN_YEARS = 10 * 365 * 86400
 # A century, as for the client's --warn-days: a horizon past year 9999 stopped the trust
 # watcher's thread (OverflowError), and with it every later revocation.
 WARN_DAYS = at_least(int, 0, 36500)
+NAME_TAKEN = "  <- taken: an enrolled client's name (--replace would retire its certificate)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,22 +367,6 @@ def _allowed(client: Client) -> str:
     return ", ".join(client.allowed_methods) or NO_PERMISSIONS
 
 
-def _status(client: Client, now: dt.datetime) -> str:
-    if client.revoked_at is not None:
-        return f"revoked {client.revoked_at:%Y-%m-%d}"
-    if client.retire_at is not None:
-        verb = "retiring" if client.active else "retired"
-        return f"{verb} {client.retire_at:%Y-%m-%d %H:%M}"  # an overlap may last years
-    if _expired(client, now):
-        return f"expired {client.not_after:%Y-%m-%d}"
-    return "active"
-
-
-def _expired(client: Client, now: dt.datetime) -> bool:
-    """Usable but for its validity: the server refuses it, and `pinrpc rotate` cannot run."""
-    return client.active and client.not_after <= now
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     with registry_of(args, readonly=True) as registry:
         clients = registry.clients()
@@ -389,14 +380,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return Exit.OK
     width = max(len(c.name) for c in clients)
     for c, row in zip(clients, rows, strict=True):
-        allowed = ",".join(c.allowed_methods) or "-"
-        days = days_left(c.not_after, now)
-        expiry = "EXPIRED" if days < 0 else f"{days} days left"
-        flag = "  <- expiring, rotate it" if row["expiring"] else ""
-        if _expired(c, now):
-            flag = "  <- expired: new key pair, then enroll --replace"
-        status = _status(c, now)
-        print(f"{c.name:<{width}}  {c.fingerprint}  {status:<18}  {expiry:<15}  {allowed}{flag}")
+        print(client_line(row, status(c.revoked_at, c.retire_at, c.not_after, now), width))
     return Exit.OK
 
 
@@ -424,13 +408,48 @@ def cmd_permit(args: argparse.Namespace) -> int:
 def cmd_pending(args: argparse.Namespace) -> int:
     with registry_of(args, readonly=True) as registry:
         waiting = registry.pending()
+        holders = _name_holders(registry) if waiting else {}
     if args.json:
-        print(json.dumps([p.as_json() for p in waiting], indent=2))
+        rows = [{**p.as_json(), "name_taken": p.name in holders} for p in waiting]
+        print(json.dumps(rows, indent=2))
     elif not waiting:
         print("no pending enrollment requests")
     for p in [] if args.json else waiting:
-        print(f"{p.fingerprint}  {p.name}  from {p.peer}  until {p.expires_at:%Y-%m-%d %H:%M} UTC")
+        taken = NAME_TAKEN if p.name in holders else ""
+        print(
+            f"{p.fingerprint}  {p.name}  from {p.peer}  "
+            f"until {p.expires_at:%Y-%m-%d %H:%M} UTC{taken}"
+        )
     return Exit.OK
+
+
+def _name_holders(registry: Registry) -> dict[str, Client]:
+    """The certificate holding each name: an active one, the current one where there are two
+    (a rotation's overlap). A request for such a name is a re-key, or a stranger's bid."""
+    active = sorted((c for c in registry.clients() if c.active), key=lambda c: c.current)
+    return {c.name: c for c in active}
+
+
+def _refuse_taken_name(registry: Registry, ref: str, name: str | None) -> None:
+    """Approving a request for an enrolled client's name without --replace: the registry's
+    answer ("pass --replace to re-key it") reads as advice, and following it would hand that
+    client's name and permissions to whoever sent the request. Say so instead."""
+    try:
+        fingerprint = Fingerprint.parse(ref)
+    except ValueError:
+        return  # approve() says what is wrong with it
+    request = next((p for p in registry.pending() if p.fingerprint == fingerprint), None)
+    if request is None or name not in (None, request.name):
+        return
+    holder = _name_holders(registry).get(request.name)
+    if holder is not None:
+        raise ConflictError(
+            f"the request {fingerprint} asks for the name {request.name!r}, which is someone "
+            f"else's: enrolled client {request.name!r} ({holder.fingerprint}); --replace would "
+            "retire that client's certificate and give its name and permissions to this key: "
+            "pass it only if that client's owner sent you this fingerprint, else `reject` the "
+            "request or approve it under another --name"
+        )
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
@@ -439,6 +458,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
     # an empty PINRPC_NAME is unset, as every empty variable is (add_flag gives None).
     name = check_name(args.name) if args.name is not None else None
     with registry_of(args) as registry:
+        if not args.replace:
+            _refuse_taken_name(registry, args.fingerprint, name)
         client = registry.approve(args.fingerprint, name, allowed, replace=args.replace)
     _show_enrolled(f"approved: enrolled {client.name}", client, kept=args.replace and not allowed)
     return Exit.OK

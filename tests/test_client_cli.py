@@ -362,3 +362,22 @@ def test_request_enrollment_sends_the_parsed_certificate(
     )
     assert code == Exit.OK, err
     assert [r["fingerprint"] for r in pending(registry, capsys)] == [str(carol.fingerprint)]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["admin", action] for action in ("enroll", "revoke", "permit", "list", "get")]
+    + [["whoami"], ["echo"], ["rotate"], ["doctor"]],
+)
+def test_warn_days_help_says_what_it_does(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pinrpc admin ...` said --warn-days only warns about your own certificate; it also
+    marks the listed clients that expire sooner as `expiring`."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "warn when your certificate expires within this many days" in said
+    marks = "and mark the clients listed whose certificates do as expiring" in said
+    assert marks == (command[0] == "admin")

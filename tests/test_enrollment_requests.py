@@ -26,6 +26,9 @@ from tests.conftest import (
     MakeClient,
     ServerFiles,
     code_of,
+    enroll,
+    registry_dump,
+    revoke,
     whoami,
 )
 
@@ -48,10 +51,10 @@ def request_flags(running: RunningServer, devca: ServerFiles, files: KeyPairFile
             "--server-name", SERVER_NAME]  # fmt: skip
 
 
-def pending(registry: Path, capsys: pytest.CaptureFixture[str]) -> list[dict[str, str]]:
+def pending(registry: Path, capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
     capsys.readouterr()
     assert server_cli.main(["pending", "--json", "--registry", str(registry)]) == 0
-    result: list[dict[str, str]] = json.loads(capsys.readouterr().out)
+    result: list[dict[str, object]] = json.loads(capsys.readouterr().out)
     return result
 
 
@@ -235,3 +238,84 @@ def test_enrollment_port_serves_nothing_else(
         code = code_of(lambda: echo.WhoAmI(echo_pb2.WhoAmIRequest(), timeout=5))
         assert code == grpc.StatusCode.UNIMPLEMENTED
     assert connect.server.enrollment_port is None  # off by default
+
+
+def _ask(running: RunningServer, devca: ServerFiles, files: KeyPairFiles, name: str) -> str:
+    argv = ["request-enrollment", "--name", name, *request_flags(running, devca, files)]
+    assert client_cli.main(argv) == Exit.OK
+    return str(files.fingerprint)
+
+
+def test_a_stranger_asking_for_an_enrolled_name_is_flagged_and_refused(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`pending` did not say that a request's name was an enrolled client's, and `approve`
+    refused it with "pass --replace to re-key it": advice that hands alice's name and
+    permissions to a stranger's key."""
+    alice, bob, mallory, carol = (make_client(n) for n in ("alice", "bob", "mallory", "carol"))
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    enroll(registry, bob.cert_path, "bob")
+    revoke(registry, "bob")  # a revoked client's name is free again
+    stranger = _ask(enrolling, devca, mallory, "alice")
+    newcomer = _ask(enrolling, devca, carol, "bob")
+    assert {p["fingerprint"]: p["name_taken"] for p in pending(registry, capsys)} == {
+        stranger: True,
+        newcomer: False,
+    }
+    assert set(pending(registry, capsys)[0]) == {
+        "fingerprint", "name", "peer", "requested_at", "expires_at", "name_taken"
+    }  # fmt: skip
+    assert server_cli.main(["pending", "--registry", str(registry)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines[stranger].endswith("<- taken: an enrolled client's name (--replace would "
+                                    "retire its certificate)")  # fmt: skip
+    assert "taken" not in lines[newcomer]
+    before = registry_dump(registry, capsys)
+    said = (
+        f"asks for the name 'alice', which is someone else's: enrolled client 'alice' "
+        f"({alice.fingerprint}); --replace would retire that client's certificate"
+    )
+    for extra in ([], ["--name", "alice"]):
+        argv = ["approve", stranger, *extra, "--allow", ECHO_ALL, "--registry", str(registry)]
+        assert server_cli.main(argv) == Exit.ERROR
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
+        assert "pass --replace to re-key" not in err
+    assert registry_dump(registry, capsys) == before
+    assert [p["fingerprint"] for p in pending(registry, capsys)] == [stranger, newcomer]
+    # Allowed: under another name, and a revoked client's name without --replace.
+    argv = ["approve", stranger, "--name", "mallory", "--registry", str(registry)]
+    assert server_cli.main(argv) == Exit.OK
+    assert server_cli.main(["approve", newcomer, "--registry", str(registry)]) == Exit.OK
+    capsys.readouterr()
+    assert server_cli.main(["list", "--json", "--registry", str(registry)]) == Exit.OK
+    listed = json.loads(capsys.readouterr().out)
+    assert {(c["name"], c["fingerprint"]) for c in listed if c["revoked_at"] is None} == {
+        ("alice", str(alice.fingerprint)), ("mallory", stranger), ("bob", newcomer)
+    }  # fmt: skip
+
+
+def test_a_re_key_request_for_an_enrolled_name_is_approved_with_replace(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    old, new = make_client("alice"), make_client("alice-new")
+    enroll(registry, old.cert_path, "alice", ECHO_ALL)
+    fingerprint = _ask(enrolling, devca, new, "alice")
+    argv = ["approve", fingerprint, "--replace", "--registry", str(registry)]
+    assert server_cli.main(argv) == Exit.OK
+    assert (
+        f"allowed      {ECHO_ALL}  (kept from the replaced certificate)" in capsys.readouterr().out
+    )
+    enrolling.trust.poll()
+    connect = Connect(enrolling, devca)
+    assert whoami(connect.stub(new.cert_path, new.key_path)).name == "alice"
+    stub = connect.stub(old.cert_path, old.key_path)
+    assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
