@@ -174,6 +174,12 @@ class Registry(Protocol):
 
     def clients(self) -> list[Client]: ...
 
+    def clients_after(self, after: Fingerprint | None, limit: int) -> list[Client]:
+        """At most ``limit`` clients in clients()'s order (enrollment order), after
+        certificate ``after`` (from the first when None), in one range read; NotFoundError
+        when the registry holds no certificate ``after``."""
+        ...
+
     def generation(self) -> int:
         """A number that changes whenever the enrolled set changes; cheap to poll."""
         ...

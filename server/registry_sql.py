@@ -153,6 +153,11 @@ COLUMNS = (
     "enrolled_at, not_after, revoked_at, retire_at"
 )
 
+# Admin.List's pages (clients_after): the primary key gives the order, the fingerprint's unique
+# index the start.
+FIRST_PAGE = f"SELECT {COLUMNS} FROM clients ORDER BY id LIMIT ?"  # noqa: S608
+POSITION = "SELECT id FROM clients WHERE fingerprint = ?"
+PAGE_AFTER = f"SELECT {COLUMNS} FROM clients WHERE id > ? ORDER BY id LIMIT ?"  # noqa: S608
 
 # A generation is "the next number, but at least the current time in microseconds", so a
 # registry restored from an old copy never reuses a number a server saw with other contents.
@@ -348,6 +353,24 @@ class SqlRegistry(ABC):
 
     def clients(self) -> list[Client]:
         return self._read(self._all)
+
+    def clients_after(self, after: Fingerprint | None, limit: int) -> list[Client]:
+        """At most ``limit`` clients in clients()'s order, from the one after certificate
+        ``after`` (from the first when None); NotFoundError when no row has ``after``.
+
+        One range read on the primary key (the unique fingerprint index finds the start): a
+        row's id never changes, rows are never deleted, and every insert takes the next id
+        under the write lock, so the order only grows at its end."""
+
+        def body(q: Query) -> list[Client]:
+            if after is None:
+                return self._decoded(q(FIRST_PAGE, (limit,)))
+            found = q(POSITION, (after.hex,))
+            if not found:
+                raise NotFoundError(f"the registry holds no certificate {after}")
+            return self._decoded(q(PAGE_AFTER, (found[0][0], limit)))
+
+        return self._read(body)
 
     def find(self, ref: str) -> Client:
         """The client with this fingerprint (any form), else the active client with this name."""
