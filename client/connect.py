@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from client import keyfiles
@@ -69,6 +70,17 @@ def key_permissions_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def warn_if_expiring(args: argparse.Namespace, certificate: x509.Certificate, hint: str) -> None:
+    """One warning line when ``--cert`` expires within ``--warn-days``."""
+    not_after = certificate.not_valid_after_utc
+    left = not_after - dt.datetime.now(dt.UTC)
+    if left < dt.timedelta(days=args.warn_days):
+        say(
+            f"{PROG}: warning: your certificate {Path(args.cert).absolute()} expires in "
+            f"{left.days} days ({not_after:%Y-%m-%d %H:%M} UTC); {hint}"
+        )
+
+
 def call(
     args: argparse.Namespace,
     rpc: Callable[[grpc.Channel], int],
@@ -90,18 +102,13 @@ def call(
         args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
     creds = pair_credentials(certificate, private_key, args.ca)
-    fingerprint, not_after = Fingerprint.of(certificate), certificate.not_valid_after_utc
+    fingerprint = Fingerprint.of(certificate)
     if problem := dates_problem(certificate, args.cert):
         what, fix = problem
         say(f"{PROG}: error: your {what}; the server refuses it")
         say(f"  {fix}")
         return Exit.CONNECT
-    left = not_after - dt.datetime.now(dt.UTC)
-    if left < dt.timedelta(days=args.warn_days):
-        say(
-            f"{PROG}: warning: your certificate {Path(args.cert).absolute()} expires in "
-            f"{left.days} days ({not_after:%Y-%m-%d %H:%M} UTC); {ROTATE_HINT}"
-        )
+    warn_if_expiring(args, certificate, ROTATE_HINT)
     with _channel(args, creds, options) as channel:
         try:
             return rpc(channel)

@@ -20,6 +20,7 @@ from client.connect import (
     from_server,  # one test of "the server answered", the one connect.py uses
     proxy_hint,
     say,
+    warn_if_expiring,
 )
 from pinrpc import proof
 from pinrpc.channel import load_pair, roots_from_env
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     cert, key = load_pair(
         args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
+    # The operator would admit a pair about to expire: say so before asking.
+    warn_if_expiring(args, cert, "ask with a new pair from `pinrpc keygen` instead")
     roots = load_ca_bundle(Path(args.ca)) if args.ca else roots_from_env()
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     creds = grpc.ssl_channel_credentials(root_certificates=roots)

@@ -97,6 +97,27 @@ def test_request_then_approve(
     assert (me.name, list(me.allowed_methods)) == ("carol-svc", [ECHO_ALL])
 
 
+def test_request_enrollment_warns_of_a_pair_about_to_expire(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--warn-days applies here too: the operator would admit a pair that soon stops working.
+    The allow twin: a pair with more days left than --warn-days asks without a warning."""
+    dave = make_client("dave", days=5)
+    argv = ["request-enrollment", "--name", "dave", *request_flags(enrolling, devca, dave)]
+    capsys.readouterr()
+    assert client_cli.main(argv) == Exit.OK
+    err = capsys.readouterr().err
+    assert "warning: your certificate" in err and "expires in 4 days" in err, err
+    assert "pinrpc keygen" in err, err
+    erin = make_client("erin", days=5)
+    argv = ["request-enrollment", "--name", "erin", *request_flags(enrolling, devca, erin)]
+    assert client_cli.main([*argv, "--warn-days", "3"]) == Exit.OK
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_approve_reads_the_name_from_pinrpc_name(
     enrolling: RunningServer,
     devca: ServerFiles,
