@@ -1,5 +1,7 @@
-"""docs/OPERATIONS.md's table of `pinrpc-server serve` flags is the parser's, row for row:
-every flag, its environment variable and its default, so neither drifts from the other."""
+"""docs/OPERATIONS.md's tables are the parsers': the `serve` table row for row (every flag, its
+variable and its default), the others name every flag with its variable, the client table's
+defaults are the parser's, and the docs' lists of switches and always-allowed methods are the
+code's, so neither drifts from the other."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pinrpc.cli import env_name
 from client import cli as client_cli
+from pinrpc.cli import env_name
 from server import cli as server_cli
 from server.auth import ALWAYS_ALLOWED
 
@@ -67,13 +69,15 @@ def test_the_ports_table_has_every_listener(monkeypatch: pytest.MonkeyPatch) -> 
     assert listeners <= documented
 
 
-def _options(parser: argparse.ArgumentParser, path: str = "") -> Iterator[tuple[str, argparse.Action]]:
+def _options(
+    parser: argparse.ArgumentParser, path: str = ""
+) -> Iterator[tuple[str, argparse.Action]]:
     """(subcommand path, action) for every option of every subcommand, nested ones included."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 yield from _options(sub, f"{path} {name}".strip())
-        elif action.option_strings and action.nargs != 0:  # switches have no variable
+        elif action.option_strings:
             yield path, action
 
 
@@ -107,7 +111,7 @@ def test_every_flag_of_every_command_has_a_row_naming_its_variable(
     missing = set()
     for path, action in _options(build()):
         flag = action.option_strings[0]
-        if flag == "--version" or path.startswith("serve"):
+        if action.nargs == 0 or path.startswith("serve"):  # switches have no variable
             continue
         if not any(flag in flags and env_name(flag) in names for flags, names in rows):
             missing.add((path, flag, env_name(flag)))
@@ -116,7 +120,7 @@ def test_every_flag_of_every_command_has_a_row_naming_its_variable(
 
 def test_the_client_tables_defaults_are_the_parsers(monkeypatch: pytest.MonkeyPatch) -> None:
     _serve(monkeypatch)
-    options = [(p, a) for p, a in _options(client_cli.build_parser()) if p]
+    options = [(p, a) for p, a in _options(client_cli.build_parser()) if a.nargs != 0]
     wrong = []
     for first, _variable, default, *_ in _table("### `pinrpc` (the client)"):
         flags, values = FLAG.findall(first), re.findall(r"`([^`]*)`", default)
@@ -141,3 +145,18 @@ def test_the_ports_section_names_every_method_an_enrolled_client_may_always_call
         if ".reflection." not in service:  # named by its service (v1alpha: all grpcio serves)
             assert service in text and f"/{name}" in text, method
     assert "grpc.reflection.v1alpha.ServerReflection" in text
+
+
+def test_the_docs_list_every_switch_as_having_no_variable() -> None:
+    # Both lists of switches (flags without a value, hence without a variable) are the parsers'.
+    switches = {
+        action.option_strings[0]
+        for build in (client_cli.build_parser, server_cli.build_parser)
+        for _path, action in _options(build())
+        if isinstance(action, argparse._StoreTrueAction)
+    }
+    readme = (OPERATIONS.parent.parent / "README.md").read_text(encoding="utf-8")
+    for text in (readme, OPERATIONS.read_text(encoding="utf-8")):
+        listed = re.search(r"Switches \(([^)]*)\)", " ".join(text.split()))
+        assert listed is not None
+        assert set(FLAG.findall(listed[1])) == switches
