@@ -145,7 +145,7 @@ def start_server(config: ServerConfig) -> Iterator[RunningServer]:
             enrollment_port = _start_side(
                 stack, requests, lambda address: requests.add_secure_port(address, server_only),
                 config.enrollment_listen, "--enrollment-listen",
-                "enrollment requests (server-only TLS)",
+                "enrollment requests, server-only TLS",
             )  # fmt: skip
         metrics_port = None
         if config.metrics_listen:
