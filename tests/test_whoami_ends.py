@@ -195,8 +195,11 @@ def test_a_settled_rotation_records_no_end_past_the_old_certificates_own(
     def echo(req: Any, ctx: grpc.ServicerContext) -> echo_pb2.EchoResponse:
         return echo_pb2.EchoResponse(message="hi", caller="me")
 
+    def answering(reply: echo_pb2.WhoAmIResponse) -> Any:
+        return lambda req, ctx: reply
+
     for answer, expected in ((late, None), (early, soon)):
-        argv = hostile({"Echo": {"WhoAmI": lambda req, ctx, a=answer: a, "Echo": echo}})
+        argv = hostile({"Echo": {"WhoAmI": answering(answer), "Echo": echo}})
         cert = Path(argv[argv.index("--cert") + 1])
         key = Path(argv[argv.index("--key") + 1])
         old_end = load_certificate(cert).not_valid_after_utc
