@@ -19,7 +19,7 @@ from client import keyfiles
 from pinrpc.channel import dates_problem, load_pair, pair_credentials
 from pinrpc.cli import Exit, add_flag, answer_time, at_least, file_path, host_port, shown, utf8
 from pinrpc.errors import ERROR_METADATA, AnswerError, IdentityError
-from pinrpc.identity import Fingerprint
+from pinrpc.identity import Fingerprint, load_certificate
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 
 PROG = "pinrpc"
@@ -173,7 +173,7 @@ def settle(args: argparse.Namespace, *, refuse_busy: bool = True) -> Settled | N
                     f"the server admits {staged_cert} as {staged_answer.name!r}, not as "
                     f"{expected!r}; nothing changed: {keyfiles.finish_by_hand(cert, key)}",
                 )
-            until, old = _old_end(current_answer)
+            until, old = _old_end(current_answer, load_certificate(cert).not_valid_after_utc)
             keyfiles.settle_forward(cert, key, fingerprint, until)
             return Settled(
                 Exit.OK,
@@ -211,9 +211,12 @@ def settle(args: argparse.Namespace, *, refuse_busy: bool = True) -> Settled | N
 UNKNOWN_OLD_END = "its end unknown here: the next rotate replaces it"
 
 
-def _old_end(answer: echo_pb2.WhoAmIResponse | grpc.RpcError) -> tuple[dt.datetime | None, str]:
+def _old_end(
+    answer: echo_pb2.WhoAmIResponse | grpc.RpcError, not_after: dt.datetime
+) -> tuple[dt.datetime | None, str]:
     """The end of the old pair after a settled rotation, from the server's answer to it, and
-    how to say it."""
+    how to say it. No later than the certificate's ``not_after``: no server admits it past
+    that, and a later end (a hostile server's) kept its private key on disk for nothing."""
     if not isinstance(answer, echo_pb2.WhoAmIResponse):
         if refused_at_handshake(answer):  # refused now: it has ended
             return dt.datetime.now(dt.UTC), "no longer admitted"
@@ -224,6 +227,7 @@ def _old_end(answer: echo_pb2.WhoAmIResponse | grpc.RpcError) -> tuple[dt.dateti
         return None, f"its end unknown: {exc}"
     if until is None:  # a server that does not say
         return None, UNKNOWN_OLD_END
+    until = min(until, not_after)
     return until, f"admitted until {until:%Y-%m-%d %H:%M} UTC"
 
 

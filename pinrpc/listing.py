@@ -18,6 +18,9 @@ MAX_PAGE_BYTES = 2 * PAGE_BYTES
 # What client_json adds to the stored record: it depends on the time of asking.
 TIMELY = ("active", "days_left", "expiring")
 EXPIRED = "expired"
+# Names are padded to the longest on a page, but no further than the longest valid name (1-64
+# characters, pinrpc.identity.check_name): a hostile server's one long name padded every line.
+NAME_WIDTH = 64
 
 
 def usable(revoked_at: dt.datetime | None, retire_at: dt.datetime | None, now: dt.datetime) -> bool:
@@ -85,13 +88,13 @@ def status(
 
 def client_line(row: Mapping[str, Any], state: str, width: int) -> str:
     """One client as `pinrpc-server list` and `pinrpc admin ...` print it: ``row`` from
-    client_json, ``state`` from status(), the name padded to ``width``. Escaped, since a
-    remote listing is another machine's text."""
+    client_json, ``state`` from status(), the name padded to ``width`` (at most NAME_WIDTH).
+    Escaped, since a remote listing is another machine's text."""
     days: int = row["days_left"]
     expiry = "EXPIRED" if days < 0 else f"{days} days left"
     flag = "  <- expiring, rotate it" if row["expiring"] else ""
     if state.startswith(EXPIRED):  # usable but for its dates: rotate cannot run with it
         flag = "  <- expired: new key pair, then enroll --replace"
     allowed = ",".join(row["allowed_methods"]) or "-"
-    name, fingerprint = row["name"], row["fingerprint"]
+    name, fingerprint, width = row["name"], row["fingerprint"], min(width, NAME_WIDTH)
     return shown(f"{name:<{width}}  {fingerprint}  {state:<18}  {expiry:<15}  {allowed}{flag}")

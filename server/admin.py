@@ -221,6 +221,9 @@ def _guards(who: Identity) -> tuple[Guard, After]:
 # were rolled back.)
 CURSOR_VERSION = "p1"
 MAX_TOKEN = 1024  # characters; the server's own are 67
+# An answer to a List without page_size or page_token (a client from before paging) is refused
+# past gRPC's default receive limit: no such client could take more.
+UNPAGED_BYTES = 4 * 1024 * 1024
 START_AGAIN = "start the listing again without one"
 
 
@@ -331,8 +334,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 )
             if not request.page_size and not request.page_token:
                 # A client from before paging: it sends neither field and reads only `clients`.
-                everyone = self._registry.clients()
-                return admin_pb2.ListResponse(clients=[to_proto(c) for c in everyone])
+                return self._unpaged()
             after = read_page_token(request.page_token) if request.page_token else None
             size = min(request.page_size or PAGE_SIZE, PAGE_SIZE)
             try:
@@ -355,6 +357,26 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if len(answer.clients) < len(clients):
             answer.next_page_token = page_token(clients[len(answer.clients) - 1])
         return answer
+
+    def _unpaged(self) -> admin_pb2.ListResponse:
+        """Every client in one answer, read a page at a time and refused past UNPAGED_BYTES:
+        read whole, any List caller made the server hold every row (and its answer) per call."""
+        answer, after, used = admin_pb2.ListResponse(), None, 0
+        while True:
+            clients = self._registry.clients_after(after, PAGE_SIZE)
+            for client in clients:
+                record = answer.clients.add()
+                record.CopyFrom(to_proto(client))
+                used += record.ByteSize()
+            if used > UNPAGED_BYTES:
+                raise CapacityError(
+                    f"the registry's clients take more than {UNPAGED_BYTES} bytes, more than a "
+                    "client that does not ask for pages can receive; list them a page at a "
+                    "time (update pinrpc)"
+                )
+            if len(clients) < PAGE_SIZE:
+                return answer
+            after = clients[-1].fingerprint
 
     def Get(self, request: admin_pb2.GetRequest, context: grpc.ServicerContext) -> admin_pb2.Client:
         try:

@@ -176,3 +176,41 @@ def test_a_settled_rotation_without_a_valid_end_keeps_it_unknown(
     assert said in err, err
     assert fingerprint(cert) == str(staged.fingerprint) and not new(cert).exists()
     assert until(KeyPairFiles(key, cert, staged.fingerprint)).read_text() == UNKNOWN_END
+
+
+def test_a_settled_rotation_records_no_end_past_the_old_certificates_own(
+    hostile: Serve,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A server (or a man in the middle with its certificate) that says the old pair is
+    admitted until 9999 had the client keep the old private key until then (or until the next
+    rotate): no server admits a certificate past its notAfter, so that is the latest end."""
+    late = echo_pb2.WhoAmIResponse(name="me")
+    late.admitted_until.FromDatetime(dt.datetime(9999, 12, 31, tzinfo=dt.UTC))
+    soon = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=1)
+    early = echo_pb2.WhoAmIResponse(name="me")
+    early.admitted_until.FromDatetime(soon)
+
+    def echo(req: Any, ctx: grpc.ServicerContext) -> echo_pb2.EchoResponse:
+        return echo_pb2.EchoResponse(message="hi", caller="me")
+
+    def answering(reply: echo_pb2.WhoAmIResponse) -> Any:
+        return lambda req, ctx: reply
+
+    for answer, expected in ((late, None), (early, soon)):
+        argv = hostile({"Echo": {"WhoAmI": answering(answer), "Echo": echo}})
+        cert = Path(argv[argv.index("--cert") + 1])
+        key = Path(argv[argv.index("--key") + 1])
+        old_end = load_certificate(cert).not_valid_after_utc
+        staged = create_identity("me", tmp_path / f"staged{expected is None}")
+        os.replace(staged.cert_path, new(cert))
+        os.replace(staged.key_path, new(key))
+        code, out, err = cli(["echo", "hi", *argv], capsys)
+        assert code == Exit.OK and out == "hi\n", err
+        recorded = until(KeyPairFiles(key, cert, staged.fingerprint)).read_text()
+        # Denied: 9999 is cut to the old certificate's notAfter. Allowed: an earlier end stays.
+        assert dt.datetime.fromisoformat(recorded) == (expected or old_end), recorded
+        assert f"admitted until {(expected or old_end):%Y-%m-%d %H:%M} UTC" in err, err
+        for path in (old(cert), old(key), until(KeyPairFiles(key, cert, staged.fingerprint))):
+            path.unlink()
