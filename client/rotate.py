@@ -94,7 +94,8 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
         successor_pem = cert_to_pem(successor)
         # Bound to the certificate this channel presents: the server checks it against the TLS
         # peer, so the proof admits this successor for this caller only (pinrpc/proof.py).
-        current = Fingerprint.of(load_certificate(cert_path))
+        current_cert = load_certificate(cert_path)
+        current = Fingerprint.of(current_cert)
         signature = proof.sign(key, proof.rotation_binding(current), successor, proof.ROTATION)
         request = identity_pb2.RotateRequest(
             certificate_pem=successor_pem.decode(), proof=signature
@@ -126,6 +127,8 @@ def _rotate(args: argparse.Namespace, cert_path: Path, key_path: Path) -> int:
             until = answer_time(ends, "end for the old certificate")
         except AnswerError as exc:
             odd = str(exc)  # the server trusts the staged pair all the same: swap it in
+        if until is not None:  # no server admits it later; a hostile one's 9999 kept the key
+            until = min(until, current_cert.not_valid_after_utc)
         # The server already trusts the staged pair: keep it whatever happens here, and swap
         # it in before printing, which fails on a closed stdout (BrokenPipeError, exit 0).
         # Fingerprints printed are computed here: the server's answer is only its word.

@@ -277,6 +277,35 @@ def test_doctor_shows_a_hostile_certificate_inertly(
     assert "names no host a client can verify (CN:" in chain, out
 
 
+@pytest.mark.parametrize("far", [True, False])
+def test_a_rotate_answer_cannot_keep_the_old_key_past_its_certificate(
+    hostile: Serve, devca: ServerFiles, capsys: pytest.CaptureFixture[str], far: bool
+) -> None:
+    """An end of 9999 for the old pair kept its private key on disk until then; it is recorded
+    as the old certificate's own end, past which no server admits it. The allow twin: an end
+    an hour away is recorded as the server said."""
+    soon = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=1)
+    end = dt.datetime(9999, 12, 31, tzinfo=dt.UTC) if far else soon
+
+    def whoami(req: Any, ctx: grpc.ServicerContext) -> echo_pb2.WhoAmIResponse:
+        return echo_pb2.WhoAmIResponse(name="me")
+
+    def rotate(req: Any, ctx: grpc.ServicerContext) -> identity_pb2.RotateResponse:
+        answer = identity_pb2.RotateResponse(client=evil_client(), previous=evil_client())
+        answer.previous.retire_at.FromDatetime(end)
+        return answer
+
+    argv = hostile({"Echo": {"WhoAmI": whoami}, "Identity": {"Rotate": rotate}})
+    me = Path(argv[argv.index("--cert") + 1])
+    own_end = x509.load_pem_x509_certificate(me.read_bytes()).not_valid_after_utc
+    code, out, err = cli(["rotate", *argv], capsys)
+    assert code == Exit.OK, err
+    expected = own_end if far else soon
+    recorded = dt.datetime.fromisoformat(me.with_name(me.name + ".old-until").read_text().strip())
+    assert recorded == expected, (recorded, expected)
+    assert f"works until {expected:%Y-%m-%d %H:%M} UTC" in out, out
+
+
 def test_a_rotate_answer_with_an_impossible_end_still_swaps_the_pair_in(
     hostile: Serve, devca: ServerFiles, make_client: MakeClient,
     capsys: pytest.CaptureFixture[str],
