@@ -384,6 +384,12 @@ class _ResponderServer(http.server.ThreadingHTTPServer):
                     del self._hosts[host]
         super().shutdown_request(request)  # type: ignore[arg-type]
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A connection reset mid-request: socketserver would print a traceback on stderr, which
+        # the CLI keeps for its one error line, once for every reset a stranger sends.
+        address = cast(tuple[str, int], client_address)[0]
+        log.debug("http-01 %s: connection ended: %r", address, sys.exc_info()[1])
+
     def service_actions(self) -> None:
         # serve_forever calls this after each accept and every half second: sweep once a second.
         now = time.monotonic()

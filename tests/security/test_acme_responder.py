@@ -10,7 +10,9 @@ none for longer than _CONNECTION_TIMEOUT_S, and the responder raises its soft op
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -152,6 +154,25 @@ def test_a_trickling_connection_is_closed_after_the_timeout() -> None:
             else:
                 closed = wait_closed(slow, time.monotonic() + 1)
         assert closed  # before: open for as long as the bytes come
+
+
+def test_a_stranger_resetting_its_connections_writes_no_traceback(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=acme.log.name)
+    port = _free_port()
+    with responder(port):
+        for _ in range(3):
+            with connect_from(STRANGER, port) as sock:
+                sock.sendall(b"GET / HTTP/1.0\r\n")  # a request half sent, then a reset
+                time.sleep(0.1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        deadline = time.monotonic() + 10
+        while "ConnectionResetError" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert get(port) == b"HTTP/1.0 200 OK"
+    assert "Traceback" not in capfd.readouterr().err  # before: one per reset
+    assert "ConnectionResetError" in caplog.text  # logged for debugging instead
 
 
 def test_the_responder_raises_its_open_file_limit() -> None:
