@@ -10,7 +10,10 @@ none for longer than _CONNECTION_TIMEOUT_S, and the responder raises its soft op
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -24,10 +27,11 @@ from pathlib import Path
 import pytest
 
 from server import acme
-from tests.conftest import require_pebble
+from tests.conftest import require_pebble, require_tool
 from tests.pebble import Pebble, start_pebble
-from tests.security.attacker import server_env
+from tests.security.attacker import ROOT, server_env
 from tests.security.test_fd_exhaustion import open_fds, wait_closed
+from tests.security.test_ipv6_hosts import SETUP
 
 TOKEN = "/.well-known/acme-challenge/token"
 ANSWERS = {TOKEN: b"token.thumbprint"}
@@ -43,10 +47,10 @@ def _free_port() -> int:
         return port
 
 
-def get(port: int, sock: socket.socket | None = None) -> bytes:
-    """GET the token over ``sock`` (a new connection from 127.0.0.1 by default); the status
-    line, or b"" when the responder closed the connection instead."""
-    with sock or socket.create_connection(("127.0.0.1", port), 5) as conn:
+def get(port: int, sock: socket.socket | None = None, to: str = "127.0.0.1") -> bytes:
+    """GET the token over ``sock`` (a new connection from ``to``'s loopback by default); the
+    status line, or b"" when the responder closed the connection instead."""
+    with sock or socket.create_connection((to, port), 5) as conn:
         conn.settimeout(5)
         try:
             conn.sendall(f"GET {TOKEN} HTTP/1.0\r\nHost: server.test\r\n\r\n".encode())
@@ -58,21 +62,13 @@ def get(port: int, sock: socket.socket | None = None) -> bytes:
     return data.partition(b"\r\n")[0]
 
 
-def connect_from(host: str, port: int, timeout: float = 5) -> socket.socket:
-    sock = socket.socket()
-    try:
-        sock.settimeout(timeout)
-        sock.bind((host, 0))
-        sock.connect(("127.0.0.1", port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+def connect_from(host: str, port: int, timeout: float = 5, to: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection((to, port), timeout, source_address=(host, 0))
 
 
 @contextmanager
-def responder(port: int) -> Iterator[None]:
-    with acme._http01_responder("127.0.0.1", port, ANSWERS):
+def responder(port: int, host: str = "127.0.0.1") -> Iterator[None]:
+    with acme._http01_responder(host, port, ANSWERS):
         yield
 
 
@@ -130,6 +126,41 @@ def test_one_host_gets_its_connections_and_no_more(monkeypatch: pytest.MonkeyPat
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert all(get(port, sock) == b"HTTP/1.0 200 OK" for sock in admitted)
+
+
+def one_ipv6_host(sources: list[str]) -> None:
+    """Run in a network namespace whose lo holds ``sources``: they open the cap and one more
+    connection to the responder on [::], and ::1 (another /64) GETs. Prints the outcome."""
+    acme._CONNECTION_TIMEOUT_S = 60.0  # this process's own: only the cap closes here
+    port = _free_port()
+    cap = acme._SPARE_PER_HOST + len(ANSWERS)
+    with responder(port, "::"), ExitStack() as held:
+        for i in range(cap):
+            held.enter_context(connect_from(sources[i % len(sources)], port, to="::1"))
+        extra = held.enter_context(connect_from(sources[0], port, to="::1"))
+        closed = wait_closed(extra, time.monotonic() + 10)
+        probe = get(port, to="::1").decode()
+    print(json.dumps({"extra_closed": closed, "probe": probe}))
+
+
+def test_the_addresses_of_one_ipv6_64_share_one_cap() -> None:
+    found = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip")
+    require_tool(bool(found), "root with unshare and ip", "run as root; apt-get install iproute2")
+    sources = [f"2001:db8::{i}" for i in range(1, 5)]
+    script = SETUP.format(addresses=" ".join(sources)) + ' && exec "$@"'
+    code = (
+        f"from tests.security.test_acme_responder import one_ipv6_host; one_ipv6_host({sources!r})"
+    )
+    done = subprocess.run(
+        ["unshare", "--net", "sh", "-c", script, "sh", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's code first
+    )  # fmt: skip
+    if done.returncode and "unshare failed" in done.stderr:
+        require_tool(False, "a network namespace", "unshare --net: " + done.stderr.strip())
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    assert outcome == {"extra_closed": True, "probe": "HTTP/1.0 200 OK"}  # before: not closed
 
 
 def test_an_idle_connection_is_closed_after_the_timeout() -> None:
