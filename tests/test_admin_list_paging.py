@@ -45,13 +45,16 @@ hostile = test_hostile_server.hostile  # a fixture: a real grpcio server with th
 HISTORY = 2500  # revoked certificates planted by SQL: three pages
 
 
-def _plant_history(connect: Connect, count: int = HISTORY, source: str = "root") -> None:
-    """``count`` revoked copies of ``source``'s row under new names and fingerprints."""
+def _plant_history(
+    connect: Connect, count: int = HISTORY, source: str = "root", name: str = "'h' || i"
+) -> None:
+    """``count`` revoked copies of ``source``'s row under new names (``name``: SQL of the row
+    number i) and fingerprints."""
     with sqlite3.connect(connect.server_registry) as db:
         db.execute(f"""
             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count})
             INSERT INTO clients ({COLUMNS})
-            SELECT 'h' || i, printf('%064x', i), cert_pem, spki_sha256, subject, has_key_ids,
+            SELECT {name}, printf('%064x', i), cert_pem, spki_sha256, subject, has_key_ids,
                    allowed_methods, enrolled_at, not_after, enrolled_at, NULL
             FROM n, clients WHERE clients.name = ?
         """, (source,))  # noqa: S608  # fmt: skip
