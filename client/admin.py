@@ -30,7 +30,14 @@ from pinrpc.cli import (
 )
 from pinrpc.errors import AnswerError
 from pinrpc.identity import cert_to_pem, load_certificate
-from pinrpc.listing import MAX_PAGE_BYTES, PAGE_SIZE, client_json, client_line, status
+from pinrpc.listing import (
+    MAX_PAGE_BYTES,
+    PAGE_SIZE,
+    ClientRow,
+    client_json,
+    client_line,
+    status,
+)
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
 Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
@@ -113,7 +120,7 @@ def _time(c: admin_pb2.Client, field: Literal["revoked_at", "retire_at"]) -> dt.
     return answer_time(getattr(c, field), field) if c.HasField(field) else None
 
 
-def _as_json(c: admin_pb2.Client, now: dt.datetime, warn_days: int) -> dict[str, object]:
+def _as_json(c: admin_pb2.Client, now: dt.datetime, warn_days: int) -> ClientRow:
     """As `pinrpc-server list --json` prints it: every key, times in the same form, and
     ``active``, ``days_left`` and ``expiring`` reckoned from the times the same way."""
     return client_json(
