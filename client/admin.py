@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import grpc
 
-from client.connect import call, connection_flags, from_server
+from client.connect import OWN_CERT_WARNING, call, connection_flags, from_server
 from pinrpc.cli import (
     Exit,
     add_allow_flag,
@@ -46,10 +46,7 @@ Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
 MAX_REPLY = MAX_PAGE_BYTES
 # 10 million clients in full pages: a server whose tokens never end cannot keep us forever.
 MAX_PAGES = 10_000
-WARN_HELP = (
-    "warn when your certificate expires within this many days, and mark the clients listed "
-    "whose certificates do as expiring"
-)
+WARN_HELP = f"{OWN_CERT_WARNING}, and mark the clients listed whose certificates do as expiring"
 
 
 def add_parser(commands: Any) -> None:
