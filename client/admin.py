@@ -46,6 +46,8 @@ Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
 MAX_REPLY = MAX_PAGE_BYTES
 # 10 million clients in full pages: a server whose tokens never end cannot keep us forever.
 MAX_PAGES = 10_000
+# A pinrpc server's pages always move on and end: what to do when they do not.
+INCOMPLETE = "the listing printed is incomplete: check that --server is a pinrpc server"
 WARN_HELP = f"{OWN_CERT_WARNING}, and mark the clients listed whose certificates do as expiring"
 
 
@@ -188,9 +190,9 @@ def _list(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
             return Exit.OK
         digest = hashlib.sha256(token.encode()).digest()
         if not reply.clients or digest in seen:  # a pinrpc server moves on every page
-            raise AnswerError("the server's pages go round in a loop; the listing is incomplete")
+            raise AnswerError(f"the server's pages go round in a loop; {INCOMPLETE}")
         seen.add(digest)
-    raise AnswerError(f"the server's listing did not end within {MAX_PAGES} pages")
+    raise AnswerError(f"the server's listing did not end within {MAX_PAGES} pages; {INCOMPLETE}")
 
 
 def _get(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
