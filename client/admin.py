@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import grpc
 
-from client.connect import call, connection_flags, from_server
+from client.connect import OWN_CERT_WARNING, call, connection_flags, from_server
 from pinrpc.cli import (
     Exit,
     add_allow_flag,
@@ -30,7 +30,14 @@ from pinrpc.cli import (
 )
 from pinrpc.errors import AnswerError
 from pinrpc.identity import cert_to_pem, load_certificate
-from pinrpc.listing import MAX_PAGE_BYTES, PAGE_SIZE, client_json, client_line, status
+from pinrpc.listing import (
+    MAX_PAGE_BYTES,
+    PAGE_SIZE,
+    ClientRow,
+    client_json,
+    client_line,
+    status,
+)
 from pinrpc.v1 import admin_pb2, admin_pb2_grpc
 
 Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
@@ -39,10 +46,9 @@ Rpc = Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int]
 MAX_REPLY = MAX_PAGE_BYTES
 # 10 million clients in full pages: a server whose tokens never end cannot keep us forever.
 MAX_PAGES = 10_000
-WARN_HELP = (
-    "warn when your certificate expires within this many days, and mark the clients listed "
-    "whose certificates do as expiring"
-)
+# A pinrpc server's pages always move on and end: what to do when they do not.
+INCOMPLETE = "the listing printed is incomplete: check that --server is a pinrpc server"
+WARN_HELP = f"{OWN_CERT_WARNING}, and mark the clients listed whose certificates do as expiring"
 
 
 def add_parser(commands: Any) -> None:
@@ -113,7 +119,7 @@ def _time(c: admin_pb2.Client, field: Literal["revoked_at", "retire_at"]) -> dt.
     return answer_time(getattr(c, field), field) if c.HasField(field) else None
 
 
-def _as_json(c: admin_pb2.Client, now: dt.datetime, warn_days: int) -> dict[str, object]:
+def _as_json(c: admin_pb2.Client, now: dt.datetime, warn_days: int) -> ClientRow:
     """As `pinrpc-server list --json` prints it: every key, times in the same form, and
     ``active``, ``days_left`` and ``expiring`` reckoned from the times the same way."""
     return client_json(
@@ -184,9 +190,9 @@ def _list(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
             return Exit.OK
         digest = hashlib.sha256(token.encode()).digest()
         if not reply.clients or digest in seen:  # a pinrpc server moves on every page
-            raise AnswerError("the server's pages go round in a loop; the listing is incomplete")
+            raise AnswerError(f"the server's pages go round in a loop; {INCOMPLETE}")
         seen.add(digest)
-    raise AnswerError(f"the server's listing did not end within {MAX_PAGES} pages")
+    raise AnswerError(f"the server's listing did not end within {MAX_PAGES} pages; {INCOMPLETE}")
 
 
 def _get(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:

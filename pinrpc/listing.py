@@ -4,8 +4,8 @@ it, and the size of Admin.List's pages: shared, so the local and the remote list
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TypedDict
 
 from pinrpc.cli import shown
 
@@ -21,6 +21,23 @@ EXPIRED = "expired"
 # Names are padded to the longest on a page, but no further than the longest valid name (1-64
 # characters, pinrpc.identity.check_name): a hostile server's one long name padded every line.
 NAME_WIDTH = 64
+
+
+class ClientRow(TypedDict):
+    """One client as the --json listings print it; the last three depend on the time of asking."""
+
+    name: str
+    fingerprint: str
+    spki_sha256: str
+    subject: str
+    allowed_methods: list[str]
+    enrolled_at: str
+    not_after: str
+    revoked_at: str | None
+    retire_at: str | None
+    active: bool
+    days_left: int
+    expiring: bool
 
 
 def usable(revoked_at: dt.datetime | None, retire_at: dt.datetime | None, now: dt.datetime) -> bool:
@@ -49,7 +66,7 @@ def client_json(
     retire_at: dt.datetime | None,
     now: dt.datetime,
     warn_days: int,
-) -> dict[str, object]:
+) -> ClientRow:
     """``active``: admitted now (usable and unexpired); ``expiring``: admitted now, but for
     fewer than ``warn_days`` more days."""
     active = usable(revoked_at, retire_at, now) and not_after > now
@@ -86,11 +103,11 @@ def status(
     return "active"
 
 
-def client_line(row: Mapping[str, Any], state: str, width: int) -> str:
+def client_line(row: ClientRow, state: str, width: int) -> str:
     """One client as `pinrpc-server list` and `pinrpc admin ...` print it: ``row`` from
     client_json, ``state`` from status(), the name padded to ``width`` (at most NAME_WIDTH).
     Escaped, since a remote listing is another machine's text."""
-    days: int = row["days_left"]
+    days = row["days_left"]
     expiry = "EXPIRED" if days < 0 else f"{days} days left"
     flag = "  <- expiring, rotate it" if row["expiring"] else ""
     if state.startswith(EXPIRED):  # usable but for its dates: rotate cannot run with it

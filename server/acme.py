@@ -152,15 +152,19 @@ class _Deadline:
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def watch(self, session: requests.Session) -> None:
-        """Let the timer reach the sockets ``session`` opens for https:// (proxied ones too)."""
+        """Let the timer reach the sockets ``session`` opens (proxied ones too). http:// as
+        well: only the directory's own URL must be https://, the URLs it names are the CA's."""
         deadline = self
 
-        class Connection(urllib3.connection.HTTPSConnection):
+        class Watched(urllib3.connection.HTTPConnection):
             def connect(self) -> None:
                 if deadline._expired:
                     raise _OutOfTime
                 super().connect()
                 deadline._sockets.append(self.sock)
+
+        class Secure(Watched, urllib3.connection.HTTPSConnection):
+            pass
 
         class Adapter(requests.adapters.HTTPAdapter):
             def get_connection_with_tls_context(
@@ -168,11 +172,14 @@ class _Deadline:
             ) -> urllib3.connectionpool.ConnectionPool:
                 pool = super().get_connection_with_tls_context(*args, **kwargs)  # type: ignore[arg-type]
                 if isinstance(pool, urllib3.HTTPSConnectionPool):
-                    pool.ConnectionCls = Connection
+                    pool.ConnectionCls = Secure
+                elif isinstance(pool, urllib3.HTTPConnectionPool):
+                    pool.ConnectionCls = Watched
                 return pool
 
         if self._seconds is not None:
-            session.mount("https://", Adapter())
+            for scheme in ("https://", "http://"):
+                session.mount(scheme, Adapter())
 
     def _fire(self, signum: int, frame: FrameType | None) -> None:
         if self._held:

@@ -431,21 +431,24 @@ def _name_holders(registry: Registry) -> dict[str, Client]:
 
 
 def _refuse_taken_name(registry: Registry, ref: str, name: str | None) -> None:
-    """Approving a request for an enrolled client's name without --replace: the registry's
-    answer ("pass --replace to re-key it") reads as advice, and following it would hand that
-    client's name and permissions to whoever sent the request. Say so instead."""
+    """Approving a request under an enrolled client's name (the one it asked for, or
+    ``--name``) without --replace: the registry's answer ("pass --replace to re-key it")
+    reads as advice, and following it would hand that client's name and permissions to
+    whoever sent the request. Say so instead."""
     try:
         fingerprint = Fingerprint.parse(ref)
     except ValueError:
         return  # approve() says what is wrong with it
     request = next((p for p in registry.pending() if p.fingerprint == fingerprint), None)
-    if request is None or name not in (None, request.name):
+    if request is None:
         return
-    holder = _name_holders(registry).get(request.name)
+    wanted = request.name if name is None else name
+    holder = _name_holders(registry).get(wanted)
     if holder is not None:
+        gets = "asks for" if wanted == request.name else "would get"
         raise ConflictError(
-            f"the request {fingerprint} asks for the name {request.name!r}, which is someone "
-            f"else's: enrolled client {request.name!r} ({holder.fingerprint}); --replace would "
+            f"the request {fingerprint} {gets} the name {wanted!r}, which is someone "
+            f"else's: enrolled client {wanted!r} ({holder.fingerprint}); --replace would "
             "retire that client's certificate and give its name and permissions to this key: "
             "pass it only if that client's owner sent you this fingerprint, else `reject` the "
             "request or approve it under another --name"

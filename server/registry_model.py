@@ -15,7 +15,7 @@ from cryptography import x509
 
 from pinrpc.errors import CapacityError, ConflictError
 from pinrpc.identity import Fingerprint
-from pinrpc.listing import TIMELY, client_json, usable
+from pinrpc.listing import TIMELY, ClientRow, client_json, usable
 from server.enrollment import REKEY_HINT, Candidate, canonical_name
 
 
@@ -43,7 +43,7 @@ class Client:
         """The client's newest usable certificate (not revoked, not being retired)."""
         return self.revoked_at is None and self.retire_at is None
 
-    def listed(self, now: dt.datetime, warn_days: int) -> dict[str, object]:
+    def listed(self, now: dt.datetime, warn_days: int) -> ClientRow:
         """As `pinrpc-server list --json` prints it (and `pinrpc admin list --json`)."""
         return client_json(
             name=self.name,

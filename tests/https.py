@@ -13,14 +13,34 @@ from server.devca import DevCA
 
 
 @contextmanager
+def serving_https(
+    handler: type[http.server.BaseHTTPRequestHandler], directory: Path, name: str = "https"
+) -> Iterator[tuple[int, Path]]:
+    """Serve ``handler`` over HTTPS on 127.0.0.1 with a certificate from a CA of its own:
+    yields (port, that CA's file ``directory``/``name``-ca.pem)."""
+    ca = DevCA(f"pinrpc test {name} CA")
+    cert, key = ca.issue(["127.0.0.1"], days=1).write(directory)
+    (directory / f"{name}-ca.pem").write_bytes(ca.root_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], directory / f"{name}-ca.pem"
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+        server.server_close()
+
+
+@contextmanager
 def serving_pages(
     pages: Mapping[str, bytes], directory: Path, content_type: str = "application/json"
 ) -> Iterator[tuple[str, Path]]:
-    """Serve ``pages`` (path -> body; any other path is a 404) over HTTPS on 127.0.0.1 with a
-    certificate from a CA of its own: yields (base URL, that CA's file in ``directory``)."""
-    ca = DevCA("pinrpc test HTTPS CA")
-    cert, key = ca.issue(["127.0.0.1"], days=1).write(directory)
-    (directory / "https-ca.pem").write_bytes(ca.root_pem)
+    """Serve ``pages`` (path -> body; any other path is a 404) over HTTPS (serving_https):
+    yields (base URL, the CA's file in ``directory``)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -37,15 +57,5 @@ def serving_pages(
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}", directory / "https-ca.pem"
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
-        server.server_close()
+    with serving_https(Handler, directory) as (port, ca):
+        yield f"https://127.0.0.1:{port}", ca

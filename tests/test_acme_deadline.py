@@ -3,6 +3,7 @@ alive; real pebble and a real HTTPS server that sends a byte every half second."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,12 +13,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
 from server.acme import AcmeError, main, obtain_certificate
 from server.devca import DevCA
+from tests.https import serving_pages
 from tests.pebble import Pebble
 from tests.test_acme import _assert_one_line_error, _free_port, _matching_pair
 
@@ -226,3 +229,64 @@ def test_a_bad_deadline_is_a_one_line_usage_error(
     assert main([*argv, "--out", str(tmp_path / "tls"), "--deadline", value]) == 2
     _assert_one_line_error(capsys.readouterr().err, "--deadline")
     assert not (tmp_path / "tls").exists()
+
+
+@pytest.fixture
+def plain_trickler() -> Iterator[str]:
+    """A plain-HTTP server that reads a request and answers a byte at a time: yields its URL."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, suppress(OSError):
+                conn.recv(65536)
+                for byte in _ANSWER:
+                    if stop.wait(_BYTE_EVERY_S):
+                        return
+                    conn.sendall(bytes([byte]))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        server.join(timeout=5)
+        listener.close()
+
+
+def test_a_directory_naming_plain_http_urls_is_given_up_at_the_deadline_in_a_thread(
+    plain_trickler: str, tmp_path: Path
+) -> None:
+    """The directory URL must be https://, but the URLs the directory names are the CA's to
+    choose: off the main thread the deadline reached only https:// connections, so a CA (or
+    a proxy rewriting its directory) naming a trickling http:// one held the run for good."""
+    urls = {key: f"{plain_trickler}/{key}" for key in ("newNonce", "newAccount", "newOrder")}
+    directory = json.dumps({**urls, "revokeCert": f"{plain_trickler}/r"}).encode()
+    outcome: list[BaseException | None] = []
+    with serving_pages({"/dir": directory}, tmp_path) as (base, ca):
+
+        def renew() -> None:
+            try:
+                out, port = tmp_path / "tls", _free_port()
+                obtain_certificate(
+                    f"{base}/dir", ["server.test"], out, http_port=port, acme_ca_bundle=ca,
+                    deadline_s=2,
+                )  # fmt: skip
+            except BaseException as exc:  # handed to the test's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=renew, daemon=True)
+        worker.start()
+        worker.join(timeout=15)  # before: on until the trickle ended (500 s)
+    assert not worker.is_alive(), "the deadline missed a plain-http connection"
+    (error,) = outcome
+    assert isinstance(error, AcmeError) and "within the deadline of 2 s" in str(error), error

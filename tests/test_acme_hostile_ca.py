@@ -7,7 +7,6 @@ import datetime as dt
 import http.client
 import http.server
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from server.acme import main
-from server.devca import DevCA
+from tests.https import serving_https
 from tests.pebble import Pebble
 from tests.test_acme import _assert_one_line_error, _free_port
 from tests.test_acme_deadline import _snapshot
@@ -48,9 +47,6 @@ def _reissued(leaf: x509.Certificate, names: list[str], not_after: dt.datetime) 
 def _proxy(pebble: Pebble, tamper: Tamper, tmp: Path) -> Iterator[tuple[str, Path]]:
     """HTTPS in front of pebble, passing Host through (pebble builds its URLs and checks the
     JWS url from it), with the leaf of every certificate chain it returns replaced."""
-    ca = DevCA("pinrpc test proxy CA")
-    cert, key = ca.issue(["127.0.0.1"], days=1).write(tmp)
-    (tmp / "proxy-ca.pem").write_bytes(ca.root_pem)
     host, port = pebble.directory_url.split("/")[2].split(":")
     upstream_tls = ssl.create_default_context(cafile=str(pebble.acme_ca_bundle))
 
@@ -85,18 +81,8 @@ def _proxy(pebble: Pebble, tamper: Tamper, tmp: Path) -> Iterator[tuple[str, Pat
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}/dir", tmp / "proxy-ca.pem"
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
-        server.server_close()
+    with serving_https(Handler, tmp, "proxy") as (listening, ca):
+        yield f"https://127.0.0.1:{listening}/dir", ca
 
 
 def _obtain(url: str, ca: Path, out: Path) -> int:

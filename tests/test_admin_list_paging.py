@@ -45,13 +45,16 @@ hostile = test_hostile_server.hostile  # a fixture: a real grpcio server with th
 HISTORY = 2500  # revoked certificates planted by SQL: three pages
 
 
-def _plant_history(connect: Connect, count: int = HISTORY, source: str = "root") -> None:
-    """``count`` revoked copies of ``source``'s row under new names and fingerprints."""
+def _plant_history(
+    connect: Connect, count: int = HISTORY, source: str = "root", name: str = "'h' || i"
+) -> None:
+    """``count`` revoked copies of ``source``'s row under new names (``name``: SQL of the row
+    number i) and fingerprints."""
     with sqlite3.connect(connect.server_registry) as db:
         db.execute(f"""
             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count})
             INSERT INTO clients ({COLUMNS})
-            SELECT 'h' || i, printf('%064x', i), cert_pem, spki_sha256, subject, has_key_ids,
+            SELECT {name}, printf('%064x', i), cert_pem, spki_sha256, subject, has_key_ids,
                    allowed_methods, enrolled_at, not_after, enrolled_at, NULL
             FROM n, clients WHERE clients.name = ?
         """, (source,))  # noqa: S608  # fmt: skip
@@ -130,7 +133,7 @@ def _refusal(call: Any) -> grpc.RpcError:
 
 
 UNKNOWN = "p1." + "ab" * 32  # well formed, but no certificate of the registry
-SIGNED = "MTIzfDE3MDAwMDAwMDB8MHxhYg.c2lnbmF0dXJl"  # the shape of the tokens paging first had
+BASE64 = "MTIzfDE3MDAwMDAwMDB8MHxhYg.c2lnbmF0dXJl"  # a dotted base64 token, as others issue
 
 
 @pytest.mark.parametrize(
@@ -139,7 +142,7 @@ SIGNED = "MTIzfDE3MDAwMDAwMDB8MHxhYg.c2lnbmF0dXJl"  # the shape of the tokens pa
         (lambda token: admin_pb2.ListRequest(page_size=-1), "page_size -1 is negative"),
         (lambda token: admin_pb2.ListRequest(page_size=2, page_token="garbage"), "not a token"),
         (lambda token: admin_pb2.ListRequest(page_token="YWJj.YWJj"), "not a token"),
-        (lambda token: admin_pb2.ListRequest(page_token=SIGNED), "not a token"),
+        (lambda token: admin_pb2.ListRequest(page_token=BASE64), "not a token"),
         (lambda token: admin_pb2.ListRequest(page_token=token.upper()), "not a token"),
         (lambda token: admin_pb2.ListRequest(page_token=token[:-3]), "does not name a cert"),
         (lambda token: admin_pb2.ListRequest(page_token=token + "00"), "does not name a cert"),
@@ -247,8 +250,8 @@ def test_another_server_and_a_restarted_one_continue_a_listing(
 def test_an_abandoned_listing_leaves_nothing_in_the_server(
     connect: Connect, admin: admin_pb2_grpc.AdminStub
 ) -> None:
-    """By design: pages keep no state. The service's own attributes are the same objects after
-    a listing abandoned half way (an earlier design kept a copy of every client there)."""
+    """Pages keep no state: the service's own attributes are the same objects after a listing
+    abandoned half way (state kept per listing would sit there until it expired)."""
     _plant_history(connect, 1500)
     (service,) = [
         o for o in gc.get_objects()

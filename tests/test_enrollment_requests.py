@@ -320,6 +320,31 @@ def test_a_stranger_asking_for_an_enrolled_name_is_flagged_and_refused(
     }  # fmt: skip
 
 
+def test_approving_a_request_under_an_enrolled_clients_name_is_refused_likewise(
+    enrolling: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A request for "alice-laptop" approved with `--name alice` got the registry's "pass
+    --replace to re-key it", the advice that hands alice's name and permissions to the
+    requester's key; `--name` picks the name the request would get, so it is checked too."""
+    alice, laptop = make_client("alice"), make_client("alice-laptop")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    request = _ask(enrolling, devca, laptop, "alice-laptop")
+    before = registry_dump(registry, capsys)
+    argv = ["approve", request, "--name", "alice", "--registry", str(registry)]
+    assert server_cli.main(argv) == Exit.ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "which is someone else's: enrolled client 'alice'" in err, err
+    assert "pass --replace to re-key" not in err
+    assert registry_dump(registry, capsys) == before
+    # Allowed: the name it asked for.
+    argv = ["approve", request, "--registry", str(registry)]
+    assert server_cli.main(argv) == Exit.OK
+
+
 def test_a_re_key_request_for_an_enrolled_name_is_approved_with_replace(
     enrolling: RunningServer,
     devca: ServerFiles,

@@ -376,9 +376,10 @@ def test_approve_enrolls_and_removes_the_request_or_leaves_it_waiting(
 ) -> None:
     first, second = _request(spec, make_client, "carol"), _request(spec, make_client, "carol2")
     assert cli("approve", first, "--allow", ECHO_ALL, "--registry", spec) == 0
-    # The name is taken: refused with a hint approve can follow, and the request stays.
+    # The name is taken: refused with what --replace would do and when to pass it, and the
+    # request stays.
     assert cli("approve", second, "--name", "carol", "--registry", spec) == 1
-    assert "pass --replace" in capsys.readouterr().err
+    assert "--replace would retire that client's certificate" in capsys.readouterr().err
     assert cli("approve", second, "--name", "carol", "--replace", "--registry", spec) == 0
     said = capsys.readouterr().out  # as enroll says it: the kept permissions, the expiry
     assert f"allowed      {ECHO_ALL}  (kept from the replaced certificate)" in said

@@ -190,8 +190,8 @@ class ListRequest(_message.Message):
     before paging (what older clients, which send neither field, expect). Negative: refused.
     """
     page_token: _builtins.str
-    """next_page_token of the previous answer, for the page after it; empty for the first. Valid
-    only for the caller it was issued to, on the server process that issued it, for a while.
+    """next_page_token of the previous answer, for the page after it; empty for the first. A
+    position in the registry, not server state: any server on the same registry continues it.
     """
     def __init__(
         self,

@@ -163,15 +163,24 @@ def test_the_addresses_of_one_ipv6_64_share_one_cap() -> None:
     assert outcome == {"extra_closed": True, "probe": "HTTP/1.0 200 OK"}  # before: not closed
 
 
-def test_an_idle_connection_is_closed_after_the_timeout() -> None:
+# The timeouts' tests wait this long rather than the shipped 5 s: a byte a second still never
+# lets one read wait for it.
+SHORT_TIMEOUT = 2.0
+
+
+def test_an_idle_connection_is_closed_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acme, "_CONNECTION_TIMEOUT_S", SHORT_TIMEOUT)
     port = _free_port()
     with responder(port), connect_from(STRANGER, port) as idle:
         assert wait_closed(idle, time.monotonic() + 30)  # before: open for good
         assert get(port) == b"HTTP/1.0 200 OK"
 
 
-def test_a_trickling_connection_is_closed_after_the_timeout() -> None:
+def test_a_trickling_connection_is_closed_after_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A byte a second never lets a read wait for the timeout: the whole connection is bounded."""
+    monkeypatch.setattr(acme, "_CONNECTION_TIMEOUT_S", SHORT_TIMEOUT)
     port = _free_port()
     with responder(port), connect_from(STRANGER, port) as slow:
         slow.sendall(b"GET /")
