@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,34 +28,28 @@ _BYTE_EVERY_S = 0.5  # far below requests' 30 s per read: only an overall deadli
 _ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"x" * 1000
 
 
-def _trickle(conn: socket.socket, context: ssl.SSLContext, stop: threading.Event) -> None:
+def _trickle(conn: socket.socket, context: ssl.SSLContext | None, stop: threading.Event) -> None:
+    """Read one request (over TLS with ``context``), then answer it a byte at a time."""
     conn.settimeout(10)
     try:
-        with context.wrap_socket(conn, server_side=True) as tls:  # owns conn from here
+        with context.wrap_socket(conn, server_side=True) if context else conn as peer:
             request = b""
             while b"\r\n\r\n" not in request and len(request) < 65536:
-                chunk = tls.recv(4096)
+                chunk = peer.recv(4096)
                 if not chunk:
                     return
                 request += chunk
             for byte in _ANSWER:  # bounded: 1000 bytes, and the test stops it sooner
                 if stop.wait(_BYTE_EVERY_S):
                     return
-                tls.sendall(bytes([byte]))
+                peer.sendall(bytes([byte]))
     except OSError:  # the client gave up (what the test wants), or the handshake failed
         conn.close()
 
 
-@pytest.fixture
-def trickling_ca(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """An HTTPS 'CA' that accepts, reads the request and answers a byte at a time:
-    yields (directory URL, the CA file that verifies its TLS certificate)."""
-    ca = DevCA("pinrpc test trickling CA")
-    cert, key = ca.issue(["127.0.0.1"], days=1).write(tmp_path)
-    ca_file = tmp_path / "trickle-ca.pem"
-    ca_file.write_bytes(ca.root_pem)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+@contextmanager
+def _trickler(context: ssl.SSLContext | None) -> Iterator[int]:
+    """A server on loopback that trickles its answers (``_trickle``); yields its port."""
     stop = threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
@@ -76,13 +70,27 @@ def trickling_ca(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
     try:
-        yield f"https://127.0.0.1:{listener.getsockname()[1]}/dir", ca_file
+        yield listener.getsockname()[1]
     finally:
         stop.set()
         acceptor.join(timeout=5)
         listener.close()
         for worker in workers:
             worker.join(timeout=5)
+
+
+@pytest.fixture
+def trickling_ca(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS 'CA' that accepts, reads the request and answers a byte at a time:
+    yields (directory URL, the CA file that verifies its TLS certificate)."""
+    ca = DevCA("pinrpc test trickling CA")
+    cert, key = ca.issue(["127.0.0.1"], days=1).write(tmp_path)
+    ca_file = tmp_path / "trickle-ca.pem"
+    ca_file.write_bytes(ca.root_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with _trickler(context) as port:
+        yield f"https://127.0.0.1:{port}/dir", ca_file
 
 
 def _issue(pebble: Pebble, out: Path, *extra: str) -> int:
@@ -234,33 +242,8 @@ def test_a_bad_deadline_is_a_one_line_usage_error(
 @pytest.fixture
 def plain_trickler() -> Iterator[str]:
     """A plain-HTTP server that reads a request and answers a byte at a time: yields its URL."""
-    stop = threading.Event()
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn, suppress(OSError):
-                conn.recv(65536)
-                for byte in _ANSWER:
-                    if stop.wait(_BYTE_EVERY_S):
-                        return
-                    conn.sendall(bytes([byte]))
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        server.join(timeout=5)
-        listener.close()
+    with _trickler(None) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_a_directory_naming_plain_http_urls_is_given_up_at_the_deadline_in_a_thread(
