@@ -9,8 +9,6 @@ import contextvars
 import functools
 import logging
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +29,7 @@ from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, code_o
 from tests.interop import require_tool, tls_files
 from tests.interop.test_grpcurl import call as grpcurl_call
 from tests.interop.test_grpcurl import grpcurl_path
+from tests.protoc import on_path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
 SECTION = "## Using pinrpc with your own service"
@@ -58,21 +57,11 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType,
     source = root / "protos" / "shop" / "v1" / "inventory.proto"
     source.parent.mkdir(parents=True)
     source.write_text(proto)
-    gen = root / "gen"
-    gen.mkdir()
-    argv = ["-Iprotos", "--python_out=gen", "--grpc_python_out=gen", str(source.relative_to(root))]
-    compiled = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", *argv],
-        cwd=root, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert compiled.returncode == 0, compiled.stderr
-    sys.path.insert(0, str(gen))
-    try:
+    (root / "gen").mkdir()
+    with on_path(root, "protos", "gen", str(source.relative_to(root))):
         from shop.v1 import inventory_pb2, inventory_pb2_grpc  # type: ignore[import-not-found]
 
         yield inventory_pb2, inventory_pb2_grpc
-    finally:
-        sys.path.remove(str(gen))
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ Every refusal must be the NOT_FOUND an invented name gets, so it tells the calle
 from __future__ import annotations
 
 import queue
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +25,7 @@ from tests.conftest import Connect, MakeClient, ServerFiles
 from tests.interop import require_tool, tls_files
 from tests.interop.test_grpcurl import call as grpcurl
 from tests.interop.test_grpcurl import grpcurl_path
+from tests.protoc import on_path
 
 PROTO = """syntax = "proto3";
 package scope.v1;
@@ -71,20 +70,10 @@ def scope_pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleT
     (root / "scope" / "v1").mkdir(parents=True)
     (root / "scope" / "v1" / "scope.proto").write_text(PROTO)
     (root / "scope" / "v1" / "ext.proto").write_text(EXT_PROTO)
-    argv = ["-I.", "--python_out=.", "--grpc_python_out=.", "scope/v1/scope.proto"]
-    argv += ["scope/v1/ext.proto"]
-    done = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", *argv],
-        cwd=root, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    sys.path.insert(0, str(root))
-    try:
+    with on_path(root, ".", ".", "scope/v1/scope.proto", "scope/v1/ext.proto"):
         from scope.v1 import ext_pb2_grpc, scope_pb2_grpc  # type: ignore[import-not-found]
 
         yield scope_pb2_grpc, ext_pb2_grpc
-    finally:
-        sys.path.remove(str(root))
 
 
 @pytest.fixture
