@@ -118,9 +118,11 @@ def test_keygen_makes_a_new_directory_the_owners_alone_under_any_umask(tmp_path:
     new, existing = tmp_path / "new" / "keys", tmp_path / "shared"
     existing.mkdir(mode=0o755)
     for directory in (new, existing):
+        # umask=, not a preexec_fn: Python code between fork and exec runs grpc's fork handlers,
+        # which aborted the child (SIGABRT) when the suite had grpc threads running.
         subprocess.run(
             [str(pinrpc), "keygen", "alice", "--dir", str(directory)],
-            check=True, capture_output=True, timeout=30, preexec_fn=lambda: os.umask(0),
+            check=True, capture_output=True, timeout=30, umask=0,
         )  # fmt: skip
         assert stat.S_IMODE((directory / "alice.key").stat().st_mode) == 0o600
     assert stat.S_IMODE(new.stat().st_mode) == 0o700  # not 0777: others could swap the pair
