@@ -40,5 +40,8 @@ class LookAlikes:
             self._names.setdefault(skeleton(name), []).append(name)
 
     def of(self, name: str) -> str | None:
-        """A name that reads like ``name`` without being it, or None."""
-        return next((n for n in self._names.get(skeleton(name), ()) if n != name), None)
+        """A name that reads like ``name`` without being it, or None; a case variant first,
+        as the one the registry would refuse ``name`` for."""
+        alike = [n for n in self._names.get(skeleton(name), ()) if n != name]
+        folded = name.casefold()
+        return next((n for n in alike if n.casefold() == folded), next(iter(alike), None))

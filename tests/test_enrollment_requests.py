@@ -20,6 +20,7 @@ from server import cli as server_cli
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
 from server.enrollment import check_certificate
+from server.lookalike import LookAlikes
 from server.registry import open_registry
 from tests.conftest import (
     ECHO_ALL,
@@ -436,6 +437,14 @@ def test_a_request_for_a_name_that_reads_like_an_enrolled_one_is_marked(
         assert lines[name].endswith(" UTC"), lines[name]
     assert lines["alice"].endswith("<- taken: an enrolled client's name (--replace would "
                                    "retire its certificate)")  # fmt: skip
+
+
+def test_a_case_variant_is_named_before_another_look_alike() -> None:
+    """With `aIice` and `alice` enrolled, `Alice` is refused for `alice` (case alone): the
+    mark must name that one, not the first in sorted order."""
+    assert LookAlikes(["aIice", "alice"]).of("Alice") == "alice"
+    assert LookAlikes(["aIice", "alice"]).of("a1ice") == "aIice"
+    assert LookAlikes(["alice"]).of("alice") is None
 
 
 def test_approving_a_look_alike_warns_and_a_case_variant_is_refused(
