@@ -14,7 +14,7 @@ try:
     import sys
     import threading
     from collections import Counter
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from contextlib import closing, contextmanager
     from pathlib import Path
 
@@ -47,7 +47,15 @@ try:
     from server.enrollment import check_certificate, check_patterns, new_permissions
     from server.gc_tuning import settle
     from server.logs import configure_logging
-    from server.registry import Client, Registry, is_postgres, migrate_registry, open_registry
+    from server.lookalike import LookAlikes
+    from server.registry import (
+        Client,
+        Pending,
+        Registry,
+        is_postgres,
+        migrate_registry,
+        open_registry,
+    )
     from server.stderr_pump import drained, grpc_line_rate
     from server.stop_signals import StopSignals, cut_short
 except KeyboardInterrupt:
@@ -66,6 +74,9 @@ TEN_YEARS = 10 * 365 * 86400
 # watcher's thread (OverflowError), and with it every later revocation.
 WARN_DAYS = at_least(int, 0, 36500)
 NAME_TAKEN = "  <- taken: an enrolled client's name (--replace would retire its certificate)"
+# Not "--replace would ...": the registry refuses a case variant of an active name either way.
+NAME_CASE = "  <- differs from enrolled client {!r} only in case: approve would refuse this name"
+NAME_LIKE = "  <- looks like enrolled client {!r}: another name, so not a re-key of it"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,18 +420,29 @@ def cmd_pending(args: argparse.Namespace) -> int:
     with registry_of(args, readonly=True) as registry:
         waiting = registry.pending()
         holders = _name_holders(registry) if waiting else {}
+    like = _looks_like(holders)
     if args.json:
-        rows = [{**p.as_json(), "name_taken": p.name in holders} for p in waiting]
+        rows = [
+            {**p.as_json(), "name_taken": p.name in holders, "name_like": like(p.name)}
+            for p in waiting
+        ]
         print(json.dumps(rows, indent=2))
     elif not waiting:
         print("no pending enrollment requests")
     for p in [] if args.json else waiting:
-        taken = NAME_TAKEN if p.name in holders else ""
         print(
             f"{p.fingerprint}  {p.name}  from {p.peer}  "
-            f"until {p.expires_at:%Y-%m-%d %H:%M} UTC{taken}"
+            f"until {p.expires_at:%Y-%m-%d %H:%M} UTC{_name_mark(p.name, holders, like(p.name))}"
         )
     return Exit.OK
+
+
+def _name_mark(name: str, holders: dict[str, Client], like: str | None) -> str:
+    if name in holders:
+        return NAME_TAKEN
+    if like is None:
+        return ""
+    return (NAME_CASE if like.casefold() == name.casefold() else NAME_LIKE).format(like)
 
 
 def _name_holders(registry: Registry) -> dict[str, Client]:
@@ -430,24 +452,34 @@ def _name_holders(registry: Registry) -> dict[str, Client]:
     return {c.name: c for c in active}
 
 
-def _refuse_taken_name(registry: Registry, ref: str, name: str | None) -> None:
+def _looks_like(holders: dict[str, Client]) -> Callable[[str], str | None]:
+    """For a name no active client holds: the active client's name it reads like, or None
+    (server/lookalike.py). Indexed once, for registries of 10,000+ clients."""
+    alike = LookAlikes(holders)
+    return lambda name: None if name in holders else alike.of(name)
+
+
+def _wanted_name(registry: Registry, ref: str, name: str | None) -> tuple[Pending, str] | None:
+    """The request ``ref`` names and the name approving it would give it (``--name`` or the
+    one it asked for); None when there is no such request: approve() says why."""
+    try:
+        fingerprint = Fingerprint.parse(ref)
+    except ValueError:
+        return None
+    request = next((p for p in registry.pending() if p.fingerprint == fingerprint), None)
+    return None if request is None else (request, request.name if name is None else name)
+
+
+def _refuse_taken_name(request: Pending, wanted: str, holders: dict[str, Client]) -> None:
     """Approving a request under an enrolled client's name (the one it asked for, or
     ``--name``) without --replace: the registry's answer ("pass --replace to re-key it")
     reads as advice, and following it would hand that client's name and permissions to
     whoever sent the request. Say so instead."""
-    try:
-        fingerprint = Fingerprint.parse(ref)
-    except ValueError:
-        return  # approve() says what is wrong with it
-    request = next((p for p in registry.pending() if p.fingerprint == fingerprint), None)
-    if request is None:
-        return
-    wanted = request.name if name is None else name
-    holder = _name_holders(registry).get(wanted)
+    holder = holders.get(wanted)
     if holder is not None:
         gets = "asks for" if wanted == request.name else "would get"
         raise ConflictError(
-            f"the request {fingerprint} {gets} the name {wanted!r}, which is someone "
+            f"the request {request.fingerprint} {gets} the name {wanted!r}, which is someone "
             f"else's: enrolled client {wanted!r} ({holder.fingerprint}); --replace would "
             "retire that client's certificate and give its name and permissions to this key: "
             "pass it only if that client's owner sent you this fingerprint, else `reject` the "
@@ -460,11 +492,24 @@ def cmd_approve(args: argparse.Namespace) -> int:
     # `--name ""` (an unset shell variable) is checked, not taken for "the requested name";
     # an empty PINRPC_NAME is unset, as every empty variable is (add_flag gives None).
     name = check_name(args.name) if args.name is not None else None
+    like: Client | None = None
     with registry_of(args) as registry:
-        if not args.replace:
-            _refuse_taken_name(registry, args.fingerprint, name)
+        wanted = _wanted_name(registry, args.fingerprint, name)
+        if wanted is not None:
+            holders = _name_holders(registry)
+            if not args.replace:
+                _refuse_taken_name(*wanted, holders)
+            alike = _looks_like(holders)(wanted[1])
+            like = None if alike is None else holders[alike]
         client = registry.approve(args.fingerprint, name, allowed, replace=args.replace)
     _show_enrolled(f"approved: enrolled {client.name}", client, kept=args.replace and not allowed)
+    if like is not None:  # approved all the same: `node-1` beside `node-l` may be meant
+        print(
+            f"{PROG}: warning: {client.name!r} only looks like enrolled client {like.name!r} "
+            f"({like.fingerprint}): it is a new client, not a re-key of {like.name!r}; "
+            f"`pinrpc-server revoke {client.fingerprint}` if that is not what you meant",
+            file=sys.stderr,
+        )
     return Exit.OK
 
 

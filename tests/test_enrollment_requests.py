@@ -19,6 +19,9 @@ from pinrpc.v1 import echo_pb2, echo_pb2_grpc, enrollment_pb2, enrollment_pb2_gr
 from server import cli as server_cli
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
+from server.enrollment import check_certificate
+from server.lookalike import LookAlikes
+from server.registry import open_registry
 from tests.conftest import (
     ECHO_ALL,
     SERVER_NAME,
@@ -288,7 +291,7 @@ def test_a_stranger_asking_for_an_enrolled_name_is_flagged_and_refused(
         newcomer: False,
     }
     assert set(pending(registry, capsys)[0]) == {
-        "fingerprint", "name", "peer", "requested_at", "expires_at", "name_taken"
+        "fingerprint", "name", "peer", "requested_at", "expires_at", "name_taken", "name_like"
     }  # fmt: skip
     assert server_cli.main(["pending", "--registry", str(registry)]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
@@ -365,3 +368,132 @@ def test_a_re_key_request_for_an_enrolled_name_is_approved_with_replace(
     assert whoami(connect.stub(new.cert_path, new.key_path)).name == "alice"
     stub = connect.stub(old.cert_path, old.key_path)
     assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
+
+
+@pytest.fixture
+def asking(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
+    """An enrollment port whose requests outlive a slow test (`enrolling`'s live 2 s)."""
+    config = ServerConfig(
+        "127.0.0.1:0", devca.cert, devca.key, str(registry),
+        enrollment_listen="127.0.0.1:0", enrollment_ttl=dt.timedelta(minutes=5), max_pending=10,
+    )  # fmt: skip
+    with start_server(config) as running:
+        yield running
+
+
+# (requested name, the enrolled name it reads like or None): one deny per entry of
+# server/lookalike.py's table, each next to distinct names that must stay unmarked.
+LOOK_ALIKES = [
+    ("Alice", "alice"),  # case alone
+    ("a1ice", "alice"),  # 1 for l
+    ("aIice", "alice"),  # capital I for l
+    ("allce", "alice"),  # l for i
+    ("b0b", "bob"),  # 0 for o
+    ("rnike", "mike"),  # rn for m
+    ("vvendy", "wendy"),  # vv for w
+    ("node_1", "node-1"),  # the separators
+    ("node.1", "node-1"),
+    ("N0de_l", "node-1"),  # several at once
+    ("alicia", None),
+    ("rob", None),
+    ("node-2", None),
+    ("bobby", None),
+    ("caro1", None),  # carol is revoked: her name is free, and so are its look-alikes
+    ("alice", None),  # alice's own name: name_taken, not a look-alike of itself
+]
+
+
+def test_a_request_for_a_name_that_reads_like_an_enrolled_one_is_marked(
+    registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pending` marked only a request for an enrolled client's very name: one for `a1ice`,
+    `rnike` or `Alice` looked clean, and an operator skimming the list took it for a re-key."""
+    for name in ("alice", "bob", "mike", "wendy", "node-1", "carol"):
+        enroll(registry, make_client(name).cert_path, name)
+    revoke(registry, "carol")
+    files = [make_client(f"asker-{i}") for i in range(len(LOOK_ALIKES))]
+    # Filed as the enrollment port files them; 16 requests are past its per-host bound.
+    store = open_registry(str(registry))
+    try:
+        for (name, _), asker in zip(LOOK_ALIKES, files, strict=True):
+            candidate = check_certificate(asker.cert_path.read_bytes(), str(asker.cert_path))
+            store.request_enrollment(candidate, name, "ipv4:192.0.2.1:1", dt.timedelta(hours=1), 99)
+    finally:
+        store.close()
+    rows = {p["name"]: p for p in pending(registry, capsys)}
+    assert {name: rows[name]["name_like"] for name, _ in LOOK_ALIKES} == dict(LOOK_ALIKES)
+    assert [n for n, p in rows.items() if p["name_taken"]] == ["alice"]
+    assert server_cli.main(["pending", "--registry", str(registry)]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["Alice"].endswith(
+        "<- differs from enrolled client 'alice' only in case: approve would refuse this name"
+    )
+    assert "--replace" not in lines["Alice"]
+    for name, like in LOOK_ALIKES[1:10]:
+        assert lines[name].endswith(
+            f"<- looks like enrolled client {like!r}: another name, so not a re-key of it"
+        ), lines[name]
+    for name in ("alicia", "rob", "node-2", "bobby", "caro1"):
+        assert lines[name].endswith(" UTC"), lines[name]
+    assert lines["alice"].endswith("<- taken: an enrolled client's name (--replace would "
+                                   "retire its certificate)")  # fmt: skip
+
+
+def test_a_case_variant_is_named_before_another_look_alike() -> None:
+    """With `aIice` and `alice` enrolled, `Alice` is refused for `alice` (case alone): the
+    mark must name that one, not the first in sorted order."""
+    assert LookAlikes(["aIice", "alice"]).of("Alice") == "alice"
+    assert LookAlikes(["aIice", "alice"]).of("a1ice") == "aIice"
+    assert LookAlikes(["alice"]).of("alice") is None
+
+
+def test_approving_a_look_alike_warns_and_a_case_variant_is_refused(
+    asking: RunningServer,
+    devca: ServerFiles,
+    registry: Path,
+    make_client: MakeClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`approve` of a request for `a1ice` enrolled it without a word that alice is someone
+    else; it still does (node-1 beside node-l may be meant), with one warning line."""
+    alice = make_client("alice")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    cased, digit, other = (make_client(n) for n in ("m1", "m2", "m3"))
+    cased_fp, digit_fp = _ask(asking, devca, cased, "Alice"), _ask(asking, devca, digit, "a1ice")
+    other_fp = _ask(asking, devca, other, "aIice")
+    # Denied: the case variant, by the registry, as its mark in `pending` says; no warning.
+    before = registry_dump(registry, capsys)
+    argv = ["approve", cased_fp, "--registry", str(registry)]
+    assert server_cli.main(argv) == Exit.ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differs from it only in case" in err, err
+    assert "warning" not in err
+    assert registry_dump(registry, capsys) == before
+    # Approved with a warning on stderr: exit code and stdout as for any approval.
+    assert server_cli.main(["approve", digit_fp, "--registry", str(registry)]) == Exit.OK
+    out, err = capsys.readouterr()
+    assert out.startswith("approved: enrolled a1ice\n")
+    assert err == (
+        f"pinrpc-server: warning: 'a1ice' only looks like enrolled client 'alice' "
+        f"({alice.fingerprint}): it is a new client, not a re-key of 'alice'; "
+        f"`pinrpc-server revoke {digit_fp}` if that is not what you meant\n"
+    )
+    # Allowed without a warning: a look-alike request approved under a distinct --name.
+    argv = ["approve", other_fp, "--name", "mallory", "--registry", str(registry)]
+    assert server_cli.main(argv) == Exit.OK
+    assert capsys.readouterr().err == ""
+    # Allowed without a warning: alice's re-key, though 'a1ice' now reads like her name.
+    rekey = make_client("alice-new")
+    argv = [
+        "approve",
+        _ask(asking, devca, rekey, "alice"),
+        "--replace",
+        "--registry",
+        str(registry),
+    ]
+    assert server_cli.main(argv) == Exit.OK
+    assert capsys.readouterr().err == ""
+    asking.trust.poll()
+    connect = Connect(asking, devca)
+    assert whoami(connect.stub(digit.cert_path, digit.key_path)).name == "a1ice"
+    assert whoami(connect.stub(rekey.cert_path, rekey.key_path)).name == "alice"
