@@ -10,7 +10,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -266,10 +266,12 @@ def slow_listener(
     builds: collections.Counter[str] | None = None,
     hold: threading.Event | None = None,
     interval: float = 0.2,
+    on_slow_build: Callable[[], None] | None = None,
 ) -> Iterator[tuple[Listener, TrustWatcher, threading.Event]]:
     """A handover Listener started by hand whose builds take 2 s (as 10,000 roots would) once
-    the yielded event is set; ``builds["built"]`` counts them. Builds after the first wait
-    for ``hold``, if given, to be set (at most 10 s, so a regression fails, not hangs)."""
+    the yielded event is set, calling ``on_slow_build`` first; ``builds["built"]`` counts
+    them. Builds after the first wait for ``hold``, if given, to be set (at most 10 s, so a
+    regression fails, not hangs)."""
     reg = open_registry(str(registry))
     trust = TrustWatcher(reg, devca.cert, devca.key)
     check = AuthInterceptor(lambda: trust.enrolled)
@@ -278,6 +280,8 @@ def slow_listener(
 
     def build(options: Options) -> grpc.Server:
         if slow.is_set():
+            if on_slow_build is not None:
+                on_slow_build()
             time.sleep(2.0)
         if hold is not None and next(count):
             hold.wait(10.0)

@@ -178,7 +178,7 @@ with slow_listener(ServerFiles(None, cert, cert, key), registry) as (served, _, 
         print(exc, flush=True)
         sys.exit(1)
     print("started", flush=True)
-    time.sleep(3)  # still serving while the other one binds and looks
+    sys.stdin.read()  # still serving until the test has both outcomes
 """
 
 
@@ -193,8 +193,15 @@ def test_two_servers_started_together_never_share_a_port(
     script.write_text(SLOW_START)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     argv = [sys.executable, str(script), str(registry), str(devca.cert), str(devca.key), address]
-    servers = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) for _ in "12"]
-    outcomes = sorted(server.communicate(timeout=60)[0].strip() for server in servers)
+    servers = [
+        subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in "12"
+    ]
+    # Each first line, while a started one still serves: a fixed hold (it was 3 s) could end
+    # before a process started late on a loaded machine (1-3 s each) binds and looks.
+    outcomes = sorted(server.stdout.readline().strip() for server in servers if server.stdout)
+    for server in servers:
+        server.communicate(timeout=60)  # closes its stdin: a started one stops
     # Each looks after its own bind, so the later one always sees the earlier. If both bound
     # before either looked (it happened under load), both give up: safe, never shared.
     assert outcomes[0] == f"cannot listen on {address}: address in use", outcomes
@@ -243,7 +250,8 @@ def test_a_failing_build_is_not_retried_at_every_poll(
         chain, key = k1.write(devca.cert.parent.parent / "secp256k1")  # a fresh directory
         trust.server_cert = ServerCert(chain.read_bytes(), key.read_bytes(), k1.leaf)
         trust.changed.set()
-        time.sleep(2.0)  # 10 polls of the builder thread
-        assert builds["built"] == 2, builds  # the one attempt after the change
+        eventually(lambda: builds["built"] == 2, timeout=10)  # the one attempt after the change
+        time.sleep(2.0)  # 10 polls of the builder thread, none of which may try again
+        assert builds["built"] == 2, builds
         target = (f"127.0.0.1:{served.port}", devca.ca_path)
         assert fresh_call(target, alice).caller == "alice" and served.handovers == 0

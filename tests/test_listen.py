@@ -75,6 +75,8 @@ STRANGER = """
 import socket, sys
 sock = socket.socket()
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+print("ready", flush=True)
+sys.stdin.readline()  # bind when the test says so
 sock.bind((sys.argv[1], int(sys.argv[2])))
 sock.listen()
 print("bound", flush=True)
@@ -96,16 +98,31 @@ def test_a_stranger_joining_while_the_roots_load_is_refused_only_if_it_takes_our
     enroll(registry, alice.cert_path, "alice", ECHO_ALL)
     port = free_port()
     argv = [sys.executable, "-c", STRANGER, stranger, str(port)]
-    with slow_listener(devca, registry) as (served, _, slow):
-        slow.set()
-        outcome: list[object] = []
-        starting = threading.Thread(target=lambda: outcome.append(_start(served, ours, port)))
-        starting.start()
-        time.sleep(0.5)  # inside the 2 s build
-        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as other:
-            try:
-                assert other.stdout is not None and other.stdout.readline() == b"bound\n"
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as other:
+        assert other.stdin is not None and other.stdout is not None
+        stdin, stdout = other.stdin, other.stdout
+        bound: list[bytes] = []
+
+        def join_now() -> None:
+            """Bind from inside the first slow build: a fixed sleep before a process start
+            (1-3 s under load) could land before the probe or after the build."""
+            if bound:  # a later handover build: the stranger has joined already
+                return
+            stdin.write(b"bind\n")
+            stdin.flush()
+            bound.append(stdout.readline())
+
+        try:
+            assert stdout.readline() == b"ready\n"
+            with slow_listener(devca, registry, on_slow_build=join_now) as (served, _, slow):
+                slow.set()
+                outcome: list[object] = []
+                starting = threading.Thread(
+                    target=lambda: outcome.append(_start(served, ours, port))
+                )
+                starting.start()
                 starting.join(20)
+                assert bound == [b"bound\n"]
                 if refused:
                     assert outcome == [f"cannot listen on {ours}:{port}: address in use"]
                 else:
@@ -113,8 +130,8 @@ def test_a_stranger_joining_while_the_roots_load_is_refused_only_if_it_takes_our
                     for _ in range(8):  # every connection to 127.0.0.1 is ours
                         target = (f"127.0.0.1:{port}", devca.ca_path)
                         assert fresh_call(target, alice).caller == "alice"
-            finally:
-                other.kill()
+        finally:
+            other.kill()
 
 
 def _start(served: Listener, host: str, port: int) -> int | str:

@@ -124,7 +124,7 @@ def test_enroll_reaches_both_replicas_and_revoke_closes_the_other(
     assert not admitted(a.stub(alice))
     assert not admitted(b.stub(alice))
     enroll(url, alice, "alice")
-    took = eventually(lambda: admitted(a.stub(alice)) and admitted(b.stub(alice)), timeout=1.0)
+    took = eventually(lambda: admitted(a.stub(alice)) and admitted(b.stub(alice)), timeout=10)
     print(f"measured enroll_propagation_s {took:.3f}")
     # Nobody else got in.
     assert not admitted(a.stub(eve))
@@ -151,9 +151,9 @@ def test_outage_keeps_last_known_set_refuses_changes_and_catches_up(
     alice, bob, carol = make_client("alice"), make_client("bob"), make_client("carol")
     enroll(url, alice, "alice")
     enroll(url, bob, "bob")
-    eventually(lambda: admitted(a.stub(bob)) and admitted(b.stub(bob)), timeout=1.0)
+    eventually(lambda: admitted(a.stub(bob)) and admitted(b.stub(bob)), timeout=10)
     assert cli("revoke", "bob", "--registry", url) == 0
-    eventually(lambda: admitted(a.stub(alice)) and admitted(b.stub(alice)), timeout=1.0)
+    eventually(lambda: admitted(a.stub(alice)) and admitted(b.stub(alice)), timeout=10)
     eventually(lambda: not admitted(a.stub(bob)) and not admitted(b.stub(bob)), timeout=1.0)
 
     pg.stop()
@@ -186,7 +186,7 @@ def test_registry_rolled_back_cannot_readmit_a_revoked_client(
     enroll(url, alice, "alice")
     enroll(url, bob, "bob")
     for replica in replicas:
-        eventually(lambda r=replica: admitted(r.stub(bob)), timeout=1.0)  # type: ignore[misc]
+        eventually(lambda r=replica: admitted(r.stub(bob)), timeout=10)  # type: ignore[misc]
     assert cli("revoke", "bob", "--registry", url) == 0
     for replica in replicas:  # a replica that never saw the revocation cannot remember it
         eventually(lambda r=replica: not admitted(r.stub(bob)), timeout=1.0)  # type: ignore[misc]
@@ -196,7 +196,7 @@ def test_registry_rolled_back_cannot_readmit_a_revoked_client(
     carol = make_client("carol")
     enroll(url, carol, "carol")  # and the registry moves on from there
     for replica in replicas:
-        eventually(lambda r=replica: admitted(r.stub(carol)), timeout=1.0)  # type: ignore[misc]
+        eventually(lambda r=replica: admitted(r.stub(carol)), timeout=10)  # type: ignore[misc]
         assert admitted(replica.stub(alice))
         assert not admitted(replica.stub(bob))
 

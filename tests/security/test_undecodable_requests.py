@@ -71,5 +71,5 @@ def test_undecodable_requests_are_checked_audited_and_counted(
     assert _calls(server, "alice", STREAM, "INVALID_ARGUMENT") == 1
     # A Watch is counted when gRPC reports it ended, which may follow the client's status.
     watch_label = ("bob", "/grpc.health.v1.Health/Watch", "INVALID_ARGUMENT")
-    eventually(lambda: _calls(server, *watch_label) == 1)
+    eventually(lambda: _calls(server, *watch_label) == 1, timeout=10)
     assert not [r for r in caplog.records if r.name.startswith("grpc")], "gRPC logged a failure"
