@@ -27,7 +27,7 @@ from server.enrollment import Candidate, check_certificate
 from server.registry import now_utc
 
 try:  # the registry's column list moved with the SQL backends; accept both layouts
-    from server.registry_sql import COLUMNS
+    from server.registry_schema import COLUMNS
 except ImportError:  # pragma: no cover
     from server.registry import COLUMNS  # type: ignore[attr-defined,no-redef]
 

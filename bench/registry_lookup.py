@@ -22,7 +22,7 @@ from pathlib import Path
 from pinrpc.identity import create_identity
 from server.enrollment import check_certificate
 from server.registry import is_postgres, open_registry
-from server.registry_sql import COLUMNS
+from server.registry_schema import COLUMNS
 
 
 def _copy(fingerprint: str, series: str) -> str:

@@ -5,8 +5,9 @@ a revoked certificate can never be enrolled again. Every change bumps a generati
 the same transaction; the server polls that one integer to know when to reload. The schema is
 versioned; ``migrate_registry`` (``pinrpc-server migrate``) applies forward migrations.
 
-Modules: registry_model (Client, the Registry protocol, the enrollment rules), registry_sql
-(schema, migrations and transactions shared by both backends), registry_sqlite, registry_pg.
+Modules: registry_model (Client, the Registry protocol, the enrollment rules), registry_schema
+(schema and migrations) and registry_sql (transactions), both shared by the two backends,
+registry_sqlite, registry_pg.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from server.registry_model import (
     now_utc,
     subject_clash,
 )
-from server.registry_sql import LATEST, Migration, SqlRegistry
+from server.registry_schema import LATEST, Migration
+from server.registry_sql import SqlRegistry
 from server.registry_sqlite import SqliteRegistry
 
 if TYPE_CHECKING:

@@ -24,15 +24,8 @@ from pathlib import Path
 from pinrpc.errors import ConflictError, RegistryError
 from server.registry import _open, is_postgres, postgres_backend
 from server.registry_model import Client, Pending
-from server.registry_sql import (
-    GENERATION_QUERY,
-    MIGRATIONS,
-    VERSION_TABLE,
-    Dialect,
-    Query,
-    Row,
-    SqlRegistry,
-)
+from server.registry_schema import MIGRATIONS, VERSION_TABLE, Dialect, Query, Row
+from server.registry_sql import GENERATION_QUERY, SqlRegistry
 from server.registry_sqlite import SqliteRegistry
 
 KEPT = frozenset({"meta", "schema_version"})

@@ -26,15 +26,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from pinrpc.errors import RegistryError
-from server.registry_sql import (
-    BUMP_GENERATION,
-    Dialect,
-    Query,
-    Row,
-    SqlRegistry,
-    T,
-    apply_migrations,
-)
+from server.registry_schema import Dialect, Query, Row, apply_migrations
+from server.registry_sql import BUMP_GENERATION, SqlRegistry, T
 
 log = logging.getLogger("pinrpc.registry")
 

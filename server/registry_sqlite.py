@@ -19,18 +19,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pinrpc.errors import RegistryError
-from server.registry_sql import (
-    BUMP_GENERATION,
+from server.registry_schema import (
     LATEST,
     Dialect,
     ForeignDatabase,
     Query,
     Row,
-    SqlRegistry,
-    T,
     apply_migrations,
     schema_version,
 )
+from server.registry_sql import BUMP_GENERATION, SqlRegistry, T
 
 log = logging.getLogger("pinrpc.registry")
 

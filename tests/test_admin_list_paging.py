@@ -34,7 +34,7 @@ from server import cli as server_cli
 from server.app import start_server
 from server.config import ServerConfig
 from server.registry import open_registry
-from server.registry_sql import COLUMNS
+from server.registry_schema import COLUMNS
 from tests.conftest import SERVER_NAME, Connect, MakeClient, ServerFiles, code_of
 from tests.security import test_hostile_server
 from tests.security.test_hostile_server import Serve, cli

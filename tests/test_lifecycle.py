@@ -21,7 +21,7 @@ from pinrpc.identity import Fingerprint, KeyPairFiles, cert_to_pem, load_certifi
 from pinrpc.v1 import echo_pb2, identity_pb2, identity_pb2_grpc
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
-from server.registry_sql import COLUMNS
+from server.registry_schema import COLUMNS
 from tests.certs import make_cert, p256
 from tests.conftest import (
     ECHO_ALL,

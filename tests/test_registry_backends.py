@@ -18,7 +18,8 @@ from pinrpc.identity import cert_to_pem
 from server import cli as server_cli
 from server.enrollment import Candidate, check_certificate
 from server.registry import LATEST, Registry, is_postgres, migrate_registry, open_registry
-from server.registry_sql import COLUMNS, PAGE_AFTER, POSITION
+from server.registry_schema import COLUMNS
+from server.registry_sql import PAGE_AFTER, POSITION
 from tests.certs import make_cert, p256
 from tests.conftest import ECHO_ALL, MakeClient
 from tests.postgres import Postgres, free_port

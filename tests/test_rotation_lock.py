@@ -20,7 +20,8 @@ from pinrpc.identity import Fingerprint
 from pinrpc.v1 import identity_pb2_grpc
 from server.enrollment import Candidate
 from server.registry import Client, is_postgres, open_registry
-from server.registry_sql import ROTATE_TRIES, Query, SqlRegistry
+from server.registry_schema import Query
+from server.registry_sql import ROTATE_TRIES, SqlRegistry
 from tests.conftest import Connect, MakeClient, code_of, rotate_request
 from tests.test_registry_backends import candidate
 
