@@ -26,7 +26,8 @@ from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
 from pinrpc.identity import key_to_pem
-from server.acme import AcmeError, ObtainResult, main, obtain_certificate
+from server.acme import ObtainResult, main, obtain_certificate
+from server.acme_responder import AcmeError
 from tests.conftest import require_pebble
 from tests.https import serving_pages
 from tests.pebble import Pebble, start_pebble

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from server import acme
+from server import acme, acme_responder
 from tests.conftest import require_pebble, require_tool
 from tests.pebble import Pebble, start_pebble
 from tests.security.attacker import ROOT, server_env
@@ -68,7 +68,7 @@ def connect_from(host: str, port: int, timeout: float = 5, to: str = "127.0.0.1"
 
 @contextmanager
 def responder(port: int, host: str = "127.0.0.1") -> Iterator[None]:
-    with acme._http01_responder(host, port, ANSWERS):
+    with acme_responder.http01_responder(host, port, ANSWERS):
         yield
 
 
@@ -76,8 +76,8 @@ def responder(port: int, host: str = "127.0.0.1") -> Iterator[None]:
 def limited_responder(port: int, nofile: str) -> Iterator[int]:
     """The responder in a child with RLIMIT_NOFILE ``nofile`` (soft:hard); yields its PID."""
     code = (
-        "import sys\nfrom server.acme import _http01_responder\n"
-        f"with _http01_responder('127.0.0.1', {port}, {ANSWERS!r}):\n"
+        "import sys\nfrom server.acme_responder import http01_responder\n"
+        f"with http01_responder('127.0.0.1', {port}, {ANSWERS!r}):\n"
         "    print('up', flush=True)\n    sys.stdin.read()\n"
     )
     argv = ["prlimit", f"--nofile={nofile}", "--", sys.executable, "-c", code]
@@ -111,9 +111,9 @@ def test_a_flood_of_idle_connections_from_one_host_does_not_stop_a_genuine_get()
 
 
 def test_one_host_gets_its_connections_and_no_more(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(acme, "_CONNECTION_TIMEOUT_S", 60.0)  # only the cap closes here
+    monkeypatch.setattr(acme_responder, "_CONNECTION_TIMEOUT_S", 60.0)  # only the cap closes here
     port = _free_port()
-    cap = acme._SPARE_PER_HOST + len(ANSWERS)
+    cap = acme_responder._SPARE_PER_HOST + len(ANSWERS)
     with responder(port), ExitStack() as held:
         admitted = [held.enter_context(connect_from(STRANGER, port)) for _ in range(cap)]
         extra = held.enter_context(connect_from(STRANGER, port))
@@ -131,9 +131,9 @@ def test_one_host_gets_its_connections_and_no_more(monkeypatch: pytest.MonkeyPat
 def one_ipv6_host(sources: list[str]) -> None:
     """Run in a network namespace whose lo holds ``sources``: they open the cap and one more
     connection to the responder on [::], and ::1 (another /64) GETs. Prints the outcome."""
-    acme._CONNECTION_TIMEOUT_S = 60.0  # this process's own: only the cap closes here
+    acme_responder._CONNECTION_TIMEOUT_S = 60.0  # this process's own: only the cap closes here
     port = _free_port()
-    cap = acme._SPARE_PER_HOST + len(ANSWERS)
+    cap = acme_responder._SPARE_PER_HOST + len(ANSWERS)
     with responder(port, "::"), ExitStack() as held:
         for i in range(cap):
             held.enter_context(connect_from(sources[i % len(sources)], port, to="::1"))
@@ -169,7 +169,7 @@ SHORT_TIMEOUT = 2.0
 
 
 def test_an_idle_connection_is_closed_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(acme, "_CONNECTION_TIMEOUT_S", SHORT_TIMEOUT)
+    monkeypatch.setattr(acme_responder, "_CONNECTION_TIMEOUT_S", SHORT_TIMEOUT)
     port = _free_port()
     with responder(port), connect_from(STRANGER, port) as idle:
         assert wait_closed(idle, time.monotonic() + 30)  # before: open for good
@@ -180,7 +180,7 @@ def test_a_trickling_connection_is_closed_after_the_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A byte a second never lets a read wait for the timeout: the whole connection is bounded."""
-    monkeypatch.setattr(acme, "_CONNECTION_TIMEOUT_S", SHORT_TIMEOUT)
+    monkeypatch.setattr(acme_responder, "_CONNECTION_TIMEOUT_S", SHORT_TIMEOUT)
     port = _free_port()
     with responder(port), connect_from(STRANGER, port) as slow:
         slow.sendall(b"GET /")
@@ -199,7 +199,7 @@ def test_a_trickling_connection_is_closed_after_the_timeout(
 def test_a_stranger_resetting_its_connections_writes_no_traceback(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger=acme.log.name)
+    caplog.set_level(logging.DEBUG, logger=acme_responder.log.name)
     port = _free_port()
     with responder(port):
         for _ in range(3):
@@ -266,4 +266,5 @@ def test_obtain_cert_succeeds_while_a_host_floods_the_responder(
     assert code == 0, err
     assert "wrote " in out
     assert (tmp_path / "out" / "fullchain.pem").exists()
-    assert len(connected) > acme._SPARE_PER_HOST + 3  # the flood met the responder, and refusals
+    # The flood met the responder, and refusals.
+    assert len(connected) > acme_responder._SPARE_PER_HOST + 3
