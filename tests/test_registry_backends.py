@@ -21,7 +21,8 @@ from server.registry import LATEST, Registry, is_postgres, migrate_registry, ope
 from server.registry_sql import COLUMNS, PAGE_AFTER, POSITION
 from tests.certs import make_cert, p256
 from tests.conftest import ECHO_ALL, MakeClient
-from tests.postgres import Postgres, free_port
+from tests.ports import free_port
+from tests.postgres import Postgres
 
 
 def sql(spec: str, statement: str) -> None:
