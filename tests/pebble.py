@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.devca import DevCA
+from tests.ports import free_port
 
 # Bounded waits: pebble is up in well under a second here; 15 s absorbs a slow CI box.
 _START_TIMEOUT_S = 15.0
@@ -45,15 +46,6 @@ def pebble_binary() -> str | None:
     if found is None and os.access("/usr/bin/pebble", os.X_OK):
         found = "/usr/bin/pebble"
     return found
-
-
-def _free_port() -> int:
-    # Racy by nature (the port is released before pebble binds it), but pebble takes its ports
-    # from a config file, so it cannot be handed bound sockets; a clash fails the start loudly.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _write_tls_material(tmp_dir: Path) -> tuple[Path, Path, Path]:
@@ -150,7 +142,7 @@ def start_pebble(tmp_dir: Path, *, http01_port: int | None = None) -> Iterator[P
         raise FileNotFoundError("pebble not found on PATH; install it: apt-get install -y pebble")
     tmp_dir.mkdir(parents=True, exist_ok=True)
     ca_path, cert_path, key_path = _write_tls_material(tmp_dir)
-    acme_port, mgmt_port = _free_port(), _free_port()
+    acme_port, mgmt_port = free_port(), free_port()
     config = {
         "pebble": {
             "listenAddress": f"127.0.0.1:{acme_port}",
@@ -158,8 +150,8 @@ def start_pebble(tmp_dir: Path, *, http01_port: int | None = None) -> Iterator[P
             "certificate": str(cert_path),
             "privateKey": str(key_path),
             # Ports pebble's validator dials on the name being validated.
-            "httpPort": http01_port if http01_port is not None else _free_port(),
-            "tlsPort": _free_port(),
+            "httpPort": http01_port if http01_port is not None else free_port(),
+            "tlsPort": free_port(),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": False,
         }
@@ -182,13 +174,13 @@ def start_pebble(tmp_dir: Path, *, http01_port: int | None = None) -> Iterator[P
         if http01_port is None:
             env["PEBBLE_VA_ALWAYS_VALID"] = "1"
         else:
-            dns_port = _free_port()
+            dns_port = free_port()
             dns = stack.enter_context(
                 _spawn(
                     [
                         str(Path(binary).with_name("pebble-challtestsrv")),
                         *("-dns01", f"127.0.0.1:{dns_port}"),
-                        *("-management", f"127.0.0.1:{_free_port()}"),
+                        *("-management", f"127.0.0.1:{free_port()}"),
                         *("-http01", "", "-https01", "", "-tlsalpn01", ""),
                         # No AAAA answers: the responder listens on 127.0.0.1 only.
                         *("-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 import psycopg
 
 from tests import conftest
+from tests.ports import free_port
 
 PG_BIN = Path(os.environ.get("PINRPC_PG_BIN", "/usr/lib/postgresql/15/bin"))
 USER = "pinrpc"
@@ -30,13 +30,6 @@ def require_tool(path: Path | None, what: str) -> Path:
     conftest.require_tool(path is not None and path.exists(), what, ".ci/run installs it")
     assert path is not None
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Postgres:

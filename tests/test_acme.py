@@ -31,6 +31,7 @@ from server.acme_responder import AcmeError
 from tests.conftest import require_pebble
 from tests.https import serving_pages
 from tests.pebble import Pebble, start_pebble
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +51,6 @@ def busy_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock.getsockname()[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _verify(fullchain: Path, root_pem: bytes, name: str) -> x509.Certificate:
@@ -84,7 +78,7 @@ def test_issues_certificate_that_verifies_to_pebble_root(pebble: Pebble, tmp_pat
         pebble.directory_url,
         ["server.test"],
         tmp_path,
-        http_port=_free_port(),
+        http_port=free_port(),
         acme_ca_bundle=pebble.acme_ca_bundle,
     )
 
@@ -111,7 +105,7 @@ def test_leaf_does_not_verify_for_another_name(pebble: Pebble, tmp_path: Path) -
         pebble.directory_url,
         ["server.test"],
         tmp_path,
-        http_port=_free_port(),
+        http_port=free_port(),
         acme_ca_bundle=pebble.acme_ca_bundle,
     )
     with pytest.raises(x509.verification.VerificationError):
@@ -124,7 +118,7 @@ def test_second_issuance_has_new_serial_and_new_key(pebble: Pebble, tmp_path: Pa
             pebble.directory_url,
             ["server.test"],
             tmp_path,
-            http_port=_free_port(),
+            http_port=free_port(),
             acme_ca_bundle=pebble.acme_ca_bundle,
         )
 
@@ -146,7 +140,7 @@ def test_several_domains_and_rsa_key(pebble: Pebble, tmp_path: Path) -> None:
         pebble.directory_url,
         ["server.test", "API.Server.Test."],
         tmp_path,
-        http_port=_free_port(),
+        http_port=free_port(),
         acme_ca_bundle=pebble.acme_ca_bundle,
         key_type="rsa2048",
     )
@@ -179,7 +173,7 @@ def test_http01_validation_failure_is_one_clear_error(
             pebble.directory_url,
             ["server.test"],
             tmp_path,
-            http_port=_free_port(),
+            http_port=free_port(),
             acme_ca_bundle=pebble.acme_ca_bundle,
         )
     assert "\n" not in str(info.value)
@@ -195,7 +189,7 @@ def test_cli_writes_certbot_files(
             *("--directory", pebble.directory_url),
             *("--domain", "server.test"),
             *("--out", str(out)),
-            *("--http-port", str(_free_port())),
+            *("--http-port", str(free_port())),
             *("--ca-bundle", str(pebble.acme_ca_bundle)),
             *("--email", "ops@example.com"),
         ]
@@ -216,7 +210,7 @@ def test_cli_directory_from_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PINRPC_ACME_DIRECTORY", pebble.directory_url)
-    monkeypatch.setenv("PINRPC_ACME_HTTP_PORT", str(_free_port()))
+    monkeypatch.setenv("PINRPC_ACME_HTTP_PORT", str(free_port()))
     argv = ["--domain", "server.test", "--out", str(tmp_path)]
     code = main([*argv, "--ca-bundle", str(pebble.acme_ca_bundle)])
     assert code == 0, capsys.readouterr().err
@@ -254,7 +248,7 @@ def test_cli_untrusted_acme_tls_fails_cleanly(
     pebble: Pebble, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
-    code = main([*argv, "--http-port", str(_free_port())])
+    code = main([*argv, "--http-port", str(free_port())])
     assert code == 1
     _assert_one_line_error(capsys.readouterr().err, "TLS verification", "--ca-bundle")
 
@@ -354,7 +348,7 @@ def _issue(pebble: Pebble, out: Path, **kwargs: object) -> ObtainResult:
         pebble.directory_url,
         ["server.test"],
         out,
-        http_port=_free_port(),
+        http_port=free_port(),
         acme_ca_bundle=pebble.acme_ca_bundle,
         **kwargs,  # type: ignore[arg-type]
     )
@@ -368,7 +362,7 @@ def test_failed_write_leaves_every_previous_file(
     first.fullchain.mkdir()  # the last file cannot be replaced
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
-    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    argv += ["--http-port", str(free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
     assert main(argv) == 1
     _assert_one_line_error(capsys.readouterr().err, str(first.fullchain), "unchanged")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
@@ -407,7 +401,7 @@ def test_unicode_domain_uses_idna2008(pebble: Pebble, tmp_path: Path) -> None:
             pebble.directory_url,
             ["Faß.test"],
             tmp_path,
-            http_port=_free_port(),
+            http_port=free_port(),
             acme_ca_bundle=pebble.acme_ca_bundle,
         ).cert.read_bytes()
     )
@@ -600,7 +594,7 @@ def test_a_new_email_updates_the_existing_accounts_contact(
     account_key = (tmp_path / "account.key").read_bytes()
     assert _account_contact(pebble, tmp_path) == ("mailto:old@pinrpc.test",)
     argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
-    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    argv += ["--http-port", str(free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
     assert main([*argv, "--email", "new@pinrpc.test"]) == 0
     assert "contact to mailto:new@pinrpc.test" in capsys.readouterr().out
     assert _account_contact(pebble, tmp_path) == ("mailto:new@pinrpc.test",)
@@ -612,7 +606,7 @@ def test_the_same_or_no_email_leaves_the_accounts_contact(
 ) -> None:
     _issue(pebble, tmp_path, email="ops@pinrpc.test")
     argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
-    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    argv += ["--http-port", str(free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
     assert main([*argv, "--email", "ops@pinrpc.test"]) == 0
     assert main(argv) == 0  # no --email: not a request to remove the contact
     assert "contact" not in capsys.readouterr().out
@@ -624,7 +618,7 @@ def test_a_contact_the_ca_refuses_is_one_line(
 ) -> None:
     _issue(pebble, tmp_path, email="ops@pinrpc.test")
     argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
-    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    argv += ["--http-port", str(free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert main([*argv, "--email", "not an address"]) == 1
     _assert_one_line_error(capsys.readouterr().err, "contact")
@@ -641,7 +635,7 @@ def test_a_deactivated_account_says_to_move_its_key_away(
     with _account(pebble, tmp_path) as (acme, account):
         acme.deactivate_registration(account)
     argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(tmp_path)]
-    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    argv += ["--http-port", str(free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
     argv += ["--email", email] if email else []
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert main(argv) == 1
@@ -676,7 +670,7 @@ def _out_handed_to_nobody(pebble: Pebble) -> Iterator[tuple[Path, Run]]:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
 
         def run() -> subprocess.CompletedProcess[str]:
-            port = ["--http-port", str(_free_port())]
+            port = ["--http-port", str(free_port())]
             return subprocess.run([*argv, *port], capture_output=True, text=True, env=env,
                                   timeout=60)  # fmt: skip
 
@@ -718,7 +712,7 @@ def _obtain_cert_process(pebble: Pebble, out: Path) -> subprocess.Popen[str]:
     """scripts/obtain-cert as an operator (or a cron job) runs it: a process of its own."""
     script = Path(__file__).parent.parent / "scripts" / "obtain-cert"
     argv = [sys.executable, str(script), "--directory", pebble.directory_url]
-    argv += ["--domain", "server.test", "--out", str(out), "--http-port", str(_free_port())]
+    argv += ["--domain", "server.test", "--out", str(out), "--http-port", str(free_port())]
     argv += ["--ca-bundle", str(pebble.acme_ca_bundle)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     return subprocess.Popen(

@@ -23,7 +23,8 @@ from server.acme_responder import AcmeError
 from server.devca import DevCA
 from tests.https import serving_pages
 from tests.pebble import Pebble
-from tests.test_acme import _assert_one_line_error, _free_port, _matching_pair
+from tests.ports import free_port
+from tests.test_acme import _assert_one_line_error, _matching_pair
 
 _BYTE_EVERY_S = 0.5  # far below requests' 30 s per read: only an overall deadline ends it
 _ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"x" * 1000
@@ -96,7 +97,7 @@ def trickling_ca(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 def _issue(pebble: Pebble, out: Path, *extra: str) -> int:
     argv = ["--directory", pebble.directory_url, "--domain", "server.test", "--out", str(out)]
-    argv += ["--http-port", str(_free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
+    argv += ["--http-port", str(free_port()), "--ca-bundle", str(pebble.acme_ca_bundle)]
     return main([*argv, *extra])
 
 
@@ -107,7 +108,7 @@ def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
 
 def _argv(url: str, ca: Path, out: Path, *extra: str) -> list[str]:
     argv = ["--directory", url, "--domain", "server.test", "--out", str(out)]
-    return [*argv, "--http-port", str(_free_port()), "--ca-bundle", str(ca), *extra]
+    return [*argv, "--http-port", str(free_port()), "--ca-bundle", str(ca), *extra]
 
 
 def test_a_trickling_ca_is_given_up_at_the_deadline_and_changes_nothing(
@@ -191,7 +192,7 @@ def test_a_trickling_ca_is_given_up_at_the_deadline_in_a_thread(
 
     def renew() -> None:
         try:
-            obtain_certificate(url, ["server.test"], out, http_port=_free_port(),
+            obtain_certificate(url, ["server.test"], out, http_port=free_port(),
                                acme_ca_bundle=ca, deadline_s=2)  # fmt: skip
         except BaseException as exc:  # handed to the test's thread
             outcome.append(exc)
@@ -211,7 +212,7 @@ def test_a_trickling_ca_is_given_up_at_the_deadline_in_a_thread(
     # The allow beside it: the lock went with the run, and a thread's renewal from a CA that
     # answers gets its certificate under the same deadline.
     worker = threading.Thread(target=lambda: outcome.append(None) if obtain_certificate(
-        pebble.directory_url, ["server.test"], out, http_port=_free_port(),
+        pebble.directory_url, ["server.test"], out, http_port=free_port(),
         acme_ca_bundle=pebble.acme_ca_bundle, deadline_s=60) else None, daemon=True)  # fmt: skip
     worker.start()
     worker.join(timeout=60)
@@ -260,7 +261,7 @@ def test_a_directory_naming_plain_http_urls_is_given_up_at_the_deadline_in_a_thr
 
         def renew() -> None:
             try:
-                out, port = tmp_path / "tls", _free_port()
+                out, port = tmp_path / "tls", free_port()
                 obtain_certificate(
                     f"{base}/dir", ["server.test"], out, http_port=port, acme_ca_bundle=ca,
                     deadline_s=2,

@@ -20,7 +20,8 @@ from cryptography.x509.oid import NameOID
 from server.acme import main
 from tests.https import serving_https
 from tests.pebble import Pebble
-from tests.test_acme import _assert_one_line_error, _free_port
+from tests.ports import free_port
+from tests.test_acme import _assert_one_line_error
 from tests.test_acme_deadline import _snapshot
 
 _CHAIN = "application/pem-certificate-chain"
@@ -88,7 +89,7 @@ def _proxy(pebble: Pebble, tamper: Tamper, tmp: Path) -> Iterator[tuple[str, Pat
 def _obtain(url: str, ca: Path, out: Path) -> int:
     argv = ["--directory", url, "--domain", "server.test", "--out", str(out)]
     # Loopback only: 0.0.0.0 would collide with any address's use of the port picked.
-    port = ["--http-host", "127.0.0.1", "--http-port", str(_free_port())]
+    port = ["--http-host", "127.0.0.1", "--http-port", str(free_port())]
     return main([*argv, *port, "--ca-bundle", str(ca)])
 
 

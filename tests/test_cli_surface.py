@@ -8,7 +8,6 @@ import itertools
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pinrpc import secure_channel
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from tests.conftest import ECHO_ALL, SERVER_NAME, MakeClient, ServerFiles, enroll
 from tests.pebble import Pebble
+from tests.ports import free_port
 from tests.postgres import Postgres
 from tests.security.attacker import BIN, ROOT, other_thread, serve_process
 
@@ -264,18 +264,11 @@ def test_a_second_signal_exits_even_when_a_handler_ignores_the_cancellation(
 # --- pinrpc-server obtain-cert ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_obtain_cert_subcommand_issues_from_pebble(pebble: Pebble, tmp_path: Path) -> None:
     out = tmp_path / "server"
     done = _run(
         [str(BIN / "pinrpc-server"), "obtain-cert", "--directory", pebble.directory_url,
-         "--domain", "server.test", "--out", str(out), "--http-port", str(_free_port()),
+         "--domain", "server.test", "--out", str(out), "--http-port", str(free_port()),
          "--http-host", "127.0.0.1", "--ca-bundle", str(pebble.acme_ca_bundle)],
         cwd=tmp_path,
     )  # fmt: skip

@@ -43,8 +43,8 @@ from tests.conftest import (
     revoke,
     whoami,
 )
+from tests.ports import free_port
 from tests.test_health import SERVING, check
-from tests.test_server import free_port
 from tests.test_server_cert import served_serial
 
 REQUEST = echo_pb2.EchoRequest(message="x")

@@ -33,8 +33,8 @@ from tests.conftest import (
     require_tool,
     revoke,
 )
+from tests.ports import free_port
 from tests.test_handover import MAX_AGE, fresh_call, handover_config, settle, slow_listener
-from tests.test_server import free_port
 
 
 def corrupt_certificate(registry: Path, name: str) -> None:

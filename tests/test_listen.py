@@ -20,9 +20,9 @@ import pytest
 from server.listener import Listener, ListenError, shared
 from server.stderr_helper import CLOSING
 from tests.conftest import ECHO_ALL, MakeClient, ServerFiles, enroll
+from tests.ports import free_port
 from tests.security.attacker import BIN, serve_process, server_env
 from tests.test_handover import fresh_call, slow_listener
-from tests.test_server import free_port
 from tests.test_stderr_pump import core, own, run_helper
 
 UNRESOLVED = "the host does not resolve (Name or service not known)"

@@ -22,7 +22,8 @@ from server.registry_schema import COLUMNS
 from server.registry_sql import PAGE_AFTER, POSITION
 from tests.certs import make_cert, p256
 from tests.conftest import ECHO_ALL, MakeClient
-from tests.postgres import Postgres, free_port
+from tests.ports import free_port
+from tests.postgres import Postgres
 
 
 def sql(spec: str, statement: str) -> None:

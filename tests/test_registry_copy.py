@@ -25,7 +25,8 @@ from server.config import ServerConfig
 from server.enrollment import Candidate, check_certificate
 from server.registry import is_postgres, open_registry
 from tests.conftest import ECHO_ALL, MakeClient, ServerFiles, admitted, eventually
-from tests.postgres import Postgres, free_port
+from tests.ports import free_port
+from tests.postgres import Postgres
 from tests.security.attacker import BIN, serve_process
 from tests.test_registry_backends import sql
 from tests.test_replicas import stub

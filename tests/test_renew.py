@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from tests.conftest import (
     whoami,
 )
 from tests.pebble import Pebble, start_pebble
+from tests.ports import free_port
 from tests.test_server_cert import served_chain, served_serial
 
 LEAF_ONLY = "holds no intermediate"
@@ -114,7 +114,7 @@ def _stub(port: int, client: KeyPairFiles, pebble: Pebble) -> echo_pb2_grpc.Echo
 def _obtain_cert_argv(pebble: Pebble, out: Path) -> list[str]:
     """obtain-cert as a cron job runs it, in a process of its own."""
     argv = [sys.executable, "-m", "server.acme", "--directory", pebble.directory_url]
-    argv += ["--domain", NAME, "--out", str(out), "--http-port", str(_free_port())]
+    argv += ["--domain", NAME, "--out", str(out), "--http-port", str(free_port())]
     return [*argv, "--ca-bundle", str(pebble.acme_ca_bundle)]
 
 
@@ -143,13 +143,6 @@ def _killed_at_rename(count: int, pebble: Pebble, out: Path) -> None:
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _pair_matches(out: Path) -> bool:
@@ -220,7 +213,7 @@ def test_a_renewal_killed_between_key_and_chain_is_completed_even_when_the_ca_is
         assert not _pair_matches(out)
         renewed = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number
         down = _obtain_cert_argv(pebble, out)
-        down[down.index("--directory") + 1] = f"https://127.0.0.1:{_free_port()}/dir"
+        down[down.index("--directory") + 1] = f"https://127.0.0.1:{free_port()}/dir"
         failed = _run(down)
         assert failed.returncode == 1 and "cannot reach the ACME server" in failed.stderr
         assert _pair_matches(out)
@@ -291,7 +284,7 @@ def test_a_leaf_alone_after_a_self_signed_certificate_is_served_with_the_warning
 
 def _obtain(pebble: Pebble, out: Path, key_type: str = "ec256") -> int:
     ca = pebble.acme_ca_bundle
-    result = obtain_certificate(pebble.directory_url, [NAME], out, http_port=_free_port(),
+    result = obtain_certificate(pebble.directory_url, [NAME], out, http_port=free_port(),
                                 acme_ca_bundle=ca, key_type=key_type)  # fmt: skip
     return result.serial
 

@@ -33,7 +33,8 @@ from tests.conftest import (
     eventually,
     whoami,
 )
-from tests.postgres import Postgres, free_port, require_tool, running_postgres
+from tests.ports import free_port
+from tests.postgres import Postgres, require_tool, running_postgres
 
 DENIED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 

@@ -36,6 +36,7 @@ from tests.conftest import (
     revoke,
     whoami,
 )
+from tests.ports import free_port
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 # A rejected handshake never reaches Python; the client sees the connection close.
@@ -289,14 +290,6 @@ def test_empty_registry_serves_nobody_and_says_so(
         stub = connect.stub(alice.cert_path, alice.key_path)
         assert code_of(lambda: whoami(stub)) == REFUSED_AT_HANDSHAKE
     assert "no enrolled clients" in caplog.text
-
-
-def free_port() -> int:
-    """A port nothing listens on now (for a test that needs one number on two addresses)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def serve_argv(devca: ServerFiles, registry: Path, *flags: str) -> list[str]:

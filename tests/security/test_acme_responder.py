@@ -29,6 +29,7 @@ import pytest
 from server import acme, acme_responder
 from tests.conftest import require_pebble, require_tool
 from tests.pebble import Pebble, start_pebble
+from tests.ports import free_port
 from tests.security.attacker import ROOT, server_env
 from tests.security.test_fd_exhaustion import open_fds, wait_closed
 from tests.security.test_ipv6_hosts import SETUP
@@ -38,13 +39,6 @@ ANSWERS = {TOKEN: b"token.thumbprint"}
 STRANGER = "127.0.0.2"  # Linux routes all of 127/8 over lo: another host to the responder
 SOFT = 256  # the responder's open-file limit: as systemd's 1,024, only cheaper to fill
 STRANGERS = 400  # idle connections from one host: more than SOFT
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def get(port: int, sock: socket.socket | None = None, to: str = "127.0.0.1") -> bytes:
@@ -97,7 +91,7 @@ def limited_responder(port: int, nofile: str) -> Iterator[int]:
 
 
 def test_a_flood_of_idle_connections_from_one_host_does_not_stop_a_genuine_get() -> None:
-    port = _free_port()
+    port = free_port()
     with limited_responder(port, f"{SOFT}:{SOFT}") as pid, ExitStack() as held:
         strangers, timeouts = 0, 0  # before the fix, connects from about SOFT on time out
         while strangers < STRANGERS and timeouts < 3:
@@ -112,7 +106,7 @@ def test_a_flood_of_idle_connections_from_one_host_does_not_stop_a_genuine_get()
 
 def test_one_host_gets_its_connections_and_no_more(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(acme_responder, "_CONNECTION_TIMEOUT_S", 60.0)  # only the cap closes here
-    port = _free_port()
+    port = free_port()
     cap = acme_responder._SPARE_PER_HOST + len(ANSWERS)
     with responder(port), ExitStack() as held:
         admitted = [held.enter_context(connect_from(STRANGER, port)) for _ in range(cap)]
@@ -132,7 +126,7 @@ def one_ipv6_host(sources: list[str]) -> None:
     """Run in a network namespace whose lo holds ``sources``: they open the cap and one more
     connection to the responder on [::], and ::1 (another /64) GETs. Prints the outcome."""
     acme_responder._CONNECTION_TIMEOUT_S = 60.0  # this process's own: only the cap closes here
-    port = _free_port()
+    port = free_port()
     cap = acme_responder._SPARE_PER_HOST + len(ANSWERS)
     with responder(port, "::"), ExitStack() as held:
         for i in range(cap):
@@ -170,7 +164,7 @@ SHORT_TIMEOUT = 2.0
 
 def test_an_idle_connection_is_closed_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(acme_responder, "_CONNECTION_TIMEOUT_S", SHORT_TIMEOUT)
-    port = _free_port()
+    port = free_port()
     with responder(port), connect_from(STRANGER, port) as idle:
         assert wait_closed(idle, time.monotonic() + 30)  # before: open for good
         assert get(port) == b"HTTP/1.0 200 OK"
@@ -181,7 +175,7 @@ def test_a_trickling_connection_is_closed_after_the_timeout(
 ) -> None:
     """A byte a second never lets a read wait for the timeout: the whole connection is bounded."""
     monkeypatch.setattr(acme_responder, "_CONNECTION_TIMEOUT_S", SHORT_TIMEOUT)
-    port = _free_port()
+    port = free_port()
     with responder(port), connect_from(STRANGER, port) as slow:
         slow.sendall(b"GET /")
         deadline = time.monotonic() + 30
@@ -200,7 +194,7 @@ def test_a_stranger_resetting_its_connections_writes_no_traceback(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=acme_responder.log.name)
-    port = _free_port()
+    port = free_port()
     with responder(port):
         for _ in range(3):
             with connect_from(STRANGER, port) as sock:
@@ -216,7 +210,7 @@ def test_a_stranger_resetting_its_connections_writes_no_traceback(
 
 
 def test_the_responder_raises_its_open_file_limit() -> None:
-    port = _free_port()
+    port = free_port()
     with limited_responder(port, f"{SOFT}:4096") as pid:
         limits = Path(f"/proc/{pid}/limits").read_text()
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
@@ -227,7 +221,7 @@ def test_the_responder_raises_its_open_file_limit() -> None:
 def validating_pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pebble, int]]:
     """A pebble that really fetches each token from 127.0.0.1:PORT."""
     require_pebble()
-    port = _free_port()
+    port = free_port()
     with start_pebble(tmp_path_factory.mktemp("pebble-va"), http01_port=port) as running:
         yield running, port
 
