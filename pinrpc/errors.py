@@ -48,6 +48,10 @@ class ServerCertError(PinrpcError):
     """The server's own certificate or key files are unusable."""
 
 
+class AcmeError(PinrpcError):
+    """obtain-cert could not get the server a certificate (the CA, the challenge, the files)."""
+
+
 class AnswerError(PinrpcError):
     """A server answered with what the protocol does not allow (a timestamp out of range)."""
 

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pinrpc.cli import add_version_flag, missing_extra
-from pinrpc.errors import IdentityError
+from pinrpc.errors import AcmeError, IdentityError
 from pinrpc.identity import (
     PrivateKey,
     generate_key,
@@ -44,7 +44,7 @@ from pinrpc.identity import (
     write_all,
     write_atomic,
 )
-from server.acme_responder import AcmeError, http01_responder
+from server.acme_responder import http01_responder
 
 try:
     import idna

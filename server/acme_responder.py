@@ -4,8 +4,6 @@ requests for the duration of an order (server/acme.py runs the order).
 It is separate because it is a server open to anyone while a run lasts, with concerns of its
 own (a thread per connection, a per-host cap, a connection timeout, the open-file limit) that
 the ACME client flow does not share; and it needs nothing from the optional acme extra.
-AcmeError is defined here, the lower of the two modules, so that both raise it without an
-import cycle.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import cast
 
-from pinrpc.errors import PinrpcError
+from pinrpc.errors import AcmeError
 from server.fdlimit import raise_open_files
 from server.request_watch import host_of
 
@@ -37,10 +35,6 @@ _CONNECTION_TIMEOUT_S = 5.0
 # name at once stays within one per challenge; the spare covers validators sharing an address
 # and an operator's own curl. One more is closed at once, before it costs a thread.
 _SPARE_PER_HOST = 16
-
-
-class AcmeError(PinrpcError):
-    """An expected failure; the message is one line saying what failed and what to do."""
 
 
 class _ChallengeHandler(http.server.BaseHTTPRequestHandler):

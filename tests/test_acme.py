@@ -25,9 +25,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
+from pinrpc.errors import AcmeError
 from pinrpc.identity import key_to_pem
 from server.acme import ObtainResult, main, obtain_certificate
-from server.acme_responder import AcmeError
 from tests.conftest import require_pebble
 from tests.https import serving_pages
 from tests.pebble import Pebble, start_pebble

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from pinrpc.errors import AcmeError
 from server.acme import main, obtain_certificate
-from server.acme_responder import AcmeError
 from server.devca import DevCA
 from tests.https import serving_pages
 from tests.pebble import Pebble
