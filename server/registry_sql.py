@@ -259,11 +259,7 @@ class SqlRegistry(ABC):
         )
 
     def generation(self) -> int:
-        rows = self._read(
-            lambda q: q(
-                "SELECT key, value FROM meta WHERE key IN ('generation', 'registry_id')", ()
-            )
-        )
+        rows = self._read(lambda q: q(GENERATION_QUERY, ()))
         values = {key: int(value) for key, value in rows}
         if "generation" not in values:
             raise RegistryError(f"registry {self.where} has no generation counter")
