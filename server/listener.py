@@ -43,8 +43,9 @@ import grpc
 
 from pinrpc.errors import PinrpcError
 from server.config import TLS_RELOAD_MODES
+from server.server_cert import ServerCert
 from server.stderr_helper import CLOSING
-from server.trust import ServerCert, TrustWatcher
+from server.trust import TrustWatcher
 from server.warm import WarmSet
 
 log = logging.getLogger("pinrpc.server")

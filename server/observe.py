@@ -14,7 +14,7 @@ from server.handshakes import Handshakes
 from server.health import Health
 from server.metrics import Metrics
 from server.registry import Client
-from server.trust import ServerCert
+from server.server_cert import ServerCert
 from server.warm import WarmSet
 
 # Peers remembered for "first allowed call of a connection", in two generations of up to this

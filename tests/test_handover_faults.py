@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.app import start_server
-from server.trust import ServerCert
+from server.server_cert import ServerCert
 from tests.certs import certbot_link
 from tests.conftest import (
     ECHO_ALL,
@@ -101,7 +101,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from server.app import start_server
-from server.trust import ServerCert
+from server.server_cert import ServerCert
 from tests.conftest import ECHO_ALL, enroll
 from tests.test_handover import fresh_call, handover_config
 
