@@ -38,14 +38,20 @@ from tests.conftest import (
 REFUSED_AT_HANDSHAKE = grpc.StatusCode.UNAVAILABLE
 
 
-@pytest.fixture
-def enrolling(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
+def serving_requests(
+    devca: ServerFiles, registry: Path, ttl: dt.timedelta, max_pending: int
+) -> Iterator[RunningServer]:
     config = ServerConfig(
-        "127.0.0.1:0", devca.cert, devca.key, str(registry),
-        enrollment_listen="127.0.0.1:0", enrollment_ttl=dt.timedelta(seconds=2), max_pending=2,
+        "127.0.0.1:0", devca.cert, devca.key, str(registry), enrollment_listen="127.0.0.1:0",
+        enrollment_ttl=ttl, max_pending=max_pending,
     )  # fmt: skip
     with start_server(config) as running:
         yield running
+
+
+@pytest.fixture
+def enrolling(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
+    yield from serving_requests(devca, registry, dt.timedelta(seconds=2), max_pending=2)
 
 
 def request_flags(running: RunningServer, devca: ServerFiles, files: KeyPairFiles) -> list[str]:
@@ -373,12 +379,7 @@ def test_a_re_key_request_for_an_enrolled_name_is_approved_with_replace(
 @pytest.fixture
 def asking(devca: ServerFiles, registry: Path) -> Iterator[RunningServer]:
     """An enrollment port whose requests outlive a slow test (`enrolling`'s live 2 s)."""
-    config = ServerConfig(
-        "127.0.0.1:0", devca.cert, devca.key, str(registry),
-        enrollment_listen="127.0.0.1:0", enrollment_ttl=dt.timedelta(minutes=5), max_pending=10,
-    )  # fmt: skip
-    with start_server(config) as running:
-        yield running
+    yield from serving_requests(devca, registry, dt.timedelta(minutes=5), max_pending=10)
 
 
 # (requested name, the enrolled name it reads like or None): one deny per entry of
