@@ -17,6 +17,9 @@ import socket
 from pathlib import Path
 
 _RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Ports handed out by this process: a caller that picks several before binding any (pebble's
+# four, a server's two) must not get one twice, which a random pick alone allows.
+_GIVEN: set[int] = set()
 
 
 def _outside_ephemeral() -> range:
@@ -52,6 +55,7 @@ def free_port() -> int:
             return int(sock.getsockname()[1])
     for _ in range(200):
         port = random.choice(candidates)
-        if _bindable(port):
+        if port not in _GIVEN and _bindable(port):
+            _GIVEN.add(port)
             return port
     raise RuntimeError(f"no free port in {candidates.start}-{candidates.stop - 1} after 200 tries")
