@@ -2,7 +2,9 @@
 
 A name is ASCII letters, digits, '.', '_' and '-' (check_name), so the look-alikes that matter
 are few. A name's skeleton is its casefold (the registry already treats case variants as one
-name) with these mapped to one form, after Unicode TR39's confusables where they apply:
+name) with these mapped to one form. Unicode TR39's confusables map four of them within this
+alphabet (``0`` to ``O``, ``1`` and capital ``I`` to ``l``, ``m`` to ``rn``); small ``i``, ``w``
+and the separators are this module's own additions:
 
 - ``0`` -> ``o``: zero and the letter o.
 - ``1`` and ``i`` -> ``l``: one, capital I and small l are the same stroke in many fonts, and

@@ -5,7 +5,8 @@ between. A port the kernel hands out (bind to port 0) is the worst choice: it co
 ephemeral range, which every outgoing connection of the suite also draws from, and a listener's
 SO_REUSEADDR does not let it share a port with a connected socket (seen in a full run:
 "Address already in use" for obtain-cert's responder). So the port is picked below that range,
-where only an explicit bind can take it.
+where only an explicit bind can take it, or above it where a machine's range leaves no room
+below (containers often set 1024-65535); with no room either side, the kernel picks.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ import socket
 from pathlib import Path
 
 _RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Ports handed out by this process: a caller that picks several before binding any (pebble's
+# four, a server's two) must not get one twice, which a random pick alone allows.
+_GIVEN: set[int] = set()
 
 
-def _below_ephemeral() -> range:
+def _outside_ephemeral() -> range:
+    """Up to 12,000 ports below the ephemeral range, or above it if none are free of it."""
     try:
-        low = int(_RANGE.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default start
-    return range(max(1024, low - 12000), low)
+        low, high = (int(n) for n in _RANGE.read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's defaults
+    below = range(max(1024, low - 12000), low)
+    return below if below else range(high + 1, min(65536, high + 12001))
 
 
 def _bindable(port: int) -> bool:
@@ -41,10 +47,15 @@ def _bindable(port: int) -> bool:
 
 
 def free_port() -> int:
-    """A TCP port nothing is bound to now, outside the kernel's ephemeral range."""
-    candidates = _below_ephemeral()
+    """A TCP port nothing is bound to now, outside the kernel's ephemeral range if it can be."""
+    candidates = _outside_ephemeral()
+    if not candidates:  # the range spans every unprivileged port: only the kernel's pick is left
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
     for _ in range(200):
         port = random.choice(candidates)
-        if _bindable(port):
+        if port not in _GIVEN and _bindable(port):
+            _GIVEN.add(port)
             return port
     raise RuntimeError(f"no free port in {candidates.start}-{candidates.stop - 1} after 200 tries")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import shutil
 import sqlite3
 import subprocess
@@ -182,6 +183,25 @@ with slow_listener(ServerFiles(None, cert, cert, key), registry) as (served, _, 
 """
 
 
+def first_line(process: subprocess.Popen[str], deadline: float) -> str:
+    """The first line ``process`` prints, stripped; one that prints none by ``deadline`` (a
+    start-up that hangs) is killed, so the test fails instead of waiting for ever."""
+    assert process.stdout is not None
+    if not select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        process.kill()
+        raise AssertionError(f"no line from pid {process.pid} in time")
+    return process.stdout.readline().strip()
+
+
+def test_a_server_that_prints_nothing_fails_the_wait_instead_of_hanging() -> None:
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with subprocess.Popen(silent, stdout=subprocess.PIPE, text=True) as process:
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match="no line from pid"):
+            first_line(process, started + 1)
+        assert time.monotonic() - started < 10 and process.wait(10) != 0
+
+
 def test_two_servers_started_together_never_share_a_port(
     devca: ServerFiles, registry: Path, make_client: MakeClient, tmp_path: Path
 ) -> None:
@@ -199,9 +219,11 @@ def test_two_servers_started_together_never_share_a_port(
     ]
     # Each first line, while a started one still serves: a fixed hold (it was 3 s) could end
     # before a process started late on a loaded machine (1-3 s each) binds and looks.
-    outcomes = sorted(server.stdout.readline().strip() for server in servers if server.stdout)
-    for server in servers:
-        server.communicate(timeout=60)  # closes its stdin: a started one stops
+    try:
+        outcomes = sorted(first_line(server, time.monotonic() + 60) for server in servers)
+    finally:
+        for server in servers:
+            server.communicate(timeout=60)  # closes its stdin: a started one stops
     # Each looks after its own bind, so the later one always sees the earlier. If both bound
     # before either looked (it happened under load), both give up: safe, never shared.
     assert outcomes[0] == f"cannot listen on {address}: address in use", outcomes
