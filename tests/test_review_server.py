@@ -5,11 +5,23 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from server import cli as server_cli
-from tests.conftest import ECHO_ALL, Connect, MakeClient, admitted, enroll, eventually, revoke
+from server.registry import Client, Registry, open_registry
+from server.trust import TrustWatcher
+from tests.conftest import (
+    ECHO_ALL,
+    Connect,
+    MakeClient,
+    ServerFiles,
+    admitted,
+    enroll,
+    eventually,
+    revoke,
+)
 
 # SQLite's own clock, as an operator editing the file by hand writes it: UTC without an offset.
 SQLITE_NOW_PLUS_A_DAY = "datetime('now', '+1 day')"
@@ -49,7 +61,7 @@ def test_watcher_survives_a_time_sqlite_wrote_itself(
     stub = connect.stub(bob.cert_path, bob.key_path)
     assert admitted(stub)
     _set_by_hand(connect.server_registry, "alice", "retire_at", SQLITE_NOW_PLUS_A_DAY)
-    dead: list[BaseException] = []
+    dead: list[BaseException | None] = []
     threading.excepthook, hook = (lambda args: dead.append(args.exc_value)), threading.excepthook
     try:
         eventually(lambda: _edit_read(connect), 10)
@@ -69,3 +81,43 @@ def _edit_read(connect: Connect) -> bool:
         (stored,) = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
     db.close()
     return bool(connect.server.trust._generation == stored)  # the same registry: no epoch
+
+
+class _Hiccup:
+    """A registry whose next clients() fails as nothing foreseen does."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry, self.fail = registry, False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.registry, name)
+
+    def clients(self) -> list[Client]:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("unforeseen")
+        return self.registry.clients()
+
+
+def test_watcher_outlives_an_unforeseen_failure(
+    devca: ServerFiles, registry: Path, make_client: MakeClient
+) -> None:
+    """Any exception out of poll() ended the watcher's thread: no change reached the server
+    again, revocations included, and nothing said so but one traceback."""
+    enroll(registry, make_client("alice").cert_path, "alice", ECHO_ALL)
+    backend = open_registry(str(registry))
+    hiccup = _Hiccup(backend)
+    trust = TrustWatcher(cast(Registry, hiccup), devca.cert, devca.key, interval=0.05)
+    dead: list[BaseException | None] = []
+    threading.excepthook, hook = (lambda args: dead.append(args.exc_value)), threading.excepthook
+    trust.start()
+    try:
+        hiccup.fail = True
+        revoke(registry, "alice")
+        eventually(lambda: not hiccup.fail, 10)
+        eventually(lambda: not trust.enrolled.by_digest, 10)
+    finally:
+        trust.stop()
+        threading.excepthook = hook
+        backend.close()
+    assert not dead
