@@ -32,6 +32,14 @@ from server.registry_sql import BUMP_GENERATION, SqlRegistry, T
 
 log = logging.getLogger("pinrpc.registry")
 
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    """pinrpc writes an offset; SQLite's own datetime('now'), in an operator's hand edit, is
+    UTC without one. Left naive, it failed every comparison: a traceback from `list`, and the
+    trust watcher's thread ended, later revocations with it."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
 SQLITE = Dialect(
     name="sqlite",
     types={"id": "INTEGER PRIMARY KEY", "int": "INTEGER", "ts": "TEXT"},
@@ -45,7 +53,7 @@ SQLITE = Dialect(
         max="MAX", now_us="CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
     ),
     encode_time=lambda t: t.isoformat(),
-    decode_time=dt.datetime.fromisoformat,
+    decode_time=lambda text: _utc(dt.datetime.fromisoformat(text)),
 )
 
 

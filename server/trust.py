@@ -274,7 +274,15 @@ class TrustWatcher:
             else:
                 self._stop.wait(self._interval)
             if not self._stop.is_set():
-                self.poll()
+                self._poll_guarded()
+
+    def _poll_guarded(self) -> None:
+        """poll(), whose failures are foreseen one by one; an unforeseen one must not end this
+        thread, and every later revocation with it."""
+        try:
+            self.poll()
+        except Exception:
+            log.exception("trust reload failed; retrying at the next poll")
 
     def poll(self) -> None:
         """Pick up registry and certificate file changes; never raises."""
