@@ -95,7 +95,7 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
         # restart, or at every retried --tls-reload handover build.
         raise ServerCertError(
             f"{key_path.absolute()} is an ECDSA key on {key.curve.name}, which gRPC cannot "
-            f"serve; use P-256 or P-384"
+            f"serve; use P-256 or P-384 (the curves Let's Encrypt signs)"
         )
     if not _same_key(key, leaf):
         if any(_same_key(key, c) for c in chain[1:]):

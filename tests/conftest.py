@@ -6,6 +6,8 @@ import itertools
 import json
 import logging
 import os
+import select
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -266,3 +268,13 @@ def eventually(predicate: Callable[[], bool], timeout: float = 1.0) -> float:
             pytest.fail(f"condition not met within {timeout} s")
         time.sleep(0.02)
     return time.monotonic() - start
+
+
+def first_line(process: subprocess.Popen[str], deadline: float) -> str:
+    """The next line ``process`` prints, stripped; one that prints none by ``deadline`` (a
+    start-up that hangs) is killed, so the test fails instead of waiting for ever."""
+    assert process.stdout is not None
+    if not select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        process.kill()
+        raise AssertionError(f"no line from pid {process.pid} in time")
+    return process.stdout.readline().strip()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import select
 import shutil
 import sqlite3
 import subprocess
@@ -31,6 +30,7 @@ from tests.conftest import (
     code_of,
     enroll,
     eventually,
+    first_line,
     require_tool,
     revoke,
 )
@@ -181,16 +181,6 @@ with slow_listener(ServerFiles(None, cert, cert, key), registry) as (served, _, 
     print("started", flush=True)
     sys.stdin.read()  # still serving until the test has both outcomes
 """
-
-
-def first_line(process: subprocess.Popen[str], deadline: float) -> str:
-    """The first line ``process`` prints, stripped; one that prints none by ``deadline`` (a
-    start-up that hangs) is killed, so the test fails instead of waiting for ever."""
-    assert process.stdout is not None
-    if not select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-        process.kill()
-        raise AssertionError(f"no line from pid {process.pid} in time")
-    return process.stdout.readline().strip()
 
 
 def test_a_server_that_prints_nothing_fails_the_wait_instead_of_hanging() -> None:

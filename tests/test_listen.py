@@ -19,7 +19,7 @@ import pytest
 
 from server.listener import Listener, ListenError, shared
 from server.stderr_helper import CLOSING
-from tests.conftest import ECHO_ALL, MakeClient, ServerFiles, enroll
+from tests.conftest import ECHO_ALL, MakeClient, ServerFiles, enroll, first_line
 from tests.ports import free_port
 from tests.security.attacker import BIN, serve_process, server_env
 from tests.test_handover import fresh_call, slow_listener
@@ -98,22 +98,22 @@ def test_a_stranger_joining_while_the_roots_load_is_refused_only_if_it_takes_our
     enroll(registry, alice.cert_path, "alice", ECHO_ALL)
     port = free_port()
     argv = [sys.executable, "-c", STRANGER, stranger, str(port)]
-    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as other:
-        assert other.stdin is not None and other.stdout is not None
-        stdin, stdout = other.stdin, other.stdout
-        bound: list[bytes] = []
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as other:
+        assert other.stdin is not None
+        stdin = other.stdin
+        bound: list[str] = []
 
         def join_now() -> None:
             """Bind from inside the first slow build: a fixed sleep before a process start
             (1-3 s under load) could land before the probe or after the build."""
             if bound:  # a later handover build: the stranger has joined already
                 return
-            stdin.write(b"bind\n")
+            stdin.write("bind\n")
             stdin.flush()
-            bound.append(stdout.readline())
+            bound.append(first_line(other, time.monotonic() + 10))
 
         try:
-            assert stdout.readline() == b"ready\n"
+            assert first_line(other, time.monotonic() + 30) == "ready"
             with slow_listener(devca, registry, on_slow_build=join_now) as (served, _, slow):
                 slow.set()
                 outcome: list[object] = []
@@ -122,7 +122,7 @@ def test_a_stranger_joining_while_the_roots_load_is_refused_only_if_it_takes_our
                 )
                 starting.start()
                 starting.join(20)
-                assert bound == [b"bound\n"]
+                assert bound == ["bound"]
                 if refused:
                     assert outcome == [f"cannot listen on {ours}:{port}: address in use"]
                 else:
