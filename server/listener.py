@@ -46,6 +46,7 @@ from server.config import TLS_RELOAD_MODES
 from server.server_cert import ServerCert
 from server.stderr_helper import CLOSING
 from server.trust import TrustWatcher
+from server.unforeseen import Unforeseen
 from server.warm import WarmSet
 
 log = logging.getLogger("pinrpc.server")
@@ -255,6 +256,7 @@ class Listener:
         self.handovers = 0
         self._warm = warm
         self._next_save = 0.0
+        self._unforeseen = Unforeseen(log, "handover")
 
     @property
     def draining(self) -> int:
@@ -351,6 +353,10 @@ class Listener:
                 new, port, state = self._bind(address)
             except ListenError as exc:
                 return self._failed(str(exc), old_sockets)
+            except Exception:  # unforeseen, logged by the caller: the duplicates must not leak
+                for sock in old_sockets:
+                    sock.close()
+                raise
             if port != self.port:
                 new.stop(None)
                 return self._failed(f"cannot bind {address} again", old_sockets)
@@ -385,18 +391,24 @@ class Listener:
     def _run(self) -> None:
         # A warm start's full set is built at once, not after the first poll interval: the
         # clients outside the first listener wait for it.
-        self.refresh()
+        self._refresh_guarded()
         while not self._stopped.is_set():
             # Woken at once by a change; the timeout reaps, and retries a failed handover.
             changed = self._trust.changed.wait(self._interval)
             self._trust.changed.clear()
             if changed or time.monotonic() >= self._retry_at:
-                self.refresh()
+                self._refresh_guarded()
             now = time.monotonic()
             self._reap(now)
             if self._warm is not None and now >= self._next_save:
                 self._next_save = now + WARM_SAVE_INTERVAL
                 self._warm.save(self._trust.enrolled.by_digest.keys())
+
+    def _refresh_guarded(self) -> None:
+        """refresh(); an unforeseen failure is retried like a failed build, not the end of
+        every later handover."""
+        if not self._unforeseen.run(self.refresh):
+            self._retry_at = time.monotonic() + FAILED_BUILD_RETRY
 
     def _reap(self, now: float) -> None:
         with self._build_lock:

@@ -36,6 +36,7 @@ from pinrpc.identity import (
 from server.handshakes import SLOT_KEY, Handshakes, fetcher
 from server.registry import ChangeNotifier, Client, Registry
 from server.server_cert import BEGIN, ServerCert, load_server_cert, valid_now
+from server.unforeseen import Unforeseen
 
 if TYPE_CHECKING:
     from server.auth import Admitted
@@ -175,6 +176,7 @@ class TrustWatcher:
         self._expiry_warned: dict[bytes, float] = {}
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()
+        self._unforeseen = Unforeseen(log, "trust reload")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._nobody = nobody_root()
@@ -274,15 +276,7 @@ class TrustWatcher:
             else:
                 self._stop.wait(self._interval)
             if not self._stop.is_set():
-                self._poll_guarded()
-
-    def _poll_guarded(self) -> None:
-        """poll(), whose failures are foreseen one by one; an unforeseen one must not end this
-        thread, and every later revocation with it."""
-        try:
-            self.poll()
-        except Exception:
-            log.exception("trust reload failed; retrying at the next poll")
+                self._unforeseen.run(self.poll)  # poll() handles the failures it foresees
 
     def poll(self) -> None:
         """Pick up registry and certificate file changes; never raises."""

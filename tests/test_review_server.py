@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -12,6 +14,8 @@ import pytest
 from server import cli as server_cli
 from server.registry import Client, Registry, open_registry
 from server.trust import TrustWatcher
+from server.unforeseen import Unforeseen
+from tests import test_handover
 from tests.conftest import (
     ECHO_ALL,
     Connect,
@@ -22,6 +26,7 @@ from tests.conftest import (
     eventually,
     revoke,
 )
+from tests.test_handover import slow_listener
 
 # SQLite's own clock, as an operator editing the file by hand writes it: UTC without an offset.
 SQLITE_NOW_PLUS_A_DAY = "datetime('now', '+1 day')"
@@ -84,26 +89,27 @@ def _edit_read(connect: Connect) -> bool:
 
 
 class _Hiccup:
-    """A registry whose next clients() fails as nothing foreseen does."""
+    """A registry whose next ``fail`` clients() calls fail as nothing foreseen does."""
 
     def __init__(self, registry: Registry) -> None:
-        self.registry, self.fail = registry, False
+        self.registry, self.fail = registry, 0
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.registry, name)
 
     def clients(self) -> list[Client]:
         if self.fail:
-            self.fail = False
+            self.fail -= 1
             raise RuntimeError("unforeseen")
         return self.registry.clients()
 
 
 def test_watcher_outlives_an_unforeseen_failure(
-    devca: ServerFiles, registry: Path, make_client: MakeClient
+    devca: ServerFiles, registry: Path, make_client: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Any exception out of poll() ended the watcher's thread: no change reached the server
     again, revocations included, and nothing said so but one traceback."""
+    caplog.set_level(logging.INFO, "pinrpc.trust")
     enroll(registry, make_client("alice").cert_path, "alice", ECHO_ALL)
     backend = open_registry(str(registry))
     hiccup = _Hiccup(backend)
@@ -112,7 +118,7 @@ def test_watcher_outlives_an_unforeseen_failure(
     threading.excepthook, hook = (lambda args: dead.append(args.exc_value)), threading.excepthook
     trust.start()
     try:
-        hiccup.fail = True
+        hiccup.fail = 5  # a failure that lasts: five polls in a row
         revoke(registry, "alice")
         eventually(lambda: not hiccup.fail, 10)
         eventually(lambda: not trust.enrolled.by_digest, 10)
@@ -121,3 +127,62 @@ def test_watcher_outlives_an_unforeseen_failure(
         threading.excepthook = hook
         backend.close()
     assert not dead
+    said = [r for r in caplog.records if r.name == "pinrpc.trust" and "trust reload" in r.message]
+    assert [(r.levelname, r.exc_info is not None) for r in said] == [
+        ("ERROR", True),
+        ("INFO", False),
+    ]
+
+
+def test_an_unforeseen_failure_is_logged_once_while_it_lasts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Loops retry several times a second: a traceback per retry would bury the log."""
+    guard = Unforeseen(logging.getLogger("pinrpc.test"), "the step")
+
+    def fail(why: str) -> Callable[[], None]:
+        def step() -> None:
+            raise RuntimeError(why)
+
+        return step
+
+    with caplog.at_level(logging.INFO, "pinrpc.test"):
+        outcomes = [guard.run(fail("a")) for _ in range(3)]
+        outcomes += [guard.run(fail("b")), guard.run(lambda: None), guard.run(lambda: None)]
+        outcomes.append(guard.run(fail("a")))
+    assert outcomes == [False, False, False, False, True, True, False]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "the step failed unexpectedly, retrying: RuntimeError: a"),
+        ("ERROR", "the step failed unexpectedly, retrying: RuntimeError: b"),
+        ("INFO", "the step works again"),
+        ("ERROR", "the step failed unexpectedly, retrying: RuntimeError: a"),
+    ]
+    assert all(r.exc_info for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_handover_outlives_an_unforeseen_build_failure(
+    devca: ServerFiles, registry: Path, make_client: MakeClient
+) -> None:
+    """An exception out of a handover build ended the handover thread: no enrollment reached
+    TLS again (a revocation still did, through the per-call check)."""
+    alice, bob, carol = make_client("alice"), make_client("bob"), make_client("carol")
+    enroll(registry, alice.cert_path, "alice", ECHO_ALL)
+    failed: list[str] = []
+
+    def fail_once() -> None:
+        if not failed:
+            failed.append("once")
+            raise RuntimeError("unforeseen")
+
+    with slow_listener(devca, registry, interval=0.05, on_slow_build=fail_once) as built:
+        served, trust, slow = built
+        served.start("127.0.0.1:0")
+        target = (f"127.0.0.1:{served.port}", devca.ca_path)
+        slow.set()  # each build from here on calls fail_once (and takes 2 s)
+        enroll(registry, bob.cert_path, "bob", ECHO_ALL)
+        trust.poll()  # wakes the handover thread: its build fails
+        eventually(lambda: bool(failed), 10)
+        enroll(registry, carol.cert_path, "carol", ECHO_ALL)
+        trust.poll()  # the next change is built: the thread lives
+        eventually(lambda: test_handover.admitted(target, carol), 20)
+        assert test_handover.admitted(target, bob)
