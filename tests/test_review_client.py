@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from client import cli as client_cli
+from pinrpc.channel import load_pair
 from pinrpc.cli import Exit
 from pinrpc.identity import (
     KeyPairFiles,
@@ -73,3 +74,30 @@ def test_request_enrollment_refuses_a_pair_outside_its_dates_before_asking(
     argv = ["request-enrollment", "--name", "erin", *request_flags(enrolling, devca, erin)]
     assert client_cli.main(argv) == Exit.OK
     assert [p["name"] for p in pending(registry, capsys)] == ["erin"]
+
+
+@pytest.fixture
+def sealed(make_client: MakeClient) -> KeyPairFiles:
+    return make_client("sealed", passphrase=b"s3cret")
+
+
+def test_library_empty_passphrase_counts_as_none(
+    sealed: KeyPairFiles, make_client: MakeClient
+) -> None:
+    """passphrase=b"" (say, os.environb.get(b"MY_PASS", b"")) on an encrypted key said the
+    key "is not encrypted ... unset it", and on a plain key refused it: empty now means none,
+    as an empty PINRPC_KEY_PASSPHRASE does. The deny twin: the encrypted key still needs its
+    passphrase, and the message says to set it."""
+    plain = make_client("plain")
+    load_pair(plain.cert_path, plain.key_path, passphrase=b"")
+    with pytest.raises(Exception, match="is encrypted; set PINRPC_KEY_PASSPHRASE") as caught:
+        load_pair(sealed.cert_path, sealed.key_path, passphrase=b"")
+    assert "not encrypted" not in str(caught.value)
+    load_pair(sealed.cert_path, sealed.key_path, passphrase=b"s3cret")
+
+
+def test_library_passphrase_as_str_is_a_type_error_that_says_so(sealed: KeyPairFiles) -> None:
+    """passphrase="s3cret" (a str, the right passphrase) said the key "is not encrypted, but
+    a passphrase was given ... unset it": false, and the advice locks the caller out."""
+    with pytest.raises(TypeError, match=r"passphrase must be bytes.*encode\(\)"):
+        load_pair(sealed.cert_path, sealed.key_path, passphrase="s3cret")  # type: ignore[arg-type]
