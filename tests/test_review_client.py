@@ -11,9 +11,10 @@ import pytest
 from client import cli as client_cli
 from pinrpc.channel import load_pair
 from pinrpc.cli import Exit
+from pinrpc.errors import IdentityError
 from pinrpc.identity import (
-    KeyPairFiles,
     Fingerprint,
+    KeyPairFiles,
     cert_to_pem,
     generate_key,
     key_to_pem,
@@ -90,7 +91,7 @@ def test_library_empty_passphrase_counts_as_none(
     passphrase, and the message says to set it."""
     plain = make_client("plain")
     load_pair(plain.cert_path, plain.key_path, passphrase=b"")
-    with pytest.raises(Exception, match="is encrypted; set PINRPC_KEY_PASSPHRASE") as caught:
+    with pytest.raises(IdentityError, match="is encrypted; set PINRPC_KEY_PASSPHRASE") as caught:
         load_pair(sealed.cert_path, sealed.key_path, passphrase=b"")
     assert "not encrypted" not in str(caught.value)
     load_pair(sealed.cert_path, sealed.key_path, passphrase=b"s3cret")
