@@ -23,7 +23,7 @@ from client.connect import (
     warn_if_expiring,
 )
 from pinrpc import proof
-from pinrpc.channel import load_pair, roots_from_env
+from pinrpc.channel import REENROLL_HINT, dates_problem, load_pair, roots_from_env
 from pinrpc.cli import Exit, add_flag, answer_time, shown, utf8
 from pinrpc.identity import Fingerprint, cert_to_pem, load_ca_bundle
 from pinrpc.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -42,6 +42,14 @@ def run(args: argparse.Namespace) -> int:
     cert, key = load_pair(
         args.cert, args.key, insecure_key_permissions=args.insecure_key_permissions
     )
+    if problem := dates_problem(cert, args.cert):
+        # The operator would be handed a fingerprint to approve that no server admits.
+        what, fix = problem
+        if fix == REENROLL_HINT:  # its words are for an enrolled pair; this one is not, yet
+            fix = "make a new key pair (`pinrpc keygen NAME --force`) and ask with it"
+        say(f"{PROG}: error: your {what}; the server refuses it")
+        say(f"  {fix}")
+        return Exit.CONNECT
     # The operator would admit a pair about to expire: say so before asking.
     warn_if_expiring(args, cert, "ask with a new pair from `pinrpc keygen` instead")
     roots = load_ca_bundle(Path(args.ca)) if args.ca else roots_from_env()

@@ -46,7 +46,8 @@ def load_pair(
     insecure_key_permissions: bool = False,
 ) -> tuple[x509.Certificate, PrivateKey]:
     """A certificate and the private key that belongs to it (PINRPC_KEY_PASSPHRASE unless
-    ``passphrase``); grpcio would report a mismatch as nothing more than "Socket closed"."""
+    ``passphrase``, bytes; b"" means none); grpcio would report a mismatch as nothing more
+    than "Socket closed"."""
     if passphrase is None:
         passphrase = passphrase_from_env()
     certificate = load_certificate(Path(cert))

@@ -485,6 +485,9 @@ PASSPHRASE = "PINRPC_KEY_PASSPHRASE, or passphrase= in code"  # noqa: S105 - a h
 def load_private_key(
     path: Path, *, passphrase: bytes | None = None, check_permissions: bool = True
 ) -> PrivateKey:
+    if isinstance(passphrase, str):  # cryptography's TypeError would read as "not encrypted"
+        raise TypeError("passphrase must be bytes, not str: pass passphrase=text.encode()")
+    passphrase = passphrase or None  # empty is none, as an empty PINRPC_KEY_PASSPHRASE is
     data = read_file(path, "private key")
     if check_permissions:
         check_key_permissions(path)
