@@ -34,7 +34,7 @@ from cryptography.x509 import verification
 
 from client.connect import key_permissions_flag, proxy_hint, server_flags
 from pinrpc.channel import load_pair, pair_credentials
-from pinrpc.cli import Exit, add_flag, file_path, shown
+from pinrpc.cli import ALWAYS_ALLOWED_NAMES, Exit, add_flag, file_path, shown
 from pinrpc.errors import PinrpcError
 from pinrpc.identity import (
     Fingerprint,
@@ -501,7 +501,7 @@ class Doctor:
                     "account",
                     Exit.DENIED if denied else Exit.CONNECT,
                 ) from exc
-        allowed = shown(", ".join(reply.allowed_methods)) or "(WhoAmI, health and reflection only)"
+        allowed = shown(", ".join(reply.allowed_methods)) or f"({ALWAYS_ALLOWED_NAMES} only)"
         return f"enrolled as {reply.name!r}; allowed: {allowed}"
 
 

@@ -200,6 +200,10 @@ def missing_extra(command: str, extra: str, exc: ModuleNotFoundError) -> str:
     )
 
 
+# What every enrolled client may call, allowed or not (server/auth.py's ALWAYS_ALLOWED).
+ALWAYS_ALLOWED_NAMES = "WhoAmI, Rotate, health and reflection"
+
+
 def add_allow_flag(parser: argparse.ArgumentParser) -> None:
     """--allow PATTERN (repeatable); without it, PINRPC_ALLOW (comma-separated)."""
     parser.add_argument(
@@ -207,8 +211,8 @@ def add_allow_flag(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=utf8,
         metavar="PATTERN",
-        help="method pattern the client may call, e.g. '/pinrpc.v1.Echo/*' (repeatable; WhoAmI, "
-        "health and reflection are always allowed; administration only by a pattern naming "
+        help="method pattern the client may call, e.g. '/pinrpc.v1.Echo/*' (repeatable; "
+        f"{ALWAYS_ALLOWED_NAMES} are always allowed; administration only by a pattern naming "
         "/pinrpc.v1.Admin/) [env PINRPC_ALLOW, comma-separated]",
     )
 
@@ -224,7 +228,7 @@ def add_permit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--none",
         action="store_true",
-        help="take every permission away (WhoAmI, health and reflection stay); instead of --allow",
+        help=f"take every permission away ({ALWAYS_ALLOWED_NAMES} stay); instead of --allow",
     )
 
 

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 
+from pinrpc.cli import ALWAYS_ALLOWED_NAMES
 from pinrpc.errors import EnrollmentError, IdentityError
 from pinrpc.identity import (
     ED25519_REASON,
@@ -252,6 +253,6 @@ def new_permissions(patterns: list[str], none: bool) -> list[str]:
     if not none and not patterns:
         raise EnrollmentError(
             "no method patterns given: pass --allow PATTERN (repeatable), or --none to leave "
-            "the client only WhoAmI, health and reflection"
+            f"the client only {ALWAYS_ALLOWED_NAMES}"
         )
     return check_patterns(patterns)

@@ -18,10 +18,11 @@ import grpc
 import pytest
 
 from client import cli as client_cli
-from pinrpc.cli import Exit
+from pinrpc.cli import ALWAYS_ALLOWED_NAMES, Exit
 from pinrpc.v1 import echo_pb2, echo_pb2_grpc
 from server import cli as server_cli
 from server.app import RunningServer, start_server
+from server.auth import ALWAYS_ALLOWED
 from server.config import ServerConfig
 from server.enrollment import check_certificate
 from server.registry import open_registry
@@ -31,6 +32,7 @@ from tests.conftest import (
     MakeClient,
     ServerFiles,
     code_of,
+    enroll,
     eventually,
     registry_dump,
     revoke,
@@ -321,3 +323,17 @@ def test_permit_during_a_rotation_overlap_reaches_the_retiring_key_too(
     connect.server.trust.poll()
     assert [echo(stub) for stub in stubs] == [DENIED] * 2
     assert [whoami(stub).name for stub in stubs] == ["alice"] * 2  # still admitted, both
+
+
+def test_every_text_on_what_stays_after_none_names_each_always_allowed_method(
+    registry: Path, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`permit` without patterns, `--none`'s help and `doctor` said "WhoAmI, health and
+    reflection": Rotate, always allowed too, was missing."""
+    for method in ALWAYS_ALLOWED:
+        service, name = method.strip("/").split("/")
+        word = next((w for w in ("health", "reflection") if w in service), name)
+        assert word in ALWAYS_ALLOWED_NAMES, method
+    enroll(registry, make_client("alice").cert_path, "alice", ECHO_ALL)
+    assert server_cli.main(["permit", "alice", "--registry", str(registry)]) != 0
+    assert f"--none to leave the client only {ALWAYS_ALLOWED_NAMES}" in capsys.readouterr().err
