@@ -26,6 +26,7 @@ from tests.test_acme_deadline import _snapshot
 
 _CHAIN = "application/pem-certificate-chain"
 Tamper = Callable[[x509.Certificate], x509.Certificate]
+ChainTamper = Callable[[list[x509.Certificate]], list[x509.Certificate]]
 
 
 def _reissued(leaf: x509.Certificate, names: list[str], not_after: dt.datetime) -> x509.Certificate:
@@ -45,9 +46,12 @@ def _reissued(leaf: x509.Certificate, names: list[str], not_after: dt.datetime) 
 
 
 @contextmanager
-def _proxy(pebble: Pebble, tamper: Tamper, tmp: Path) -> Iterator[tuple[str, Path]]:
+def _proxy(
+    pebble: Pebble, tamper: Tamper, tmp: Path, after: ChainTamper = list
+) -> Iterator[tuple[str, Path]]:
     """HTTPS in front of pebble, passing Host through (pebble builds its URLs and checks the
-    JWS url from it), with the leaf of every certificate chain it returns replaced."""
+    JWS url from it), with the leaf of every certificate chain it returns replaced (and the
+    certificates after it by ``after``)."""
     host, port = pebble.directory_url.split("/")[2].split(":")
     upstream_tls = ssl.create_default_context(cafile=str(pebble.acme_ca_bundle))
 
@@ -67,7 +71,7 @@ def _proxy(pebble: Pebble, tamper: Tamper, tmp: Path) -> Iterator[tuple[str, Pat
                 upstream.close()
             if answer.getheader("Content-Type", "").startswith(_CHAIN):
                 leaf, *rest = x509.load_pem_x509_certificates(data)
-                swapped = [tamper(leaf), *rest]
+                swapped = [tamper(leaf), *after(rest)]
                 data = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in swapped)
             self.send_response(answer.status)
             for name, value in answer.getheaders():
