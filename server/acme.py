@@ -614,9 +614,11 @@ def _check_leaf(
         shown = ", ".join(map(ascii, sorted(held))) or "none"
         problem = f"not for {', '.join(missing)} (it names {shown})"
     elif not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+        # Issued just now, so not yet valid means this clock is behind the CA's.
+        clock = "; check this machine's clock" if now < leaf.not_valid_before_utc else ""
         problem = (
             f"not valid now (from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
-            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)"
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC{clock})"
         )
     elif not intermediates:
         problem = "without the intermediate that issued it"

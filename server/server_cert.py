@@ -115,9 +115,12 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f"(fullchain.pem)"
         )
     if not valid_now(leaf):
+        # Not yet valid: this clock is behind the CA's, and renewing again would not help.
+        started = leaf.not_valid_before_utc <= dt.datetime.now(dt.UTC)
         raise ServerCertError(
             f"{cert_path.absolute()} is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
-            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
+            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            + ("renew it" if started else "check this machine's clock")
         )
     _warn_if_others_read(key_path)  # last: a refused file is no server key to warn about
     return ServerCert(chain_pem, key_pem, leaf)

@@ -118,10 +118,14 @@ def _in_a_year() -> dt.datetime:
             lambda leaf: _reissued(leaf, ["server.test"], dt.datetime.now(dt.UTC)),
             "not valid now",
         ),
+        (
+            lambda leaf: _reissued(leaf, ["server.test"], _in_a_year() - dt.timedelta(days=300)),
+            "check this machine's clock",
+        ),
         (lambda leaf: _other_key(leaf), "for a different key"),
         (lambda leaf: _reissued(leaf, ["\x1b[2Jx.test"], _in_a_year()), "'\\x1b[2jx.test'"),
     ],
-    ids=["another-name", "expired", "another-key", "escape-in-name"],
+    ids=["another-name", "expired", "not-yet-valid", "another-key", "escape-in-name"],
 )
 def test_a_renewal_that_returns_an_unusable_certificate_changes_nothing(
     pebble: Pebble,
