@@ -304,7 +304,13 @@ def _step(what: str, directory_url: str) -> Iterator[None]:
         if isinstance(arg, tuple) and arg:  # acme passes (response, error) on bad JSON
             arg = arg[0]
         # acme wraps non-JSON HTTP answers as ClientError(response), printed as "<Response [404]>".
-        detail = f"HTTP {arg.status_code}" if isinstance(arg, requests.Response) else _one_line(exc)
+        status = arg.status_code if isinstance(arg, requests.Response) else None
+        if status is not None and status >= 500:  # a CDN's error page while the CA is down
+            raise AcmeError(
+                f"the ACME server at {directory_url} is unavailable (HTTP {status}) while "
+                f"{what}; the previous files are unchanged, retry later"
+            ) from exc
+        detail = f"HTTP {status}" if status is not None else _one_line(exc)
         detail = detail or type(exc).__name__
         raise AcmeError(
             f"unexpected answer from {directory_url} while {what}: {detail}; "

@@ -4,6 +4,7 @@ in review. Real pebble behind tests/test_acme_hostile_ca.py's HTTPS proxy."""
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from server.acme import main
 from server.server_cert import load_server_cert
+from tests.https import serving_https
 from tests.pebble import Pebble
 from tests.test_acme import _assert_one_line_error
 from tests.test_acme_deadline import _snapshot
@@ -59,3 +62,36 @@ def test_a_renewal_whose_chain_the_server_would_refuse_changes_nothing(
     assert code == 1, err
     _assert_one_line_error(err, said, "the previous files are unchanged")
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("status", [404, 502, 503])
+def test_a_ca_down_behind_its_proxy_says_retry_not_check_the_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    """A CDN's HTML error page during a CA outage is no reason to change a correct URL; a 404
+    (the wrong path) still is."""
+
+    class Down(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>Service Temporarily Unavailable</html>"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    out = tmp_path / "out"
+    with serving_https(Down, tmp_path, "ca") as (port, ca):
+        argv = ["--directory", f"https://127.0.0.1:{port}/dir", "--domain", "server.test"]
+        code = main([*argv, "--out", str(out), "--ca-bundle", str(ca)])
+    assert code == 1
+    err = capsys.readouterr().err
+    if status == 404:
+        _assert_one_line_error(err, "HTTP 404", "check that the URL is an ACME directory")
+    else:
+        _assert_one_line_error(err, f"unavailable (HTTP {status})", "retry later")
+        assert "check that the URL" not in err
+    assert not out.exists()
