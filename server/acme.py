@@ -45,6 +45,7 @@ from pinrpc.identity import (
     write_atomic,
 )
 from server.acme_responder import http01_responder
+from server.server_cert import signed_by
 
 try:
     import idna
@@ -303,7 +304,13 @@ def _step(what: str, directory_url: str) -> Iterator[None]:
         if isinstance(arg, tuple) and arg:  # acme passes (response, error) on bad JSON
             arg = arg[0]
         # acme wraps non-JSON HTTP answers as ClientError(response), printed as "<Response [404]>".
-        detail = f"HTTP {arg.status_code}" if isinstance(arg, requests.Response) else _one_line(exc)
+        status = arg.status_code if isinstance(arg, requests.Response) else None
+        if status is not None and status >= 500:  # a CDN's error page while the CA is down
+            raise AcmeError(
+                f"the ACME server at {directory_url} is unavailable (HTTP {status}) while "
+                f"{what}; the previous files are unchanged, retry later"
+            ) from exc
+        detail = f"HTTP {status}" if status is not None else _one_line(exc)
         detail = detail or type(exc).__name__
         raise AcmeError(
             f"unexpected answer from {directory_url} while {what}: {detail}; "
@@ -548,7 +555,7 @@ def obtain_certificate(
                 f"the CA at {directory_url} returned an unreadable certificate chain"
             ) from exc
         leaf, intermediates = certs[0], certs[1:]
-        _check_leaf(leaf, server_key, names, directory_url)
+        _check_leaf(leaf, intermediates, server_key, names, directory_url)
 
         def pem(cs: list[x509.Certificate]) -> bytes:
             return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cs)
@@ -589,10 +596,16 @@ def obtain_certificate(
 
 
 def _check_leaf(
-    leaf: x509.Certificate, key: PrivateKey, names: list[str], directory_url: str
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    key: PrivateKey,
+    names: list[str],
+    directory_url: str,
 ) -> None:
     """Refuse a leaf the server must not serve, before anything is written: written, it would
-    replace a good certificate with one every client refuses (another name, an expired one)."""
+    replace a good certificate with one every client refuses (another name, an expired one),
+    or one the server refuses (no issuer in the chain: it would not restart) or will not
+    reload over a full chain (no intermediate: clients with ordinary roots would fail)."""
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         held = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
@@ -607,10 +620,17 @@ def _check_leaf(
         shown = ", ".join(map(ascii, sorted(held))) or "none"
         problem = f"not for {', '.join(missing)} (it names {shown})"
     elif not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+        # Issued just now, so not yet valid means this clock is behind the CA's.
+        clock = "; check this machine's clock" if now < leaf.not_valid_before_utc else ""
         problem = (
             f"not valid now (from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
-            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)"
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC{clock})"
         )
+    elif not intermediates:
+        problem = "without the intermediate that issued it"
+    elif not any(signed_by(leaf, c) for c in intermediates):
+        issuer = ascii(leaf.issuer.rfc4514_string())
+        problem = f"whose chain holds no certificate that issued it (issuer {issuer})"
     else:
         return
     raise AcmeError(

@@ -107,7 +107,7 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f"{key_path.absolute()} does not match the first certificate in "
             f"{cert_path.absolute()} (half-finished renewal?)"
         )
-    if len(chain) > 1 and not any(_signed_by(leaf, c) for c in chain[1:]):
+    if len(chain) > 1 and not any(signed_by(leaf, c) for c in chain[1:]):
         # e.g. a deploy hook that appends a fixed intermediate: the CA issues from several.
         raise ServerCertError(
             f"{cert_path.absolute()}: no certificate after the leaf issued it (issuer "
@@ -115,9 +115,12 @@ def load_server_cert(cert_path: Path, key_path: Path) -> ServerCert:
             f"(fullchain.pem)"
         )
     if not valid_now(leaf):
+        # Not yet valid: this clock is behind the CA's, and renewing again would not help.
+        started = leaf.not_valid_before_utc <= dt.datetime.now(dt.UTC)
         raise ServerCertError(
             f"{cert_path.absolute()} is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
-            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
+            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            + ("renew it" if started else "check this machine's clock")
         )
     _warn_if_others_read(key_path)  # last: a refused file is no server key to warn about
     return ServerCert(chain_pem, key_pem, leaf)
@@ -152,11 +155,12 @@ def _self_signed(cert: x509.Certificate) -> bool:
     """Whether the certificate's own key made its signature. Not by comparing issuer and
     subject: names that differ only in case would read as CA-issued to that test, and a
     CA may issue a leaf under its own name."""
-    return _signed_by(cert, cert)
+    return signed_by(cert, cert)
 
 
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether ``issuer``'s key made ``cert``'s signature (names are not compared)."""
+def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key made ``cert``'s signature (names are not compared); also
+    obtain-cert's check of the chain a CA returns."""
     try:
         public, params = issuer.public_key(), cert.signature_algorithm_parameters
         signature, tbs = cert.signature, cert.tbs_certificate_bytes

@@ -26,6 +26,7 @@ from tests.test_acme_deadline import _snapshot
 
 _CHAIN = "application/pem-certificate-chain"
 Tamper = Callable[[x509.Certificate], x509.Certificate]
+ChainTamper = Callable[[list[x509.Certificate]], list[x509.Certificate]]
 
 
 def _reissued(leaf: x509.Certificate, names: list[str], not_after: dt.datetime) -> x509.Certificate:
@@ -45,9 +46,12 @@ def _reissued(leaf: x509.Certificate, names: list[str], not_after: dt.datetime) 
 
 
 @contextmanager
-def _proxy(pebble: Pebble, tamper: Tamper, tmp: Path) -> Iterator[tuple[str, Path]]:
+def _proxy(
+    pebble: Pebble, tamper: Tamper, tmp: Path, after: ChainTamper = list
+) -> Iterator[tuple[str, Path]]:
     """HTTPS in front of pebble, passing Host through (pebble builds its URLs and checks the
-    JWS url from it), with the leaf of every certificate chain it returns replaced."""
+    JWS url from it), with the leaf of every certificate chain it returns replaced (and the
+    certificates after it by ``after``)."""
     host, port = pebble.directory_url.split("/")[2].split(":")
     upstream_tls = ssl.create_default_context(cafile=str(pebble.acme_ca_bundle))
 
@@ -67,7 +71,7 @@ def _proxy(pebble: Pebble, tamper: Tamper, tmp: Path) -> Iterator[tuple[str, Pat
                 upstream.close()
             if answer.getheader("Content-Type", "").startswith(_CHAIN):
                 leaf, *rest = x509.load_pem_x509_certificates(data)
-                swapped = [tamper(leaf), *rest]
+                swapped = [tamper(leaf), *after(rest)]
                 data = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in swapped)
             self.send_response(answer.status)
             for name, value in answer.getheaders():
@@ -114,10 +118,14 @@ def _in_a_year() -> dt.datetime:
             lambda leaf: _reissued(leaf, ["server.test"], dt.datetime.now(dt.UTC)),
             "not valid now",
         ),
+        (
+            lambda leaf: _reissued(leaf, ["server.test"], _in_a_year() - dt.timedelta(days=300)),
+            "check this machine's clock",
+        ),
         (lambda leaf: _other_key(leaf), "for a different key"),
         (lambda leaf: _reissued(leaf, ["\x1b[2Jx.test"], _in_a_year()), "'\\x1b[2jx.test'"),
     ],
-    ids=["another-name", "expired", "another-key", "escape-in-name"],
+    ids=["another-name", "expired", "not-yet-valid", "another-key", "escape-in-name"],
 )
 def test_a_renewal_that_returns_an_unusable_certificate_changes_nothing(
     pebble: Pebble,
