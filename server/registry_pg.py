@@ -60,8 +60,12 @@ CONNECT_OPTIONS: dict[str, Any] = {
     # in the C locale) psycopg returned bytes. Times in UTC whatever the role's or database's
     # TimeZone: east of UTC, a certificate valid "forever" (notAfter 9999-12-31 23:59:59Z)
     # came back in year 10000, which Python cannot hold, and every read failed.
+    # READ COMMITTED whatever the default: a change waits for the one before it on the
+    # generation row, then reads what that left; a stricter level failed it instead ("could
+    # not serialize access").
     "client_encoding": "UTF8",
-    "options": "-c statement_timeout=5000 -c lock_timeout=5000 -c TimeZone=UTC",
+    "options": "-c statement_timeout=5000 -c lock_timeout=5000 -c TimeZone=UTC "
+    r"-c default_transaction_isolation=read\ committed",
 }
 # A PostgreSQL that is slow to answer (a replica started under load) may miss connect_timeout
 # once: a process's first connection is tried this many times, 9 s at most. Only a timeout is

@@ -1,11 +1,13 @@
 """PostgreSQL registries whose database-side settings differ from the ones pinrpc was tested
-with: a TimeZone east of UTC (a certificate valid "forever" ends in year 10000 there), and a
-database in SQL_ASCII encoding (initdb's default in the C locale), against a real cluster."""
+with: a TimeZone east of UTC (a certificate valid "forever" ends in year 10000 there), a
+database in SQL_ASCII encoding (initdb's default in the C locale), and a stricter default
+transaction isolation, against a real cluster."""
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
+import threading
 
 import psycopg
 import pytest
@@ -16,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from server.enrollment import Candidate, check_certificate
 from server.registry_pg import PostgresRegistry
 from tests.certs import make_cert, name, p256
+from tests.conftest import eventually
 from tests.postgres import Postgres
 
 _dbs = itertools.count()
@@ -88,3 +91,46 @@ def test_an_sql_ascii_database_holds_text_not_bytes(pg: Postgres) -> None:
         assert registry.clients()[0].allowed_methods == ("/pinrpc.v1.Echo/*",)
     finally:
         registry.close()
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_a_change_waiting_for_another_goes_ahead_whatever_the_default_isolation(
+    pg: Postgres, isolation: str
+) -> None:
+    # Every change waits for the one before it on the generation row (FOR UPDATE), then reads
+    # what it left: that needs READ COMMITTED. Before the fix, a database defaulting to a
+    # stricter level failed the waiting change with "could not serialize access" instead.
+    url = database(pg, f"SET default_transaction_isolation = '{isolation}'")
+    registry = PostgresRegistry(url)
+    errors: list[Exception] = []
+
+    def enroll() -> None:
+        try:
+            registry.enroll(candidate("second"), "second", [])
+        except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(exc)
+
+    waiter = threading.Thread(target=enroll)
+    try:
+        with psycopg.connect(url) as other:  # another admin's change, not yet committed
+            other.execute("SELECT value FROM meta WHERE key = 'generation' FOR UPDATE")
+            other.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            waiter.start()
+            eventually(lambda: waiting_for_a_lock(url), 10)
+        waiter.join(10)
+        assert not waiter.is_alive() and errors == []
+        assert [c.name for c in registry.clients()] == ["second"]
+    finally:
+        waiter.join(10)
+        registry.close()
+
+
+def waiting_for_a_lock(url: str) -> bool:
+    """Whether a session of this database waits for a lock (read in a transaction of its
+    own: pg_stat_activity stays as first read for the rest of one)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = "
+            "current_database()"
+        ).fetchall()
+    return bool(rows)
