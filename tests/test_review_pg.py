@@ -107,7 +107,7 @@ def test_a_change_waiting_for_another_goes_ahead_whatever_the_default_isolation(
     def enroll() -> None:
         try:
             registry.enroll(candidate("second"), "second", [])
-        except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+        except Exception as exc:  # reported by the assertion below
             errors.append(exc)
 
     waiter = threading.Thread(target=enroll)
@@ -134,3 +134,16 @@ def waiting_for_a_lock(url: str) -> bool:
             "current_database()"
         ).fetchall()
     return bool(rows)
+
+
+@pytest.mark.parametrize("style", ["SQL, DMY", "German", "Postgres, MDY"])
+def test_times_read_whatever_the_database_date_style(pg: Postgres, style: str) -> None:
+    # psycopg parses timestamptz in the ISO DateStyle only: before the fix every read of such
+    # a database failed ("can't parse timestamptz with DateStyle 'German, DMY'").
+    url = database(pg, f"SET DateStyle = '{style}'")
+    registry = PostgresRegistry(url)
+    try:
+        enrolled = registry.enroll(candidate("alice"), "alice", [])
+        assert registry.clients()[0].enrolled_at == enrolled.enrolled_at
+    finally:
+        registry.close()
