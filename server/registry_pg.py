@@ -56,7 +56,17 @@ CONNECT_OPTIONS: dict[str, Any] = {
     "keepalives_interval": 2,
     "keepalives_count": 2,
     "tcp_user_timeout": 5000,
-    "options": "-c statement_timeout=5000 -c lock_timeout=5000",
+    # Text as UTF-8 whatever the database's encoding: in an SQL_ASCII one (initdb's default
+    # in the C locale) psycopg returned bytes. Times in UTC whatever the role's or database's
+    # TimeZone: east of UTC, a certificate valid "forever" (notAfter 9999-12-31 23:59:59Z)
+    # came back in year 10000, which Python cannot hold, and every read failed. ISO dates:
+    # psycopg parses no other DateStyle, and raised NotImplementedError on every read.
+    # READ COMMITTED whatever the default: a change waits for the one before it on the
+    # generation row, then reads what that left; a stricter level failed it instead ("could
+    # not serialize access").
+    "client_encoding": "UTF8",
+    "options": "-c statement_timeout=5000 -c lock_timeout=5000 -c TimeZone=UTC -c DateStyle=ISO "
+    r"-c default_transaction_isolation=read\ committed",
 }
 # A PostgreSQL that is slow to answer (a replica started under load) may miss connect_timeout
 # once: a process's first connection is tried this many times, 9 s at most. Only a timeout is
