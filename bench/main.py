@@ -62,6 +62,7 @@ class Plan:
     fleet: int  # enrolled clients in variant C-1k
     cap: float  # the longest the sweep waits for a new enrollment to become usable
     rootload: tuple[int, ...]  # root counts for the add_secure_port measurement
+    shards: tuple[int, ...]  # listener counts for the shard-by-port load of the sweep's largest N
     # New connections sustained: each slice is measured after a lead-in of the same workload,
     # long enough to empty pinrpc's audit token bucket (200 lines), which refills while the
     # other variants run and would otherwise give every short slice a burst of audit lines.
@@ -71,9 +72,9 @@ class Plan:
 
 
 FULL = Plan("full", 11, 0.5, 10, 0.6, 8, (1, 100, 1000, 10000), (1000, 10000), (10000,), 1000,
-            40.0, (1000, 2000, 4000), 6, 1.0, 0.6)  # fmt: skip
-QUICK = Plan("quick", 2, 0.15, 2, 0.2, 2, (1, 100), (100,), (100,), 100, 10.0, (300,), 1, 0.2,
-             0.2)  # fmt: skip
+            40.0, (1000, 2000, 4000), (1, 2, 5, 10), 6, 1.0, 0.6)  # fmt: skip
+QUICK = Plan("quick", 2, 0.15, 2, 0.2, 2, (1, 100), (100,), (100,), 100, 10.0, (300,), (1, 2), 1,
+             0.2, 0.2)  # fmt: skip
 # A steady fleet: every client connected before the restart, the case server.warm.FIRST_MAX
 # is for.
 WARM_FRACTION = 1.0
@@ -378,6 +379,8 @@ async def scale(workdir: Path, plan: Plan, files: Any, include_handover: bool) -
     fillers = filler_candidates(biggest)
     out: dict[str, Any] = {"fillers_generated_s": round(time.monotonic() - started, 1)}
     out["rootload"] = await asyncio.to_thread(rootload.measure, plan.rootload)
+    pems = [c.pem for c in fillers]
+    out["shards"] = await asyncio.to_thread(rootload.sharded, pems, plan.shards)
     kinds = [("pinrpc", plan.sweep, 0.0)]
     if include_handover:
         kinds.append(("handover", plan.handover, 0.0))

@@ -259,6 +259,23 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['roots']:,} | {r['sorted_s']} | {r['shuffled_s']} | {r['reversed_s']} "
                 f"| {gap} |"
             )
+    shards = (scale or {}).get("shards")
+    if shards:
+        one = next((r["parallel_s"] for r in shards if r["listeners"] == 1), None)
+        lines += [
+            "",
+            f"### Shard by port: {shards[0]['roots']:,} client roots over K listeners, loaded in "
+            "parallel",
+            "",
+            "| listeners | roots each | s until all are loaded | one listener / this |",
+            "|---|---|---|---|",
+        ]
+        for r in shards:
+            speedup = f"{one / r['parallel_s']:.1f}x" if one and r["parallel_s"] else "-"
+            lines.append(
+                f"| {r['listeners']} | {r['roots_per_listener']:,} | {r['parallel_s']} "
+                f"| {speedup} |"
+            )
     lines += ["", "### Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]

@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench"
 sys.path.insert(0, str(REPO))
 
-from bench import memory  # noqa: E402
+from bench import memory, rootload  # noqa: E402
 from bench.load import Target  # noqa: E402
 from bench.procs import ALL_CPUS, SERVER_CPUS, launch, split_cpus, unpin  # noqa: E402
 from bench.report import markdown, targets  # noqa: E402
+from server.trust import subject_order  # noqa: E402
 from tests.conftest import require_tool  # noqa: E402
 
 VARIANTS = {"A", "B", "B+noop", "B+leaf", "B+auth", "B+gc", "C", "C-1k"}
@@ -92,11 +93,17 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path) -> None:
         assert row["enroll_to_first_call_s"] is not None
         assert row["revoke_to_refusal_s"] is not None
     assert all(row["all_clients_s"] is not None for row in scale["handover-warm"])
+    assert [(r["listeners"], r["roots"], r["roots_per_listener"]) for r in scale["shards"]] == [
+        (1, 100, 100),
+        (2, 100, 50),
+    ]
+    assert all(r["parallel_s"] > 0 for r in scale["shards"])
     assert {t["target"] for t in results["targets"]} >= {"unary calls/s C/B"}
     table = (tmp_path / "results.md").read_text()
     assert "| unary calls/s (64 in flight) |" in table
     assert "| server CPU us per new connection (p256) |" in table
     assert "| server CPU us per new connection (p256-sustained) |" in table
+    assert "### Shard by port: 100 client roots over K listeners" in table
     assert "### Targets" in table
 
 
@@ -402,3 +409,13 @@ def test_registry_lookup_finds_clients_by_name_and_fingerprint() -> None:
     assert done.returncode == 0, done.stderr
     rows = done.stdout.splitlines()
     assert [row.split()[5] for row in rows] == ["name", "fingerprint"], rows
+
+
+def test_shards_deal_every_root_to_exactly_one_listener() -> None:
+    pems = rootload.client_roots(7)
+    dealt = rootload.shares(pems, 3)
+    assert [len(share) for share in dealt] == [3, 2, 2]
+    assert sorted(pem for share in dealt for pem in share) == sorted(pems)
+    # Each share keeps the order that loads fastest.
+    assert all(share == sorted(share, key=subject_order) for share in dealt)
+    assert rootload.shares(pems, 1) == [sorted(pems, key=subject_order)]
